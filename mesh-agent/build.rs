@@ -1,0 +1,26 @@
+//! Builds the eBPF object (mesh-ebpf) for the bpfel target with the nightly toolchain and
+//! bpf-linker, so `cargo build` of the agent always embeds programs that match its sources.
+//! `cargo xtask setup` installs what this needs.
+use anyhow::{Context as _, anyhow};
+
+fn main() -> anyhow::Result<()> {
+    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
+        .no_deps()
+        .exec()
+        .context("cargo metadata")?;
+    let ebpf = packages
+        .into_iter()
+        .find(|p| p.name.as_str() == "mesh-ebpf")
+        .ok_or_else(|| anyhow!("mesh-ebpf package not found in the workspace"))?;
+    let root = ebpf
+        .manifest_path
+        .parent()
+        .ok_or_else(|| anyhow!("mesh-ebpf manifest has no parent"))?;
+    // mesh-common is compiled into the object too.
+    println!("cargo:rerun-if-changed={}", root.join("../mesh-common/src"));
+    aya_build::build_ebpf(
+        [aya_build::Package { name: ebpf.name.as_str(), root_dir: root.as_str(), ..Default::default() }],
+        aya_build::Toolchain::default(),
+    )
+    .context("building the eBPF programs failed: run `cargo xtask setup` (bpf-linker, nightly rust-src)")
+}

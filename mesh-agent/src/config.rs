@@ -1,0 +1,261 @@
+//! The agent's configuration: one [`Config`] value built by a pure function from the optional
+//! config file and the command-line flags (flags win). Every knob has a named default.
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+use crate::cgroup;
+
+/// Port of the outbound (redirect) listener. 15001 is what Istio uses for the same job, which
+/// keeps operators' firewall and NetworkPolicy knowledge valid.
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+/// Admin port: metrics, health, debug, dashboard. Istio's agent uses 15020 for merged metrics.
+pub const DEFAULT_ADMIN_PORT: u16 = 15020;
+/// Long enough for a cross-node SYN retry (1 s) and then some; short enough that a dead
+/// endpoint fails a client well before its own timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long in-flight connections may finish after SIGTERM before the agent exits.
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// Per-direction copy buffer. 64 KiB moves a full TSO segment per syscall.
+pub const DEFAULT_COPY_BUFFER: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {source}")]
+    Parse { path: PathBuf, source: serde_yaml_ng::Error },
+    #[error("bypass CIDR {0:?} is not an IPv4 CIDR like 10.0.0.0/8: {1}")]
+    Cidr(String, ipnet::AddrParseError),
+    #[error("{0} is required: set it in the config file or with --{1}")]
+    Missing(&'static str, &'static str),
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error("the redirect address must be a specific IPv4 address reachable from pods, not {0}")]
+    RedirectAddress(Ipv4Addr),
+}
+
+/// The config file (YAML), every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_name: Option<String>,
+    /// The node's cgroup: absolute, or relative to the cgroup2 mount.
+    pub cgroup_root: Option<PathBuf>,
+    pub outbound_listen: Option<SocketAddr>,
+    pub redirect_address: Option<Ipv4Addr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub workload_file: Option<PathBuf>,
+    #[serde(default)]
+    pub bypass: Bypass,
+    pub workers: Option<usize>,
+    pub connect_timeout_ms: Option<u64>,
+    pub drain_grace_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bypass {
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    #[serde(default)]
+    pub cidrs: Vec<String>,
+}
+
+/// Command-line overrides (see `mesh-agent run --help`).
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Agent config file (YAML).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Node name (defaults to the config file's, then to the hostname).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Local-mode workload file (YAML) describing this node's pods.
+    #[arg(long)]
+    pub workloads: Option<PathBuf>,
+    /// The node's cgroup (v2) to attach the programs to; never the cgroup2 root.
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Address pods' connections are redirected to (reachable from the pods).
+    #[arg(long)]
+    pub redirect_address: Option<Ipv4Addr>,
+    /// Outbound listener address.
+    #[arg(long)]
+    pub outbound_listen: Option<SocketAddr>,
+    /// Admin (metrics, health, dashboard) listener address.
+    #[arg(long)]
+    pub admin_listen: Option<SocketAddr>,
+    /// Destination ports never redirected (repeatable).
+    #[arg(long = "bypass-port")]
+    pub bypass_ports: Vec<u16>,
+    /// Destination IPv4 CIDRs never redirected (repeatable).
+    #[arg(long = "bypass-cidr")]
+    pub bypass_cidrs: Vec<String>,
+    /// Proxy worker threads (default: one per CPU the agent may use).
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_name: String,
+    pub cgroup_root: PathBuf,
+    pub redirect_address: Ipv4Addr,
+    pub outbound_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub workload_file: Option<PathBuf>,
+    pub bypass_ports: Vec<u16>,
+    pub bypass_cidrs: Vec<Ipv4Net>,
+    pub workers: usize,
+    pub connect_timeout: Duration,
+    pub drain_grace: Duration,
+    pub copy_buffer: usize,
+}
+
+impl Config {
+    /// Reads the file named by `args.config` (if any) and merges the flags over it.
+    pub fn load(args: &RunArgs) -> Result<Self, ConfigError> {
+        let (file, base) = match &args.config {
+            Some(path) => (read_file(path)?, path.parent().map(Path::to_path_buf)),
+            None => (FileConfig::default(), None),
+        };
+        Self::build(file, base.as_deref(), args, cgroup::cgroup2_mount()?.as_path())
+    }
+
+    /// Pure merge of file and flags. Relative paths in the file are relative to `base`
+    /// (the file's directory); relative cgroup paths are relative to `cgroup2_mount`.
+    pub fn build(
+        file: FileConfig,
+        base: Option<&Path>,
+        args: &RunArgs,
+        cgroup2_mount: &Path,
+    ) -> Result<Self, ConfigError> {
+        let rel = |p: PathBuf| match base {
+            Some(b) if p.is_relative() => b.join(p),
+            _ => p,
+        };
+        let node_name = args
+            .node_name
+            .clone()
+            .or(file.node_name)
+            .or_else(hostname)
+            .ok_or(ConfigError::Missing("nodeName", "node-name"))?;
+        let cgroup_root = args
+            .cgroup_root
+            .clone()
+            .or(file.cgroup_root)
+            .ok_or(ConfigError::Missing("cgroupRoot", "cgroup-root"))?;
+        let cgroup_root = cgroup::node_cgroup(cgroup2_mount, &cgroup_root)?;
+        let redirect_address = args
+            .redirect_address
+            .or(file.redirect_address)
+            .ok_or(ConfigError::Missing("redirectAddress", "redirect-address"))?;
+        if redirect_address.is_unspecified() || redirect_address.is_loopback() || redirect_address.is_broadcast() {
+            return Err(ConfigError::RedirectAddress(redirect_address));
+        }
+        let outbound_listen = args
+            .outbound_listen
+            .or(file.outbound_listen)
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_OUTBOUND_PORT)));
+        let admin_listen = args
+            .admin_listen
+            .or(file.admin_listen)
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT)));
+        let workload_file = args.workloads.clone().or(file.workload_file.map(rel));
+        let mut bypass_ports = file.bypass.ports;
+        bypass_ports.extend(&args.bypass_ports);
+        bypass_ports.sort_unstable();
+        bypass_ports.dedup();
+        let bypass_cidrs = file
+            .bypass
+            .cidrs
+            .iter()
+            .chain(&args.bypass_cidrs)
+            .map(|c| c.parse::<Ipv4Net>().map(|n| n.trunc()).map_err(|e| ConfigError::Cidr(c.clone(), e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let workers = args
+            .workers
+            .or(file.workers)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1);
+        Ok(Config {
+            node_name,
+            cgroup_root,
+            redirect_address,
+            outbound_listen,
+            admin_listen,
+            workload_file,
+            bypass_ports,
+            bypass_cidrs,
+            workers,
+            connect_timeout: file.connect_timeout_ms.map_or(DEFAULT_CONNECT_TIMEOUT, Duration::from_millis),
+            drain_grace: file.drain_grace_ms.map_or(DEFAULT_DRAIN_GRACE, Duration::from_millis),
+            copy_buffer: DEFAULT_COPY_BUFFER,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    serde_yaml_ng::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+}
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mount() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("nodes/a")).unwrap();
+        d
+    }
+
+    #[test]
+    fn flags_override_file_and_defaults_apply() {
+        let m = mount();
+        let file: FileConfig = serde_yaml_ng::from_str(
+            "nodeName: file-node\ncgroupRoot: nodes/a\nredirectAddress: 10.0.0.1\nbypass: {ports: [22], cidrs: ['10.96.0.5/16']}\n",
+        )
+        .unwrap();
+        let args = RunArgs { node_name: Some("flag-node".into()), bypass_ports: vec![22, 53], ..Default::default() };
+        let c = Config::build(file, None, &args, m.path()).unwrap();
+        assert_eq!(c.node_name, "flag-node");
+        assert_eq!(c.cgroup_root, m.path().join("nodes/a"));
+        assert_eq!(c.outbound_listen.port(), DEFAULT_OUTBOUND_PORT);
+        assert_eq!(c.bypass_ports, vec![22, 53]);
+        assert_eq!(c.bypass_cidrs, vec!["10.96.0.0/16".parse().unwrap()]);
+    }
+
+    #[test]
+    fn bad_input_is_a_clear_error() {
+        let m = mount();
+        let err = serde_yaml_ng::from_str::<FileConfig>("nodeName: a\nbogus: 1\n").unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+        let file = FileConfig { cgroup_root: Some("nodes/a".into()), redirect_address: Some(Ipv4Addr::LOCALHOST), ..Default::default() };
+        let args = RunArgs { node_name: Some("n".into()), ..Default::default() };
+        assert!(matches!(Config::build(file, None, &args, m.path()), Err(ConfigError::RedirectAddress(_))));
+        let file = FileConfig { cgroup_root: Some("nodes/a".into()), redirect_address: Some([10, 0, 0, 1].into()), ..Default::default() };
+        let args = RunArgs { node_name: Some("n".into()), bypass_cidrs: vec!["nope".into()], ..Default::default() };
+        let e = Config::build(file, None, &args, m.path()).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn the_cgroup2_root_is_refused() {
+        let m = mount();
+        let file = FileConfig { cgroup_root: Some(m.path().into()), redirect_address: Some([10, 0, 0, 1].into()), ..Default::default() };
+        let args = RunArgs { node_name: Some("n".into()), ..Default::default() };
+        let e = Config::build(file, None, &args, m.path()).unwrap_err();
+        assert!(e.to_string().contains("root"), "{e}");
+    }
+}

@@ -1,0 +1,331 @@
+//! The kernel side as the agent sees it: loads the eBPF object, attaches its programs to the
+//! node's cgroup, and owns the maps. Dropping [`Datapath`] detaches every program (the
+//! attachments are bpf_links owned by this process, so even a crash detaches them).
+use std::{
+    fs::File,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+};
+use ipnet::Ipv4Net;
+use mesh_common::{
+    MAP_BYPASS_CIDRS, MAP_BYPASS_PORTS, MAP_CONFIG, MAP_MESHED_CGROUPS, MAP_ORIG_BY_CLIENT, MAP_SOCK_ORIG, MAP_STATS,
+    MeshConfig, OrigDst, PodPolicy, SockKey4, Stat,
+};
+use tracing::{info, warn};
+
+/// The eBPF object built by build.rs from mesh-ebpf.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
+
+/// Programs and the attach point each needs, in attach order. sockops goes first so that no
+/// connection is redirected before its records can be tracked.
+pub const PROGRAMS: [(&str, ProgramKind); 5] = [
+    (mesh_common::PROG_SOCKOPS, ProgramKind::SockOps),
+    (mesh_common::PROG_GETPEERNAME4, ProgramKind::SockAddr),
+    (mesh_common::PROG_GETPEERNAME6, ProgramKind::SockAddr),
+    (mesh_common::PROG_CONNECT4, ProgramKind::SockAddr),
+    (mesh_common::PROG_CONNECT6, ProgramKind::SockAddr),
+];
+
+#[derive(Debug, Clone, Copy)]
+pub enum ProgramKind {
+    SockAddr,
+    SockOps,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object failed (is this root with CAP_BPF? `mesh-agent check` tells): {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source} (`mesh-agent check` lists what the kernel lacks)")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup { path: PathBuf, source: std::io::Error },
+    #[error("too many bypass entries for map {0}")]
+    BypassFull(&'static str),
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+/// What the datapath needs to be set up.
+#[derive(Debug, Clone)]
+pub struct DatapathConfig {
+    pub cgroup_root: PathBuf,
+    pub bypass_ports: Vec<u16>,
+    pub bypass_cidrs: Vec<Ipv4Net>,
+    pub agent_tgid: u32,
+}
+
+pub struct Datapath {
+    // Declared first so it drops first: programs detach before the maps close.
+    #[expect(dead_code, reason = "owns the programs and their links: dropping it detaches them")]
+    ebpf: Ebpf,
+    meshed: HashMap<MapData, u64, PodPolicy>,
+    sock_orig: HashMap<MapData, u64, OrigDst>,
+    stats: PerCpuArray<MapData, u64>,
+    orig: Arc<OrigDstTable>,
+    cgroup_root: PathBuf,
+    _logger: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Datapath {
+    /// Loads the programs, fills the configuration maps and attaches to `cfg.cgroup_root`.
+    /// Must be called inside a tokio runtime (the kernel log reader is a task).
+    pub fn start(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
+        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(tokio::spawn(poll_kernel_logs(logger))),
+            Err(e) => {
+                warn!(error = %e, "kernel-side logging unavailable");
+                None
+            }
+        };
+
+        let mut config: Array<_, MeshConfig> = take(&mut ebpf, MAP_CONFIG)?;
+        config
+            .set(0, MeshConfig { agent_tgid: cfg.agent_tgid, flags: 0 }, 0)
+            .map_err(map_err(MAP_CONFIG))?;
+        let mut ports: HashMap<_, u16, u8> = take(&mut ebpf, MAP_BYPASS_PORTS)?;
+        if cfg.bypass_ports.len() > mesh_common::MAX_BYPASS_PORTS as usize {
+            return Err(DatapathError::BypassFull(MAP_BYPASS_PORTS));
+        }
+        for p in &cfg.bypass_ports {
+            ports.insert(p, 1, 0).map_err(map_err(MAP_BYPASS_PORTS))?;
+        }
+        let mut cidrs: LpmTrie<_, [u8; 4], u8> = take(&mut ebpf, MAP_BYPASS_CIDRS)?;
+        if cfg.bypass_cidrs.len() > mesh_common::MAX_BYPASS_CIDRS as usize {
+            return Err(DatapathError::BypassFull(MAP_BYPASS_CIDRS));
+        }
+        for c in &cfg.bypass_cidrs {
+            cidrs
+                .insert(&Key::new(u32::from(c.prefix_len()), c.network().octets()), 1, 0)
+                .map_err(map_err(MAP_BYPASS_CIDRS))?;
+        }
+        let meshed = take(&mut ebpf, MAP_MESHED_CGROUPS)?;
+        let sock_orig = take(&mut ebpf, MAP_SOCK_ORIG)?;
+        let by_client = take(&mut ebpf, MAP_ORIG_BY_CLIENT)?;
+        let stats = take(&mut ebpf, MAP_STATS)?;
+
+        let cgroup = File::open(&cfg.cgroup_root)
+            .map_err(|source| DatapathError::Cgroup { path: cfg.cgroup_root.clone(), source })?;
+        for (name, kind) in PROGRAMS {
+            attach(&mut ebpf, name, kind, &cgroup)?;
+        }
+        info!(cgroup = %cfg.cgroup_root.display(), programs = PROGRAMS.len(), "eBPF programs attached");
+        // The config maps stay alive through the programs' references; the handles are not
+        // needed after this point.
+        drop((config, ports, cidrs));
+        Ok(Datapath {
+            ebpf,
+            meshed,
+            sock_orig,
+            stats,
+            orig: Arc::new(OrigDstTable { map: Mutex::new(by_client) }),
+            cgroup_root: cfg.cgroup_root.clone(),
+            _logger: logger,
+        })
+    }
+
+    /// The table the proxy reads original destinations from.
+    pub fn orig_dst_table(&self) -> Arc<OrigDstTable> {
+        self.orig.clone()
+    }
+
+    pub fn cgroup_root(&self) -> &Path {
+        &self.cgroup_root
+    }
+
+    /// Marks the cgroup as meshed: connects from tasks in it (or below it) are redirected.
+    pub fn mesh(&mut self, cgroup_id: u64, policy: PodPolicy) -> Result<(), DatapathError> {
+        self.meshed.insert(cgroup_id, policy, 0).map_err(map_err(MAP_MESHED_CGROUPS))
+    }
+
+    pub fn unmesh(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
+        match self.meshed.remove(&cgroup_id) {
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            r => r.map_err(map_err(MAP_MESHED_CGROUPS)),
+        }
+    }
+
+    /// Sum over CPUs of every kernel-side counter.
+    pub fn stats(&self) -> Vec<(Stat, u64)> {
+        Stat::ALL
+            .iter()
+            .map(|s| {
+                let v = self.stats.get(&(*s as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+                (*s, v)
+            })
+            .collect()
+    }
+
+    /// Entries in each map that grows with traffic or pods.
+    pub fn map_usage(&self) -> MapUsage {
+        MapUsage {
+            meshed_cgroups: self.meshed.keys().count(),
+            sock_orig: self.sock_orig.keys().count(),
+            orig_by_client: self.orig.len(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct MapUsage {
+    pub meshed_cgroups: usize,
+    pub sock_orig: usize,
+    pub orig_by_client: usize,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+fn attach(ebpf: &mut Ebpf, name: &'static str, kind: ProgramKind, cgroup: &File) -> Result<(), DatapathError> {
+    let perr = |source| DatapathError::Program { name, source };
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::Program { name, source: aya::programs::ProgramError::NotLoaded })?;
+    // AllowMultiple: coexist with other agents' programs (a CNI's, say) on the same cgroup.
+    match kind {
+        ProgramKind::SockAddr => {
+            let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
+            p.load().map_err(perr)?;
+            p.attach(cgroup, CgroupAttachMode::AllowMultiple).map_err(perr)?;
+        }
+        ProgramKind::SockOps => {
+            let p: &mut SockOps = prog.try_into().map_err(perr)?;
+            p.load().map_err(perr)?;
+            p.attach(cgroup, CgroupAttachMode::AllowMultiple).map_err(perr)?;
+        }
+    }
+    Ok(())
+}
+
+async fn poll_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns the ring-buffer fd and the AsyncFd owns the logger, so the fd
+    // stays open for as long as it is registered.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "cannot poll kernel-side logs");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else { return };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
+/// Original destinations, keyed by the client address the proxy sees on `accept()`.
+pub struct OrigDstTable {
+    map: Mutex<HashMap<MapData, SockKey4, OrigDst>>,
+}
+
+impl OrigDstTable {
+    fn len(&self) -> usize {
+        self.map.lock().map(|m| m.keys().count()).unwrap_or(0)
+    }
+}
+
+/// Where an accepted connection was really going, and which pod cgroup made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Original {
+    pub dst: SocketAddrV4,
+    pub pod_cgroup: u64,
+}
+
+impl From<OrigDst> for Original {
+    fn from(o: OrigDst) -> Self {
+        Original {
+            dst: SocketAddrV4::new(Ipv4Addr::from(o.ip4.to_ne_bytes()), u16::from_be(o.port)),
+            pod_cgroup: o.pod_cgroup,
+        }
+    }
+}
+
+/// The proxy's view of the original-destination records: take one for an accepted client.
+pub trait OrigDstLookup: Send + Sync + 'static {
+    /// Removes and returns the record for `client`; `None` if there is none.
+    fn take(&self, client: SocketAddr) -> std::io::Result<Option<Original>>;
+}
+
+/// The key for a client address, v4-mapped IPv6 included.
+pub fn client_key(client: SocketAddr) -> Option<SockKey4> {
+    let v4 = match client {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(a) => SocketAddrV4::new(a.ip().to_ipv4_mapped()?, a.port()),
+    };
+    Some(SockKey4::new(u32::from_ne_bytes(v4.ip().octets()), v4.port().to_be()))
+}
+
+impl OrigDstLookup for OrigDstTable {
+    fn take(&self, client: SocketAddr) -> std::io::Result<Option<Original>> {
+        let Some(key) = client_key(client) else { return Ok(None) };
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let orig = match map.get(&key, 0) {
+            Ok(o) => o,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(std::io::Error::other(e)),
+        };
+        // The entry has done its job; the per-socket record (for getpeername) lives on in the
+        // kernel until the client's socket closes.
+        let _ = map.remove(&key);
+        Ok(Some(orig.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_keys_are_network_order_and_accept_v4_mapped() {
+        let k = client_key("10.1.2.3:40000".parse().unwrap()).unwrap();
+        assert_eq!(k.ip4.to_ne_bytes(), [10, 1, 2, 3]);
+        assert_eq!(k.port, 40000u16.to_be());
+        assert_eq!(client_key("[::ffff:10.1.2.3]:40000".parse().unwrap()), Some(k));
+        assert_eq!(client_key("[2001:db8::1]:1".parse().unwrap()), None);
+        let o = OrigDst { pod_cgroup: 7, ip4: k.ip4, port: 8080u16.to_be(), flags: 0 };
+        assert_eq!(Original::from(o).dst, "10.1.2.3:8080".parse().unwrap());
+    }
+}
+
+/// Loads every program into the kernel without attaching it: the verifier's verdict.
+pub fn verify_programs() -> Result<(), DatapathError> {
+    let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+    for (name, kind) in PROGRAMS {
+        let perr = |source| DatapathError::Program { name, source };
+        let prog = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::Program { name, source: aya::programs::ProgramError::NotLoaded })?;
+        match kind {
+            ProgramKind::SockAddr => {
+                let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
+                p.load().map_err(perr)?;
+            }
+            ProgramKind::SockOps => {
+                let p: &mut SockOps = prog.try_into().map_err(perr)?;
+                p.load().map_err(perr)?;
+            }
+        }
+    }
+    Ok(())
+}

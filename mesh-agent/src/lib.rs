@@ -1,0 +1,13 @@
+//! Switchyard's node agent: loads the eBPF redirect programs, runs the node proxy and serves
+//! the admin API. `main.rs` only parses flags; everything else is here so tests can run it.
+pub mod admin;
+pub mod app;
+pub mod cgroup;
+pub mod check;
+pub mod config;
+pub mod datapath;
+pub mod metrics;
+pub mod proxy;
+pub mod reconcile;
+pub mod state;
+pub mod workloads;

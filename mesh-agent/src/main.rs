@@ -1,0 +1,78 @@
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mesh_agent::config::{Config, RunArgs};
+
+#[derive(Parser)]
+#[command(name = "mesh-agent", version, about = "Switchyard node agent: eBPF redirect + node proxy")]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run(RunArgs),
+    /// Report whether this kernel has what the agent needs.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    match cli.command {
+        Command::Check => {
+            let checks = mesh_agent::check::run();
+            let mut ok = true;
+            for c in &checks {
+                println!("{} {:<32} {}", if c.ok { "ok  " } else { "FAIL" }, c.name, c.detail);
+                ok &= c.ok;
+            }
+            if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Command::Run(args) => match run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run(args: &RunArgs) -> anyhow::Result<()> {
+    let config = Config::load(args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.workers)
+        .enable_all()
+        .build()?;
+    rt.block_on(mesh_agent::app::run(config, shutdown_signal()))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL (programs still detach)");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

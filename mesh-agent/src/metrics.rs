@@ -1,0 +1,124 @@
+//! Metrics by construction: each component registers its own metrics here; the kernel-side
+//! counters and map usage are read at scrape time by a collector, so a slow scrape never
+//! touches the data plane.
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        info::Info,
+    },
+    registry::Registry,
+};
+
+use crate::datapath::Datapath;
+
+pub const PREFIX: &str = "switchyard";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+/// The outbound proxy's metrics.
+#[derive(Clone, Default)]
+pub struct ProxyMetrics {
+    pub opened: Counter,
+    pub closed: Counter,
+    pub active: Gauge,
+    pub bytes: Family<DirectionLabels, Counter>,
+    pub errors: Family<ErrorLabels, Counter>,
+}
+
+impl ProxyMetrics {
+    pub fn register(&self, reg: &mut Registry) {
+        reg.register("outbound_connections_opened", "Connections accepted by the outbound proxy", self.opened.clone());
+        reg.register("outbound_connections_closed", "Outbound proxy connections finished", self.closed.clone());
+        reg.register("outbound_connections_active", "Outbound proxy connections open now", self.active.clone());
+        reg.register(
+            "outbound_bytes",
+            "Bytes copied by the outbound proxy (sent: client to destination; received: destination to client)",
+            self.bytes.clone(),
+        );
+        reg.register("outbound_errors", "Outbound proxy connections that failed, by reason", self.errors.clone());
+    }
+
+    pub fn error(&self, reason: &'static str) {
+        self.errors.get_or_create(&ErrorLabels { reason }).inc();
+    }
+}
+
+/// Agent-wide registry under the `switchyard_` prefix.
+pub fn registry() -> Registry {
+    let mut reg = Registry::with_prefix(PREFIX);
+    reg.register(
+        "build",
+        "Agent build information",
+        Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+    );
+    reg
+}
+
+/// Exports the kernel-side counters and map usage at scrape time.
+#[derive(Debug)]
+pub struct DatapathCollector(pub Arc<Mutex<Option<Datapath>>>);
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath").field("cgroup_root", &self.cgroup_root()).finish()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: &'static str,
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let up = ConstGauge::new(i64::from(guard.is_some()));
+        up.encode(enc.encode_descriptor("ebpf_attached", "1 while the eBPF programs are attached", None, up.metric_type())?)?;
+        let Some(dp) = guard.as_ref() else { return Ok(()) };
+        let stats = dp.stats();
+        let usage = dp.map_usage();
+        drop(guard);
+        let mut family = enc.encode_descriptor(
+            "ebpf_events",
+            "Kernel-side decisions and events, summed over CPUs",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (stat, v) in stats {
+            ConstCounter::new(v).encode(family.encode_family(&EventLabels { event: stat.name() })?)?;
+        }
+        let mut family = enc.encode_descriptor(
+            "ebpf_map_entries",
+            "Entries in the eBPF maps that grow with pods and connections",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (map, n) in [
+            ("meshed_cgroups", usage.meshed_cgroups),
+            ("sock_orig", usage.sock_orig),
+            ("orig_by_client", usage.orig_by_client),
+        ] {
+            ConstGauge::new(n as i64).encode(family.encode_family(&MapLabels { map })?)?;
+        }
+        Ok(())
+    }
+}

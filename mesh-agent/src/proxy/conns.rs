@@ -1,0 +1,97 @@
+//! Live and recently closed connections, for `/debug/connections`, the demo and the dashboard.
+//! Bounded: at most [`RECENT`] closed connections are remembered.
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::{SocketAddr, SocketAddrV4},
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+
+pub const RECENT: usize = 1024;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnRecord {
+    pub id: u64,
+    pub client: SocketAddr,
+    /// `namespace/name` of the source pod, from its cgroup.
+    pub source_pod: Option<String>,
+    pub original_dst: SocketAddrV4,
+    /// `namespace/name` of the destination pod, if it is one of this node's.
+    pub destination_pod: Option<String>,
+    pub started_unix_ms: u64,
+    pub duration_ms: Option<u64>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub error: Option<String>,
+}
+
+#[derive(Default)]
+pub struct Connections {
+    next: AtomicU64,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    active: BTreeMap<u64, ConnRecord>,
+    recent: VecDeque<ConnRecord>,
+    closed_total: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub active: Vec<ConnRecord>,
+    pub recent: Vec<ConnRecord>,
+    pub closed_total: u64,
+}
+
+impl Connections {
+    pub fn open(&self, mut rec: ConnRecord) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        rec.id = id;
+        rec.started_unix_ms = unix_ms(SystemTime::now());
+        self.lock().active.insert(id, rec);
+        id
+    }
+
+    pub fn close(&self, id: u64, elapsed: Duration, sent: u64, received: u64, error: Option<String>) -> Option<ConnRecord> {
+        let mut inner = self.lock();
+        let mut rec = inner.active.remove(&id)?;
+        rec.duration_ms = Some(elapsed.as_millis() as u64);
+        rec.bytes_sent = sent;
+        rec.bytes_received = received;
+        rec.error = error;
+        if inner.recent.len() == RECENT {
+            inner.recent.pop_front();
+        }
+        inner.recent.push_back(rec.clone());
+        inner.closed_total += 1;
+        Some(rec)
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let inner = self.lock();
+        Snapshot {
+            active: inner.active.values().cloned().collect(),
+            recent: inner.recent.iter().cloned().collect(),
+            closed_total: inner.closed_total,
+        }
+    }
+
+    pub fn active_count(&self) -> usize {
+        self.lock().active.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}

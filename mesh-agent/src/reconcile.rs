@@ -1,0 +1,163 @@
+//! Applies the node state to the datapath: every meshed pod whose cgroup exists has its cgroup
+//! id in the meshed map, and nothing else does. Runs on every state change and once a second,
+//! so a pod whose cgroup appears after it was declared is meshed as soon as the cgroup exists.
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use mesh_common::PodPolicy;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    cgroup,
+    datapath::Datapath,
+    state::{MeshReason, NodeState, Workload},
+};
+
+/// How often the reconciler re-checks cgroups even when nothing changed.
+pub const RESYNC: Duration = Duration::from_secs(1);
+
+/// A pod as the proxy and the admin API see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PodStatus {
+    pub key: String,
+    #[serde(flatten)]
+    pub workload: Workload,
+    pub cgroup_id: Option<u64>,
+    /// True once the pod's cgroup is in the datapath's meshed map.
+    pub redirected: bool,
+}
+
+/// Lookups the proxy makes per connection.
+#[derive(Debug, Default)]
+pub struct PodIndex {
+    pub pods: Vec<PodStatus>,
+    by_cgroup: HashMap<u64, usize>,
+    by_ip: HashMap<Ipv4Addr, usize>,
+}
+
+impl PodIndex {
+    pub fn new(pods: Vec<PodStatus>) -> Self {
+        let by_cgroup = pods.iter().enumerate().filter_map(|(i, p)| Some((p.cgroup_id?, i))).collect();
+        let by_ip = pods.iter().enumerate().map(|(i, p)| (p.workload.ip, i)).collect();
+        PodIndex { pods, by_cgroup, by_ip }
+    }
+    pub fn by_cgroup(&self, id: u64) -> Option<&str> {
+        self.by_cgroup.get(&id).map(|&i| self.pods[i].key.as_str())
+    }
+    pub fn by_ip(&self, ip: Ipv4Addr) -> Option<&str> {
+        self.by_ip.get(&ip).map(|&i| self.pods[i].key.as_str())
+    }
+}
+
+pub struct Reconciler {
+    pub datapath: Arc<Mutex<Option<Datapath>>>,
+    pub policy: PodPolicy,
+    /// cgroup id → pod key, as applied to the map.
+    applied: BTreeMap<u64, String>,
+    /// Pods whose missing cgroup was already reported (avoid a log line a second).
+    missing_reported: HashSet<String>,
+}
+
+impl Reconciler {
+    pub fn new(datapath: Arc<Mutex<Option<Datapath>>>, policy: PodPolicy) -> Self {
+        Reconciler { datapath, policy, applied: BTreeMap::new(), missing_reported: HashSet::new() }
+    }
+
+    /// One pass. Returns the resulting pod index.
+    pub fn apply(&mut self, state: &NodeState) -> PodIndex {
+        let mut guard = self.datapath.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(dp) = guard.as_mut() else { return PodIndex::default() };
+        let root = dp.cgroup_root().to_path_buf();
+        let mut desired: BTreeMap<u64, String> = BTreeMap::new();
+        let mut statuses = Vec::with_capacity(state.pods.len());
+        for (key, w) in &state.pods {
+            let id = cgroup::cgroup_id(&w.cgroup).ok();
+            if w.meshed {
+                match id {
+                    Some(_) if !w.cgroup.starts_with(&root) => {
+                        if self.missing_reported.insert(key.clone()) {
+                            warn!(pod = %key, cgroup = %w.cgroup.display(), root = %root.display(),
+                                "pod cgroup is outside the agent's cgroup root; it cannot be meshed");
+                        }
+                    }
+                    Some(id) => {
+                        desired.insert(id, key.clone());
+                    }
+                    None => {
+                        if self.missing_reported.insert(key.clone()) {
+                            info!(pod = %key, cgroup = %w.cgroup.display(), "waiting for the pod's cgroup to appear");
+                        }
+                    }
+                }
+            }
+            statuses.push(PodStatus { key: key.clone(), workload: w.clone(), cgroup_id: id, redirected: false });
+        }
+        // Remove first: a recycled cgroup id must not keep the old pod's entry.
+        let gone: Vec<u64> = self.applied.keys().filter(|id| !desired.contains_key(id)).copied().collect();
+        for id in gone {
+            let key = self.applied.remove(&id).unwrap_or_default();
+            match dp.unmesh(id) {
+                Ok(()) => info!(pod = %key, cgroup_id = id, "pod unmeshed"),
+                Err(e) => {
+                    warn!(pod = %key, error = %e, "cannot unmesh pod; will retry");
+                    self.applied.insert(id, key);
+                }
+            }
+        }
+        for (id, key) in &desired {
+            if self.applied.get(id) == Some(key) {
+                continue;
+            }
+            match dp.mesh(*id, self.policy) {
+                Ok(()) => {
+                    let reason = state.pods.get(key).map(|w| w.reason).unwrap_or(MeshReason::Namespace);
+                    info!(pod = %key, cgroup_id = id, ?reason, "pod meshed");
+                    self.missing_reported.remove(key);
+                    self.applied.insert(*id, key.clone());
+                }
+                Err(e) => warn!(pod = %key, error = %e, "cannot mesh pod (map full?); its traffic stays direct"),
+            }
+        }
+        self.missing_reported.retain(|k| state.pods.get(k).is_some_and(|w| w.meshed));
+        for s in &mut statuses {
+            s.redirected = s.cgroup_id.is_some_and(|id| self.applied.contains_key(&id));
+        }
+        PodIndex::new(statuses)
+    }
+
+    pub async fn run(
+        mut self,
+        mut state: watch::Receiver<NodeState>,
+        index: watch::Sender<Arc<PodIndex>>,
+        stop: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(RESYNC);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let snapshot = state.borrow_and_update().clone();
+            let idx = self.apply(&snapshot);
+            index.send_if_modified(|old| {
+                let changed = old.pods.len() != idx.pods.len()
+                    || old.pods.iter().zip(&idx.pods).any(|(a, b)| {
+                        a.key != b.key || a.cgroup_id != b.cgroup_id || a.redirected != b.redirected || a.workload != b.workload
+                    });
+                if changed {
+                    *old = Arc::new(idx);
+                }
+                changed
+            });
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = state.changed() => if r.is_err() { return },
+                _ = tick.tick() => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Local mode: the node's pods come from a YAML workload file, re-read whenever it changes.
+//!
+//! ```yaml
+//! namespaces:
+//!   - name: shop
+//!     annotations: { switchyard.io/mesh: enabled }
+//! pods:
+//!   - name: web-0
+//!     namespace: shop
+//!     serviceAccount: web          # default: "default"
+//!     ip: 10.244.1.10
+//!     cgroup: switchyard/node-a/web-0   # relative to the cgroup2 mount, or absolute
+//!     annotations: { switchyard.io/mesh: disabled }   # optional per-pod opt-out
+//! ```
+//! The annotations are Kubernetes' own, so a workload file reads like the cluster it stands in
+//! for. A file that does not parse or validate is rejected with a clear error and the previous
+//! state is kept.
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use notify::Watcher as _;
+use serde::Deserialize;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{
+    cgroup,
+    state::{MESH_ANNOTATION, MeshReason, NodeState, Workload},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadFileError {
+    #[error("cannot read workload file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("workload file {path} is not valid YAML for a workload file: {source}")]
+    Parse { path: PathBuf, source: serde_yaml_ng::Error },
+    #[error("workload file {path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    namespaces: Vec<Namespace>,
+    #[serde(default)]
+    pods: Vec<Pod>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Namespace {
+    name: String,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Pod {
+    name: String,
+    namespace: String,
+    #[serde(default = "default_sa")]
+    service_account: String,
+    ip: Ipv4Addr,
+    cgroup: PathBuf,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+fn default_sa() -> String {
+    "default".into()
+}
+
+/// Reads and validates a workload file.
+pub fn load(path: &Path, cgroup2_mount: &Path) -> Result<NodeState, WorkloadFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| WorkloadFileError::Read { path: path.into(), source })?;
+    parse(&text, path, cgroup2_mount)
+}
+
+pub fn parse(text: &str, path: &Path, cgroup2_mount: &Path) -> Result<NodeState, WorkloadFileError> {
+    let invalid = |msg: String| WorkloadFileError::Invalid { path: path.into(), msg };
+    let file: File = serde_yaml_ng::from_str(text).map_err(|source| WorkloadFileError::Parse { path: path.into(), source })?;
+    let mut ns_meshed = BTreeMap::new();
+    for ns in &file.namespaces {
+        let meshed = match ns.annotations.get(MESH_ANNOTATION).map(String::as_str) {
+            None | Some("disabled") => false,
+            Some("enabled") => true,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "namespace {}: {MESH_ANNOTATION} must be \"enabled\" or \"disabled\", not {other:?}",
+                    ns.name
+                )));
+            }
+        };
+        if ns_meshed.insert(ns.name.clone(), meshed).is_some() {
+            return Err(invalid(format!("namespace {} is listed twice", ns.name)));
+        }
+    }
+    let mut state = NodeState::default();
+    let mut ips = HashSet::new();
+    for p in file.pods {
+        let key = format!("{}/{}", p.namespace, p.name);
+        if p.name.is_empty() || p.namespace.is_empty() {
+            return Err(invalid("every pod needs a name and a namespace".into()));
+        }
+        if !ips.insert(p.ip) {
+            return Err(invalid(format!("pod {key}: IP {} is used by another pod", p.ip)));
+        }
+        let opt_out = match p.annotations.get(MESH_ANNOTATION).map(String::as_str) {
+            None | Some("enabled") => false,
+            Some("disabled") => true,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "pod {key}: {MESH_ANNOTATION} must be \"enabled\" or \"disabled\", not {other:?}"
+                )));
+            }
+        };
+        let cgroup = cgroup::resolve(cgroup2_mount, &p.cgroup).map_err(|e| invalid(format!("pod {key}: {e}")))?;
+        let ns_on = ns_meshed.get(&p.namespace).copied().unwrap_or(false);
+        let (meshed, reason) = match (ns_on, opt_out) {
+            (true, false) => (true, MeshReason::Namespace),
+            (true, true) => (false, MeshReason::PodOptOut),
+            (false, _) => (false, MeshReason::NamespaceNotMeshed),
+        };
+        let w = Workload { name: p.name, namespace: p.namespace, service_account: p.service_account, ip: p.ip, cgroup, meshed, reason };
+        if state.pods.insert(key.clone(), w).is_some() {
+            return Err(invalid(format!("pod {key} is listed twice")));
+        }
+    }
+    Ok(state)
+}
+
+/// Loads the file, then keeps `tx` up to date with every valid edit until the sender's
+/// receivers are all gone. Watches the file's directory (editors and ConfigMaps replace files
+/// by rename) and also re-reads every few seconds in case an event was missed.
+pub async fn watch(path: PathBuf, cgroup2_mount: PathBuf, tx: watch::Sender<NodeState>) {
+    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let file_name = path.file_name().map(|n| n.to_os_string());
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res
+            && ev.paths.iter().any(|p| p.file_name().map(|n| n.to_os_string()) == file_name)
+        {
+            let _ = ev_tx.try_send(());
+        }
+    });
+    let _watcher = match watcher {
+        Ok(mut w) => {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if let Err(e) = w.watch(dir, notify::RecursiveMode::NonRecursive) {
+                warn!(error = %e, "cannot watch the workload file's directory; falling back to polling");
+            }
+            Some(w)
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot watch the workload file; falling back to polling");
+            None
+        }
+    };
+    let mut last_text = None;
+    loop {
+        match std::fs::read_to_string(&path) {
+            Ok(text) if Some(&text) != last_text.as_ref() => {
+                match parse(&text, &path, &cgroup2_mount) {
+                    Ok(state) => {
+                        info!(file = %path.display(), pods = state.pods.len(), meshed = state.meshed().count(), "workload file applied");
+                        tx.send_replace(state);
+                    }
+                    Err(e) => warn!(error = %e, "workload file rejected; keeping the previous workloads"),
+                }
+                last_text = Some(text);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if last_text.is_some() {
+                    warn!(file = %path.display(), error = %e, "cannot read the workload file; keeping the previous workloads");
+                }
+                last_text = None;
+            }
+        }
+        tokio::select! {
+            _ = ev_rx.recv() => {
+                // Let a burst of writes settle before reading.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                while ev_rx.try_recv().is_ok() {}
+            }
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M: &str = "/sys/fs/cgroup";
+
+    fn p(text: &str) -> Result<NodeState, WorkloadFileError> {
+        parse(text, Path::new("w.yaml"), Path::new(M))
+    }
+
+    #[test]
+    fn namespace_opt_in_and_pod_opt_out() {
+        let s = p(r#"
+namespaces:
+  - {name: shop, annotations: {switchyard.io/mesh: enabled}}
+  - {name: legacy}
+pods:
+  - {name: a, namespace: shop, serviceAccount: web, ip: 10.0.0.1, cgroup: n/a}
+  - {name: b, namespace: shop, ip: 10.0.0.2, cgroup: n/b, annotations: {switchyard.io/mesh: disabled}}
+  - {name: c, namespace: legacy, ip: 10.0.0.3, cgroup: /sys/fs/cgroup/n/c}
+"#)
+        .unwrap();
+        let a = &s.pods["shop/a"];
+        assert!(a.meshed);
+        assert_eq!(a.reason, MeshReason::Namespace);
+        assert_eq!(a.cgroup, Path::new("/sys/fs/cgroup/n/a"));
+        assert_eq!(a.spiffe_id("cluster.local"), "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(s.pods["shop/b"].reason, MeshReason::PodOptOut);
+        assert_eq!(s.pods["shop/b"].service_account, "default");
+        assert_eq!(s.pods["legacy/c"].reason, MeshReason::NamespaceNotMeshed);
+        assert_eq!(s.meshed().count(), 1);
+    }
+
+    #[test]
+    fn malformed_files_are_rejected_with_the_reason() {
+        let cases = [
+            ("pods: [{name: a, namespace: x, ip: 10.0.0.300, cgroup: a}]", "ip"),
+            ("pods: [{name: a, namespace: x, ip: 10.0.0.1, cgroup: a, colour: red}]", "colour"),
+            ("pods:\n - {name: a, namespace: x, ip: 10.0.0.1, cgroup: a}\n - {name: b, namespace: x, ip: 10.0.0.1, cgroup: b}", "used by another pod"),
+            ("pods:\n - {name: a, namespace: x, ip: 10.0.0.1, cgroup: a}\n - {name: a, namespace: x, ip: 10.0.0.2, cgroup: b}", "twice"),
+            ("namespaces: [{name: x, annotations: {switchyard.io/mesh: yes}}]", "must be"),
+            ("pods: [{name: a, namespace: x, ip: 10.0.0.1, cgroup: ../../etc}]", "not inside"),
+            ("pods: {", "YAML"),
+        ];
+        for (text, needle) in cases {
+            let e = p(text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text:?} gave {e:?}, wanted {needle:?}");
+        }
+    }
+}

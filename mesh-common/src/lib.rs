@@ -1,0 +1,331 @@
+//! The contract between Switchyard's eBPF programs and the agent.
+//!
+//! Everything the kernel and user space both read lives here: map names and sizes, the
+//! `#[repr(C)]` key and value types (with explicit padding and the byte order of every field),
+//! the statistics indices, and the pure decisions the programs make, so that ordinary unit tests
+//! can reach them.
+//!
+//! Byte order convention: addresses and ports are stored exactly as the kernel hands them to a
+//! `cgroup/connect4` program (`bpf_sock_addr.user_ip4` / `user_port`): **network byte order**.
+//! In user space, `u32::from_ne_bytes(ipv4.octets())` and `port.to_be()` produce that form.
+#![no_std]
+
+/// Map of meshed pod cgroups: `u64` cgroup id → [`PodPolicy`].
+pub const MAP_MESHED_CGROUPS: &str = "MESHED_CGROUPS";
+/// Map of redirected sockets: `u64` socket cookie → [`OrigDst`]. Written by connect4/6,
+/// read by getpeername4/6, removed by sockops when the socket closes.
+pub const MAP_SOCK_ORIG: &str = "SOCK_ORIG";
+/// Map the proxy reads: [`SockKey4`] (the client's address as the proxy sees it) → [`OrigDst`].
+/// Written by sockops when a redirected connection is established; the proxy removes the entry
+/// when it accepts the connection.
+pub const MAP_ORIG_BY_CLIENT: &str = "ORIG_BY_CLIENT";
+/// Destination ports never redirected: `u16` port (host byte order) → `u8` (unused).
+pub const MAP_BYPASS_PORTS: &str = "BYPASS_PORTS";
+/// Destination CIDRs never redirected: LPM trie keyed by the IPv4 address bytes (network order).
+pub const MAP_BYPASS_CIDRS: &str = "BYPASS_CIDRS";
+/// Single-entry array holding the [`MeshConfig`].
+pub const MAP_CONFIG: &str = "MESH_CONFIG";
+/// Per-CPU array of `u64` counters indexed by [`Stat`].
+pub const MAP_STATS: &str = "MESH_STATS";
+
+/// Upper bounds on every map. A full map never fails a connection: the connection is simply not
+/// redirected (fail-open) and [`Stat::MapFull`] counts it.
+pub const MAX_MESHED_CGROUPS: u32 = 16_384;
+pub const MAX_REDIRECTED_SOCKETS: u32 = 65_536;
+pub const MAX_BYPASS_PORTS: u32 = 256;
+pub const MAX_BYPASS_CIDRS: u32 = 256;
+
+/// How many cgroup levels below the root the programs inspect when deciding whether the calling
+/// task belongs to a meshed pod. Kubernetes nests containers two or three levels below the pod
+/// cgroup (`kubepods/burstable/pod<uid>/<container>`), which sits within this depth.
+pub const MAX_CGROUP_DEPTH: i32 = 12;
+
+/// Names of the programs in the object file, as the agent looks them up.
+pub const PROG_CONNECT4: &str = "mesh_connect4";
+pub const PROG_CONNECT6: &str = "mesh_connect6";
+pub const PROG_GETPEERNAME4: &str = "mesh_getpeername4";
+pub const PROG_GETPEERNAME6: &str = "mesh_getpeername6";
+pub const PROG_SOCKOPS: &str = "mesh_sockops";
+
+/// Redirect target and options for one meshed pod (value of [`MAP_MESHED_CGROUPS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodPolicy {
+    /// Proxy address the pod's connects are rewritten to, network byte order. It must be
+    /// reachable from the pod's network namespace (e.g. the node side of its veth or bridge).
+    pub proxy_ip4: u32,
+    /// Proxy outbound port, network byte order.
+    pub proxy_port: u16,
+    /// Reserved for per-pod flags (fail mode, acceleration); zero today.
+    pub flags: u16,
+}
+
+/// Where a redirected connection was going (value of [`MAP_SOCK_ORIG`] and
+/// [`MAP_ORIG_BY_CLIENT`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// cgroup id of the meshed pod that made the connection: the proxy identifies the source
+    /// workload from this, not from the source IP.
+    pub pod_cgroup: u64,
+    /// Original destination IPv4 address, network byte order.
+    pub ip4: u32,
+    /// Original destination port, network byte order.
+    pub port: u16,
+    /// Bit 0: the application used an AF_INET6 socket with a v4-mapped address.
+    pub flags: u16,
+}
+
+pub const ORIG_FLAG_V4_MAPPED: u16 = 1;
+
+/// A TCP endpoint as the proxy sees the client of an accepted connection (key of
+/// [`MAP_ORIG_BY_CLIENT`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey4 {
+    /// IPv4 address, network byte order.
+    pub ip4: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    /// Explicit padding, always zero (hash keys compare all bytes).
+    pub _pad: u16,
+}
+
+impl SockKey4 {
+    pub const fn new(ip4_be: u32, port_be: u16) -> Self {
+        Self { ip4: ip4_be, port: port_be, _pad: 0 }
+    }
+}
+
+/// Node-wide settings (index 0 of [`MAP_CONFIG`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeshConfig {
+    /// Thread-group id of the agent (in the initial PID namespace): its own connects are never
+    /// redirected, whatever cgroup it runs in.
+    pub agent_tgid: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+
+/// Indices of the kernel-side counters in [`MAP_STATS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// connect4/6 from a meshed pod, TCP.
+    MeshedConnects = 0,
+    /// Rewritten to the proxy.
+    Redirected = 1,
+    SkipLoopback = 2,
+    SkipBypassPort = 3,
+    SkipBypassCidr = 4,
+    SkipProxySelf = 5,
+    /// IPv6 destinations are not meshed yet: passed through untouched.
+    SkipIpv6 = 6,
+    /// [`MAP_SOCK_ORIG`] was full: connection not redirected (fail-open).
+    MapFull = 7,
+    /// [`MAP_ORIG_BY_CLIENT`] was full when a redirected connection was established: the proxy
+    /// will not find it and closes it.
+    ClientMapFull = 8,
+    /// Redirected connection established (sockops saw it).
+    Established = 9,
+    /// Redirected socket closed and its record removed.
+    Closed = 10,
+    /// getpeername answered with the original destination.
+    PeernameRestored = 11,
+    /// The agent's own connects.
+    SkipAgent = 12,
+}
+
+impl Stat {
+    pub const COUNT: u32 = 13;
+    pub const ALL: [Stat; Self::COUNT as usize] = [
+        Stat::MeshedConnects,
+        Stat::Redirected,
+        Stat::SkipLoopback,
+        Stat::SkipBypassPort,
+        Stat::SkipBypassCidr,
+        Stat::SkipProxySelf,
+        Stat::SkipIpv6,
+        Stat::MapFull,
+        Stat::ClientMapFull,
+        Stat::Established,
+        Stat::Closed,
+        Stat::PeernameRestored,
+        Stat::SkipAgent,
+    ];
+
+    /// Stable snake_case name, used as a metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::MeshedConnects => "meshed_connects",
+            Stat::Redirected => "redirected",
+            Stat::SkipLoopback => "skip_loopback",
+            Stat::SkipBypassPort => "skip_bypass_port",
+            Stat::SkipBypassCidr => "skip_bypass_cidr",
+            Stat::SkipProxySelf => "skip_proxy_self",
+            Stat::SkipIpv6 => "skip_ipv6",
+            Stat::MapFull => "map_full",
+            Stat::ClientMapFull => "client_map_full",
+            Stat::Established => "established",
+            Stat::Closed => "closed",
+            Stat::PeernameRestored => "peername_restored",
+            Stat::SkipAgent => "skip_agent",
+        }
+    }
+}
+
+/// What connect4/6 does with a TCP connect from a meshed pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Redirect,
+    Skip(Stat),
+}
+
+/// Decides whether a TCP connect from a meshed pod to `dst_ip4:dst_port` (both network byte
+/// order) is sent to the proxy. `bypass_port` and `bypass_cidr` are the results of the bypass
+/// map lookups, which only the kernel side can make.
+#[inline(always)]
+pub fn decide_v4(
+    policy: &PodPolicy,
+    dst_ip4: u32,
+    dst_port: u16,
+    bypass_port: bool,
+    bypass_cidr: bool,
+) -> Verdict {
+    let first_octet = dst_ip4.to_ne_bytes()[0];
+    // 127.0.0.0/8 never leaves the pod; 0.0.0.0 means "this host" to connect().
+    if first_octet == 127 || dst_ip4 == 0 {
+        return Verdict::Skip(Stat::SkipLoopback);
+    }
+    // Already aimed at the proxy (or a pod talking to the proxy port on purpose): no loop.
+    if dst_ip4 == policy.proxy_ip4 && dst_port == policy.proxy_port {
+        return Verdict::Skip(Stat::SkipProxySelf);
+    }
+    if bypass_port {
+        return Verdict::Skip(Stat::SkipBypassPort);
+    }
+    if bypass_cidr {
+        return Verdict::Skip(Stat::SkipBypassCidr);
+    }
+    Verdict::Redirect
+}
+
+/// `::ffff:0:0/96` prefix word as it sits in `bpf_sock_addr.user_ip6[2]` (network order).
+pub const V4_MAPPED_WORD: u32 = u32::to_be(0x0000_ffff);
+
+/// The IPv4 address inside an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), each word in
+/// network byte order as the kernel stores it.
+#[inline(always)]
+pub fn v4_from_mapped(ip6: [u32; 4]) -> Option<u32> {
+    if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_WORD {
+        Some(ip6[3])
+    } else {
+        None
+    }
+}
+
+/// `::1`, words in network byte order.
+#[inline(always)]
+pub fn is_loopback6(ip6: [u32; 4]) -> bool {
+    ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == u32::to_be(1)
+}
+
+/// The IPv4-mapped form of `ip4` (network order), words in network order.
+#[inline(always)]
+pub const fn mapped_from_v4(ip4: u32) -> [u32; 4] {
+    [0, 0, V4_MAPPED_WORD, ip4]
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all types are #[repr(C)], Copy, contain only integers and have explicit padding.
+    unsafe impl aya::Pod for super::PodPolicy {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::SockKey4 {}
+    unsafe impl aya::Pod for super::MeshConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(a: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(a)
+    }
+    fn port(p: u16) -> u16 {
+        p.to_be()
+    }
+    const POLICY: PodPolicy = PodPolicy {
+        proxy_ip4: u32::from_ne_bytes([10, 244, 1, 1]),
+        proxy_port: 15001u16.to_be(),
+        flags: 0,
+    };
+
+    #[test]
+    fn ordinary_destination_is_redirected() {
+        assert_eq!(decide_v4(&POLICY, ip([10, 244, 1, 20]), port(8080), false, false), Verdict::Redirect);
+    }
+
+    #[test]
+    fn loopback_and_unspecified_are_never_redirected() {
+        for a in [[127, 0, 0, 1], [127, 1, 2, 3], [0, 0, 0, 0]] {
+            assert_eq!(
+                decide_v4(&POLICY, ip(a), port(80), false, false),
+                Verdict::Skip(Stat::SkipLoopback),
+                "{a:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn proxy_itself_is_not_redirected_but_other_ports_on_node_are() {
+        assert_eq!(
+            decide_v4(&POLICY, POLICY.proxy_ip4, POLICY.proxy_port, false, false),
+            Verdict::Skip(Stat::SkipProxySelf)
+        );
+        assert_eq!(decide_v4(&POLICY, POLICY.proxy_ip4, port(9100), false, false), Verdict::Redirect);
+    }
+
+    #[test]
+    fn bypass_lists_win() {
+        let dst = ip([10, 96, 0, 10]);
+        assert_eq!(decide_v4(&POLICY, dst, port(53), true, false), Verdict::Skip(Stat::SkipBypassPort));
+        assert_eq!(decide_v4(&POLICY, dst, port(443), false, true), Verdict::Skip(Stat::SkipBypassCidr));
+    }
+
+    #[test]
+    fn v4_mapped_round_trip() {
+        let a = ip([10, 0, 0, 7]);
+        let m = mapped_from_v4(a);
+        assert_eq!(v4_from_mapped(m), Some(a));
+        // The bytes really are ::ffff:10.0.0.7.
+        let mut bytes = [0u8; 16];
+        for (i, w) in m.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 7]);
+        assert_eq!(v4_from_mapped([0, 0, 0, u32::to_be(1)]), None);
+    }
+
+    #[test]
+    fn loopback6() {
+        assert!(is_loopback6([0, 0, 0, u32::to_be(1)]));
+        assert!(!is_loopback6(mapped_from_v4(ip([127, 0, 0, 1]))));
+    }
+
+    #[test]
+    fn stat_table_is_complete_and_ordered() {
+        for (i, s) in Stat::ALL.iter().enumerate() {
+            assert_eq!(*s as u32, i as u32);
+        }
+    }
+
+    #[test]
+    fn layouts_are_fixed() {
+        assert_eq!(core::mem::size_of::<PodPolicy>(), 8);
+        assert_eq!(core::mem::size_of::<OrigDst>(), 16);
+        assert_eq!(core::mem::size_of::<SockKey4>(), 8);
+        assert_eq!(core::mem::size_of::<MeshConfig>(), 8);
+    }
+}

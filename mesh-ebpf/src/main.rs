@@ -1,0 +1,265 @@
+//! Switchyard's kernel side: the programs that send a meshed pod's TCP connections to the node
+//! proxy and keep the application unaware of it.
+//!
+//! * `mesh_connect4` / `mesh_connect6` (`cgroup/connect4`, `cgroup/connect6`): a TCP connect from a
+//!   task in a meshed pod cgroup is rewritten to the pod's proxy address; the original
+//!   destination is recorded under the socket cookie.
+//! * `mesh_sockops` (`sockops`): when that connection is established, the record is copied under
+//!   the client's own address and port, which is what the proxy sees on `accept()`; when the
+//!   socket closes, both records are removed.
+//! * `mesh_getpeername4` / `mesh_getpeername6`: `getpeername()` on a redirected socket answers with
+//!   the original destination.
+//!
+//! All programs are attached once, to the node's cgroup; which pods are meshed is data
+//! (`MESHED_CGROUPS`), so pods join and leave at run time without re-attaching anything.
+//! Every path returns 1 (allow): a failure never blocks a connection, it only leaves it
+//! un-redirected and counted.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{
+        bindings::{
+            BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+            BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        },
+        helpers::{
+            bpf_get_current_pid_tgid,
+            generated::{
+                bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
+                bpf_get_socket_cookie,
+            },
+        },
+        macros::{cgroup_sock_addr, map, sock_ops},
+        maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
+        programs::{SockAddrContext, SockOpsContext},
+        EbpfContext,
+    };
+    use aya_log_ebpf::warn;
+    use mesh_common::{
+        decide_v4, is_loopback6, mapped_from_v4, v4_from_mapped, MeshConfig, OrigDst, PodPolicy,
+        SockKey4, Stat, Verdict, MAX_BYPASS_CIDRS, MAX_BYPASS_PORTS, MAX_CGROUP_DEPTH,
+        MAX_MESHED_CGROUPS, MAX_REDIRECTED_SOCKETS, ORIG_FLAG_V4_MAPPED,
+    };
+
+    const AF_INET: u32 = 2;
+    const AF_INET6: u32 = 10;
+    const IPPROTO_TCP: u32 = 6;
+    const ALLOW: i32 = 1;
+
+    #[map]
+    static MESHED_CGROUPS: HashMap<u64, PodPolicy> =
+        HashMap::with_max_entries(MAX_MESHED_CGROUPS, 0);
+    #[map]
+    static SOCK_ORIG: HashMap<u64, OrigDst> = HashMap::with_max_entries(MAX_REDIRECTED_SOCKETS, 0);
+    #[map]
+    static ORIG_BY_CLIENT: HashMap<SockKey4, OrigDst> =
+        HashMap::with_max_entries(MAX_REDIRECTED_SOCKETS, 0);
+    #[map]
+    static BYPASS_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_BYPASS_PORTS, 0);
+    #[map]
+    static BYPASS_CIDRS: LpmTrie<[u8; 4], u8> =
+        LpmTrie::with_max_entries(MAX_BYPASS_CIDRS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+    #[map]
+    static MESH_CONFIG: Array<MeshConfig> = Array::with_max_entries(1, 0);
+    #[map]
+    static MESH_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+
+    #[inline(always)]
+    fn count(stat: Stat) {
+        if let Some(p) = MESH_STATS.get_ptr_mut(stat as u32) {
+            // Per-CPU slot, and programs do not nest on one CPU: a plain add is exact.
+            unsafe { *p += 1 };
+        }
+    }
+
+    /// The policy of the meshed pod the current task belongs to, looked up by the task's own
+    /// cgroup and then by each ancestor (containers sit below their pod's cgroup).
+    #[inline(always)]
+    fn current_pod() -> Option<(u64, PodPolicy)> {
+        let id = unsafe { bpf_get_current_cgroup_id() };
+        if let Some(p) = unsafe { MESHED_CGROUPS.get(&id) } {
+            return Some((id, *p));
+        }
+        let mut level = 1;
+        while level < MAX_CGROUP_DEPTH {
+            let a = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+            if a == 0 || a == id {
+                break;
+            }
+            if let Some(p) = unsafe { MESHED_CGROUPS.get(&a) } {
+                return Some((a, *p));
+            }
+            level += 1;
+        }
+        None
+    }
+
+    #[inline(always)]
+    fn is_agent() -> bool {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        match MESH_CONFIG.get(0) {
+            Some(c) => c.agent_tgid != 0 && c.agent_tgid == tgid,
+            None => false,
+        }
+    }
+
+    /// Shared by connect4 and connect6 (v4-mapped): returns the rewrite target, or None.
+    #[inline(always)]
+    fn redirect_v4(ctx: &SockAddrContext, dst_ip4: u32, dst_port: u16, flags: u16) -> Option<PodPolicy> {
+        let (pod_cgroup, policy) = current_pod()?;
+        if is_agent() {
+            count(Stat::SkipAgent);
+            return None;
+        }
+        count(Stat::MeshedConnects);
+        let bypass_port = unsafe { BYPASS_PORTS.get(&u16::from_be(dst_port)) }.is_some();
+        let bypass_cidr = BYPASS_CIDRS.get(&Key::new(32, dst_ip4.to_ne_bytes())).is_some();
+        match decide_v4(&policy, dst_ip4, dst_port, bypass_port, bypass_cidr) {
+            Verdict::Skip(reason) => {
+                count(reason);
+                None
+            }
+            Verdict::Redirect => {
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+                let orig = OrigDst { pod_cgroup, ip4: dst_ip4, port: dst_port, flags };
+                if SOCK_ORIG.insert(&cookie, &orig, BPF_ANY as u64).is_err() {
+                    count(Stat::MapFull);
+                    warn!(ctx, "switchyard: redirect map full, connection not redirected");
+                    return None;
+                }
+                count(Stat::Redirected);
+                Some(policy)
+            }
+        }
+    }
+
+    #[cgroup_sock_addr(connect4)]
+    pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+        let sa = unsafe { &mut *ctx.sock_addr };
+        if sa.protocol != IPPROTO_TCP {
+            return ALLOW; // UDP (DNS) and anything else: untouched
+        }
+        if let Some(p) = redirect_v4(&ctx, sa.user_ip4, sa.user_port as u16, 0) {
+            sa.user_ip4 = p.proxy_ip4;
+            sa.user_port = p.proxy_port as u32;
+        }
+        ALLOW
+    }
+
+    #[cgroup_sock_addr(connect6)]
+    pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+        let sa = unsafe { &mut *ctx.sock_addr };
+        if sa.protocol != IPPROTO_TCP {
+            return ALLOW;
+        }
+        let ip6 = sa.user_ip6;
+        if is_loopback6(ip6) {
+            return ALLOW;
+        }
+        match v4_from_mapped(ip6) {
+            Some(ip4) => {
+                if let Some(p) = redirect_v4(&ctx, ip4, sa.user_port as u16, ORIG_FLAG_V4_MAPPED) {
+                    let m = mapped_from_v4(p.proxy_ip4);
+                    sa.user_ip6[0] = m[0];
+                    sa.user_ip6[1] = m[1];
+                    sa.user_ip6[2] = m[2];
+                    sa.user_ip6[3] = m[3];
+                    sa.user_port = p.proxy_port as u32;
+                }
+            }
+            None => {
+                if current_pod().is_some() {
+                    count(Stat::SkipIpv6);
+                }
+            }
+        }
+        ALLOW
+    }
+
+    #[cgroup_sock_addr(getpeername4)]
+    pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if let Some(o) = unsafe { SOCK_ORIG.get(&cookie) } {
+            let sa = unsafe { &mut *ctx.sock_addr };
+            sa.user_ip4 = o.ip4;
+            sa.user_port = o.port as u32;
+            count(Stat::PeernameRestored);
+        }
+        ALLOW
+    }
+
+    #[cgroup_sock_addr(getpeername6)]
+    pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if let Some(o) = unsafe { SOCK_ORIG.get(&cookie) } {
+            let m = mapped_from_v4(o.ip4);
+            let sa = unsafe { &mut *ctx.sock_addr };
+            sa.user_ip6[0] = m[0];
+            sa.user_ip6[1] = m[1];
+            sa.user_ip6[2] = m[2];
+            sa.user_ip6[3] = m[3];
+            sa.user_port = o.port as u32;
+            count(Stat::PeernameRestored);
+        }
+        ALLOW
+    }
+
+    /// The client's own address as the proxy will see it (v4-mapped sockets included).
+    #[inline(always)]
+    fn local_key(ctx: &SockOpsContext) -> Option<SockKey4> {
+        let ip4 = match ctx.family() {
+            AF_INET => ctx.local_ip4(),
+            AF_INET6 => v4_from_mapped(ctx.local_ip6())?,
+            _ => return None,
+        };
+        // sockops hands local_port in host byte order.
+        Some(SockKey4::new(ip4, (ctx.local_port() as u16).to_be()))
+    }
+
+    #[sock_ops]
+    pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+        let op = ctx.op();
+        if op != BPF_SOCK_OPS_TCP_CONNECT_CB
+            && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+            && op != BPF_SOCK_OPS_STATE_CB
+        {
+            return 1;
+        }
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let Some(orig) = (unsafe { SOCK_ORIG.get(&cookie) }).copied() else {
+            return 1;
+        };
+        if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+            // Ask for state callbacks on this socket so its records go when it closes, however
+            // it ends (refused, reset, closed).
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+            count(Stat::Established);
+            if let Some(key) = local_key(&ctx) {
+                if ORIG_BY_CLIENT.insert(&key, &orig, BPF_ANY as u64).is_err() {
+                    count(Stat::ClientMapFull);
+                }
+            }
+        } else if ctx.arg(1) == BPF_TCP_CLOSE {
+            let _ = SOCK_ORIG.remove(&cookie);
+            if let Some(key) = local_key(&ctx) {
+                let _ = ORIG_BY_CLIENT.remove(&key);
+            }
+            count(Stat::Closed);
+        }
+        1
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 4] = *b"GPL\0";
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
