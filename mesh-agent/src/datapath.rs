@@ -200,17 +200,19 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, kind: ProgramKind, cgroup: &File)
     let prog = ebpf
         .program_mut(name)
         .ok_or(DatapathError::Program { name, source: aya::programs::ProgramError::NotLoaded })?;
-    // AllowMultiple: coexist with other agents' programs (a CNI's, say) on the same cgroup.
+    // Mode `Single` means attach flags 0, which is what a cgroup bpf_link requires (the kernel
+    // rejects any flag on BPF_LINK_CREATE): links always coexist with other programs on the
+    // cgroup (a CNI's, say), as BPF_F_ALLOW_MULTI would.
     match kind {
         ProgramKind::SockAddr => {
             let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
             p.load().map_err(perr)?;
-            p.attach(cgroup, CgroupAttachMode::AllowMultiple).map_err(perr)?;
+            p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
         }
         ProgramKind::SockOps => {
             let p: &mut SockOps = prog.try_into().map_err(perr)?;
             p.load().map_err(perr)?;
-            p.attach(cgroup, CgroupAttachMode::AllowMultiple).map_err(perr)?;
+            p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
         }
     }
     Ok(())

@@ -206,15 +206,33 @@ mod programs {
     }
 
     /// The client's own address as the proxy will see it (v4-mapped sockets included).
+    ///
+    /// Every context field is read unconditionally with a volatile load: otherwise LLVM merges
+    /// the `local_ip4` and `local_ip6[3]` loads into one load at a computed offset, which the
+    /// verifier rejects ("dereference of modified ctx ptr").
     #[inline(always)]
     fn local_key(ctx: &SockOpsContext) -> Option<SockKey4> {
-        let ip4 = match ctx.family() {
-            AF_INET => ctx.local_ip4(),
-            AF_INET6 => v4_from_mapped(ctx.local_ip6())?,
+        let ops = ctx.ops;
+        let (family, ip4, ip6, port) = unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*ops).family),
+                core::ptr::read_volatile(&raw const (*ops).local_ip4),
+                [
+                    core::ptr::read_volatile(&raw const (*ops).local_ip6[0]),
+                    core::ptr::read_volatile(&raw const (*ops).local_ip6[1]),
+                    core::ptr::read_volatile(&raw const (*ops).local_ip6[2]),
+                    core::ptr::read_volatile(&raw const (*ops).local_ip6[3]),
+                ],
+                core::ptr::read_volatile(&raw const (*ops).local_port),
+            )
+        };
+        let ip4 = match family {
+            AF_INET => ip4,
+            AF_INET6 => v4_from_mapped(ip6)?,
             _ => return None,
         };
         // sockops hands local_port in host byte order.
-        Some(SockKey4::new(ip4, (ctx.local_port() as u16).to_be()))
+        Some(SockKey4::new(ip4, (port as u16).to_be()))
     }
 
     #[sock_ops]

@@ -1,1 +1,596 @@
+//! A simulated Kubernetes node built from network namespaces and cgroups, for the end-to-end
+//! tests and the demo (see `shared/notes/testing.md`).
+//!
+//! * A **node** is a network namespace holding a bridge (`br0`, the pods' gateway) plus a cgroup
+//!   under `<cgroup2>/switchyard-test/`; the agent runs inside the node's namespace.
+//! * A **pod** is a network namespace joined to the node's bridge by a veth pair, plus a cgroup
+//!   under the node's; its processes are put into the cgroup, then into the namespace.
+//!
+//! Every address lives in namespaces made here: nothing is routed to or from the host
+//! namespace. Everything is removed in `Drop`, and leftovers of killed runs (named after a PID
+//! that is gone) are swept the next time a node is made.
+use std::{
+    ffi::CString,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    os::unix::{fs::OpenOptionsExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Once,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
+use anyhow::{Context as _, Result, anyhow, bail};
+
+const PREFIX: &str = "syt";
+const CGROUP_DIR: &str = "switchyard-test";
+pub const ADMIN_PORT: u16 = 15020;
+pub const OUTBOUND_PORT: u16 = 15001;
+
+/// True when this process may build namespaces and load eBPF. Otherwise: under `CI=true` this
+/// panics (a privileged test must never pass by not running); elsewhere it says so loudly and
+/// returns false so the caller can return.
+pub fn privileged(test: &str) -> bool {
+    let problem = if unsafe { libc::geteuid() } != 0 {
+        Some("not running as root".to_string())
+    } else if cgroup2_mount().is_err() {
+        Some("no cgroup2 mount".to_string())
+    } else if Command::new("ip").arg("-V").output().is_err() {
+        Some("iproute2 (`ip`) is not installed".to_string())
+    } else {
+        None
+    };
+    match problem {
+        None => true,
+        Some(why) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("privileged test {test} cannot run under CI=true: {why}");
+            }
+            eprintln!("\n!!! SKIPPED privileged test {test}: {why}. Run `cargo xtask test` as root.\n");
+            false
+        }
+    }
+}
+
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<_> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .ok_or_else(|| anyhow!("no cgroup2 filesystem mounted"))
+}
+
+/// Path of a binary built in the same target directory as the running executable.
+pub fn bin_path(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent();
+    while let Some(d) = dir {
+        let p = d.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+        if d.file_name().is_some_and(|n| n == "target") {
+            break;
+        }
+        dir = d.parent();
+    }
+    bail!("binary {name} not found next to {}: build it first (`cargo xtask test` does)", exe.display())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("spawn {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args))
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes namespaces and cgroups left by runs whose process is gone.
+fn sweep_leftovers() {
+    let owner = |name: &str| -> Option<u32> { name.strip_prefix(PREFIX)?.split('x').next()?.parse().ok() };
+    if let Ok(rd) = std::fs::read_dir("/var/run/netns") {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if owner(&name).is_some_and(|p| !pid_alive(p)) {
+                let _ = ip(&["netns", "del", &name]);
+            }
+        }
+    }
+    if let Ok(mount) = cgroup2_mount()
+        && let Ok(rd) = std::fs::read_dir(mount.join(CGROUP_DIR))
+    {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if owner(&name).is_some_and(|p| !pid_alive(p)) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+}
+
+/// Kills every process in a cgroup subtree and removes its directories, deepest first.
+pub fn remove_cgroup_tree(path: &Path) {
+    if let Ok(rd) = std::fs::read_dir(path) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    for _ in 0..50 {
+        let procs = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+        if procs.trim().is_empty() {
+            break;
+        }
+        for pid in procs.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_dir(path);
+}
+
+/// Runs `f` on a thread that has joined network namespace `netns`.
+pub fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let path = format!("/var/run/netns/{netns}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let fd = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+            use std::os::fd::AsRawFd as _;
+            if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns {path}: {}", std::io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow!("thread in {netns} panicked"))?
+    })
+}
+
+/// A plain HTTP/1.0 GET, from inside `netns`, to `addr`.
+pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    in_netns(netns, || -> Result<(u16, String)> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf)?;
+        let status = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((status, body))
+    })?
+}
+
+static SWEEP: Once = Once::new();
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A pod of a simulated node.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub cgroup: PathBuf,
+    /// Per-pod `switchyard.io/mesh` annotation, if any.
+    pub annotation: Option<String>,
+}
+
+impl Pod {
+    /// A command that runs in this pod: its cgroup first (joining it needs the host's view of
+    /// the cgroup2 mount), then its network namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        enter(&mut cmd, Some(&self.cgroup), &self.netns);
+        cmd
+    }
+
+    /// Runs `sim-workload ARGS` in the pod and parses its JSON line.
+    pub fn workload(&self, args: &[&str], timeout: Duration) -> Result<serde_json::Value> {
+        let mut cmd = self.command(bin_path("sim-workload")?);
+        cmd.args(args);
+        let out = output_timeout(cmd, timeout)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().last().ok_or_else(|| {
+            anyhow!("sim-workload {args:?} in {} printed nothing (stderr: {})", self.name, String::from_utf8_lossy(&out.stderr))
+        })?;
+        serde_json::from_str(line).with_context(|| format!("sim-workload output {line:?}"))
+    }
+
+    /// Starts a long-running `sim-workload` server in the pod and waits for it to be listening.
+    pub fn serve(&self, args: &[&str]) -> Result<Server> {
+        let mut cmd = self.command(bin_path("sim-workload")?);
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn()?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| anyhow!("server {args:?} did not start"))?;
+        if !line.contains("ready") {
+            let _ = child.kill();
+            bail!("server {args:?} failed to start: {line:?}");
+        }
+        Ok(Server { child })
+    }
+}
+
+/// A process started in a pod; killed on drop.
+pub struct Server {
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn enter(cmd: &mut Command, cgroup: Option<&Path>, netns: &str) {
+    let procs = cgroup.map(|c| CString::new(c.join("cgroup.procs").to_string_lossy().as_bytes()).unwrap());
+    let ns = CString::new(format!("/var/run/netns/{netns}")).unwrap();
+    // SAFETY: between fork and exec only async-signal-safe calls (open, write, setns, close)
+    // on buffers prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let r = libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                libc::close(fd);
+                if r < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            let fd = libc::open(ns.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let r = libc::setns(fd, libc::CLONE_NEWNET);
+            libc::close(fd);
+            if r != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Waits for a command with a deadline; kills it when the deadline passes.
+pub fn output_timeout(mut cmd: Command, timeout: Duration) -> Result<Output> {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let deadline = Instant::now() + timeout;
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} did not finish within {timeout:?} (hung)");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Ok(Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() })
+}
+
+/// A simulated node: network namespace, bridge, cgroup, pods, and (once started) an agent.
+pub struct Node {
+    pub id: String,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub gateway: Ipv4Addr,
+    pub pods: Vec<Pod>,
+    pub namespaces: Vec<(String, bool)>,
+    pub dir: PathBuf,
+    agent: Option<Child>,
+    cluster_cgroup: PathBuf,
+}
+
+impl Node {
+    /// Creates an empty node. `subnet` is the third octet of its pod range 10.244.<subnet>.0/24.
+    pub fn new(name: &str, subnet: u8) -> Result<Node> {
+        SWEEP.call_once(sweep_leftovers);
+        let id = format!("{PREFIX}{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let netns = format!("{id}-{name}");
+        let mount = cgroup2_mount()?;
+        let cluster_cgroup = mount.join(CGROUP_DIR).join(&id);
+        let cgroup = cluster_cgroup.join(name);
+        let dir = std::env::temp_dir().join(&netns);
+        let gateway = Ipv4Addr::new(10, 244, subnet, 1);
+        let node = Node {
+            id,
+            netns: netns.clone(),
+            cgroup: cgroup.clone(),
+            gateway,
+            pods: vec![],
+            namespaces: vec![],
+            dir: dir.clone(),
+            agent: None,
+            cluster_cgroup,
+        };
+        std::fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
+        std::fs::create_dir_all(&dir)?;
+        ip(&["netns", "add", &netns])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &netns, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &netns, "addr", "add", &format!("{gateway}/24"), "dev", "br0"])?;
+        ip(&["-n", &netns, "link", "set", "br0", "up"])?;
+        Ok(node)
+    }
+
+    /// Adds a pod at 10.244.<subnet>.<10+n>. `annotation` is the pod's own
+    /// `switchyard.io/mesh` annotation, if any.
+    pub fn add_pod(&mut self, name: &str, namespace: &str, annotation: Option<&str>) -> Result<Pod> {
+        let n = self.pods.len() as u8;
+        let o = self.gateway.octets();
+        let ipaddr = Ipv4Addr::new(o[0], o[1], o[2], 10 + n);
+        let netns = format!("{}-{name}", self.id);
+        let cgroup = self.cgroup.join(name);
+        std::fs::create_dir_all(&cgroup)?;
+        ip(&["netns", "add", &netns])?;
+        let host_if = format!("veth{n}");
+        ip(&["-n", &self.netns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip(&["-n", &self.netns, "link", "set", &host_if, "master", "br0", "up"])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &netns, "addr", "add", &format!("{ipaddr}/24"), "dev", "eth0"])?;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &netns, "route", "add", "default", "via", &self.gateway.to_string()])?;
+        let pod = Pod {
+            name: name.into(),
+            namespace: namespace.into(),
+            service_account: name.into(),
+            netns,
+            ip: ipaddr,
+            cgroup,
+            annotation: annotation.map(str::to_owned),
+        };
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// Sets whether a namespace carries `switchyard.io/mesh: enabled`.
+    pub fn set_namespace_meshed(&mut self, namespace: &str, meshed: bool) {
+        self.namespaces.retain(|(n, _)| n != namespace);
+        self.namespaces.push((namespace.into(), meshed));
+    }
+
+    pub fn workload_file(&self) -> PathBuf {
+        self.dir.join("workloads.yaml")
+    }
+
+    /// Writes the local-mode workload file (atomically, as a ConfigMap update would).
+    pub fn write_workloads(&self) -> Result<()> {
+        let mut y = String::from("namespaces:\n");
+        for (ns, meshed) in &self.namespaces {
+            y += &format!("  - name: {ns}\n");
+            if *meshed {
+                y += "    annotations: {switchyard.io/mesh: enabled}\n";
+            }
+        }
+        y += "pods:\n";
+        for p in &self.pods {
+            y += &format!(
+                "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    ip: {}\n    cgroup: {}\n",
+                p.name,
+                p.namespace,
+                p.service_account,
+                p.ip,
+                p.cgroup.display()
+            );
+            if let Some(a) = &p.annotation {
+                y += &format!("    annotations: {{switchyard.io/mesh: {a}}}\n");
+            }
+        }
+        let tmp = self.dir.join(".workloads.yaml.tmp");
+        std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o644).open(&tmp)?.write_all(y.as_bytes())?;
+        std::fs::rename(&tmp, self.workload_file())?;
+        Ok(())
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.gateway, ADMIN_PORT))
+    }
+
+    /// Starts the real `mesh-agent` binary inside the node's network namespace and waits until
+    /// it reports ready. Its log goes to `<dir>/agent.log`.
+    pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
+        self.write_workloads()?;
+        let log = std::fs::File::create(self.dir.join("agent.log"))?;
+        let mut cmd = Command::new(bin_path("mesh-agent")?);
+        cmd.args(["run", "--node-name", &self.netns, "--workloads"])
+            .arg(self.workload_file())
+            .arg("--cgroup-root")
+            .arg(&self.cgroup)
+            .args(["--redirect-address", &self.gateway.to_string()])
+            .args(["--workers", "2"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // The agent stays in the test's cgroup (outside the node's): its own connects are
+        // never candidates for redirection.
+        enter(&mut cmd, None, &self.netns);
+        self.agent = Some(cmd.spawn().context("spawn mesh-agent")?);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = http_get(&self.netns, self.admin_addr(), "/readyz") {
+                return Ok(());
+            }
+            if let Some(status) = self.agent.as_mut().unwrap().try_wait()? {
+                bail!("mesh-agent exited with {status} before becoming ready:\n{}", self.agent_log());
+            }
+            if Instant::now() > deadline {
+                bail!("mesh-agent not ready after 20 s:\n{}", self.agent_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits (killing it after `timeout`). Returns whether it exited by itself.
+    pub fn stop_agent(&mut self, timeout: Duration) -> Result<bool> {
+        let Some(mut child) = self.agent.take() else { return Ok(true) };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = child.try_wait()? {
+                return Ok(s.success());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// GET on the agent's admin port, parsed as JSON.
+    pub fn admin_json(&self, path: &str) -> Result<serde_json::Value> {
+        let (status, body) = http_get(&self.netns, self.admin_addr(), path)?;
+        if status != 200 {
+            bail!("GET {path}: HTTP {status}: {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    pub fn admin_text(&self, path: &str) -> Result<String> {
+        Ok(http_get(&self.netns, self.admin_addr(), path)?.1)
+    }
+
+    /// Number of connections the proxy has finished so far.
+    pub fn proxied_total(&self) -> Result<u64> {
+        Ok(self.admin_json("/debug/connections")?["closed_total"].as_u64().unwrap_or(0))
+    }
+
+    /// Open file descriptors of the agent process.
+    pub fn agent_fds(&self) -> Result<usize> {
+        let pid = self.agent_pid().ok_or_else(|| anyhow!("agent not running"))?;
+        Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+    }
+
+    /// Ids of the BPF programs attached to the node's cgroup, over the attach types the agent
+    /// uses (`BPF_PROG_QUERY`, as `bpftool cgroup show` does).
+    pub fn attached_programs(&self) -> Result<Vec<u32>> {
+        attached_programs(&self.cgroup)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.stop_agent(Duration::from_secs(5));
+        for p in &self.pods {
+            remove_cgroup_tree(&p.cgroup);
+            let _ = ip(&["netns", "del", &p.netns]);
+        }
+        remove_cgroup_tree(&self.cgroup);
+        let _ = ip(&["netns", "del", &self.netns]);
+        let _ = std::fs::remove_dir(&self.cluster_cgroup);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Attach types of the agent's programs (from the kernel's `enum bpf_attach_type`).
+pub const ATTACH_TYPES: [(u32, &str); 5] = [
+    (3, "sock_ops"),
+    (10, "connect4"),
+    (11, "connect6"),
+    (29, "getpeername4"),
+    (30, "getpeername6"),
+];
+
+/// `BPF_PROG_QUERY` on a cgroup for each attach type the agent uses.
+pub fn attached_programs(cgroup: &Path) -> Result<Vec<u32>> {
+    use std::os::fd::AsRawFd as _;
+    let dir = std::fs::File::open(cgroup)?;
+    let mut all = Vec::new();
+    for (attach_type, name) in ATTACH_TYPES {
+        let mut ids = [0u32; 64];
+        // union bpf_attr, query variant: target_fd, attach_type, query_flags, attach_flags,
+        // prog_ids (u64 pointer), prog_cnt.
+        #[repr(C)]
+        struct Query {
+            target_fd: u32,
+            attach_type: u32,
+            query_flags: u32,
+            attach_flags: u32,
+            prog_ids: u64,
+            prog_cnt: u32,
+            _pad: [u8; 100],
+        }
+        let mut q = Query {
+            target_fd: dir.as_raw_fd() as u32,
+            attach_type,
+            query_flags: 0,
+            attach_flags: 0,
+            prog_ids: ids.as_mut_ptr() as u64,
+            prog_cnt: ids.len() as u32,
+            _pad: [0; 100],
+        };
+        const BPF_PROG_QUERY: libc::c_long = 16;
+        let r = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, &mut q as *mut Query, std::mem::size_of::<Query>() as u32)
+        };
+        if r != 0 {
+            bail!("BPF_PROG_QUERY {name} on {}: {}", cgroup.display(), std::io::Error::last_os_error());
+        }
+        all.extend_from_slice(&ids[..q.prog_cnt as usize]);
+    }
+    Ok(all)
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}

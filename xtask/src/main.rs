@@ -1,1 +1,161 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | test | demo`.
+//!
+//! Every task but `setup` runs `setup` first. Setup is idempotent: it checks each tool and
+//! installs only what is missing, saying what it does.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM: &str = "llvm-22";
+const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev", "iproute2"];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (task, rest) = match args.split_first() {
+        Some((t, r)) => (t.as_str(), r.to_vec()),
+        None => ("help", vec![]),
+    };
+    let r = match task {
+        "setup" => setup(),
+        "build" => setup().and_then(|_| build()),
+        "test" => setup().and_then(|_| build()).and_then(|_| test(&rest)),
+        "demo" => setup().and_then(|_| build()).and_then(|_| demo(&rest)),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <task>\n\n  setup   install the eBPF toolchain (llvm-22, bpf-linker {BPF_LINKER_VERSION}, nightly rust-src) if missing\n  build   build the agent (with its eBPF object) and test binaries\n  test    run the whole test suite, privileged eBPF tests included (needs root)\n  demo    run the demo: a simulated node with meshed pods (--keep to keep it up)"
+            );
+            return ExitCode::from(if task == "help" { 0 } else { 2 });
+        }
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask {task}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn say(msg: &str) {
+    eprintln!("==> {msg}");
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let s = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !s.success() {
+        bail!("{cmd:?} failed ({s})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let o = cmd.output().ok()?;
+    o.status.success().then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn cargo_home_bin() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+fn setup() -> Result<()> {
+    // Debian packages: the LLVM that bpf-linker links against, and iproute2 for the
+    // simulated cluster.
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        say(&format!("Debian packages present: {}", APT_PACKAGES.join(" ")));
+    } else {
+        say(&format!("installing Debian packages: {}", missing.join(" ")));
+        status(Command::new("apt-get").arg("update").arg("-qq"))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+
+    let linker = cargo_home_bin().join("bpf-linker");
+    let have = output(Command::new(&linker).arg("--version")).unwrap_or_default();
+    if have.contains(BPF_LINKER_VERSION) {
+        say(&format!("bpf-linker {BPF_LINKER_VERSION} present"));
+    } else {
+        say(&format!("installing bpf-linker {BPF_LINKER_VERSION} built against {LLVM} (about 2 minutes)"));
+        status(
+            Command::new("cargo")
+                .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features"])
+                .args(["--features", LLVM, "--locked", "--force"])
+                .env("LLVM_PREFIX", format!("/usr/lib/{LLVM}")),
+        )?;
+    }
+
+    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
+        .unwrap_or_default();
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        say("nightly rust-src present");
+    } else {
+        say("installing rust-src for the nightly toolchain (eBPF builds core from source)");
+        status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    // bpf-linker is found on PATH by the eBPF build.
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![cargo_home_bin()];
+    paths.extend(std::env::split_paths(&path));
+    c.env("PATH", std::env::join_paths(paths).unwrap());
+    c
+}
+
+fn build() -> Result<()> {
+    say("building the agent (eBPF object included) and the test binaries");
+    status(cargo().args(["build", "--workspace", "--bins", "--locked"]))
+}
+
+fn test(rest: &[String]) -> Result<()> {
+    if unsafe_euid() != 0 {
+        eprintln!("warning: not root: the privileged eBPF tests will report SKIPPED (and fail under CI=true)");
+    }
+    say("running the whole test suite (unit, in-process, privileged eBPF end-to-end)");
+    status(cargo().args(["test", "--workspace", "--locked"]).args(rest))
+}
+
+fn demo(rest: &[String]) -> Result<()> {
+    say("starting the demo");
+    let bin = root().join("target/debug/switchyard-demo");
+    status(Command::new(bin).args(rest))
+}
+
+fn unsafe_euid() -> u32 {
+    // No libc dependency for one call: /proc tells the effective uid.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).and_then(|u| u.parse().ok()))
+        })
+        .unwrap_or(u32::MAX)
+}

@@ -1,0 +1,203 @@
+//! The program that runs inside simulated pods: an echo server, a verifying client, and UDP
+//! (DNS-style) peers. Plain std networking, like any application the mesh must not disturb.
+//! Results go to stdout as one JSON line.
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{Arc, Barrier, Mutex},
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// TCP echo server: echoes everything, then half-closes after the client does.
+    EchoServer { #[arg(long)] listen: SocketAddr },
+    /// Connects, sends a pattern, half-closes, reads the echo back and verifies it.
+    Client {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 1024)]
+        bytes: usize,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Connections at once; with --hold they are all open at the same moment.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        #[arg(long)]
+        hold: bool,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// UDP echo server.
+    UdpServer { #[arg(long)] listen: SocketAddr },
+    /// Sends one datagram and waits for the echo (connected socket unless --sendto).
+    UdpQuery {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        sendto: bool,
+    },
+}
+
+fn main() {
+    match Cli::parse().cmd {
+        Cmd::EchoServer { listen } => echo_server(listen),
+        Cmd::Client { connect, bytes, count, concurrency, hold, timeout_ms } => {
+            client(connect, bytes, count, concurrency.max(1), hold, Duration::from_millis(timeout_ms))
+        }
+        Cmd::UdpServer { listen } => udp_server(listen),
+        Cmd::UdpQuery { to, sendto } => udp_query(to, sendto),
+    }
+}
+
+fn ready(addr: SocketAddr) {
+    println!("{}", serde_json::json!({ "ready": addr.to_string() }));
+    std::io::stdout().flush().unwrap();
+}
+
+fn echo_server(listen: SocketAddr) {
+    let l = TcpListener::bind(listen).expect("bind");
+    ready(l.local_addr().unwrap());
+    for s in l.incoming() {
+        let Ok(mut s) = s else { continue };
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16384];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = s.shutdown(Shutdown::Write);
+        });
+    }
+}
+
+#[derive(Default, serde::Serialize)]
+struct Report {
+    ok: usize,
+    failed: usize,
+    bytes_verified: usize,
+    /// getpeername() of the first connection: what the application believes it talks to.
+    peer: Option<String>,
+    local: Option<String>,
+    errors: Vec<String>,
+    elapsed_ms: u128,
+}
+
+fn pattern(conn: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i * 31 + conn * 7) % 251) as u8).collect()
+}
+
+fn one(addr: SocketAddr, conn: usize, bytes: usize, timeout: Duration, barrier: Option<&Barrier>) -> Result<(String, String), String> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(timeout)).ok();
+    s.set_write_timeout(Some(timeout)).ok();
+    let peer = s.peer_addr().map_err(|e| format!("getpeername: {e}"))?.to_string();
+    let local = s.local_addr().map_err(|e| format!("getsockname: {e}"))?.to_string();
+    if let Some(b) = barrier {
+        b.wait();
+    }
+    let data = pattern(conn, bytes);
+    let writer = {
+        let mut w = s.try_clone().map_err(|e| e.to_string())?;
+        let data = data.clone();
+        std::thread::spawn(move || -> Result<(), String> {
+            w.write_all(&data).map_err(|e| format!("write: {e}"))?;
+            w.shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {e}"))
+        })
+    };
+    let mut got = Vec::with_capacity(bytes);
+    s.read_to_end(&mut got).map_err(|e| format!("read: {e}"))?;
+    writer.join().map_err(|_| "writer panicked".to_string())??;
+    if got != data {
+        return Err(format!("echo mismatch: sent {} bytes, got {}", data.len(), got.len()));
+    }
+    Ok((peer, local))
+}
+
+fn client(addr: SocketAddr, bytes: usize, count: usize, concurrency: usize, hold: bool, timeout: Duration) {
+    let start = Instant::now();
+    let report = Arc::new(Mutex::new(Report::default()));
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let barrier = hold.then(|| Arc::new(Barrier::new(concurrency.min(count))));
+    let workers: Vec<_> = (0..concurrency.min(count))
+        .map(|_| {
+            let (report, next, barrier) = (report.clone(), next.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= count {
+                        return;
+                    }
+                    let r = one(addr, i, bytes, timeout, barrier.as_deref());
+                    let mut rep = report.lock().unwrap();
+                    match r {
+                        Ok((peer, local)) => {
+                            rep.ok += 1;
+                            rep.bytes_verified += bytes;
+                            rep.peer.get_or_insert(peer);
+                            rep.local.get_or_insert(local);
+                        }
+                        Err(e) => {
+                            rep.failed += 1;
+                            if rep.errors.len() < 5 {
+                                rep.errors.push(e);
+                            }
+                        }
+                    }
+                    if barrier.is_some() {
+                        return; // one connection per thread when holding
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
+    let mut rep = Arc::try_unwrap(report).ok().unwrap().into_inner().unwrap();
+    rep.elapsed_ms = start.elapsed().as_millis();
+    println!("{}", serde_json::to_string(&rep).unwrap());
+}
+
+fn udp_server(listen: SocketAddr) {
+    let s = UdpSocket::bind(listen).expect("bind");
+    ready(s.local_addr().unwrap());
+    let mut buf = [0u8; 1500];
+    loop {
+        if let Ok((n, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], from);
+        }
+    }
+}
+
+fn udp_query(to: SocketAddr, sendto: bool) {
+    let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x03com\x00\x00\x01\x00\x01";
+    let res = if sendto {
+        s.send_to(q, to).map(|_| ())
+    } else {
+        s.connect(to).and_then(|_| s.send(q).map(|_| ()))
+    };
+    let mut buf = [0u8; 1500];
+    let out = res.and_then(|_| s.recv_from(&mut buf)).map(|(n, from)| (buf[..n] == q[..], from));
+    let json = match out {
+        Ok((ok, from)) => serde_json::json!({ "ok": ok, "from": from.to_string() }),
+        Err(e) => serde_json::json!({ "ok": false, "error": e.to_string() }),
+    };
+    println!("{json}");
+}
