@@ -4,18 +4,13 @@
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
-    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("cargo metadata")?;
+    let cargo_metadata::Metadata { packages, .. } =
+        cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
     let ebpf = packages
         .into_iter()
         .find(|p| p.name.as_str() == "mesh-ebpf")
         .ok_or_else(|| anyhow!("mesh-ebpf package not found in the workspace"))?;
-    let root = ebpf
-        .manifest_path
-        .parent()
-        .ok_or_else(|| anyhow!("mesh-ebpf manifest has no parent"))?;
+    let root = ebpf.manifest_path.parent().ok_or_else(|| anyhow!("mesh-ebpf manifest has no parent"))?;
     // mesh-common is compiled into the object too.
     println!("cargo:rerun-if-changed={}", root.join("../mesh-common/src"));
     aya_build::build_ebpf(

@@ -10,11 +10,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::{
-    datapath::Datapath,
-    proxy::conns::Connections,
-    reconcile::PodIndex,
-};
+use crate::{datapath::Datapath, proxy::conns::Connections, reconcile::PodIndex};
 
 pub struct Admin {
     pub registry: Registry,
@@ -55,9 +51,8 @@ impl Admin {
                     let this = this.clone();
                     async move { Ok::<_, Infallible>(this.route(req)) }
                 });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await
+                if let Err(e) =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
                 {
                     debug!(error = %e, "admin connection error");
                 }
@@ -73,11 +68,9 @@ impl Admin {
             "/metrics" => {
                 let mut body = String::new();
                 match prometheus_client::encoding::text::encode(&mut body, &self.registry) {
-                    Ok(()) => respond(
-                        StatusCode::OK,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        body,
-                    ),
+                    Ok(()) => {
+                        respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
+                    }
                     Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
                 }
             }

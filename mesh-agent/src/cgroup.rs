@@ -73,9 +73,7 @@ pub fn resolve(mount: &Path, path: &Path) -> Result<PathBuf, CgroupError> {
 /// The cgroup id of a cgroup v2 directory: its inode number on cgroup2 (kernfs), which is what
 /// `bpf_get_current_cgroup_id()` returns for tasks in it.
 pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
-    std::fs::metadata(path)
-        .map(|m| m.ino())
-        .map_err(|source| CgroupError::Io { path: path.into(), source })
+    std::fs::metadata(path).map(|m| m.ino()).map_err(|source| CgroupError::Io { path: path.into(), source })
 }
 
 #[cfg(test)]

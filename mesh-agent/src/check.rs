@@ -25,8 +25,11 @@ pub fn run() -> Vec<Check> {
     push(
         "privileges",
         caps_ok,
-        if caps_ok { "CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN) present".into() } else {
-            "missing CAP_BPF+CAP_NET_ADMIN or CAP_SYS_ADMIN: run as root or grant them in the DaemonSet securityContext".into()
+        if caps_ok {
+            "CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN) present".into()
+        } else {
+            "missing CAP_BPF+CAP_NET_ADMIN or CAP_SYS_ADMIN: run as root or grant them in the DaemonSet securityContext"
+                .into()
         },
     );
 
@@ -36,7 +39,9 @@ pub fn run() -> Vec<Check> {
         "kernel version",
         kv_ok,
         match kv {
-            Ok(v) => format!("{v:?}{}", if kv_ok { "" } else { ": need 5.8 or newer (cgroup getpeername hooks, bpf_link)" }),
+            Ok(v) => {
+                format!("{v:?}{}", if kv_ok { "" } else { ": need 5.8 or newer (cgroup getpeername hooks, bpf_link)" })
+            }
             Err(e) => format!("cannot read the kernel version: {e}"),
         },
     );
@@ -50,7 +55,9 @@ pub fn run() -> Vec<Check> {
     push(
         "kernel BTF",
         btf,
-        if btf { "/sys/kernel/btf/vmlinux present".into() } else {
+        if btf {
+            "/sys/kernel/btf/vmlinux present".into()
+        } else {
             "/sys/kernel/btf/vmlinux missing: the kernel needs CONFIG_DEBUG_INFO_BTF=y".into()
         },
     );

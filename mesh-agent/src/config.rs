@@ -146,11 +146,8 @@ impl Config {
             .or(file.node_name)
             .or_else(hostname)
             .ok_or(ConfigError::Missing("nodeName", "node-name"))?;
-        let cgroup_root = args
-            .cgroup_root
-            .clone()
-            .or(file.cgroup_root)
-            .ok_or(ConfigError::Missing("cgroupRoot", "cgroup-root"))?;
+        let cgroup_root =
+            args.cgroup_root.clone().or(file.cgroup_root).ok_or(ConfigError::Missing("cgroupRoot", "cgroup-root"))?;
         let cgroup_root = cgroup::node_cgroup(cgroup2_mount, &cgroup_root)?;
         let redirect_address = args
             .redirect_address
@@ -163,10 +160,8 @@ impl Config {
             .outbound_listen
             .or(file.outbound_listen)
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_OUTBOUND_PORT)));
-        let admin_listen = args
-            .admin_listen
-            .or(file.admin_listen)
-            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT)));
+        let admin_listen =
+            args.admin_listen.or(file.admin_listen).unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT)));
         let workload_file = args.workloads.clone().or(file.workload_file.map(rel));
         let mut bypass_ports = file.bypass.ports;
         bypass_ports.extend(&args.bypass_ports);
@@ -241,10 +236,18 @@ mod tests {
         let m = mount();
         let err = serde_yaml_ng::from_str::<FileConfig>("nodeName: a\nbogus: 1\n").unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
-        let file = FileConfig { cgroup_root: Some("nodes/a".into()), redirect_address: Some(Ipv4Addr::LOCALHOST), ..Default::default() };
+        let file = FileConfig {
+            cgroup_root: Some("nodes/a".into()),
+            redirect_address: Some(Ipv4Addr::LOCALHOST),
+            ..Default::default()
+        };
         let args = RunArgs { node_name: Some("n".into()), ..Default::default() };
         assert!(matches!(Config::build(file, None, &args, m.path()), Err(ConfigError::RedirectAddress(_))));
-        let file = FileConfig { cgroup_root: Some("nodes/a".into()), redirect_address: Some([10, 0, 0, 1].into()), ..Default::default() };
+        let file = FileConfig {
+            cgroup_root: Some("nodes/a".into()),
+            redirect_address: Some([10, 0, 0, 1].into()),
+            ..Default::default()
+        };
         let args = RunArgs { node_name: Some("n".into()), bypass_cidrs: vec!["nope".into()], ..Default::default() };
         let e = Config::build(file, None, &args, m.path()).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
@@ -253,7 +256,11 @@ mod tests {
     #[test]
     fn the_cgroup2_root_is_refused() {
         let m = mount();
-        let file = FileConfig { cgroup_root: Some(m.path().into()), redirect_address: Some([10, 0, 0, 1].into()), ..Default::default() };
+        let file = FileConfig {
+            cgroup_root: Some(m.path().into()),
+            redirect_address: Some([10, 0, 0, 1].into()),
+            ..Default::default()
+        };
         let args = RunArgs { node_name: Some("n".into()), ..Default::default() };
         let e = Config::build(file, None, &args, m.path()).unwrap_err();
         assert!(e.to_string().contains("root"), "{e}");

@@ -94,9 +94,7 @@ impl Datapath {
         };
 
         let mut config: Array<_, MeshConfig> = take(&mut ebpf, MAP_CONFIG)?;
-        config
-            .set(0, MeshConfig { agent_tgid: cfg.agent_tgid, flags: 0 }, 0)
-            .map_err(map_err(MAP_CONFIG))?;
+        config.set(0, MeshConfig { agent_tgid: cfg.agent_tgid, flags: 0 }, 0).map_err(map_err(MAP_CONFIG))?;
         let mut ports: HashMap<_, u16, u8> = take(&mut ebpf, MAP_BYPASS_PORTS)?;
         if cfg.bypass_ports.len() > mesh_common::MAX_BYPASS_PORTS as usize {
             return Err(DatapathError::BypassFull(MAP_BYPASS_PORTS));
@@ -294,22 +292,6 @@ impl OrigDstLookup for OrigDstTable {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn client_keys_are_network_order_and_accept_v4_mapped() {
-        let k = client_key("10.1.2.3:40000".parse().unwrap()).unwrap();
-        assert_eq!(k.ip4.to_ne_bytes(), [10, 1, 2, 3]);
-        assert_eq!(k.port, 40000u16.to_be());
-        assert_eq!(client_key("[::ffff:10.1.2.3]:40000".parse().unwrap()), Some(k));
-        assert_eq!(client_key("[2001:db8::1]:1".parse().unwrap()), None);
-        let o = OrigDst { pod_cgroup: 7, ip4: k.ip4, port: 8080u16.to_be(), flags: 0 };
-        assert_eq!(Original::from(o).dst, "10.1.2.3:8080".parse().unwrap());
-    }
-}
-
 /// Loads every program into the kernel without attaching it: the verifier's verdict.
 pub fn verify_programs() -> Result<(), DatapathError> {
     let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
@@ -330,4 +312,20 @@ pub fn verify_programs() -> Result<(), DatapathError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_keys_are_network_order_and_accept_v4_mapped() {
+        let k = client_key("10.1.2.3:40000".parse().unwrap()).unwrap();
+        assert_eq!(k.ip4.to_ne_bytes(), [10, 1, 2, 3]);
+        assert_eq!(k.port, 40000u16.to_be());
+        assert_eq!(client_key("[::ffff:10.1.2.3]:40000".parse().unwrap()), Some(k));
+        assert_eq!(client_key("[2001:db8::1]:1".parse().unwrap()), None);
+        let o = OrigDst { pod_cgroup: 7, ip4: k.ip4, port: 8080u16.to_be(), flags: 0 };
+        assert_eq!(Original::from(o).dst, "10.1.2.3:8080".parse().unwrap());
+    }
 }

@@ -22,7 +22,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Report whether this kernel has what the agent needs.
     Check,
 }
@@ -58,10 +58,7 @@ fn main() -> ExitCode {
 
 fn run(args: &RunArgs) -> anyhow::Result<()> {
     let config = Config::load(args)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.workers)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(config.workers).enable_all().build()?;
     rt.block_on(mesh_agent::app::run(config, shutdown_signal()))
 }
 

@@ -60,11 +60,7 @@ impl ProxyMetrics {
 /// Agent-wide registry under the `switchyard_` prefix.
 pub fn registry() -> Registry {
     let mut reg = Registry::with_prefix(PREFIX);
-    reg.register(
-        "build",
-        "Agent build information",
-        Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
-    );
+    reg.register("build", "Agent build information", Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]));
     reg
 }
 
@@ -92,7 +88,12 @@ impl Collector for DatapathCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let up = ConstGauge::new(i64::from(guard.is_some()));
-        up.encode(enc.encode_descriptor("ebpf_attached", "1 while the eBPF programs are attached", None, up.metric_type())?)?;
+        up.encode(enc.encode_descriptor(
+            "ebpf_attached",
+            "1 while the eBPF programs are attached",
+            None,
+            up.metric_type(),
+        )?)?;
         let Some(dp) = guard.as_ref() else { return Ok(()) };
         let stats = dp.stats();
         let usage = dp.map_usage();

@@ -146,7 +146,10 @@ impl Reconciler {
             index.send_if_modified(|old| {
                 let changed = old.pods.len() != idx.pods.len()
                     || old.pods.iter().zip(&idx.pods).any(|(a, b)| {
-                        a.key != b.key || a.cgroup_id != b.cgroup_id || a.redirected != b.redirected || a.workload != b.workload
+                        a.key != b.key
+                            || a.cgroup_id != b.cgroup_id
+                            || a.redirected != b.redirected
+                            || a.workload != b.workload
                     });
                 if changed {
                     *old = Arc::new(idx);

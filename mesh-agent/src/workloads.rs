@@ -84,7 +84,8 @@ pub fn load(path: &Path, cgroup2_mount: &Path) -> Result<NodeState, WorkloadFile
 
 pub fn parse(text: &str, path: &Path, cgroup2_mount: &Path) -> Result<NodeState, WorkloadFileError> {
     let invalid = |msg: String| WorkloadFileError::Invalid { path: path.into(), msg };
-    let file: File = serde_yaml_ng::from_str(text).map_err(|source| WorkloadFileError::Parse { path: path.into(), source })?;
+    let file: File =
+        serde_yaml_ng::from_str(text).map_err(|source| WorkloadFileError::Parse { path: path.into(), source })?;
     let mut ns_meshed = BTreeMap::new();
     for ns in &file.namespaces {
         let meshed = match ns.annotations.get(MESH_ANNOTATION).map(String::as_str) {
@@ -127,7 +128,15 @@ pub fn parse(text: &str, path: &Path, cgroup2_mount: &Path) -> Result<NodeState,
             (true, true) => (false, MeshReason::PodOptOut),
             (false, _) => (false, MeshReason::NamespaceNotMeshed),
         };
-        let w = Workload { name: p.name, namespace: p.namespace, service_account: p.service_account, ip: p.ip, cgroup, meshed, reason };
+        let w = Workload {
+            name: p.name,
+            namespace: p.namespace,
+            service_account: p.service_account,
+            ip: p.ip,
+            cgroup,
+            meshed,
+            reason,
+        };
         if state.pods.insert(key.clone(), w).is_some() {
             return Err(invalid(format!("pod {key} is listed twice")));
         }
@@ -232,8 +241,14 @@ pods:
         let cases = [
             ("pods: [{name: a, namespace: x, ip: 10.0.0.300, cgroup: a}]", "ip"),
             ("pods: [{name: a, namespace: x, ip: 10.0.0.1, cgroup: a, colour: red}]", "colour"),
-            ("pods:\n - {name: a, namespace: x, ip: 10.0.0.1, cgroup: a}\n - {name: b, namespace: x, ip: 10.0.0.1, cgroup: b}", "used by another pod"),
-            ("pods:\n - {name: a, namespace: x, ip: 10.0.0.1, cgroup: a}\n - {name: a, namespace: x, ip: 10.0.0.2, cgroup: b}", "twice"),
+            (
+                "pods:\n - {name: a, namespace: x, ip: 10.0.0.1, cgroup: a}\n - {name: b, namespace: x, ip: 10.0.0.1, cgroup: b}",
+                "used by another pod",
+            ),
+            (
+                "pods:\n - {name: a, namespace: x, ip: 10.0.0.1, cgroup: a}\n - {name: a, namespace: x, ip: 10.0.0.2, cgroup: b}",
+                "twice",
+            ),
             ("namespaces: [{name: x, annotations: {switchyard.io/mesh: yes}}]", "must be"),
             ("pods: [{name: a, namespace: x, ip: 10.0.0.1, cgroup: ../../etc}]", "not inside"),
             ("pods: {", "YAML"),
@@ -242,5 +257,21 @@ pods:
             let e = p(text).unwrap_err().to_string();
             assert!(e.contains(needle), "{text:?} gave {e:?}, wanted {needle:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod examples {
+    use std::path::Path;
+
+    /// The examples shipped in deploy/local must stay valid.
+    #[test]
+    fn shipped_examples_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local");
+        let s = super::load(&dir.join("workloads.yaml"), Path::new("/sys/fs/cgroup")).unwrap();
+        assert_eq!(s.meshed().count(), 2);
+        let text = std::fs::read_to_string(dir.join("agent.yaml")).unwrap();
+        let c: crate::config::FileConfig = serde_yaml_ng::from_str(&text).unwrap();
+        assert_eq!(c.workload_file.as_deref(), Some(Path::new("workloads.yaml")));
     }
 }

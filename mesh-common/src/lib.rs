@@ -186,13 +186,7 @@ pub enum Verdict {
 /// order) is sent to the proxy. `bypass_port` and `bypass_cidr` are the results of the bypass
 /// map lookups, which only the kernel side can make.
 #[inline(always)]
-pub fn decide_v4(
-    policy: &PodPolicy,
-    dst_ip4: u32,
-    dst_port: u16,
-    bypass_port: bool,
-    bypass_cidr: bool,
-) -> Verdict {
+pub fn decide_v4(policy: &PodPolicy, dst_ip4: u32, dst_port: u16, bypass_port: bool, bypass_cidr: bool) -> Verdict {
     let first_octet = dst_ip4.to_ne_bytes()[0];
     // 127.0.0.0/8 never leaves the pod; 0.0.0.0 means "this host" to connect().
     if first_octet == 127 || dst_ip4 == 0 {
@@ -218,11 +212,7 @@ pub const V4_MAPPED_WORD: u32 = u32::to_be(0x0000_ffff);
 /// network byte order as the kernel stores it.
 #[inline(always)]
 pub fn v4_from_mapped(ip6: [u32; 4]) -> Option<u32> {
-    if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_WORD {
-        Some(ip6[3])
-    } else {
-        None
-    }
+    if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_WORD { Some(ip6[3]) } else { None }
 }
 
 /// `::1`, words in network byte order.
@@ -256,11 +246,8 @@ mod tests {
     fn port(p: u16) -> u16 {
         p.to_be()
     }
-    const POLICY: PodPolicy = PodPolicy {
-        proxy_ip4: u32::from_ne_bytes([10, 244, 1, 1]),
-        proxy_port: 15001u16.to_be(),
-        flags: 0,
-    };
+    const POLICY: PodPolicy =
+        PodPolicy { proxy_ip4: u32::from_ne_bytes([10, 244, 1, 1]), proxy_port: 15001u16.to_be(), flags: 0 };
 
     #[test]
     fn ordinary_destination_is_redirected() {
@@ -270,11 +257,7 @@ mod tests {
     #[test]
     fn loopback_and_unspecified_are_never_redirected() {
         for a in [[127, 0, 0, 1], [127, 1, 2, 3], [0, 0, 0, 0]] {
-            assert_eq!(
-                decide_v4(&POLICY, ip(a), port(80), false, false),
-                Verdict::Skip(Stat::SkipLoopback),
-                "{a:?}"
-            );
+            assert_eq!(decide_v4(&POLICY, ip(a), port(80), false, false), Verdict::Skip(Stat::SkipLoopback), "{a:?}");
         }
     }
 

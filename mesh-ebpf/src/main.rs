@@ -19,27 +19,24 @@
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
+        EbpfContext,
         bindings::{
-            BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-            BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+            BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+            BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
         },
         helpers::{
             bpf_get_current_pid_tgid,
-            generated::{
-                bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
-                bpf_get_socket_cookie,
-            },
+            generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie},
         },
         macros::{cgroup_sock_addr, map, sock_ops},
-        maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
+        maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
         programs::{SockAddrContext, SockOpsContext},
-        EbpfContext,
     };
     use aya_log_ebpf::warn;
     use mesh_common::{
-        decide_v4, is_loopback6, mapped_from_v4, v4_from_mapped, MeshConfig, OrigDst, PodPolicy,
-        SockKey4, Stat, Verdict, MAX_BYPASS_CIDRS, MAX_BYPASS_PORTS, MAX_CGROUP_DEPTH,
-        MAX_MESHED_CGROUPS, MAX_REDIRECTED_SOCKETS, ORIG_FLAG_V4_MAPPED,
+        MAX_BYPASS_CIDRS, MAX_BYPASS_PORTS, MAX_CGROUP_DEPTH, MAX_MESHED_CGROUPS, MAX_REDIRECTED_SOCKETS, MeshConfig,
+        ORIG_FLAG_V4_MAPPED, OrigDst, PodPolicy, SockKey4, Stat, Verdict, decide_v4, is_loopback6, mapped_from_v4,
+        v4_from_mapped,
     };
 
     const AF_INET: u32 = 2;
@@ -48,13 +45,11 @@ mod programs {
     const ALLOW: i32 = 1;
 
     #[map]
-    static MESHED_CGROUPS: HashMap<u64, PodPolicy> =
-        HashMap::with_max_entries(MAX_MESHED_CGROUPS, 0);
+    static MESHED_CGROUPS: HashMap<u64, PodPolicy> = HashMap::with_max_entries(MAX_MESHED_CGROUPS, 0);
     #[map]
     static SOCK_ORIG: HashMap<u64, OrigDst> = HashMap::with_max_entries(MAX_REDIRECTED_SOCKETS, 0);
     #[map]
-    static ORIG_BY_CLIENT: HashMap<SockKey4, OrigDst> =
-        HashMap::with_max_entries(MAX_REDIRECTED_SOCKETS, 0);
+    static ORIG_BY_CLIENT: HashMap<SockKey4, OrigDst> = HashMap::with_max_entries(MAX_REDIRECTED_SOCKETS, 0);
     #[map]
     static BYPASS_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_BYPASS_PORTS, 0);
     #[map]
@@ -238,9 +233,7 @@ mod programs {
     #[sock_ops]
     pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
         let op = ctx.op();
-        if op != BPF_SOCK_OPS_TCP_CONNECT_CB
-            && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
-            && op != BPF_SOCK_OPS_STATE_CB
+        if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB
         {
             return 1;
         }

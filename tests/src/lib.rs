@@ -207,7 +207,11 @@ impl Pod {
         let out = output_timeout(cmd, timeout)?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         let line = stdout.lines().last().ok_or_else(|| {
-            anyhow!("sim-workload {args:?} in {} printed nothing (stderr: {})", self.name, String::from_utf8_lossy(&out.stderr))
+            anyhow!(
+                "sim-workload {args:?} in {} printed nothing (stderr: {})",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            )
         })?;
         serde_json::from_str(line).with_context(|| format!("sim-workload output {line:?}"))
     }
@@ -416,7 +420,13 @@ impl Node {
             }
         }
         let tmp = self.dir.join(".workloads.yaml.tmp");
-        std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o644).open(&tmp)?.write_all(y.as_bytes())?;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)?
+            .write_all(y.as_bytes())?;
         std::fs::rename(&tmp, self.workload_file())?;
         Ok(())
     }
@@ -533,13 +543,8 @@ impl Drop for Node {
 }
 
 /// Attach types of the agent's programs (from the kernel's `enum bpf_attach_type`).
-pub const ATTACH_TYPES: [(u32, &str); 5] = [
-    (3, "sock_ops"),
-    (10, "connect4"),
-    (11, "connect6"),
-    (29, "getpeername4"),
-    (30, "getpeername6"),
-];
+pub const ATTACH_TYPES: [(u32, &str); 5] =
+    [(3, "sock_ops"), (10, "connect4"), (11, "connect6"), (29, "getpeername4"), (30, "getpeername6")];
 
 /// `BPF_PROG_QUERY` on a cgroup for each attach type the agent uses.
 pub fn attached_programs(cgroup: &Path) -> Result<Vec<u32>> {

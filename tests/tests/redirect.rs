@@ -18,6 +18,10 @@ struct Setup {
 }
 
 fn setup(subnet: u8) -> Result<Setup> {
+    setup_with(subnet, &[])
+}
+
+fn setup_with(subnet: u8, agent_args: &[&str]) -> Result<Setup> {
     let mut node = Node::new("node", subnet)?;
     node.set_namespace_meshed("shop", true);
     node.set_namespace_meshed("legacy", false);
@@ -26,7 +30,7 @@ fn setup(subnet: u8) -> Result<Setup> {
     let plain = node.add_pod("plain", "legacy", None)?;
     let echo = server.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?;
     let udp = server.serve(&["udp-server", "--listen", "0.0.0.0:5353"])?;
-    node.start_agent(&[])?;
+    node.start_agent(agent_args)?;
     // The meshed pods are in the datapath before the test starts.
     eventually(Duration::from_secs(5), "pods meshed", || {
         let pods = node.admin_json("/debug/pods").ok()?;
@@ -166,7 +170,9 @@ fn ten_thousand_sequential_and_500_concurrent_connections_leave_nothing_behind()
     client_run(&s.client, &to, &["--count", "10"])?;
     let fds_before = s.node.agent_fds()?;
 
-    let r = s.client.workload(&["client", "--connect", &to, "--count", "10000", "--bytes", "512"], Duration::from_secs(300))?;
+    let r = s
+        .client
+        .workload(&["client", "--connect", &to, "--count", "10000", "--bytes", "512"], Duration::from_secs(300))?;
     assert_eq!(r["ok"], 10000, "{r}");
     assert_eq!(r["bytes_verified"], 10000 * 512);
     let r = s.client.workload(
@@ -268,5 +274,29 @@ fn agent_refuses_the_cgroup2_root_and_bad_config() -> Result<()> {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refusing to attach to the cgroup2 root"), "{err}");
     assert_eq!(sim::attached_programs(&mount)?.len(), 0, "nothing may ever attach to the root");
+    Ok(())
+}
+
+#[test]
+fn bypass_ports_and_cidrs_go_direct() -> Result<()> {
+    if !privileged("bypass_lists") {
+        return Ok(());
+    }
+    // The un-meshed pod is 10.244.18.12; bypass it by CIDR, and port 9090 everywhere.
+    let s = setup_with(18, &["--bypass-port", "9090", "--bypass-cidr", "10.244.18.12/32"])?;
+    let _other_port = s.server.serve(&["echo-server", "--listen", "0.0.0.0:9090"])?;
+    let _plain_srv = s.plain.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?;
+    for to in [format!("{}:9090", s.server.ip), format!("{}:8080", s.plain.ip)] {
+        let r = client_run(&s.client, &to, &[])?;
+        assert_eq!(r["ok"], 1, "{to}: {r}");
+        assert_eq!(r["peer"], to.as_str());
+    }
+    assert_eq!(s.node.proxied_total()?, 0, "bypassed destinations go direct");
+    let ev = events(&s.node)?;
+    assert_eq!(ev["skip_bypass_port"], 1, "{ev}");
+    assert_eq!(ev["skip_bypass_cidr"], 1, "{ev}");
+    // Everything else still goes through the proxy.
+    assert_eq!(client_run(&s.client, &server_addr(&s), &[])?["ok"], 1);
+    assert_eq!(s.node.proxied_total()?, 1);
     Ok(())
 }

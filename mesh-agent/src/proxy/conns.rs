@@ -59,7 +59,14 @@ impl Connections {
         id
     }
 
-    pub fn close(&self, id: u64, elapsed: Duration, sent: u64, received: u64, error: Option<String>) -> Option<ConnRecord> {
+    pub fn close(
+        &self,
+        id: u64,
+        elapsed: Duration,
+        sent: u64,
+        received: u64,
+        error: Option<String>,
+    ) -> Option<ConnRecord> {
         let mut inner = self.lock();
         let mut rec = inner.active.remove(&id)?;
         rec.duration_ms = Some(elapsed.as_millis() as u64);

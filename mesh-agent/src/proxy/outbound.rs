@@ -148,7 +148,9 @@ impl Outbound {
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
         let mut upstream = upstream;
-        match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, self.copy_buffer, self.copy_buffer).await {
+        match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, self.copy_buffer, self.copy_buffer)
+            .await
+        {
             Ok((s, r)) => {
                 let _ = client.shutdown().await;
                 Ok((s, r))
@@ -174,4 +176,132 @@ impl Outbound {
 fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashMap,
+        net::{SocketAddr, SocketAddrV4},
+        sync::Mutex,
+    };
+
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::{TcpListener, TcpSocket},
+    };
+
+    use super::*;
+
+    /// Records as the kernel would leave them, keyed by client address.
+    #[derive(Default)]
+    struct FakeTable(Mutex<HashMap<SocketAddr, Original>>);
+
+    impl OrigDstLookup for FakeTable {
+        fn take(&self, client: SocketAddr) -> std::io::Result<Option<Original>> {
+            Ok(self.0.lock().unwrap().remove(&client))
+        }
+    }
+
+    async fn proxy() -> (SocketAddr, Arc<FakeTable>, ProxyMetrics, Arc<Connections>) {
+        let table = Arc::new(FakeTable::default());
+        let metrics = ProxyMetrics::default();
+        let conns = Arc::new(Connections::default());
+        let (_tx, pods) = watch::channel(Arc::new(PodIndex::default()));
+        let out = Arc::new(Outbound {
+            lookup: table.clone(),
+            pods,
+            metrics: metrics.clone(),
+            conns: conns.clone(),
+            connect_timeout: Duration::from_secs(2),
+            copy_buffer: 16 * 1024,
+        });
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(out.serve(l, CancellationToken::new(), TaskTracker::new()));
+        (addr, table, metrics, conns)
+    }
+
+    /// A client socket bound first, so the test knows the address the proxy will see.
+    fn bound_client() -> (TcpSocket, SocketAddr) {
+        let s = TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let a = s.local_addr().unwrap();
+        (s, a)
+    }
+
+    fn v4(a: SocketAddr) -> SocketAddrV4 {
+        match a {
+            SocketAddr::V4(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[tokio::test]
+    async fn forwards_to_the_recorded_destination_with_half_close_both_ways() {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = upstream.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = upstream.accept().await.unwrap();
+            let mut got = Vec::new();
+            // Reads to EOF: the client's half-close must arrive here.
+            s.read_to_end(&mut got).await.unwrap();
+            s.write_all(b"reply after your FIN").await.unwrap();
+            s.shutdown().await.unwrap();
+            got
+        });
+        let (proxy_addr, table, metrics, conns) = proxy().await;
+        let (sock, me) = bound_client();
+        table.0.lock().unwrap().insert(me, Original { dst: v4(up_addr), pod_cgroup: 1 });
+        let mut c = sock.connect(proxy_addr).await.unwrap();
+        c.write_all(b"request").await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        c.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"reply after your FIN");
+        assert_eq!(server.await.unwrap(), b"request");
+        for _ in 0..100 {
+            if conns.snapshot().closed_total == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let snap = conns.snapshot();
+        assert_eq!(snap.recent[0].original_dst, v4(up_addr));
+        assert_eq!(snap.recent[0].bytes_sent, 7);
+        assert_eq!(snap.recent[0].bytes_received, 20);
+        assert_eq!(metrics.opened.get(), 1);
+        assert!(table.0.lock().unwrap().is_empty(), "the record is consumed");
+    }
+
+    async fn expect_closed(mut c: TcpStream) {
+        let mut buf = [0u8; 16];
+        match tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.expect("closed promptly") {
+            Ok(0) | Err(_) => {}
+            Ok(n) => panic!("unexpected {n} bytes"),
+        }
+    }
+
+    #[tokio::test]
+    async fn no_record_means_no_forwarding() {
+        let (proxy_addr, _table, metrics, _) = proxy().await;
+        let c = TcpStream::connect(proxy_addr).await.unwrap();
+        expect_closed(c).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(metrics.errors.get_or_create(&crate::metrics::ErrorLabels { reason: "no_original_dst" }).get(), 1);
+    }
+
+    #[tokio::test]
+    async fn refused_destination_resets_the_client() {
+        // A port with nothing listening.
+        let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let (proxy_addr, table, metrics, conns) = proxy().await;
+        let (sock, me) = bound_client();
+        table.0.lock().unwrap().insert(me, Original { dst: v4(dead), pod_cgroup: 1 });
+        let c = sock.connect(proxy_addr).await.unwrap();
+        expect_closed(c).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(metrics.errors.get_or_create(&crate::metrics::ErrorLabels { reason: "connect_failed" }).get(), 1);
+        assert!(conns.snapshot().recent[0].error.as_deref().unwrap().contains("refused"));
+    }
 }

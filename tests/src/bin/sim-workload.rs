@@ -19,7 +19,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// TCP echo server: echoes everything, then half-closes after the client does.
-    EchoServer { #[arg(long)] listen: SocketAddr },
+    EchoServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Connects, sends a pattern, half-closes, reads the echo back and verifies it.
     Client {
         #[arg(long)]
@@ -37,7 +40,10 @@ enum Cmd {
         timeout_ms: u64,
     },
     /// UDP echo server.
-    UdpServer { #[arg(long)] listen: SocketAddr },
+    UdpServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Sends one datagram and waits for the echo (connected socket unless --sendto).
     UdpQuery {
         #[arg(long)]
@@ -101,7 +107,13 @@ fn pattern(conn: usize, len: usize) -> Vec<u8> {
     (0..len).map(|i| ((i * 31 + conn * 7) % 251) as u8).collect()
 }
 
-fn one(addr: SocketAddr, conn: usize, bytes: usize, timeout: Duration, barrier: Option<&Barrier>) -> Result<(String, String), String> {
+fn one(
+    addr: SocketAddr,
+    conn: usize,
+    bytes: usize,
+    timeout: Duration,
+    barrier: Option<&Barrier>,
+) -> Result<(String, String), String> {
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(timeout)).ok();
     s.set_write_timeout(Some(timeout)).ok();
@@ -188,11 +200,7 @@ fn udp_query(to: SocketAddr, sendto: bool) {
     let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x03com\x00\x00\x01\x00\x01";
-    let res = if sendto {
-        s.send_to(q, to).map(|_| ())
-    } else {
-        s.connect(to).and_then(|_| s.send(q).map(|_| ()))
-    };
+    let res = if sendto { s.send_to(q, to).map(|_| ()) } else { s.connect(to).and_then(|_| s.send(q).map(|_| ())) };
     let mut buf = [0u8; 1500];
     let out = res.and_then(|_| s.recv_from(&mut buf)).map(|(n, from)| (buf[..n] == q[..], from));
     let json = match out {
