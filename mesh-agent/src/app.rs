@@ -52,6 +52,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         bypass_ports: config.bypass_ports.clone(),
         bypass_cidrs: config.bypass_cidrs.clone(),
         agent_tgid: std::process::id(),
+        max_redirected_sockets: config.max_redirected_sockets,
     })?;
     let orig_table = datapath.orig_dst_table();
     let datapath = Arc::new(Mutex::new(Some(datapath)));

@@ -56,6 +56,7 @@ pub struct FileConfig {
     pub workers: Option<usize>,
     pub connect_timeout_ms: Option<u64>,
     pub drain_grace_ms: Option<u64>,
+    pub max_redirected_sockets: Option<u32>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -100,6 +101,9 @@ pub struct RunArgs {
     /// Proxy worker threads (default: one per CPU the agent may use).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Size of the per-connection eBPF maps: redirected connections open at once, node-wide.
+    #[arg(long)]
+    pub max_redirected_sockets: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -116,6 +120,7 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub drain_grace: Duration,
     pub copy_buffer: usize,
+    pub max_redirected_sockets: u32,
 }
 
 impl Config {
@@ -192,6 +197,11 @@ impl Config {
             connect_timeout: file.connect_timeout_ms.map_or(DEFAULT_CONNECT_TIMEOUT, Duration::from_millis),
             drain_grace: file.drain_grace_ms.map_or(DEFAULT_DRAIN_GRACE, Duration::from_millis),
             copy_buffer: DEFAULT_COPY_BUFFER,
+            max_redirected_sockets: args
+                .max_redirected_sockets
+                .or(file.max_redirected_sockets)
+                .unwrap_or(mesh_common::MAX_REDIRECTED_SOCKETS)
+                .max(1),
         })
     }
 }

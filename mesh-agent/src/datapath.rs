@@ -66,6 +66,8 @@ pub struct DatapathConfig {
     pub bypass_ports: Vec<u16>,
     pub bypass_cidrs: Vec<Ipv4Net>,
     pub agent_tgid: u32,
+    /// Capacity of `SOCK_ORIG` and `ORIG_BY_CLIENT`: redirected connections open at once.
+    pub max_redirected_sockets: u32,
 }
 
 pub struct Datapath {
@@ -84,7 +86,10 @@ impl Datapath {
     /// Loads the programs, fills the configuration maps and attaches to `cfg.cgroup_root`.
     /// Must be called inside a tokio runtime (the kernel log reader is a task).
     pub fn start(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+        let mut ebpf = EbpfLoader::new()
+            .set_max_entries(MAP_SOCK_ORIG, cfg.max_redirected_sockets)
+            .set_max_entries(MAP_ORIG_BY_CLIENT, cfg.max_redirected_sockets)
+            .load(EBPF_OBJECT)?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(tokio::spawn(poll_kernel_logs(logger))),
             Err(e) => {

@@ -300,3 +300,28 @@ fn bypass_ports_and_cidrs_go_direct() -> Result<()> {
     assert_eq!(s.node.proxied_total()?, 1);
     Ok(())
 }
+
+#[test]
+fn a_full_map_means_not_redirected_and_counted_never_a_failed_connect() -> Result<()> {
+    if !privileged("full_map") {
+        return Ok(());
+    }
+    // Room for 4 redirected connections at once; open 7 at the same moment.
+    let s = setup_with(19, &["--max-redirected-sockets", "4"])?;
+    let to = server_addr(&s);
+    let r = client_run(&s.client, &to, &["--count", "7", "--concurrency", "7", "--hold", "--timeout-ms", "5000"])?;
+    assert_eq!(r["ok"], 7, "every connection succeeds, redirected or not: {r}");
+    let ev = events(&s.node)?;
+    assert_eq!(ev["redirected"], 4, "{ev}");
+    assert_eq!(ev["map_full"], 3, "{ev}");
+    eventually(Duration::from_secs(5), "proxy saw exactly the 4", || {
+        (s.node.proxied_total().ok()? == 4).then_some(())
+    })?;
+    // Once those close, there is room again.
+    eventually(Duration::from_secs(5), "map drained", || {
+        (s.node.admin_json("/debug/datapath").ok()?["maps"]["sock_orig"] == 0).then_some(())
+    })?;
+    assert_eq!(client_run(&s.client, &to, &[])?["ok"], 1);
+    assert_eq!(events(&s.node)?["redirected"], 5);
+    Ok(())
+}

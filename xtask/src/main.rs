@@ -139,7 +139,40 @@ fn test(rest: &[String]) -> Result<()> {
         eprintln!("warning: not root: the privileged eBPF tests will report SKIPPED (and fail under CI=true)");
     }
     say("running the whole test suite (unit, in-process, privileged eBPF end-to-end)");
-    status(cargo().args(["test", "--workspace", "--locked"]).args(rest))
+    // Stream cargo's output and add up its per-binary results into one closing line.
+    let mut child = cargo()
+        .args(["test", "--workspace", "--locked"])
+        .args(rest)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let stdout = child.stdout.take().context("no stdout")?;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |what: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim().strip_suffix(what).and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+                    })
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+            ignored += count(" ignored");
+        }
+    }
+    let status = child.wait()?;
+    println!("\ntests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
 }
 
 fn demo(rest: &[String]) -> Result<()> {
