@@ -19,6 +19,8 @@ pub struct Admin {
     pub datapath: Arc<std::sync::Mutex<Option<Datapath>>>,
     pub ready: watch::Receiver<bool>,
     pub node_name: String,
+    pub certs: Option<Arc<crate::identity::manager::CertManager>>,
+    pub pool: Option<Arc<crate::proxy::pool::Pool>>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -84,6 +86,8 @@ impl Admin {
             }
             "/debug/pods" => json(&self.pods.borrow().pods),
             "/debug/connections" => json(&self.conns.snapshot()),
+            "/debug/certs" => json(&self.certs.as_ref().map(|c| c.status()).unwrap_or_default()),
+            "/debug/pool" => json(&self.pool.as_ref().map(|p| p.snapshot()).unwrap_or_default()),
             "/debug/datapath" => {
                 let guard = self.datapath.lock().unwrap_or_else(|p| p.into_inner());
                 let v = match guard.as_ref() {
@@ -101,7 +105,7 @@ impl Admin {
                 StatusCode::OK,
                 "text/plain",
                 format!(
-                    "switchyard mesh-agent on node {}\n\n/metrics\n/healthz\n/readyz\n/debug/pods\n/debug/connections\n/debug/datapath\n",
+                    "switchyard mesh-agent on node {}\n\n/metrics\n/healthz\n/readyz\n/debug/pods\n/debug/connections\n/debug/datapath\n/debug/certs\n/debug/pool\n",
                     self.node_name
                 ),
             ),

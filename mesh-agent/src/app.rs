@@ -17,12 +17,45 @@ use crate::{
     cgroup,
     config::Config,
     datapath::{Datapath, DatapathConfig},
+    identity::{ca, manager::CertManager},
     metrics::{self, DatapathCollector, ProxyMetrics},
-    proxy::{conns::Connections, outbound::Outbound},
-    reconcile::Reconciler,
+    proxy::{
+        conns::Connections,
+        inbound::{Inbound, InboundMetrics},
+        outbound::Outbound,
+        pool::Pool,
+    },
+    reconcile::{PodIndex, Reconciler},
     state::NodeState,
-    workloads,
+    tls, workloads,
 };
+
+/// mTLS pieces, present when a CA is configured.
+struct Mtls {
+    certs: Arc<CertManager>,
+    bundle: tls::TrustBundle,
+}
+
+fn load_mtls(config: &Config) -> anyhow::Result<Option<Mtls>> {
+    let Some(files) = &config.ca else {
+        warn!("no CA configured: no mTLS; connections to other nodes' meshed pods will be refused");
+        return Ok(None);
+    };
+    let issuer = ca::LocalCa::load(&files.cert, &files.key)?;
+    let roots = ca::load_bundle(files.bundle.as_deref().unwrap_or(&files.cert))?;
+    let bundle = tls::TrustBundle::new(&roots)?;
+    info!(roots = roots.len(), trust_domain = %config.trust_domain, lifetime = ?config.cert_lifetime, "mesh CA loaded");
+    Ok(Some(Mtls { certs: Arc::new(CertManager::new(Arc::new(issuer), config.cert_lifetime)), bundle }))
+}
+
+/// Identities the node needs certificates for: those of its meshed pods, and only those.
+fn wanted_identities(idx: &PodIndex, trust_domain: &str) -> std::collections::BTreeSet<crate::identity::Identity> {
+    idx.pods
+        .iter()
+        .filter(|p| idx.is_local(p) && p.workload.meshed)
+        .map(|p| p.workload.identity(trust_domain))
+        .collect()
+}
 
 /// Runs the agent until `shutdown` completes, then stops it cleanly: programs detached first
 /// (new connections go direct at once), listeners closed, in-flight connections given
@@ -33,7 +66,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     // Everything that can fail on bad input fails before the kernel is touched.
     let initial = match &config.workload_file {
-        Some(path) => workloads::load(path, &mount)?,
+        Some(path) => workloads::load(path, &config.node_name, &mount)?,
         None => {
             warn!("no workload file configured: no pod will be meshed");
             NodeState::default()
@@ -45,6 +78,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let admin_listener = TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
+    let mtls = load_mtls(&config)?;
+    let hbone_listener = match &mtls {
+        Some(_) => Some(
+            TcpListener::bind(config.hbone_listen)
+                .await
+                .with_context(|| format!("cannot listen on {} (HBONE)", config.hbone_listen))?,
+        ),
+        None => None,
+    };
     let outbound_addr: SocketAddr = outbound_listener.local_addr()?;
 
     let datapath = Datapath::start(&DatapathConfig {
@@ -62,7 +104,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let (state_tx, state_rx) = watch::channel(initial);
     if let Some(path) = config.workload_file.clone() {
-        tokio::spawn(workloads::watch(path, mount.clone(), state_tx));
+        tokio::spawn(workloads::watch(path, config.node_name.clone(), mount.clone(), state_tx));
     }
     let policy = PodPolicy {
         proxy_ip4: u32::from_ne_bytes(config.redirect_address.octets()),
@@ -74,9 +116,59 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (index_tx, index_rx) = watch::channel(Arc::new(index));
     let reconcile_task = tokio::spawn(reconciler.run(state_rx, index_tx, stop.clone()));
 
+    // Certificates follow the node's meshed pods.
+    let mut background = Vec::new();
+    let pool = if let Some(m) = &mtls {
+        let (wanted_tx, wanted_rx) = watch::channel(wanted_identities(&index_rx.borrow(), &config.trust_domain));
+        // Issue before serving, so the first connections find their certificates.
+        m.certs.sync(&wanted_rx.borrow());
+        background.push(tokio::spawn(m.certs.clone().run(wanted_rx, stop.clone())));
+        let mut idx_rx = index_rx.clone();
+        let td = config.trust_domain.clone();
+        let stop_w = stop.clone();
+        background.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop_w.cancelled() => return,
+                    r = idx_rx.changed() => if r.is_err() { return },
+                }
+                let w = wanted_identities(&idx_rx.borrow_and_update(), &td);
+                wanted_tx.send_if_modified(|old| {
+                    let changed = *old != w;
+                    *old = w;
+                    changed
+                });
+            }
+        }));
+        let pool = Arc::new(Pool::new(
+            m.certs.clone(),
+            m.bundle.clone(),
+            config.connect_timeout,
+            config.pool_max_streams,
+            config.pool_idle,
+        ));
+        background.push(tokio::spawn(pool.clone().run_reaper(stop.clone())));
+        Some(pool)
+    } else {
+        None
+    };
+
     let mut registry = metrics::registry();
     let proxy_metrics = ProxyMetrics::default();
     proxy_metrics.register(&mut registry);
+    let inbound_metrics = InboundMetrics::default();
+    inbound_metrics.register(&mut registry);
+    if let Some(p) = &pool {
+        p.metrics.register(&mut registry);
+    }
+    if let Some(m) = &mtls {
+        registry.register("certificates_issued", "Workload certificates issued", m.certs.issued.clone());
+        registry.register(
+            "certificate_renewal_failures",
+            "Workload certificate issuance or renewal failures (the current certificate is kept)",
+            m.certs.failures.clone(),
+        );
+    }
     registry.register_collector(Box::new(DatapathCollector(datapath.clone())));
 
     let conns = Arc::new(Connections::default());
@@ -88,6 +180,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         datapath: datapath.clone(),
         ready: ready_rx,
         node_name: config.node_name.clone(),
+        certs: mtls.as_ref().map(|m| m.certs.clone()),
+        pool: pool.clone(),
     });
     let admin_addr = admin_listener.local_addr()?;
     let admin_task = tokio::spawn(admin.serve(admin_listener, stop.clone()));
@@ -99,7 +193,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         conns: conns.clone(),
         connect_timeout: config.connect_timeout,
         copy_buffer: config.copy_buffer,
+        trust_domain: config.trust_domain.clone(),
+        pool,
+        hbone_port: config.hbone_listen.port(),
     });
+    let inbound_task = match (&mtls, hbone_listener) {
+        (Some(m), Some(listener)) => {
+            let server = tls::server_config(m.certs.clone(), &config.trust_domain, &m.bundle)?;
+            let inbound = Arc::new(Inbound {
+                acceptor: tokio_rustls::TlsAcceptor::from(server),
+                trust_domain: config.trust_domain.clone(),
+                pods: outbound.pods.clone(),
+                conns: conns.clone(),
+                metrics: inbound_metrics,
+                connect_timeout: config.connect_timeout,
+                copy_buffer: config.copy_buffer,
+            });
+            info!(hbone = %listener.local_addr()?, "HBONE listener up");
+            Some(tokio::spawn(inbound.serve(listener, stop.clone(), tasks.clone())))
+        }
+        _ => None,
+    };
     let outbound_task = tokio::spawn(outbound.serve(outbound_listener, stop.clone(), tasks.clone()));
 
     ready_tx.send_replace(true);
@@ -114,6 +228,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     drop(dp);
     stop.cancel();
     let _ = tokio::join!(reconcile_task, outbound_task);
+    if let Some(t) = inbound_task {
+        let _ = t.await;
+    }
+    for t in background {
+        let _ = t.await;
+    }
     tasks.close();
     let in_flight = conns.active_count();
     if in_flight > 0 {

@@ -23,6 +23,14 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// Per-direction copy buffer. 64 KiB moves a full TSO segment per syscall.
 pub const DEFAULT_COPY_BUFFER: usize = 64 * 1024;
+/// HBONE port, as Istio ambient (interop).
+pub const DEFAULT_HBONE_PORT: u16 = 15008;
+/// Workload certificate lifetime: a day, renewed at half-life, as Istio does.
+pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// HTTP/2 streams per pooled HBONE connection before another connection is opened.
+pub const DEFAULT_POOL_MAX_STREAMS: usize = 100;
+/// A pooled HBONE connection with no stream for this long is closed.
+pub const DEFAULT_POOL_IDLE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -57,6 +65,24 @@ pub struct FileConfig {
     pub connect_timeout_ms: Option<u64>,
     pub drain_grace_ms: Option<u64>,
     pub max_redirected_sockets: Option<u32>,
+    pub trust_domain: Option<String>,
+    #[serde(default)]
+    pub ca: Option<CaFiles>,
+    pub cert_lifetime_secs: Option<u64>,
+    pub hbone_listen: Option<SocketAddr>,
+    pub pool_max_streams: Option<usize>,
+    pub pool_idle_ms: Option<u64>,
+}
+
+/// The mesh CA, from files (see `mesh-agent ca init`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CaFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Trust bundle (may hold several roots); the CA certificate when absent.
+    #[serde(default)]
+    pub bundle: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -104,6 +130,21 @@ pub struct RunArgs {
     /// Size of the per-connection eBPF maps: redirected connections open at once, node-wide.
     #[arg(long)]
     pub max_redirected_sockets: Option<u32>,
+    /// SPIFFE trust domain.
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Directory holding ca.crt, ca.key and bundle.crt (as written by `mesh-agent ca init`).
+    #[arg(long)]
+    pub ca_dir: Option<PathBuf>,
+    /// Workload certificate lifetime in seconds (renewed at half-life).
+    #[arg(long)]
+    pub cert_lifetime_secs: Option<u64>,
+    /// HBONE (mTLS tunnel) listener address.
+    #[arg(long)]
+    pub hbone_listen: Option<SocketAddr>,
+    /// Close pooled HBONE connections idle for this long (milliseconds).
+    #[arg(long)]
+    pub pool_idle_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -121,6 +162,13 @@ pub struct Config {
     pub drain_grace: Duration,
     pub copy_buffer: usize,
     pub max_redirected_sockets: u32,
+    pub trust_domain: String,
+    /// Without a CA there is no mTLS: connections to other nodes' meshed pods are refused.
+    pub ca: Option<CaFiles>,
+    pub cert_lifetime: Duration,
+    pub hbone_listen: SocketAddr,
+    pub pool_max_streams: usize,
+    pub pool_idle: Duration,
 }
 
 impl Config {
@@ -202,6 +250,28 @@ impl Config {
                 .or(file.max_redirected_sockets)
                 .unwrap_or(mesh_common::MAX_REDIRECTED_SOCKETS)
                 .max(1),
+            trust_domain: args
+                .trust_domain
+                .clone()
+                .or(file.trust_domain)
+                .unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.into()),
+            ca: match &args.ca_dir {
+                Some(d) => {
+                    Some(CaFiles { cert: d.join("ca.crt"), key: d.join("ca.key"), bundle: Some(d.join("bundle.crt")) })
+                }
+                None => file.ca.map(|c| CaFiles { cert: rel(c.cert), key: rel(c.key), bundle: c.bundle.map(rel) }),
+            },
+            cert_lifetime: args
+                .cert_lifetime_secs
+                .or(file.cert_lifetime_secs)
+                .map_or(DEFAULT_CERT_LIFETIME, Duration::from_secs)
+                .max(Duration::from_secs(1)),
+            hbone_listen: args
+                .hbone_listen
+                .or(file.hbone_listen)
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_HBONE_PORT))),
+            pool_max_streams: file.pool_max_streams.unwrap_or(DEFAULT_POOL_MAX_STREAMS).max(1),
+            pool_idle: args.pool_idle_ms.or(file.pool_idle_ms).map_or(DEFAULT_POOL_IDLE, Duration::from_millis),
         })
     }
 }

@@ -87,8 +87,8 @@ impl Datapath {
     /// Must be called inside a tokio runtime (the kernel log reader is a task).
     pub fn start(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
         let mut ebpf = EbpfLoader::new()
-            .set_max_entries(MAP_SOCK_ORIG, cfg.max_redirected_sockets)
-            .set_max_entries(MAP_ORIG_BY_CLIENT, cfg.max_redirected_sockets)
+            .map_max_entries(MAP_SOCK_ORIG, cfg.max_redirected_sockets)
+            .map_max_entries(MAP_ORIG_BY_CLIENT, cfg.max_redirected_sockets)
             .load(EBPF_OBJECT)?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(tokio::spawn(poll_kernel_logs(logger))),

@@ -2,12 +2,15 @@
 //! the admin API. `main.rs` only parses flags; everything else is here so tests can run it.
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod cgroup;
 pub mod check;
 pub mod config;
 pub mod datapath;
+pub mod identity;
 pub mod metrics;
 pub mod proxy;
 pub mod reconcile;
 pub mod state;
+pub mod tls;
 pub mod workloads;

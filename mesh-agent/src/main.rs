@@ -25,6 +25,24 @@ enum Command {
     Run(Box<RunArgs>),
     /// Report whether this kernel has what the agent needs.
     Check,
+    /// Mesh CA tasks.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a self-signed mesh CA (ca.crt, ca.key, bundle.crt) for local mode and the demo.
+    Init {
+        /// Directory to write into (created if missing; existing CA files are never overwritten).
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value = mesh_agent::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// CA certificate lifetime in days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -45,6 +63,24 @@ fn main() -> ExitCode {
                 ok &= c.ok;
             }
             if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Command::Ca(CaCommand::Init { dir, trust_domain, days }) => {
+            match mesh_agent::identity::ca::init(&dir, &trust_domain, std::time::Duration::from_secs(days * 86400)) {
+                Ok(p) => {
+                    println!("mesh CA for trust domain {trust_domain} written:");
+                    println!(
+                        "  certificate {}\n  key         {} (keep it secret: it can mint any identity)\n  bundle      {}",
+                        p.cert.display(),
+                        p.key.display(),
+                        p.bundle.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ca init: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Run(args) => match run(&args) {
             Ok(()) => ExitCode::SUCCESS,

@@ -29,6 +29,11 @@ pub struct DirectionLabels {
     pub direction: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
 /// The outbound proxy's metrics.
 #[derive(Clone, Default)]
 pub struct ProxyMetrics {
@@ -37,6 +42,7 @@ pub struct ProxyMetrics {
     pub active: Gauge,
     pub bytes: Family<DirectionLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
+    pub routes: Family<RouteLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -50,6 +56,11 @@ impl ProxyMetrics {
             self.bytes.clone(),
         );
         reg.register("outbound_errors", "Outbound proxy connections that failed, by reason", self.errors.clone());
+        reg.register(
+            "outbound_routes",
+            "Outbound connections by route: local (same node), hbone (mTLS to another node), passthrough (plaintext, not meshed), refused",
+            self.routes.clone(),
+        );
     }
 
     pub fn error(&self, reason: &'static str) {
@@ -121,5 +132,37 @@ impl Collector for DatapathCollector {
             ConstGauge::new(n as i64).encode(family.encode_family(&MapLabels { map })?)?;
         }
         Ok(())
+    }
+}
+
+impl crate::proxy::inbound::InboundMetrics {
+    pub fn register(&self, reg: &mut Registry) {
+        reg.register(
+            "inbound_connections",
+            "HBONE streams accepted and connected to a local pod",
+            self.accepted.clone(),
+        );
+        reg.register(
+            "tls_handshake_failures",
+            "Inbound mTLS handshakes rejected, by reason (not_tls, unknown_issuer, expired_certificate, ...)",
+            self.tls_failures.clone(),
+        );
+        reg.register("inbound_rejected", "HBONE CONNECT streams rejected, by reason", self.rejected.clone());
+        reg.register(
+            "authorization_denials",
+            "Connections denied by authorization policy, by reason",
+            self.denied.clone(),
+        );
+    }
+}
+
+impl crate::proxy::pool::PoolMetrics {
+    pub fn register(&self, reg: &mut Registry) {
+        reg.register(
+            "hbone_client_handshakes",
+            "mTLS handshakes made to other nodes (one per pooled connection)",
+            self.handshakes.clone(),
+        );
+        reg.register("hbone_pool_connections", "Pooled HBONE client connections open", self.open_connections.clone());
     }
 }

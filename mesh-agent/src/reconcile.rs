@@ -15,9 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
+    authz::Rule,
     cgroup,
     datapath::Datapath,
-    state::{MeshReason, NodeState, Workload},
+    state::{MeshReason, NodeInfo, NodeState, Workload},
 };
 
 /// How often the reconciler re-checks cgroups even when nothing changed.
@@ -34,25 +35,45 @@ pub struct PodStatus {
     pub redirected: bool,
 }
 
-/// Lookups the proxy makes per connection.
+/// What the proxy looks up per connection: pods (this node's and others'), nodes, rules.
 #[derive(Debug, Default)]
 pub struct PodIndex {
+    pub node: String,
     pub pods: Vec<PodStatus>,
+    pub nodes: BTreeMap<String, NodeInfo>,
+    pub authz: Vec<Rule>,
     by_cgroup: HashMap<u64, usize>,
     by_ip: HashMap<Ipv4Addr, usize>,
 }
 
 impl PodIndex {
-    pub fn new(pods: Vec<PodStatus>) -> Self {
-        let by_cgroup = pods.iter().enumerate().filter_map(|(i, p)| Some((p.cgroup_id?, i))).collect();
+    pub fn new(state: &NodeState, pods: Vec<PodStatus>) -> Self {
+        let by_cgroup = pods
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.workload.node == state.node)
+            .filter_map(|(i, p)| Some((p.cgroup_id?, i)))
+            .collect();
         let by_ip = pods.iter().enumerate().map(|(i, p)| (p.workload.ip, i)).collect();
-        PodIndex { pods, by_cgroup, by_ip }
+        PodIndex {
+            node: state.node.clone(),
+            pods,
+            nodes: state.nodes.clone(),
+            authz: state.authz.clone(),
+            by_cgroup,
+            by_ip,
+        }
     }
-    pub fn by_cgroup(&self, id: u64) -> Option<&str> {
-        self.by_cgroup.get(&id).map(|&i| self.pods[i].key.as_str())
+    /// This node's pod with this cgroup id.
+    pub fn by_cgroup(&self, id: u64) -> Option<&PodStatus> {
+        self.by_cgroup.get(&id).map(|&i| &self.pods[i])
     }
-    pub fn by_ip(&self, ip: Ipv4Addr) -> Option<&str> {
-        self.by_ip.get(&ip).map(|&i| self.pods[i].key.as_str())
+    /// Any node's pod with this IP.
+    pub fn by_ip(&self, ip: Ipv4Addr) -> Option<&PodStatus> {
+        self.by_ip.get(&ip).map(|&i| &self.pods[i])
+    }
+    pub fn is_local(&self, p: &PodStatus) -> bool {
+        p.workload.node == self.node
     }
 }
 
@@ -78,12 +99,15 @@ impl Reconciler {
         let mut desired: BTreeMap<u64, String> = BTreeMap::new();
         let mut statuses = Vec::with_capacity(state.pods.len());
         for (key, w) in &state.pods {
-            let id = cgroup::cgroup_id(&w.cgroup).ok();
-            if w.meshed {
+            let local_cgroup = w.cgroup.as_deref().filter(|_| w.node == state.node);
+            let id = local_cgroup.and_then(|c| cgroup::cgroup_id(c).ok());
+            if let Some(cg) = local_cgroup
+                && w.meshed
+            {
                 match id {
-                    Some(_) if !w.cgroup.starts_with(&root) => {
+                    Some(_) if !cg.starts_with(&root) => {
                         if self.missing_reported.insert(key.clone()) {
-                            warn!(pod = %key, cgroup = %w.cgroup.display(), root = %root.display(),
+                            warn!(pod = %key, cgroup = %cg.display(), root = %root.display(),
                                 "pod cgroup is outside the agent's cgroup root; it cannot be meshed");
                         }
                     }
@@ -92,7 +116,7 @@ impl Reconciler {
                     }
                     None => {
                         if self.missing_reported.insert(key.clone()) {
-                            info!(pod = %key, cgroup = %w.cgroup.display(), "waiting for the pod's cgroup to appear");
+                            info!(pod = %key, cgroup = %cg.display(), "waiting for the pod's cgroup to appear");
                         }
                     }
                 }
@@ -129,7 +153,7 @@ impl Reconciler {
         for s in &mut statuses {
             s.redirected = s.cgroup_id.is_some_and(|id| self.applied.contains_key(&id));
         }
-        PodIndex::new(statuses)
+        PodIndex::new(state, statuses)
     }
 
     pub async fn run(
@@ -144,7 +168,9 @@ impl Reconciler {
             let snapshot = state.borrow_and_update().clone();
             let idx = self.apply(&snapshot);
             index.send_if_modified(|old| {
-                let changed = old.pods.len() != idx.pods.len()
+                let changed = old.nodes != idx.nodes
+                    || old.authz != idx.authz
+                    || old.pods.len() != idx.pods.len()
                     || old.pods.iter().zip(&idx.pods).any(|(a, b)| {
                         a.key != b.key
                             || a.cgroup_id != b.cgroup_id

@@ -1,6 +1,8 @@
 //! Local mode: the node's pods come from a YAML workload file, re-read whenever it changes.
 //!
 //! ```yaml
+//! nodes:                            # other nodes' agents (HBONE on port 15008)
+//!   - {name: node-b, address: 192.168.77.2}
 //! namespaces:
 //!   - name: shop
 //!     annotations: { switchyard.io/mesh: enabled }
@@ -11,7 +13,20 @@
 //!     ip: 10.244.1.10
 //!     cgroup: switchyard/node-a/web-0   # relative to the cgroup2 mount, or absolute
 //!     annotations: { switchyard.io/mesh: disabled }   # optional per-pod opt-out
+//!   - name: db-0
+//!     namespace: shop
+//!     node: node-b                  # default: this node; cgroup only for this node's pods
+//!     ip: 10.244.2.10
+//! authorization:
+//!   - name: only-web
+//!     namespace: shop               # destination namespace
+//!     workload: db-0                # optional: one pod
+//!     ports: [5432]                 # optional
+//!     action: allow                 # or deny
+//!     from: [spiffe://cluster.local/ns/shop/sa/web]   # exact, .../ns/<ns>/*, or spiffe://<td>/*
 //! ```
+//! One file can describe the whole (simulated) cluster: each agent picks its own pods by its
+//! node name.
 //! The annotations are Kubernetes' own, so a workload file reads like the cluster it stands in
 //! for. A file that does not parse or validate is rejected with a clear error and the previous
 //! state is kept.
@@ -28,8 +43,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    cgroup,
-    state::{MESH_ANNOTATION, MeshReason, NodeState, Workload},
+    authz, cgroup,
+    state::{MESH_ANNOTATION, MTLS_MODE_ANNOTATION, MeshReason, MtlsMode, NodeInfo, NodeState, Workload},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -46,9 +61,20 @@ pub enum WorkloadFileError {
 #[serde(deny_unknown_fields)]
 struct File {
     #[serde(default)]
+    nodes: Vec<Node>,
+    #[serde(default)]
     namespaces: Vec<Namespace>,
     #[serde(default)]
     pods: Vec<Pod>,
+    #[serde(default)]
+    authorization: Vec<authz::RuleSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Node {
+    name: String,
+    address: Ipv4Addr,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,7 +93,10 @@ struct Pod {
     #[serde(default = "default_sa")]
     service_account: String,
     ip: Ipv4Addr,
-    cgroup: PathBuf,
+    #[serde(default)]
+    node: Option<String>,
+    #[serde(default)]
+    cgroup: Option<PathBuf>,
     #[serde(default)]
     annotations: BTreeMap<String, String>,
 }
@@ -76,18 +105,30 @@ fn default_sa() -> String {
     "default".into()
 }
 
-/// Reads and validates a workload file.
-pub fn load(path: &Path, cgroup2_mount: &Path) -> Result<NodeState, WorkloadFileError> {
+/// Reads and validates a workload file, as seen from node `node`.
+pub fn load(path: &Path, node: &str, cgroup2_mount: &Path) -> Result<NodeState, WorkloadFileError> {
     let text = std::fs::read_to_string(path).map_err(|source| WorkloadFileError::Read { path: path.into(), source })?;
-    parse(&text, path, cgroup2_mount)
+    parse(&text, path, node, cgroup2_mount)
 }
 
-pub fn parse(text: &str, path: &Path, cgroup2_mount: &Path) -> Result<NodeState, WorkloadFileError> {
+pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Result<NodeState, WorkloadFileError> {
     let invalid = |msg: String| WorkloadFileError::Invalid { path: path.into(), msg };
     let file: File =
         serde_yaml_ng::from_str(text).map_err(|source| WorkloadFileError::Parse { path: path.into(), source })?;
     let mut ns_meshed = BTreeMap::new();
+    let mut ns_mode = BTreeMap::new();
     for ns in &file.namespaces {
+        let mode = match ns.annotations.get(MTLS_MODE_ANNOTATION).map(String::as_str) {
+            None | Some("permissive") => MtlsMode::Permissive,
+            Some("strict") => MtlsMode::Strict,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "namespace {}: {MTLS_MODE_ANNOTATION} must be \"permissive\" or \"strict\", not {other:?}",
+                    ns.name
+                )));
+            }
+        };
+        ns_mode.insert(ns.name.clone(), mode);
         let meshed = match ns.annotations.get(MESH_ANNOTATION).map(String::as_str) {
             None | Some("disabled") => false,
             Some("enabled") => true,
@@ -102,7 +143,18 @@ pub fn parse(text: &str, path: &Path, cgroup2_mount: &Path) -> Result<NodeState,
             return Err(invalid(format!("namespace {} is listed twice", ns.name)));
         }
     }
-    let mut state = NodeState::default();
+    let mut state = NodeState { node: node.to_string(), ..Default::default() };
+    for n in file.nodes {
+        if n.name == node {
+            continue;
+        }
+        if state.nodes.insert(n.name.clone(), NodeInfo { name: n.name.clone(), address: n.address }).is_some() {
+            return Err(invalid(format!("node {} is listed twice", n.name)));
+        }
+    }
+    for spec in file.authorization {
+        state.authz.push(spec.try_into().map_err(invalid)?);
+    }
     let mut ips = HashSet::new();
     for p in file.pods {
         let key = format!("{}/{}", p.namespace, p.name);
@@ -121,21 +173,29 @@ pub fn parse(text: &str, path: &Path, cgroup2_mount: &Path) -> Result<NodeState,
                 )));
             }
         };
-        let cgroup = cgroup::resolve(cgroup2_mount, &p.cgroup).map_err(|e| invalid(format!("pod {key}: {e}")))?;
+        let pod_node = p.node.unwrap_or_else(|| node.to_string());
+        let cgroup = match (&p.cgroup, pod_node == node) {
+            (Some(c), _) => Some(cgroup::resolve(cgroup2_mount, c).map_err(|e| invalid(format!("pod {key}: {e}")))?),
+            (None, true) => return Err(invalid(format!("pod {key} runs on this node and needs a cgroup"))),
+            (None, false) => None,
+        };
         let ns_on = ns_meshed.get(&p.namespace).copied().unwrap_or(false);
         let (meshed, reason) = match (ns_on, opt_out) {
             (true, false) => (true, MeshReason::Namespace),
             (true, true) => (false, MeshReason::PodOptOut),
             (false, _) => (false, MeshReason::NamespaceNotMeshed),
         };
+        let mtls_mode = ns_mode.get(&p.namespace).copied().unwrap_or_default();
         let w = Workload {
             name: p.name,
             namespace: p.namespace,
             service_account: p.service_account,
             ip: p.ip,
+            node: pod_node,
             cgroup,
             meshed,
             reason,
+            mtls_mode,
         };
         if state.pods.insert(key.clone(), w).is_some() {
             return Err(invalid(format!("pod {key} is listed twice")));
@@ -147,7 +207,7 @@ pub fn parse(text: &str, path: &Path, cgroup2_mount: &Path) -> Result<NodeState,
 /// Loads the file, then keeps `tx` up to date with every valid edit until the sender's
 /// receivers are all gone. Watches the file's directory (editors and ConfigMaps replace files
 /// by rename) and also re-reads every few seconds in case an event was missed.
-pub async fn watch(path: PathBuf, cgroup2_mount: PathBuf, tx: watch::Sender<NodeState>) {
+pub async fn watch(path: PathBuf, node: String, cgroup2_mount: PathBuf, tx: watch::Sender<NodeState>) {
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel::<()>(1);
     let file_name = path.file_name().map(|n| n.to_os_string());
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -174,7 +234,7 @@ pub async fn watch(path: PathBuf, cgroup2_mount: PathBuf, tx: watch::Sender<Node
     loop {
         match std::fs::read_to_string(&path) {
             Ok(text) if Some(&text) != last_text.as_ref() => {
-                match parse(&text, &path, &cgroup2_mount) {
+                match parse(&text, &path, &node, &cgroup2_mount) {
                     Ok(state) => {
                         info!(file = %path.display(), pods = state.pods.len(), meshed = state.meshed().count(), "workload file applied");
                         tx.send_replace(state);
@@ -210,7 +270,7 @@ mod tests {
     const M: &str = "/sys/fs/cgroup";
 
     fn p(text: &str) -> Result<NodeState, WorkloadFileError> {
-        parse(text, Path::new("w.yaml"), Path::new(M))
+        parse(text, Path::new("w.yaml"), "n1", Path::new(M))
     }
 
     #[test]
@@ -228,7 +288,7 @@ pods:
         let a = &s.pods["shop/a"];
         assert!(a.meshed);
         assert_eq!(a.reason, MeshReason::Namespace);
-        assert_eq!(a.cgroup, Path::new("/sys/fs/cgroup/n/a"));
+        assert_eq!(a.cgroup.as_deref(), Some(Path::new("/sys/fs/cgroup/n/a")));
         assert_eq!(a.spiffe_id("cluster.local"), "spiffe://cluster.local/ns/shop/sa/web");
         assert_eq!(s.pods["shop/b"].reason, MeshReason::PodOptOut);
         assert_eq!(s.pods["shop/b"].service_account, "default");
@@ -252,6 +312,11 @@ pods:
             ("namespaces: [{name: x, annotations: {switchyard.io/mesh: yes}}]", "must be"),
             ("pods: [{name: a, namespace: x, ip: 10.0.0.1, cgroup: ../../etc}]", "not inside"),
             ("pods: {", "YAML"),
+            ("pods: [{name: a, namespace: x, ip: 10.0.0.1}]", "needs a cgroup"),
+            ("namespaces: [{name: x, annotations: {switchyard.io/mtls-mode: tight}}]", "must be"),
+            ("authorization: [{name: r, namespace: x, action: allow, from: [bogus]}]", "bogus"),
+            ("authorization: [{name: r, namespace: x, action: maybe, from: []}]", "maybe"),
+            ("nodes: [{name: b, address: 1.2.3.4}, {name: b, address: 1.2.3.5}]", "twice"),
         ];
         for (text, needle) in cases {
             let e = p(text).unwrap_err().to_string();
@@ -268,10 +333,37 @@ mod examples {
     #[test]
     fn shipped_examples_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local");
-        let s = super::load(&dir.join("workloads.yaml"), Path::new("/sys/fs/cgroup")).unwrap();
+        let s = super::load(&dir.join("workloads.yaml"), "node-a", Path::new("/sys/fs/cgroup")).unwrap();
         assert_eq!(s.meshed().count(), 2);
         let text = std::fs::read_to_string(dir.join("agent.yaml")).unwrap();
         let c: crate::config::FileConfig = serde_yaml_ng::from_str(&text).unwrap();
         assert_eq!(c.workload_file.as_deref(), Some(Path::new("workloads.yaml")));
+    }
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    #[test]
+    fn one_file_describes_the_cluster_each_node_sees_its_own_pods() {
+        let text = r#"
+nodes: [{name: a, address: 192.168.1.1}, {name: b, address: 192.168.1.2}]
+namespaces: [{name: shop, annotations: {switchyard.io/mesh: enabled, switchyard.io/mtls-mode: strict}}]
+pods:
+  - {name: web, namespace: shop, node: a, ip: 10.0.1.10, cgroup: a/web}
+  - {name: db, namespace: shop, node: b, ip: 10.0.2.10, cgroup: b/db}
+  - {name: cache, namespace: shop, node: b, ip: 10.0.2.11}
+authorization:
+  - {name: web-only, namespace: shop, workload: db, action: allow, from: [spiffe://cluster.local/ns/shop/sa/web]}
+"#;
+        let a = parse(text, Path::new("c.yaml"), "a", Path::new("/sys/fs/cgroup")).unwrap();
+        assert_eq!(a.meshed().map(|w| w.name.as_str()).collect::<Vec<_>>(), vec!["web"]);
+        assert_eq!(a.nodes.keys().collect::<Vec<_>>(), vec!["b"], "a node does not list itself");
+        assert_eq!(a.pods["shop/db"].node, "b");
+        assert_eq!(a.pods["shop/db"].mtls_mode, MtlsMode::Strict);
+        assert_eq!(a.authz.len(), 1);
+        let b = parse(text, Path::new("c.yaml"), "b", Path::new("/sys/fs/cgroup")).unwrap_err();
+        assert!(b.to_string().contains("shop/cache runs on this node and needs a cgroup"), "{b}");
     }
 }

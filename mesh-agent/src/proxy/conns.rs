@@ -14,10 +14,40 @@ use serde::Serialize;
 
 pub const RECENT: usize = 1024;
 
+/// Which listener took the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// Redirected from a pod on this node.
+    #[default]
+    Outbound,
+    /// Arrived over HBONE from another node.
+    Inbound,
+}
+
+/// How the connection was protected, honestly: never assumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Security {
+    /// Not decided yet, or the connection failed before it was.
+    #[default]
+    Unknown,
+    /// HBONE: mutual TLS between the two workloads' identities.
+    MutualTls,
+    /// Both pods on this node: delivered locally, identities known from the kernel (cgroup).
+    Local,
+    /// To a destination outside the mesh: plain TCP.
+    Plaintext,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnRecord {
     pub id: u64,
+    pub direction: Direction,
+    pub security: Security,
     pub client: SocketAddr,
+    pub source_identity: Option<String>,
+    pub destination_identity: Option<String>,
     /// `namespace/name` of the source pod, from its cgroup.
     pub source_pod: Option<String>,
     pub original_dst: SocketAddrV4,
@@ -28,6 +58,27 @@ pub struct ConnRecord {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub error: Option<String>,
+}
+
+impl Default for ConnRecord {
+    fn default() -> Self {
+        ConnRecord {
+            id: 0,
+            direction: Direction::Outbound,
+            security: Security::Unknown,
+            client: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source_identity: None,
+            destination_identity: None,
+            source_pod: None,
+            original_dst: SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
+            destination_pod: None,
+            started_unix_ms: 0,
+            duration_ms: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            error: None,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -57,6 +108,14 @@ impl Connections {
         rec.started_unix_ms = unix_ms(SystemTime::now());
         self.lock().active.insert(id, rec);
         id
+    }
+
+    /// Records how the connection is protected once the route is chosen.
+    pub fn set_security(&self, id: u64, security: Security, destination_identity: Option<String>) {
+        if let Some(rec) = self.lock().active.get_mut(&id) {
+            rec.security = security;
+            rec.destination_identity = destination_identity;
+        }
     }
 
     pub fn close(

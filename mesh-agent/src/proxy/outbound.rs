@@ -1,8 +1,13 @@
 //! Outbound: the listener the eBPF programs send meshed pods' connections to.
 //!
 //! On accept: take the original destination recorded by the kernel for this client address
-//! (never guess: no record, no forwarding), connect there, and copy bytes both ways until both
-//! sides have finished, propagating each half-close on its own.
+//! (never guess: no record, no forwarding), identify the source pod by the cgroup in the
+//! record, then route:
+//! * destination is a meshed pod on this node: authorize here, connect directly (`local`);
+//! * destination is a meshed pod on another node: HBONE (mTLS, HTTP/2 CONNECT) to that node's
+//!   proxy, which authorizes (`mutual_tls`);
+//! * anything else: plain TCP from the proxy (`plaintext`).
+//! Bytes are copied both ways until both sides finish, each half-close propagated on its own.
 use std::{
     net::SocketAddr,
     sync::Arc,
@@ -10,7 +15,7 @@ use std::{
 };
 
 use tokio::{
-    io::AsyncWriteExt as _,
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
     sync::watch,
 };
@@ -18,9 +23,14 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 use crate::{
+    authz::{self, Decision},
     datapath::{OrigDstLookup, Original},
-    metrics::{DirectionLabels, ProxyMetrics},
-    proxy::conns::{ConnRecord, Connections},
+    identity::Identity,
+    metrics::{DirectionLabels, ProxyMetrics, RouteLabels},
+    proxy::{
+        conns::{ConnRecord, Connections, Security},
+        pool::Pool,
+    },
     reconcile::PodIndex,
 };
 
@@ -31,6 +41,11 @@ pub struct Outbound {
     pub conns: Arc<Connections>,
     pub connect_timeout: Duration,
     pub copy_buffer: usize,
+    pub trust_domain: String,
+    /// HBONE client; `None` when no CA is configured (then other nodes' meshed pods are
+    /// unreachable rather than silently reached in plaintext).
+    pub pool: Option<Arc<Pool>>,
+    pub hbone_port: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +67,26 @@ impl OutboundError {
             OutboundError::Lookup(_) => "lookup_failed",
             OutboundError::ConnectTimeout { .. } => "connect_timeout",
             OutboundError::Connect { .. } => "connect_failed",
+        }
+    }
+}
+
+/// Where one connection goes.
+#[derive(Debug)]
+enum Route {
+    Local { dst: Identity },
+    Hbone { src: Identity, dst: Identity, peer: SocketAddr },
+    Passthrough,
+    Refuse { reason: &'static str, detail: String },
+}
+
+impl Route {
+    fn label(&self) -> &'static str {
+        match self {
+            Route::Local { .. } => "local",
+            Route::Hbone { .. } => "hbone",
+            Route::Passthrough => "passthrough",
+            Route::Refuse { .. } => "refused",
         }
     }
 }
@@ -79,6 +114,58 @@ impl Outbound {
         }
     }
 
+    fn route(&self, orig: &Original) -> (Route, Option<String>, Option<String>) {
+        let idx = self.pods.borrow();
+        let src = idx.by_cgroup(orig.pod_cgroup);
+        let src_key = src.map(|p| p.key.clone());
+        let dst = idx.by_ip(*orig.dst.ip());
+        let dst_key = dst.map(|p| p.key.clone());
+        let Some(src) = src else {
+            let detail = format!("cgroup {} is not a known pod of this node", orig.pod_cgroup);
+            return (Route::Refuse { reason: "unknown_source", detail }, src_key, dst_key);
+        };
+        let src_id = src.workload.identity(&self.trust_domain);
+        let route = match dst {
+            Some(d) if d.workload.meshed && idx.is_local(d) => {
+                let dst_id = d.workload.identity(&self.trust_domain);
+                match authz::evaluate(&idx.authz, &src_id, &d.workload, orig.dst.port()) {
+                    Decision::Allow => Route::Local { dst: dst_id },
+                    decision => {
+                        let detail = format!(
+                            "connection from {src_id} to {dst_id} ({}) denied by authorization policy ({})",
+                            orig.dst,
+                            match &decision {
+                                Decision::Denied(rule) => format!("deny rule {rule}"),
+                                _ => "no allow rule matches".into(),
+                            }
+                        );
+                        Route::Refuse { reason: decision.reason(), detail }
+                    }
+                }
+            }
+            Some(d) if d.workload.meshed => {
+                let dst_id = d.workload.identity(&self.trust_domain);
+                match (idx.nodes.get(&d.workload.node), &self.pool) {
+                    (Some(node), Some(_)) => Route::Hbone {
+                        src: src_id,
+                        dst: dst_id,
+                        peer: SocketAddr::from((node.address, self.hbone_port)),
+                    },
+                    (None, _) => Route::Refuse {
+                        reason: "unknown_node",
+                        detail: format!("pod {} is on node {}, whose address is unknown", d.key, d.workload.node),
+                    },
+                    (_, None) => Route::Refuse {
+                        reason: "mtls_unavailable",
+                        detail: format!("pod {} is meshed on another node but this agent has no CA configured", d.key),
+                    },
+                }
+            }
+            _ => Route::Passthrough,
+        };
+        (route, src_key, dst_key)
+    }
+
     async fn handle(&self, client: TcpStream, peer: SocketAddr) {
         self.metrics.opened.inc();
         let orig = match self.lookup.take(peer) {
@@ -86,25 +173,23 @@ impl Outbound {
             Ok(None) => return self.reject(client, OutboundError::NoOriginalDst(peer)),
             Err(e) => return self.reject(client, OutboundError::Lookup(e)),
         };
-        let (source_pod, destination_pod) = {
-            let pods = self.pods.borrow();
-            (pods.by_cgroup(orig.pod_cgroup).map(str::to_owned), pods.by_ip(*orig.dst.ip()).map(str::to_owned))
+        let (route, source_pod, destination_pod) = self.route(&orig);
+        self.metrics.routes.get_or_create(&RouteLabels { route: route.label() }).inc();
+        let source_identity = match &route {
+            Route::Hbone { src, .. } => Some(src.to_string()),
+            _ => None,
         };
         let id = self.conns.open(ConnRecord {
-            id: 0,
             client: peer,
             source_pod,
+            source_identity,
             original_dst: orig.dst,
             destination_pod,
-            started_unix_ms: 0,
-            duration_ms: None,
-            bytes_sent: 0,
-            bytes_received: 0,
-            error: None,
+            ..Default::default()
         });
         self.metrics.active.inc();
         let started = Instant::now();
-        let (sent, received, error) = match self.forward(client, orig).await {
+        let (sent, received, error) = match self.forward(id, client, orig, route).await {
             Ok((s, r)) => (s, r, None),
             Err((s, r, e)) => (s, r, Some(e)),
         };
@@ -115,10 +200,13 @@ impl Outbound {
         if let Some(rec) = self.conns.close(id, started.elapsed(), sent, received, error) {
             info!(
                 target: "access",
+                direction = "outbound",
                 client = %rec.client,
                 src = rec.source_pod.as_deref().unwrap_or("-"),
                 dst = %rec.original_dst,
                 dst_pod = rec.destination_pod.as_deref().unwrap_or("-"),
+                dst_identity = rec.destination_identity.as_deref().unwrap_or("-"),
+                security = ?rec.security,
                 sent, received,
                 duration_ms = rec.duration_ms,
                 error = rec.error.as_deref().unwrap_or("-"),
@@ -128,26 +216,67 @@ impl Outbound {
     }
 
     /// Returns bytes (client→destination, destination→client).
-    async fn forward(&self, mut client: TcpStream, orig: Original) -> Result<(u64, u64), (u64, u64, String)> {
+    async fn forward(
+        &self,
+        id: u64,
+        client: TcpStream,
+        orig: Original,
+        route: Route,
+    ) -> Result<(u64, u64), (u64, u64, String)> {
         let dst = SocketAddr::V4(orig.dst);
-        let upstream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => {
-                let e = OutboundError::Connect { dst, source };
-                self.metrics.error(e.reason());
+        match route {
+            Route::Refuse { reason, detail } => {
+                warn!(client = %client.peer_addr().map(|a| a.to_string()).unwrap_or_default(), %dst, reason, "{detail}");
+                self.metrics.error(reason);
                 reset(client);
-                return Err((0, 0, e.to_string()));
+                Err((0, 0, detail))
             }
-            Err(_) => {
-                let e = OutboundError::ConnectTimeout { dst, timeout: self.connect_timeout };
-                self.metrics.error(e.reason());
-                reset(client);
-                return Err((0, 0, e.to_string()));
+            Route::Hbone { src, dst: dst_id, peer } => {
+                let pool = self.pool.as_ref().expect("route() only picks HBONE with a pool");
+                self.conns.set_security(id, Security::MutualTls, Some(dst_id.to_string()));
+                match pool.connect(&src, &dst_id, peer, orig.dst).await {
+                    Ok(tunnel) => self.copy(client, tunnel.io).await,
+                    Err(e) => {
+                        warn!(%src, dst = %dst_id, %peer, error = %e, "HBONE tunnel failed");
+                        self.metrics.error(e.reason());
+                        reset(client);
+                        Err((0, 0, e.to_string()))
+                    }
+                }
             }
-        };
+            route @ (Route::Local { .. } | Route::Passthrough) => {
+                let (security, dst_id) = match route {
+                    Route::Local { dst } => (Security::Local, Some(dst.to_string())),
+                    _ => (Security::Plaintext, None),
+                };
+                self.conns.set_security(id, security, dst_id);
+                let upstream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(source)) => {
+                        let e = OutboundError::Connect { dst, source };
+                        self.metrics.error(e.reason());
+                        reset(client);
+                        return Err((0, 0, e.to_string()));
+                    }
+                    Err(_) => {
+                        let e = OutboundError::ConnectTimeout { dst, timeout: self.connect_timeout };
+                        self.metrics.error(e.reason());
+                        reset(client);
+                        return Err((0, 0, e.to_string()));
+                    }
+                };
+                let _ = upstream.set_nodelay(true);
+                self.copy(client, upstream).await
+            }
+        }
+    }
+
+    async fn copy<U: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut client: TcpStream,
+        mut upstream: U,
+    ) -> Result<(u64, u64), (u64, u64, String)> {
         let _ = client.set_nodelay(true);
-        let _ = upstream.set_nodelay(true);
-        let mut upstream = upstream;
         match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, self.copy_buffer, self.copy_buffer)
             .await
         {
@@ -157,8 +286,8 @@ impl Outbound {
             }
             Err(e) => {
                 self.metrics.error("io");
-                debug!(error = %e, %dst, "outbound copy ended with an error");
-                // Counts are lost on error by copy_bidirectional; report what we know.
+                debug!(error = %e, "outbound copy ended with an error");
+                // copy_bidirectional loses its counts on error; report what we know.
                 Err((0, 0, e.to_string()))
             }
         }
@@ -207,7 +336,27 @@ mod tests {
         let table = Arc::new(FakeTable::default());
         let metrics = ProxyMetrics::default();
         let conns = Arc::new(Connections::default());
-        let (_tx, pods) = watch::channel(Arc::new(PodIndex::default()));
+        // One meshed pod on this node, cgroup 1: the source of every test connection.
+        let client = crate::state::Workload {
+            name: "client".into(),
+            namespace: "shop".into(),
+            service_account: "client".into(),
+            ip: [127, 0, 0, 1].into(),
+            node: "n".into(),
+            cgroup: Some("/sys/fs/cgroup/n/client".into()),
+            meshed: true,
+            reason: crate::state::MeshReason::Namespace,
+            mtls_mode: Default::default(),
+        };
+        let mut state = crate::state::NodeState { node: "n".into(), ..Default::default() };
+        state.pods.insert("shop/client".into(), client.clone());
+        let status = crate::reconcile::PodStatus {
+            key: "shop/client".into(),
+            workload: client,
+            cgroup_id: Some(1),
+            redirected: true,
+        };
+        let (_tx, pods) = watch::channel(Arc::new(PodIndex::new(&state, vec![status])));
         let out = Arc::new(Outbound {
             lookup: table.clone(),
             pods,
@@ -215,6 +364,9 @@ mod tests {
             conns: conns.clone(),
             connect_timeout: Duration::from_secs(2),
             copy_buffer: 16 * 1024,
+            trust_domain: "cluster.local".into(),
+            pool: None,
+            hbone_port: 15008,
         });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -270,6 +422,11 @@ mod tests {
         assert_eq!(snap.recent[0].original_dst, v4(up_addr));
         assert_eq!(snap.recent[0].bytes_sent, 7);
         assert_eq!(snap.recent[0].bytes_received, 20);
+        assert_eq!(snap.recent[0].source_pod.as_deref(), Some("shop/client"));
+        // 127.0.0.1 is the client pod itself here, so the destination is "local"... unless it
+        // is not in the index; the upstream port is not the pod's, the IP is. Either way the
+        // route is honest about it.
+        assert_ne!(snap.recent[0].security, crate::proxy::conns::Security::Unknown);
         assert_eq!(metrics.opened.get(), 1);
         assert!(table.0.lock().unwrap().is_empty(), "the record is consumed");
     }
@@ -280,6 +437,18 @@ mod tests {
             Ok(0) | Err(_) => {}
             Ok(n) => panic!("unexpected {n} bytes"),
         }
+    }
+
+    #[tokio::test]
+    async fn an_unknown_source_cgroup_is_refused() {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (proxy_addr, table, metrics, _) = proxy().await;
+        let (sock, me) = bound_client();
+        table.0.lock().unwrap().insert(me, Original { dst: v4(upstream.local_addr().unwrap()), pod_cgroup: 99 });
+        let c = sock.connect(proxy_addr).await.unwrap();
+        expect_closed(c).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(metrics.errors.get_or_create(&crate::metrics::ErrorLabels { reason: "unknown_source" }).get(), 1);
     }
 
     #[tokio::test]

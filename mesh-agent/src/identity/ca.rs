@@ -1,0 +1,214 @@
+//! The mesh CA from files: a certificate and key to sign with, and a trust bundle (which may
+//! hold several roots, so the CA can be rotated by publishing the new root first).
+use std::{
+    io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject as _};
+
+use super::{
+    Identity,
+    issuer::{CertIssuer, IssueError, Issued},
+};
+
+/// Clock skew tolerated between nodes: certificates are valid from a minute before issuance.
+const BACKDATE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("{path} holds no usable {what}")]
+    Empty { path: PathBuf, what: &'static str },
+    #[error("{path}: {source}")]
+    Pem { path: PathBuf, source: rustls::pki_types::pem::Error },
+    #[error("CA certificate or key in {path} is not usable: {source}")]
+    Rcgen { path: PathBuf, source: rcgen::Error },
+    #[error("{0} already exists; refusing to overwrite a CA (remove it first)")]
+    Exists(PathBuf),
+}
+
+/// Paths of a CA written by [`init`].
+#[derive(Debug, Clone)]
+pub struct CaPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub bundle: PathBuf,
+}
+
+impl CaPaths {
+    pub fn in_dir(dir: &Path) -> Self {
+        CaPaths { cert: dir.join("ca.crt"), key: dir.join("ca.key"), bundle: dir.join("bundle.crt") }
+    }
+}
+
+fn systime(t: time::OffsetDateTime) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(t.unix_timestamp().max(0) as u64)
+}
+
+fn offset(t: SystemTime) -> time::OffsetDateTime {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    time::OffsetDateTime::from_unix_timestamp(secs as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
+/// Creates a self-signed mesh CA (ECDSA P-256) for local mode and the demo: `ca.crt`, `ca.key`
+/// (mode 0600) and `bundle.crt` in `dir`.
+pub fn init(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<CaPaths, CaError> {
+    let paths = CaPaths::in_dir(dir);
+    for p in [&paths.cert, &paths.key] {
+        if p.exists() {
+            return Err(CaError::Exists(p.clone()));
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|source| CaError::Write { path: dir.into(), source })?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|source| CaError::Rcgen { path: paths.key.clone(), source })?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "switchyard");
+    dn.push(DnType::CommonName, format!("switchyard mesh CA ({trust_domain})"));
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let now = SystemTime::now();
+    params.not_before = offset(now - BACKDATE);
+    params.not_after = offset(now + lifetime);
+    let cert = params.self_signed(&key).map_err(|source| CaError::Rcgen { path: paths.cert.clone(), source })?;
+    write(&paths.cert, cert.pem().as_bytes(), 0o644)?;
+    write(&paths.key, key.serialize_pem().as_bytes(), 0o600)?;
+    write(&paths.bundle, cert.pem().as_bytes(), 0o644)?;
+    Ok(paths)
+}
+
+fn write(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
+    let werr = |source| CaError::Write { path: path.into(), source };
+    let mut f =
+        std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(mode).open(path).map_err(werr)?;
+    f.write_all(data).map_err(werr)
+}
+
+fn read(path: &Path) -> Result<String, CaError> {
+    std::fs::read_to_string(path).map_err(|source| CaError::Read { path: path.into(), source })
+}
+
+/// Every certificate in a PEM bundle.
+pub fn load_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    let text = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(text.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| CaError::Pem { path: path.into(), source })?;
+    if certs.is_empty() {
+        return Err(CaError::Empty { path: path.into(), what: "certificate" });
+    }
+    Ok(certs)
+}
+
+/// Signs workload certificates in-process with the CA key.
+pub struct LocalCa {
+    issuer: Issuer<'static, KeyPair>,
+    ca_cert: CertificateDer<'static>,
+}
+
+impl LocalCa {
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, CaError> {
+        let cert_pem = read(cert)?;
+        let key_pem = read(key)?;
+        let key_pair = KeyPair::from_pem(&key_pem).map_err(|source| CaError::Rcgen { path: key.into(), source })?;
+        let ca_cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|source| CaError::Pem { path: cert.into(), source })?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key_pair)
+            .map_err(|source| CaError::Rcgen { path: cert.into(), source })?;
+        Ok(LocalCa { issuer, ca_cert })
+    }
+
+    pub fn ca_cert(&self) -> &CertificateDer<'static> {
+        &self.ca_cert
+    }
+
+    /// Issues with explicit validity bounds (tests use this for expired certificates).
+    pub fn issue_between(
+        &self,
+        id: &Identity,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Issued, IssueError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(rcgen::string::Ia5String::try_from(id.to_string())?)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = offset(not_before);
+        params.not_after = offset(not_after);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            not_before: systime(params.not_before),
+            not_after: systime(params.not_after),
+        })
+    }
+}
+
+impl CertIssuer for LocalCa {
+    fn issue(&self, id: &Identity, lifetime: Duration) -> Result<Issued, IssueError> {
+        let now = SystemTime::now();
+        self.issue_between(id, now - BACKDATE, now + lifetime)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_load_and_issue() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = init(dir.path(), "cluster.local", Duration::from_secs(3600)).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(std::fs::metadata(&paths.key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(matches!(init(dir.path(), "cluster.local", Duration::from_secs(1)), Err(CaError::Exists(_))));
+        let ca = LocalCa::load(&paths.cert, &paths.key).unwrap();
+        assert_eq!(load_bundle(&paths.bundle).unwrap(), vec![ca.ca_cert().clone()]);
+        let id = Identity::new("cluster.local", "shop", "web");
+        let issued = ca.issue(&id, Duration::from_secs(30)).unwrap();
+        let (_, leaf) = x509_parser::parse_x509_certificate(&issued.chain[0]).unwrap();
+        let san = leaf.subject_alternative_name().unwrap().unwrap();
+        let uris: Vec<_> = san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(uris, vec!["spiffe://cluster.local/ns/shop/sa/web"]);
+        let life = issued.not_after.duration_since(issued.not_before).unwrap();
+        assert_eq!(life, Duration::from_secs(90), "30 s lifetime plus 60 s backdating");
+    }
+
+    #[test]
+    fn bad_ca_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.pem");
+        std::fs::write(&p, "not a pem").unwrap();
+        let e = load_bundle(&p).unwrap_err().to_string();
+        assert!(e.contains("no usable certificate"), "{e}");
+        let e = LocalCa::load(&p, &p).err().unwrap().to_string();
+        assert!(e.contains("x.pem"), "{e}");
+        let e = LocalCa::load(&dir.path().join("missing"), &p).err().unwrap().to_string();
+        assert!(e.contains("cannot read"), "{e}");
+    }
+}

@@ -1,0 +1,112 @@
+//! Workload identity: SPIFFE IDs, the mesh CA, certificate issuance and renewal.
+//!
+//! Trust model (see ARCHITECTURE.md): every agent holding the CA key can mint any identity.
+//! Issuance is behind [`issuer::CertIssuer`] so a CSR-based issuer (cert-manager, the Kubernetes
+//! CSR API, SPIRE) can replace local signing without touching the proxy.
+pub mod ca;
+pub mod issuer;
+pub mod manager;
+
+use std::fmt;
+
+/// Default SPIFFE trust domain, as in Kubernetes and Istio.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Suffix of the TLS server name (SNI) a client uses to say which workload identity it expects
+/// the HBONE server to present: `<service account>.<namespace>.id.switchyard`.
+pub const SNI_SUFFIX: &str = ".id.switchyard";
+
+/// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct Identity {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0:?} is not a SPIFFE workload ID of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+pub struct BadSpiffeId(pub String);
+
+impl Identity {
+    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
+        Identity {
+            trust_domain: trust_domain.into(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+        }
+    }
+
+    pub fn parse(uri: &str) -> Result<Self, BadSpiffeId> {
+        let bad = || BadSpiffeId(uri.to_string());
+        let rest = uri.strip_prefix("spiffe://").ok_or_else(bad)?;
+        let mut parts = rest.split('/');
+        let (td, ns_kw, ns, sa_kw, sa) = (parts.next(), parts.next(), parts.next(), parts.next(), parts.next());
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        match (td, ns_kw, ns, sa_kw, sa) {
+            (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa))
+                if valid_label(td) && valid_label(ns) && valid_label(sa) =>
+            {
+                Ok(Identity::new(td, ns, sa))
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// The server name a client sends to ask for this identity's certificate.
+    pub fn sni(&self) -> String {
+        format!("{}.{}{SNI_SUFFIX}", self.service_account, self.namespace)
+    }
+
+    /// Inverse of [`Identity::sni`] (namespaces cannot contain dots; service accounts can).
+    pub fn from_sni(sni: &str, trust_domain: &str) -> Option<Self> {
+        let rest = sni.strip_suffix(SNI_SUFFIX)?;
+        let (sa, ns) = rest.rsplit_once('.')?;
+        (valid_label(sa) && valid_label(ns)).then(|| Identity::new(trust_domain, ns, sa))
+    }
+}
+
+fn valid_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_ids_round_trip_and_reject_garbage() {
+        let id = Identity::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap();
+        assert_eq!(id, Identity::new("cluster.local", "shop", "web"));
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+        for bad in [
+            "https://cluster.local/ns/shop/sa/web",
+            "spiffe://cluster.local/ns/shop",
+            "spiffe://cluster.local/ns/shop/sa/web/extra",
+            "spiffe://cluster.local/ns//sa/web",
+            "spiffe://cluster.local/namespace/shop/sa/web",
+            "spiffe:///ns/a/sa/b",
+            "spiffe://td/ns/a b/sa/c",
+        ] {
+            assert!(Identity::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sni_round_trip() {
+        let id = Identity::new("cluster.local", "shop", "web.frontend");
+        assert_eq!(id.sni(), "web.frontend.shop.id.switchyard");
+        assert_eq!(Identity::from_sni(&id.sni(), "cluster.local"), Some(id));
+        assert_eq!(Identity::from_sni("example.com", "cluster.local"), None);
+        assert_eq!(Identity::from_sni(".id.switchyard", "cluster.local"), None);
+    }
+}

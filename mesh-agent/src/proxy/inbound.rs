@@ -1,0 +1,272 @@
+//! Inbound HBONE (port 15008): mTLS with the client workload's certificate, HTTP/2, one
+//! `CONNECT <pod ip:port>` stream per tunnelled connection. Each stream is checked (this
+//! node's meshed pod, the identity the TLS server presented, authorization) before the proxy
+//! connects to the pod and answers 200; errors map to HTTP status with a reason header.
+use std::{
+    convert::Infallible,
+    net::{SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::{counter::Counter, family::Family};
+use tokio::{net::TcpListener, net::TcpStream, sync::watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, info, warn};
+
+use crate::{
+    authz::{self, Decision},
+    identity::Identity,
+    metrics::ErrorLabels,
+    proxy::{
+        conns::{ConnRecord, Connections, Direction, Security},
+        pool::REASON_HEADER,
+    },
+    reconcile::PodIndex,
+    tls,
+};
+
+/// Limits on what a peer may send before it is authenticated, and per connection.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+/// A CONNECT needs a few hundred bytes of headers; anything near this is hostile.
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+
+#[derive(Clone, Default)]
+pub struct InboundMetrics {
+    pub tls_failures: Family<ErrorLabels, Counter>,
+    pub rejected: Family<ErrorLabels, Counter>,
+    pub denied: Family<ErrorLabels, Counter>,
+    pub accepted: Counter,
+}
+
+pub struct Inbound {
+    pub acceptor: TlsAcceptor,
+    pub trust_domain: String,
+    pub pods: watch::Receiver<Arc<PodIndex>>,
+    pub conns: Arc<Connections>,
+    pub metrics: InboundMetrics,
+    pub connect_timeout: Duration,
+    pub copy_buffer: usize,
+}
+
+impl Inbound {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken, tasks: TaskTracker) {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "HBONE accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let this = self.clone();
+            let stop = stop.clone();
+            tasks.spawn(async move { this.connection(tcp, peer, stop).await });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, stop: CancellationToken) {
+        let _ = tcp.set_nodelay(true);
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let reason = tls::failure_reason(&e);
+                warn!(%peer, reason, error = %e, "HBONE mTLS handshake rejected");
+                self.metrics.tls_failures.get_or_create(&ErrorLabels { reason }).inc();
+                return;
+            }
+            Err(_) => {
+                warn!(%peer, "HBONE mTLS handshake timed out");
+                self.metrics.tls_failures.get_or_create(&ErrorLabels { reason: "timeout" }).inc();
+                return;
+            }
+        };
+        let (_, session) = tls.get_ref();
+        let client_id = session.peer_certificates().and_then(|c| c.first()).map(tls::peer_identity);
+        let client_id = match client_id {
+            Some(Ok(id)) if id.trust_domain == self.trust_domain => id,
+            other => {
+                let why = match other {
+                    Some(Ok(id)) => format!("identity {id} is from another trust domain"),
+                    Some(Err(e)) => e,
+                    None => "no client certificate".into(),
+                };
+                warn!(%peer, reason = %why, "HBONE client identity rejected");
+                self.metrics.tls_failures.get_or_create(&ErrorLabels { reason: "bad_client_identity" }).inc();
+                return;
+            }
+        };
+        let server_id = session.server_name().and_then(|n| Identity::from_sni(n, &self.trust_domain));
+        let Some(server_id) = server_id else {
+            self.metrics.tls_failures.get_or_create(&ErrorLabels { reason: "no_server_name" }).inc();
+            return;
+        };
+        debug!(%peer, client = %client_id, server = %server_id, "HBONE connection accepted");
+        let this = self.clone();
+        let svc = service_fn(move |req| {
+            let this = this.clone();
+            let (client_id, server_id) = (client_id.clone(), server_id.clone());
+            async move { Ok::<_, Infallible>(this.stream(req, peer, client_id, server_id).await) }
+        });
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .initial_stream_window_size(4 * 1024 * 1024)
+            .initial_connection_window_size(16 * 1024 * 1024)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .serve_connection(TokioIo::new(tls), svc);
+        let mut conn = std::pin::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => if let Err(e) = r { debug!(%peer, error = %e, "HBONE connection error") },
+            _ = stop.cancelled() => {
+                // Drain: GOAWAY, let open streams finish.
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+
+    fn reject(&self, status: StatusCode, reason: &'static str, detail: String) -> Response<Empty<Bytes>> {
+        self.metrics.rejected.get_or_create(&ErrorLabels { reason }).inc();
+        warn!(status = status.as_u16(), reason, "{detail}");
+        Response::builder()
+            .status(status)
+            .header(REASON_HEADER, reason)
+            .body(Empty::new())
+            .expect("static response parts are valid")
+    }
+
+    async fn stream(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        client_id: Identity,
+        server_id: Identity,
+    ) -> Response<Empty<Bytes>> {
+        if req.method() != Method::CONNECT {
+            return self.reject(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "not_connect",
+                format!("HBONE request from {client_id} is {} , not CONNECT", req.method()),
+            );
+        }
+        let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok()) else {
+            return self.reject(
+                StatusCode::BAD_REQUEST,
+                "bad_authority",
+                format!("HBONE CONNECT from {client_id} has no ip:port authority ({:?})", req.uri()),
+            );
+        };
+        let (dst, decision) = {
+            let idx = self.pods.borrow();
+            let Some(pod) = idx.by_ip(*target.ip()).filter(|p| idx.is_local(p) && p.workload.meshed) else {
+                return self.reject(
+                    StatusCode::NOT_FOUND,
+                    "not_on_this_node",
+                    format!("HBONE CONNECT from {client_id} to {target}: no meshed pod with that address on this node"),
+                );
+            };
+            let dst_id = pod.workload.identity(&self.trust_domain);
+            if dst_id != server_id {
+                return self.reject(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "identity_mismatch",
+                    format!("HBONE CONNECT from {client_id} to {target} ({dst_id}) on a connection for {server_id}"),
+                );
+            }
+            let decision = authz::evaluate(&idx.authz, &client_id, &pod.workload, target.port());
+            (pod.key.clone(), decision)
+        };
+        if decision != Decision::Allow {
+            self.metrics.denied.get_or_create(&ErrorLabels { reason: decision.reason() }).inc();
+            let rule = match &decision {
+                Decision::Denied(r) => r.clone(),
+                _ => "-".into(),
+            };
+            warn!(src = %client_id, dst = %server_id, %target, reason = decision.reason(), rule, "connection denied by authorization policy");
+            return Response::builder()
+                .status(StatusCode::FORBIDDEN)
+                .header(REASON_HEADER, decision.reason())
+                .body(Empty::new())
+                .expect("static response parts are valid");
+        }
+        let upstream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return self.reject(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "pod_refused",
+                    format!("HBONE CONNECT to {target}: the pod refused ({e})"),
+                );
+            }
+            Err(_) => {
+                return self.reject(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "pod_timeout",
+                    format!("HBONE CONNECT to {target}: connecting to the pod timed out"),
+                );
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        self.metrics.accepted.inc();
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let id = this.conns.open(ConnRecord {
+                direction: Direction::Inbound,
+                security: Security::MutualTls,
+                client: peer,
+                source_identity: Some(client_id.to_string()),
+                destination_identity: Some(server_id.to_string()),
+                destination_pod: Some(dst),
+                original_dst: target,
+                ..Default::default()
+            });
+            let started = Instant::now();
+            let (sent, received, error) = match on_upgrade.await {
+                Ok(up) => {
+                    let mut tunnel = TokioIo::new(up);
+                    let mut upstream = upstream;
+                    match tokio::io::copy_bidirectional_with_sizes(
+                        &mut tunnel,
+                        &mut upstream,
+                        this.copy_buffer,
+                        this.copy_buffer,
+                    )
+                    .await
+                    {
+                        Ok((s, r)) => (s, r, None),
+                        Err(e) => (0, 0, Some(e.to_string())),
+                    }
+                }
+                Err(e) => (0, 0, Some(format!("upgrade failed: {e}"))),
+            };
+            if let Some(rec) = this.conns.close(id, started.elapsed(), sent, received, error) {
+                info!(
+                    target: "access",
+                    direction = "inbound",
+                    src_identity = rec.source_identity.as_deref().unwrap_or("-"),
+                    dst = %rec.original_dst,
+                    dst_pod = rec.destination_pod.as_deref().unwrap_or("-"),
+                    sent, received,
+                    duration_ms = rec.duration_ms,
+                    error = rec.error.as_deref().unwrap_or("-"),
+                    "inbound connection"
+                );
+            }
+        });
+        Response::new(Empty::new())
+    }
+}

@@ -1,0 +1,288 @@
+//! HBONE client: pooled mTLS HTTP/2 connections to other nodes' proxies, one `CONNECT` stream
+//! per proxied TCP connection.
+//!
+//! Connections are pooled per (source identity, destination identity, destination node): the
+//! client certificate is the source workload's and the server must present the destination
+//! workload's, so a connection can only carry streams between that pair. A connection takes at
+//! most `max_streams` streams at once; beyond that another is opened. A connection made with a
+//! certificate that has since been renewed takes no new streams (its open streams finish), and
+//! one idle for `idle` is closed.
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, SocketAddrV4},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Method, Request, StatusCode, client::conn::http2::SendRequest, upgrade::Upgraded};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tracing::{debug, info};
+
+use crate::{
+    identity::{Identity, manager::CertManager},
+    tls::{self, TrustBundle},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("no certificate for source identity {0} on this node")]
+    NoSourceCert(String),
+    #[error("connecting to HBONE peer {peer} failed: {source}; maybe a NetworkPolicy or firewall blocks port 15008")]
+    Connect { peer: SocketAddr, source: std::io::Error },
+    #[error("connecting to HBONE peer {0} timed out; maybe a NetworkPolicy or firewall blocks port 15008")]
+    ConnectTimeout(SocketAddr),
+    #[error("mTLS handshake with {peer} failed ({reason}): {source}")]
+    Tls { peer: SocketAddr, reason: &'static str, source: std::io::Error },
+    #[error("HTTP/2 with {peer} failed: {source}")]
+    H2 { peer: SocketAddr, source: hyper::Error },
+    #[error("peer {peer} answered CONNECT {target} with {status}{}", reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default())]
+    Status { peer: SocketAddr, target: SocketAddrV4, status: StatusCode, reason: Option<String> },
+    #[error("tunnel upgrade failed: {0}")]
+    Upgrade(hyper::Error),
+}
+
+impl HboneError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HboneError::NoSourceCert(_) => "no_source_certificate",
+            HboneError::Connect { .. } => "hbone_connect_failed",
+            HboneError::ConnectTimeout(_) => "hbone_connect_timeout",
+            HboneError::Tls { .. } => "hbone_tls_failed",
+            HboneError::H2 { .. } | HboneError::Upgrade(_) => "hbone_h2_failed",
+            HboneError::Status { status, .. } if *status == StatusCode::FORBIDDEN => "hbone_denied",
+            HboneError::Status { .. } => "hbone_rejected",
+        }
+    }
+}
+
+/// The header a server sets on a non-200 CONNECT answer to say why.
+pub const REASON_HEADER: &str = "x-switchyard-reason";
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    src: Identity,
+    dst: Identity,
+    peer: SocketAddr,
+}
+
+struct Conn {
+    send: SendRequest<Empty<Bytes>>,
+    active: Arc<AtomicUsize>,
+    cert_generation: u64,
+    last_used: Mutex<Instant>,
+}
+
+#[derive(Clone, Default)]
+pub struct PoolMetrics {
+    /// mTLS handshakes made by the client side (one per pooled connection).
+    pub handshakes: Counter,
+    pub open_connections: Gauge,
+}
+
+pub struct Pool {
+    certs: Arc<CertManager>,
+    bundle: TrustBundle,
+    connect_timeout: Duration,
+    max_streams: usize,
+    idle: Duration,
+    slots: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<Vec<Arc<Conn>>>>>>,
+    pub metrics: PoolMetrics,
+}
+
+/// An open tunnel. Holding it counts as a stream on its pooled connection.
+pub struct Tunnel {
+    pub io: TokioIo<Upgraded>,
+    _stream: StreamGuard,
+}
+
+struct StreamGuard(Arc<Conn>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        *self.0.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+}
+
+impl Pool {
+    pub fn new(
+        certs: Arc<CertManager>,
+        bundle: TrustBundle,
+        connect_timeout: Duration,
+        max_streams: usize,
+        idle: Duration,
+    ) -> Self {
+        Pool {
+            certs,
+            bundle,
+            connect_timeout,
+            max_streams,
+            idle,
+            slots: Mutex::default(),
+            metrics: PoolMetrics::default(),
+        }
+    }
+
+    /// Opens a tunnel from `src` to `target` (a pod of identity `dst`) through the node proxy at
+    /// `peer`.
+    pub async fn connect(
+        &self,
+        src: &Identity,
+        dst: &Identity,
+        peer: SocketAddr,
+        target: SocketAddrV4,
+    ) -> Result<Tunnel, HboneError> {
+        let cert = self.certs.get(src).ok_or_else(|| HboneError::NoSourceCert(src.to_string()))?;
+        let key = Key { src: src.clone(), dst: dst.clone(), peer };
+        let slot = self.slots.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().clone();
+        let conn = {
+            let mut conns = slot.lock().await;
+            conns.retain(|c| !c.send.is_closed());
+            let reusable = conns.iter().find(|c| {
+                c.cert_generation == cert.generation
+                    && c.send.is_ready()
+                    && c.active.load(Ordering::Acquire) < self.max_streams
+            });
+            match reusable {
+                Some(c) => c.clone(),
+                None => {
+                    let c = Arc::new(self.open(&cert, dst, peer).await?);
+                    conns.push(c.clone());
+                    c
+                }
+            }
+        };
+        conn.active.fetch_add(1, Ordering::AcqRel);
+        let guard = StreamGuard(conn.clone());
+        let mut send = conn.send.clone();
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .body(Empty::<Bytes>::new())
+            .expect("CONNECT request parts are valid");
+        let resp = send.send_request(req).await.map_err(|source| HboneError::H2 { peer, source })?;
+        if resp.status() != StatusCode::OK {
+            let reason = resp.headers().get(REASON_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            return Err(HboneError::Status { peer, target, status: resp.status(), reason });
+        }
+        let upgraded = hyper::upgrade::on(resp).await.map_err(HboneError::Upgrade)?;
+        Ok(Tunnel { io: TokioIo::new(upgraded), _stream: guard })
+    }
+
+    async fn open(
+        &self,
+        cert: &crate::identity::manager::WorkloadCert,
+        dst: &Identity,
+        peer: SocketAddr,
+    ) -> Result<Conn, HboneError> {
+        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(peer)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(HboneError::Connect { peer, source }),
+            Err(_) => return Err(HboneError::ConnectTimeout(peer)),
+        };
+        let _ = tcp.set_nodelay(true);
+        let config = tls::client_config(cert.key.clone(), dst.clone(), &self.bundle);
+        let server_name = ServerName::try_from(dst.sni()).map_err(|e| HboneError::Tls {
+            peer,
+            reason: "bad_server_name",
+            source: std::io::Error::other(e),
+        })?;
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let handshake = tokio::time::timeout(self.connect_timeout, connector.connect(server_name, tcp));
+        let tls = match handshake.await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(HboneError::Tls { peer, reason: tls::failure_reason(&source), source }),
+            Err(_) => {
+                let source = std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out");
+                return Err(HboneError::Tls { peer, reason: "timeout", source });
+            }
+        };
+        self.metrics.handshakes.inc();
+        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .initial_stream_window_size(4 * 1024 * 1024)
+            .initial_connection_window_size(16 * 1024 * 1024)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|source| HboneError::H2 { peer, source })?;
+        info!(%peer, dst = %dst, generation = cert.generation, "HBONE connection opened");
+        let gauge = self.metrics.open_connections.clone();
+        gauge.inc();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "HBONE connection ended with an error");
+            }
+            gauge.dec();
+        });
+        Ok(Conn {
+            send,
+            active: Arc::new(AtomicUsize::new(0)),
+            cert_generation: cert.generation,
+            last_used: Mutex::new(Instant::now()),
+        })
+    }
+
+    /// Closes connections with no stream for longer than the idle time. Returns how many.
+    pub async fn reap(&self) -> usize {
+        let slots: Vec<_> = self.slots.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let mut closed = 0;
+        for slot in slots {
+            let mut conns = slot.lock().await;
+            let before = conns.len();
+            conns.retain(|c| {
+                let idle = c.active.load(Ordering::Acquire) == 0
+                    && c.last_used.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= self.idle;
+                !idle && !c.send.is_closed()
+            });
+            closed += before - conns.len();
+        }
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, s| s.try_lock().map_or(true, |c| !c.is_empty()));
+        closed
+    }
+
+    /// Runs [`Pool::reap`] periodically until `stop`.
+    pub async fn run_reaper(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let period = (self.idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            let n = self.reap().await;
+            if n > 0 {
+                debug!(closed = n, "idle HBONE connections released");
+            }
+        }
+    }
+
+    /// Pooled connections per destination node, for the admin API.
+    pub fn snapshot(&self) -> Vec<serde_json::Value> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .iter()
+            .map(|(k, s)| {
+                let conns =
+                    s.try_lock().map(|c| c.iter().map(|c| c.active.load(Ordering::Relaxed)).collect::<Vec<_>>());
+                serde_json::json!({
+                    "src": k.src.to_string(),
+                    "dst": k.dst.to_string(),
+                    "peer": k.peer.to_string(),
+                    "streams_per_connection": conns.unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,261 @@
+//! rustls configurations for HBONE: TLS 1.3 only, ALPN `h2`, one crypto provider (ring).
+//!
+//! * Server (inbound, port 15008): presents the certificate of the workload the client asked
+//!   for by server name ([`Identity::sni`]), requires a client certificate chaining to the trust
+//!   bundle, and the caller reads the client's SPIFFE ID with [`peer_identity`].
+//! * Client (outbound): presents the source workload's certificate and accepts only a server
+//!   certificate that chains to the bundle, is within its validity period, and carries exactly
+//!   the expected SPIFFE ID ([`SpiffeServerVerifier`]); SPIFFE IDs are URI SANs, which the stock
+//!   verifier (DNS names) cannot check.
+use std::{fmt, sync::Arc};
+
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error as TlsError, RootCertStore,
+    ServerConfig, SignatureScheme,
+    client::{
+        ResolvesClientCert,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    },
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime},
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    sign::CertifiedKey,
+};
+
+use crate::identity::{Identity, manager::CertManager};
+
+pub const ALPN_H2: &[u8] = b"h2";
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("trust bundle certificate {0} is not a usable trust anchor: {1}")]
+    Anchor(usize, webpki::Error),
+    #[error("trust bundle: {0}")]
+    Store(TlsError),
+}
+
+/// The roots workload certificates must chain to (several during a CA rotation).
+#[derive(Clone)]
+pub struct TrustBundle {
+    roots: Arc<RootCertStore>,
+    anchors: Arc<Vec<TrustAnchor<'static>>>,
+}
+
+impl fmt::Debug for TrustBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TrustBundle({} roots)", self.anchors.len())
+    }
+}
+
+impl TrustBundle {
+    pub fn new(certs: &[CertificateDer<'static>]) -> Result<Self, BundleError> {
+        let mut roots = RootCertStore::empty();
+        let mut anchors = Vec::new();
+        for (i, c) in certs.iter().enumerate() {
+            anchors.push(webpki::anchor_from_trusted_cert(c).map_err(|e| BundleError::Anchor(i, e))?.to_owned());
+            roots.add(c.clone()).map_err(BundleError::Store)?;
+        }
+        Ok(TrustBundle { roots: Arc::new(roots), anchors: Arc::new(anchors) })
+    }
+}
+
+/// The SPIFFE ID in a certificate: exactly one `spiffe://` URI SAN.
+pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<Identity, String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| format!("unparsable certificate: {e}"))?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| format!("bad subjectAltName: {e}"))?
+        .ok_or("certificate has no subjectAltName")?;
+    let mut ids = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
+        _ => None,
+    });
+    let first = ids.next().ok_or("certificate has no SPIFFE ID")?;
+    if ids.next().is_some() {
+        return Err("certificate has more than one SPIFFE ID".into());
+    }
+    Identity::parse(first).map_err(|e| e.to_string())
+}
+
+fn webpki_to_tls(e: webpki::Error) -> TlsError {
+    use webpki::Error as E;
+    TlsError::InvalidCertificate(match e {
+        E::CertExpired { .. } => CertificateError::Expired,
+        E::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        E::UnknownIssuer => CertificateError::UnknownIssuer,
+        E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        E::CertRevoked => CertificateError::Revoked,
+        other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("server presented {got}, expected {expected}")]
+pub struct WrongIdentity {
+    pub expected: String,
+    pub got: String,
+}
+
+/// Client-side verification of the HBONE server: chain, validity, expected SPIFFE ID.
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    bundle: TrustBundle,
+    expected: Identity,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_to_tls)?;
+        cert.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            &self.bundle.anchors,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(webpki_to_tls)?;
+        let got = peer_identity(end_entity).map_err(|e| {
+            TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(std::io::Error::other(
+                e,
+            )))))
+        })?;
+        if got != self.expected {
+            return Err(TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+                WrongIdentity { expected: self.expected.to_string(), got: got.to_string() },
+            )))));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        Err(TlsError::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct FixedClientCert(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for FixedClientCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Client config for one (source identity, expected destination identity) pair.
+pub fn client_config(source_cert: Arc<CertifiedKey>, expected: Identity, bundle: &TrustBundle) -> Arc<ClientConfig> {
+    let provider = provider();
+    let mut cfg = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("ring supports TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier { bundle: bundle.clone(), expected, provider }))
+        .with_client_cert_resolver(Arc::new(FixedClientCert(source_cert)));
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // One handshake per pooled connection; resumption would skip certificate checks on the
+    // server's side of later connections.
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Arc::new(cfg)
+}
+
+/// Picks the certificate of the identity named by the client's SNI, if this node holds it.
+#[derive(Debug)]
+struct SniResolver {
+    certs: Arc<CertManager>,
+    trust_domain: String,
+}
+
+impl fmt::Debug for CertManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CertManager")
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let id = Identity::from_sni(hello.server_name()?, &self.trust_domain)?;
+        self.certs.get(&id).map(|c| c.key.clone())
+    }
+}
+
+/// Inbound (HBONE server) config.
+pub fn server_config(
+    certs: Arc<CertManager>,
+    trust_domain: &str,
+    bundle: &TrustBundle,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(bundle.roots.clone(), provider.clone())
+        .build()
+        .map_err(|e| TlsError::General(e.to_string()))?;
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(SniResolver { certs, trust_domain: trust_domain.into() }));
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Ok(Arc::new(cfg))
+}
+
+/// A short, stable reason for a failed handshake, for logs and metric labels.
+pub fn failure_reason(e: &std::io::Error) -> &'static str {
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<TlsError>()) else {
+        return match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => "eof",
+            std::io::ErrorKind::TimedOut => "timeout",
+            _ => "io",
+        };
+    };
+    match tls {
+        TlsError::InvalidMessage(_) | TlsError::InappropriateMessage { .. } => "not_tls",
+        TlsError::InvalidCertificate(CertificateError::Expired) => "expired_certificate",
+        TlsError::InvalidCertificate(CertificateError::NotValidYet) => "not_yet_valid_certificate",
+        TlsError::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
+        TlsError::InvalidCertificate(CertificateError::Other(o)) if o.0.downcast_ref::<WrongIdentity>().is_some() => {
+            "wrong_identity"
+        }
+        TlsError::InvalidCertificate(_) => "invalid_certificate",
+        TlsError::NoCertificatesPresented => "no_client_certificate",
+        TlsError::PeerIncompatible(_) => "incompatible",
+        TlsError::AlertReceived(_) => "alert_received",
+        TlsError::NoApplicationProtocol => "no_alpn",
+        _ => "tls_error",
+    }
+}
+
+pub type DistinguishedNames = Vec<DistinguishedName>;
