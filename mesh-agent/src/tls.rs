@@ -232,6 +232,16 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
+/// A readable description of a handshake error (rustls shows custom verifier errors with
+/// their Debug form; this shows their message).
+pub fn describe(e: &std::io::Error) -> String {
+    match e.get_ref().and_then(|i| i.downcast_ref::<TlsError>()) {
+        Some(TlsError::InvalidCertificate(CertificateError::Other(o))) => format!("invalid peer certificate: {}", o.0),
+        Some(t) => t.to_string(),
+        None => e.to_string(),
+    }
+}
+
 /// A short, stable reason for a failed handshake, for logs and metric labels.
 pub fn failure_reason(e: &std::io::Error) -> &'static str {
     let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<TlsError>()) else {

@@ -182,6 +182,8 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 #[derive(Debug, Clone)]
 pub struct Pod {
     pub name: String,
+    /// Name of the node it runs on.
+    pub node: String,
     pub namespace: String,
     pub service_account: String,
     pub netns: String,
@@ -314,12 +316,20 @@ pub fn output_timeout(mut cmd: Command, timeout: Duration) -> Result<Output> {
 /// A simulated node: network namespace, bridge, cgroup, pods, and (once started) an agent.
 pub struct Node {
     pub id: String,
+    /// Node name as the agent and the workload file know it.
+    pub name: String,
     pub netns: String,
     pub cgroup: PathBuf,
     pub gateway: Ipv4Addr,
     pub pods: Vec<Pod>,
     pub namespaces: Vec<(String, bool)>,
     pub dir: PathBuf,
+    /// Address on the network between nodes (cluster nodes only).
+    pub underlay: Option<Ipv4Addr>,
+    /// The workload file the agent reads; a cluster's nodes share one.
+    workloads: PathBuf,
+    /// Namespace annotations written for a standalone node: (namespace, meshed, mtls mode).
+    pub mtls_modes: Vec<(String, String)>,
     agent: Option<Child>,
     cluster_cgroup: PathBuf,
 }
@@ -327,8 +337,12 @@ pub struct Node {
 impl Node {
     /// Creates an empty node. `subnet` is the third octet of its pod range 10.244.<subnet>.0/24.
     pub fn new(name: &str, subnet: u8) -> Result<Node> {
+        Self::with_id(&new_id(), name, subnet)
+    }
+
+    fn with_id(id: &str, name: &str, subnet: u8) -> Result<Node> {
         SWEEP.call_once(sweep_leftovers);
-        let id = format!("{PREFIX}{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let id = id.to_string();
         let netns = format!("{id}-{name}");
         let mount = cgroup2_mount()?;
         let cluster_cgroup = mount.join(CGROUP_DIR).join(&id);
@@ -337,12 +351,16 @@ impl Node {
         let gateway = Ipv4Addr::new(10, 244, subnet, 1);
         let node = Node {
             id,
+            name: name.into(),
             netns: netns.clone(),
             cgroup: cgroup.clone(),
             gateway,
             pods: vec![],
             namespaces: vec![],
             dir: dir.clone(),
+            underlay: None,
+            workloads: dir.join("workloads.yaml"),
+            mtls_modes: vec![],
             agent: None,
             cluster_cgroup,
         };
@@ -375,6 +393,7 @@ impl Node {
         ip(&["-n", &netns, "route", "add", "default", "via", &self.gateway.to_string()])?;
         let pod = Pod {
             name: name.into(),
+            node: self.name.clone(),
             namespace: namespace.into(),
             service_account: name.into(),
             netns,
@@ -387,48 +406,19 @@ impl Node {
     }
 
     /// Sets whether a namespace carries `switchyard.io/mesh: enabled`.
+    /// (Standalone node; a cluster's namespaces are set on the cluster.)
     pub fn set_namespace_meshed(&mut self, namespace: &str, meshed: bool) {
         self.namespaces.retain(|(n, _)| n != namespace);
         self.namespaces.push((namespace.into(), meshed));
     }
 
     pub fn workload_file(&self) -> PathBuf {
-        self.dir.join("workloads.yaml")
+        self.workloads.clone()
     }
 
     /// Writes the local-mode workload file (atomically, as a ConfigMap update would).
     pub fn write_workloads(&self) -> Result<()> {
-        let mut y = String::from("namespaces:\n");
-        for (ns, meshed) in &self.namespaces {
-            y += &format!("  - name: {ns}\n");
-            if *meshed {
-                y += "    annotations: {switchyard.io/mesh: enabled}\n";
-            }
-        }
-        y += "pods:\n";
-        for p in &self.pods {
-            y += &format!(
-                "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    ip: {}\n    cgroup: {}\n",
-                p.name,
-                p.namespace,
-                p.service_account,
-                p.ip,
-                p.cgroup.display()
-            );
-            if let Some(a) = &p.annotation {
-                y += &format!("    annotations: {{switchyard.io/mesh: {a}}}\n");
-            }
-        }
-        let tmp = self.dir.join(".workloads.yaml.tmp");
-        std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)?
-            .write_all(y.as_bytes())?;
-        std::fs::rename(&tmp, self.workload_file())?;
-        Ok(())
+        write_atomic(&self.workloads, &workload_yaml(&[], &self.namespaces, &self.mtls_modes, &self.pods, ""))
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -438,10 +428,12 @@ impl Node {
     /// Starts the real `mesh-agent` binary inside the node's network namespace and waits until
     /// it reports ready. Its log goes to `<dir>/agent.log`.
     pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
-        self.write_workloads()?;
-        let log = std::fs::File::create(self.dir.join("agent.log"))?;
+        if self.underlay.is_none() {
+            self.write_workloads()?;
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agent.log"))?;
         let mut cmd = Command::new(bin_path("mesh-agent")?);
-        cmd.args(["run", "--node-name", &self.netns, "--workloads"])
+        cmd.args(["run", "--node-name", &self.name, "--workloads"])
             .arg(self.workload_file())
             .arg("--cgroup-root")
             .arg(&self.cgroup)
@@ -539,6 +531,239 @@ impl Drop for Node {
         let _ = ip(&["netns", "del", &self.netns]);
         let _ = std::fs::remove_dir(&self.cluster_cgroup);
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn new_id() -> String {
+    format!("{PREFIX}{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(&tmp)?
+        .write_all(text.as_bytes())?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// The workload file for nodes `nodes` (name, address), namespaces, pods and raw
+/// authorization YAML (a list, or empty).
+fn workload_yaml(
+    nodes: &[(String, Ipv4Addr)],
+    namespaces: &[(String, bool)],
+    mtls_modes: &[(String, String)],
+    pods: &[Pod],
+    authz: &str,
+) -> String {
+    let mut y = String::from("nodes:\n");
+    for (n, a) in nodes {
+        y += &format!("  - {{name: {n}, address: {a}}}\n");
+    }
+    y += "namespaces:\n";
+    for (ns, meshed) in namespaces {
+        y += &format!("  - name: {ns}\n    annotations: {{");
+        if *meshed {
+            y += "switchyard.io/mesh: enabled, ";
+        }
+        if let Some((_, mode)) = mtls_modes.iter().find(|(n, _)| n == ns) {
+            y += &format!("switchyard.io/mtls-mode: {mode}");
+        }
+        y += "}\n";
+    }
+    y += "pods:\n";
+    for p in pods {
+        y += &format!(
+            "  - name: {}\n    namespace: {}\n    node: {}\n    serviceAccount: {}\n    ip: {}\n    cgroup: {}\n",
+            p.name,
+            p.namespace,
+            p.node,
+            p.service_account,
+            p.ip,
+            p.cgroup.display()
+        );
+        if let Some(a) = &p.annotation {
+            y += &format!("    annotations: {{switchyard.io/mesh: {a}}}\n");
+        }
+    }
+    if !authz.trim().is_empty() {
+        y += "authorization:\n";
+        y += authz;
+    }
+    y
+}
+
+/// Several nodes joined by a network of their own: a namespace with a bridge, each node
+/// attached at 192.168.77.<subnet> with routes to the others' pod ranges. One workload file
+/// describes the whole cluster; one CA signs for every node.
+pub struct Cluster {
+    pub id: String,
+    /// The network namespace holding the bridge between the nodes.
+    pub netns: String,
+    pub nodes: Vec<Node>,
+    pub namespaces: Vec<(String, bool)>,
+    pub mtls_modes: Vec<(String, String)>,
+    /// Raw YAML list items for `authorization:`.
+    pub authz: String,
+    pub dir: PathBuf,
+    pub ca_dir: PathBuf,
+}
+
+impl Cluster {
+    pub fn new() -> Result<Cluster> {
+        SWEEP.call_once(sweep_leftovers);
+        let id = new_id();
+        let netns = format!("{id}-net");
+        let dir = std::env::temp_dir().join(&netns);
+        std::fs::create_dir_all(&dir)?;
+        let ca_dir = dir.join("ca");
+        let cluster = Cluster {
+            id,
+            netns: netns.clone(),
+            nodes: vec![],
+            namespaces: vec![],
+            mtls_modes: vec![],
+            authz: String::new(),
+            dir,
+            ca_dir: ca_dir.clone(),
+        };
+        ip(&["netns", "add", &netns])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &netns, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &netns, "link", "set", "br0", "up"])?;
+        let out = Command::new(bin_path("mesh-agent")?).args(["ca", "init", "--dir"]).arg(&ca_dir).output()?;
+        if !out.status.success() {
+            bail!("mesh-agent ca init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(cluster)
+    }
+
+    /// Adds a node with pod range 10.244.<subnet>.0/24 at 192.168.77.<subnet>.
+    pub fn add_node(&mut self, name: &str, subnet: u8) -> Result<usize> {
+        let mut node = Node::with_id(&self.id, name, subnet)?;
+        let underlay = Ipv4Addr::new(192, 168, 77, subnet);
+        let ul = format!("ul{subnet}");
+        ip(&["-n", &self.netns, "link", "add", &ul, "type", "veth", "peer", "name", "eth0", "netns", &node.netns])?;
+        ip(&["-n", &self.netns, "link", "set", &ul, "master", "br0", "up"])?;
+        ip(&["-n", &node.netns, "addr", "add", &format!("{underlay}/24"), "dev", "eth0"])?;
+        ip(&["-n", &node.netns, "link", "set", "eth0", "up"])?;
+        run(Command::new("ip").args(["netns", "exec", &node.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
+        for other in &self.nodes {
+            let (o_ul, o_gw) = (other.underlay.unwrap(), other.gateway.octets());
+            ip(&["-n", &node.netns, "route", "add", &format!("10.244.{}.0/24", o_gw[2]), "via", &o_ul.to_string()])?;
+            ip(&["-n", &other.netns, "route", "add", &format!("10.244.{subnet}.0/24"), "via", &underlay.to_string()])?;
+        }
+        node.underlay = Some(underlay);
+        node.workloads = self.dir.join("cluster.yaml");
+        self.nodes.push(node);
+        Ok(self.nodes.len() - 1)
+    }
+
+    pub fn node(&mut self, name: &str) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.name == name).expect("no such node")
+    }
+
+    pub fn set_namespace(&mut self, namespace: &str, meshed: bool, mtls_mode: Option<&str>) {
+        self.namespaces.retain(|(n, _)| n != namespace);
+        self.namespaces.push((namespace.into(), meshed));
+        self.mtls_modes.retain(|(n, _)| n != namespace);
+        if let Some(m) = mtls_mode {
+            self.mtls_modes.push((namespace.into(), m.into()));
+        }
+    }
+
+    pub fn write_workloads(&self) -> Result<()> {
+        let nodes: Vec<_> = self.nodes.iter().map(|n| (n.name.clone(), n.underlay.unwrap())).collect();
+        let pods: Vec<Pod> = self.nodes.iter().flat_map(|n| n.pods.clone()).collect();
+        write_atomic(
+            &self.dir.join("cluster.yaml"),
+            &workload_yaml(&nodes, &self.namespaces, &self.mtls_modes, &pods, &self.authz),
+        )
+    }
+
+    /// Starts every node's agent with the cluster's CA; `extra` goes to each.
+    pub fn start(&mut self, extra: &[&str]) -> Result<()> {
+        let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        self.start_only(&names.iter().map(String::as_str).collect::<Vec<_>>(), extra)
+    }
+
+    /// Starts the agents of the named nodes only.
+    pub fn start_only(&mut self, names: &[&str], extra: &[&str]) -> Result<()> {
+        self.write_workloads()?;
+        let ca = self.ca_dir.to_string_lossy().into_owned();
+        let mut args = vec!["--ca-dir", ca.as_str()];
+        args.extend_from_slice(extra);
+        for n in self.nodes.iter_mut().filter(|n| names.contains(&n.name.as_str())) {
+            n.start_agent(&args)?;
+        }
+        Ok(())
+    }
+
+    /// Captures everything crossing the bridge between the nodes until the capture is dropped
+    /// (or [`Capture::finish`]ed).
+    pub fn capture(&self) -> Result<Capture> {
+        let file = self.dir.join(format!("capture-{}.pcap", SEQ.fetch_add(1, Ordering::Relaxed)));
+        let mut cmd = Command::new("tcpdump");
+        cmd.args(["-i", "br0", "--immediate-mode", "-U", "-s", "0", "-w"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        enter(&mut cmd, None, &self.netns);
+        let mut child = cmd.spawn().context("tcpdump (installed by `cargo xtask setup`)")?;
+        // tcpdump says "listening on br0" once the capture runs.
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stderr);
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                if line.contains("listening on") {
+                    let _ = tx.send(());
+                }
+                line.clear();
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(10)).map_err(|_| anyhow!("tcpdump did not start"))?;
+        Ok(Capture { child: Some(child), file })
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        let _ = ip(&["netns", "del", &self.netns]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running packet capture.
+pub struct Capture {
+    child: Option<Child>,
+    pub file: PathBuf,
+}
+
+impl Capture {
+    /// Stops the capture and returns the pcap bytes.
+    pub fn finish(mut self) -> Result<Vec<u8>> {
+        self.stop();
+        Ok(std::fs::read(&self.file)?)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

@@ -11,7 +11,10 @@ use anyhow::{Context as _, Result, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM: &str = "llvm-22";
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev", "iproute2"];
+/// llvm for bpf-linker; iproute2 and procps (sysctl) build the simulated cluster; tcpdump captures
+/// the traffic between simulated nodes in the mTLS tests.
+const APT_PACKAGES: &[&str] =
+    &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev", "iproute2", "procps", "tcpdump"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -86,12 +86,15 @@ impl CertManager {
 
     fn build(&self, issued: Issued, generation: u64) -> Result<WorkloadCert, String> {
         let key = rustls::crypto::ring::sign::any_supported_type(&issued.key).map_err(|e| e.to_string())?;
-        let life = issued.not_after.duration_since(issued.not_before).unwrap_or_default();
+        // Half the lifetime asked for, from now: `not_before` is backdated for clock skew and
+        // must not pull renewal forward.
+        let now = SystemTime::now();
+        let renew_at = now + issued.not_after.duration_since(now).unwrap_or_default() / 2;
         Ok(WorkloadCert {
             key: Arc::new(CertifiedKey::new(issued.chain, key)),
             not_before: issued.not_before,
             not_after: issued.not_after,
-            renew_at: issued.not_before + life / 2,
+            renew_at,
             generation,
         })
     }
@@ -190,7 +193,7 @@ mod tests {
     #[test]
     fn issues_renews_at_half_life_keeps_on_failure_and_releases() {
         let (_d, issuer) = flaky();
-        // Lifetime 0 + 60 s backdating: renew_at is 30 s in the past, so every sync renews.
+        // Lifetime 0: expired at once, so never handed out.
         let m = CertManager::new(issuer.clone(), Duration::ZERO);
         let a = Identity::new("cluster.local", "shop", "a");
         let b = Identity::new("cluster.local", "shop", "b");
@@ -203,9 +206,11 @@ mod tests {
         m.sync(&wanted);
         let first = m.get(&a).unwrap();
         assert_eq!(first.generation, 1);
-        // renew_at = not_before + (120 + 60) / 2 = now + 30 s: not due yet.
+        // renew_at = now + 60 s: not due yet.
         m.sync(&wanted);
         assert_eq!(m.get(&a).unwrap().generation, 1);
+        let renew_in = first.renew_at.duration_since(SystemTime::now()).unwrap();
+        assert!(renew_in > Duration::from_secs(55) && renew_in <= Duration::from_secs(60), "{renew_in:?}");
 
         issuer.fail.store(true, Ordering::SeqCst);
         let short = CertManager::new(issuer.clone(), Duration::from_secs(120));

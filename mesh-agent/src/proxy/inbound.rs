@@ -81,7 +81,7 @@ impl Inbound {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 let reason = tls::failure_reason(&e);
-                warn!(%peer, reason, error = %e, "HBONE mTLS handshake rejected");
+                warn!(%peer, reason, error = %tls::describe(&e), "HBONE mTLS handshake rejected");
                 self.metrics.tls_failures.get_or_create(&ErrorLabels { reason }).inc();
                 return;
             }

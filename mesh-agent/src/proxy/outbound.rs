@@ -233,9 +233,11 @@ impl Outbound {
             }
             Route::Hbone { src, dst: dst_id, peer } => {
                 let pool = self.pool.as_ref().expect("route() only picks HBONE with a pool");
-                self.conns.set_security(id, Security::MutualTls, Some(dst_id.to_string()));
                 match pool.connect(&src, &dst_id, peer, orig.dst).await {
-                    Ok(tunnel) => self.copy(client, tunnel.io).await,
+                    Ok(tunnel) => {
+                        self.conns.set_security(id, Security::MutualTls, Some(dst_id.to_string()));
+                        self.copy(client, tunnel.io).await
+                    }
                     Err(e) => {
                         warn!(%src, dst = %dst_id, %peer, error = %e, "HBONE tunnel failed");
                         self.metrics.error(e.reason());

@@ -39,8 +39,8 @@ pub enum HboneError {
     Connect { peer: SocketAddr, source: std::io::Error },
     #[error("connecting to HBONE peer {0} timed out; maybe a NetworkPolicy or firewall blocks port 15008")]
     ConnectTimeout(SocketAddr),
-    #[error("mTLS handshake with {peer} failed ({reason}): {source}")]
-    Tls { peer: SocketAddr, reason: &'static str, source: std::io::Error },
+    #[error("mTLS handshake with {peer} failed ({reason}): {detail}")]
+    Tls { peer: SocketAddr, reason: &'static str, detail: String },
     #[error("HTTP/2 with {peer} failed: {source}")]
     H2 { peer: SocketAddr, source: hyper::Error },
     #[error("peer {peer} answered CONNECT {target} with {status}{}", reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default())]
@@ -193,17 +193,16 @@ impl Pool {
         let server_name = ServerName::try_from(dst.sni()).map_err(|e| HboneError::Tls {
             peer,
             reason: "bad_server_name",
-            source: std::io::Error::other(e),
+            detail: e.to_string(),
         })?;
         let connector = tokio_rustls::TlsConnector::from(config);
         let handshake = tokio::time::timeout(self.connect_timeout, connector.connect(server_name, tcp));
         let tls = match handshake.await {
             Ok(Ok(s)) => s,
-            Ok(Err(source)) => return Err(HboneError::Tls { peer, reason: tls::failure_reason(&source), source }),
-            Err(_) => {
-                let source = std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out");
-                return Err(HboneError::Tls { peer, reason: "timeout", source });
+            Ok(Err(e)) => {
+                return Err(HboneError::Tls { peer, reason: tls::failure_reason(&e), detail: tls::describe(&e) });
             }
+            Err(_) => return Err(HboneError::Tls { peer, reason: "timeout", detail: "handshake timed out".into() }),
         };
         self.metrics.handshakes.inc();
         let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())

@@ -38,6 +38,12 @@ enum Cmd {
         hold: bool,
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
+        /// Payload made of this text repeated (a marker to look for in packet captures).
+        #[arg(long)]
+        text: Option<String>,
+        /// Keep making connections until this much time has passed (ignores --count).
+        #[arg(long)]
+        duration_ms: Option<u64>,
     },
     /// UDP echo server.
     UdpServer {
@@ -56,8 +62,17 @@ enum Cmd {
 fn main() {
     match Cli::parse().cmd {
         Cmd::EchoServer { listen } => echo_server(listen),
-        Cmd::Client { connect, bytes, count, concurrency, hold, timeout_ms } => {
-            client(connect, bytes, count, concurrency.max(1), hold, Duration::from_millis(timeout_ms))
+        Cmd::Client { connect, bytes, count, concurrency, hold, timeout_ms, text, duration_ms } => {
+            let opts = Opts {
+                bytes,
+                count: if duration_ms.is_some() { usize::MAX } else { count },
+                concurrency: concurrency.max(1),
+                hold,
+                timeout: Duration::from_millis(timeout_ms),
+                text,
+                until: duration_ms.map(|d| Instant::now() + Duration::from_millis(d)),
+            };
+            client(connect, opts)
         }
         Cmd::UdpServer { listen } => udp_server(listen),
         Cmd::UdpQuery { to, sendto } => udp_query(to, sendto),
@@ -103,14 +118,28 @@ struct Report {
     elapsed_ms: u128,
 }
 
-fn pattern(conn: usize, len: usize) -> Vec<u8> {
-    (0..len).map(|i| ((i * 31 + conn * 7) % 251) as u8).collect()
+struct Opts {
+    bytes: usize,
+    count: usize,
+    concurrency: usize,
+    hold: bool,
+    timeout: Duration,
+    text: Option<String>,
+    until: Option<Instant>,
+}
+
+fn pattern(conn: usize, len: usize, text: Option<&str>) -> Vec<u8> {
+    match text {
+        Some(t) if !t.is_empty() => t.bytes().cycle().take(len).collect(),
+        _ => (0..len).map(|i| ((i * 31 + conn * 7) % 251) as u8).collect(),
+    }
 }
 
 fn one(
     addr: SocketAddr,
     conn: usize,
     bytes: usize,
+    text: Option<&str>,
     timeout: Duration,
     barrier: Option<&Barrier>,
 ) -> Result<(String, String), String> {
@@ -122,7 +151,7 @@ fn one(
     if let Some(b) = barrier {
         b.wait();
     }
-    let data = pattern(conn, bytes);
+    let data = pattern(conn, bytes, text);
     let writer = {
         let mut w = s.try_clone().map_err(|e| e.to_string())?;
         let data = data.clone();
@@ -140,21 +169,23 @@ fn one(
     Ok((peer, local))
 }
 
-fn client(addr: SocketAddr, bytes: usize, count: usize, concurrency: usize, hold: bool, timeout: Duration) {
+fn client(addr: SocketAddr, o: Opts) {
+    let Opts { bytes, count, concurrency, hold, timeout, text, until } = o;
+    let text = Arc::new(text);
     let start = Instant::now();
     let report = Arc::new(Mutex::new(Report::default()));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let barrier = hold.then(|| Arc::new(Barrier::new(concurrency.min(count))));
     let workers: Vec<_> = (0..concurrency.min(count))
         .map(|_| {
-            let (report, next, barrier) = (report.clone(), next.clone(), barrier.clone());
+            let (report, next, barrier, text) = (report.clone(), next.clone(), barrier.clone(), text.clone());
             std::thread::spawn(move || {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if i >= count {
+                    if i >= count || until.is_some_and(|u| Instant::now() >= u) {
                         return;
                     }
-                    let r = one(addr, i, bytes, timeout, barrier.as_deref());
+                    let r = one(addr, i, bytes, text.as_deref(), timeout, barrier.as_deref());
                     let mut rep = report.lock().unwrap();
                     match r {
                         Ok((peer, local)) => {
