@@ -253,9 +253,14 @@ pub fn failure_reason(e: &std::io::Error) -> &'static str {
     };
     match tls {
         TlsError::InvalidMessage(_) | TlsError::InappropriateMessage { .. } => "not_tls",
-        TlsError::InvalidCertificate(CertificateError::Expired) => "expired_certificate",
-        TlsError::InvalidCertificate(CertificateError::NotValidYet) => "not_yet_valid_certificate",
+        TlsError::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
+            "expired_certificate"
+        }
+        TlsError::InvalidCertificate(CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. }) => {
+            "not_yet_valid_certificate"
+        }
         TlsError::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
+        TlsError::InvalidCertificate(CertificateError::BadSignature) => "bad_signature",
         TlsError::InvalidCertificate(CertificateError::Other(o)) if o.0.downcast_ref::<WrongIdentity>().is_some() => {
             "wrong_identity"
         }

@@ -202,6 +202,249 @@ fn many_connections_share_one_pooled_http2_connection() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn certificates_rotate_every_few_seconds_under_a_minute_of_traffic_without_a_failure() -> Result<()> {
+    if !privileged("rotation") {
+        return Ok(());
+    }
+    // 4 s certificates, renewed every 2 s, on both nodes.
+    let s = setup(41, &["--cert-lifetime-secs", "4"], |_| Ok(()))?;
+    let to = format!("{}:8080", s.server.ip);
+    let r = s.client.workload(
+        &["client", "--connect", &to, "--duration-ms", "60000", "--concurrency", "4", "--bytes", "4096"],
+        Duration::from_secs(120),
+    )?;
+    let ok = r["ok"].as_u64().unwrap();
+    assert_eq!(r["failed"], 0, "{r}");
+    assert!(ok > 100, "{r}");
+    assert_eq!(r["bytes_verified"].as_u64().unwrap(), ok * 4096, "no byte lost: {r}");
+    for (i, node) in s.c.nodes.iter().enumerate() {
+        let certs = node.admin_json("/debug/certs")?;
+        let generation = certs[0]["generation"].as_u64().unwrap();
+        assert!(generation >= 20, "node {i} renewed only {generation} times in a minute: {certs}");
+        assert!(certs[0]["expires_in_secs"].as_i64().unwrap() > 0, "{certs}");
+    }
+    let m = s.c.nodes[0].admin_text("/metrics")?;
+    let handshakes = metric(&m, "switchyard_hbone_client_handshakes_total");
+    assert!(handshakes >= 20.0, "new certificates mean new pooled connections: {handshakes}");
+    // Connections made with old certificates are released, not accumulated.
+    eventually(Duration::from_secs(5), "stale pooled connections released", || {
+        let open = metric(&s.c.nodes[0].admin_text("/metrics").ok()?, "switchyard_hbone_pool_connections");
+        (open <= 2.0).then_some(())
+    })?;
+    Ok(())
+}
+
+/// Accepts any server certificate: the hostile client only cares how the server reacts.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn hostile_config(issued: mesh_agent::identity::issuer::Issued) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_client_auth_cert(issued.chain, issued.key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(cfg)
+}
+
+/// A TLS session to `addr` with the given client certificate; returns what the first read gave.
+fn tls_attempt(cfg: Arc<rustls::ClientConfig>, addr: SocketAddr, sni: &str) -> String {
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let conn = rustls::ClientConnection::new(cfg, name).unwrap();
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    let mut buf = [0u8; 256];
+    match tls.read(&mut buf) {
+        Ok(n) => format!("read {n} bytes"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// CONNECTs over a properly authenticated HBONE connection; returns each answer's status (or
+/// the error).
+fn h2_attempts(
+    cfg: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    sni: &str,
+    reqs: Vec<hyper::Request<http_body_util::Empty<bytes::Bytes>>>,
+) -> Vec<String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+        let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut out = Vec::new();
+        for req in reqs {
+            let r = tokio::time::timeout(Duration::from_secs(5), send.send_request(req)).await;
+            out.push(match r {
+                Ok(Ok(resp)) => resp.status().as_u16().to_string(),
+                Ok(Err(e)) => format!("error: {e}"),
+                Err(_) => "timeout".into(),
+            });
+        }
+        out
+    })
+}
+
+#[test]
+fn hostile_peers_are_rejected_counted_and_logged_and_nothing_crashes() -> Result<()> {
+    if !privileged("hostile_peers") {
+        return Ok(());
+    }
+    let s = setup(39, &[], |_| Ok(()))?;
+    let node_a = s.c.nodes[0].netns.clone();
+    let hbone = SocketAddr::from((s.c.nodes[1].underlay.unwrap(), 15008));
+    let ca = LocalCa::load(&s.c.ca_dir.join("ca.crt"), &s.c.ca_dir.join("ca.key"))?;
+    let other_dir = s.c.dir.join("other-ca");
+    let other_paths = mesh_agent::identity::ca::init(&other_dir, "cluster.local", Duration::from_secs(3600))?;
+    let other_ca = LocalCa::load(&other_paths.cert, &other_paths.key)?;
+    let client_id = Identity::new("cluster.local", "shop", "client");
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let sni = Identity::new("cluster.local", "shop", "server").sni();
+
+    // 1. Plaintext to :15008.
+    in_netns(&node_a, || {
+        let mut t = TcpStream::connect_timeout(&hbone, Duration::from_secs(3)).unwrap();
+        t.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let _ = t.write_all(b"CONNECT 10.244.40.10:8080 HTTP/1.1\r\nHost: x\r\n\r\nhello in plaintext");
+        let mut buf = Vec::new();
+        let _ = t.read_to_end(&mut buf);
+    })?;
+    // 2. A client certificate from another CA.
+    let foreign = hostile_config(other_ca.issue_between(&client_id, now - hour, now + hour)?);
+    // 3. An expired certificate from the real CA.
+    let expired = hostile_config(ca.issue_between(&client_id, now - 2 * hour, now - hour)?);
+    // 4. A real-CA certificate whose identity is from another trust domain.
+    let wrong =
+        hostile_config(ca.issue_between(&Identity::new("evil.example", "shop", "client"), now - hour, now + hour)?);
+    for cfg in [foreign, expired, wrong] {
+        let sni = sni.clone();
+        in_netns(&node_a, move || tls_attempt(cfg, hbone, &sni))?;
+    }
+    // 5. Malformed, oversized and misdirected CONNECTs on a valid mTLS connection.
+    let good = hostile_config(ca.issue_between(&client_id, now - hour, now + hour)?);
+    let connect = |authority: &str| {
+        hyper::Request::builder().method("CONNECT").uri(authority).body(http_body_util::Empty::new()).unwrap()
+    };
+    let huge = "x".repeat(64 * 1024);
+    let reqs = vec![
+        hyper::Request::builder()
+            .method("GET")
+            .uri("https://10.244.40.10/")
+            .body(http_body_util::Empty::new())
+            .unwrap(),
+        connect("not-an-address:8080"),
+        connect(&format!("{}:8080", s.client.ip)),
+        // Last: it ends the whole HTTP/2 connection.
+        hyper::Request::builder()
+            .method("CONNECT")
+            .uri(format!("{}:8080", s.server.ip))
+            .header("x-padding", huge)
+            .body(http_body_util::Empty::new())
+            .unwrap(),
+    ];
+    let answers = in_netns(&node_a, move || h2_attempts(good, hbone, &sni, reqs))?;
+    assert_eq!(answers[0], "405", "{answers:?}");
+    assert_eq!(answers[1], "400", "{answers:?}");
+    assert_eq!(answers[2], "404", "a pod on another node: {answers:?}");
+    assert_ne!(answers[3], "200", "an oversized CONNECT must not be served: {answers:?}");
+
+    let m = s.c.nodes[1].admin_text("/metrics")?;
+    for (reason, n) in
+        [("not_tls", 1.0), ("unknown_issuer", 1.0), ("expired_certificate", 1.0), ("bad_client_identity", 1.0)]
+    {
+        assert_eq!(
+            metric(&m, &format!("switchyard_tls_handshake_failures_total{{reason=\"{reason}\"}}")),
+            n,
+            "{reason}: {m}"
+        );
+    }
+    for reason in ["not_connect", "bad_authority", "not_on_this_node"] {
+        assert_eq!(
+            metric(&m, &format!("switchyard_inbound_rejected_total{{reason=\"{reason}\"}}")),
+            1.0,
+            "{reason}: {m}"
+        );
+    }
+    let log = s.c.nodes[1].agent_log();
+    for needle in [
+        "HBONE mTLS handshake rejected",
+        "reason=\"not_tls\"",
+        "reason=\"unknown_issuer\"",
+        "reason=\"expired_certificate\"",
+        "is from another trust domain",
+        "no meshed pod with that address on this node",
+    ] {
+        assert!(log.contains(needle) || strip_ansi(&log).contains(needle), "log lacks {needle:?}:\n{log}");
+    }
+    // Still serving, still mTLS.
+    let r = run(&s.client, &format!("{}:8080", s.server.ip), &["--count", "5"])?;
+    assert_eq!(r["ok"], 5, "{r}");
+    Ok(())
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Keeps the compiler honest about unused helpers while tests are added.
 #[allow(dead_code)]
 fn _unused(_: Ipv4Addr, _: TcpStream) {

@@ -75,7 +75,10 @@ pub fn init(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<CaPath
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "switchyard");
-    dn.push(DnType::CommonName, format!("switchyard mesh CA ({trust_domain})"));
+    // A name of its own (from its key), so that two CAs, e.g. old and new during a rotation,
+    // are never mistaken for each other when a chain is built.
+    let fp: String = ring_digest(key.public_key_pem().as_bytes()).iter().take(4).map(|b| format!("{b:02x}")).collect();
+    dn.push(DnType::CommonName, format!("switchyard mesh CA {fp} ({trust_domain})"));
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
@@ -87,6 +90,13 @@ pub fn init(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<CaPath
     write(&paths.key, key.serialize_pem().as_bytes(), 0o600)?;
     write(&paths.bundle, cert.pem().as_bytes(), 0o644)?;
     Ok(paths)
+}
+
+fn ring_digest(data: &[u8]) -> Vec<u8> {
+    // SHA-256 through rustls' provider (ring), to avoid another hashing dependency.
+    let provider = rustls::crypto::ring::default_provider();
+    let hash = provider.cipher_suites[0].tls13().map(|s| s.common.hash_provider).expect("TLS 1.3 suite");
+    hash.hash(data).as_ref().to_vec()
 }
 
 fn write(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {

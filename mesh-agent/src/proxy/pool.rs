@@ -231,17 +231,21 @@ impl Pool {
         })
     }
 
-    /// Closes connections with no stream for longer than the idle time. Returns how many.
+    /// Closes connections with no stream that have been idle for longer than the idle time or
+    /// were made with a certificate since renewed. Returns how many.
     pub async fn reap(&self) -> usize {
-        let slots: Vec<_> = self.slots.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let slots: Vec<_> =
+            self.slots.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let mut closed = 0;
-        for slot in slots {
+        for (key, slot) in slots {
+            let current = self.certs.get(&key.src).map(|c| c.generation);
             let mut conns = slot.lock().await;
             let before = conns.len();
             conns.retain(|c| {
-                let idle = c.active.load(Ordering::Acquire) == 0
-                    && c.last_used.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= self.idle;
-                !idle && !c.send.is_closed()
+                let unused = c.active.load(Ordering::Acquire) == 0;
+                let idle = c.last_used.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= self.idle;
+                let stale = current != Some(c.cert_generation);
+                !(unused && (idle || stale)) && !c.send.is_closed()
             });
             closed += before - conns.len();
         }
