@@ -11,7 +11,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps},
 };
 use ipnet::Ipv4Net;
 use mesh_common::{
@@ -25,8 +25,9 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 /// Programs and the attach point each needs, in attach order. sockops goes first so that no
 /// connection is redirected before its records can be tracked.
-pub const PROGRAMS: [(&str, ProgramKind); 5] = [
+pub const PROGRAMS: [(&str, ProgramKind); 6] = [
     (mesh_common::PROG_SOCKOPS, ProgramKind::SockOps),
+    (mesh_common::PROG_INGRESS, ProgramKind::SkbIngress),
     (mesh_common::PROG_GETPEERNAME4, ProgramKind::SockAddr),
     (mesh_common::PROG_GETPEERNAME6, ProgramKind::SockAddr),
     (mesh_common::PROG_CONNECT4, ProgramKind::SockAddr),
@@ -37,6 +38,7 @@ pub const PROGRAMS: [(&str, ProgramKind); 5] = [
 pub enum ProgramKind {
     SockAddr,
     SockOps,
+    SkbIngress,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -217,6 +219,11 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, kind: ProgramKind, cgroup: &File)
             p.load().map_err(perr)?;
             p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
         }
+        ProgramKind::SkbIngress => {
+            let p: &mut CgroupSkb = prog.try_into().map_err(perr)?;
+            p.load().map_err(perr)?;
+            p.attach(cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single).map_err(perr)?;
+        }
     }
     Ok(())
 }
@@ -312,6 +319,10 @@ pub fn verify_programs() -> Result<(), DatapathError> {
             }
             ProgramKind::SockOps => {
                 let p: &mut SockOps = prog.try_into().map_err(perr)?;
+                p.load().map_err(perr)?;
+            }
+            ProgramKind::SkbIngress => {
+                let p: &mut CgroupSkb = prog.try_into().map_err(perr)?;
                 p.load().map_err(perr)?;
             }
         }

@@ -80,8 +80,8 @@ impl PodIndex {
 pub struct Reconciler {
     pub datapath: Arc<Mutex<Option<Datapath>>>,
     pub policy: PodPolicy,
-    /// cgroup id → pod key, as applied to the map.
-    applied: BTreeMap<u64, String>,
+    /// cgroup id → (pod key, flags), as applied to the map.
+    applied: BTreeMap<u64, (String, u16)>,
     /// Pods whose missing cgroup was already reported (avoid a log line a second).
     missing_reported: HashSet<String>,
 }
@@ -96,7 +96,7 @@ impl Reconciler {
         let mut guard = self.datapath.lock().unwrap_or_else(|p| p.into_inner());
         let Some(dp) = guard.as_mut() else { return PodIndex::default() };
         let root = dp.cgroup_root().to_path_buf();
-        let mut desired: BTreeMap<u64, String> = BTreeMap::new();
+        let mut desired: BTreeMap<u64, (String, u16)> = BTreeMap::new();
         let mut statuses = Vec::with_capacity(state.pods.len());
         for (key, w) in &state.pods {
             let local_cgroup = w.cgroup.as_deref().filter(|_| w.node == state.node);
@@ -112,7 +112,11 @@ impl Reconciler {
                         }
                     }
                     Some(id) => {
-                        desired.insert(id, key.clone());
+                        let flags = match w.mtls_mode {
+                            crate::state::MtlsMode::Strict => mesh_common::POD_FLAG_STRICT,
+                            crate::state::MtlsMode::Permissive => 0,
+                        };
+                        desired.insert(id, (key.clone(), flags));
                     }
                     None => {
                         if self.missing_reported.insert(key.clone()) {
@@ -126,25 +130,27 @@ impl Reconciler {
         // Remove first: a recycled cgroup id must not keep the old pod's entry.
         let gone: Vec<u64> = self.applied.keys().filter(|id| !desired.contains_key(id)).copied().collect();
         for id in gone {
-            let key = self.applied.remove(&id).unwrap_or_default();
+            let entry = self.applied.remove(&id).unwrap_or_default();
             match dp.unmesh(id) {
-                Ok(()) => info!(pod = %key, cgroup_id = id, "pod unmeshed"),
+                Ok(()) => info!(pod = %entry.0, cgroup_id = id, "pod unmeshed"),
                 Err(e) => {
-                    warn!(pod = %key, error = %e, "cannot unmesh pod; will retry");
-                    self.applied.insert(id, key);
+                    warn!(pod = %entry.0, error = %e, "cannot unmesh pod; will retry");
+                    self.applied.insert(id, entry);
                 }
             }
         }
-        for (id, key) in &desired {
-            if self.applied.get(id) == Some(key) {
+        for (id, entry) in &desired {
+            if self.applied.get(id) == Some(entry) {
                 continue;
             }
-            match dp.mesh(*id, self.policy) {
+            let (key, flags) = entry;
+            match dp.mesh(*id, PodPolicy { flags: *flags, ..self.policy }) {
                 Ok(()) => {
                     let reason = state.pods.get(key).map(|w| w.reason).unwrap_or(MeshReason::Namespace);
-                    info!(pod = %key, cgroup_id = id, ?reason, "pod meshed");
+                    let strict = *flags & mesh_common::POD_FLAG_STRICT != 0;
+                    info!(pod = %key, cgroup_id = id, ?reason, strict, "pod meshed");
                     self.missing_reported.remove(key);
-                    self.applied.insert(*id, key.clone());
+                    self.applied.insert(*id, entry.clone());
                 }
                 Err(e) => warn!(pod = %key, error = %e, "cannot mesh pod (map full?); its traffic stays direct"),
             }

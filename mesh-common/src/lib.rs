@@ -46,6 +46,11 @@ pub const PROG_CONNECT6: &str = "mesh_connect6";
 pub const PROG_GETPEERNAME4: &str = "mesh_getpeername4";
 pub const PROG_GETPEERNAME6: &str = "mesh_getpeername6";
 pub const PROG_SOCKOPS: &str = "mesh_sockops";
+pub const PROG_INGRESS: &str = "mesh_ingress";
+
+/// [`PodPolicy::flags`] bit: the pod is in a `strict` namespace; TCP connections to it are
+/// accepted only from the node proxy.
+pub const POD_FLAG_STRICT: u16 = 1;
 
 /// Redirect target and options for one meshed pod (value of [`MAP_MESHED_CGROUPS`]).
 #[repr(C)]
@@ -56,7 +61,7 @@ pub struct PodPolicy {
     pub proxy_ip4: u32,
     /// Proxy outbound port, network byte order.
     pub proxy_port: u16,
-    /// Reserved for per-pod flags (fail mode, acceleration); zero today.
+    /// Per-pod flags: [`POD_FLAG_STRICT`].
     pub flags: u16,
 }
 
@@ -135,10 +140,12 @@ pub enum Stat {
     PeernameRestored = 11,
     /// The agent's own connects.
     SkipAgent = 12,
+    /// A SYN to a strict pod from outside the mesh, dropped.
+    StrictDropped = 13,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::MeshedConnects,
         Stat::Redirected,
@@ -153,6 +160,7 @@ impl Stat {
         Stat::Closed,
         Stat::PeernameRestored,
         Stat::SkipAgent,
+        Stat::StrictDropped,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -171,6 +179,7 @@ impl Stat {
             Stat::Closed => "closed",
             Stat::PeernameRestored => "peername_restored",
             Stat::SkipAgent => "skip_agent",
+            Stat::StrictDropped => "strict_dropped",
         }
     }
 }
@@ -203,6 +212,13 @@ pub fn decide_v4(policy: &PodPolicy, dst_ip4: u32, dst_port: u16, bypass_port: b
         return Verdict::Skip(Stat::SkipBypassCidr);
     }
     Verdict::Redirect
+}
+
+/// Strict mode: may a TCP SYN from `src_ip4` (network order) reach a pod with `policy`?
+/// Only the node proxy (which delivers mesh traffic) and the pod's own loopback may connect.
+#[inline(always)]
+pub fn strict_allows(policy: &PodPolicy, src_ip4: u32) -> bool {
+    policy.flags & POD_FLAG_STRICT == 0 || src_ip4 == policy.proxy_ip4 || src_ip4.to_ne_bytes()[0] == 127
 }
 
 /// `::ffff:0:0/96` prefix word as it sits in `bpf_sock_addr.user_ip6[2]` (network order).
@@ -275,6 +291,15 @@ mod tests {
         let dst = ip([10, 96, 0, 10]);
         assert_eq!(decide_v4(&POLICY, dst, port(53), true, false), Verdict::Skip(Stat::SkipBypassPort));
         assert_eq!(decide_v4(&POLICY, dst, port(443), false, true), Verdict::Skip(Stat::SkipBypassCidr));
+    }
+
+    #[test]
+    fn strict_mode_admits_only_the_proxy_and_loopback() {
+        let strict = PodPolicy { flags: POD_FLAG_STRICT, ..POLICY };
+        assert!(strict_allows(&strict, POLICY.proxy_ip4));
+        assert!(strict_allows(&strict, ip([127, 0, 0, 1])));
+        assert!(!strict_allows(&strict, ip([10, 244, 1, 30])));
+        assert!(strict_allows(&POLICY, ip([10, 244, 1, 30])), "permissive admits everyone");
     }
 
     #[test]

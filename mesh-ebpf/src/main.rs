@@ -10,6 +10,9 @@
 //! * `mesh_getpeername4` / `mesh_getpeername6`: `getpeername()` on a redirected socket answers with
 //!   the original destination.
 //!
+//! * `mesh_ingress` (`cgroup_skb/ingress`): in `strict` namespaces, a TCP SYN to a meshed pod
+//!   from anyone but the node proxy is dropped.
+//!
 //! All programs are attached once, to the node's cgroup; which pods are meshed is data
 //! (`MESHED_CGROUPS`), so pods join and leave at run time without re-attaching anything.
 //! Every path returns 1 (allow): a failure never blocks a connection, it only leaves it
@@ -26,17 +29,20 @@ mod programs {
         },
         helpers::{
             bpf_get_current_pid_tgid,
-            generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+            generated::{
+                bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+                bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+            },
         },
-        macros::{cgroup_sock_addr, map, sock_ops},
+        macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
         maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
-        programs::{SockAddrContext, SockOpsContext},
+        programs::{SkBuffContext, SockAddrContext, SockOpsContext},
     };
     use aya_log_ebpf::warn;
     use mesh_common::{
         MAX_BYPASS_CIDRS, MAX_BYPASS_PORTS, MAX_CGROUP_DEPTH, MAX_MESHED_CGROUPS, MAX_REDIRECTED_SOCKETS, MeshConfig,
         ORIG_FLAG_V4_MAPPED, OrigDst, PodPolicy, SockKey4, Stat, Verdict, decide_v4, is_loopback6, mapped_from_v4,
-        v4_from_mapped,
+        strict_allows, v4_from_mapped,
     };
 
     const AF_INET: u32 = 2;
@@ -260,6 +266,62 @@ mod programs {
             count(Stat::Closed);
         }
         1
+    }
+
+    /// The policy of the meshed pod whose socket receives this packet.
+    #[inline(always)]
+    fn receiving_pod(ctx: &SkBuffContext) -> Option<PodPolicy> {
+        let skb = ctx.skb.skb;
+        let id = unsafe { bpf_skb_cgroup_id(skb) };
+        if id == 0 {
+            return None;
+        }
+        if let Some(p) = unsafe { MESHED_CGROUPS.get(&id) } {
+            return Some(*p);
+        }
+        let mut level = 1;
+        while level < MAX_CGROUP_DEPTH {
+            let a = unsafe { bpf_skb_ancestor_cgroup_id(skb, level) };
+            if a == 0 || a == id {
+                break;
+            }
+            if let Some(p) = unsafe { MESHED_CGROUPS.get(&a) } {
+                return Some(*p);
+            }
+            level += 1;
+        }
+        None
+    }
+
+    #[cgroup_skb(ingress)]
+    pub fn mesh_ingress(ctx: SkBuffContext) -> i32 {
+        // 1 = pass, 0 = drop; any failure passes.
+        if try_ingress(&ctx).unwrap_or(true) { 1 } else { 0 }
+    }
+
+    #[inline(always)]
+    fn try_ingress(ctx: &SkBuffContext) -> Result<bool, i64> {
+        // The packet starts at its IPv4 header here. Cheap checks first: only a TCP SYN
+        // (without ACK) costs a map lookup.
+        let ver_ihl: u8 = ctx.load(0)?;
+        if ver_ihl >> 4 != 4 || ctx.load::<u8>(9)? != IPPROTO_TCP as u8 {
+            return Ok(true);
+        }
+        let ihl = ((ver_ihl & 0x0f) as usize) * 4;
+        if ihl < 20 || ihl > 60 {
+            return Ok(true);
+        }
+        let flags: u8 = ctx.load(ihl + 13)?;
+        if flags & 0x02 == 0 || flags & 0x10 != 0 {
+            return Ok(true);
+        }
+        let Some(policy) = receiving_pod(ctx) else { return Ok(true) };
+        let src: u32 = ctx.load(12)?;
+        if strict_allows(&policy, src) {
+            return Ok(true);
+        }
+        count(Stat::StrictDropped);
+        Ok(false)
     }
 
     #[panic_handler]

@@ -768,8 +768,14 @@ impl Drop for Capture {
 }
 
 /// Attach types of the agent's programs (from the kernel's `enum bpf_attach_type`).
-pub const ATTACH_TYPES: [(u32, &str); 5] =
-    [(3, "sock_ops"), (10, "connect4"), (11, "connect6"), (29, "getpeername4"), (30, "getpeername6")];
+pub const ATTACH_TYPES: [(u32, &str); 6] = [
+    (0, "cgroup_skb/ingress"),
+    (3, "sock_ops"),
+    (10, "connect4"),
+    (11, "connect6"),
+    (29, "getpeername4"),
+    (30, "getpeername6"),
+];
 
 /// `BPF_PROG_QUERY` on a cgroup for each attach type the agent uses.
 pub fn attached_programs(cgroup: &Path) -> Result<Vec<u32>> {

@@ -235,6 +235,76 @@ fn certificates_rotate_every_few_seconds_under_a_minute_of_traffic_without_a_fai
     Ok(())
 }
 
+#[test]
+fn authorization_and_strict_mode_are_enforced() -> Result<()> {
+    if !privileged("authz_strict") {
+        return Ok(());
+    }
+    let mut vault = None;
+    let mut extra = None;
+    let s = setup(43, &[], |c| {
+        c.set_namespace("vault", true, Some("strict"));
+        let batch = c.node("node-a").add_pod("batch", "shop", None)?;
+        let db = c.node("node-b").add_pod("db", "vault", None)?;
+        let neighbour = c.node("node-b").add_pod("neighbour", "shop", None)?;
+        c.authz = r#"  - name: server-from-client-only
+    namespace: shop
+    workload: server
+    ports: [8080]
+    action: allow
+    from: [spiffe://cluster.local/ns/shop/sa/client]
+  - name: no-batch-in-vault
+    namespace: vault
+    action: deny
+    from: [spiffe://cluster.local/ns/shop/sa/batch]
+"#
+        .into();
+        vault = Some(db.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?);
+        extra = Some((batch, db, neighbour));
+        Ok(())
+    })?;
+    let (batch, db, neighbour) = extra.unwrap();
+    let server = format!("{}:8080", s.server.ip);
+    let db_addr = format!("{}:8080", db.ip);
+    let quick = ["--timeout-ms", "2000"];
+
+    // Allowed, across nodes.
+    assert_eq!(run(&s.client, &server, &quick)?["ok"], 1);
+    // Not on the allow list: denied at the destination node, across nodes and on the same node.
+    assert_eq!(run(&batch, &server, &quick)?["ok"], 0);
+    assert_eq!(run(&neighbour, &server, &quick)?["ok"], 0);
+    // A deny rule.
+    assert_eq!(run(&batch, &db_addr, &quick)?["ok"], 0);
+    let mb = s.c.nodes[1].admin_text("/metrics")?;
+    assert_eq!(metric(&mb, "switchyard_authorization_denials_total{reason=\"no_allow_rule\"}"), 1.0, "{mb}");
+    assert_eq!(metric(&mb, "switchyard_authorization_denials_total{reason=\"deny_rule\"}"), 1.0, "{mb}");
+    assert_eq!(
+        metric(&mb, "switchyard_outbound_errors_total{reason=\"no_allow_rule\"}"),
+        1.0,
+        "same-node denial: {mb}"
+    );
+    let log = strip_ansi(&s.c.nodes[1].agent_log());
+    assert!(
+        log.contains("connection denied by authorization policy src=spiffe://cluster.local/ns/shop/sa/batch dst=spiffe://cluster.local/ns/shop/sa/server"),
+        "{log}"
+    );
+    assert!(log.contains("rule=\"no-batch-in-vault\""), "{log}");
+    let ma = s.c.nodes[0].admin_text("/metrics")?;
+    assert_eq!(metric(&ma, "switchyard_outbound_errors_total{reason=\"hbone_denied\"}"), 2.0, "{ma}");
+
+    // Strict: a meshed client gets through (via the proxy); a non-mesh client's SYN is dropped.
+    assert_eq!(run(&s.client, &db_addr, &quick)?["ok"], 1);
+    let r = run(&s.legacy, &db_addr, &quick)?;
+    assert_eq!(r["ok"], 0, "strict mode must block a non-mesh client: {r}");
+    let dp = s.c.nodes[1].admin_json("/debug/datapath")?;
+    assert!(dp["events"]["strict_dropped"].as_u64().unwrap() >= 1, "{dp}");
+    // Permissive: the same non-mesh client reaches a permissive meshed pod directly.
+    let r = run(&s.legacy, &server, &quick)?;
+    assert_eq!(r["ok"], 1, "permissive mode admits plaintext: {r}");
+    drop(vault);
+    Ok(())
+}
+
 /// Accepts any server certificate: the hostile client only cares how the server reacts.
 #[derive(Debug)]
 struct AnyServer(Arc<rustls::crypto::CryptoProvider>);

@@ -227,7 +227,7 @@ fn stopped_agent_leaves_no_program_attached_and_traffic_goes_direct() -> Result<
     }
     let mut s = setup(16)?;
     let to = server_addr(&s);
-    assert_eq!(s.node.attached_programs()?.len(), 5, "five programs attached while running");
+    assert_eq!(s.node.attached_programs()?.len(), 6, "six programs attached while running");
     assert_eq!(client_run(&s.client, &to, &[])?["ok"], 1);
 
     let clean = s.node.stop_agent(Duration::from_secs(10))?;

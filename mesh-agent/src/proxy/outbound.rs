@@ -7,6 +7,7 @@
 //! * destination is a meshed pod on another node: HBONE (mTLS, HTTP/2 CONNECT) to that node's
 //!   proxy, which authorizes (`mutual_tls`);
 //! * anything else: plain TCP from the proxy (`plaintext`).
+//!
 //! Bytes are copied both ways until both sides finish, each half-close propagated on its own.
 use std::{
     net::SocketAddr,

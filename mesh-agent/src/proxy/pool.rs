@@ -73,6 +73,9 @@ struct Key {
     peer: SocketAddr,
 }
 
+/// The pooled connections of one key; the async lock serialises opening new ones.
+type Slot = Arc<tokio::sync::Mutex<Vec<Arc<Conn>>>>;
+
 struct Conn {
     send: SendRequest<Empty<Bytes>>,
     active: Arc<AtomicUsize>,
@@ -93,7 +96,7 @@ pub struct Pool {
     connect_timeout: Duration,
     max_streams: usize,
     idle: Duration,
-    slots: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<Vec<Arc<Conn>>>>>>,
+    slots: Mutex<HashMap<Key, Slot>>,
     pub metrics: PoolMetrics,
 }
 
