@@ -274,3 +274,114 @@ pub fn failure_reason(e: &std::io::Error) -> &'static str {
 }
 
 pub type DistinguishedNames = Vec<DistinguishedName>;
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::*;
+    use crate::identity::{
+        ca::{self, LocalCa},
+        issuer::{CertIssuer as _, Issued},
+    };
+
+    fn certified(i: Issued) -> Arc<CertifiedKey> {
+        Arc::new(CertifiedKey::new(i.chain, rustls::crypto::ring::sign::any_supported_type(&i.key).unwrap()))
+    }
+
+    struct Pki {
+        _dir: tempfile::TempDir,
+        old: LocalCa,
+        new: LocalCa,
+        new_paths: ca::CaPaths,
+        bundle: TrustBundle,
+    }
+
+    /// Two CAs, both in the bundle: the state during a CA rotation.
+    fn pki() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let a = ca::init(&dir.path().join("old"), "cluster.local", Duration::from_secs(3600)).unwrap();
+        let b = ca::init(&dir.path().join("new"), "cluster.local", Duration::from_secs(3600)).unwrap();
+        let old = LocalCa::load(&a.cert, &a.key).unwrap();
+        let new = LocalCa::load(&b.cert, &b.key).unwrap();
+        let bundle = TrustBundle::new(&[old.ca_cert().clone(), new.ca_cert().clone()]).unwrap();
+        Pki { _dir: dir, old, new, new_paths: b, bundle }
+    }
+
+    /// Server holding `server_id`'s certificate (from `server_ca`); a client presenting
+    /// `client` expecting `expected`. Returns the client's result and the identity the server
+    /// saw.
+    async fn handshake(
+        p: &Pki,
+        server_id: &Identity,
+        client: Issued,
+        expected: &Identity,
+    ) -> (Result<(), String>, Option<Identity>) {
+        // The server's certificates come from the new CA.
+        let issuer = LocalCa::load(&p.new_paths.cert, &p.new_paths.key).unwrap();
+        let m = Arc::new(CertManager::new(Arc::new(issuer), Duration::from_secs(600)));
+        m.sync(&[server_id.clone()].into());
+        let server = server_config(m, "cluster.local", &p.bundle).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let srv = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            let mut tls = tokio_rustls::TlsAcceptor::from(server).accept(tcp).await.ok()?;
+            let id = tls.get_ref().1.peer_certificates().and_then(|c| peer_identity(&c[0]).ok());
+            let mut b = [0u8; 4];
+            tls.read_exact(&mut b).await.ok()?;
+            id
+        });
+        let cfg = client_config(certified(client), expected.clone(), &p.bundle);
+        let name = ServerName::try_from(server_id.sni()).unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let res = match tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await {
+            Ok(mut s) => s.write_all(b"ping").await.map_err(|e| e.to_string()),
+            Err(e) => Err(describe(&e)),
+        };
+        (res, srv.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_with_spiffe_ids_across_a_ca_rotation() {
+        let p = pki();
+        let client = Identity::new("cluster.local", "shop", "web");
+        let server = Identity::new("cluster.local", "shop", "db");
+        // Client cert from the old CA, server cert from the new one: both trusted.
+        let c = p.old.issue(&client, Duration::from_secs(600)).unwrap();
+        let (res, seen) = handshake(&p, &server, c, &server).await;
+        assert_eq!(res, Ok(()));
+        assert_eq!(seen, Some(client.clone()));
+    }
+
+    #[tokio::test]
+    async fn wrong_server_identity_and_expired_client_are_refused() {
+        let p = pki();
+        let client = Identity::new("cluster.local", "shop", "web");
+        let server = Identity::new("cluster.local", "shop", "db");
+        let c = p.new.issue(&client, Duration::from_secs(600)).unwrap();
+        let other = Identity::new("cluster.local", "shop", "cache");
+        let (res, _) = handshake(&p, &server, c, &other).await;
+        let e = res.unwrap_err();
+        assert!(e.contains("server presented spiffe://cluster.local/ns/shop/sa/db, expected spiffe://cluster.local/ns/shop/sa/cache"), "{e}");
+        // A client certificate that expired is refused by the server.
+        let now = SystemTime::now();
+        let old =
+            p.new.issue_between(&client, now - Duration::from_secs(7200), now - Duration::from_secs(3600)).unwrap();
+        let (_, seen) = handshake(&p, &server, old, &server).await;
+        assert_eq!(seen, None, "the server must not accept an expired client certificate");
+    }
+
+    #[test]
+    fn peer_identity_needs_exactly_one_spiffe_id() {
+        let p = pki();
+        let i = p.new.issue(&Identity::new("cluster.local", "a", "b"), Duration::from_secs(60)).unwrap();
+        assert_eq!(peer_identity(&i.chain[0]).unwrap().to_string(), "spiffe://cluster.local/ns/a/sa/b");
+        assert!(peer_identity(p.new.ca_cert()).is_err(), "a CA certificate has no SPIFFE ID");
+    }
+}

@@ -186,7 +186,7 @@ fn many_connections_share_one_pooled_http2_connection() -> Result<()> {
     if !privileged("pooling") {
         return Ok(());
     }
-    let s = setup(37, &[], |_| Ok(()))?;
+    let s = setup(37, &["--pool-idle-ms", "3000"], |_| Ok(()))?;
     let to = format!("{}:8080", s.server.ip);
     let r = run(&s.client, &to, &["--count", "200", "--concurrency", "8"])?;
     assert_eq!(r["ok"], 200, "{r}");
@@ -199,6 +199,11 @@ fn many_connections_share_one_pooled_http2_connection() -> Result<()> {
     assert_eq!(r["ok"], 150, "{r}");
     let m = s.c.nodes[0].admin_text("/metrics")?;
     assert_eq!(metric(&m, "switchyard_hbone_client_handshakes_total"), 2.0, "{m}");
+    // Idle connections are released after the configured idle time (3 s here).
+    eventually(Duration::from_secs(15), "idle pooled connections released", || {
+        let open = metric(&s.c.nodes[0].admin_text("/metrics").ok()?, "switchyard_hbone_pool_connections");
+        (open == 0.0).then_some(())
+    })?;
     Ok(())
 }
 
