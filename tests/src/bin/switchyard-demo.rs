@@ -1,5 +1,6 @@
-//! `cargo xtask demo`: a simulated node with meshed and un-meshed pods, the real agent and real
-//! eBPF, some traffic, and a report of what went where. Cleans up on exit and on Ctrl-C.
+//! `cargo xtask demo`: a simulated two-node cluster with meshed and un-meshed pods, the real
+//! agent and eBPF programs, one mesh CA, some traffic, and a report of what went where and how
+//! it was protected. Cleans up on exit and on Ctrl-C.
 use std::{
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
@@ -8,12 +9,12 @@ use std::{
 use anyhow::{Result, bail};
 use clap::Parser;
 use serde_json::Value;
-use sim::{Node, Pod};
+use sim::{Cluster, Node, Pod};
 
 #[derive(Parser)]
-#[command(about = "Switchyard demo: a simulated node with meshed pods")]
+#[command(about = "Switchyard demo: a simulated two-node cluster with meshed pods and mTLS")]
 struct Args {
-    /// Keep the node up after the traffic run (sending a little traffic every 2 s) until Ctrl-C.
+    /// Keep the cluster up after the traffic run (sending a little traffic every 2 s) until Ctrl-C.
     #[arg(long)]
     keep: bool,
 }
@@ -41,79 +42,119 @@ fn stopped() -> bool {
     STOP.load(Ordering::SeqCst)
 }
 
+const MARKER: &str = "CARD-NUMBER-4111-1111-1111-1111";
+
 fn run(args: &Args) -> Result<()> {
     if !sim::privileged("demo") {
         bail!("the demo builds network namespaces and loads eBPF: run it as root");
     }
     println!("Switchyard demo\n===============\n");
-    println!("Building a simulated node: a network namespace with a bridge (10.244.1.1, the pods' gateway)");
-    println!("and a cgroup; each pod is its own network namespace + cgroup on that bridge.\n");
-    let mut node = Node::new("node-a", 1)?;
-    node.set_namespace_meshed("shop", true);
-    node.set_namespace_meshed("legacy", false);
-    let frontend = node.add_pod("frontend", "shop", None)?;
-    let backend = node.add_pod("backend", "shop", None)?;
-    let legacy = node.add_pod("legacy", "legacy", None)?;
-    for p in [&frontend, &backend, &legacy] {
-        println!(
-            "  pod {:<16} ip {:<12} namespace {:<7} {}",
-            format!("{}/{}", p.namespace, p.name),
-            p.ip,
-            p.namespace,
-            if p.namespace == "shop" {
-                "meshed (namespace annotated switchyard.io/mesh: enabled)"
-            } else {
-                "not meshed"
-            }
-        );
+    println!("A simulated cluster: each node is a network namespace with a bridge (its pods' gateway) and a");
+    println!("cgroup; each pod is a network namespace + cgroup; the nodes share a network of their own.\n");
+    let mut c = Cluster::new()?;
+    c.add_node("node-a", 1)?;
+    c.add_node("node-b", 2)?;
+    c.set_namespace("shop", true, None);
+    c.set_namespace("vault", true, Some("strict"));
+    c.set_namespace("legacy", false, None);
+    let frontend = c.node("node-a").add_pod("frontend", "shop", None)?;
+    let legacy = c.node("node-a").add_pod("legacy", "legacy", None)?;
+    let backend = c.node("node-b").add_pod("backend", "shop", None)?;
+    let payments = c.node("node-b").add_pod("payments", "vault", None)?;
+    c.authz = "  - name: payments-from-frontend-only\n    namespace: vault\n    action: allow\n    from: [spiffe://cluster.local/ns/shop/sa/frontend]\n".into();
+    for (p, what) in [
+        (&frontend, "meshed (namespace shop: switchyard.io/mesh=enabled)"),
+        (&legacy, "not meshed"),
+        (&backend, "meshed"),
+        (&payments, "meshed, strict mTLS (namespace vault: switchyard.io/mtls-mode=strict)"),
+    ] {
+        println!("  {:<7} pod {:<15} {:<12} {what}", p.node, format!("{}/{}", p.namespace, p.name), p.ip.to_string());
     }
+    println!("  authorization: vault accepts only spiffe://cluster.local/ns/shop/sa/frontend");
     let _servers = [
         backend.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?,
         backend.serve(&["udp-server", "--listen", "0.0.0.0:5353"])?,
-        legacy.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?,
+        payments.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?,
     ];
-    println!(
-        "\nStarting mesh-agent in the node (eBPF programs attached to the node's cgroup {})",
-        node.cgroup.display()
-    );
-    node.start_agent(&[])?;
-    println!("Agent ready: outbound proxy on 10.244.1.1:15001, admin on {}\n", node.admin_addr());
+    println!("\nCreating a mesh CA (mesh-agent ca init) and starting one mesh-agent per node");
+    c.start(&[])?;
+    for n in &c.nodes {
+        println!("  {}: outbound 15001, HBONE mTLS 15008 on {}, admin {}", n.name, n.underlay.unwrap(), n.admin_addr());
+    }
     if stopped() {
         return Ok(());
     }
 
-    println!("Traffic\n-------");
-    let runs: [(&Pod, &Pod, &str); 3] = [
-        (&frontend, &backend, "meshed → meshed"),
-        (&frontend, &legacy, "meshed → not meshed"),
-        (&legacy, &backend, "not meshed → meshed"),
+    println!("\nTraffic (echo servers; every byte is verified by the client)\n-------");
+    let runs: [(&Pod, &Pod, &str); 5] = [
+        (&frontend, &backend, "meshed → meshed, other node: HBONE mTLS"),
+        (&frontend, &payments, "meshed → strict + allowed: HBONE mTLS"),
+        (&backend, &payments, "same node, not allowed by policy"),
+        (&legacy, &backend, "not meshed → permissive pod: direct"),
+        (&legacy, &payments, "not meshed → strict pod: dropped in the kernel"),
     ];
-    for (from, to, what) in runs {
+    // Capture the wire between the nodes during the meshed runs, then during the un-meshed ones.
+    let mut cap = Some(c.capture()?);
+    let mut wire = Vec::new();
+    for (i, (from, to, what)) in runs.into_iter().enumerate() {
+        if i == 3 {
+            wire.push(cap.take().unwrap().finish()?);
+            cap = Some(c.capture()?);
+        }
         let dst = format!("{}:8080", to.ip);
-        let r = from
-            .workload(&["client", "--connect", &dst, "--count", "20", "--bytes", "16384"], Duration::from_secs(30))?;
+        let r = from.workload(
+            &[
+                "client",
+                "--connect",
+                &dst,
+                "--count",
+                "10",
+                "--bytes",
+                "16384",
+                "--text",
+                MARKER,
+                "--timeout-ms",
+                "1500",
+            ],
+            Duration::from_secs(60),
+        )?;
         println!(
-            "  {:<16} → {:<16} {:<22} {} of 20 connections echoed {} bytes verified; getpeername() = {}",
+            "  {:<9} → {:<14} {:<48} {:>2}/10 ok  getpeername()={}",
             from.name,
             format!("{}:8080", to.name),
-            format!("({what})"),
+            what,
             r["ok"],
-            r["bytes_verified"],
-            r["peer"].as_str().unwrap_or("?")
+            r["peer"].as_str().unwrap_or("-")
         );
     }
     let r = frontend.workload(&["udp-query", "--to", &format!("{}:5353", backend.ip)], Duration::from_secs(10))?;
-    println!("  frontend         → backend:5353 (UDP, DNS-style)   answered: {}; UDP is never redirected", r["ok"]);
+    println!("  frontend  → backend:5353    UDP (DNS-style): never redirected               answered: {}", r["ok"]);
+    wire.push(cap.take().unwrap().finish()?);
+    let markers = |pcap: &[u8]| pcap.windows(MARKER.len()).filter(|w| *w == MARKER.as_bytes()).count();
+    let tls13 = wire[0].windows(6).any(|w| w == [0x00, 0x2b, 0x00, 0x02, 0x03, 0x04]);
+    println!("\nOn the wire between the nodes (tcpdump on the inter-node bridge):");
+    println!(
+        "  meshed pods:     TLS 1.3 handshake seen: {tls13}; payload marker in clear: {} times",
+        markers(&wire[0])
+    );
+    println!("  un-meshed pod:   payload marker in clear: {} times (the mesh does not protect it)", markers(&wire[1]));
 
-    report(&node)?;
-    println!("\nWhile it runs, look at the agent from the node's namespace:");
-    println!("  ip netns exec {} curl -s http://{}/metrics", node.netns, node.admin_addr());
-    println!("  ip netns exec {} curl -s http://{}/debug/connections", node.netns, node.admin_addr());
-    println!("  ip netns exec {} curl -s http://{}/debug/pods", node.netns, node.admin_addr());
-    println!("  agent log: {}", node.dir.join("agent.log").display());
+    std::thread::sleep(Duration::from_millis(300));
+    for n in &c.nodes {
+        report(n)?;
+    }
+    println!("\nLook around while it runs (from the node's namespace):");
+    for n in &c.nodes {
+        println!("  ip netns exec {} curl -s http://{}/metrics", n.netns, n.admin_addr());
+    }
+    println!("  ... and /debug/connections, /debug/pods, /debug/certs, /debug/pool, /debug/datapath");
+    println!(
+        "  agent logs: {}",
+        c.nodes.iter().map(|n| n.dir.join("agent.log").display().to_string()).collect::<Vec<_>>().join(", ")
+    );
 
     if args.keep {
-        println!("\n--keep: the node stays up with a little traffic every 2 s. Ctrl-C to stop and clean up.");
+        println!("\n--keep: the cluster stays up with a little traffic every 2 s. Ctrl-C to stop and clean up.");
         while !stopped() {
             let _ =
                 frontend.workload(&["client", "--connect", &format!("{}:8080", backend.ip)], Duration::from_secs(10));
@@ -125,43 +166,40 @@ fn run(args: &Args) -> Result<()> {
             }
         }
     } else {
-        println!("\n(run with `cargo xtask demo --keep` to keep the node up for exploring)");
+        println!("\n(run `cargo xtask demo --keep` to keep the cluster up for exploring)");
     }
-    println!("\nStopping the agent (SIGTERM: programs detached, listeners closed) and removing the node.");
-    let clean = node.stop_agent(Duration::from_secs(10))?;
-    let left = node.attached_programs()?.len();
-    println!("Agent exited cleanly: {clean}; programs still attached to the node's cgroup: {left}");
+    println!("\nStopping the agents (SIGTERM: programs detached, listeners closed) and removing the cluster.");
+    for n in &mut c.nodes {
+        let clean = n.stop_agent(Duration::from_secs(10))?;
+        println!("  {}: exited cleanly {clean}; programs still attached {}", n.name, n.attached_programs()?.len());
+    }
     Ok(())
 }
 
-fn report(node: &Node) -> Result<()> {
-    // The proxy records a connection when it closes; the clients have finished, so wait briefly.
-    std::thread::sleep(Duration::from_millis(200));
-    let conns = node.admin_json("/debug/connections")?;
-    let recent = conns["recent"].as_array().cloned().unwrap_or_default();
-    println!("\nWhat the proxy saw ({} connections)\n------------------", conns["closed_total"]);
-    let mut rows: std::collections::BTreeMap<(String, String, String), (u64, u64, u64)> = Default::default();
-    for c in &recent {
-        let key = (
-            c["source_pod"].as_str().unwrap_or("?").to_string(),
-            c["original_dst"].as_str().unwrap_or("?").to_string(),
-            c["destination_pod"].as_str().unwrap_or("-").to_string(),
-        );
-        let e = rows.entry(key).or_default();
+fn report(n: &Node) -> Result<()> {
+    let conns = n.admin_json("/debug/connections")?;
+    println!("\n{} proxy: {} connections", n.name, conns["closed_total"]);
+    let mut rows: std::collections::BTreeMap<(String, String, String, String, String), (u64, u64)> = Default::default();
+    for c in conns["recent"].as_array().cloned().unwrap_or_default() {
+        let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+        let src = if c["direction"] == "inbound" { s(&c["source_identity"]) } else { s(&c["source_pod"]) };
+        let outcome = if c["error"].is_null() { s(&c["security"]) } else { "refused".into() };
+        let e = rows.entry((s(&c["direction"]), src, s(&c["destination_pod"]), outcome, s(&c["error"]))).or_default();
         e.0 += 1;
         e.1 += c["bytes_sent"].as_u64().unwrap_or(0);
-        e.2 += c["bytes_received"].as_u64().unwrap_or(0);
     }
-    println!(
-        "  {:<16} {:<20} {:<16} {:>5} {:>10} {:>10}",
-        "source", "original dst", "dst pod", "conns", "sent", "received"
-    );
-    for ((src, dst, pod), (n, s, r)) in rows {
-        println!("  {src:<16} {dst:<20} {pod:<16} {n:>5} {s:>10} {r:>10}");
+    for ((dir, src, dst, outcome, err), (count, bytes)) in rows {
+        println!("  {dir:<8} {src:<42} → {dst:<14} {outcome:<10} x{count:<3} {bytes:>7} B");
+        if err != "-" {
+            println!("           reason: {err}");
+        }
     }
-    println!("  (legacy → backend is absent: legacy is not meshed, so it went direct)");
-    let dp: Value = node.admin_json("/debug/datapath")?;
-    println!("\nKernel-side counters (eBPF): {}", dp["events"]);
-    println!("eBPF map entries now: {}", dp["maps"]);
+    let certs = n.admin_json("/debug/certs")?;
+    for cert in certs.as_array().cloned().unwrap_or_default() {
+        println!("  certificate {} expires in {} s", cert["identity"].as_str().unwrap_or("?"), cert["expires_in_secs"]);
+    }
+    let dp = n.admin_json("/debug/datapath")?;
+    let ev = &dp["events"];
+    println!("  kernel: redirected {}, strict drops {}, maps {}", ev["redirected"], ev["strict_dropped"], dp["maps"]);
     Ok(())
 }
