@@ -335,9 +335,12 @@ mod examples {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local");
         let s = super::load(&dir.join("workloads.yaml"), "node-a", Path::new("/sys/fs/cgroup")).unwrap();
         assert_eq!(s.meshed().count(), 2);
+        assert_eq!(s.nodes.len(), 1);
+        assert_eq!(s.authz.len(), 1);
         let text = std::fs::read_to_string(dir.join("agent.yaml")).unwrap();
         let c: crate::config::FileConfig = serde_yaml_ng::from_str(&text).unwrap();
         assert_eq!(c.workload_file.as_deref(), Some(Path::new("workloads.yaml")));
+        assert!(c.ca.is_some());
     }
 }
 
