@@ -4,6 +4,7 @@ use std::{
     future::Future,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -154,9 +155,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     };
 
     let mut registry = metrics::registry();
-    let proxy_metrics = ProxyMetrics::default();
-    proxy_metrics.register(&mut registry);
     let inbound_metrics = InboundMetrics::default();
+    let proxy_metrics = ProxyMetrics { denials: inbound_metrics.denied.clone(), ..Default::default() };
+    proxy_metrics.register(&mut registry);
     inbound_metrics.register(&mut registry);
     if let Some(p) = &pool {
         p.metrics.register(&mut registry);
@@ -202,6 +203,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             let server = tls::server_config(m.certs.clone(), &config.trust_domain, &m.bundle)?;
             let inbound = Arc::new(Inbound {
                 acceptor: tokio_rustls::TlsAcceptor::from(server),
+                idle_timeout: (config.pool_idle * 2).max(Duration::from_secs(1)),
+                handshakes: Arc::new(tokio::sync::Semaphore::new(crate::proxy::inbound::MAX_HANDSHAKES)),
+                connections: Arc::new(tokio::sync::Semaphore::new(crate::proxy::inbound::MAX_CONNECTIONS)),
                 trust_domain: config.trust_domain.clone(),
                 pods: outbound.pods.clone(),
                 conns: conns.clone(),

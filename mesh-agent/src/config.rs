@@ -46,6 +46,8 @@ pub enum ConfigError {
     Cgroup(#[from] cgroup::CgroupError),
     #[error("the redirect address must be a specific IPv4 address reachable from pods, not {0}")]
     RedirectAddress(Ipv4Addr),
+    #[error("trust domain {0:?} is not valid: lowercase letters, digits, '.', '-', '_'")]
+    TrustDomain(String),
 }
 
 /// The config file (YAML), every field optional.
@@ -232,6 +234,14 @@ impl Config {
             .or(file.workers)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
             .max(1);
+        let trust_domain = args
+            .trust_domain
+            .clone()
+            .or(file.trust_domain.clone())
+            .unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.into());
+        if !crate::identity::is_trust_domain(&trust_domain) {
+            return Err(ConfigError::TrustDomain(trust_domain));
+        }
         Ok(Config {
             node_name,
             cgroup_root,
@@ -250,11 +260,7 @@ impl Config {
                 .or(file.max_redirected_sockets)
                 .unwrap_or(mesh_common::MAX_REDIRECTED_SOCKETS)
                 .max(1),
-            trust_domain: args
-                .trust_domain
-                .clone()
-                .or(file.trust_domain)
-                .unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.into()),
+            trust_domain,
             ca: match &args.ca_dir {
                 Some(d) => {
                     Some(CaFiles { cert: d.join("ca.crt"), key: d.join("ca.key"), bundle: Some(d.join("bundle.crt")) })
@@ -270,7 +276,11 @@ impl Config {
                 .hbone_listen
                 .or(file.hbone_listen)
                 .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_HBONE_PORT))),
-            pool_max_streams: file.pool_max_streams.unwrap_or(DEFAULT_POOL_MAX_STREAMS).max(1),
+            // Never above what our own HBONE server allows per connection.
+            pool_max_streams: file
+                .pool_max_streams
+                .unwrap_or(DEFAULT_POOL_MAX_STREAMS)
+                .clamp(1, crate::proxy::inbound::MAX_CONCURRENT_STREAMS as usize),
             pool_idle: args.pool_idle_ms.or(file.pool_idle_ms).map_or(DEFAULT_POOL_IDLE, Duration::from_millis),
         })
     }

@@ -43,6 +43,8 @@ pub struct ProxyMetrics {
     pub bytes: Family<DirectionLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
     pub routes: Family<RouteLabels, Counter>,
+    /// Shared with the inbound side (registered there): same-node denials count here too.
+    pub denials: Family<ErrorLabels, Counter>,
 }
 
 impl ProxyMetrics {

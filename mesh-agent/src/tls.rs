@@ -63,22 +63,30 @@ impl TrustBundle {
     }
 }
 
-/// The SPIFFE ID in a certificate: exactly one `spiffe://` URI SAN.
+/// The SPIFFE ID in a certificate: its one and only URI SAN, which must be a `spiffe://` ID
+/// (per the X.509-SVID spec; a second URI of any scheme is refused, not ignored).
 pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<Identity, String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| format!("unparsable certificate: {e}"))?;
     let san = parsed
         .subject_alternative_name()
         .map_err(|e| format!("bad subjectAltName: {e}"))?
         .ok_or("certificate has no subjectAltName")?;
-    let mut ids = san.value.general_names.iter().filter_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => Some(*u),
         _ => None,
     });
-    let first = ids.next().ok_or("certificate has no SPIFFE ID")?;
-    if ids.next().is_some() {
-        return Err("certificate has more than one SPIFFE ID".into());
+    let first = uris.next().ok_or("certificate has no SPIFFE ID")?;
+    if uris.next().is_some() {
+        return Err("certificate has more than one URI SAN".into());
     }
     Identity::parse(first).map_err(|e| e.to_string())
+}
+
+/// When a certificate stops being valid.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<std::time::SystemTime> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let secs = parsed.validity().not_after.timestamp();
+    Some(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64))
 }
 
 fn webpki_to_tls(e: webpki::Error) -> TlsError {

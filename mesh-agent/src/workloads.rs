@@ -158,8 +158,16 @@ pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Resul
     let mut ips = HashSet::new();
     for p in file.pods {
         let key = format!("{}/{}", p.namespace, p.name);
-        if p.name.is_empty() || p.namespace.is_empty() {
-            return Err(invalid("every pod needs a name and a namespace".into()));
+        if !crate::identity::is_dns_subdomain(&p.name) || !crate::identity::is_dns_label(&p.namespace) {
+            return Err(invalid(format!(
+                "pod {key}: the name must be a DNS subdomain and the namespace a DNS label (lowercase letters, digits, '-')"
+            )));
+        }
+        if !crate::identity::is_dns_subdomain(&p.service_account) {
+            return Err(invalid(format!(
+                "pod {key}: service account {:?} is not a DNS subdomain (lowercase letters, digits, '-', '.')",
+                p.service_account
+            )));
         }
         if !ips.insert(p.ip) {
             return Err(invalid(format!("pod {key}: IP {} is used by another pod", p.ip)));
@@ -317,6 +325,8 @@ pods:
             ("authorization: [{name: r, namespace: x, action: allow, from: [bogus]}]", "bogus"),
             ("authorization: [{name: r, namespace: x, action: maybe, from: []}]", "maybe"),
             ("nodes: [{name: b, address: 1.2.3.4}, {name: b, address: 1.2.3.5}]", "twice"),
+            ("pods: [{name: a, namespace: a.b, ip: 10.0.0.1, cgroup: a}]", "DNS label"),
+            ("pods: [{name: a, namespace: x, serviceAccount: Web, ip: 10.0.0.1, cgroup: a}]", "not a DNS subdomain"),
         ];
         for (text, needle) in cases {
             let e = p(text).unwrap_err().to_string();

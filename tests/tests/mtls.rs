@@ -281,7 +281,8 @@ fn authorization_and_strict_mode_are_enforced() -> Result<()> {
     // A deny rule.
     assert_eq!(run(&batch, &db_addr, &quick)?["ok"], 0);
     let mb = s.c.nodes[1].admin_text("/metrics")?;
-    assert_eq!(metric(&mb, "switchyard_authorization_denials_total{reason=\"no_allow_rule\"}"), 1.0, "{mb}");
+    // One across nodes (batch) and one on the same node (neighbour).
+    assert_eq!(metric(&mb, "switchyard_authorization_denials_total{reason=\"no_allow_rule\"}"), 2.0, "{mb}");
     assert_eq!(metric(&mb, "switchyard_authorization_denials_total{reason=\"deny_rule\"}"), 1.0, "{mb}");
     assert_eq!(
         metric(&mb, "switchyard_outbound_errors_total{reason=\"no_allow_rule\"}"),
@@ -410,7 +411,8 @@ fn hostile_peers_are_rejected_counted_and_logged_and_nothing_crashes() -> Result
     if !privileged("hostile_peers") {
         return Ok(());
     }
-    let s = setup(39, &[], |_| Ok(()))?;
+    // Pool idle 1 s: the server closes connections without a stream after 2 s.
+    let s = setup(39, &["--pool-idle-ms", "1000"], |_| Ok(()))?;
     let node_a = s.c.nodes[0].netns.clone();
     let hbone = SocketAddr::from((s.c.nodes[1].underlay.unwrap(), 15008));
     let ca = LocalCa::load(&s.c.ca_dir.join("ca.crt"), &s.c.ca_dir.join("ca.key"))?;
@@ -441,7 +443,31 @@ fn hostile_peers_are_rejected_counted_and_logged_and_nothing_crashes() -> Result
         let sni = sni.clone();
         in_netns(&node_a, move || tls_attempt(cfg, hbone, &sni))?;
     }
-    // 5. Malformed, oversized and misdirected CONNECTs on a valid mTLS connection.
+    // 5. Authenticated, then silent (no HTTP/2 preface): closed by the idle timeout.
+    let silent = hostile_config(ca.issue_between(&client_id, now - hour, now + hour)?);
+    let sni2 = sni.clone();
+    let closed_after = in_netns(&node_a, move || {
+        let name = rustls::pki_types::ServerName::try_from(sni2).unwrap();
+        let conn = rustls::ClientConnection::new(silent, name).unwrap();
+        let tcp = TcpStream::connect_timeout(&hbone, Duration::from_secs(3)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock).unwrap();
+        }
+        let t0 = std::time::Instant::now();
+        let mut buf = [0u8; 1024];
+        // The server's SETTINGS may arrive first; read until the connection ends.
+        loop {
+            match tls.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        t0.elapsed()
+    })?;
+    assert!(closed_after < Duration::from_secs(12), "a silent authenticated peer must be dropped: {closed_after:?}");
+    // 6. Malformed, oversized and misdirected CONNECTs on a valid mTLS connection.
     let good = hostile_config(ca.issue_between(&client_id, now - hour, now + hour)?);
     let connect = |authority: &str| {
         hyper::Request::builder().method("CONNECT").uri(authority).body(http_body_util::Empty::new()).unwrap()

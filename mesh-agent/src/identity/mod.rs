@@ -46,7 +46,7 @@ impl Identity {
         }
         match (td, ns_kw, ns, sa_kw, sa) {
             (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa))
-                if valid_label(td) && valid_label(ns) && valid_label(sa) =>
+                if is_trust_domain(td) && is_dns_label(ns) && is_dns_subdomain(sa) =>
             {
                 Ok(Identity::new(td, ns, sa))
             }
@@ -63,14 +63,32 @@ impl Identity {
     pub fn from_sni(sni: &str, trust_domain: &str) -> Option<Self> {
         let rest = sni.strip_suffix(SNI_SUFFIX)?;
         let (sa, ns) = rest.rsplit_once('.')?;
-        (valid_label(sa) && valid_label(ns)).then(|| Identity::new(trust_domain, ns, sa))
+        (is_dns_subdomain(sa) && is_dns_label(ns)).then(|| Identity::new(trust_domain, ns, sa))
     }
 }
 
-fn valid_label(s: &str) -> bool {
+/// A Kubernetes namespace name: an RFC 1123 label (lowercase letters, digits, '-', at most 63,
+/// starting and ending alphanumeric). No dots, which is what makes [`Identity::from_sni`]
+/// unambiguous.
+pub fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// A Kubernetes service account (or pod) name: an RFC 1123 subdomain.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// A SPIFFE trust domain: lowercase letters, digits, '.', '-', '_'.
+pub fn is_trust_domain(s: &str) -> bool {
     !s.is_empty()
-        && s.len() <= 253
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        && s.len() <= 255
+        && s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'-' | b'_'))
 }
 
 impl fmt::Display for Identity {
@@ -96,6 +114,10 @@ mod tests {
             "spiffe://cluster.local/namespace/shop/sa/web",
             "spiffe:///ns/a/sa/b",
             "spiffe://td/ns/a b/sa/c",
+            "spiffe://cluster.local/ns/Shop/sa/web",
+            "spiffe://cluster.local/ns/a.b/sa/c",
+            "SPIFFE://cluster.local/ns/a/sa/b",
+            "spiffe://cluster.local/ns/a/sa/-b",
         ] {
             assert!(Identity::parse(bad).is_err(), "{bad}");
         }
@@ -108,5 +130,7 @@ mod tests {
         assert_eq!(Identity::from_sni(&id.sni(), "cluster.local"), Some(id));
         assert_eq!(Identity::from_sni("example.com", "cluster.local"), None);
         assert_eq!(Identity::from_sni(".id.switchyard", "cluster.local"), None);
+        // Dotted namespaces cannot exist, so an SNI has exactly one reading.
+        assert_eq!(Identity::from_sni("c.a.b.id.switchyard", "td").unwrap().namespace, "b");
     }
 }

@@ -5,8 +5,11 @@
 use std::{
     convert::Infallible,
     net::{SocketAddr, SocketAddrV4},
-    sync::Arc,
-    time::{Duration, Instant},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -31,8 +34,14 @@ use crate::{
     tls,
 };
 
-/// Limits on what a peer may send before it is authenticated, and per connection.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Limits on what a peer may do before it is authenticated, and per connection. An
+/// unauthenticated peer must not be able to exhaust the agent, which carries the whole node's
+/// mesh traffic.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// TLS handshakes in progress at once; more are refused at once.
+pub const MAX_HANDSHAKES: usize = 256;
+/// HBONE connections open at once; more are refused at once.
+pub const MAX_CONNECTIONS: usize = 4096;
 pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// A CONNECT needs a few hundred bytes of headers; anything near this is hostile.
 pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
@@ -47,6 +56,11 @@ pub struct InboundMetrics {
 
 pub struct Inbound {
     pub acceptor: TlsAcceptor,
+    /// A connection with no stream for this long is closed (also bounds a peer that never sends
+    /// the HTTP/2 preface). Longer than the clients' pool idle time, so clients close first.
+    pub idle_timeout: Duration,
+    pub handshakes: Arc<tokio::sync::Semaphore>,
+    pub connections: Arc<tokio::sync::Semaphore>,
     pub trust_domain: String,
     pub pods: watch::Receiver<Arc<PodIndex>>,
     pub conns: Arc<Connections>,
@@ -69,15 +83,30 @@ impl Inbound {
                     }
                 },
             };
+            let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+                warn!(%peer, limit = MAX_CONNECTIONS, "HBONE connection refused: too many connections");
+                self.metrics.tls_failures.get_or_create(&ErrorLabels { reason: "connection_limit" }).inc();
+                continue;
+            };
             let this = self.clone();
             let stop = stop.clone();
-            tasks.spawn(async move { this.connection(tcp, peer, stop).await });
+            tasks.spawn(async move {
+                this.connection(tcp, peer, stop).await;
+                drop(permit);
+            });
         }
     }
 
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, stop: CancellationToken) {
         let _ = tcp.set_nodelay(true);
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await {
+        let Ok(handshake_permit) = self.handshakes.clone().try_acquire_owned() else {
+            warn!(%peer, limit = MAX_HANDSHAKES, "HBONE connection refused: too many handshakes in progress");
+            self.metrics.tls_failures.get_or_create(&ErrorLabels { reason: "handshake_limit" }).inc();
+            return;
+        };
+        let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await;
+        drop(handshake_permit);
+        let tls = match accepted {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 let reason = tls::failure_reason(&e);
@@ -92,6 +121,8 @@ impl Inbound {
             }
         };
         let (_, session) = tls.get_ref();
+        // Identity is checked once, at the handshake: the connection must not outlive it.
+        let cert_expiry = session.peer_certificates().and_then(|c| c.first()).and_then(|c| tls::not_after(c));
         let client_id = session.peer_certificates().and_then(|c| c.first()).map(tls::peer_identity);
         let client_id = match client_id {
             Some(Ok(id)) if id.trust_domain == self.trust_domain => id,
@@ -112,11 +143,14 @@ impl Inbound {
             return;
         };
         debug!(%peer, client = %client_id, server = %server_id, "HBONE connection accepted");
+        let activity = Arc::new(Activity { streams: AtomicUsize::new(0), last: Mutex::new(Instant::now()) });
         let this = self.clone();
+        let act = activity.clone();
         let svc = service_fn(move |req| {
             let this = this.clone();
+            let act = act.clone();
             let (client_id, server_id) = (client_id.clone(), server_id.clone());
-            async move { Ok::<_, Infallible>(this.stream(req, peer, client_id, server_id).await) }
+            async move { Ok::<_, Infallible>(this.stream(req, peer, client_id, server_id, act).await) }
         });
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -128,14 +162,38 @@ impl Inbound {
             .keep_alive_timeout(Duration::from_secs(10))
             .serve_connection(TokioIo::new(tls), svc);
         let mut conn = std::pin::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => if let Err(e) = r { debug!(%peer, error = %e, "HBONE connection error") },
-            _ = stop.cancelled() => {
-                // Drain: GOAWAY, let open streams finish.
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+        let expires_in = cert_expiry.and_then(|t| t.duration_since(SystemTime::now()).ok()).unwrap_or(Duration::ZERO);
+        let expiry = tokio::time::sleep(expires_in);
+        let mut expiry = std::pin::pin!(expiry);
+        let mut tick = tokio::time::interval((self.idle_timeout / 4).max(Duration::from_millis(100)));
+        let why = loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r { debug!(%peer, error = %e, "HBONE connection error") }
+                    return;
+                }
+                _ = stop.cancelled() => break Close::Stopping,
+                _ = expiry.as_mut() => break Close::CertificateExpired,
+                _ = tick.tick() => {
+                    let idle = activity.streams.load(Ordering::Acquire) == 0
+                        && activity.last.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= self.idle_timeout;
+                    if idle {
+                        break Close::Idle;
+                    }
+                }
             }
-        }
+        };
+        // GOAWAY; open streams may finish, within a bound: hyper waits for a preface that a
+        // silent peer never sends, and an expired identity gets no more time than needed.
+        debug!(%peer, ?why, "closing HBONE connection");
+        conn.as_mut().graceful_shutdown();
+        let grace = match why {
+            Close::Idle => Duration::from_secs(1),
+            Close::CertificateExpired => Duration::from_secs(30),
+            // The agent's drain grace bounds this one.
+            Close::Stopping => Duration::from_secs(3600),
+        };
+        let _ = tokio::time::timeout(grace, conn).await;
     }
 
     fn reject(&self, status: StatusCode, reason: &'static str, detail: String) -> Response<Empty<Bytes>> {
@@ -154,6 +212,7 @@ impl Inbound {
         peer: SocketAddr,
         client_id: Identity,
         server_id: Identity,
+        activity: Arc<Activity>,
     ) -> Response<Empty<Bytes>> {
         if req.method() != Method::CONNECT {
             return self.reject(
@@ -205,10 +264,17 @@ impl Inbound {
         let upstream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
+                let (reason, what) = match (e.kind(), e.raw_os_error()) {
+                    (std::io::ErrorKind::ConnectionRefused, _) => ("pod_refused", "the pod refused"),
+                    (_, Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
+                        ("agent_out_of_resources", "the agent is out of resources")
+                    }
+                    _ => ("pod_unreachable", "the pod is unreachable"),
+                };
                 return self.reject(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "pod_refused",
-                    format!("HBONE CONNECT to {target}: the pod refused ({e})"),
+                    reason,
+                    format!("HBONE CONNECT to {target}: {what} ({e})"),
                 );
             }
             Err(_) => {
@@ -223,7 +289,9 @@ impl Inbound {
         self.metrics.accepted.inc();
         let on_upgrade = hyper::upgrade::on(&mut req);
         let this = self.clone();
+        activity.streams.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
+            let _active = StreamActive(activity);
             let id = this.conns.open(ConnRecord {
                 direction: Direction::Inbound,
                 security: Security::MutualTls,
@@ -268,5 +336,28 @@ impl Inbound {
             }
         });
         Response::new(Empty::new())
+    }
+}
+
+/// Why the server closes an HBONE connection.
+#[derive(Debug, Clone, Copy)]
+enum Close {
+    Idle,
+    CertificateExpired,
+    Stopping,
+}
+
+/// Streams open on one HBONE connection, and when the last one ended.
+struct Activity {
+    streams: AtomicUsize,
+    last: Mutex<Instant>,
+}
+
+struct StreamActive(Arc<Activity>);
+
+impl Drop for StreamActive {
+    fn drop(&mut self) {
+        *self.0.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -75,10 +75,21 @@ impl OutboundError {
 /// Where one connection goes.
 #[derive(Debug)]
 enum Route {
-    Local { dst: Identity },
-    Hbone { src: Identity, dst: Identity, peer: SocketAddr },
+    Local {
+        dst: Identity,
+    },
+    Hbone {
+        src: Identity,
+        dst: Identity,
+        peer: SocketAddr,
+    },
     Passthrough,
-    Refuse { reason: &'static str, detail: String },
+    /// `denial`: refused by authorization policy (counted as a denial too).
+    Refuse {
+        reason: &'static str,
+        detail: String,
+        denial: bool,
+    },
 }
 
 impl Route {
@@ -123,7 +134,7 @@ impl Outbound {
         let dst_key = dst.map(|p| p.key.clone());
         let Some(src) = src else {
             let detail = format!("cgroup {} is not a known pod of this node", orig.pod_cgroup);
-            return (Route::Refuse { reason: "unknown_source", detail }, src_key, dst_key);
+            return (Route::Refuse { reason: "unknown_source", detail, denial: false }, src_key, dst_key);
         };
         let src_id = src.workload.identity(&self.trust_domain);
         let route = match dst {
@@ -140,7 +151,7 @@ impl Outbound {
                                 _ => "no allow rule matches".into(),
                             }
                         );
-                        Route::Refuse { reason: decision.reason(), detail }
+                        Route::Refuse { reason: decision.reason(), detail, denial: true }
                     }
                 }
             }
@@ -155,10 +166,12 @@ impl Outbound {
                     (None, _) => Route::Refuse {
                         reason: "unknown_node",
                         detail: format!("pod {} is on node {}, whose address is unknown", d.key, d.workload.node),
+                        denial: false,
                     },
                     (_, None) => Route::Refuse {
                         reason: "mtls_unavailable",
                         detail: format!("pod {} is meshed on another node but this agent has no CA configured", d.key),
+                        denial: false,
                     },
                 }
             }
@@ -226,9 +239,12 @@ impl Outbound {
     ) -> Result<(u64, u64), (u64, u64, String)> {
         let dst = SocketAddr::V4(orig.dst);
         match route {
-            Route::Refuse { reason, detail } => {
+            Route::Refuse { reason, detail, denial } => {
                 warn!(client = %client.peer_addr().map(|a| a.to_string()).unwrap_or_default(), %dst, reason, "{detail}");
                 self.metrics.error(reason);
+                if denial {
+                    self.metrics.denials.get_or_create(&crate::metrics::ErrorLabels { reason }).inc();
+                }
                 reset(client);
                 Err((0, 0, detail))
             }

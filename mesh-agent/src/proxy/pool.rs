@@ -47,6 +47,8 @@ pub enum HboneError {
     Status { peer: SocketAddr, target: SocketAddrV4, status: StatusCode, reason: Option<String> },
     #[error("tunnel upgrade failed: {0}")]
     Upgrade(hyper::Error),
+    #[error("peer {peer} did not answer CONNECT {target} within {timeout:?}")]
+    ConnectStreamTimeout { peer: SocketAddr, target: SocketAddrV4, timeout: Duration },
 }
 
 impl HboneError {
@@ -57,6 +59,7 @@ impl HboneError {
             HboneError::ConnectTimeout(_) => "hbone_connect_timeout",
             HboneError::Tls { .. } => "hbone_tls_failed",
             HboneError::H2 { .. } | HboneError::Upgrade(_) => "hbone_h2_failed",
+            HboneError::ConnectStreamTimeout { .. } => "hbone_stream_timeout",
             HboneError::Status { status, .. } if *status == StatusCode::FORBIDDEN => "hbone_denied",
             HboneError::Status { .. } => "hbone_rejected",
         }
@@ -78,6 +81,9 @@ type Slot = Arc<tokio::sync::Mutex<Vec<Arc<Conn>>>>;
 
 struct Conn {
     send: SendRequest<Empty<Bytes>>,
+    /// Set when a stream on it failed at the HTTP/2 level (e.g. the peer sent GOAWAY):
+    /// no new streams go to it.
+    broken: std::sync::atomic::AtomicBool,
     active: Arc<AtomicUsize>,
     cert_generation: u64,
     last_used: Mutex<Instant>,
@@ -135,7 +141,8 @@ impl Pool {
     }
 
     /// Opens a tunnel from `src` to `target` (a pod of identity `dst`) through the node proxy at
-    /// `peer`.
+    /// `peer`. A stream that fails at the HTTP/2 level on a reused connection (the peer went
+    /// away or is draining) is retried once on a new connection.
     pub async fn connect(
         &self,
         src: &Identity,
@@ -143,41 +150,71 @@ impl Pool {
         peer: SocketAddr,
         target: SocketAddrV4,
     ) -> Result<Tunnel, HboneError> {
-        let cert = self.certs.get(src).ok_or_else(|| HboneError::NoSourceCert(src.to_string()))?;
+        match self.try_connect(src, dst, peer, target).await {
+            Err((HboneError::H2 { .. } | HboneError::Upgrade(_), true)) => {
+                debug!(%peer, "HBONE stream failed on a reused connection; retrying on a new one");
+                self.try_connect(src, dst, peer, target).await.map_err(|(e, _)| e)
+            }
+            r => r.map_err(|(e, _)| e),
+        }
+    }
+
+    /// The error comes with whether the connection was a reused one.
+    async fn try_connect(
+        &self,
+        src: &Identity,
+        dst: &Identity,
+        peer: SocketAddr,
+        target: SocketAddrV4,
+    ) -> Result<Tunnel, (HboneError, bool)> {
+        let cert = self.certs.get(src).ok_or_else(|| (HboneError::NoSourceCert(src.to_string()), false))?;
         let key = Key { src: src.clone(), dst: dst.clone(), peer };
         let slot = self.slots.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().clone();
-        let conn = {
+        let (guard, reused) = {
             let mut conns = slot.lock().await;
-            conns.retain(|c| !c.send.is_closed());
+            conns.retain(|c| !c.send.is_closed() && !c.broken.load(Ordering::Acquire));
             let reusable = conns.iter().find(|c| {
                 c.cert_generation == cert.generation
                     && c.send.is_ready()
                     && c.active.load(Ordering::Acquire) < self.max_streams
             });
-            match reusable {
-                Some(c) => c.clone(),
+            let (conn, reused) = match reusable {
+                Some(c) => (c.clone(), true),
                 None => {
-                    let c = Arc::new(self.open(&cert, dst, peer).await?);
+                    let c = Arc::new(self.open(&cert, dst, peer).await.map_err(|e| (e, false))?);
                     conns.push(c.clone());
-                    c
+                    (c, false)
                 }
-            }
+            };
+            // Counted under the lock, so concurrent callers see it.
+            conn.active.fetch_add(1, Ordering::AcqRel);
+            (StreamGuard(conn), reused)
         };
-        conn.active.fetch_add(1, Ordering::AcqRel);
-        let guard = StreamGuard(conn.clone());
-        let mut send = conn.send.clone();
+        let mut send = guard.0.send.clone();
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
             .body(Empty::<Bytes>::new())
             .expect("CONNECT request parts are valid");
-        let resp = send.send_request(req).await.map_err(|source| HboneError::H2 { peer, source })?;
-        if resp.status() != StatusCode::OK {
-            let reason = resp.headers().get(REASON_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
-            return Err(HboneError::Status { peer, target, status: resp.status(), reason });
+        let timeout = self.connect_timeout;
+        let exchange = async {
+            let resp = send.send_request(req).await.map_err(|source| HboneError::H2 { peer, source })?;
+            if resp.status() != StatusCode::OK {
+                let reason = resp.headers().get(REASON_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                return Err(HboneError::Status { peer, target, status: resp.status(), reason });
+            }
+            hyper::upgrade::on(resp).await.map_err(HboneError::Upgrade)
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok(upgraded)) => Ok(Tunnel { io: TokioIo::new(upgraded), _stream: guard }),
+            Ok(Err(e)) => {
+                if matches!(e, HboneError::H2 { .. } | HboneError::Upgrade(_)) {
+                    guard.0.broken.store(true, Ordering::Release);
+                }
+                Err((e, reused))
+            }
+            Err(_) => Err((HboneError::ConnectStreamTimeout { peer, target, timeout }, reused)),
         }
-        let upgraded = hyper::upgrade::on(resp).await.map_err(HboneError::Upgrade)?;
-        Ok(Tunnel { io: TokioIo::new(upgraded), _stream: guard })
     }
 
     async fn open(
@@ -228,6 +265,7 @@ impl Pool {
         });
         Ok(Conn {
             send,
+            broken: std::sync::atomic::AtomicBool::new(false),
             active: Arc::new(AtomicUsize::new(0)),
             cert_generation: cert.generation,
             last_used: Mutex::new(Instant::now()),
@@ -248,7 +286,7 @@ impl Pool {
                 let unused = c.active.load(Ordering::Acquire) == 0;
                 let idle = c.last_used.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= self.idle;
                 let stale = current != Some(c.cert_generation);
-                !(unused && (idle || stale)) && !c.send.is_closed()
+                !(unused && (idle || stale || c.broken.load(Ordering::Acquire))) && !c.send.is_closed()
             });
             closed += before - conns.len();
         }

@@ -179,7 +179,9 @@ fn run(args: &Args) -> Result<()> {
 fn report(n: &Node) -> Result<()> {
     let conns = n.admin_json("/debug/connections")?;
     println!("\n{} proxy: {} connections", n.name, conns["closed_total"]);
-    let mut rows: std::collections::BTreeMap<(String, String, String, String, String), (u64, u64)> = Default::default();
+    // (direction, source, destination pod, outcome, error) → (connections, bytes)
+    type Row = (String, String, String, String, String);
+    let mut rows: std::collections::BTreeMap<Row, (u64, u64)> = Default::default();
     for c in conns["recent"].as_array().cloned().unwrap_or_default() {
         let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
         let src = if c["direction"] == "inbound" { s(&c["source_identity"]) } else { s(&c["source_pod"]) };
