@@ -94,6 +94,7 @@ fn main() -> ExitCode {
 
 fn run(args: &RunArgs) -> anyhow::Result<()> {
     let config = Config::load(args)?;
+    raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(config.workers).enable_all().build()?;
     rt.block_on(mesh_agent::app::run(config, shutdown_signal()))
 }
@@ -108,4 +109,20 @@ async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
+}
+
+/// Every proxied connection costs two file descriptors (three with HBONE pooling aside): raise
+/// the soft limit to the hard limit, as proxies do, and say what we got.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let wanted = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+                lim = wanted;
+            }
+        }
+    }
+    tracing::info!(open_files = lim.rlim_cur, "file descriptor limit");
 }

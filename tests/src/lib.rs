@@ -244,6 +244,13 @@ pub struct Server {
     child: Child,
 }
 
+impl Server {
+    /// Starts `cmd` (typically from [`Pod::command`]) as a server killed on drop.
+    pub fn spawn(mut cmd: Command) -> Result<Server> {
+        Ok(Server { child: cmd.spawn().with_context(|| format!("spawn {cmd:?}"))? })
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -258,6 +265,12 @@ fn enter(cmd: &mut Command, cgroup: Option<&Path>, netns: &str) {
     // on buffers prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            // Load tools and connection holders need many sockets: soft limit up to the hard.
+            let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
             if let Some(procs) = &procs {
                 let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
                 if fd < 0 {

@@ -27,9 +27,10 @@ fn main() -> ExitCode {
         "build" => setup().and_then(|_| build()),
         "test" => setup().and_then(|_| build()).and_then(|_| test(&rest)),
         "demo" => setup().and_then(|_| build()).and_then(|_| demo(&rest)),
+        "bench" => setup().and_then(|_| bench_tools()).and_then(|_| bench(&rest)),
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n\n  setup   install the eBPF toolchain (llvm-22, bpf-linker {BPF_LINKER_VERSION}, nightly rust-src) if missing\n  build   build the agent (with its eBPF object) and test binaries\n  test    run the whole test suite, privileged eBPF tests included (needs root)\n  demo    run the demo: a simulated node with meshed pods (--keep to keep it up)"
+                "usage: cargo xtask <task>\n\n  setup   install the eBPF toolchain (llvm-22, bpf-linker {BPF_LINKER_VERSION}, nightly rust-src) if missing\n  build   build the agent (with its eBPF object) and test binaries\n  test    run the whole test suite, privileged eBPF tests included (needs root)\n  demo    run the demo: a simulated cluster with meshed pods (--keep to keep it up)\n  bench   benchmark against the physical limit (--quick: under two minutes); writes bench/RESULTS.md"
             );
             return ExitCode::from(if task == "help" { 0 } else { 2 });
         }
@@ -176,6 +177,62 @@ fn test(rest: &[String]) -> Result<()> {
         bail!("no test ran");
     }
     Ok(())
+}
+
+/// Load tools for the benchmark: Debian's wrk, nginx, iperf3, sockperf, and oha from crates.io.
+const BENCH_APT: &[&str] = &["wrk", "nginx-light", "iperf3", "sockperf"];
+const OHA_VERSION: &str = "1.16.0";
+
+fn bench_tools() -> Result<()> {
+    let missing: Vec<&str> = BENCH_APT
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        say(&format!("load tools present: {}", BENCH_APT.join(" ")));
+    } else {
+        say(&format!("installing load tools: {}", missing.join(" ")));
+        status(Command::new("apt-get").arg("update").arg("-qq"))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        // Debian starts nginx on install; the benchmark runs its own instances in pods.
+        let _ = Command::new("sh")
+            .args(["-c", "systemctl stop nginx 2>/dev/null; service nginx stop 2>/dev/null; pkill -x nginx"])
+            .status();
+    }
+    let oha = cargo_home_bin().join("oha");
+    if output(Command::new(&oha).arg("--version")).is_some_and(|v| v.contains(OHA_VERSION)) {
+        say(&format!("oha {OHA_VERSION} present"));
+    } else {
+        say(&format!("installing oha {OHA_VERSION} (HTTP load generator) from crates.io (a few minutes)"));
+        status(Command::new("cargo").args(["install", "oha", "--version", OHA_VERSION, "--locked", "--force"]))?;
+    }
+    Ok(())
+}
+
+fn bench(rest: &[String]) -> Result<()> {
+    say("building release binaries for the benchmark");
+    status(cargo().args(["build", "--release", "--workspace", "--bins", "--locked"]))?;
+    let command = format!("cargo xtask bench {}", rest.join(" ")).trim().to_string();
+    say(&format!("running: {command}"));
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![cargo_home_bin()];
+    paths.extend(std::env::split_paths(&path));
+    status(
+        Command::new(root().join("target/release/switchyard-bench"))
+            .current_dir(root())
+            .env("PATH", std::env::join_paths(paths)?)
+            .args(rest)
+            .args(["--command", &command]),
+    )
 }
 
 fn demo(rest: &[String]) -> Result<()> {

@@ -50,6 +50,16 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Opens `count` connections and holds them open for `seconds` (for memory under many
+    /// connections); prints how many were opened.
+    Hold {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        seconds: u64,
+    },
     /// Sends one datagram and waits for the echo (connected socket unless --sendto).
     UdpQuery {
         #[arg(long)]
@@ -75,6 +85,7 @@ fn main() {
             client(connect, opts)
         }
         Cmd::UdpServer { listen } => udp_server(listen),
+        Cmd::Hold { connect, count, seconds } => hold(connect, count, seconds),
         Cmd::UdpQuery { to, sendto } => udp_query(to, sendto),
     }
 }
@@ -239,4 +250,21 @@ fn udp_query(to: SocketAddr, sendto: bool) {
         Err(e) => serde_json::json!({ "ok": false, "error": e.to_string() }),
     };
     println!("{json}");
+}
+
+fn hold(addr: SocketAddr, count: usize, seconds: u64) {
+    let mut conns = Vec::with_capacity(count);
+    let mut error = None;
+    for _ in 0..count {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            Ok(s) => conns.push(s),
+            Err(e) => {
+                error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    println!("{}", serde_json::json!({ "held": conns.len(), "error": error }));
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_secs(seconds));
 }

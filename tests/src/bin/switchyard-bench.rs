@@ -1,0 +1,563 @@
+//! `cargo xtask bench`: Switchyard against the physical limit of this machine, every time.
+//!
+//! A simulated two-node cluster (real agents, real eBPF) and standard load tools: sockperf
+//! (TCP ping-pong latency), iperf3 (bulk), oha (HTTP at a fixed rate, and new connections),
+//! wrk (HTTP max throughput), nginx serving 1 KiB. Four paths, measured side by side and
+//! interleaved within each repetition:
+//!
+//! * `direct-local`  pod → pod on the same node, no mesh (the physical limit);
+//! * `mesh-local`    same, through the node proxy (redirect + one proxy hop);
+//! * `direct-remote` pod → pod on another node, no mesh;
+//! * `mesh-remote`   through both nodes' proxies with HBONE mTLS.
+//!
+//! Each figure is the median over repetitions with its min-max spread, and the ratio to the
+//! direct path of the same topology. Host steal time is recorded per run (runs at 5 % or more
+//! are flagged). Writes JSON and a markdown table.
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Parser;
+use serde::Serialize;
+use serde_json::Value;
+use sim::{Cluster, Pod, Server};
+
+#[derive(Parser)]
+#[command(about = "Switchyard benchmark harness")]
+struct Args {
+    /// Short runs, one repetition: under two minutes, for iteration.
+    #[arg(long)]
+    quick: bool,
+    /// Repetitions (default 3; 1 with --quick).
+    #[arg(long)]
+    reps: Option<usize>,
+    #[arg(long, default_value = "bench/results.json")]
+    json: PathBuf,
+    #[arg(long, default_value = "bench/RESULTS.md")]
+    markdown: PathBuf,
+    /// The command line to record in the results (set by `cargo xtask bench`).
+    #[arg(long, default_value = "switchyard-bench")]
+    command: String,
+}
+
+const PATHS: [&str; 4] = ["direct-local", "mesh-local", "direct-remote", "mesh-remote"];
+
+#[derive(Serialize, Clone)]
+struct Figure {
+    workload: String,
+    metric: String,
+    unit: String,
+    path: String,
+    values: Vec<f64>,
+    median: f64,
+    min: f64,
+    max: f64,
+    /// median / median of the direct path of the same topology.
+    ratio_to_direct: Option<f64>,
+    /// Whether lower is better (latency, CPU, memory) or higher (throughput).
+    lower_is_better: bool,
+}
+
+#[derive(Serialize)]
+struct Run {
+    date: String,
+    command: String,
+    machine: BTreeMap<String, String>,
+    quick: bool,
+    reps: usize,
+    seconds_per_measurement: f64,
+    /// Host steal time per repetition, percent.
+    steal_percent: Vec<f64>,
+    figures: Vec<Figure>,
+    not_measured: Vec<String>,
+}
+
+struct Bench {
+    c: Cluster,
+    mesh_client: Pod,
+    plain_client: Pod,
+    local_server: Pod,
+    remote_server: Pod,
+    secs: f64,
+    _servers: Vec<Server>,
+}
+
+type Samples = BTreeMap<(String, String, String, String, bool), Vec<f64>>;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("bench failed: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn tool(name: &str) -> Result<()> {
+    if Command::new("sh").args(["-c", &format!("command -v {name}")]).output()?.status.success() {
+        Ok(())
+    } else {
+        bail!("{name} is not installed: run `cargo xtask bench` (it installs the load tools)")
+    }
+}
+
+fn run() -> Result<()> {
+    let args = Args::parse();
+    if !sim::privileged("bench") {
+        bail!("the benchmark builds network namespaces and loads eBPF: run it as root");
+    }
+    for t in ["oha", "wrk", "iperf3", "sockperf", "nginx"] {
+        tool(t)?;
+    }
+    let reps = args.reps.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
+    let secs = if args.quick { 2.0 } else { 8.0 };
+    let b = setup(secs)?;
+    let mut samples: Samples = BTreeMap::new();
+    let mut steal = Vec::new();
+    let mut add = |w: &str, m: &str, u: &str, p: &str, lower: bool, v: f64| {
+        samples.entry((w.into(), m.into(), u.into(), p.into(), lower)).or_default().push(v);
+    };
+
+    // Memory at idle, before any load.
+    let idle_rss = b.agents_rss_kib()?;
+    add("agent memory", "RSS idle (both agents)", "MiB", "mesh-remote", true, idle_rss as f64 / 1024.0);
+
+    let started = Instant::now();
+    for rep in 0..reps {
+        let st0 = steal_sample()?;
+        eprintln!("== repetition {}/{reps}", rep + 1);
+        for path in PATHS {
+            let (client, target) = b.path(path);
+            let ip = target.ip.to_string();
+            // TCP ping-pong latency.
+            let l = b.sockperf(client, &ip)?;
+            add("tcp ping-pong 64 B", "p50", "µs", path, true, l[0]);
+            add("tcp ping-pong 64 B", "p99", "µs", path, true, l[1]);
+            add("tcp ping-pong 64 B", "p99.9", "µs", path, true, l[2]);
+            // HTTP at a fixed 1000 req/s, 1 KiB bodies, 4 and 16 keep-alive connections, with
+            // the agents' CPU over the run.
+            for conns in [4, 16] {
+                let cpu0 = b.agents_cpu_secs()?;
+                let t0 = Instant::now();
+                let (p50, p99, rps) = b.oha_rate(client, &ip, conns)?;
+                let cores = (b.agents_cpu_secs()? - cpu0) / t0.elapsed().as_secs_f64();
+                let w = format!("http 1000 req/s, 1 KiB, {conns} conns");
+                add(&w, "p50", "ms", path, true, p50);
+                add(&w, "p99", "ms", path, true, p99);
+                if path.starts_with("mesh") {
+                    add(&w, "agent CPU per 1000 req/s", "cores", path, true, cores / (rps / 1000.0));
+                }
+            }
+            // Max throughput, 16 connections; memory sampled under that load.
+            let (rps, rss) = b.wrk_max(client, &ip)?;
+            add("http max, 16 conns", "throughput", "req/s", path, false, rps);
+            if path.starts_with("mesh") {
+                add("agent memory", "RSS under load (both agents)", "MiB", path, true, rss as f64 / 1024.0);
+            }
+            // New connections per second (no keep-alive).
+            add("new connections", "rate", "conn/s", path, false, b.oha_new_conns(client, &ip)?);
+            // Bulk throughput.
+            add("bulk tcp, 1 stream", "throughput", "Gbit/s", path, false, b.iperf(client, &ip, 1)?);
+            add("bulk tcp, 8 streams", "throughput", "Gbit/s", path, false, b.iperf(client, &ip, 8)?);
+        }
+        steal.push(steal_percent(st0, steal_sample()?));
+    }
+    // Memory with many open connections through the same-node proxy.
+    let open = if args.quick { 2_000 } else { 10_000 };
+    let rss = b.rss_with_open_connections(open)?;
+    add("agent memory", &format!("RSS with {open} open connections"), "MiB", "mesh-local", true, rss as f64 / 1024.0);
+    eprintln!("measured in {:?}", started.elapsed());
+
+    let figures = figures(samples);
+    let run = Run {
+        date: cmd_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        command: args.command.clone(),
+        machine: machine(),
+        quick: args.quick,
+        reps,
+        seconds_per_measurement: secs,
+        steal_percent: steal,
+        figures,
+        not_measured: vec![
+            "mesh-local with sockmap acceleration: not built yet".into(),
+            "pinned single-CPU figures (proxy cost without cross-CPU wake-ups): not built yet".into(),
+        ],
+    };
+    if let Some(d) = args.json.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&run)?)?;
+    std::fs::write(&args.markdown, markdown(&run))?;
+    println!("{}", markdown(&run));
+    eprintln!("wrote {} and {}", args.json.display(), args.markdown.display());
+    Ok(())
+}
+
+fn setup(secs: f64) -> Result<Bench> {
+    let mut c = Cluster::new()?;
+    c.add_node("node-a", 51)?;
+    c.add_node("node-b", 52)?;
+    c.set_namespace("bench", true, None);
+    c.set_namespace("plain", false, None);
+    let mesh_client = c.node("node-a").add_pod("mesh-client", "bench", None)?;
+    let plain_client = c.node("node-a").add_pod("plain-client", "plain", None)?;
+    let local_server = c.node("node-a").add_pod("local-server", "bench", None)?;
+    let remote_server = c.node("node-b").add_pod("remote-server", "bench", None)?;
+    let mut servers = Vec::new();
+    for s in [&local_server, &remote_server] {
+        servers.push(nginx(&c, s)?);
+        servers.push(daemon(s, "iperf3", &["-s", "-p", "5201"])?);
+        servers.push(daemon(s, "sockperf", &["server", "--tcp", "-p", "11111"])?);
+    }
+    c.start(&[])?;
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(Bench { c, mesh_client, plain_client, local_server, remote_server, secs, _servers: servers })
+}
+
+/// A long-running tool in a pod, killed with the bench.
+fn daemon(pod: &Pod, program: &str, args: &[&str]) -> Result<Server> {
+    let mut cmd = pod.command(program);
+    cmd.args(args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let server = Server::spawn(cmd)?;
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(server)
+}
+
+/// nginx serving a 1 KiB body on :8080, one worker, no access log.
+fn nginx(c: &Cluster, pod: &Pod) -> Result<Server> {
+    let dir = c.dir.join(format!("nginx-{}", pod.name));
+    std::fs::create_dir_all(dir.join("www"))?;
+    std::fs::write(dir.join("www/1k"), vec![b'x'; 1024])?;
+    let conf = format!(
+        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\ndaemon off;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{ access_log off; keepalive_requests 1000000; client_body_temp_path {d}; proxy_temp_path {d};\n\
+         fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+         server {{ listen 8080 reuseport; root {d}/www; location / {{ }} }} }}\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("nginx.conf"), conf)?;
+    let conf_path = dir.join("nginx.conf");
+    daemon(pod, "nginx", &["-c", conf_path.to_str().unwrap(), "-p", dir.to_str().unwrap()])
+}
+
+impl Bench {
+    fn path(&self, p: &str) -> (&Pod, &Pod) {
+        match p {
+            "direct-local" => (&self.plain_client, &self.local_server),
+            "mesh-local" => (&self.mesh_client, &self.local_server),
+            "direct-remote" => (&self.plain_client, &self.remote_server),
+            _ => (&self.mesh_client, &self.remote_server),
+        }
+    }
+
+    fn secs_arg(&self) -> String {
+        format!("{}", self.secs.ceil() as u64)
+    }
+
+    fn in_pod(&self, pod: &Pod, program: &str, args: &[&str]) -> Result<String> {
+        let mut cmd = pod.command(program);
+        cmd.args(args);
+        let out = sim::output_timeout(cmd, Duration::from_secs_f64(self.secs * 4.0 + 30.0))?;
+        if !out.status.success() {
+            bail!("{program} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// p50, p99, p99.9 in µs (sockperf reports half the round trip).
+    fn sockperf(&self, client: &Pod, ip: &str) -> Result<[f64; 3]> {
+        let out = self.in_pod(
+            client,
+            "sockperf",
+            &["ping-pong", "--tcp", "-i", ip, "-p", "11111", "-m", "64", "-t", &self.secs_arg()],
+        )?;
+        let pct = |p: &str| -> Result<f64> {
+            out.lines()
+                .find(|l| l.contains(&format!("percentile {p} =")))
+                .and_then(|l| l.rsplit('=').next()?.trim().parse().ok())
+                .with_context(|| format!("no percentile {p} in sockperf output:\n{out}"))
+        };
+        Ok([pct("50.000")?, pct("99.000")?, pct("99.900")?])
+    }
+
+    fn oha_json(&self, client: &Pod, args: &[&str]) -> Result<Value> {
+        let out = self.in_pod(client, "oha", args)?;
+        serde_json::from_str(&out).with_context(|| format!("oha output is not JSON: {out}"))
+    }
+
+    /// (p50 ms, p99 ms, achieved req/s) at a fixed 1000 req/s.
+    fn oha_rate(&self, client: &Pod, ip: &str, conns: usize) -> Result<(f64, f64, f64)> {
+        let url = format!("http://{ip}:8080/1k");
+        let z = format!("{}s", self.secs_arg());
+        let c = conns.to_string();
+        let v = self.oha_json(
+            client,
+            &["-z", &z, "-q", "1000", "-c", &c, "--latency-correction", "--no-tui", "--output-format", "json", &url],
+        )?;
+        let p = &v["latencyPercentiles"];
+        let ok = v["statusCodeDistribution"]["200"].as_f64().unwrap_or(0.0);
+        if ok == 0.0 {
+            bail!("oha got no 200 from {url}: {v}");
+        }
+        Ok((
+            p["p50"].as_f64().unwrap_or(f64::NAN) * 1000.0,
+            p["p99"].as_f64().unwrap_or(f64::NAN) * 1000.0,
+            v["summary"]["requestsPerSec"].as_f64().unwrap_or(f64::NAN),
+        ))
+    }
+
+    /// New connections per second: one request per connection.
+    fn oha_new_conns(&self, client: &Pod, ip: &str) -> Result<f64> {
+        let url = format!("http://{ip}:8080/1k");
+        let z = format!("{}s", self.secs_arg());
+        let v = self.oha_json(
+            client,
+            &["-z", &z, "-c", "16", "--disable-keepalive", "--no-tui", "--output-format", "json", &url],
+        )?;
+        Ok(v["summary"]["requestsPerSec"].as_f64().unwrap_or(f64::NAN))
+    }
+
+    /// (req/s, max agents' RSS KiB during the run).
+    fn wrk_max(&self, client: &Pod, ip: &str) -> Result<(f64, u64)> {
+        let url = format!("http://{ip}:8080/1k");
+        let d = format!("{}s", self.secs_arg());
+        let (out, rss) = std::thread::scope(|s| {
+            let h = s.spawn(|| self.in_pod(client, "wrk", &["-t", "1", "-c", "16", "-d", &d, &url]));
+            let mut max = 0;
+            while !h.is_finished() {
+                max = max.max(self.agents_rss_kib().unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            (h.join().unwrap(), max)
+        });
+        let out = out?;
+        let rps = out
+            .lines()
+            .find_map(|l| l.strip_prefix("Requests/sec:").and_then(|v| v.trim().parse().ok()))
+            .with_context(|| format!("no Requests/sec in wrk output:\n{out}"))?;
+        Ok((rps, rss))
+    }
+
+    /// Gbit/s received.
+    fn iperf(&self, client: &Pod, ip: &str, streams: usize) -> Result<f64> {
+        let p = streams.to_string();
+        let out = self.in_pod(client, "iperf3", &["-c", ip, "-p", "5201", "-t", &self.secs_arg(), "-P", &p, "-J"])?;
+        let v: Value = serde_json::from_str(&out)?;
+        Ok(v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(f64::NAN) / 1e9)
+    }
+
+    fn agent_pids(&self) -> Vec<u32> {
+        self.c.nodes.iter().filter_map(|n| n.agent_pid()).collect()
+    }
+
+    fn agents_cpu_secs(&self) -> Result<f64> {
+        let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let mut total = 0.0;
+        for pid in self.agent_pids() {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+            // Fields after the command name (which may contain spaces): utime is 14th, stime 15th.
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            total += (f[11].parse::<f64>()? + f[12].parse::<f64>()?) / tick;
+        }
+        Ok(total)
+    }
+
+    fn agents_rss_kib(&self) -> Result<u64> {
+        let mut total = 0;
+        for pid in self.agent_pids() {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+            total += status
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                })
+                .unwrap_or(0);
+        }
+        Ok(total)
+    }
+
+    /// Opens `n` connections through the same-node proxy and reads node-a's agent RSS.
+    fn rss_with_open_connections(&self, n: usize) -> Result<u64> {
+        let to = format!("{}:8080", self.local_server.ip);
+        let count = n.to_string();
+        let mut cmd = self.mesh_client.command(sim::bin_path("sim-workload")?);
+        cmd.args(["hold", "--connect", &to, "--count", &count, "--seconds", "30"]);
+        cmd.stdout(std::process::Stdio::piped());
+        let mut child = cmd.spawn()?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)?;
+        let v: Value = serde_json::from_str(&line).with_context(|| format!("hold said {line:?}"))?;
+        if v["held"].as_u64() != Some(n as u64) {
+            let _ = child.kill();
+            bail!("could only open {} of {n} connections: {}", v["held"], v["error"]);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let pid = self.c.nodes[0].agent_pid().context("agent")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let rss = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
+            .unwrap_or(0);
+        let _ = child.kill();
+        let _ = child.wait();
+        Ok(rss)
+    }
+}
+
+fn steal_sample() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu: Vec<u64> =
+        stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    Ok((cpu.get(7).copied().unwrap_or(0), cpu.iter().sum()))
+}
+
+fn steal_percent(a: (u64, u64), b: (u64, u64)) -> f64 {
+    let total = (b.1 - a.1) as f64;
+    if total == 0.0 { 0.0 } else { 100.0 * (b.0 - a.0) as f64 / total }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn figures(samples: Samples) -> Vec<Figure> {
+    let mut out: Vec<Figure> = samples
+        .iter()
+        .map(|((w, m, u, p, lower), v)| Figure {
+            workload: w.clone(),
+            metric: m.clone(),
+            unit: u.clone(),
+            path: p.clone(),
+            values: v.clone(),
+            median: median(v),
+            min: v.iter().copied().fold(f64::INFINITY, f64::min),
+            max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            ratio_to_direct: None,
+            lower_is_better: *lower,
+        })
+        .collect();
+    let direct: BTreeMap<(String, String, String), f64> = out
+        .iter()
+        .filter(|f| f.path.starts_with("direct"))
+        .map(|f| ((f.workload.clone(), f.metric.clone(), f.path.clone()), f.median))
+        .collect();
+    for f in &mut out {
+        let base = f.path.replace("mesh", "direct");
+        if let Some(d) = direct.get(&(f.workload.clone(), f.metric.clone(), base)) {
+            f.ratio_to_direct = Some(f.median / d);
+        }
+    }
+    out
+}
+
+fn cmd_out(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine() -> BTreeMap<String, String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string());
+    let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    BTreeMap::from([
+        ("kernel".into(), cmd_out("uname", &["-r"])),
+        ("cpus".into(), std::thread::available_parallelism().map_or(0, |n| n.get()).to_string()),
+        ("cpu model".into(), model.unwrap_or_default()),
+        ("memory".into(), mem.lines().next().unwrap_or("").trim_start_matches("MemTotal:").trim().to_string()),
+        (
+            "tools".into(),
+            [
+                cmd_out("oha", &["--version"]),
+                cmd_out("wrk", &["-v"]),
+                cmd_out("iperf3", &["-v"]).lines().next().unwrap_or("").to_string(),
+                cmd_out("sockperf", &["-v"]),
+            ]
+            .join("; "),
+        ),
+    ])
+}
+
+fn fmt(v: f64) -> String {
+    if !v.is_finite() {
+        "-".into()
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn markdown(r: &Run) -> String {
+    let mut s = String::new();
+    s += "# Switchyard benchmark results\n\n";
+    s += "Generated by the benchmark harness; do not edit by hand. See `bench/README.md` for how to read it.\n\n";
+    s += &format!("- date: {}\n- command: `{}`\n", r.date, r.command);
+    for (k, v) in &r.machine {
+        s += &format!("- {k}: {v}\n");
+    }
+    s += &format!(
+        "- repetitions: {} of {} s per measurement{}; host steal per repetition: {}\n\n",
+        r.reps,
+        r.seconds_per_measurement,
+        if r.quick { " (--quick)" } else { "" },
+        r.steal_percent
+            .iter()
+            .map(|p| format!("{p:.1}%{}", if *p >= 5.0 { " (noisy)" } else { "" }))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    s += "Each cell: median [min-max] (ratio to the direct path of the same topology).\n\n";
+    s += "| workload | metric | unit | direct-local | mesh-local | direct-remote | mesh-remote |\n";
+    s += "|---|---|---|---|---|---|---|\n";
+    let mut rows: BTreeMap<(String, String, String), BTreeMap<String, &Figure>> = BTreeMap::new();
+    for f in &r.figures {
+        rows.entry((f.workload.clone(), f.metric.clone(), f.unit.clone())).or_default().insert(f.path.clone(), f);
+    }
+    for ((w, m, u), cells) in rows {
+        s += &format!("| {w} | {m} | {u} |");
+        for p in PATHS {
+            match cells.get(p) {
+                Some(f) => {
+                    let spread =
+                        if f.values.len() > 1 { format!(" [{}-{}]", fmt(f.min), fmt(f.max)) } else { String::new() };
+                    let ratio = f
+                        .ratio_to_direct
+                        .filter(|_| p.starts_with("mesh"))
+                        .map(|x| format!(" ({x:.2}x)"))
+                        .unwrap_or_default();
+                    s += &format!(" {}{spread}{ratio} |", fmt(f.median));
+                }
+                None => s += " |",
+            }
+        }
+        s += "\n";
+    }
+    if !r.not_measured.is_empty() {
+        s += "\nNot measured:\n";
+        for n in &r.not_measured {
+            s += &format!("- {n}\n");
+        }
+    }
+    s
+}
