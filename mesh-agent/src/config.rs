@@ -21,8 +21,11 @@ pub const DEFAULT_ADMIN_PORT: u16 = 15020;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long in-flight connections may finish after SIGTERM before the agent exits.
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(5);
-/// Per-direction copy buffer. 64 KiB moves a full TSO segment per syscall.
-pub const DEFAULT_COPY_BUFFER: usize = 64 * 1024;
+/// Per-direction copy buffer. 16 KiB: against 64 KiB it measured (bench --quick, one
+/// repetition) ~15 % less memory with 2 000 open connections and ~30 % more new connections per
+/// second on the same node (less zeroing per connection), at similar bulk throughput. An adaptive
+/// buffer (start small, grow on full reads) would get both; not built yet.
+pub const DEFAULT_COPY_BUFFER: usize = 16 * 1024;
 /// HBONE port, as Istio ambient (interop).
 pub const DEFAULT_HBONE_PORT: u16 = 15008;
 /// Workload certificate lifetime: a day, renewed at half-life, as Istio does.
@@ -74,6 +77,8 @@ pub struct FileConfig {
     pub hbone_listen: Option<SocketAddr>,
     pub pool_max_streams: Option<usize>,
     pub pool_idle_ms: Option<u64>,
+    /// Per-direction copy buffer of a proxied connection, bytes.
+    pub copy_buffer_bytes: Option<usize>,
 }
 
 /// The mesh CA, from files (see `mesh-agent ca init`).
@@ -147,6 +152,9 @@ pub struct RunArgs {
     /// Close pooled HBONE connections idle for this long (milliseconds).
     #[arg(long)]
     pub pool_idle_ms: Option<u64>,
+    /// Per-direction copy buffer of a proxied connection, bytes.
+    #[arg(long)]
+    pub copy_buffer_bytes: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -254,7 +262,11 @@ impl Config {
             workers,
             connect_timeout: file.connect_timeout_ms.map_or(DEFAULT_CONNECT_TIMEOUT, Duration::from_millis),
             drain_grace: file.drain_grace_ms.map_or(DEFAULT_DRAIN_GRACE, Duration::from_millis),
-            copy_buffer: DEFAULT_COPY_BUFFER,
+            copy_buffer: args
+                .copy_buffer_bytes
+                .or(file.copy_buffer_bytes)
+                .unwrap_or(DEFAULT_COPY_BUFFER)
+                .clamp(1024, 1 << 20),
             max_redirected_sockets: args
                 .max_redirected_sockets
                 .or(file.max_redirected_sockets)

@@ -7,16 +7,10 @@ use mesh_agent::config::{Config, RunArgs};
 #[command(name = "mesh-agent", version, about = "Switchyard node agent: eBPF redirect + node proxy")]
 struct Cli {
     /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
-    log_format: LogFormat,
+    #[arg(long, value_enum, default_value_t = mesh_agent::logging::Format::Text, global = true)]
+    log_format: mesh_agent::logging::Format,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -47,13 +41,7 @@ enum CaCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let _log_guard = mesh_agent::logging::init(cli.log_format);
     match cli.command {
         Command::Check => {
             let checks = mesh_agent::check::run();

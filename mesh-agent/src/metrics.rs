@@ -99,6 +99,13 @@ struct MapLabels {
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let dropped = ConstCounter::new(crate::logging::dropped());
+        dropped.encode(enc.encode_descriptor(
+            "log_lines_dropped",
+            "Log and access-log lines dropped because the log queue was full (logging never blocks the data plane)",
+            None,
+            dropped.metric_type(),
+        )?)?;
         let guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let up = ConstGauge::new(i64::from(guard.is_some()));
         up.encode(enc.encode_descriptor(

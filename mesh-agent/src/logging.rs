@@ -1,0 +1,42 @@
+//! Logging, including the access log: never allowed to block the data plane. Lines go through a
+//! bounded in-memory queue to a writer thread; when the queue is full a line is dropped and
+//! counted (`switchyard_log_lines_dropped_total`) rather than making a proxy task wait for
+//! stderr.
+use std::sync::OnceLock;
+
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
+
+/// Lines the queue holds before dropping.
+pub const QUEUE_LINES: usize = 64 * 1024;
+
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// Installs the global subscriber (filter from `RUST_LOG`, default `info`). Keep the guard
+/// until exit: dropping it flushes the queue.
+pub fn init(format: Format) -> WorkerGuard {
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(QUEUE_LINES)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
+    let _ = DROPPED.set(writer.error_counter());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    match format {
+        Format::Text => builder.init(),
+        Format::Json => builder.json().init(),
+    }
+    guard
+}
+
+/// Lines dropped because the queue was full (0 when logging was not set up by [`init`]).
+pub fn dropped() -> u64 {
+    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+}
