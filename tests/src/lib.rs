@@ -451,7 +451,7 @@ impl Node {
             .arg("--cgroup-root")
             .arg(&self.cgroup)
             .args(["--redirect-address", &self.gateway.to_string()])
-            .args(["--workers", "2"])
+            .args(if extra.iter().any(|a| a.starts_with("--workers")) { &[][..] } else { &["--workers", "2"][..] })
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
