@@ -42,6 +42,10 @@ struct Args {
     /// The command line to record in the results (set by `cargo xtask bench`).
     #[arg(long, default_value = "switchyard-bench")]
     command: String,
+    /// Pin agents (one worker thread each), servers and load tools to this CPU: the proxy's own
+    /// cost without cross-CPU wake-ups (about 0.2 ms per round trip on these VMs).
+    #[arg(long)]
+    pin_cpu: Option<usize>,
     /// Extra flag for every agent, e.g. `--agent-arg=--copy-buffer-bytes=16384` (repeatable).
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     agent_args: Vec<String>,
@@ -72,6 +76,8 @@ struct Run {
     machine: BTreeMap<String, String>,
     quick: bool,
     agent_args: Vec<String>,
+    /// All processes on this CPU, or unpinned.
+    pinned_cpu: Option<usize>,
     reps: usize,
     seconds_per_measurement: f64,
     /// Host steal time per repetition, percent.
@@ -82,6 +88,7 @@ struct Run {
 
 struct Bench {
     c: Cluster,
+    pin: Option<usize>,
     mesh_client: Pod,
     plain_client: Pod,
     local_server: Pod,
@@ -117,7 +124,11 @@ fn run() -> Result<()> {
     }
     let reps = args.reps.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
     let secs = if args.quick { 2.0 } else { 8.0 };
-    let b = setup(secs, &args.agent_args)?;
+    let mut agent_args = args.agent_args.clone();
+    if args.pin_cpu.is_some() && !agent_args.iter().any(|a| a.starts_with("--workers")) {
+        agent_args.push("--workers=1".into());
+    }
+    let b = setup(secs, &agent_args, args.pin_cpu)?;
     let mut samples: Samples = BTreeMap::new();
     let mut steal = Vec::new();
     let mut add = |w: &str, m: &str, u: &str, p: &str, lower: bool, v: f64| {
@@ -180,15 +191,13 @@ fn run() -> Result<()> {
         command: args.command.clone(),
         machine: machine(),
         quick: args.quick,
-        agent_args: args.agent_args.clone(),
+        agent_args,
+        pinned_cpu: args.pin_cpu,
         reps,
         seconds_per_measurement: secs,
         steal_percent: steal,
         figures,
-        not_measured: vec![
-            "mesh-local with sockmap acceleration: not built yet".into(),
-            "pinned single-CPU figures (proxy cost without cross-CPU wake-ups): not built yet".into(),
-        ],
+        not_measured: vec!["mesh-local with sockmap acceleration: not built yet".into()],
     };
     if let Some(d) = args.json.parent() {
         std::fs::create_dir_all(d)?;
@@ -200,7 +209,7 @@ fn run() -> Result<()> {
     Ok(())
 }
 
-fn setup(secs: f64, agent_args: &[String]) -> Result<Bench> {
+fn setup(secs: f64, agent_args: &[String], pin: Option<usize>) -> Result<Bench> {
     let mut c = Cluster::new()?;
     c.add_node("node-a", 51)?;
     c.add_node("node-b", 52)?;
@@ -212,18 +221,40 @@ fn setup(secs: f64, agent_args: &[String]) -> Result<Bench> {
     let remote_server = c.node("node-b").add_pod("remote-server", "bench", None)?;
     let mut servers = Vec::new();
     for s in [&local_server, &remote_server] {
-        servers.push(nginx(&c, s)?);
-        servers.push(daemon(s, "iperf3", &["-s", "-p", "5201"])?);
-        servers.push(daemon(s, "sockperf", &["server", "--tcp", "-p", "11111"])?);
+        servers.push(nginx(&c, s, pin)?);
+        servers.push(daemon(s, pin, "iperf3", &["-s", "-p", "5201"])?);
+        servers.push(daemon(s, pin, "sockperf", &["server", "--tcp", "-p", "11111"])?);
     }
     c.start(&agent_args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    if let Some(cpu) = pin {
+        for n in &c.nodes {
+            let pid = n.agent_pid().context("agent pid")?.to_string();
+            let ok =
+                Command::new("taskset").args(["-a", "-p", "-c", &cpu.to_string(), &pid]).output()?.status.success();
+            if !ok {
+                bail!("taskset could not pin agent {pid} to CPU {cpu}");
+            }
+        }
+    }
     std::thread::sleep(Duration::from_millis(500));
-    Ok(Bench { c, mesh_client, plain_client, local_server, remote_server, secs, _servers: servers })
+    Ok(Bench { c, pin, mesh_client, plain_client, local_server, remote_server, secs, _servers: servers })
+}
+
+/// `program` in `pod`, on CPU `pin` if set.
+fn pod_cmd(pod: &Pod, pin: Option<usize>, program: &str) -> Command {
+    match pin {
+        Some(cpu) => {
+            let mut c = pod.command("taskset");
+            c.args(["-c", &cpu.to_string(), program]);
+            c
+        }
+        None => pod.command(program),
+    }
 }
 
 /// A long-running tool in a pod, killed with the bench.
-fn daemon(pod: &Pod, program: &str, args: &[&str]) -> Result<Server> {
-    let mut cmd = pod.command(program);
+fn daemon(pod: &Pod, pin: Option<usize>, program: &str, args: &[&str]) -> Result<Server> {
+    let mut cmd = pod_cmd(pod, pin, program);
     cmd.args(args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
     let server = Server::spawn(cmd)?;
     std::thread::sleep(Duration::from_millis(200));
@@ -231,7 +262,7 @@ fn daemon(pod: &Pod, program: &str, args: &[&str]) -> Result<Server> {
 }
 
 /// nginx serving a 1 KiB body on :8080, one worker, no access log.
-fn nginx(c: &Cluster, pod: &Pod) -> Result<Server> {
+fn nginx(c: &Cluster, pod: &Pod, pin: Option<usize>) -> Result<Server> {
     let dir = c.dir.join(format!("nginx-{}", pod.name));
     std::fs::create_dir_all(dir.join("www"))?;
     std::fs::write(dir.join("www/1k"), vec![b'x'; 1024])?;
@@ -245,7 +276,7 @@ fn nginx(c: &Cluster, pod: &Pod) -> Result<Server> {
     );
     std::fs::write(dir.join("nginx.conf"), conf)?;
     let conf_path = dir.join("nginx.conf");
-    daemon(pod, "nginx", &["-c", conf_path.to_str().unwrap(), "-p", dir.to_str().unwrap()])
+    daemon(pod, pin, "nginx", &["-c", conf_path.to_str().unwrap(), "-p", dir.to_str().unwrap()])
 }
 
 impl Bench {
@@ -263,7 +294,7 @@ impl Bench {
     }
 
     fn in_pod(&self, pod: &Pod, program: &str, args: &[&str]) -> Result<String> {
-        let mut cmd = pod.command(program);
+        let mut cmd = pod_cmd(pod, self.pin, program);
         cmd.args(args);
         let out = sim::output_timeout(cmd, Duration::from_secs_f64(self.secs * 4.0 + 30.0))?;
         if !out.status.success() {
@@ -524,6 +555,10 @@ fn markdown(r: &Run) -> String {
     s += "# Switchyard benchmark results\n\n";
     s += "Generated by the benchmark harness; do not edit by hand. See `bench/README.md` for how to read it.\n\n";
     s += &format!("- date: {}\n- command: `{}`\n", r.date, r.command);
+    match r.pinned_cpu {
+        Some(cpu) => s += &format!("- pinned: agents (one worker each), servers and load tools all on CPU {cpu}\n"),
+        None => s += "- unpinned (what users see)\n",
+    }
     if !r.agent_args.is_empty() {
         s += &format!("- agent flags: `{}`\n", r.agent_args.join(" "));
     }
