@@ -126,7 +126,7 @@ impl Datapath {
         let cgroup = File::open(&cfg.cgroup_root)
             .map_err(|source| DatapathError::Cgroup { path: cfg.cgroup_root.clone(), source })?;
         for (name, kind) in PROGRAMS {
-            attach(&mut ebpf, name, kind, &cgroup)?;
+            load(&mut ebpf, name, kind, Some(&cgroup))?;
         }
         info!(cgroup = %cfg.cgroup_root.display(), programs = PROGRAMS.len(), "eBPF programs attached");
         // The config maps stay alive through the programs' references; the handles are not
@@ -200,7 +200,9 @@ where
     T::try_from(map).map_err(map_err(name))
 }
 
-fn attach(ebpf: &mut Ebpf, name: &'static str, kind: ProgramKind, cgroup: &File) -> Result<(), DatapathError> {
+/// Loads program `name` into the kernel (the verifier's verdict) and, given a cgroup, attaches
+/// it there.
+fn load(ebpf: &mut Ebpf, name: &'static str, kind: ProgramKind, cgroup: Option<&File>) -> Result<(), DatapathError> {
     let perr = |source| DatapathError::Program { name, source };
     let prog = ebpf
         .program_mut(name)
@@ -212,17 +214,23 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, kind: ProgramKind, cgroup: &File)
         ProgramKind::SockAddr => {
             let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
             p.load().map_err(perr)?;
-            p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
+            if let Some(cg) = cgroup {
+                p.attach(cg, CgroupAttachMode::Single).map_err(perr)?;
+            }
         }
         ProgramKind::SockOps => {
             let p: &mut SockOps = prog.try_into().map_err(perr)?;
             p.load().map_err(perr)?;
-            p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
+            if let Some(cg) = cgroup {
+                p.attach(cg, CgroupAttachMode::Single).map_err(perr)?;
+            }
         }
         ProgramKind::SkbIngress => {
             let p: &mut CgroupSkb = prog.try_into().map_err(perr)?;
             p.load().map_err(perr)?;
-            p.attach(cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single).map_err(perr)?;
+            if let Some(cg) = cgroup {
+                p.attach(cg, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single).map_err(perr)?;
+            }
         }
     }
     Ok(())
@@ -308,24 +316,7 @@ impl OrigDstLookup for OrigDstTable {
 pub fn verify_programs() -> Result<(), DatapathError> {
     let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
     for (name, kind) in PROGRAMS {
-        let perr = |source| DatapathError::Program { name, source };
-        let prog = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Program { name, source: aya::programs::ProgramError::NotLoaded })?;
-        match kind {
-            ProgramKind::SockAddr => {
-                let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
-                p.load().map_err(perr)?;
-            }
-            ProgramKind::SockOps => {
-                let p: &mut SockOps = prog.try_into().map_err(perr)?;
-                p.load().map_err(perr)?;
-            }
-            ProgramKind::SkbIngress => {
-                let p: &mut CgroupSkb = prog.try_into().map_err(perr)?;
-                p.load().map_err(perr)?;
-            }
-        }
+        load(&mut ebpf, name, kind, None)?;
     }
     Ok(())
 }

@@ -79,12 +79,22 @@ mod programs {
     #[inline(always)]
     fn current_pod() -> Option<(u64, PodPolicy)> {
         let id = unsafe { bpf_get_current_cgroup_id() };
+        find_pod(id, |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
+    }
+
+    /// The meshed pod owning cgroup `id`: `id` itself or one of its ancestors (`ancestor(level)`
+    /// gives the ancestor at that depth below the root, 0 past the cgroup's own depth).
+    #[inline(always)]
+    fn find_pod(id: u64, ancestor: impl Fn(i32) -> u64) -> Option<(u64, PodPolicy)> {
+        if id == 0 {
+            return None;
+        }
         if let Some(p) = unsafe { MESHED_CGROUPS.get(&id) } {
             return Some((id, *p));
         }
         let mut level = 1;
         while level < MAX_CGROUP_DEPTH {
-            let a = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+            let a = ancestor(level);
             if a == 0 || a == id {
                 break;
             }
@@ -273,24 +283,7 @@ mod programs {
     fn receiving_pod(ctx: &SkBuffContext) -> Option<PodPolicy> {
         let skb = ctx.skb.skb;
         let id = unsafe { bpf_skb_cgroup_id(skb) };
-        if id == 0 {
-            return None;
-        }
-        if let Some(p) = unsafe { MESHED_CGROUPS.get(&id) } {
-            return Some(*p);
-        }
-        let mut level = 1;
-        while level < MAX_CGROUP_DEPTH {
-            let a = unsafe { bpf_skb_ancestor_cgroup_id(skb, level) };
-            if a == 0 || a == id {
-                break;
-            }
-            if let Some(p) = unsafe { MESHED_CGROUPS.get(&a) } {
-                return Some(*p);
-            }
-            level += 1;
-        }
-        None
+        find_pod(id, |level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }).map(|(_, p)| p)
     }
 
     #[cgroup_skb(ingress)]

@@ -74,28 +74,9 @@ fn cargo_home_bin() -> PathBuf {
 }
 
 fn setup() -> Result<()> {
-    // Debian packages: the LLVM that bpf-linker links against, and iproute2 for the
+    // Debian packages: the LLVM that bpf-linker links against, iproute2/procps/tcpdump for the
     // simulated cluster.
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| {
-            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
-                .is_some_and(|s| s.contains("install ok installed"))
-        })
-        .collect();
-    if missing.is_empty() {
-        say(&format!("Debian packages present: {}", APT_PACKAGES.join(" ")));
-    } else {
-        say(&format!("installing Debian packages: {}", missing.join(" ")));
-        status(Command::new("apt-get").arg("update").arg("-qq"))?;
-        status(
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
-    }
+    apt_install("Debian packages", APT_PACKAGES)?;
 
     let linker = cargo_home_bin().join("bpf-linker");
     let have = output(Command::new(&linker).arg("--version")).unwrap_or_default();
@@ -122,14 +103,44 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
+/// Installs whichever of `packages` are missing; returns whether it installed anything.
+fn apt_install(what: &str, packages: &[&str]) -> Result<bool> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        say(&format!("{what} present: {}", packages.join(" ")));
+        return Ok(false);
+    }
+    say(&format!("installing {what}: {}", missing.join(" ")));
+    status(Command::new("apt-get").arg("update").arg("-qq"))?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    Ok(true)
+}
+
+/// PATH with cargo's bin directory first (bpf-linker, oha).
+fn path_with_cargo_bin() -> std::ffi::OsString {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![cargo_home_bin()];
+    paths.extend(std::env::split_paths(&path));
+    std::env::join_paths(paths).expect("PATH entries contain no separator")
+}
+
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
     // bpf-linker is found on PATH by the eBPF build.
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut paths = vec![cargo_home_bin()];
-    paths.extend(std::env::split_paths(&path));
-    c.env("PATH", std::env::join_paths(paths).unwrap());
+    c.env("PATH", path_with_cargo_bin());
     c
 }
 
@@ -184,25 +195,7 @@ const BENCH_APT: &[&str] = &["wrk", "nginx-light", "iperf3", "sockperf"];
 const OHA_VERSION: &str = "1.16.0";
 
 fn bench_tools() -> Result<()> {
-    let missing: Vec<&str> = BENCH_APT
-        .iter()
-        .copied()
-        .filter(|p| {
-            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
-                .is_some_and(|s| s.contains("install ok installed"))
-        })
-        .collect();
-    if missing.is_empty() {
-        say(&format!("load tools present: {}", BENCH_APT.join(" ")));
-    } else {
-        say(&format!("installing load tools: {}", missing.join(" ")));
-        status(Command::new("apt-get").arg("update").arg("-qq"))?;
-        status(
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
+    if apt_install("load tools", BENCH_APT)? {
         // Debian starts nginx on install; the benchmark runs its own instances in pods.
         let _ = Command::new("sh")
             .args(["-c", "systemctl stop nginx 2>/dev/null; service nginx stop 2>/dev/null; pkill -x nginx"])
@@ -223,13 +216,10 @@ fn bench(rest: &[String]) -> Result<()> {
     status(cargo().args(["build", "--release", "--workspace", "--bins", "--locked"]))?;
     let command = format!("cargo xtask bench {}", rest.join(" ")).trim().to_string();
     say(&format!("running: {command}"));
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut paths = vec![cargo_home_bin()];
-    paths.extend(std::env::split_paths(&path));
     status(
         Command::new(root().join("target/release/switchyard-bench"))
             .current_dir(root())
-            .env("PATH", std::env::join_paths(paths)?)
+            .env("PATH", path_with_cargo_bin())
             .args(rest)
             .args(["--command", &command]),
     )

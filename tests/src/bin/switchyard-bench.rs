@@ -403,17 +403,7 @@ impl Bench {
     }
 
     fn agents_rss_kib(&self) -> Result<u64> {
-        let mut total = 0;
-        for pid in self.agent_pids() {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-            total += status
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                })
-                .unwrap_or(0);
-        }
-        Ok(total)
+        self.agent_pids().into_iter().map(rss_kib).sum()
     }
 
     /// Opens `n` connections through the same-node proxy and reads node-a's agent RSS.
@@ -432,16 +422,20 @@ impl Bench {
             bail!("could only open {} of {n} connections: {}", v["held"], v["error"]);
         }
         std::thread::sleep(Duration::from_millis(500));
-        let pid = self.c.nodes[0].agent_pid().context("agent")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let rss = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
-            .unwrap_or(0);
+        let rss = rss_kib(self.c.nodes[0].agent_pid().context("agent")?)?;
         let _ = child.kill();
         let _ = child.wait();
         Ok(rss)
     }
+}
+
+/// Resident memory of a process, KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    Ok(status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
+        .unwrap_or(0))
 }
 
 fn steal_sample() -> Result<(u64, u64)> {
