@@ -94,6 +94,7 @@ impl Admin {
                     Some(dp) => serde_json::json!({
                         "attached": true,
                         "cgroup_root": dp.cgroup_root(),
+                        "sockmap_acceleration": dp.accel_state(),
                         "maps": dp.map_usage(),
                         "events": dp.stats().iter().map(|(s, v)| (s.name(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
                     }),

@@ -96,6 +96,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         bypass_cidrs: config.bypass_cidrs.clone(),
         agent_tgid: std::process::id(),
         max_redirected_sockets: config.max_redirected_sockets,
+        proxy_ip4: config.redirect_address,
+        accel: config.sockmap_acceleration,
     })?;
     let orig_table = datapath.orig_dst_table();
     let datapath = Arc::new(Mutex::new(Some(datapath)));

@@ -89,6 +89,13 @@ pub fn run() -> Vec<Check> {
         Ok(()) => push("verifier", true, "all Switchyard programs load".into()),
         Err(e) => push("verifier", false, e.to_string()),
     }
+    // Optional: without it the agent runs, only without same-node acceleration.
+    match crate::datapath::probe_accel() {
+        Ok(()) => push("same-node acceleration", true, "sockhash and sk_msg load and attach".into()),
+        Err(e) => {
+            push("same-node acceleration", true, format!("unavailable (optional; the agent runs without it): {e}"))
+        }
+    }
     out
 }
 

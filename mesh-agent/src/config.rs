@@ -26,6 +26,8 @@ pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// bulk throughput (same node 10.5 → 8.9 Gbit/s, across nodes 5.9 → 5.1). An adaptive buffer
 /// (start small, grow on full reads) would get both; not built yet.
 pub const DEFAULT_COPY_BUFFER: usize = 16 * 1024;
+/// Same-node acceleration (sockmap + sk_msg): off until the benchmark shows it wins (bench/RESULTS.md).
+pub const DEFAULT_SOCKMAP_ACCELERATION: bool = false;
 /// HBONE port, as Istio ambient (interop).
 pub const DEFAULT_HBONE_PORT: u16 = 15008;
 /// Workload certificate lifetime: a day, renewed at half-life, as Istio does.
@@ -79,6 +81,8 @@ pub struct FileConfig {
     pub pool_idle_ms: Option<u64>,
     /// Per-direction copy buffer of a proxied connection, bytes.
     pub copy_buffer_bytes: Option<usize>,
+    /// Same-node acceleration with sockmap + sk_msg.
+    pub sockmap_acceleration: Option<bool>,
 }
 
 /// The mesh CA, from files (see `mesh-agent ca init`).
@@ -155,6 +159,19 @@ pub struct RunArgs {
     /// Per-direction copy buffer of a proxied connection, bytes.
     #[arg(long)]
     pub copy_buffer_bytes: Option<usize>,
+    /// Same-node acceleration: sockets between pods and the proxy on this node exchange data
+    /// socket to socket (sockmap + sk_msg) instead of through the TCP/IP stack. Probed at
+    /// start; if the kernel refuses it the agent runs without it.
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub sockmap_acceleration: Option<bool>,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(format!("expected on or off, got {s:?}")),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -179,6 +196,7 @@ pub struct Config {
     pub hbone_listen: SocketAddr,
     pub pool_max_streams: usize,
     pub pool_idle: Duration,
+    pub sockmap_acceleration: bool,
 }
 
 impl Config {
@@ -294,6 +312,10 @@ impl Config {
                 .unwrap_or(DEFAULT_POOL_MAX_STREAMS)
                 .clamp(1, crate::proxy::inbound::MAX_CONCURRENT_STREAMS as usize),
             pool_idle: args.pool_idle_ms.or(file.pool_idle_ms).map_or(DEFAULT_POOL_IDLE, Duration::from_millis),
+            sockmap_acceleration: args
+                .sockmap_acceleration
+                .or(file.sockmap_acceleration)
+                .unwrap_or(DEFAULT_SOCKMAP_ACCELERATION),
         })
     }
 }

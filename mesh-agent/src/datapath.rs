@@ -10,13 +10,14 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkMsg, SockOps},
 };
 use ipnet::Ipv4Net;
 use mesh_common::{
-    MAP_BYPASS_CIDRS, MAP_BYPASS_PORTS, MAP_CONFIG, MAP_MESHED_CGROUPS, MAP_ORIG_BY_CLIENT, MAP_SOCK_ORIG, MAP_STATS,
-    MeshConfig, OrigDst, PodPolicy, SockKey4, Stat,
+    MAP_ACCEL_PATH, MAP_ACCEL_SOCKS, MAP_BYPASS_CIDRS, MAP_BYPASS_PORTS, MAP_CONFIG, MAP_MESHED_CGROUPS,
+    MAP_ORIG_BY_CLIENT, MAP_SOCK_ORIG, MAP_STATS, MESH_FLAG_ACCEL, MeshConfig, OrigDst, PodPolicy, SockKey4,
+    SockTuple4, Stat,
 };
 use tracing::{info, warn};
 
@@ -70,6 +71,22 @@ pub struct DatapathConfig {
     pub agent_tgid: u32,
     /// Capacity of `SOCK_ORIG` and `ORIG_BY_CLIENT`: redirected connections open at once.
     pub max_redirected_sockets: u32,
+    /// The node proxy's address (the redirect address).
+    pub proxy_ip4: Ipv4Addr,
+    /// Same-node acceleration (sockmap + sk_msg) wanted. It is turned on only if the kernel
+    /// accepts the program and its attachment; otherwise the agent runs without it.
+    pub accel: bool,
+}
+
+/// Whether same-node acceleration runs, and why not if it does not.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", tag = "state", content = "reason")]
+pub enum AccelState {
+    On,
+    /// Not asked for.
+    Off,
+    /// Asked for, but the kernel refused it (the reason); the agent runs without it.
+    Unavailable(String),
 }
 
 pub struct Datapath {
@@ -80,6 +97,8 @@ pub struct Datapath {
     sock_orig: HashMap<MapData, u64, OrigDst>,
     stats: PerCpuArray<MapData, u64>,
     orig: Arc<OrigDstTable>,
+    accel_socks: Option<AccelMaps>,
+    accel_state: AccelState,
     cgroup_root: PathBuf,
     _logger: Option<tokio::task::JoinHandle<()>>,
 }
@@ -100,8 +119,26 @@ impl Datapath {
             }
         };
 
+        // Acceleration first: its flag must be in the config before sockops can see a socket.
+        let (accel_socks, accel_state) = if cfg.accel {
+            match start_accel(&mut ebpf) {
+                Ok(map) => (Some(map), AccelState::On),
+                Err(e) => {
+                    warn!(error = %e, "same-node acceleration unavailable; running without it");
+                    (None, AccelState::Unavailable(e.to_string()))
+                }
+            }
+        } else {
+            (None, AccelState::Off)
+        };
         let mut config: Array<_, MeshConfig> = take(&mut ebpf, MAP_CONFIG)?;
-        config.set(0, MeshConfig { agent_tgid: cfg.agent_tgid, flags: 0 }, 0).map_err(map_err(MAP_CONFIG))?;
+        let mesh_config = MeshConfig {
+            agent_tgid: cfg.agent_tgid,
+            flags: if accel_state == AccelState::On { MESH_FLAG_ACCEL } else { 0 },
+            proxy_ip4: u32::from_ne_bytes(cfg.proxy_ip4.octets()),
+            _pad: 0,
+        };
+        config.set(0, mesh_config, 0).map_err(map_err(MAP_CONFIG))?;
         let mut ports: HashMap<_, u16, u8> = take(&mut ebpf, MAP_BYPASS_PORTS)?;
         if cfg.bypass_ports.len() > mesh_common::MAX_BYPASS_PORTS as usize {
             return Err(DatapathError::BypassFull(MAP_BYPASS_PORTS));
@@ -128,7 +165,7 @@ impl Datapath {
         for (name, kind) in PROGRAMS {
             load(&mut ebpf, name, kind, Some(&cgroup))?;
         }
-        info!(cgroup = %cfg.cgroup_root.display(), programs = PROGRAMS.len(), "eBPF programs attached");
+        info!(cgroup = %cfg.cgroup_root.display(), programs = PROGRAMS.len(), accel = ?accel_state, "eBPF programs attached");
         // The config maps stay alive through the programs' references; the handles are not
         // needed after this point.
         drop((config, ports, cidrs));
@@ -138,6 +175,8 @@ impl Datapath {
             sock_orig,
             stats,
             orig: Arc::new(OrigDstTable { map: Mutex::new(by_client) }),
+            accel_socks,
+            accel_state,
             cgroup_root: cfg.cgroup_root.clone(),
             _logger: logger,
         })
@@ -150,6 +189,10 @@ impl Datapath {
 
     pub fn cgroup_root(&self) -> &Path {
         &self.cgroup_root
+    }
+
+    pub fn accel_state(&self) -> &AccelState {
+        &self.accel_state
     }
 
     /// Marks the cgroup as meshed: connects from tasks in it (or below it) are redirected.
@@ -181,6 +224,8 @@ impl Datapath {
             meshed_cgroups: self.meshed.keys().count(),
             sock_orig: self.sock_orig.keys().count(),
             orig_by_client: self.orig.len(),
+            accel_sockets: self.accel_socks.as_ref().map_or(0, |(m, _)| m.keys().count()),
+            accel_paths: self.accel_socks.as_ref().map_or(0, |(_, m)| m.keys().count()),
         }
     }
 }
@@ -190,6 +235,29 @@ pub struct MapUsage {
     pub meshed_cgroups: usize,
     pub sock_orig: usize,
     pub orig_by_client: usize,
+    pub accel_sockets: usize,
+    pub accel_paths: usize,
+}
+
+/// Loads `mesh_sk_msg` and attaches it to the accelerated-socket map: the feature probe and
+/// the set-up in one (a kernel without sockmap support fails here, before any socket is
+/// touched).
+/// The accelerated sockets and the path each chose.
+type AccelMaps = (SockHash<MapData, SockTuple4>, HashMap<MapData, SockTuple4, u8>);
+
+fn start_accel(ebpf: &mut Ebpf) -> Result<AccelMaps, DatapathError> {
+    let name = mesh_common::PROG_SK_MSG;
+    let perr = |source| DatapathError::Program { name, source };
+    let socks: SockHash<MapData, SockTuple4> = take(ebpf, MAP_ACCEL_SOCKS)?;
+    let prog: &mut SkMsg = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
+        .try_into()
+        .map_err(perr)?;
+    prog.load().map_err(perr)?;
+    prog.attach(socks.fd()).map_err(perr)?;
+    let paths = take(ebpf, MAP_ACCEL_PATH)?;
+    Ok((socks, paths))
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -319,6 +387,13 @@ pub fn verify_programs() -> Result<(), DatapathError> {
         load(&mut ebpf, name, kind, None)?;
     }
     Ok(())
+}
+
+/// Whether same-node acceleration would start here: loads the sk_msg program and attaches it
+/// to a fresh socket map (no socket is ever added).
+pub fn probe_accel() -> Result<(), DatapathError> {
+    let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+    start_accel(&mut ebpf).map(drop)
 }
 
 #[cfg(test)]

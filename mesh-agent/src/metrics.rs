@@ -115,6 +115,13 @@ impl Collector for DatapathCollector {
             up.metric_type(),
         )?)?;
         let Some(dp) = guard.as_ref() else { return Ok(()) };
+        let accel = ConstGauge::new(i64::from(*dp.accel_state() == crate::datapath::AccelState::On));
+        accel.encode(enc.encode_descriptor(
+            "sockmap_acceleration",
+            "1 while same-node acceleration (sockmap + sk_msg) is on",
+            None,
+            accel.metric_type(),
+        )?)?;
         let stats = dp.stats();
         let usage = dp.map_usage();
         drop(guard);
@@ -137,6 +144,8 @@ impl Collector for DatapathCollector {
             ("meshed_cgroups", usage.meshed_cgroups),
             ("sock_orig", usage.sock_orig),
             ("orig_by_client", usage.orig_by_client),
+            ("accel_sockets", usage.accel_sockets),
+            ("accel_paths", usage.accel_paths),
         ] {
             ConstGauge::new(n as i64).encode(family.encode_family(&MapLabels { map })?)?;
         }

@@ -27,6 +27,13 @@ pub const MAP_BYPASS_CIDRS: &str = "BYPASS_CIDRS";
 pub const MAP_CONFIG: &str = "MESH_CONFIG";
 /// Per-CPU array of `u64` counters indexed by [`Stat`].
 pub const MAP_STATS: &str = "MESH_STATS";
+/// Same-node acceleration: SOCKHASH of established sockets with the node proxy at one end,
+/// keyed by [`SockTuple4`] as the socket sees itself (local first).
+pub const MAP_ACCEL_SOCKS: &str = "ACCEL_SOCKS";
+/// Same-node acceleration: [`SockTuple4`] of a sending socket → [`ACCEL_VIA_SOCKMAP`] or
+/// [`ACCEL_VIA_STACK`], decided once at the socket's first send and kept until it closes, so one
+/// direction of a connection never mixes the two paths (which could reorder bytes).
+pub const MAP_ACCEL_PATH: &str = "ACCEL_PATH";
 
 /// Upper bounds on every map. A full map never fails a connection: the connection is simply not
 /// redirected (fail-open) and [`Stat::MapFull`] counts it.
@@ -34,6 +41,9 @@ pub const MAX_MESHED_CGROUPS: u32 = 16_384;
 pub const MAX_REDIRECTED_SOCKETS: u32 = 65_536;
 pub const MAX_BYPASS_PORTS: u32 = 256;
 pub const MAX_BYPASS_CIDRS: u32 = 256;
+/// Capacity of [`MAP_ACCEL_SOCKS`] and [`MAP_ACCEL_PATH`]. A full map leaves a connection on
+/// the ordinary TCP path ([`Stat::AccelFull`]).
+pub const MAX_ACCEL_SOCKETS: u32 = 65_536;
 
 /// How many cgroup levels below the root the programs inspect when deciding whether the calling
 /// task belongs to a meshed pod. Kubernetes nests containers two or three levels below the pod
@@ -47,6 +57,14 @@ pub const PROG_GETPEERNAME4: &str = "mesh_getpeername4";
 pub const PROG_GETPEERNAME6: &str = "mesh_getpeername6";
 pub const PROG_SOCKOPS: &str = "mesh_sockops";
 pub const PROG_INGRESS: &str = "mesh_ingress";
+/// `sk_msg` program attached to [`MAP_ACCEL_SOCKS`] when same-node acceleration is on.
+pub const PROG_SK_MSG: &str = "mesh_sk_msg";
+
+/// [`MeshConfig::flags`] bit: same-node acceleration (sockmap + sk_msg) is on.
+pub const MESH_FLAG_ACCEL: u32 = 1;
+/// Values of [`MAP_ACCEL_PATH`].
+pub const ACCEL_VIA_STACK: u8 = 1;
+pub const ACCEL_VIA_SOCKMAP: u8 = 2;
 
 /// [`PodPolicy::flags`] bit: the pod is in a `strict` namespace; TCP connections to it are
 /// accepted only from the node proxy.
@@ -109,8 +127,58 @@ pub struct MeshConfig {
     /// Thread-group id of the agent (in the initial PID namespace): its own connects are never
     /// redirected, whatever cgroup it runs in.
     pub agent_tgid: u32,
-    /// Reserved, zero.
+    /// [`MESH_FLAG_ACCEL`].
     pub flags: u32,
+    /// The node proxy's address (network order): sockets with it at one end are candidates
+    /// for same-node acceleration.
+    pub proxy_ip4: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+}
+
+/// A TCP socket's own view of its connection (key of [`MAP_ACCEL_SOCKS`] and
+/// [`MAP_ACCEL_PATH`]): addresses and ports in network byte order, local first. The peer's key
+/// is the same tuple swapped ([`SockTuple4::peer`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockTuple4 {
+    pub local_ip4: u32,
+    pub remote_ip4: u32,
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+impl SockTuple4 {
+    /// The key under which the other end of this connection is stored.
+    #[inline(always)]
+    pub const fn peer(&self) -> Self {
+        SockTuple4 {
+            local_ip4: self.remote_ip4,
+            remote_ip4: self.local_ip4,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+
+    /// From the context fields of `sockops` and `sk_msg` programs, which share one convention:
+    /// `local_port` in host byte order, `remote_port` in network byte order in the upper half of
+    /// the 32-bit field on little-endian machines (the lower half on kernels or architectures
+    /// that do not shift it).
+    #[inline(always)]
+    pub const fn from_ctx(local_ip4: u32, remote_ip4: u32, local_port_host: u32, remote_port_field: u32) -> Self {
+        let remote_port =
+            if remote_port_field & 0xffff == 0 { (remote_port_field >> 16) as u16 } else { remote_port_field as u16 };
+        SockTuple4 { local_ip4, remote_ip4, local_port: (local_port_host as u16).to_be(), remote_port }
+    }
+}
+
+/// Same-node acceleration: is a socket with this tuple a candidate? One end must be the node
+/// proxy and neither end loopback (loopback addresses repeat in every pod's namespace, so they
+/// cannot key a node-wide map).
+#[inline(always)]
+pub fn accel_candidate(t: &SockTuple4, proxy_ip4: u32) -> bool {
+    let lo = |ip: u32| ip.to_ne_bytes()[0] == 127 || ip == 0;
+    proxy_ip4 != 0 && (t.local_ip4 == proxy_ip4 || t.remote_ip4 == proxy_ip4) && !lo(t.local_ip4) && !lo(t.remote_ip4)
 }
 
 /// Indices of the kernel-side counters in [`MAP_STATS`].
@@ -142,10 +210,22 @@ pub enum Stat {
     SkipAgent = 12,
     /// A SYN to a strict pod from outside the mesh, dropped.
     StrictDropped = 13,
+    /// Same-node acceleration: sockets put in [`MAP_ACCEL_SOCKS`].
+    AccelSockets = 14,
+    /// Same-node acceleration: a map was full; the connection stays on the TCP path.
+    AccelFull = 15,
+    /// Same-node acceleration: a connection direction whose peer socket was found at the
+    /// first send, so it goes socket to socket.
+    AccelPaths = 16,
+    /// Same-node acceleration: a connection direction whose peer socket was not (yet) in the
+    /// map at the first send (or is not on this node): it stays on the TCP path.
+    AccelStackPaths = 17,
+    /// Same-node acceleration: messages (sendmsg calls) handed socket to socket.
+    AccelMessages = 18,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 19;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::MeshedConnects,
         Stat::Redirected,
@@ -161,6 +241,11 @@ impl Stat {
         Stat::PeernameRestored,
         Stat::SkipAgent,
         Stat::StrictDropped,
+        Stat::AccelSockets,
+        Stat::AccelFull,
+        Stat::AccelPaths,
+        Stat::AccelStackPaths,
+        Stat::AccelMessages,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -180,6 +265,11 @@ impl Stat {
             Stat::PeernameRestored => "peername_restored",
             Stat::SkipAgent => "skip_agent",
             Stat::StrictDropped => "strict_dropped",
+            Stat::AccelSockets => "accel_sockets",
+            Stat::AccelFull => "accel_map_full",
+            Stat::AccelPaths => "accel_paths",
+            Stat::AccelStackPaths => "accel_stack_paths",
+            Stat::AccelMessages => "accel_messages",
         }
     }
 }
@@ -250,6 +340,7 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::SockKey4 {}
     unsafe impl aya::Pod for super::MeshConfig {}
+    unsafe impl aya::Pod for super::SockTuple4 {}
 }
 
 #[cfg(test)]
@@ -334,6 +425,34 @@ mod tests {
         assert_eq!(core::mem::size_of::<PodPolicy>(), 8);
         assert_eq!(core::mem::size_of::<OrigDst>(), 16);
         assert_eq!(core::mem::size_of::<SockKey4>(), 8);
-        assert_eq!(core::mem::size_of::<MeshConfig>(), 8);
+        assert_eq!(core::mem::size_of::<MeshConfig>(), 16);
+        assert_eq!(core::mem::size_of::<SockTuple4>(), 12);
+    }
+
+    #[test]
+    fn tuples_from_both_port_conventions_and_their_peers() {
+        let (a, b) = (ip([10, 244, 1, 20]), ip([10, 244, 1, 1]));
+        // remote port 15001 in network order, shifted into the upper half (x86 kernels).
+        let shifted = (u32::from(15001u16.to_be())) << 16;
+        let t = SockTuple4::from_ctx(a, b, 40000, shifted);
+        assert_eq!(t.local_port, port(40000));
+        assert_eq!(t.remote_port, port(15001));
+        assert_eq!(SockTuple4::from_ctx(a, b, 40000, u32::from(15001u16.to_be())), t, "unshifted field");
+        // The other end's own view of the connection is the peer key.
+        let other = SockTuple4::from_ctx(b, a, 15001, u32::from(40000u16.to_be()) << 16);
+        assert_eq!(t.peer(), other);
+        assert_eq!(other.peer(), t);
+    }
+
+    #[test]
+    fn only_proxy_legs_off_loopback_are_accelerated() {
+        let proxy = POLICY.proxy_ip4;
+        let pod = ip([10, 244, 1, 20]);
+        let t = |l, r| SockTuple4 { local_ip4: l, remote_ip4: r, local_port: 1, remote_port: 2 };
+        assert!(accel_candidate(&t(pod, proxy), proxy));
+        assert!(accel_candidate(&t(proxy, pod), proxy));
+        assert!(!accel_candidate(&t(pod, ip([10, 244, 1, 30])), proxy), "pod to pod without the proxy");
+        assert!(!accel_candidate(&t(ip([127, 0, 0, 1]), proxy), proxy));
+        assert!(!accel_candidate(&t(pod, proxy), 0), "no proxy address configured");
     }
 }

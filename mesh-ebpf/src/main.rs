@@ -12,6 +12,12 @@
 //!
 //! * `mesh_ingress` (`cgroup_skb/ingress`): in `strict` namespaces, a TCP SYN to a meshed pod
 //!   from anyone but the node proxy is dropped.
+//! * Same-node acceleration (only when the agent turns it on): `mesh_sockops` also puts every
+//!   established socket with the node proxy at one end into `ACCEL_SOCKS`, and `mesh_sk_msg`
+//!   (`sk_msg`, attached to that map) hands each `sendmsg` straight to the receive queue of the
+//!   socket at the other end, skipping the TCP/IP stack and the veth pair in between. Each
+//!   direction of a connection picks its path once, at its first send, and keeps it
+//!   (`ACCEL_PATH`), so bytes are never reordered by mixing paths.
 //!
 //! All programs are attached once, to the node's cgroup; which pods are meshed is data
 //! (`MESHED_CGROUPS`), so pods join and leave at run time without re-attaching anything.
@@ -24,8 +30,9 @@ mod programs {
     use aya_ebpf::{
         EbpfContext,
         bindings::{
-            BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-            BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+            BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+            BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+            sk_action::SK_PASS,
         },
         helpers::{
             bpf_get_current_pid_tgid,
@@ -34,14 +41,15 @@ mod programs {
                 bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
             },
         },
-        macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
-        maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
-        programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+        macros::{cgroup_skb, cgroup_sock_addr, map, sk_msg, sock_ops},
+        maps::{Array, HashMap, LpmTrie, PerCpuArray, SockHash, lpm_trie::Key},
+        programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
     };
     use aya_log_ebpf::warn;
     use mesh_common::{
-        MAX_BYPASS_CIDRS, MAX_BYPASS_PORTS, MAX_CGROUP_DEPTH, MAX_MESHED_CGROUPS, MAX_REDIRECTED_SOCKETS, MeshConfig,
-        ORIG_FLAG_V4_MAPPED, OrigDst, PodPolicy, SockKey4, Stat, Verdict, decide_v4, is_loopback6, mapped_from_v4,
+        ACCEL_VIA_SOCKMAP, ACCEL_VIA_STACK, MAX_ACCEL_SOCKETS, MAX_BYPASS_CIDRS, MAX_BYPASS_PORTS, MAX_CGROUP_DEPTH,
+        MAX_MESHED_CGROUPS, MAX_REDIRECTED_SOCKETS, MESH_FLAG_ACCEL, MeshConfig, ORIG_FLAG_V4_MAPPED, OrigDst,
+        PodPolicy, SockKey4, SockTuple4, Stat, Verdict, accel_candidate, decide_v4, is_loopback6, mapped_from_v4,
         strict_allows, v4_from_mapped,
     };
 
@@ -65,6 +73,11 @@ mod programs {
     static MESH_CONFIG: Array<MeshConfig> = Array::with_max_entries(1, 0);
     #[map]
     static MESH_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+    #[map]
+    static ACCEL_SOCKS: SockHash<SockTuple4> = SockHash::with_max_entries(MAX_ACCEL_SOCKETS, 0);
+    /// 0 = undecided (set when the socket joins `ACCEL_SOCKS`), then `ACCEL_VIA_*`.
+    #[map]
+    static ACCEL_PATH: HashMap<SockTuple4, u8> = HashMap::with_max_entries(MAX_ACCEL_SOCKETS, 0);
 
     #[inline(always)]
     fn count(stat: Stat) {
@@ -246,12 +259,65 @@ mod programs {
         Some(SockKey4::new(ip4, (port as u16).to_be()))
     }
 
+    /// The connection as this socket sees it (sockops fields, each read with a volatile load
+    /// for the same reason as in [`local_key`]).
+    #[inline(always)]
+    fn sockops_tuple(ctx: &SockOpsContext) -> SockTuple4 {
+        let ops = ctx.ops;
+        unsafe {
+            SockTuple4::from_ctx(
+                core::ptr::read_volatile(&raw const (*ops).local_ip4),
+                core::ptr::read_volatile(&raw const (*ops).remote_ip4),
+                core::ptr::read_volatile(&raw const (*ops).local_port),
+                core::ptr::read_volatile(&raw const (*ops).remote_port),
+            )
+        }
+    }
+
+    /// Same-node acceleration: an established socket with the proxy at one end joins
+    /// `ACCEL_SOCKS`, with its path still undecided. Both records or neither: a socket outside
+    /// the sockhash never runs `mesh_sk_msg` and simply stays on the TCP path.
+    #[inline(always)]
+    fn accel_track(ctx: &SockOpsContext) {
+        let Some(cfg) = MESH_CONFIG.get(0) else { return };
+        if cfg.flags & MESH_FLAG_ACCEL == 0 {
+            return;
+        }
+        let mut t = sockops_tuple(ctx);
+        if !accel_candidate(&t, cfg.proxy_ip4) {
+            return;
+        }
+        if ACCEL_PATH.insert(&t, &0u8, BPF_ANY as u64).is_err() {
+            count(Stat::AccelFull);
+            return;
+        }
+        if ACCEL_SOCKS.update(&mut t, unsafe { &mut *ctx.ops }, BPF_ANY as u64).is_err() {
+            let _ = ACCEL_PATH.remove(&t);
+            count(Stat::AccelFull);
+            return;
+        }
+        // Close callbacks remove the path record (the kernel drops the sockhash entry itself).
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        count(Stat::AccelSockets);
+    }
+
     #[sock_ops]
     pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
         let op = ctx.op();
+        if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+            accel_track(&ctx);
+            return 1;
+        }
         if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB
         {
             return 1;
+        }
+        if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+            accel_track(&ctx);
+        }
+        let closing = op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE;
+        if closing {
+            let _ = ACCEL_PATH.remove(&sockops_tuple(&ctx));
         }
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let Some(orig) = (unsafe { SOCK_ORIG.get(&cookie) }).copied() else {
@@ -268,7 +334,7 @@ mod programs {
                     count(Stat::ClientMapFull);
                 }
             }
-        } else if ctx.arg(1) == BPF_TCP_CLOSE {
+        } else if closing {
             let _ = SOCK_ORIG.remove(&cookie);
             if let Some(key) = local_key(&ctx) {
                 let _ = ORIG_BY_CLIENT.remove(&key);
@@ -276,6 +342,46 @@ mod programs {
             count(Stat::Closed);
         }
         1
+    }
+
+    /// Same-node acceleration: runs on every `sendmsg` of a socket in `ACCEL_SOCKS`. The first
+    /// send decides the path of this direction for the life of the connection: socket to
+    /// socket if the peer is in the map by then, the TCP stack otherwise. Always passes: a
+    /// message is never dropped here.
+    #[sk_msg]
+    pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
+        let md = ctx.msg;
+        let t = unsafe {
+            SockTuple4::from_ctx(
+                core::ptr::read_volatile(&raw const (*md).local_ip4),
+                core::ptr::read_volatile(&raw const (*md).remote_ip4),
+                core::ptr::read_volatile(&raw const (*md).local_port),
+                core::ptr::read_volatile(&raw const (*md).remote_port),
+            )
+        };
+        let Some(path) = ACCEL_PATH.get_ptr_mut(&t) else { return SK_PASS };
+        let mut peer = t.peer();
+        match unsafe { *path } {
+            ACCEL_VIA_STACK => {}
+            ACCEL_VIA_SOCKMAP => {
+                // The peer leaves the map when it closes; then this send takes the stack and
+                // meets the closed connection there, as it would without acceleration.
+                if ACCEL_SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) == SK_PASS as i64 {
+                    count(Stat::AccelMessages);
+                }
+            }
+            _ => {
+                if ACCEL_SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) == SK_PASS as i64 {
+                    unsafe { *path = ACCEL_VIA_SOCKMAP };
+                    count(Stat::AccelPaths);
+                    count(Stat::AccelMessages);
+                } else {
+                    unsafe { *path = ACCEL_VIA_STACK };
+                    count(Stat::AccelStackPaths);
+                }
+            }
+        }
+        SK_PASS
     }
 
     /// The policy of the meshed pod whose socket receives this packet.

@@ -326,6 +326,17 @@ pub fn output_timeout(mut cmd: Command, timeout: Duration) -> Result<Output> {
     Ok(Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() })
 }
 
+/// `on` or `off`: whether agents started by the harness use same-node acceleration. The suite
+/// runs both ways (`cargo xtask test` sets `SWITCHYARD_TEST_SOCKMAP`); `None` (unset) leaves the
+/// agent's own default.
+pub fn sockmap_mode() -> Option<&'static str> {
+    match std::env::var("SWITCHYARD_TEST_SOCKMAP").as_deref() {
+        Ok("on") => Some("on"),
+        Ok("off") => Some("off"),
+        _ => None,
+    }
+}
+
 /// A simulated node: network namespace, bridge, cgroup, pods, and (once started) an agent.
 pub struct Node {
     pub id: String,
@@ -434,8 +445,10 @@ impl Node {
         write_atomic(&self.workloads, &workload_yaml(&[], &self.namespaces, &self.mtls_modes, &self.pods, ""))
     }
 
+    /// The admin port over the node's loopback (the agent listens on all addresses): admin
+    /// requests then never count as same-node proxy traffic.
     pub fn admin_addr(&self) -> SocketAddr {
-        SocketAddr::from((self.gateway, ADMIN_PORT))
+        SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT))
     }
 
     /// Starts the real `mesh-agent` binary inside the node's network namespace and waits until
@@ -452,14 +465,24 @@ impl Node {
             .arg(&self.cgroup)
             .args(["--redirect-address", &self.gateway.to_string()])
             .args(if extra.iter().any(|a| a.starts_with("--workers")) { &[][..] } else { &["--workers", "2"][..] })
+            .args(match sockmap_mode() {
+                Some(mode) if !extra.iter().any(|a| a.starts_with("--sockmap-acceleration")) => {
+                    vec!["--sockmap-acceleration", mode]
+                }
+                _ => vec![],
+            })
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        // The agent stays in the test's cgroup (outside the node's): its own connects are
-        // never candidates for redirection.
-        enter(&mut cmd, None, &self.netns);
+        // The agent runs in a cgroup of its own below the node's, as a DaemonSet pod sits
+        // below the node's pod cgroups: the sockops program sees the proxy's sockets (which
+        // same-node acceleration needs), while its connects are never redirected (its cgroup
+        // is not a meshed pod's, and the programs skip the agent's process anyway).
+        let agent_cgroup = self.cgroup.join("mesh-agent");
+        std::fs::create_dir_all(&agent_cgroup).with_context(|| format!("mkdir {}", agent_cgroup.display()))?;
+        enter(&mut cmd, Some(&agent_cgroup), &self.netns);
         self.agent = Some(cmd.spawn().context("spawn mesh-agent")?);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -513,6 +536,12 @@ impl Node {
 
     pub fn admin_text(&self, path: &str) -> Result<String> {
         Ok(http_get(&self.netns, self.admin_addr(), path)?.1)
+    }
+
+    /// Captures everything crossing the node's pod bridge (pods and the proxy) until the capture
+    /// is dropped (or [`Capture::finish`]ed).
+    pub fn capture(&self) -> Result<Capture> {
+        Capture::start(&self.dir, &self.netns, "br0")
     }
 
     /// Number of connections the proxy has finished so far.
@@ -719,29 +748,7 @@ impl Cluster {
     /// Captures everything crossing the bridge between the nodes until the capture is dropped
     /// (or [`Capture::finish`]ed).
     pub fn capture(&self) -> Result<Capture> {
-        let file = self.dir.join(format!("capture-{}.pcap", SEQ.fetch_add(1, Ordering::Relaxed)));
-        let mut cmd = Command::new("tcpdump");
-        cmd.args(["-i", "br0", "--immediate-mode", "-U", "-s", "0", "-w"])
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        enter(&mut cmd, None, &self.netns);
-        let mut child = cmd.spawn().context("tcpdump (installed by `cargo xtask setup`)")?;
-        // tcpdump says "listening on br0" once the capture runs.
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stderr);
-            let mut line = String::new();
-            while r.read_line(&mut line).unwrap_or(0) > 0 {
-                if line.contains("listening on") {
-                    let _ = tx.send(());
-                }
-                line.clear();
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(10)).map_err(|_| anyhow!("tcpdump did not start"))?;
-        Ok(Capture { child: Some(child), file })
+        Capture::start(&self.dir, &self.netns, "br0")
     }
 }
 
@@ -760,6 +767,33 @@ pub struct Capture {
 }
 
 impl Capture {
+    /// tcpdump on `iface` in namespace `netns`, writing a pcap file under `dir`.
+    pub fn start(dir: &Path, netns: &str, iface: &str) -> Result<Capture> {
+        let file = dir.join(format!("capture-{}.pcap", SEQ.fetch_add(1, Ordering::Relaxed)));
+        let mut cmd = Command::new("tcpdump");
+        cmd.args(["-i", iface, "--immediate-mode", "-U", "-s", "0", "-w"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        enter(&mut cmd, None, netns);
+        let mut child = cmd.spawn().context("tcpdump (installed by `cargo xtask setup`)")?;
+        // tcpdump says "listening on <iface>" once the capture runs.
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stderr);
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                if line.contains("listening on") {
+                    let _ = tx.send(());
+                }
+                line.clear();
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(10)).map_err(|_| anyhow!("tcpdump did not start"))?;
+        Ok(Capture { child: Some(child), file })
+    }
+
     /// Stops the capture and returns the pcap bytes.
     pub fn finish(mut self) -> Result<Vec<u8>> {
         self.stop();

@@ -186,12 +186,19 @@ fn ten_thousand_sequential_and_500_concurrent_connections_leave_nothing_behind()
         let dp = s.node.admin_json("/debug/datapath").ok()?;
         let maps = &dp["maps"];
         let done = s.node.proxied_total().ok()? == 10010 + 500;
-        (done && maps["orig_by_client"] == 0 && maps["sock_orig"] == 0).then_some(())
+        // The acceleration maps too, when the suite runs with acceleration on.
+        let accel_empty = maps["accel_sockets"] == 0 && maps["accel_paths"] == 0;
+        (done && maps["orig_by_client"] == 0 && maps["sock_orig"] == 0 && accel_empty).then_some(())
     })
     .map_err(|e| anyhow::anyhow!("{e}: {}", s.node.admin_json("/debug/datapath").unwrap_or_default()))?;
     let ev = events(&s.node)?;
     assert_eq!(ev["redirected"], 10510, "{ev}");
     assert_eq!(ev["map_full"], 0);
+    assert_eq!(ev["accel_map_full"], 0);
+    if sim::sockmap_mode() == Some("on") {
+        // Two legs per connection, both ends of each in the map.
+        assert_eq!(ev["accel_sockets"].as_u64(), Some(4 * 10510), "{ev}");
+    }
     eventually(Duration::from_secs(10), "agent fds back to baseline", || {
         (s.node.agent_fds().ok()? <= fds_before).then_some(())
     })

@@ -16,12 +16,25 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// How the program does socket I/O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Io {
+    /// Non-blocking sockets, waiting in poll(2) on EAGAIN: how event-loop runtimes (Go, Java
+    /// NIO, Node, tokio, nginx, curl) do it.
+    Poll,
+    /// Blocking reads and writes with SO_RCVTIMEO/SO_SNDTIMEO, as in classic threaded programs.
+    /// Same-node acceleration breaks these on current kernels (see tests/tests/accel.rs).
+    Blocking,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// TCP echo server: echoes everything, then half-closes after the client does.
     EchoServer {
         #[arg(long)]
         listen: SocketAddr,
+        #[arg(long, value_enum, default_value_t = Io::Poll)]
+        io: Io,
     },
     /// Connects, sends a pattern, half-closes, reads the echo back and verifies it.
     Client {
@@ -44,6 +57,8 @@ enum Cmd {
         /// Keep making connections until this much time has passed (ignores --count).
         #[arg(long)]
         duration_ms: Option<u64>,
+        #[arg(long, value_enum, default_value_t = Io::Poll)]
+        io: Io,
     },
     /// UDP echo server.
     UdpServer {
@@ -71,8 +86,8 @@ enum Cmd {
 
 fn main() {
     match Cli::parse().cmd {
-        Cmd::EchoServer { listen } => echo_server(listen),
-        Cmd::Client { connect, bytes, count, concurrency, hold, timeout_ms, text, duration_ms } => {
+        Cmd::EchoServer { listen, io } => echo_server(listen, io),
+        Cmd::Client { connect, bytes, count, concurrency, hold, timeout_ms, text, duration_ms, io } => {
             let opts = Opts {
                 bytes,
                 count: if duration_ms.is_some() { usize::MAX } else { count },
@@ -81,6 +96,7 @@ fn main() {
                 timeout: Duration::from_millis(timeout_ms),
                 text,
                 until: duration_ms.map(|d| Instant::now() + Duration::from_millis(d)),
+                io,
             };
             client(connect, opts)
         }
@@ -95,24 +111,107 @@ fn ready(addr: SocketAddr) {
     std::io::stdout().flush().unwrap();
 }
 
-fn echo_server(listen: SocketAddr) {
+/// Waits until `s` is ready for `events` (POLLIN/POLLOUT) or the deadline passes.
+fn wait_ready(s: &TcpStream, events: i16, deadline: Instant) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"));
+        }
+        let mut p = libc::pollfd { fd: s.as_raw_fd(), events, revents: 0 };
+        let n = unsafe { libc::poll(&mut p, 1, left.as_millis().clamp(1, i32::MAX as u128) as i32) };
+        if n > 0 {
+            return Ok(());
+        }
+        if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+}
+
+/// A socket used in the chosen I/O style: non-blocking plus poll(2), or plain blocking.
+struct Conn {
+    s: TcpStream,
+    io: Io,
+    timeout: Duration,
+}
+
+impl Conn {
+    fn new(s: TcpStream, io: Io, timeout: Duration) -> std::io::Result<Conn> {
+        match io {
+            Io::Poll => s.set_nonblocking(true)?,
+            Io::Blocking => {
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))?;
+            }
+        }
+        Ok(Conn { s, io, timeout })
+    }
+
+    fn try_clone(&self) -> std::io::Result<Conn> {
+        Ok(Conn { s: self.s.try_clone()?, io: self.io, timeout: self.timeout })
+    }
+
+    fn retry<T>(&mut self, events: i16, mut f: impl FnMut(&mut TcpStream) -> std::io::Result<T>) -> std::io::Result<T> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            match f(&mut self.s) {
+                Err(e) if self.io == Io::Poll && e.kind() == std::io::ErrorKind::WouldBlock => {
+                    wait_ready(&self.s, events, deadline)?
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.retry(libc::POLLIN, |s| s.read(buf))
+    }
+
+    fn write_all(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
+        while !buf.is_empty() {
+            let n = self.retry(libc::POLLOUT, |s| s.write(buf))?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            buf = &buf[n..];
+        }
+        Ok(())
+    }
+
+    fn read_to_end(&mut self, out: &mut Vec<u8>) -> std::io::Result<()> {
+        let mut buf = [0u8; 16384];
+        loop {
+            match self.read(&mut buf)? {
+                0 => return Ok(()),
+                n => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+}
+
+fn echo_server(listen: SocketAddr, io: Io) {
     let l = TcpListener::bind(listen).expect("bind");
     ready(l.local_addr().unwrap());
     for s in l.incoming() {
-        let Ok(mut s) = s else { continue };
+        let Ok(s) = s else { continue };
         std::thread::spawn(move || {
+            // Generous: an echo connection may sit idle while its client holds it open.
+            let Ok(mut c) = Conn::new(s, io, Duration::from_secs(300)) else { return };
             let mut buf = [0u8; 16384];
             loop {
-                match s.read(&mut buf) {
+                match c.read(&mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        if s.write_all(&buf[..n]).is_err() {
+                        if c.write_all(&buf[..n]).is_err() {
                             return;
                         }
                     }
                 }
             }
-            let _ = s.shutdown(Shutdown::Write);
+            let _ = c.s.shutdown(Shutdown::Write);
         });
     }
 }
@@ -137,6 +236,7 @@ struct Opts {
     timeout: Duration,
     text: Option<String>,
     until: Option<Instant>,
+    io: Io,
 }
 
 fn pattern(conn: usize, len: usize, text: Option<&str>) -> Vec<u8> {
@@ -153,22 +253,22 @@ fn one(
     text: Option<&str>,
     timeout: Duration,
     barrier: Option<&Barrier>,
+    io: Io,
 ) -> Result<(String, String), String> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(timeout)).ok();
-    s.set_write_timeout(Some(timeout)).ok();
+    let s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
     let peer = s.peer_addr().map_err(|e| format!("getpeername: {e}"))?.to_string();
     let local = s.local_addr().map_err(|e| format!("getsockname: {e}"))?.to_string();
     if let Some(b) = barrier {
         b.wait();
     }
+    let mut s = Conn::new(s, io, timeout).map_err(|e| format!("socket options: {e}"))?;
     let data = pattern(conn, bytes, text);
     let writer = {
         let mut w = s.try_clone().map_err(|e| e.to_string())?;
         let data = data.clone();
         std::thread::spawn(move || -> Result<(), String> {
             w.write_all(&data).map_err(|e| format!("write: {e}"))?;
-            w.shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {e}"))
+            w.s.shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {e}"))
         })
     };
     let mut got = Vec::with_capacity(bytes);
@@ -181,7 +281,7 @@ fn one(
 }
 
 fn client(addr: SocketAddr, o: Opts) {
-    let Opts { bytes, count, concurrency, hold, timeout, text, until } = o;
+    let Opts { bytes, count, concurrency, hold, timeout, text, until, io } = o;
     let text = Arc::new(text);
     let start = Instant::now();
     let report = Arc::new(Mutex::new(Report::default()));
@@ -196,7 +296,7 @@ fn client(addr: SocketAddr, o: Opts) {
                     if i >= count || until.is_some_and(|u| Instant::now() >= u) {
                         return;
                     }
-                    let r = one(addr, i, bytes, text.as_deref(), timeout, barrier.as_deref());
+                    let r = one(addr, i, bytes, text.as_deref(), timeout, barrier.as_deref(), io);
                     let mut rep = report.lock().unwrap();
                     match r {
                         Ok((peer, local)) => {

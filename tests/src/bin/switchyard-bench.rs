@@ -7,6 +7,8 @@
 //!
 //! * `direct-local`  pod → pod on the same node, no mesh (the physical limit);
 //! * `mesh-local`    same, through the node proxy (redirect + one proxy hop);
+//! * `mesh-local-sockmap` the same on a third node whose agent runs with same-node acceleration
+//!   (`--sockmap-acceleration=on`), compared with `direct-local`;
 //! * `direct-remote` pod → pod on another node, no mesh;
 //! * `mesh-remote`   through both nodes' proxies with HBONE mTLS.
 //!
@@ -51,7 +53,8 @@ struct Args {
     agent_args: Vec<String>,
 }
 
-const PATHS: [&str; 4] = ["direct-local", "mesh-local", "direct-remote", "mesh-remote"];
+const PATHS: [&str; 5] = ["direct-local", "mesh-local", "mesh-local-sockmap", "direct-remote", "mesh-remote"];
+const SOCKMAP_FLAG: &str = "--sockmap-acceleration";
 
 #[derive(Serialize, Clone)]
 struct Figure {
@@ -93,6 +96,9 @@ struct Bench {
     plain_client: Pod,
     local_server: Pod,
     remote_server: Pod,
+    /// On node-c, whose agent accelerates.
+    accel_client: Pod,
+    accel_server: Pod,
     secs: f64,
     _servers: Vec<Server>,
 }
@@ -136,7 +142,7 @@ fn run() -> Result<()> {
     };
 
     // Memory at idle, before any load.
-    let idle_rss = b.agents_rss_kib()?;
+    let idle_rss = b.agents_rss_kib("mesh-remote")?;
     add("agent memory", "RSS idle (both agents)", "MiB", "mesh-remote", true, idle_rss as f64 / 1024.0);
 
     let started = Instant::now();
@@ -154,10 +160,10 @@ fn run() -> Result<()> {
             // HTTP at a fixed 1000 req/s, 1 KiB bodies, 4 and 16 keep-alive connections, with
             // the agents' CPU over the run.
             for conns in [4, 16] {
-                let cpu0 = b.agents_cpu_secs()?;
+                let cpu0 = b.agents_cpu_secs(path)?;
                 let t0 = Instant::now();
                 let (p50, p99, rps) = b.oha_rate(client, &ip, conns)?;
-                let cores = (b.agents_cpu_secs()? - cpu0) / t0.elapsed().as_secs_f64();
+                let cores = (b.agents_cpu_secs(path)? - cpu0) / t0.elapsed().as_secs_f64();
                 let w = format!("http 1000 req/s, 1 KiB, {conns} conns");
                 add(&w, "p50", "ms", path, true, p50);
                 add(&w, "p99", "ms", path, true, p99);
@@ -166,10 +172,12 @@ fn run() -> Result<()> {
                 }
             }
             // Max throughput, 16 connections; memory sampled under that load.
-            let (rps, rss) = b.wrk_max(client, &ip)?;
+            let (rps, rss) = b.wrk_max(client, &ip, path)?;
             add("http max, 16 conns", "throughput", "req/s", path, false, rps);
             if path.starts_with("mesh") {
-                add("agent memory", "RSS under load (both agents)", "MiB", path, true, rss as f64 / 1024.0);
+                let what =
+                    if path == "mesh-remote" { "RSS under load (both agents)" } else { "RSS under load (one agent)" };
+                add("agent memory", what, "MiB", path, true, rss as f64 / 1024.0);
             }
             // New connections per second (no keep-alive).
             add("new connections", "rate", "conn/s", path, false, b.oha_new_conns(client, &ip)?);
@@ -197,7 +205,7 @@ fn run() -> Result<()> {
         seconds_per_measurement: secs,
         steal_percent: steal,
         figures,
-        not_measured: vec!["mesh-local with sockmap acceleration: not built yet".into()],
+        not_measured: vec![],
     };
     if let Some(d) = args.json.parent() {
         std::fs::create_dir_all(d)?;
@@ -213,19 +221,31 @@ fn setup(secs: f64, agent_args: &[String], pin: Option<usize>) -> Result<Bench> 
     let mut c = Cluster::new()?;
     c.add_node("node-a", 51)?;
     c.add_node("node-b", 52)?;
+    c.add_node("node-c", 53)?;
     c.set_namespace("bench", true, None);
     c.set_namespace("plain", false, None);
     let mesh_client = c.node("node-a").add_pod("mesh-client", "bench", None)?;
     let plain_client = c.node("node-a").add_pod("plain-client", "plain", None)?;
     let local_server = c.node("node-a").add_pod("local-server", "bench", None)?;
     let remote_server = c.node("node-b").add_pod("remote-server", "bench", None)?;
+    let accel_client = c.node("node-c").add_pod("accel-client", "bench", None)?;
+    let accel_server = c.node("node-c").add_pod("accel-server", "bench", None)?;
     let mut servers = Vec::new();
-    for s in [&local_server, &remote_server] {
+    for s in [&local_server, &remote_server, &accel_server] {
         servers.push(nginx(&c, s, pin)?);
         servers.push(daemon(s, pin, "iperf3", &["-s", "-p", "5201"])?);
         servers.push(daemon(s, pin, "sockperf", &["server", "--tcp", "-p", "11111"])?);
     }
-    c.start(&agent_args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    // node-a and node-b run as configured (acceleration off unless the flags say otherwise);
+    // node-c always accelerates.
+    let mut plain: Vec<&str> = agent_args.iter().map(String::as_str).collect();
+    if !plain.iter().any(|a| a.starts_with(SOCKMAP_FLAG)) {
+        plain.push("--sockmap-acceleration=off");
+    }
+    let mut accel: Vec<&str> = agent_args.iter().map(String::as_str).filter(|a| !a.starts_with(SOCKMAP_FLAG)).collect();
+    accel.push("--sockmap-acceleration=on");
+    c.start_only(&["node-a", "node-b"], &plain)?;
+    c.start_only(&["node-c"], &accel)?;
     if let Some(cpu) = pin {
         for n in &c.nodes {
             let pid = n.agent_pid().context("agent pid")?.to_string();
@@ -237,7 +257,18 @@ fn setup(secs: f64, agent_args: &[String], pin: Option<usize>) -> Result<Bench> 
         }
     }
     std::thread::sleep(Duration::from_millis(500));
-    Ok(Bench { c, pin, mesh_client, plain_client, local_server, remote_server, secs, _servers: servers })
+    Ok(Bench {
+        c,
+        pin,
+        mesh_client,
+        plain_client,
+        local_server,
+        remote_server,
+        accel_client,
+        accel_server,
+        secs,
+        _servers: servers,
+    })
 }
 
 /// `program` in `pod`, on CPU `pin` if set.
@@ -284,6 +315,7 @@ impl Bench {
         match p {
             "direct-local" => (&self.plain_client, &self.local_server),
             "mesh-local" => (&self.mesh_client, &self.local_server),
+            "mesh-local-sockmap" => (&self.accel_client, &self.accel_server),
             "direct-remote" => (&self.plain_client, &self.remote_server),
             _ => (&self.mesh_client, &self.remote_server),
         }
@@ -357,14 +389,14 @@ impl Bench {
     }
 
     /// (req/s, max agents' RSS KiB during the run).
-    fn wrk_max(&self, client: &Pod, ip: &str) -> Result<(f64, u64)> {
+    fn wrk_max(&self, client: &Pod, ip: &str, path: &str) -> Result<(f64, u64)> {
         let url = format!("http://{ip}:8080/1k");
         let d = format!("{}s", self.secs_arg());
         let (out, rss) = std::thread::scope(|s| {
             let h = s.spawn(|| self.in_pod(client, "wrk", &["-t", "1", "-c", "16", "-d", &d, &url]));
             let mut max = 0;
             while !h.is_finished() {
-                max = max.max(self.agents_rss_kib().unwrap_or(0));
+                max = max.max(self.agents_rss_kib(path).unwrap_or(0));
                 std::thread::sleep(Duration::from_millis(200));
             }
             (h.join().unwrap(), max)
@@ -385,14 +417,21 @@ impl Bench {
         Ok(v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(f64::NAN) / 1e9)
     }
 
-    fn agent_pids(&self) -> Vec<u32> {
-        self.c.nodes.iter().filter_map(|n| n.agent_pid()).collect()
+    /// The agents on a path: node-a's for mesh-local, node-c's for mesh-local-sockmap, node-a's
+    /// and node-b's otherwise.
+    fn agent_pids(&self, path: &str) -> Vec<u32> {
+        let names: &[&str] = match path {
+            "mesh-local" => &["node-a"],
+            "mesh-local-sockmap" => &["node-c"],
+            _ => &["node-a", "node-b"],
+        };
+        self.c.nodes.iter().filter(|n| names.contains(&n.name.as_str())).filter_map(|n| n.agent_pid()).collect()
     }
 
-    fn agents_cpu_secs(&self) -> Result<f64> {
+    fn agents_cpu_secs(&self, path: &str) -> Result<f64> {
         let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         let mut total = 0.0;
-        for pid in self.agent_pids() {
+        for pid in self.agent_pids(path) {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
             // Fields after the command name (which may contain spaces): utime is 14th, stime 15th.
             let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -402,8 +441,8 @@ impl Bench {
         Ok(total)
     }
 
-    fn agents_rss_kib(&self) -> Result<u64> {
-        self.agent_pids().into_iter().map(rss_kib).sum()
+    fn agents_rss_kib(&self, path: &str) -> Result<u64> {
+        self.agent_pids(path).into_iter().map(rss_kib).sum()
     }
 
     /// Opens `n` connections through the same-node proxy and reads node-a's agent RSS.
@@ -485,7 +524,7 @@ fn figures(samples: Samples) -> Vec<Figure> {
         .map(|f| ((f.workload.clone(), f.metric.clone(), f.path.clone()), f.median))
         .collect();
     for f in &mut out {
-        let base = f.path.replace("mesh", "direct");
+        let base = f.path.replace("mesh", "direct").replace("-sockmap", "");
         if let Some(d) = direct.get(&(f.workload.clone(), f.metric.clone(), base)) {
             f.ratio_to_direct = Some(f.median / d);
         }
@@ -571,8 +610,9 @@ fn markdown(r: &Run) -> String {
             .join(", ")
     );
     s += "Each cell: median [min-max] (ratio to the direct path of the same topology).\n\n";
-    s += "| workload | metric | unit | direct-local | mesh-local | direct-remote | mesh-remote |\n";
-    s += "|---|---|---|---|---|---|---|\n";
+    s +=
+        "| workload | metric | unit | direct-local | mesh-local | mesh-local-sockmap | direct-remote | mesh-remote |\n";
+    s += "|---|---|---|---|---|---|---|---|\n";
     let mut rows: BTreeMap<(String, String, String), BTreeMap<String, &Figure>> = BTreeMap::new();
     for f in &r.figures {
         rows.entry((f.workload.clone(), f.metric.clone(), f.unit.clone())).or_default().insert(f.path.clone(), f);
