@@ -66,12 +66,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let mount = cgroup::cgroup2_mount()?;
 
     // Everything that can fail on bad input fails before the kernel is touched.
-    let initial = match &config.workload_file {
-        Some(path) => workloads::load(path, &config.node_name, &mount)?,
-        None => {
-            warn!("no workload file configured: no pod will be meshed");
+    let initial = match (&config.workload_file, &config.kubernetes) {
+        (Some(path), _) => workloads::load(path, &config.node_name, &mount)?,
+        (None, Some(_)) => NodeState { node: config.node_name.clone(), ..Default::default() },
+        (None, None) => {
+            warn!("no workload file configured and not in Kubernetes mode: no pod will be meshed");
             NodeState::default()
         }
+    };
+    let kube_client = match &config.kubernetes {
+        Some(kubeconfig) => Some(kube_client(kubeconfig.as_deref()).await?),
+        None => None,
     };
     let outbound_listener = TcpListener::bind(config.outbound_listen)
         .await
@@ -108,6 +113,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (state_tx, state_rx) = watch::channel(initial);
     if let Some(path) = config.workload_file.clone() {
         tokio::spawn(workloads::watch(path, config.node_name.clone(), mount.clone(), state_tx));
+    } else if let Some(client) = kube_client {
+        info!(node = %config.node_name, pod_cgroups = %config.pod_cgroup_root.display(), "Kubernetes mode: watching the API server");
+        tokio::spawn(crate::k8s::run(
+            client,
+            config.node_name.clone(),
+            config.pod_cgroup_root.clone(),
+            state_tx,
+            stop.clone(),
+        ));
     }
     let policy = PodPolicy {
         proxy_ip4: u32::from_ne_bytes(config.redirect_address.octets()),
@@ -251,4 +265,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     admin_task.abort();
     info!("agent stopped");
     Ok(())
+}
+
+/// A client from an explicit kubeconfig, else in-cluster or `$KUBECONFIG` (kube's inference).
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let cfg = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {} is not usable", path.display()))?
+        }
+        None => kube::Config::infer().await.context("no Kubernetes configuration (in-cluster or $KUBECONFIG)")?,
+    };
+    kube::Client::try_from(cfg).context("cannot build the Kubernetes client")
 }

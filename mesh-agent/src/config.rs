@@ -53,6 +53,8 @@ pub enum ConfigError {
     RedirectAddress(Ipv4Addr),
     #[error("trust domain {0:?} is not valid: lowercase letters, digits, '.', '-', '_'")]
     TrustDomain(String),
+    #[error("choose one source of workloads: a workload file or Kubernetes mode, not both")]
+    TwoSources,
 }
 
 /// The config file (YAML), every field optional.
@@ -83,6 +85,13 @@ pub struct FileConfig {
     pub copy_buffer_bytes: Option<usize>,
     /// Same-node acceleration with sockmap + sk_msg.
     pub sockmap_acceleration: Option<bool>,
+    /// Kubernetes mode (watch the API server instead of reading a workload file).
+    pub kubernetes: Option<bool>,
+    /// kubeconfig file for Kubernetes mode (default: in-cluster, then `$KUBECONFIG`).
+    pub kubeconfig: Option<PathBuf>,
+    /// Where the kubelet's pod cgroups are (the kubepods cgroup or a directory above it),
+    /// absolute or relative to the cgroup2 mount; default: the cgroup root.
+    pub pod_cgroup_root: Option<PathBuf>,
 }
 
 /// The mesh CA, from files (see `mesh-agent ca init`).
@@ -164,6 +173,16 @@ pub struct RunArgs {
     /// start; if the kernel refuses it the agent runs without it.
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     pub sockmap_acceleration: Option<bool>,
+    /// Kubernetes mode: watch Namespaces, Pods and Nodes on the API server. Chosen by itself when
+    /// running in a cluster (KUBERNETES_SERVICE_HOST set) without --workloads.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// kubeconfig for Kubernetes mode (default: the in-cluster service account, then $KUBECONFIG).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Where the kubelet's pod cgroups are (default: the cgroup root).
+    #[arg(long)]
+    pub pod_cgroup_root: Option<PathBuf>,
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -197,6 +216,9 @@ pub struct Config {
     pub pool_max_streams: usize,
     pub pool_idle: Duration,
     pub sockmap_acceleration: bool,
+    /// Kubernetes mode, with an explicit kubeconfig or `None` for in-cluster/`$KUBECONFIG`.
+    pub kubernetes: Option<Option<PathBuf>>,
+    pub pod_cgroup_root: PathBuf,
 }
 
 impl Config {
@@ -244,6 +266,16 @@ impl Config {
         let admin_listen =
             args.admin_listen.or(file.admin_listen).unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT)));
         let workload_file = args.workloads.clone().or(file.workload_file.map(rel));
+        let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        let kubernetes = (args.kubernetes || file.kubernetes == Some(true) || (in_cluster && workload_file.is_none()))
+            .then(|| args.kubeconfig.clone().or(file.kubeconfig.map(rel)));
+        if kubernetes.is_some() && workload_file.is_some() {
+            return Err(ConfigError::TwoSources);
+        }
+        let pod_cgroup_root = match args.pod_cgroup_root.clone().or(file.pod_cgroup_root) {
+            Some(p) => cgroup::resolve(cgroup2_mount, &p)?,
+            None => cgroup_root.clone(),
+        };
         let mut bypass_ports = file.bypass.ports;
         bypass_ports.extend(&args.bypass_ports);
         bypass_ports.sort_unstable();
@@ -316,6 +348,8 @@ impl Config {
                 .sockmap_acceleration
                 .or(file.sockmap_acceleration)
                 .unwrap_or(DEFAULT_SOCKMAP_ACCELERATION),
+            kubernetes,
+            pod_cgroup_root,
         })
     }
 }

@@ -8,6 +8,7 @@ pub mod check;
 pub mod config;
 pub mod datapath;
 pub mod identity;
+pub mod k8s;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

@@ -31,6 +31,8 @@ pub enum MeshReason {
     PodOptOut,
     /// Its namespace is not annotated.
     NamespaceNotMeshed,
+    /// It runs in the node's network namespace (`hostNetwork: true`): never meshed.
+    HostNetwork,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

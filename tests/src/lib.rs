@@ -175,6 +175,8 @@ pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> Result<(u16, Strin
     })?
 }
 
+pub mod fake_api;
+
 static SWEEP: Once = Once::new();
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -356,6 +358,8 @@ pub struct Node {
     pub mtls_modes: Vec<(String, String)>,
     agent: Option<Child>,
     cluster_cgroup: PathBuf,
+    /// Kubernetes mode: the agent reads this kubeconfig instead of a workload file.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Node {
@@ -387,6 +391,7 @@ impl Node {
             mtls_modes: vec![],
             agent: None,
             cluster_cgroup,
+            kubeconfig: None,
         };
         std::fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
         std::fs::create_dir_all(&dir)?;
@@ -401,11 +406,17 @@ impl Node {
     /// Adds a pod at 10.244.<subnet>.<10+n>. `annotation` is the pod's own
     /// `switchyard.io/mesh` annotation, if any.
     pub fn add_pod(&mut self, name: &str, namespace: &str, annotation: Option<&str>) -> Result<Pod> {
+        self.add_pod_at(name, namespace, annotation, name)
+    }
+
+    /// A pod whose cgroup is at `cgroup` below the node's (e.g. the kubelet's
+    /// `kubepods/burstable/pod<uid>`).
+    pub fn add_pod_at(&mut self, name: &str, namespace: &str, annotation: Option<&str>, cgroup: &str) -> Result<Pod> {
         let n = self.pods.len() as u8;
         let o = self.gateway.octets();
         let ipaddr = Ipv4Addr::new(o[0], o[1], o[2], 10 + n);
         let netns = format!("{}-{name}", self.id);
-        let cgroup = self.cgroup.join(name);
+        let cgroup = self.cgroup.join(cgroup);
         std::fs::create_dir_all(&cgroup)?;
         ip(&["netns", "add", &netns])?;
         let host_if = format!("veth{n}");
@@ -454,14 +465,17 @@ impl Node {
     /// Starts the real `mesh-agent` binary inside the node's network namespace and waits until
     /// it reports ready. Its log goes to `<dir>/agent.log`.
     pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
-        if self.underlay.is_none() {
+        if self.underlay.is_none() && self.kubeconfig.is_none() {
             self.write_workloads()?;
         }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agent.log"))?;
         let mut cmd = Command::new(bin_path("mesh-agent")?);
-        cmd.args(["run", "--node-name", &self.name, "--workloads"])
-            .arg(self.workload_file())
-            .arg("--cgroup-root")
+        cmd.args(["run", "--node-name", &self.name]);
+        match &self.kubeconfig {
+            Some(k) => cmd.arg("--kubernetes").arg("--kubeconfig").arg(k),
+            None => cmd.arg("--workloads").arg(self.workload_file()),
+        };
+        cmd.arg("--cgroup-root")
             .arg(&self.cgroup)
             .args(["--redirect-address", &self.gateway.to_string()])
             .args(if extra.iter().any(|a| a.starts_with("--workers")) { &[][..] } else { &["--workers", "2"][..] })

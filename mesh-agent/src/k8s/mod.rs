@@ -1,0 +1,393 @@
+//! Kubernetes mode: the agent's [`NodeState`] from the API server instead of the workload file.
+//!
+//! One kube-rs watcher per resource (Namespaces, this node's Pods by `spec.nodeName`, other
+//! nodes' Pods by `spec.nodeName!=`, Nodes), each object trimmed to a few fields on arrival
+//! ([`objects`]). Watchers relist by themselves after a dropped connection or a `410 Gone`; a
+//! relist replaces a store only once complete (`InitDone`), so meshed pods stay meshed while the
+//! API server is away. Changes are debounced (50 ms) and published; every second the state is
+//! rebuilt anyway, which finds pod cgroups that appeared after their Pod object.
+pub mod objects;
+pub mod pod_cgroup;
+
+use std::{collections::HashMap, path::PathBuf, time::Duration};
+
+use futures::StreamExt as _;
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::state::NodeState;
+use objects::{Namespace, Node, Pod};
+
+const DEBOUNCE: Duration = Duration::from_millis(50);
+const RESYNC: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Namespaces,
+    LocalPods,
+    RemotePods,
+    Nodes,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Namespaces => "namespaces",
+            Kind::LocalPods => "pods (this node)",
+            Kind::RemotePods => "pods (other nodes)",
+            Kind::Nodes => "nodes",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Obj {
+    Namespace(Namespace),
+    Pod(Pod),
+    Node(Node),
+}
+
+enum Change {
+    /// A complete listing: replaces the store of that kind.
+    Reset(Kind, HashMap<String, Obj>),
+    Apply(Kind, String, Obj),
+    Delete(Kind, String),
+}
+
+fn resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: String::new(),
+        version: "v1".into(),
+        api_version: "v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+/// `namespace/name` or `name`: how an object is keyed in its store.
+fn key_of(o: &DynamicObject) -> Option<String> {
+    let name = o.metadata.name.as_deref()?;
+    Some(match o.metadata.namespace.as_deref() {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
+    })
+}
+
+/// Trims an object of `kind`. `Ok(None)`: valid but not kept (a finished pod).
+fn trim(kind: Kind, o: &DynamicObject) -> Result<Option<Obj>, String> {
+    let v: Value = serde_json::to_value(o).map_err(|e| e.to_string())?;
+    match kind {
+        Kind::Namespaces => Namespace::from_json(&v).map(|n| Some(Obj::Namespace(n))),
+        Kind::LocalPods | Kind::RemotePods => Pod::from_json(&v).map(|p| p.map(Obj::Pod)),
+        Kind::Nodes => Node::from_json(&v).map(|n| Some(Obj::Node(n))),
+    }
+}
+
+/// Runs one watcher until `stop`, sending trimmed changes.
+async fn watch_kind(api: Api<DynamicObject>, cfg: watcher::Config, kind: Kind, tx: mpsc::Sender<Change>) {
+    let mut stream = watcher(api, cfg).default_backoff().boxed();
+    let mut listing: Option<HashMap<String, Obj>> = None;
+    let mut failing = false;
+    while let Some(ev) = stream.next().await {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                // The watcher backs off and relists by itself; say so once per outage.
+                if !failing {
+                    warn!(watch = kind.name(), error = %e, "watch failed; retrying with backoff, state kept");
+                }
+                failing = true;
+                continue;
+            }
+        };
+        let change = match ev {
+            watcher::Event::Init => {
+                listing = Some(HashMap::new());
+                continue;
+            }
+            watcher::Event::InitApply(o) => {
+                if let (Some(l), Some(k)) = (listing.as_mut(), key_of(&o)) {
+                    match trim(kind, &o) {
+                        Ok(Some(obj)) => {
+                            l.insert(k, obj);
+                        }
+                        Ok(None) => {}
+                        Err(e) => warn!(watch = kind.name(), object = %k, error = %e, "skipping malformed object"),
+                    }
+                }
+                continue;
+            }
+            watcher::Event::InitDone => {
+                let l = listing.take().unwrap_or_default();
+                info!(watch = kind.name(), objects = l.len(), "watch synced");
+                failing = false;
+                Change::Reset(kind, l)
+            }
+            watcher::Event::Apply(o) => {
+                let Some(k) = key_of(&o) else { continue };
+                match trim(kind, &o) {
+                    Ok(Some(obj)) => Change::Apply(kind, k, obj),
+                    Ok(None) => Change::Delete(kind, k),
+                    Err(e) => {
+                        warn!(watch = kind.name(), object = %k, error = %e, "skipping malformed object");
+                        continue;
+                    }
+                }
+            }
+            watcher::Event::Delete(o) => {
+                let Some(k) = key_of(&o) else { continue };
+                Change::Delete(kind, k)
+            }
+        };
+        if tx.send(change).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[derive(Default)]
+struct Stores {
+    namespaces: HashMap<String, Namespace>,
+    local_pods: HashMap<String, Pod>,
+    remote_pods: HashMap<String, Pod>,
+    nodes: HashMap<String, Node>,
+    synced: std::collections::HashSet<Kind>,
+}
+
+impl Stores {
+    fn apply(&mut self, c: Change) {
+        match c {
+            Change::Reset(kind, objs) => {
+                self.synced.insert(kind);
+                match kind {
+                    Kind::Namespaces => {
+                        self.namespaces = objs
+                            .into_iter()
+                            .filter_map(|(k, o)| if let Obj::Namespace(n) = o { Some((k, n)) } else { None })
+                            .collect()
+                    }
+                    Kind::LocalPods | Kind::RemotePods => {
+                        let pods = objs
+                            .into_iter()
+                            .filter_map(|(k, o)| if let Obj::Pod(p) = o { Some((k, p)) } else { None })
+                            .collect();
+                        *self.pods_mut(kind) = pods;
+                    }
+                    Kind::Nodes => {
+                        self.nodes = objs
+                            .into_iter()
+                            .filter_map(|(k, o)| if let Obj::Node(n) = o { Some((k, n)) } else { None })
+                            .collect()
+                    }
+                }
+            }
+            Change::Apply(kind, k, o) => match o {
+                Obj::Namespace(n) => {
+                    self.namespaces.insert(k, n);
+                }
+                Obj::Pod(p) => {
+                    self.pods_mut(kind).insert(k, p);
+                }
+                Obj::Node(n) => {
+                    self.nodes.insert(k, n);
+                }
+            },
+            Change::Delete(kind, k) => {
+                match kind {
+                    Kind::Namespaces => self.namespaces.remove(&k).map(drop),
+                    Kind::LocalPods | Kind::RemotePods => self.pods_mut(kind).remove(&k).map(drop),
+                    Kind::Nodes => self.nodes.remove(&k).map(drop),
+                };
+            }
+        }
+    }
+
+    fn pods_mut(&mut self, kind: Kind) -> &mut HashMap<String, Pod> {
+        if kind == Kind::LocalPods { &mut self.local_pods } else { &mut self.remote_pods }
+    }
+
+    fn state(&self, node: &str, pod_root: &std::path::Path) -> NodeState {
+        // Local pods from the node-scoped watch win over a stale copy from the other one.
+        let mut pods = self.remote_pods.clone();
+        pods.retain(|_, p| p.node.as_deref() != Some(node));
+        pods.extend(self.local_pods.iter().map(|(k, p)| (k.clone(), p.clone())));
+        objects::node_state(node, &self.namespaces, &pods, &self.nodes, pod_root)
+    }
+}
+
+/// Watches the cluster and publishes this node's view into `tx` until `stop`.
+pub async fn run(
+    client: Client,
+    node: String,
+    pod_root: PathBuf,
+    tx: watch::Sender<NodeState>,
+    stop: CancellationToken,
+) {
+    let (ctx, mut crx) = mpsc::channel(4096);
+    let ns_api = Api::<DynamicObject>::all_with(client.clone(), &resource("Namespace", "namespaces"));
+    let pod_api = Api::<DynamicObject>::all_with(client.clone(), &resource("Pod", "pods"));
+    let node_api = Api::<DynamicObject>::all_with(client, &resource("Node", "nodes"));
+    let watches = [
+        (ns_api, watcher::Config::default(), Kind::Namespaces),
+        (pod_api.clone(), watcher::Config::default().fields(&format!("spec.nodeName={node}")), Kind::LocalPods),
+        (pod_api, watcher::Config::default().fields(&format!("spec.nodeName!={node}")), Kind::RemotePods),
+        (node_api, watcher::Config::default(), Kind::Nodes),
+    ];
+    let mut tasks = Vec::new();
+    for (api, cfg, kind) in watches {
+        tasks.push(tokio::spawn(watch_kind(api, cfg.any_semantic(), kind, ctx.clone())));
+    }
+    drop(ctx);
+    let mut stores = Stores::default();
+    let mut tick = tokio::time::interval(RESYNC);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut announced = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            c = crx.recv() => {
+                let Some(c) = c else { break };
+                stores.apply(c);
+                // Debounce: take whatever else arrives shortly after, then publish once.
+                tokio::time::sleep(DEBOUNCE).await;
+                while let Ok(c) = crx.try_recv() {
+                    stores.apply(c);
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        // Nothing is published before namespaces and this node's pods are listed: a half
+        // picture would unmesh pods.
+        if !(stores.synced.contains(&Kind::Namespaces) && stores.synced.contains(&Kind::LocalPods)) {
+            continue;
+        }
+        if !announced {
+            info!(
+                namespaces = stores.namespaces.len(),
+                local_pods = stores.local_pods.len(),
+                "Kubernetes state synced"
+            );
+            announced = true;
+        }
+        let state = stores.state(&node, &pod_root);
+        tx.send_if_modified(|old| {
+            let changed = *old != state;
+            if changed {
+                *old = state;
+            }
+            changed
+        });
+    }
+    for t in tasks {
+        t.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! kube-rs against `tower_test::mock`: the requests the watcher makes and what the agent
+    //! makes of the answers (trimming, skipping malformed objects, relisting after 410 Gone).
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::json;
+
+    use super::*;
+
+    fn pod(name: &str, node: &str, rv: u64) -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"), "resourceVersion": rv.to_string()},
+               "spec": {"nodeName": node}, "status": {"phase": "Running", "podIP": "10.244.1.9"}})
+    }
+
+    async fn body_of(resp: Value) -> Response<Body> {
+        Response::builder().body(Body::from(serde_json::to_vec(&resp).unwrap())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn watcher_requests_are_node_scoped_malformed_objects_skipped_and_410_relists() {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, "default");
+        let api = Api::<DynamicObject>::all_with(client, &resource("Pod", "pods"));
+        let (tx, mut rx) = mpsc::channel(16);
+        let cfg = watcher::Config::default().fields("spec.nodeName=n1").any_semantic();
+        let task = tokio::spawn(watch_kind(api, cfg, Kind::LocalPods, tx));
+
+        // 1. LIST, node-scoped; one good pod and one malformed.
+        let (req, send) = handle.next_request().await.expect("list");
+        let uri = req.uri().to_string();
+        assert!(uri.starts_with("/api/v1/pods?"), "{uri}");
+        assert!(uri.contains("fieldSelector=spec.nodeName%3Dn1"), "{uri}");
+        assert!(!uri.contains("watch=true"), "{uri}");
+        let mut bad = pod("bad", "n1", 5);
+        bad["spec"] = json!("oops");
+        send.send_response(
+            body_of(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "10"},
+                           "items": [pod("a", "n1", 5), bad]}))
+            .await,
+        );
+        match rx.recv().await.unwrap() {
+            Change::Reset(Kind::LocalPods, objs) => {
+                assert_eq!(objs.len(), 1, "the malformed pod is skipped");
+                assert!(objs.contains_key("shop/a"));
+            }
+            _ => panic!("expected a reset"),
+        }
+
+        // 2. WATCH from the list's version: an update, then 410 Gone.
+        let (req, send) = handle.next_request().await.expect("watch");
+        let uri = req.uri().to_string();
+        assert!(uri.contains("watch=true") && uri.contains("resourceVersion=10"), "{uri}");
+        assert!(uri.contains("allowWatchBookmarks=true"), "{uri}");
+        let lines = [
+            json!({"type": "ADDED", "object": pod("b", "n1", 11)}).to_string(),
+            json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                   "reason": "Expired", "code": 410, "message": "too old resource version"}})
+            .to_string(),
+        ]
+        .join("\n");
+        send.send_response(Response::builder().body(Body::from(lines.into_bytes())).unwrap());
+        match rx.recv().await.unwrap() {
+            Change::Apply(Kind::LocalPods, k, Obj::Pod(p)) => {
+                assert_eq!((k.as_str(), p.uid.as_str()), ("shop/b", "uid-b"))
+            }
+            _ => panic!("expected an apply"),
+        }
+
+        // 3. After 410 the watcher lists again, and the new listing replaces the store.
+        let (req, send) = tokio::time::timeout(Duration::from_secs(30), handle.next_request())
+            .await
+            .expect("relist after 410")
+            .expect("relist");
+        assert!(!req.uri().to_string().contains("watch=true"), "{}", req.uri());
+        send.send_response(
+            body_of(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "20"},
+                           "items": [pod("b", "n1", 11)]}))
+            .await,
+        );
+        match rx.recv().await.unwrap() {
+            Change::Reset(Kind::LocalPods, objs) => assert_eq!(objs.keys().collect::<Vec<_>>(), vec!["shop/b"]),
+            _ => panic!("expected a reset after relisting"),
+        }
+        task.abort();
+    }
+
+    #[test]
+    fn stores_keep_local_pods_authoritative_and_resets_replace() {
+        let mut s = Stores::default();
+        let p = |name: &str, node: &str| Pod::from_json(&pod(name, node, 1)).unwrap().unwrap();
+        s.apply(Change::Reset(Kind::RemotePods, [("shop/x".to_string(), Obj::Pod(p("x", "n1")))].into()));
+        s.apply(Change::Reset(Kind::LocalPods, [("shop/a".to_string(), Obj::Pod(p("a", "n1")))].into()));
+        let st = s.state("n1", std::path::Path::new("/nonexistent"));
+        assert!(st.pods.contains_key("shop/a"));
+        assert!(!st.pods.contains_key("shop/x"), "a stale copy from the other-nodes watch is ignored");
+        s.apply(Change::Delete(Kind::LocalPods, "shop/a".into()));
+        assert!(s.state("n1", std::path::Path::new("/nonexistent")).pods.is_empty());
+    }
+}

@@ -1,0 +1,300 @@
+//! The few fields the agent keeps of each Kubernetes object, and how they become a
+//! [`NodeState`]. Objects arrive as free-form JSON (kube's `DynamicObject`) and are trimmed here at
+//! once: managed fields, specs and statuses the agent does not use are never stored. An object
+//! missing what the agent needs is rejected with the reason (logged and skipped by the caller).
+use std::{collections::HashMap, net::Ipv4Addr, path::Path};
+
+use serde_json::Value;
+
+use crate::state::{MESH_ANNOTATION, MTLS_MODE_ANNOTATION, MeshReason, MtlsMode, NodeInfo, NodeState, Workload};
+
+/// A namespace, trimmed: whether it opted in, and its mTLS mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub meshed: bool,
+    pub mtls_mode: MtlsMode,
+}
+
+/// A pod, trimmed to what routing, identity and meshing use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub node: Option<String>,
+    pub service_account: String,
+    pub host_network: bool,
+    /// `Pending`, `Running`, ...; finished pods (`Succeeded`, `Failed`) are dropped.
+    pub ip: Option<Ipv4Addr>,
+    pub opt_out: bool,
+}
+
+/// A node, trimmed to the address its agent is reached on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub address: Option<Ipv4Addr>,
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    path.iter().try_fold(v, |v, k| v.get(k))?.as_str()
+}
+
+fn name_of(v: &Value) -> Result<String, String> {
+    match str_at(v, &["metadata", "name"]) {
+        Some(n) if !n.is_empty() => Ok(n.to_string()),
+        _ => Err("metadata.name missing".into()),
+    }
+}
+
+fn annotation<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    str_at(v, &["metadata", "annotations", key])
+}
+
+impl Namespace {
+    pub fn from_json(v: &Value) -> Result<Namespace, String> {
+        let name = name_of(v)?;
+        let meshed = annotation(v, MESH_ANNOTATION) == Some("enabled");
+        let mtls_mode = match annotation(v, MTLS_MODE_ANNOTATION) {
+            None | Some("permissive") => MtlsMode::Permissive,
+            Some("strict") => MtlsMode::Strict,
+            Some(other) => {
+                return Err(format!("{MTLS_MODE_ANNOTATION}: {other:?} is neither permissive nor strict"));
+            }
+        };
+        Ok(Namespace { name, meshed, mtls_mode })
+    }
+}
+
+impl Pod {
+    /// `Ok(None)` for a pod that has finished (it holds no connections and no IP any more).
+    pub fn from_json(v: &Value) -> Result<Option<Pod>, String> {
+        let name = name_of(v)?;
+        let namespace = str_at(v, &["metadata", "namespace"]).ok_or("metadata.namespace missing")?.to_string();
+        let uid = str_at(v, &["metadata", "uid"]).ok_or("metadata.uid missing")?.to_string();
+        let spec = v.get("spec").filter(|s| s.is_object()).ok_or("spec missing or not an object")?;
+        let status = v.get("status").cloned().unwrap_or(Value::Null);
+        if matches!(status.get("phase").and_then(Value::as_str), Some("Succeeded" | "Failed")) {
+            return Ok(None);
+        }
+        let ip = match status.get("podIP").and_then(Value::as_str) {
+            None | Some("") => None,
+            Some(s) => match s.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(a)) => Some(a),
+                // IPv6-only pods are not meshed yet; dual-stack pods list their IPv4 in podIPs.
+                Ok(std::net::IpAddr::V6(_)) => status
+                    .get("podIPs")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p.get("ip")?.as_str()?.parse::<Ipv4Addr>().ok())
+                    .next(),
+                Err(_) => return Err(format!("status.podIP {s:?} is not an IP address")),
+            },
+        };
+        let host_network = match spec.get("hostNetwork") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => return Err(format!("spec.hostNetwork {other} is not a boolean")),
+        };
+        Ok(Some(Pod {
+            uid,
+            name,
+            namespace,
+            node: spec.get("nodeName").and_then(Value::as_str).filter(|n| !n.is_empty()).map(str::to_string),
+            service_account: spec
+                .get("serviceAccountName")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .unwrap_or("default")
+                .to_string(),
+            host_network,
+            ip,
+            opt_out: annotation(v, MESH_ANNOTATION) == Some("disabled"),
+        }))
+    }
+
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+impl Node {
+    pub fn from_json(v: &Value) -> Result<Node, String> {
+        let name = name_of(v)?;
+        let address = v
+            .get("status")
+            .and_then(|s| s.get("addresses"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|a| a.get("type").and_then(Value::as_str) == Some("InternalIP"))
+            .filter_map(|a| a.get("address")?.as_str()?.parse::<Ipv4Addr>().ok())
+            .next();
+        Ok(Node { name, address })
+    }
+}
+
+/// Everything the watches know, as the agent's state. Local pods get their cgroup from their
+/// UID (`pod_root`: where the kubelet's pod cgroups are); a pod whose cgroup does not exist yet
+/// has none and is picked up by a later call.
+pub fn node_state(
+    node: &str,
+    namespaces: &HashMap<String, Namespace>,
+    pods: &HashMap<String, Pod>,
+    nodes: &HashMap<String, Node>,
+    pod_root: &Path,
+) -> NodeState {
+    let mut out = NodeState { node: node.to_string(), ..Default::default() };
+    for n in nodes.values() {
+        if let Some(address) = n.address {
+            out.nodes.insert(n.name.clone(), NodeInfo { name: n.name.clone(), address });
+        }
+    }
+    for p in pods.values() {
+        let Some(pod_node) = p.node.as_deref() else { continue };
+        let local = pod_node == node;
+        // A remote pod without an IP cannot be routed to; a local one is meshed by its cgroup
+        // even before the API reports its IP (its containers may already be running).
+        let ip = match (p.ip, local) {
+            (Some(ip), _) => ip,
+            (None, true) => Ipv4Addr::UNSPECIFIED,
+            (None, false) => continue,
+        };
+        let ns = namespaces.get(&p.namespace);
+        let ns_on = ns.is_some_and(|n| n.meshed);
+        let (meshed, reason) = match (ns_on, p.opt_out, p.host_network) {
+            (_, _, true) => (false, MeshReason::HostNetwork),
+            (true, false, false) => (true, MeshReason::Namespace),
+            (true, true, false) => (false, MeshReason::PodOptOut),
+            (false, _, false) => (false, MeshReason::NamespaceNotMeshed),
+        };
+        out.pods.insert(
+            p.key(),
+            Workload {
+                name: p.name.clone(),
+                namespace: p.namespace.clone(),
+                service_account: p.service_account.clone(),
+                ip,
+                node: pod_node.to_string(),
+                cgroup: if local && !p.host_network { super::pod_cgroup::find(pod_root, &p.uid) } else { None },
+                meshed,
+                reason,
+                mtls_mode: ns.map(|n| n.mtls_mode).unwrap_or_default(),
+            },
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn pod(name: &str, ns: &str, node: &str, extra: Value) -> Value {
+        let mut v = json!({
+            "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}"),
+                         "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]},
+            "spec": {"nodeName": node, "serviceAccountName": format!("sa-{name}"), "containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIP": "10.244.1.5"}
+        });
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            for (k, x) in e {
+                o.insert(k.clone(), x.clone());
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn namespaces_opt_in_and_choose_mtls_mode() {
+        let ns = |a: Value| Namespace::from_json(&json!({"metadata": {"name": "shop", "annotations": a}}));
+        assert!(ns(json!({"switchyard.io/mesh": "enabled"})).unwrap().meshed);
+        assert!(!ns(json!({"switchyard.io/mesh": "disabled"})).unwrap().meshed);
+        assert!(!ns(json!({})).unwrap().meshed);
+        let strict = ns(json!({"switchyard.io/mesh": "enabled", "switchyard.io/mtls-mode": "strict"})).unwrap();
+        assert_eq!(strict.mtls_mode, MtlsMode::Strict);
+        assert!(ns(json!({"switchyard.io/mtls-mode": "sometimes"})).unwrap_err().contains("sometimes"));
+        assert!(Namespace::from_json(&json!({"metadata": {}})).is_err());
+    }
+
+    #[test]
+    fn pods_are_trimmed_and_malformed_ones_rejected_with_the_reason() {
+        let p = Pod::from_json(&pod("a", "shop", "n1", json!({}))).unwrap().unwrap();
+        assert_eq!(p.uid, "uid-a");
+        assert_eq!(p.service_account, "sa-a");
+        assert_eq!(p.ip, Some(Ipv4Addr::new(10, 244, 1, 5)));
+        assert!(!p.host_network && !p.opt_out);
+        let done = pod("b", "shop", "n1", json!({"status": {"phase": "Succeeded", "podIP": "10.244.1.6"}}));
+        assert_eq!(Pod::from_json(&done).unwrap(), None);
+        let dual = pod(
+            "c",
+            "shop",
+            "n1",
+            json!({"status": {"podIP": "fd00::5", "podIPs": [{"ip": "fd00::5"}, {"ip": "10.244.1.7"}]}}),
+        );
+        assert_eq!(Pod::from_json(&dual).unwrap().unwrap().ip, Some(Ipv4Addr::new(10, 244, 1, 7)));
+        for (bad, why) in [
+            (pod("d", "shop", "n1", json!({"spec": "oops"})), "spec"),
+            (pod("e", "shop", "n1", json!({"status": {"podIP": "ten.one"}})), "podIP"),
+            (pod("f", "shop", "n1", json!({"spec": {"hostNetwork": "yes"}})), "hostNetwork"),
+            (json!({"metadata": {"name": "g", "namespace": "shop"}, "spec": {}}), "uid"),
+        ] {
+            let e = Pod::from_json(&bad).unwrap_err();
+            assert!(e.contains(why), "{e} should mention {why}");
+        }
+    }
+
+    #[test]
+    fn state_meshes_by_namespace_honours_opt_out_and_never_host_network() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("kubepods/burstable/poduid-a")).unwrap();
+        let namespaces: HashMap<_, _> = [
+            ("shop".to_string(), Namespace { name: "shop".into(), meshed: true, mtls_mode: MtlsMode::Strict }),
+            ("legacy".to_string(), Namespace { name: "legacy".into(), meshed: false, mtls_mode: MtlsMode::Permissive }),
+        ]
+        .into();
+        let mut pods = HashMap::new();
+        for v in [
+            pod("a", "shop", "n1", json!({})),
+            pod(
+                "b",
+                "shop",
+                "n1",
+                json!({"metadata": {"name": "b", "namespace": "shop", "uid": "uid-b",
+                "annotations": {"switchyard.io/mesh": "disabled"}}}),
+            ),
+            pod("c", "shop", "n1", json!({"spec": {"nodeName": "n1", "hostNetwork": true}})),
+            pod("d", "legacy", "n1", json!({})),
+            pod("e", "shop", "n2", json!({})),
+            pod("f", "shop", "n2", json!({"status": {"phase": "Pending"}})),
+            pod("g", "shop", "n1", json!({"status": {"phase": "Pending"}})),
+        ] {
+            let p = Pod::from_json(&v).unwrap().unwrap();
+            pods.insert(p.key(), p);
+        }
+        let nodes: HashMap<_, _> = [(
+            "n2".to_string(),
+            Node::from_json(&json!({"metadata": {"name": "n2"}, "status": {"addresses": [
+                {"type": "Hostname", "address": "n2"}, {"type": "InternalIP", "address": "192.168.77.2"}]}}))
+            .unwrap(),
+        )]
+        .into();
+        let s = node_state("n1", &namespaces, &pods, &nodes, root.path());
+        let w = |k: &str| s.pods.get(k).unwrap_or_else(|| panic!("{k} missing"));
+        assert!(w("shop/a").meshed);
+        assert_eq!(w("shop/a").cgroup, Some(root.path().join("kubepods/burstable/poduid-a")));
+        assert_eq!(w("shop/a").mtls_mode, MtlsMode::Strict);
+        assert_eq!(w("shop/b").reason, MeshReason::PodOptOut);
+        assert_eq!(w("shop/c").reason, MeshReason::HostNetwork);
+        assert!(!w("shop/c").meshed && w("shop/c").cgroup.is_none());
+        assert_eq!(w("legacy/d").reason, MeshReason::NamespaceNotMeshed);
+        assert!(w("shop/e").meshed && w("shop/e").cgroup.is_none(), "remote pods are known, not local");
+        assert!(!s.pods.contains_key("shop/f"), "a remote pod without an IP is not routable");
+        assert!(w("shop/g").meshed && w("shop/g").ip.is_unspecified(), "a local pod is meshed before its IP is known");
+        assert_eq!(s.nodes["n2"].address, Ipv4Addr::new(192, 168, 77, 2));
+    }
+}

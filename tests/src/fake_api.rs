@@ -1,0 +1,377 @@
+//! A small fake Kubernetes API server for end-to-end tests: LIST and WATCH over HTTP/1.1 on
+//! loopback (inside a node's network namespace), for Namespaces, Pods, Nodes, Services and
+//! EndpointSlices, with resourceVersions, field and label selectors, bookmarks and `410 Gone`,
+//! driven by the test (apply, delete, compact, stop, start, raw malformed objects).
+//!
+//! Plain threads and hand-written HTTP: the agent's real `kube::Client` is what is under test,
+//! not this server.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use serde_json::{Value, json};
+
+/// Resource types served: (plural, kind, API path prefix).
+const RESOURCES: [(&str, &str, &str); 5] = [
+    ("namespaces", "Namespace", "/api/v1"),
+    ("pods", "Pod", "/api/v1"),
+    ("nodes", "Node", "/api/v1"),
+    ("services", "Service", "/api/v1"),
+    ("endpointslices", "EndpointSlice", "/apis/discovery.k8s.io/v1"),
+];
+
+#[derive(Default)]
+struct Store {
+    rv: u64,
+    /// plural → key → object.
+    objects: BTreeMap<String, BTreeMap<String, Value>>,
+    /// (rv, plural, event type, object).
+    log: Vec<(u64, String, &'static str, Value)>,
+    /// Watches from a resourceVersion below this get `410 Gone`.
+    compacted_below: u64,
+    /// Bumped to end every open watch.
+    generation: u64,
+    /// Requests served, by plural and verb ("list"/"watch"): what the agent asked for.
+    requests: Vec<String>,
+}
+
+struct Shared {
+    store: Mutex<Store>,
+    changed: Condvar,
+    down: AtomicBool,
+    conns: Mutex<Vec<TcpStream>>,
+}
+
+/// The running fake API server.
+pub struct FakeApi {
+    shared: Arc<Shared>,
+    netns: String,
+    pub addr: SocketAddr,
+    listener: Option<std::thread::JoinHandle<()>>,
+}
+
+fn key_of(obj: &Value) -> String {
+    let name = obj["metadata"]["name"].as_str().unwrap_or("");
+    match obj["metadata"]["namespace"].as_str() {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
+    }
+}
+
+impl FakeApi {
+    /// Starts serving on 127.0.0.1 (an ephemeral port) inside network namespace `netns`.
+    pub fn start(netns: &str) -> Result<FakeApi> {
+        let shared = Arc::new(Shared {
+            store: Mutex::new(Store { rv: 1000, ..Default::default() }),
+            changed: Condvar::new(),
+            down: AtomicBool::new(false),
+            conns: Mutex::new(Vec::new()),
+        });
+        let listener = crate::in_netns(netns, || TcpListener::bind("127.0.0.1:0"))??;
+        let addr = listener.local_addr()?;
+        let mut api = FakeApi { shared, netns: netns.to_string(), addr, listener: None };
+        api.serve(listener)?;
+        Ok(api)
+    }
+
+    fn serve(&mut self, listener: TcpListener) -> Result<()> {
+        listener.set_nonblocking(true)?;
+        let shared = self.shared.clone();
+        shared.down.store(false, Ordering::SeqCst);
+        self.listener = Some(std::thread::spawn(move || {
+            while !shared.down.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        if let Ok(c) = s.try_clone() {
+                            shared.conns.lock().unwrap().push(c);
+                        }
+                        let shared = shared.clone();
+                        std::thread::spawn(move || {
+                            let _ = serve_conn(&shared, s);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    /// A kubeconfig file pointing at this server (plain HTTP, no credentials).
+    pub fn kubeconfig(&self, path: &std::path::Path) -> Result<()> {
+        let cfg = format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\nusers:\n- name: fake\n  user: {{}}\n",
+            self.addr
+        );
+        std::fs::write(path, cfg).with_context(|| format!("write {}", path.display()))
+    }
+
+    /// Creates or replaces an object (`plural` as in the URL); returns its resourceVersion.
+    pub fn apply(&self, plural: &str, mut obj: Value) -> u64 {
+        let mut st = self.shared.store.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        let key = key_of(&obj);
+        let existed = st.objects.get(plural).is_some_and(|m| m.contains_key(&key));
+        if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.insert("resourceVersion".into(), json!(rv.to_string()));
+            m.entry("uid").or_insert_with(|| json!(format!("uid-{}", key.replace('/', "-"))));
+        }
+        st.objects.entry(plural.into()).or_default().insert(key, obj.clone());
+        st.log.push((rv, plural.into(), if existed { "MODIFIED" } else { "ADDED" }, obj));
+        self.shared.changed.notify_all();
+        rv
+    }
+
+    pub fn delete(&self, plural: &str, key: &str) {
+        let mut st = self.shared.store.lock().unwrap();
+        let Some(mut obj) = st.objects.get_mut(plural).and_then(|m| m.remove(key)) else { return };
+        st.rv += 1;
+        let rv = st.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        st.log.push((rv, plural.into(), "DELETED", obj));
+        self.shared.changed.notify_all();
+    }
+
+    /// Forgets history: every open watch ends, and resuming from any earlier resourceVersion is
+    /// answered with `410 Gone` (as after etcd compaction), forcing clients to relist.
+    pub fn compact(&self) {
+        let mut st = self.shared.store.lock().unwrap();
+        st.compacted_below = st.rv + 1;
+        st.log.clear();
+        st.generation += 1;
+        self.shared.changed.notify_all();
+    }
+
+    /// Kills the server: the listener closes and every connection is cut.
+    pub fn stop(&mut self) {
+        self.shared.down.store(true, Ordering::SeqCst);
+        if let Some(t) = self.listener.take() {
+            let _ = t.join();
+        }
+        for c in self.shared.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        let mut st = self.shared.store.lock().unwrap();
+        st.generation += 1;
+        self.shared.changed.notify_all();
+    }
+
+    /// Starts serving again on the same address, with the same objects.
+    pub fn restart(&mut self) -> Result<()> {
+        let addr = self.addr;
+        let listener = crate::in_netns(&self.netns, || TcpListener::bind(addr))??;
+        self.serve(listener)
+    }
+
+    /// The requests served so far, e.g. "watch pods fieldSelector=spec.nodeName=node".
+    pub fn requests(&self) -> Vec<String> {
+        self.shared.store.lock().unwrap().requests.clone()
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Request {
+    path: String,
+    query: BTreeMap<String, String>,
+}
+
+fn read_request(r: &mut BufReader<TcpStream>) -> Result<Option<Request>> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let target = line.split_whitespace().nth(1).context("bad request line")?.to_string();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
+            break;
+        }
+    }
+    let (path, q) = target.split_once('?').unwrap_or((&target, ""));
+    let query = q
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k.to_string(), percent_decode(v))
+        })
+        .collect();
+    Ok(Some(Request { path: path.to_string(), query }))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `a=b,c!=d` over a JSON object: field paths like `spec.nodeName`, `metadata.name`.
+fn fields_match(sel: &str, obj: &Value) -> bool {
+    sel.split(',').filter(|t| !t.is_empty()).all(|term| {
+        let (path, want, neg) = match term.split_once("!=") {
+            Some((p, v)) => (p, v, true),
+            None => match term.split_once("==").or_else(|| term.split_once('=')) {
+                Some((p, v)) => (p, v, false),
+                None => return true,
+            },
+        };
+        let got = path.split('.').try_fold(obj, |v, k| v.get(k)).and_then(Value::as_str).unwrap_or("");
+        (got == want) != neg
+    })
+}
+
+/// `k=v`, `k!=v`, `k` (exists), `!k` over metadata.labels.
+fn labels_match(sel: &str, obj: &Value) -> bool {
+    let labels = &obj["metadata"]["labels"];
+    sel.split(',').filter(|t| !t.is_empty()).all(|term| {
+        if let Some((k, v)) = term.split_once("!=") {
+            labels[k].as_str() != Some(v)
+        } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+            labels[k].as_str() == Some(v)
+        } else if let Some(k) = term.strip_prefix('!') {
+            labels.get(k).is_none()
+        } else {
+            labels.get(term).is_some()
+        }
+    })
+}
+
+fn respond(s: &mut TcpStream, code: u16, body: &Value) -> Result<()> {
+    let b = body.to_string();
+    write!(s, "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len())?;
+    Ok(())
+}
+
+fn chunk(s: &mut TcpStream, line: &Value) -> std::io::Result<()> {
+    let b = format!("{line}\n");
+    write!(s, "{:x}\r\n{b}\r\n", b.len())?;
+    s.flush()
+}
+
+fn serve_conn(shared: &Shared, s: TcpStream) -> Result<()> {
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut w = s;
+    while let Some(req) = read_request(&mut r)? {
+        let Some((plural, kind, _)) = RESOURCES.iter().find(|(p, _, prefix)| req.path == format!("{prefix}/{p}"))
+        else {
+            respond(&mut w, 404, &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404}))?;
+            continue;
+        };
+        let fields = req.query.get("fieldSelector").cloned().unwrap_or_default();
+        let labels = req.query.get("labelSelector").cloned().unwrap_or_default();
+        let matches = |o: &Value| fields_match(&fields, o) && labels_match(&labels, o);
+        let watch = matches!(req.query.get("watch").map(String::as_str), Some("true" | "1"));
+        shared.store.lock().unwrap().requests.push(format!(
+            "{} {plural} fieldSelector={fields} labelSelector={labels}",
+            if watch { "watch" } else { "list" }
+        ));
+        if !watch {
+            let st = shared.store.lock().unwrap();
+            let items: Vec<Value> =
+                st.objects.get(*plural).into_iter().flat_map(|m| m.values()).filter(|o| matches(o)).cloned().collect();
+            let body = json!({"kind": format!("{kind}List"), "apiVersion": "v1",
+                "metadata": {"resourceVersion": st.rv.to_string()}, "items": items});
+            drop(st);
+            respond(&mut w, 200, &body)?;
+            continue;
+        }
+        // WATCH: chunked stream of events after the given resourceVersion.
+        let from: u64 = req.query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let bookmarks = req.query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+        let timeout = Duration::from_secs(req.query.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(290));
+        write!(w, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")?;
+        let deadline = Instant::now() + timeout;
+        let mut st = shared.store.lock().unwrap();
+        if from != 0 && from < st.compacted_below {
+            drop(st);
+            chunk(
+                &mut w,
+                &json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+                "status": "Failure", "reason": "Expired", "code": 410,
+                "message": format!("too old resource version: {from} ({})", shared.store.lock().unwrap().compacted_below)}}),
+            )?;
+            write!(w, "0\r\n\r\n")?;
+            continue;
+        }
+        let generation = st.generation;
+        let mut sent = from;
+        let mut last_bookmark = Instant::now();
+        loop {
+            let events: Vec<Value> = st
+                .log
+                .iter()
+                .filter(|(rv, p, _, o)| *rv > sent && p == plural && matches(o))
+                .map(|(_, _, t, o)| json!({"type": t, "object": o}))
+                .collect();
+            let head = st.rv;
+            if st.generation != generation || shared.down.load(Ordering::SeqCst) || Instant::now() >= deadline {
+                drop(st);
+                break;
+            }
+            drop(st);
+            for e in &events {
+                chunk(&mut w, e)?;
+            }
+            sent = head;
+            if bookmarks && last_bookmark.elapsed() >= Duration::from_secs(1) {
+                chunk(
+                    &mut w,
+                    &json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": "v1",
+                    "metadata": {"resourceVersion": head.to_string()}}}),
+                )?;
+                last_bookmark = Instant::now();
+            }
+            st = shared.store.lock().unwrap();
+            if st.rv == sent {
+                st = shared.changed.wait_timeout(st, Duration::from_millis(500)).unwrap().0;
+            }
+        }
+        write!(w, "0\r\n\r\n")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors() {
+        let pod = json!({"metadata": {"name": "a", "labels": {"app": "web"}}, "spec": {"nodeName": "n1"}});
+        assert!(fields_match("spec.nodeName=n1", &pod));
+        assert!(!fields_match("spec.nodeName!=n1", &pod));
+        assert!(fields_match("spec.nodeName!=n2,metadata.name=a", &pod));
+        assert!(labels_match("app=web", &pod) && labels_match("app", &pod) && labels_match("!tier", &pod));
+        assert!(!labels_match("app!=web", &pod));
+        assert_eq!(percent_decode("spec.nodeName%3Dnode%2Da"), "spec.nodeName=node-a");
+    }
+}

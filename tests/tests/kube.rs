@@ -1,0 +1,239 @@
+//! End to end, Kubernetes mode: a real agent with a real `kube::Client` watching the in-repo fake
+//! API server (on the node's loopback), meshing real simulated pods whose cgroups are laid out as
+//! the kubelet does.
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::{Value, json};
+use sim::{Node, Pod, Server, eventually, fake_api::FakeApi, privileged};
+
+const T: Duration = Duration::from_secs(30);
+/// The bound for a change to reach the datapath, plus the polling granularity.
+const WITHIN_A_SECOND: Duration = Duration::from_millis(1100);
+
+fn ns_json(name: &str, meshed: bool) -> Value {
+    let annotations = if meshed { json!({"switchyard.io/mesh": "enabled"}) } else { json!({}) };
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "annotations": annotations}})
+}
+
+fn pod_json(p: &Pod, uid: &str, node: &str, opt_out: bool) -> Value {
+    let annotations = if opt_out { json!({"switchyard.io/mesh": "disabled"}) } else { json!({}) };
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": p.name, "namespace": p.namespace, "uid": uid, "annotations": annotations,
+                     "managedFields": [{"manager": "kubelet", "operation": "Update"}]},
+        "spec": {"nodeName": node, "serviceAccountName": p.service_account,
+                 "containers": [{"name": "app", "image": "registry.example/app:1"}]},
+        "status": {"phase": "Running", "podIP": p.ip.to_string(), "qosClass": "Burstable"}
+    })
+}
+
+fn uid(name: &str) -> String {
+    format!("5f0c6a2e-0000-4000-8000-{:0>12}", name.bytes().map(|b| format!("{b:02x}")).collect::<String>())
+        .chars()
+        .take(36)
+        .collect()
+}
+
+struct Setup {
+    node: Node,
+    api: FakeApi,
+    client: Pod,
+    server: Pod,
+    _echo: Server,
+}
+
+/// A node in Kubernetes mode: the fake API server in its namespace, a client (Burstable, systemd
+/// layout) and a server (Guaranteed, cgroupfs layout) in namespace `shop`.
+fn setup(subnet: u8, meshed: bool) -> Result<Setup> {
+    let mut node = Node::new("node", subnet)?;
+    let api = FakeApi::start(&node.netns)?;
+    let kubeconfig = node.dir.join("kubeconfig");
+    api.kubeconfig(&kubeconfig)?;
+    node.kubeconfig = Some(kubeconfig);
+    let (cu, su) = (uid("client"), uid("server"));
+    let client = node.add_pod_at(
+        "client",
+        "shop",
+        None,
+        &format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice", cu.replace('-', "_")),
+    )?;
+    let server = node.add_pod_at("server", "shop", None, &format!("kubepods/pod{su}"))?;
+    let echo = server.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?;
+    api.apply("namespaces", ns_json("shop", meshed));
+    api.apply("pods", pod_json(&client, &cu, "node", false));
+    api.apply("pods", pod_json(&server, &su, "node", false));
+    api.apply(
+        "nodes",
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node"},
+               "status": {"addresses": [{"type": "InternalIP", "address": node.gateway.to_string()}]}}),
+    );
+    node.start_agent(&[])?;
+    Ok(Setup { node, api, client, server, _echo: echo })
+}
+
+fn redirected(node: &Node, pod: &str) -> Option<bool> {
+    let pods = node.admin_json("/debug/pods").ok()?;
+    pods.as_array()?.iter().find(|p| p["key"] == format!("shop/{pod}")).map(|p| p["redirected"] == true)
+}
+
+fn wait_meshed(node: &Node, pod: &str, want: bool, within: Duration) -> Result<()> {
+    eventually(within, &format!("{pod} redirected={want}"), || (redirected(node, pod) == Some(want)).then_some(()))
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", node.agent_log()))
+}
+
+/// Connects client → server and says whether the proxy carried it.
+fn proxied(s: &Setup) -> Result<bool> {
+    let before = s.node.proxied_total()?;
+    let r = s.client.workload(&["client", "--connect", &format!("{}:8080", s.server.ip)], T)?;
+    anyhow::ensure!(r["ok"] == 1, "connection failed: {r}");
+    // The proxy records a connection when it ends, just after the client sees the echo.
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(s.node.proxied_total()? > before)
+}
+
+#[test]
+fn annotating_a_namespace_meshes_its_pods_within_a_second_and_removing_it_unmeshes() -> Result<()> {
+    if !privileged("kube_annotate_namespace") {
+        return Ok(());
+    }
+    let s = setup(61, false)?;
+    eventually(Duration::from_secs(5), "pods known", || (redirected(&s.node, "client") == Some(false)).then_some(()))?;
+    assert!(!proxied(&s)?, "not meshed yet: direct");
+    // The agent watches this node's pods with a field selector, and everything else trimmed.
+    let reqs = s.api.requests();
+    assert!(reqs.iter().any(|r| r.contains("watch pods fieldSelector=spec.nodeName=node")), "{reqs:?}");
+    assert!(reqs.iter().any(|r| r.contains("watch namespaces")), "{reqs:?}");
+
+    s.api.apply("namespaces", ns_json("shop", true));
+    wait_meshed(&s.node, "client", true, WITHIN_A_SECOND)?;
+    wait_meshed(&s.node, "server", true, WITHIN_A_SECOND)?;
+    assert!(proxied(&s)?, "meshed: through the proxy");
+
+    // Pod opt-out, honoured at run time.
+    s.api.apply("pods", pod_json(&s.client, &uid("client"), "node", true));
+    wait_meshed(&s.node, "client", false, WITHIN_A_SECOND)?;
+    assert!(!proxied(&s)?, "opted out: direct");
+    s.api.apply("pods", pod_json(&s.client, &uid("client"), "node", false));
+    wait_meshed(&s.node, "client", true, WITHIN_A_SECOND)?;
+
+    s.api.apply("namespaces", ns_json("shop", false));
+    wait_meshed(&s.node, "client", false, WITHIN_A_SECOND)?;
+    wait_meshed(&s.node, "server", false, WITHIN_A_SECOND)?;
+    assert!(!proxied(&s)?);
+    Ok(())
+}
+
+#[test]
+fn other_nodes_pods_are_known_not_meshed_here_and_late_cgroups_are_picked_up() -> Result<()> {
+    if !privileged("kube_late_cgroup") {
+        return Ok(());
+    }
+    let mut s = setup(62, true)?;
+    wait_meshed(&s.node, "client", true, Duration::from_secs(5))?;
+    // A pod of another node: known (for routing and identity), never meshed here.
+    s.api.apply(
+        "pods",
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "far", "namespace": "shop", "uid": uid("far")},
+               "spec": {"nodeName": "other", "serviceAccountName": "far"},
+               "status": {"phase": "Running", "podIP": "10.244.99.7"}}),
+    );
+    eventually(Duration::from_secs(2), "remote pod known", || {
+        let pods = s.node.admin_json("/debug/pods").ok()?;
+        let far = pods.as_array()?.iter().find(|p| p["key"] == "shop/far")?.clone();
+        Some(far)
+    })
+    .map(|far| {
+        assert_eq!(far["redirected"], false, "{far}");
+        assert_eq!(far["node"], "other", "{far}");
+    })?;
+
+    // The Pod object first, its cgroup (the pod sandbox) only later.
+    let late_uid = uid("late");
+    let late_ip = std::net::Ipv4Addr::new(10, 244, 62, 12);
+    let placeholder = Pod {
+        name: "late".into(),
+        node: "node".into(),
+        namespace: "shop".into(),
+        service_account: "late".into(),
+        netns: String::new(),
+        ip: late_ip,
+        cgroup: Default::default(),
+        annotation: None,
+    };
+    s.api.apply("pods", pod_json(&placeholder, &late_uid, "node", false));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(redirected(&s.node, "late"), Some(false), "no cgroup yet: not in the datapath");
+    let late = s.node.add_pod_at("late", "shop", None, &format!("kubepods/besteffort/pod{late_uid}"))?;
+    assert_eq!(late.ip, late_ip);
+    wait_meshed(&s.node, "late", true, Duration::from_secs(2))?;
+    let before = s.node.proxied_total()?;
+    let r = late.workload(&["client", "--connect", &format!("{}:8080", s.server.ip)], T)?;
+    assert_eq!(r["ok"], 1, "{r}");
+    eventually(Duration::from_secs(2), "proxied", || (s.node.proxied_total().ok()? > before).then_some(()))?;
+    Ok(())
+}
+
+#[test]
+fn meshed_pods_stay_meshed_while_the_api_server_is_down_or_answers_410() -> Result<()> {
+    if !privileged("kube_api_restart") {
+        return Ok(());
+    }
+    let mut s = setup(63, true)?;
+    wait_meshed(&s.node, "client", true, Duration::from_secs(5))?;
+
+    // API server killed: nothing changes in the datapath, traffic still meshed.
+    s.api.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(redirected(&s.node, "client"), Some(true));
+    assert!(proxied(&s)?, "still meshed while the API server is away");
+    assert!(s.node.agent_log().contains("watch failed"), "the outage is logged");
+
+    // Back, with a change made meanwhile: picked up after the watches reconnect.
+    s.api.apply("pods", pod_json(&s.client, &uid("client"), "node", true));
+    s.api.restart()?;
+    wait_meshed(&s.node, "client", false, Duration::from_secs(15))?;
+
+    // History compacted: resuming watches get 410 Gone, relist, and still see new changes.
+    s.api.compact();
+    s.api.apply("pods", pod_json(&s.client, &uid("client"), "node", false));
+    wait_meshed(&s.node, "client", true, Duration::from_secs(15))?;
+    assert_eq!(redirected(&s.node, "server"), Some(true), "the server never left the mesh");
+    assert!(proxied(&s)?);
+    Ok(())
+}
+
+#[test]
+fn malformed_objects_are_logged_and_skipped_never_crash_the_agent() -> Result<()> {
+    if !privileged("kube_malformed") {
+        return Ok(());
+    }
+    let s = setup(64, true)?;
+    wait_meshed(&s.node, "client", true, Duration::from_secs(5))?;
+    for bad in [
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "b1", "namespace": "shop"},
+               "spec": "oops", "status": {"podIP": "10.244.64.50"}}),
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "b2", "namespace": "shop", "uid": "u2"},
+               "spec": {"nodeName": "node", "hostNetwork": "yes"}, "status": {"podIP": "10.244.64.51"}}),
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "b3", "namespace": "shop", "uid": "u3"},
+               "spec": {"nodeName": "node"}, "status": {"podIP": "not.an.ip"}}),
+    ] {
+        s.api.apply("pods", bad);
+    }
+    s.api.apply(
+        "namespaces",
+        json!({"apiVersion": "v1", "kind": "Namespace",
+               "metadata": {"name": "weird", "annotations": {"switchyard.io/mtls-mode": "sometimes"}}}),
+    );
+    // A good change after the bad ones still arrives.
+    s.api.apply("pods", pod_json(&s.client, &uid("client"), "node", true));
+    wait_meshed(&s.node, "client", false, Duration::from_secs(5))?;
+    let log = s.node.agent_log();
+    assert!(log.matches("skipping malformed object").count() >= 4, "{log}");
+    assert!(log.contains("shop/b1") && log.contains("not.an.ip") && log.contains("sometimes"), "{log}");
+    assert_eq!(redirected(&s.node, "server"), Some(true));
+    assert!(s.node.agent_pid().is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists()));
+    assert!(!s.node.admin_text("/healthz")?.trim().is_empty());
+    Ok(())
+}
