@@ -42,6 +42,7 @@ pub struct PodIndex {
     pub pods: Vec<PodStatus>,
     pub nodes: BTreeMap<String, NodeInfo>,
     pub authz: Vec<Rule>,
+    pub services: BTreeMap<std::net::SocketAddrV4, Vec<std::net::SocketAddrV4>>,
     by_cgroup: HashMap<u64, usize>,
     by_ip: HashMap<Ipv4Addr, usize>,
 }
@@ -60,6 +61,7 @@ impl PodIndex {
             pods,
             nodes: state.nodes.clone(),
             authz: state.authz.clone(),
+            services: state.services.clone(),
             by_cgroup,
             by_ip,
         }
@@ -176,6 +178,7 @@ impl Reconciler {
             index.send_if_modified(|old| {
                 let changed = old.nodes != idx.nodes
                     || old.authz != idx.authz
+                    || old.services != idx.services
                     || old.pods.len() != idx.pods.len()
                     || old.pods.iter().zip(&idx.pods).any(|(a, b)| {
                         a.key != b.key

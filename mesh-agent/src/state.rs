@@ -1,7 +1,11 @@
 //! The agent's view of the node's workloads, whatever feeds it (the local workload file today,
 //! Kubernetes watches later). The reconciler turns it into datapath state; the proxy uses it to
 //! name the source and destination of a connection.
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+};
 
 use crate::{authz::Rule, identity::Identity};
 
@@ -79,6 +83,9 @@ pub struct NodeState {
     pub pods: BTreeMap<String, Workload>,
     pub nodes: BTreeMap<String, NodeInfo>,
     pub authz: Vec<Rule>,
+    /// Service virtual addresses (ClusterIP:port) → ready endpoints (pod IP:target port),
+    /// balanced over by the proxy (no kube-proxy needed for meshed pods).
+    pub services: BTreeMap<SocketAddrV4, Vec<SocketAddrV4>>,
 }
 
 impl NodeState {

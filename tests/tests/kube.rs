@@ -237,3 +237,45 @@ fn malformed_objects_are_logged_and_skipped_never_crash_the_agent() -> Result<()
     assert!(!s.node.admin_text("/healthz")?.trim().is_empty());
     Ok(())
 }
+
+#[test]
+fn a_service_cluster_ip_is_balanced_over_its_ready_endpoints_by_the_proxy() -> Result<()> {
+    if !privileged("kube_service_balancing") {
+        return Ok(());
+    }
+    let mut s = setup(65, true)?;
+    let u2 = uid("server2");
+    let server2 = s.node.add_pod_at("server2", "shop", None, &format!("kubepods/burstable/pod{u2}"))?;
+    let _echo2 = server2.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?;
+    s.api.apply("pods", pod_json(&server2, &u2, "node", false));
+    s.api.apply(
+        "services",
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": "shop"},
+               "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "tcp-echo", "port": 80, "targetPort": 8080}]}}),
+    );
+    // Two ready endpoints and one not ready (nothing listens there: using it would fail).
+    s.api.apply(
+        "endpointslices",
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+               "metadata": {"name": "echo-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "echo"}},
+               "addressType": "IPv4", "ports": [{"name": "tcp-echo", "port": 8080, "protocol": "TCP"}],
+               "endpoints": [
+                   {"addresses": [s.server.ip.to_string()], "conditions": {"ready": true}},
+                   {"addresses": [server2.ip.to_string()], "conditions": {"ready": true}},
+                   {"addresses": ["10.244.65.99"], "conditions": {"ready": false}}]}),
+    );
+    wait_meshed(&s.node, "server2", true, Duration::from_secs(5))?;
+    // No kube-proxy here: the ClusterIP exists only in the agent's table.
+    let before = s.node.proxied_total()?;
+    let r = s.client.workload(&["client", "--connect", "10.96.0.10:80", "--count", "10"], T)?;
+    assert_eq!(r["ok"], 10, "{r}");
+    eventually(Duration::from_secs(3), "all recorded", || (s.node.proxied_total().ok()? >= before + 10).then_some(()))?;
+    let conns = s.node.admin_json("/debug/connections")?;
+    let recent: Vec<&Value> =
+        conns["recent"].as_array().unwrap().iter().filter(|c| c["original_dst"] == "10.96.0.10:80").collect();
+    assert_eq!(recent.len(), 10, "{conns}");
+    let to = |pod: &str| recent.iter().filter(|c| c["destination_pod"] == pod).count();
+    assert_eq!((to("shop/server"), to("shop/server2")), (5, 5), "round robin over the ready endpoints: {conns}");
+    assert!(recent.iter().all(|c| c["error"].is_null()), "{conns}");
+    Ok(())
+}

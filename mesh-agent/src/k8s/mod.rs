@@ -1,7 +1,7 @@
 //! Kubernetes mode: the agent's [`NodeState`] from the API server instead of the workload file.
 //!
 //! One kube-rs watcher per resource (Namespaces, this node's Pods by `spec.nodeName`, other
-//! nodes' Pods by `spec.nodeName!=`, Nodes), each object trimmed to a few fields on arrival
+//! nodes' Pods by `spec.nodeName!=`, Nodes, Services, EndpointSlices), each object trimmed to a few fields on arrival
 //! ([`objects`]). Watchers relist by themselves after a dropped connection or a `410 Gone`; a
 //! relist replaces a store only once complete (`InitDone`), so meshed pods stay meshed while the
 //! API server is away. Changes are debounced (50 ms) and published; every second the state is
@@ -34,6 +34,8 @@ enum Kind {
     LocalPods,
     RemotePods,
     Nodes,
+    Services,
+    EndpointSlices,
 }
 
 impl Kind {
@@ -43,6 +45,8 @@ impl Kind {
             Kind::LocalPods => "pods (this node)",
             Kind::RemotePods => "pods (other nodes)",
             Kind::Nodes => "nodes",
+            Kind::Services => "services",
+            Kind::EndpointSlices => "endpointslices",
         }
     }
 }
@@ -52,6 +56,8 @@ enum Obj {
     Namespace(Namespace),
     Pod(Pod),
     Node(Node),
+    Service(objects::Service),
+    Slice(objects::EndpointSlice),
 }
 
 enum Change {
@@ -71,6 +77,16 @@ fn resource(kind: &str, plural: &str) -> ApiResource {
     }
 }
 
+fn endpointslices() -> ApiResource {
+    ApiResource {
+        group: "discovery.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "discovery.k8s.io/v1".into(),
+        kind: "EndpointSlice".into(),
+        plural: "endpointslices".into(),
+    }
+}
+
 /// `namespace/name` or `name`: how an object is keyed in its store.
 fn key_of(o: &DynamicObject) -> Option<String> {
     let name = o.metadata.name.as_deref()?;
@@ -87,6 +103,8 @@ fn trim(kind: Kind, o: &DynamicObject) -> Result<Option<Obj>, String> {
         Kind::Namespaces => Namespace::from_json(&v).map(|n| Some(Obj::Namespace(n))),
         Kind::LocalPods | Kind::RemotePods => Pod::from_json(&v).map(|p| p.map(Obj::Pod)),
         Kind::Nodes => Node::from_json(&v).map(|n| Some(Obj::Node(n))),
+        Kind::Services => objects::Service::from_json(&v).map(|s| Some(Obj::Service(s))),
+        Kind::EndpointSlices => objects::EndpointSlice::from_json(&v).map(|s| Some(Obj::Slice(s))),
     }
 }
 
@@ -158,6 +176,8 @@ struct Stores {
     local_pods: HashMap<String, Pod>,
     remote_pods: HashMap<String, Pod>,
     nodes: HashMap<String, Node>,
+    services: HashMap<String, objects::Service>,
+    slices: HashMap<String, objects::EndpointSlice>,
     synced: std::collections::HashSet<Kind>,
 }
 
@@ -186,6 +206,18 @@ impl Stores {
                             .filter_map(|(k, o)| if let Obj::Node(n) = o { Some((k, n)) } else { None })
                             .collect()
                     }
+                    Kind::Services => {
+                        self.services = objs
+                            .into_iter()
+                            .filter_map(|(k, o)| if let Obj::Service(s) = o { Some((k, s)) } else { None })
+                            .collect()
+                    }
+                    Kind::EndpointSlices => {
+                        self.slices = objs
+                            .into_iter()
+                            .filter_map(|(k, o)| if let Obj::Slice(s) = o { Some((k, s)) } else { None })
+                            .collect()
+                    }
                 }
             }
             Change::Apply(kind, k, o) => match o {
@@ -198,12 +230,20 @@ impl Stores {
                 Obj::Node(n) => {
                     self.nodes.insert(k, n);
                 }
+                Obj::Service(s) => {
+                    self.services.insert(k, s);
+                }
+                Obj::Slice(s) => {
+                    self.slices.insert(k, s);
+                }
             },
             Change::Delete(kind, k) => {
                 match kind {
                     Kind::Namespaces => self.namespaces.remove(&k).map(drop),
                     Kind::LocalPods | Kind::RemotePods => self.pods_mut(kind).remove(&k).map(drop),
                     Kind::Nodes => self.nodes.remove(&k).map(drop),
+                    Kind::Services => self.services.remove(&k).map(drop),
+                    Kind::EndpointSlices => self.slices.remove(&k).map(drop),
                 };
             }
         }
@@ -218,7 +258,10 @@ impl Stores {
         let mut pods = self.remote_pods.clone();
         pods.retain(|_, p| p.node.as_deref() != Some(node));
         pods.extend(self.local_pods.iter().map(|(k, p)| (k.clone(), p.clone())));
-        objects::node_state(node, &self.namespaces, &pods, &self.nodes, pod_root)
+        let mut state = objects::node_state(node, &self.namespaces, &pods, &self.nodes, pod_root);
+        let slices: Vec<&objects::EndpointSlice> = self.slices.values().collect();
+        state.services = objects::service_table(self.services.values(), &slices);
+        state
     }
 }
 
@@ -233,12 +276,17 @@ pub async fn run(
     let (ctx, mut crx) = mpsc::channel(4096);
     let ns_api = Api::<DynamicObject>::all_with(client.clone(), &resource("Namespace", "namespaces"));
     let pod_api = Api::<DynamicObject>::all_with(client.clone(), &resource("Pod", "pods"));
-    let node_api = Api::<DynamicObject>::all_with(client, &resource("Node", "nodes"));
+    let node_api = Api::<DynamicObject>::all_with(client.clone(), &resource("Node", "nodes"));
+    let svc_api = Api::<DynamicObject>::all_with(client.clone(), &resource("Service", "services"));
+    let slice_api = Api::<DynamicObject>::all_with(client, &endpointslices());
     let watches = [
         (ns_api, watcher::Config::default(), Kind::Namespaces),
         (pod_api.clone(), watcher::Config::default().fields(&format!("spec.nodeName={node}")), Kind::LocalPods),
         (pod_api, watcher::Config::default().fields(&format!("spec.nodeName!={node}")), Kind::RemotePods),
         (node_api, watcher::Config::default(), Kind::Nodes),
+        (svc_api, watcher::Config::default(), Kind::Services),
+        // Only slices managed for Services (not mirrored or custom ones without a Service).
+        (slice_api, watcher::Config::default().labels("kubernetes.io/service-name"), Kind::EndpointSlices),
     ];
     let mut tasks = Vec::new();
     for (api, cfg, kind) in watches {

@@ -2,7 +2,11 @@
 //! [`NodeState`]. Objects arrive as free-form JSON (kube's `DynamicObject`) and are trimmed here at
 //! once: managed fields, specs and statuses the agent does not use are never stored. An object
 //! missing what the agent needs is rejected with the reason (logged and skipped by the caller).
-use std::{collections::HashMap, net::Ipv4Addr, path::Path};
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
 
 use serde_json::Value;
 
@@ -134,6 +138,104 @@ impl Node {
             .next();
         Ok(Node { name, address })
     }
+}
+
+/// A Service, trimmed: its ClusterIP and TCP ports (name → port).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// `namespace/name`.
+    pub key: String,
+    /// `None` for headless Services (nothing to balance).
+    pub cluster_ip: Option<Ipv4Addr>,
+    pub ports: Vec<(String, u16)>,
+}
+
+/// An EndpointSlice, trimmed: its Service, TCP ports (name → target port) and ready IPv4
+/// addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSlice {
+    /// `namespace/<service name>`, from the `kubernetes.io/service-name` label.
+    pub service: String,
+    pub ports: Vec<(String, u16)>,
+    pub ready: Vec<Ipv4Addr>,
+}
+
+fn tcp_ports(v: Option<&Value>, what: &str) -> Result<Vec<(String, u16)>, String> {
+    let mut out = Vec::new();
+    for p in v.and_then(Value::as_array).into_iter().flatten() {
+        if p.get("protocol").and_then(Value::as_str).is_some_and(|proto| proto != "TCP") {
+            continue;
+        }
+        let port = p.get("port").and_then(Value::as_u64).filter(|n| (1..=65535).contains(n));
+        let Some(port) = port else { return Err(format!("{what}: port {} is not a port number", p["port"])) };
+        out.push((p.get("name").and_then(Value::as_str).unwrap_or("").to_string(), port as u16));
+    }
+    Ok(out)
+}
+
+impl Service {
+    pub fn from_json(v: &Value) -> Result<Service, String> {
+        let name = name_of(v)?;
+        let ns = str_at(v, &["metadata", "namespace"]).ok_or("metadata.namespace missing")?;
+        let cluster_ip = match str_at(v, &["spec", "clusterIP"]) {
+            None | Some("" | "None") => None,
+            Some(ip) => Some(ip.parse().map_err(|_| format!("spec.clusterIP {ip:?} is not an IPv4 address"))?),
+        };
+        Ok(Service {
+            key: format!("{ns}/{name}"),
+            cluster_ip,
+            ports: tcp_ports(v.pointer("/spec/ports"), "spec.ports")?,
+        })
+    }
+}
+
+impl EndpointSlice {
+    pub fn from_json(v: &Value) -> Result<EndpointSlice, String> {
+        name_of(v)?;
+        let ns = str_at(v, &["metadata", "namespace"]).ok_or("metadata.namespace missing")?;
+        let svc = str_at(v, &["metadata", "labels", "kubernetes.io/service-name"])
+            .ok_or("label kubernetes.io/service-name missing")?;
+        if v.get("addressType").and_then(Value::as_str).is_some_and(|t| t != "IPv4") {
+            return Ok(EndpointSlice { service: format!("{ns}/{svc}"), ports: vec![], ready: vec![] });
+        }
+        let mut ready = Vec::new();
+        for e in v.get("endpoints").and_then(Value::as_array).into_iter().flatten() {
+            // Ready unless it says otherwise (the API's own default).
+            if e.pointer("/conditions/ready").and_then(Value::as_bool) == Some(false) {
+                continue;
+            }
+            for a in e.get("addresses").and_then(Value::as_array).into_iter().flatten() {
+                let s = a.as_str().unwrap_or("");
+                ready.push(s.parse().map_err(|_| format!("endpoint address {s:?} is not an IPv4 address"))?);
+            }
+        }
+        Ok(EndpointSlice { service: format!("{ns}/{svc}"), ports: tcp_ports(v.get("ports"), "ports")?, ready })
+    }
+}
+
+/// Service virtual addresses → ready endpoints, matching Service and slice ports by name.
+pub fn service_table<'a>(
+    services: impl Iterator<Item = &'a Service>,
+    slices: &[&EndpointSlice],
+) -> std::collections::BTreeMap<SocketAddrV4, Vec<SocketAddrV4>> {
+    let mut out = std::collections::BTreeMap::new();
+    for s in services {
+        let Some(ip) = s.cluster_ip else { continue };
+        for (port_name, port) in &s.ports {
+            let mut eps: Vec<SocketAddrV4> = slices
+                .iter()
+                .filter(|sl| sl.service == s.key)
+                .flat_map(|sl| {
+                    let target = sl.ports.iter().find(|(n, _)| n == port_name).map(|(_, p)| *p);
+                    sl.ready.iter().filter_map(move |a| Some(SocketAddrV4::new(*a, target?)))
+                })
+                .collect();
+            eps.sort();
+            eps.dedup();
+            out.insert(SocketAddrV4::new(ip, *port), eps);
+        }
+    }
+    out
 }
 
 /// Everything the watches know, as the agent's state. Local pods get their cgroup from their
@@ -296,5 +398,40 @@ mod tests {
         assert!(!s.pods.contains_key("shop/f"), "a remote pod without an IP is not routable");
         assert!(w("shop/g").meshed && w("shop/g").ip.is_unspecified(), "a local pod is meshed before its IP is known");
         assert_eq!(s.nodes["n2"].address, Ipv4Addr::new(192, 168, 77, 2));
+    }
+
+    #[test]
+    fn services_balance_over_ready_endpoints_matched_by_port_name() {
+        let svc = Service::from_json(&json!({"metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [
+                {"name": "http", "port": 80, "targetPort": 8080},
+                {"name": "dns", "port": 53, "protocol": "UDP"}]}}))
+        .unwrap();
+        assert_eq!(svc.ports, vec![("http".to_string(), 80)], "UDP ports are not proxied");
+        let slice = |eps: Value| {
+            EndpointSlice::from_json(&json!({"metadata": {"name": "web-abc", "namespace": "shop",
+                "labels": {"kubernetes.io/service-name": "web"}}, "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": eps}))
+        };
+        let a = slice(json!([{"addresses": ["10.244.1.5"], "conditions": {"ready": true}},
+                             {"addresses": ["10.244.1.6"], "conditions": {"ready": false}}]))
+        .unwrap();
+        let b = slice(json!([{"addresses": ["10.244.2.7"]}])).unwrap();
+        let t = service_table([&svc].into_iter(), &[&a, &b]);
+        let vip: SocketAddrV4 = "10.96.0.10:80".parse().unwrap();
+        assert_eq!(
+            t[&vip],
+            vec!["10.244.1.5:8080".parse().unwrap(), "10.244.2.7:8080".parse::<SocketAddrV4>().unwrap()]
+        );
+        let headless = Service::from_json(&json!({"metadata": {"name": "h", "namespace": "shop"},
+            "spec": {"clusterIP": "None", "ports": [{"port": 80}]}}))
+        .unwrap();
+        assert!(service_table([&headless].into_iter(), &[]).is_empty());
+        assert!(slice(json!([{"addresses": ["nope"]}])).unwrap_err().contains("nope"));
+        assert!(
+            Service::from_json(&json!({"metadata": {"name": "x", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.11", "ports": [{"port": 70000}]}}))
+            .is_err()
+        );
     }
 }

@@ -50,7 +50,10 @@ pub struct ConnRecord {
     pub destination_identity: Option<String>,
     /// `namespace/name` of the source pod, from its cgroup.
     pub source_pod: Option<String>,
+    /// What the application connected to (a Service's ClusterIP:port, or a pod).
     pub original_dst: SocketAddrV4,
+    /// For a Service: the endpoint chosen.
+    pub endpoint: Option<SocketAddrV4>,
     /// `namespace/name` of the destination pod, if it is one of this node's.
     pub destination_pod: Option<String>,
     pub started_unix_ms: u64,
@@ -71,6 +74,7 @@ impl Default for ConnRecord {
             destination_identity: None,
             source_pod: None,
             original_dst: SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
+            endpoint: None,
             destination_pod: None,
             started_unix_ms: 0,
             duration_ms: None,

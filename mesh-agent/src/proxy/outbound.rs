@@ -8,6 +8,10 @@
 //!   proxy, which authorizes (`mutual_tls`);
 //! * anything else: plain TCP from the proxy (`plaintext`).
 //!
+//! A destination that is a Service's virtual address (ClusterIP:port) is first replaced by one
+//! of its ready endpoints (round robin), then routed as above: meshed pods reach Services
+//! without kube-proxy.
+//!
 //! Bytes are copied both ways until both sides finish, each half-close propagated on its own.
 use std::{
     net::SocketAddr,
@@ -47,6 +51,8 @@ pub struct Outbound {
     /// unreachable rather than silently reached in plaintext).
     pub pool: Option<Arc<Pool>>,
     pub hbone_port: u16,
+    /// Round-robin position over Service endpoints.
+    pub next_endpoint: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +65,8 @@ pub enum OutboundError {
     ConnectTimeout { dst: SocketAddr, timeout: Duration },
     #[error("connecting to {dst} failed: {source}")]
     Connect { dst: SocketAddr, source: std::io::Error },
+    #[error("service {0} has no ready endpoint")]
+    NoEndpoints(std::net::SocketAddrV4),
 }
 
 impl OutboundError {
@@ -67,6 +75,7 @@ impl OutboundError {
             OutboundError::NoOriginalDst(_) => "no_original_dst",
             OutboundError::Lookup(_) => "lookup_failed",
             OutboundError::ConnectTimeout { .. } => "connect_timeout",
+            OutboundError::NoEndpoints(_) => "no_endpoints",
             OutboundError::Connect { .. } => "connect_failed",
         }
     }
@@ -187,6 +196,23 @@ impl Outbound {
             Ok(None) => return self.reject(client, OutboundError::NoOriginalDst(peer)),
             Err(e) => return self.reject(client, OutboundError::Lookup(e)),
         };
+        let mut orig = orig;
+        let service = {
+            let idx = self.pods.borrow();
+            match idx.services.get(&orig.dst) {
+                None => None,
+                Some(eps) if eps.is_empty() => {
+                    drop(idx);
+                    return self.reject(client, OutboundError::NoEndpoints(orig.dst));
+                }
+                Some(eps) => {
+                    let n = self.next_endpoint.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let vip = orig.dst;
+                    orig.dst = eps[n % eps.len()];
+                    Some(vip)
+                }
+            }
+        };
         let (route, source_pod, destination_pod) = self.route(&orig);
         self.metrics.routes.get_or_create(&RouteLabels { route: route.label() }).inc();
         let source_identity = match &route {
@@ -197,7 +223,8 @@ impl Outbound {
             client: peer,
             source_pod,
             source_identity,
-            original_dst: orig.dst,
+            original_dst: service.unwrap_or(orig.dst),
+            endpoint: service.map(|_| orig.dst),
             destination_pod,
             ..Default::default()
         });
@@ -386,6 +413,7 @@ mod tests {
             trust_domain: "cluster.local".into(),
             pool: None,
             hbone_port: 15008,
+            next_endpoint: Default::default(),
         });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
