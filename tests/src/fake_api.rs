@@ -1,6 +1,7 @@
 //! A small fake Kubernetes API server for end-to-end tests: LIST and WATCH over HTTP/1.1 on
 //! loopback (inside a node's network namespace), for Namespaces, Pods, Nodes, Services and
-//! EndpointSlices, with resourceVersions, field and label selectors, bookmarks and `410 Gone`,
+//! EndpointSlices, with resourceVersions, field and label selectors, paginated lists, bookmarks
+//! and `410 Gone`,
 //! driven by the test (apply, delete, compact, stop, start, raw malformed objects).
 //!
 //! Plain threads and hand-written HTTP: the agent's real `kube::Client` is what is under test,
@@ -295,11 +296,20 @@ fn serve_conn(shared: &Shared, s: TcpStream) -> Result<()> {
             if watch { "watch" } else { "list" }
         ));
         if !watch {
+            // Paginated as the real API server does when the client sends `limit` (kube-rs asks
+            // for pages of 500): `continue` is the offset of the next page.
             let st = shared.store.lock().unwrap();
-            let items: Vec<Value> =
-                st.objects.get(*plural).into_iter().flat_map(|m| m.values()).filter(|o| matches(o)).cloned().collect();
-            let body = json!({"kind": format!("{kind}List"), "apiVersion": "v1",
-                "metadata": {"resourceVersion": st.rv.to_string()}, "items": items});
+            let limit: usize =
+                req.query.get("limit").and_then(|v| v.parse().ok()).filter(|n| *n > 0).unwrap_or(usize::MAX);
+            let offset: usize = req.query.get("continue").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let all: Vec<&Value> =
+                st.objects.get(*plural).into_iter().flat_map(|m| m.values()).filter(|o| matches(o)).collect();
+            let page: Vec<Value> = all.iter().skip(offset).take(limit).map(|o| (*o).clone()).collect();
+            let mut meta = json!({"resourceVersion": st.rv.to_string()});
+            if offset.saturating_add(limit) < all.len() {
+                meta["continue"] = json!((offset + limit).to_string());
+            }
+            let body = json!({"kind": format!("{kind}List"), "apiVersion": "v1", "metadata": meta, "items": page});
             drop(st);
             respond(&mut w, 200, &body)?;
             continue;
