@@ -213,7 +213,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         trust_domain: config.trust_domain.clone(),
         pool,
         hbone_port: config.hbone_listen.port(),
-        next_endpoint: Default::default(),
+        balancer: Default::default(),
     });
     let inbound_task = match (&mtls, hbone_listener) {
         (Some(m), Some(listener)) => {

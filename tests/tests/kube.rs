@@ -275,7 +275,57 @@ fn a_service_cluster_ip_is_balanced_over_its_ready_endpoints_by_the_proxy() -> R
         conns["recent"].as_array().unwrap().iter().filter(|c| c["original_dst"] == "10.96.0.10:80").collect();
     assert_eq!(recent.len(), 10, "{conns}");
     let to = |pod: &str| recent.iter().filter(|c| c["destination_pod"] == pod).count();
-    assert_eq!((to("shop/server"), to("shop/server2")), (5, 5), "round robin over the ready endpoints: {conns}");
-    assert!(recent.iter().all(|c| c["error"].is_null()), "{conns}");
+    assert_eq!(to("shop/server") + to("shop/server2"), 10, "only ready endpoints: {conns}");
+    assert!(recent.iter().all(|c| c["error"].is_null() && c["retries"] == 0), "{conns}");
+    Ok(())
+}
+
+#[test]
+fn connects_to_dead_service_endpoints_are_retried_on_live_ones() -> Result<()> {
+    if !privileged("kube_service_retries") {
+        return Ok(());
+    }
+    let mut s = setup(66, true)?;
+    // Three ready endpoints; two of them have nothing listening (their process died): a
+    // connect there is refused.
+    let mut dead = Vec::new();
+    for name in ["dead1", "dead2"] {
+        let u = uid(name);
+        let p = s.node.add_pod_at(name, "shop", None, &format!("kubepods/burstable/pod{u}"))?;
+        s.api.apply("pods", pod_json(&p, &u, "node", false));
+        dead.push(p);
+    }
+    s.api.apply(
+        "services",
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": "shop"},
+               "spec": {"clusterIP": "10.96.0.20", "ports": [{"name": "tcp-echo", "port": 80}]}}),
+    );
+    let addrs: Vec<String> = [&s.server, &dead[0], &dead[1]].iter().map(|p| p.ip.to_string()).collect();
+    s.api.apply(
+        "endpointslices",
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+               "metadata": {"name": "echo-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "echo"}},
+               "addressType": "IPv4", "ports": [{"name": "tcp-echo", "port": 8080}],
+               "endpoints": addrs.iter().map(|a| json!({"addresses": [a]})).collect::<Vec<_>>()}),
+    );
+    // Published together with the pods (one debounce window).
+    wait_meshed(&s.node, "dead2", true, Duration::from_secs(5))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let r = s.client.workload(&["client", "--connect", "10.96.0.20:80", "--count", "30"], T)?;
+    assert_eq!(r["ok"], 30, "every connection reaches the live endpoint: {r}");
+    eventually(Duration::from_secs(3), "all recorded", || {
+        let conns = s.node.admin_json("/debug/connections").ok()?;
+        let n = conns["recent"].as_array()?.iter().filter(|c| c["original_dst"] == "10.96.0.20:80").count();
+        (n == 30).then_some(conns)
+    })
+    .map(|conns| {
+        let recent: Vec<&Value> =
+            conns["recent"].as_array().unwrap().iter().filter(|c| c["original_dst"] == "10.96.0.20:80").collect();
+        assert!(recent.iter().all(|c| c["destination_pod"] == "shop/server" && c["error"].is_null()), "{conns}");
+        let retries: u64 = recent.iter().map(|c| c["retries"].as_u64().unwrap_or(0)).sum();
+        assert!(retries >= 1, "dead endpoints were tried and retried: {conns}");
+        assert!(recent.iter().all(|c| c["retries"].as_u64().unwrap_or(0) <= 2), "bounded: {conns}");
+    })?;
+    assert!(s.node.agent_log().contains("retrying on another endpoint"));
     Ok(())
 }

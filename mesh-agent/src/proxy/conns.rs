@@ -54,6 +54,8 @@ pub struct ConnRecord {
     pub original_dst: SocketAddrV4,
     /// For a Service: the endpoint chosen.
     pub endpoint: Option<SocketAddrV4>,
+    /// Failed connects retried on another endpoint before this one.
+    pub retries: u32,
     /// `namespace/name` of the destination pod, if it is one of this node's.
     pub destination_pod: Option<String>,
     pub started_unix_ms: u64,
@@ -75,6 +77,7 @@ impl Default for ConnRecord {
             source_pod: None,
             original_dst: SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
             endpoint: None,
+            retries: 0,
             destination_pod: None,
             started_unix_ms: 0,
             duration_ms: None,
@@ -112,6 +115,15 @@ impl Connections {
         rec.started_unix_ms = unix_ms(SystemTime::now());
         self.lock().active.insert(id, rec);
         id
+    }
+
+    /// Records a retry on another endpoint of the Service.
+    pub fn set_endpoint(&self, id: u64, endpoint: SocketAddrV4, destination_pod: Option<String>, retries: u32) {
+        if let Some(rec) = self.lock().active.get_mut(&id) {
+            rec.endpoint = Some(endpoint);
+            rec.destination_pod = destination_pod;
+            rec.retries = retries;
+        }
     }
 
     /// Records how the connection is protected once the route is chosen.

@@ -9,8 +9,11 @@
 //! * anything else: plain TCP from the proxy (`plaintext`).
 //!
 //! A destination that is a Service's virtual address (ClusterIP:port) is first replaced by one
-//! of its ready endpoints (round robin), then routed as above: meshed pods reach Services
-//! without kube-proxy.
+//! of its ready endpoints (`balance`: power of two choices over peak-EWMA connect latency and
+//! connections in flight), then routed as above: meshed pods reach Services without
+//! kube-proxy. A failed direct connect to an endpoint (refused, unreachable, timed out) is
+//! retried on another endpoint, up to [`MAX_CONNECT_ATTEMPTS`] in all, with jittered
+//! exponential backoff.
 //!
 //! Bytes are copied both ways until both sides finish, each half-close propagated on its own.
 use std::{
@@ -33,6 +36,7 @@ use crate::{
     identity::Identity,
     metrics::{DirectionLabels, ProxyMetrics, RouteLabels},
     proxy::{
+        balance::{self, Balancer},
         conns::{ConnRecord, Connections, Security},
         pool::Pool,
     },
@@ -51,8 +55,17 @@ pub struct Outbound {
     /// unreachable rather than silently reached in plaintext).
     pub pool: Option<Arc<Pool>>,
     pub hbone_port: u16,
-    /// Round-robin position over Service endpoints.
-    pub next_endpoint: std::sync::atomic::AtomicUsize,
+    /// Service endpoint choice (shared by all connections).
+    pub balancer: Arc<Balancer>,
+}
+
+/// Connect attempts for a connection to a Service, first one included.
+pub const MAX_CONNECT_ATTEMPTS: u32 = 3;
+
+/// The other endpoints a failed connect may be retried on.
+struct ServiceTarget {
+    vip: std::net::SocketAddrV4,
+    endpoints: Vec<std::net::SocketAddrV4>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -201,16 +214,17 @@ impl Outbound {
             let idx = self.pods.borrow();
             match idx.services.get(&orig.dst) {
                 None => None,
-                Some(eps) if eps.is_empty() => {
-                    drop(idx);
-                    return self.reject(client, OutboundError::NoEndpoints(orig.dst));
-                }
-                Some(eps) => {
-                    let n = self.next_endpoint.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let vip = orig.dst;
-                    orig.dst = eps[n % eps.len()];
-                    Some(vip)
-                }
+                Some(eps) => match self.balancer.pick(eps, &[]) {
+                    None => {
+                        drop(idx);
+                        return self.reject(client, OutboundError::NoEndpoints(orig.dst));
+                    }
+                    Some(ep) => {
+                        let target = ServiceTarget { vip: orig.dst, endpoints: eps.clone() };
+                        orig.dst = ep;
+                        Some(target)
+                    }
+                },
             }
         };
         let (route, source_pod, destination_pod) = self.route(&orig);
@@ -223,14 +237,14 @@ impl Outbound {
             client: peer,
             source_pod,
             source_identity,
-            original_dst: service.unwrap_or(orig.dst),
-            endpoint: service.map(|_| orig.dst),
+            original_dst: service.as_ref().map_or(orig.dst, |s| s.vip),
+            endpoint: service.as_ref().map(|_| orig.dst),
             destination_pod,
             ..Default::default()
         });
         self.metrics.active.inc();
         let started = Instant::now();
-        let (sent, received, error) = match self.forward(id, client, orig, route).await {
+        let (sent, received, error) = match self.forward(id, client, orig, route, service).await {
             Ok((s, r)) => (s, r, None),
             Err((s, r, e)) => (s, r, Some(e)),
         };
@@ -263,6 +277,7 @@ impl Outbound {
         client: TcpStream,
         orig: Original,
         route: Route,
+        service: Option<ServiceTarget>,
     ) -> Result<(u64, u64), (u64, u64, String)> {
         let dst = SocketAddr::V4(orig.dst);
         match route {
@@ -296,17 +311,9 @@ impl Outbound {
                     _ => (Security::Plaintext, None),
                 };
                 self.conns.set_security(id, security, dst_id);
-                let upstream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(source)) => {
-                        let e = OutboundError::Connect { dst, source };
-                        self.metrics.error(e.reason());
-                        reset(client);
-                        return Err((0, 0, e.to_string()));
-                    }
-                    Err(_) => {
-                        let e = OutboundError::ConnectTimeout { dst, timeout: self.connect_timeout };
-                        self.metrics.error(e.reason());
+                let (upstream, _in_flight) = match self.connect_direct(id, orig, service).await {
+                    Ok(u) => u,
+                    Err(e) => {
                         reset(client);
                         return Err((0, 0, e.to_string()));
                     }
@@ -314,6 +321,59 @@ impl Outbound {
                 let _ = upstream.set_nodelay(true);
                 self.copy(client, upstream).await
             }
+        }
+    }
+
+    /// Connects to `orig.dst`; for a Service, a failed connect is retried on other endpoints
+    /// whose route is also a direct connect (jittered backoff, at most
+    /// [`MAX_CONNECT_ATTEMPTS`]). The returned guard counts the connection as in flight.
+    async fn connect_direct(
+        &self,
+        id: u64,
+        orig: Original,
+        service: Option<ServiceTarget>,
+    ) -> Result<(TcpStream, Option<balance::InFlight>), OutboundError> {
+        let mut ep = orig.dst;
+        let mut tried = Vec::new();
+        loop {
+            let dst = SocketAddr::V4(ep);
+            let guard = service.as_ref().map(|_| self.balancer.start(ep));
+            let started = Instant::now();
+            let err = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst)).await {
+                Ok(Ok(s)) => {
+                    if service.is_some() {
+                        self.balancer.connected(ep, started.elapsed());
+                    }
+                    return Ok((s, guard));
+                }
+                Ok(Err(source)) => OutboundError::Connect { dst, source },
+                Err(_) => OutboundError::ConnectTimeout { dst, timeout: self.connect_timeout },
+            };
+            self.metrics.error(err.reason());
+            let Some(svc) = &service else { return Err(err) };
+            self.balancer.failed(ep);
+            tried.push(ep);
+            let attempt = tried.len() as u32;
+            // Another endpoint reached the same way (not through a tunnel), if any is left.
+            let next = (attempt < MAX_CONNECT_ATTEMPTS)
+                .then(|| {
+                    let mut excluded = tried.clone();
+                    loop {
+                        let c = self.balancer.pick(&svc.endpoints, &excluded)?;
+                        let (route, _, dst_pod) = self.route(&Original { dst: c, ..orig });
+                        if matches!(route, Route::Local { .. } | Route::Passthrough) {
+                            return Some((c, dst_pod));
+                        }
+                        excluded.push(c);
+                    }
+                })
+                .flatten();
+            let Some((c, dst_pod)) = next else { return Err(err) };
+            warn!(service = %svc.vip, failed = %ep, retry = %c, attempt, error = %err, "endpoint connect failed; retrying on another endpoint");
+            self.metrics.error("endpoint_retry");
+            tokio::time::sleep(balance::backoff(attempt)).await;
+            self.conns.set_endpoint(id, c, dst_pod, attempt);
+            ep = c;
         }
     }
 
@@ -413,7 +473,7 @@ mod tests {
             trust_domain: "cluster.local".into(),
             pool: None,
             hbone_port: 15008,
-            next_endpoint: Default::default(),
+            balancer: Default::default(),
         });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
