@@ -91,10 +91,11 @@ impl Balancer {
     fn with(&self, ep: SocketAddrV4, f: impl FnOnce(&mut Stats, Instant)) {
         let now = Instant::now();
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        if stats.len() >= MAX_TRACKED && !stats.contains_key(&ep) {
-            if let Some(oldest) = stats.iter().min_by_key(|(_, s)| s.updated).map(|(k, _)| *k) {
-                stats.remove(&oldest);
-            }
+        if stats.len() >= MAX_TRACKED
+            && !stats.contains_key(&ep)
+            && let Some(oldest) = stats.iter().min_by_key(|(_, s)| s.updated).map(|(k, _)| *k)
+        {
+            stats.remove(&oldest);
         }
         f(stats.entry(ep).or_insert_with(|| Stats::new(now)), now);
     }
