@@ -85,6 +85,8 @@ impl Admin {
                 }
             }
             "/debug/pods" => json(&self.pods.borrow().pods),
+            // Service virtual addresses and the ready endpoints the proxy balances over.
+            "/debug/services" => json(&self.pods.borrow().services),
             "/debug/connections" => json(&self.conns.snapshot()),
             "/debug/certs" => json(&self.certs.as_ref().map(|c| c.status()).unwrap_or_default()),
             "/debug/pool" => json(&self.pool.as_ref().map(|p| p.snapshot()).unwrap_or_default()),
@@ -106,7 +108,7 @@ impl Admin {
                 StatusCode::OK,
                 "text/plain",
                 format!(
-                    "switchyard mesh-agent on node {}\n\n/metrics\n/healthz\n/readyz\n/debug/pods\n/debug/connections\n/debug/datapath\n/debug/certs\n/debug/pool\n",
+                    "switchyard mesh-agent on node {}\n\n/metrics\n/healthz\n/readyz\n/debug/pods\n/debug/services\n/debug/connections\n/debug/datapath\n/debug/certs\n/debug/pool\n",
                     self.node_name
                 ),
             ),

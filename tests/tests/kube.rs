@@ -72,6 +72,15 @@ fn setup(subnet: u8, meshed: bool) -> Result<Setup> {
     Ok(Setup { node, api, client, server, _echo: echo })
 }
 
+/// Waits until the agent balances `vip` over `n` endpoints.
+fn wait_service(node: &Node, vip: &str, n: usize) -> Result<()> {
+    eventually(Duration::from_secs(5), &format!("service {vip} with {n} endpoints"), || {
+        let services = node.admin_json("/debug/services").ok()?;
+        (services[vip].as_array()?.len() == n).then_some(())
+    })
+    .map_err(|e| anyhow::anyhow!("{e}: {:?}", node.admin_json("/debug/services")))
+}
+
 fn redirected(node: &Node, pod: &str) -> Option<bool> {
     let pods = node.admin_json("/debug/pods").ok()?;
     pods.as_array()?.iter().find(|p| p["key"] == format!("shop/{pod}")).map(|p| p["redirected"] == true)
@@ -265,6 +274,7 @@ fn a_service_cluster_ip_is_balanced_over_its_ready_endpoints_by_the_proxy() -> R
                    {"addresses": ["10.244.65.99"], "conditions": {"ready": false}}]}),
     );
     wait_meshed(&s.node, "server2", true, Duration::from_secs(5))?;
+    wait_service(&s.node, "10.96.0.10:80", 2)?;
     // No kube-proxy here: the ClusterIP exists only in the agent's table.
     let before = s.node.proxied_total()?;
     let r = s.client.workload(&["client", "--connect", "10.96.0.10:80", "--count", "10"], T)?;
@@ -308,9 +318,8 @@ fn connects_to_dead_service_endpoints_are_retried_on_live_ones() -> Result<()> {
                "addressType": "IPv4", "ports": [{"name": "tcp-echo", "port": 8080}],
                "endpoints": addrs.iter().map(|a| json!({"addresses": [a]})).collect::<Vec<_>>()}),
     );
-    // Published together with the pods (one debounce window).
     wait_meshed(&s.node, "dead2", true, Duration::from_secs(5))?;
-    std::thread::sleep(Duration::from_millis(300));
+    wait_service(&s.node, "10.96.0.20:80", 3)?;
     let r = s.client.workload(&["client", "--connect", "10.96.0.20:80", "--count", "30"], T)?;
     assert_eq!(r["ok"], 30, "every connection reaches the live endpoint: {r}");
     eventually(Duration::from_secs(3), "all recorded", || {
