@@ -214,6 +214,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         pool,
         hbone_port: config.hbone_listen.port(),
         balancer: Default::default(),
+        open_per_service: Default::default(),
     });
     let inbound_task = match (&mtls, hbone_listener) {
         (Some(m), Some(listener)) => {

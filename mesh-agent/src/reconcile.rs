@@ -42,7 +42,7 @@ pub struct PodIndex {
     pub pods: Vec<PodStatus>,
     pub nodes: BTreeMap<String, NodeInfo>,
     pub authz: Vec<Rule>,
-    pub services: BTreeMap<std::net::SocketAddrV4, Vec<std::net::SocketAddrV4>>,
+    pub services: BTreeMap<std::net::SocketAddrV4, crate::state::ServiceEntry>,
     by_cgroup: HashMap<u64, usize>,
     by_ip: HashMap<Ipv4Addr, usize>,
 }

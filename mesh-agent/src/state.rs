@@ -85,7 +85,23 @@ pub struct NodeState {
     pub authz: Vec<Rule>,
     /// Service virtual addresses (ClusterIP:port) → ready endpoints (pod IP:target port),
     /// balanced over by the proxy (no kube-proxy needed for meshed pods).
-    pub services: BTreeMap<SocketAddrV4, Vec<SocketAddrV4>>,
+    pub services: BTreeMap<SocketAddrV4, ServiceEntry>,
+}
+
+/// Annotation on a Service: connections open at once through the mesh to it, node-wide per
+/// agent; past it new connections are reset at once (fail fast) instead of queueing.
+pub const MAX_CONNECTIONS_ANNOTATION: &str = "switchyard.io/max-connections";
+
+/// One Service port as the proxy serves it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceEntry {
+    /// `namespace/name`.
+    pub service: String,
+    /// Ready endpoints (pod IP:target port).
+    pub endpoints: Vec<SocketAddrV4>,
+    /// From [`MAX_CONNECTIONS_ANNOTATION`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
 }
 
 impl NodeState {

@@ -76,7 +76,7 @@ fn setup(subnet: u8, meshed: bool) -> Result<Setup> {
 fn wait_service(node: &Node, vip: &str, n: usize) -> Result<()> {
     eventually(Duration::from_secs(5), &format!("service {vip} with {n} endpoints"), || {
         let services = node.admin_json("/debug/services").ok()?;
-        (services[vip].as_array()?.len() == n).then_some(())
+        (services[vip]["endpoints"].as_array()?.len() == n).then_some(())
     })
     .map_err(|e| anyhow::anyhow!("{e}: {:?}", node.admin_json("/debug/services")))
 }
@@ -336,5 +336,61 @@ fn connects_to_dead_service_endpoints_are_retried_on_live_ones() -> Result<()> {
         assert!(recent.iter().all(|c| c["retries"].as_u64().unwrap_or(0) <= 2), "bounded: {conns}");
     })?;
     assert!(s.node.agent_log().contains("retrying on another endpoint"));
+    Ok(())
+}
+
+#[test]
+fn past_a_services_connection_limit_new_connections_fail_fast_and_bad_limits_keep_the_old_one() -> Result<()> {
+    if !privileged("kube_service_limit") {
+        return Ok(());
+    }
+    let s = setup(67, true)?;
+    let service = |limit: &str| {
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "echo", "namespace": "shop", "annotations": {"switchyard.io/max-connections": limit}},
+               "spec": {"clusterIP": "10.96.0.30", "ports": [{"name": "tcp-echo", "port": 80}]}})
+    };
+    s.api.apply("services", service("2"));
+    s.api.apply(
+        "endpointslices",
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+               "metadata": {"name": "echo-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "echo"}},
+               "addressType": "IPv4", "ports": [{"name": "tcp-echo", "port": 8080}],
+               "endpoints": [{"addresses": [s.server.ip.to_string()]}]}),
+    );
+    wait_meshed(&s.node, "client", true, Duration::from_secs(5))?;
+    wait_service(&s.node, "10.96.0.30:80", 1)?;
+    // A bad value is rejected with the reason; the limit of 2 stays.
+    s.api.apply("services", service("lots"));
+    eventually(Duration::from_secs(3), "bad limit logged", || {
+        s.node.agent_log().contains("is not a positive number of connections").then_some(())
+    })?;
+    assert_eq!(s.node.admin_json("/debug/services")?["10.96.0.30:80"]["max_connections"], 2);
+
+    // Two connections held open: the limit.
+    let mut hold = s.client.command(sim::bin_path("sim-workload")?);
+    hold.args(["hold", "--connect", "10.96.0.30:80", "--count", "2", "--seconds", "20"]);
+    hold.stdout(std::process::Stdio::piped());
+    let mut holder = hold.spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut line)?;
+    assert!(line.contains("\"held\":2"), "{line}");
+    eventually(Duration::from_secs(3), "two connections open through the proxy", || {
+        let c = s.node.admin_json("/debug/connections").ok()?;
+        (c["active"].as_array()?.iter().filter(|a| a["original_dst"] == "10.96.0.30:80").count() == 2).then_some(())
+    })?;
+    // The third fails at once with a reset, not a wait.
+    let r = s.client.workload(&["client", "--connect", "10.96.0.30:80"], T)?;
+    assert_eq!((r["ok"].as_u64(), r["failed"].as_u64()), (Some(0), Some(1)), "{r}");
+    assert!(r["errors"].to_string().contains("reset"), "{r}");
+    assert!(r["elapsed_ms"].as_u64().unwrap_or(u64::MAX) < 2_000, "fail fast: {r}");
+    assert!(s.node.agent_log().contains("at its limit of 2 open connections"));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    // Slots are given back when connections close.
+    eventually(Duration::from_secs(5), "a slot is free again", || {
+        let r = s.client.workload(&["client", "--connect", "10.96.0.30:80"], T).ok()?;
+        (r["ok"] == 1).then_some(())
+    })?;
     Ok(())
 }

@@ -148,6 +148,7 @@ pub struct Service {
     /// `None` for headless Services (nothing to balance).
     pub cluster_ip: Option<Ipv4Addr>,
     pub ports: Vec<(String, u16)>,
+    pub max_connections: Option<u32>,
 }
 
 /// An EndpointSlice, trimmed: its Service, TCP ports (name → target port) and ready IPv4
@@ -181,10 +182,24 @@ impl Service {
             None | Some("" | "None") => None,
             Some(ip) => Some(ip.parse().map_err(|_| format!("spec.clusterIP {ip:?} is not an IPv4 address"))?),
         };
+        // A bad value rejects the whole update: the previous version of the Service stays.
+        let max_connections = match annotation(v, crate::state::MAX_CONNECTIONS_ANNOTATION) {
+            None => None,
+            Some(s) => match s.trim().parse::<u32>() {
+                Ok(n) if n > 0 => Some(n),
+                _ => {
+                    return Err(format!(
+                        "{}: {s:?} is not a positive number of connections",
+                        crate::state::MAX_CONNECTIONS_ANNOTATION
+                    ));
+                }
+            },
+        };
         Ok(Service {
             key: format!("{ns}/{name}"),
             cluster_ip,
             ports: tcp_ports(v.pointer("/spec/ports"), "spec.ports")?,
+            max_connections,
         })
     }
 }
@@ -217,7 +232,7 @@ impl EndpointSlice {
 pub fn service_table<'a>(
     services: impl Iterator<Item = &'a Service>,
     slices: &[&EndpointSlice],
-) -> std::collections::BTreeMap<SocketAddrV4, Vec<SocketAddrV4>> {
+) -> std::collections::BTreeMap<SocketAddrV4, crate::state::ServiceEntry> {
     let mut out = std::collections::BTreeMap::new();
     for s in services {
         let Some(ip) = s.cluster_ip else { continue };
@@ -232,7 +247,12 @@ pub fn service_table<'a>(
                 .collect();
             eps.sort();
             eps.dedup();
-            out.insert(SocketAddrV4::new(ip, *port), eps);
+            let entry = crate::state::ServiceEntry {
+                service: s.key.clone(),
+                endpoints: eps,
+                max_connections: s.max_connections,
+            };
+            out.insert(SocketAddrV4::new(ip, *port), entry);
         }
     }
     out
@@ -420,9 +440,18 @@ mod tests {
         let t = service_table([&svc].into_iter(), &[&a, &b]);
         let vip: SocketAddrV4 = "10.96.0.10:80".parse().unwrap();
         assert_eq!(
-            t[&vip],
+            t[&vip].endpoints,
             vec!["10.244.1.5:8080".parse().unwrap(), "10.244.2.7:8080".parse::<SocketAddrV4>().unwrap()]
         );
+        assert_eq!(t[&vip].service, "shop/web");
+        let limited = |v: &str| {
+            Service::from_json(&json!({"metadata": {"name": "l", "namespace": "shop",
+                "annotations": {"switchyard.io/max-connections": v}}, "spec": {"clusterIP": "10.96.0.12"}}))
+        };
+        assert_eq!(limited("2").unwrap().max_connections, Some(2));
+        for bad in ["0", "-1", "lots"] {
+            assert!(limited(bad).unwrap_err().contains("max-connections"), "{bad}");
+        }
         let headless = Service::from_json(&json!({"metadata": {"name": "h", "namespace": "shop"},
             "spec": {"clusterIP": "None", "ports": [{"port": 80}]}}))
         .unwrap();

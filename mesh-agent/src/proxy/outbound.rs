@@ -57,6 +57,26 @@ pub struct Outbound {
     pub hbone_port: u16,
     /// Service endpoint choice (shared by all connections).
     pub balancer: Arc<Balancer>,
+    /// Connections open per Service virtual address, for `switchyard.io/max-connections`.
+    pub open_per_service: Arc<std::sync::Mutex<std::collections::HashMap<std::net::SocketAddrV4, u32>>>,
+}
+
+/// Holds one of a Service's connection slots until dropped.
+struct ServiceSlot {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::SocketAddrV4, u32>>>,
+    vip: std::net::SocketAddrV4,
+}
+
+impl Drop for ServiceSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.vip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.vip);
+            }
+        }
+    }
 }
 
 /// Connect attempts for a connection to a Service, first one included.
@@ -80,6 +100,10 @@ pub enum OutboundError {
     Connect { dst: SocketAddr, source: std::io::Error },
     #[error("service {0} has no ready endpoint")]
     NoEndpoints(std::net::SocketAddrV4),
+    #[error(
+        "service {service} ({vip}) is at its limit of {limit} open connections (switchyard.io/max-connections); reset at once"
+    )]
+    ConnectionLimit { service: String, vip: std::net::SocketAddrV4, limit: u32 },
 }
 
 impl OutboundError {
@@ -89,6 +113,7 @@ impl OutboundError {
             OutboundError::Lookup(_) => "lookup_failed",
             OutboundError::ConnectTimeout { .. } => "connect_timeout",
             OutboundError::NoEndpoints(_) => "no_endpoints",
+            OutboundError::ConnectionLimit { .. } => "connection_limit",
             OutboundError::Connect { .. } => "connect_failed",
         }
     }
@@ -210,21 +235,37 @@ impl Outbound {
             Err(e) => return self.reject(client, OutboundError::Lookup(e)),
         };
         let mut orig = orig;
+        let mut _slot = None;
         let service = {
             let idx = self.pods.borrow();
             match idx.services.get(&orig.dst) {
                 None => None,
-                Some(eps) => match self.balancer.pick(eps, &[]) {
-                    None => {
-                        drop(idx);
-                        return self.reject(client, OutboundError::NoEndpoints(orig.dst));
+                Some(entry) => {
+                    if let Some(limit) = entry.max_connections {
+                        let mut open = self.open_per_service.lock().unwrap_or_else(|p| p.into_inner());
+                        let n = open.entry(orig.dst).or_insert(0);
+                        if *n >= limit {
+                            let e =
+                                OutboundError::ConnectionLimit { service: entry.service.clone(), vip: orig.dst, limit };
+                            drop(open);
+                            drop(idx);
+                            return self.reject(client, e);
+                        }
+                        *n += 1;
+                        _slot = Some(ServiceSlot { open: self.open_per_service.clone(), vip: orig.dst });
                     }
-                    Some(ep) => {
-                        let target = ServiceTarget { vip: orig.dst, endpoints: eps.clone() };
-                        orig.dst = ep;
-                        Some(target)
+                    match self.balancer.pick(&entry.endpoints, &[]) {
+                        None => {
+                            drop(idx);
+                            return self.reject(client, OutboundError::NoEndpoints(orig.dst));
+                        }
+                        Some(ep) => {
+                            let target = ServiceTarget { vip: orig.dst, endpoints: entry.endpoints.clone() };
+                            orig.dst = ep;
+                            Some(target)
+                        }
                     }
-                },
+                }
             }
         };
         let (route, source_pod, destination_pod) = self.route(&orig);
@@ -474,6 +515,7 @@ mod tests {
             pool: None,
             hbone_port: 15008,
             balancer: Default::default(),
+            open_per_service: Default::default(),
         });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
