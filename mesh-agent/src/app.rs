@@ -209,6 +209,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         metrics: proxy_metrics,
         conns: conns.clone(),
         connect_timeout: config.connect_timeout,
+        idle_timeout: config.tcp_idle_timeout,
         copy_buffer: config.copy_buffer,
         trust_domain: config.trust_domain.clone(),
         pool,

@@ -28,6 +28,8 @@ pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(5);
 pub const DEFAULT_COPY_BUFFER: usize = 16 * 1024;
 /// Same-node acceleration (sockmap + sk_msg): off until the benchmark shows it wins (bench/RESULTS.md).
 pub const DEFAULT_SOCKMAP_ACCELERATION: bool = false;
+/// Idle proxied TCP connections are closed after this (Istio's default).
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// HBONE port, as Istio ambient (interop).
 pub const DEFAULT_HBONE_PORT: u16 = 15008;
 /// Workload certificate lifetime: a day, renewed at half-life, as Istio does.
@@ -85,6 +87,8 @@ pub struct FileConfig {
     pub copy_buffer_bytes: Option<usize>,
     /// Same-node acceleration with sockmap + sk_msg.
     pub sockmap_acceleration: Option<bool>,
+    /// Close proxied TCP connections idle this long, seconds (0: never).
+    pub tcp_idle_timeout_secs: Option<u64>,
     /// Kubernetes mode (watch the API server instead of reading a workload file).
     pub kubernetes: Option<bool>,
     /// kubeconfig file for Kubernetes mode (default: in-cluster, then `$KUBECONFIG`).
@@ -173,6 +177,10 @@ pub struct RunArgs {
     /// start; if the kernel refuses it the agent runs without it.
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     pub sockmap_acceleration: Option<bool>,
+    /// Close a proxied TCP connection after this many seconds without a byte either way
+    /// (default 3600, as Istio; 0: never).
+    #[arg(long)]
+    pub tcp_idle_timeout_secs: Option<u64>,
     /// Kubernetes mode: watch Namespaces, Pods and Nodes on the API server. Chosen by itself when
     /// running in a cluster (KUBERNETES_SERVICE_HOST set) without --workloads.
     #[arg(long)]
@@ -216,6 +224,7 @@ pub struct Config {
     pub pool_max_streams: usize,
     pub pool_idle: Duration,
     pub sockmap_acceleration: bool,
+    pub tcp_idle_timeout: Option<Duration>,
     /// Kubernetes mode, with an explicit kubeconfig or `None` for in-cluster/`$KUBECONFIG`.
     pub kubernetes: Option<Option<PathBuf>>,
     pub pod_cgroup_root: PathBuf,
@@ -350,6 +359,11 @@ impl Config {
                 .unwrap_or(DEFAULT_SOCKMAP_ACCELERATION),
             kubernetes,
             pod_cgroup_root,
+            tcp_idle_timeout: match args.tcp_idle_timeout_secs.or(file.tcp_idle_timeout_secs) {
+                Some(0) => None,
+                Some(s) => Some(Duration::from_secs(s)),
+                None => Some(DEFAULT_TCP_IDLE_TIMEOUT),
+            },
         })
     }
 }

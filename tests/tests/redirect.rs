@@ -332,3 +332,33 @@ fn a_full_map_means_not_redirected_and_counted_never_a_failed_connect() -> Resul
     assert_eq!(events(&s.node)?["redirected"], 5);
     Ok(())
 }
+
+#[test]
+fn idle_proxied_connections_are_closed_after_the_idle_timeout() -> Result<()> {
+    if !privileged("idle_timeout") {
+        return Ok(());
+    }
+    let s = setup_with(20, &["--tcp-idle-timeout-secs", "1"])?;
+    // One connection opened and left silent.
+    let mut hold = s.client.command(sim::bin_path("sim-workload")?);
+    hold.args(["hold", "--connect", &server_addr(&s), "--count", "1", "--seconds", "15"]);
+    hold.stdout(std::process::Stdio::piped());
+    let mut holder = hold.spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut line)?;
+    assert!(line.contains("\"held\":1"), "{line}");
+    let closed = eventually(Duration::from_secs(6), "the idle connection closed by the proxy", || {
+        let c = s.node.admin_json("/debug/connections").ok()?;
+        let rec = c["recent"].as_array()?.iter().find(|r| r["original_dst"] == server_addr(&s))?.clone();
+        (c["active"].as_array()?.is_empty()).then_some(rec)
+    });
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let rec = closed?;
+    assert!(rec["error"].as_str().is_some_and(|e| e.contains("idle timeout")), "{rec}");
+    // New connections are unaffected (that activity keeps a connection open is unit-tested in
+    // mesh-agent's proxy::idle).
+    let r = client_run(&s.client, &server_addr(&s), &["--bytes", "1000"])?;
+    assert_eq!(r["ok"], 1, "{r}");
+    Ok(())
+}

@@ -4,6 +4,7 @@
 //! connections for the admin API and the access log; `balance` picks Service endpoints.
 pub mod balance;
 pub mod conns;
+pub mod idle;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;

@@ -49,6 +49,8 @@ pub struct Outbound {
     pub metrics: ProxyMetrics,
     pub conns: Arc<Connections>,
     pub connect_timeout: Duration,
+    /// Close a proxied connection after this long without a byte either way (`None`: never).
+    pub idle_timeout: Option<Duration>,
     pub copy_buffer: usize,
     pub trust_domain: String,
     /// HBONE client; `None` when no CA is configured (then other nodes' meshed pods are
@@ -424,12 +426,15 @@ impl Outbound {
         mut upstream: U,
     ) -> Result<(u64, u64), (u64, u64, String)> {
         let _ = client.set_nodelay(true);
-        match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, self.copy_buffer, self.copy_buffer)
-            .await
-        {
+        match super::idle::copy_bidirectional(&mut client, &mut upstream, self.copy_buffer, self.idle_timeout).await {
             Ok((s, r)) => {
                 let _ = client.shutdown().await;
                 Ok((s, r))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                self.metrics.error("idle_timeout");
+                debug!(error = %e, "outbound connection closed for idleness");
+                Err((0, 0, format!("idle timeout: {e}")))
             }
             Err(e) => {
                 self.metrics.error("io");
@@ -510,6 +515,7 @@ mod tests {
             metrics: metrics.clone(),
             conns: conns.clone(),
             connect_timeout: Duration::from_secs(2),
+            idle_timeout: None,
             copy_buffer: 16 * 1024,
             trust_domain: "cluster.local".into(),
             pool: None,
