@@ -126,6 +126,7 @@ fn daemonset_is_least_privilege_on_every_node_and_never_short_of_agents() -> Res
     let agent_yaml = cm["data"]["agent.yaml"].as_str().unwrap();
     let file: mesh_agent::config::FileConfig = serde_yaml_ng::from_str(agent_yaml).context("agent.yaml")?;
     assert_eq!(file.kubernetes, Some(true));
+    assert_eq!(file.tcp_idle_timeout_secs, Some(3600));
     Ok(())
 }
 
