@@ -187,56 +187,17 @@ impl Stores {
             Change::Reset(kind, objs) => {
                 self.synced.insert(kind);
                 match kind {
-                    Kind::Namespaces => {
-                        self.namespaces = objs
-                            .into_iter()
-                            .filter_map(|(k, o)| if let Obj::Namespace(n) = o { Some((k, n)) } else { None })
-                            .collect()
-                    }
-                    Kind::LocalPods | Kind::RemotePods => {
-                        let pods = objs
-                            .into_iter()
-                            .filter_map(|(k, o)| if let Obj::Pod(p) = o { Some((k, p)) } else { None })
-                            .collect();
-                        *self.pods_mut(kind) = pods;
-                    }
-                    Kind::Nodes => {
-                        self.nodes = objs
-                            .into_iter()
-                            .filter_map(|(k, o)| if let Obj::Node(n) = o { Some((k, n)) } else { None })
-                            .collect()
-                    }
-                    Kind::Services => {
-                        self.services = objs
-                            .into_iter()
-                            .filter_map(|(k, o)| if let Obj::Service(s) = o { Some((k, s)) } else { None })
-                            .collect()
-                    }
-                    Kind::EndpointSlices => {
-                        self.slices = objs
-                            .into_iter()
-                            .filter_map(|(k, o)| if let Obj::Slice(s) = o { Some((k, s)) } else { None })
-                            .collect()
-                    }
+                    Kind::Namespaces => self.namespaces.clear(),
+                    Kind::LocalPods | Kind::RemotePods => self.pods_mut(kind).clear(),
+                    Kind::Nodes => self.nodes.clear(),
+                    Kind::Services => self.services.clear(),
+                    Kind::EndpointSlices => self.slices.clear(),
+                }
+                for (k, o) in objs {
+                    self.insert(kind, k, o);
                 }
             }
-            Change::Apply(kind, k, o) => match o {
-                Obj::Namespace(n) => {
-                    self.namespaces.insert(k, n);
-                }
-                Obj::Pod(p) => {
-                    self.pods_mut(kind).insert(k, p);
-                }
-                Obj::Node(n) => {
-                    self.nodes.insert(k, n);
-                }
-                Obj::Service(s) => {
-                    self.services.insert(k, s);
-                }
-                Obj::Slice(s) => {
-                    self.slices.insert(k, s);
-                }
-            },
+            Change::Apply(kind, k, o) => self.insert(kind, k, o),
             Change::Delete(kind, k) => {
                 match kind {
                     Kind::Namespaces => self.namespaces.remove(&k).map(drop),
@@ -249,16 +210,36 @@ impl Stores {
         }
     }
 
+    fn insert(&mut self, kind: Kind, k: String, o: Obj) {
+        match o {
+            Obj::Namespace(n) => {
+                self.namespaces.insert(k, n);
+            }
+            Obj::Pod(p) => {
+                self.pods_mut(kind).insert(k, p);
+            }
+            Obj::Node(n) => {
+                self.nodes.insert(k, n);
+            }
+            Obj::Service(s) => {
+                self.services.insert(k, s);
+            }
+            Obj::Slice(s) => {
+                self.slices.insert(k, s);
+            }
+        }
+    }
+
     fn pods_mut(&mut self, kind: Kind) -> &mut HashMap<String, Pod> {
         if kind == Kind::LocalPods { &mut self.local_pods } else { &mut self.remote_pods }
     }
 
     fn state(&self, node: &str, pod_root: &std::path::Path) -> NodeState {
-        // Local pods from the node-scoped watch win over a stale copy from the other one.
-        let mut pods = self.remote_pods.clone();
-        pods.retain(|_, p| p.node.as_deref() != Some(node));
-        pods.extend(self.local_pods.iter().map(|(k, p)| (k.clone(), p.clone())));
-        let mut state = objects::node_state(node, &self.namespaces, &pods, &self.nodes, pod_root);
+        // Local pods from the node-scoped watch win over a stale copy from the other one (they
+        // come last, so they replace it). Nothing is cloned but what the state keeps.
+        let pods =
+            self.remote_pods.values().filter(|p| p.node.as_deref() != Some(node)).chain(self.local_pods.values());
+        let mut state = objects::node_state(node, &self.namespaces, pods, &self.nodes, pod_root);
         let slices: Vec<&objects::EndpointSlice> = self.slices.values().collect();
         state.services = objects::service_table(self.services.values(), &slices);
         state

@@ -261,10 +261,10 @@ pub fn service_table<'a>(
 /// Everything the watches know, as the agent's state. Local pods get their cgroup from their
 /// UID (`pod_root`: where the kubelet's pod cgroups are); a pod whose cgroup does not exist yet
 /// has none and is picked up by a later call.
-pub fn node_state(
+pub fn node_state<'a>(
     node: &str,
     namespaces: &HashMap<String, Namespace>,
-    pods: &HashMap<String, Pod>,
+    pods: impl IntoIterator<Item = &'a Pod>,
     nodes: &HashMap<String, Node>,
     pod_root: &Path,
 ) -> NodeState {
@@ -274,7 +274,7 @@ pub fn node_state(
             out.nodes.insert(n.name.clone(), NodeInfo { name: n.name.clone(), address });
         }
     }
-    for p in pods.values() {
+    for p in pods {
         let Some(pod_node) = p.node.as_deref() else { continue };
         let local = pod_node == node;
         // A remote pod without an IP cannot be routed to; a local one is meshed by its cgroup
@@ -405,7 +405,7 @@ mod tests {
             .unwrap(),
         )]
         .into();
-        let s = node_state("n1", &namespaces, &pods, &nodes, root.path());
+        let s = node_state("n1", &namespaces, pods.values(), &nodes, root.path());
         let w = |k: &str| s.pods.get(k).unwrap_or_else(|| panic!("{k} missing"));
         assert!(w("shop/a").meshed);
         assert_eq!(w("shop/a").cgroup, Some(root.path().join("kubepods/burstable/poduid-a")));
