@@ -237,38 +237,11 @@ impl Outbound {
             Err(e) => return self.reject(client, OutboundError::Lookup(e)),
         };
         let mut orig = orig;
-        let mut _slot = None;
-        let service = {
-            let idx = self.pods.borrow();
-            match idx.services.get(&orig.dst) {
-                None => None,
-                Some(entry) => {
-                    if let Some(limit) = entry.max_connections {
-                        let mut open = self.open_per_service.lock().unwrap_or_else(|p| p.into_inner());
-                        let n = open.entry(orig.dst).or_insert(0);
-                        if *n >= limit {
-                            let e =
-                                OutboundError::ConnectionLimit { service: entry.service.clone(), vip: orig.dst, limit };
-                            drop(open);
-                            drop(idx);
-                            return self.reject(client, e);
-                        }
-                        *n += 1;
-                        _slot = Some(ServiceSlot { open: self.open_per_service.clone(), vip: orig.dst });
-                    }
-                    match self.balancer.pick(&entry.endpoints, &[]) {
-                        None => {
-                            drop(idx);
-                            return self.reject(client, OutboundError::NoEndpoints(orig.dst));
-                        }
-                        Some(ep) => {
-                            let target = ServiceTarget { vip: orig.dst, endpoints: entry.endpoints.clone() };
-                            orig.dst = ep;
-                            Some(target)
-                        }
-                    }
-                }
-            }
+        // The slot (for `switchyard.io/max-connections`) is held until the connection ends.
+        let (service, _slot) = match self.resolve_service(&mut orig) {
+            Ok(Some((target, slot))) => (Some(target), slot),
+            Ok(None) => (None, None),
+            Err(e) => return self.reject(client, e),
         };
         let (route, source_pod, destination_pod) = self.route(&orig);
         self.metrics.routes.get_or_create(&RouteLabels { route: route.label() }).inc();
@@ -365,6 +338,32 @@ impl Outbound {
                 self.copy(client, upstream).await
             }
         }
+    }
+
+    /// For a Service's virtual address: takes one of its connection slots if it has a limit,
+    /// and replaces `orig.dst` by the endpoint the balancer picks. `None`: not a Service.
+    fn resolve_service(
+        &self,
+        orig: &mut Original,
+    ) -> Result<Option<(ServiceTarget, Option<ServiceSlot>)>, OutboundError> {
+        let idx = self.pods.borrow();
+        let Some(entry) = idx.services.get(&orig.dst) else { return Ok(None) };
+        let vip = orig.dst;
+        let slot = match entry.max_connections {
+            Some(limit) => {
+                let mut open = self.open_per_service.lock().unwrap_or_else(|p| p.into_inner());
+                let n = open.entry(vip).or_insert(0);
+                if *n >= limit {
+                    return Err(OutboundError::ConnectionLimit { service: entry.service.clone(), vip, limit });
+                }
+                *n += 1;
+                Some(ServiceSlot { open: self.open_per_service.clone(), vip })
+            }
+            None => None,
+        };
+        let ep = self.balancer.pick(&entry.endpoints, &[]).ok_or(OutboundError::NoEndpoints(vip))?;
+        orig.dst = ep;
+        Ok(Some((ServiceTarget { vip, endpoints: entry.endpoints.clone() }, slot)))
     }
 
     /// Connects to `orig.dst`; for a Service, a failed connect is retried on other endpoints
