@@ -322,12 +322,12 @@ fn serve_conn(shared: &Shared, s: TcpStream) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let mut st = shared.store.lock().unwrap();
         if from != 0 && from < st.compacted_below {
+            let message = format!("too old resource version: {from} ({})", st.compacted_below);
             drop(st);
             chunk(
                 &mut w,
                 &json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
-                "status": "Failure", "reason": "Expired", "code": 410,
-                "message": format!("too old resource version: {from} ({})", shared.store.lock().unwrap().compacted_below)}}),
+                "status": "Failure", "reason": "Expired", "code": 410, "message": message}}),
             )?;
             write!(w, "0\r\n\r\n")?;
             continue;

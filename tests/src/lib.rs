@@ -220,6 +220,24 @@ impl Pod {
         serde_json::from_str(line).with_context(|| format!("sim-workload output {line:?}"))
     }
 
+    /// Opens `count` connections to `to` (`sim-workload hold`) and keeps them open, for at most
+    /// `seconds`, until the returned process is dropped. Fails unless every one was opened.
+    pub fn hold(&self, to: &str, count: usize, seconds: u64) -> Result<Server> {
+        let mut cmd = self.command(bin_path("sim-workload")?);
+        cmd.args(["hold", "--connect", to, "--count", &count.to_string(), "--seconds", &seconds.to_string()])
+            .stdout(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let holder = Server { child };
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let v: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("hold said {line:?}"))?;
+        if v["held"].as_u64() != Some(count as u64) {
+            bail!("could only open {} of {count} connections to {to}: {}", v["held"], v["error"]);
+        }
+        Ok(holder)
+    }
+
     /// Starts a long-running `sim-workload` server in the pod and waits for it to be listening.
     pub fn serve(&self, args: &[&str]) -> Result<Server> {
         let mut cmd = self.command(bin_path("sim-workload")?);

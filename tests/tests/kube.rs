@@ -368,13 +368,7 @@ fn past_a_services_connection_limit_new_connections_fail_fast_and_bad_limits_kee
     assert_eq!(s.node.admin_json("/debug/services")?["10.96.0.30:80"]["max_connections"], 2);
 
     // Two connections held open: the limit.
-    let mut hold = s.client.command(sim::bin_path("sim-workload")?);
-    hold.args(["hold", "--connect", "10.96.0.30:80", "--count", "2", "--seconds", "20"]);
-    hold.stdout(std::process::Stdio::piped());
-    let mut holder = hold.spawn()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut line)?;
-    assert!(line.contains("\"held\":2"), "{line}");
+    let holder = s.client.hold("10.96.0.30:80", 2, 20)?;
     eventually(Duration::from_secs(3), "two connections open through the proxy", || {
         let c = s.node.admin_json("/debug/connections").ok()?;
         (c["active"].as_array()?.iter().filter(|a| a["original_dst"] == "10.96.0.30:80").count() == 2).then_some(())
@@ -385,8 +379,7 @@ fn past_a_services_connection_limit_new_connections_fail_fast_and_bad_limits_kee
     assert!(r["errors"].to_string().contains("reset"), "{r}");
     assert!(r["elapsed_ms"].as_u64().unwrap_or(u64::MAX) < 2_000, "fail fast: {r}");
     assert!(s.node.agent_log().contains("at its limit of 2 open connections"));
-    let _ = holder.kill();
-    let _ = holder.wait();
+    drop(holder);
     // Slots are given back when connections close.
     eventually(Duration::from_secs(5), "a slot is free again", || {
         let r = s.client.workload(&["client", "--connect", "10.96.0.30:80"], T).ok()?;

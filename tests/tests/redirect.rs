@@ -340,20 +340,13 @@ fn idle_proxied_connections_are_closed_after_the_idle_timeout() -> Result<()> {
     }
     let s = setup_with(20, &["--tcp-idle-timeout-secs", "1"])?;
     // One connection opened and left silent.
-    let mut hold = s.client.command(sim::bin_path("sim-workload")?);
-    hold.args(["hold", "--connect", &server_addr(&s), "--count", "1", "--seconds", "15"]);
-    hold.stdout(std::process::Stdio::piped());
-    let mut holder = hold.spawn()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut line)?;
-    assert!(line.contains("\"held\":1"), "{line}");
+    let holder = s.client.hold(&server_addr(&s), 1, 15)?;
     let closed = eventually(Duration::from_secs(6), "the idle connection closed by the proxy", || {
         let c = s.node.admin_json("/debug/connections").ok()?;
         let rec = c["recent"].as_array()?.iter().find(|r| r["original_dst"] == server_addr(&s))?.clone();
         (c["active"].as_array()?.is_empty()).then_some(rec)
     });
-    let _ = holder.kill();
-    let _ = holder.wait();
+    drop(holder);
     let rec = closed?;
     assert!(rec["error"].as_str().is_some_and(|e| e.contains("idle timeout")), "{rec}");
     // New connections are unaffected (that activity keeps a connection open is unit-tested in

@@ -448,22 +448,10 @@ impl Bench {
     /// Opens `n` connections through the same-node proxy and reads node-a's agent RSS.
     fn rss_with_open_connections(&self, n: usize) -> Result<u64> {
         let to = format!("{}:8080", self.local_server.ip);
-        let count = n.to_string();
-        let mut cmd = self.mesh_client.command(sim::bin_path("sim-workload")?);
-        cmd.args(["hold", "--connect", &to, "--count", &count, "--seconds", "30"]);
-        cmd.stdout(std::process::Stdio::piped());
-        let mut child = cmd.spawn()?;
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)?;
-        let v: Value = serde_json::from_str(&line).with_context(|| format!("hold said {line:?}"))?;
-        if v["held"].as_u64() != Some(n as u64) {
-            let _ = child.kill();
-            bail!("could only open {} of {n} connections: {}", v["held"], v["error"]);
-        }
+        let holder = self.mesh_client.hold(&to, n, 30)?;
         std::thread::sleep(Duration::from_millis(500));
         let rss = rss_kib(self.c.nodes[0].agent_pid().context("agent")?)?;
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(holder);
         Ok(rss)
     }
 }
