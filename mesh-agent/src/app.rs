@@ -214,8 +214,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         trust_domain: config.trust_domain.clone(),
         pool,
         hbone_port: config.hbone_listen.port(),
-        balancer: Default::default(),
+        balancer: Arc::new(crate::proxy::balance::Balancer::new(config.outlier)),
         open_per_service: Default::default(),
+        http: Default::default(),
+        detect: crate::proxy::outbound::DetectConfig {
+            sniff_timeout: config.sniff_timeout,
+            http_ports: config.http_ports.clone(),
+            opaque_ports: config.opaque_ports.clone(),
+            retry_body_limit: config.retry_body_limit,
+        },
     });
     let inbound_task = match (&mtls, hbone_listener) {
         (Some(m), Some(listener)) => {

@@ -38,6 +38,23 @@ pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_POOL_MAX_STREAMS: usize = 100;
 /// A pooled HBONE connection with no stream for this long is closed.
 pub const DEFAULT_POOL_IDLE: Duration = Duration::from_secs(60);
+/// How long the proxy waits for a client's first bytes to tell HTTP from other TCP on a port
+/// without a protocol hint. Protocols where the server speaks first wait this long once per
+/// connection (Linkerd's detection waits 10 s).
+pub const DEFAULT_SNIFF_TIMEOUT: Duration = Duration::from_millis(100);
+/// Ports never sniffed because their protocols start with the server (SMTP, MySQL) or are
+/// known not to be HTTP: Linkerd's default opaque ports.
+pub const DEFAULT_OPAQUE_PORTS: &[u16] = &[25, 587, 3306, 4444, 4567, 4568, 5432, 6379, 9300, 11211];
+/// Outlier detection: consecutive failures (connect errors, resets, timeouts, 5xx) that eject
+/// an endpoint (Envoy's default).
+pub const DEFAULT_OUTLIER_CONSECUTIVE_FAILURES: u32 = 5;
+/// First ejection lasts this long; each further ejection of the same endpoint one more period.
+pub const DEFAULT_OUTLIER_BASE_EJECTION: Duration = Duration::from_secs(10);
+/// Never more than this share of a Service's endpoints ejected at once.
+pub const DEFAULT_OUTLIER_MAX_EJECTION_PERCENT: u32 = 50;
+/// Request bodies up to this size are kept so the request can be retried; larger ones are
+/// streamed and never retried.
+pub const DEFAULT_RETRY_BODY_LIMIT: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -96,6 +113,42 @@ pub struct FileConfig {
     /// Where the kubelet's pod cgroups are (the kubepods cgroup or a directory above it),
     /// absolute or relative to the cgroup2 mount; default: the cgroup root.
     pub pod_cgroup_root: Option<PathBuf>,
+    /// Wait this long for a client's first bytes before treating an unhinted port as TCP.
+    pub protocol_sniff_timeout_ms: Option<u64>,
+    /// Destination ports always handled as HTTP (in addition to Service port hints).
+    #[serde(default)]
+    pub http_ports: Vec<u16>,
+    /// Destination ports never sniffed (default: [`DEFAULT_OPAQUE_PORTS`]).
+    pub opaque_ports: Option<Vec<u16>>,
+    #[serde(default)]
+    pub outlier_detection: OutlierFile,
+    pub retry_body_limit_bytes: Option<usize>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierFile {
+    pub consecutive_failures: Option<u32>,
+    pub base_ejection_ms: Option<u64>,
+    pub max_ejection_percent: Option<u32>,
+}
+
+/// Per-endpoint outlier detection (circuit breaking), node-wide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outlier {
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Outlier {
+            consecutive_failures: DEFAULT_OUTLIER_CONSECUTIVE_FAILURES,
+            base_ejection: DEFAULT_OUTLIER_BASE_EJECTION,
+            max_ejection_percent: DEFAULT_OUTLIER_MAX_EJECTION_PERCENT,
+        }
+    }
 }
 
 /// The mesh CA, from files (see `mesh-agent ca init`).
@@ -191,6 +244,13 @@ pub struct RunArgs {
     /// Where the kubelet's pod cgroups are (default: the cgroup root).
     #[arg(long)]
     pub pod_cgroup_root: Option<PathBuf>,
+    /// Milliseconds to wait for a client's first bytes to detect HTTP on a port without a
+    /// protocol hint (default 100).
+    #[arg(long)]
+    pub protocol_sniff_timeout_ms: Option<u64>,
+    /// Outlier detection: first ejection of a failing endpoint, milliseconds (default 10000).
+    #[arg(long)]
+    pub outlier_base_ejection_ms: Option<u64>,
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -228,6 +288,11 @@ pub struct Config {
     /// Kubernetes mode, with an explicit kubeconfig or `None` for in-cluster/`$KUBECONFIG`.
     pub kubernetes: Option<Option<PathBuf>>,
     pub pod_cgroup_root: PathBuf,
+    pub sniff_timeout: Duration,
+    pub http_ports: Vec<u16>,
+    pub opaque_ports: Vec<u16>,
+    pub outlier: Outlier,
+    pub retry_body_limit: usize,
 }
 
 impl Config {
@@ -364,6 +429,29 @@ impl Config {
                 Some(s) => Some(Duration::from_secs(s)),
                 None => Some(DEFAULT_TCP_IDLE_TIMEOUT),
             },
+            sniff_timeout: args
+                .protocol_sniff_timeout_ms
+                .or(file.protocol_sniff_timeout_ms)
+                .map_or(DEFAULT_SNIFF_TIMEOUT, Duration::from_millis),
+            http_ports: file.http_ports,
+            opaque_ports: file.opaque_ports.unwrap_or_else(|| DEFAULT_OPAQUE_PORTS.to_vec()),
+            outlier: Outlier {
+                consecutive_failures: file
+                    .outlier_detection
+                    .consecutive_failures
+                    .unwrap_or(DEFAULT_OUTLIER_CONSECUTIVE_FAILURES)
+                    .max(1),
+                base_ejection: args
+                    .outlier_base_ejection_ms
+                    .or(file.outlier_detection.base_ejection_ms)
+                    .map_or(DEFAULT_OUTLIER_BASE_EJECTION, Duration::from_millis),
+                max_ejection_percent: file
+                    .outlier_detection
+                    .max_ejection_percent
+                    .unwrap_or(DEFAULT_OUTLIER_MAX_EJECTION_PERCENT)
+                    .min(100),
+            },
+            retry_body_limit: file.retry_body_limit_bytes.unwrap_or(DEFAULT_RETRY_BODY_LIMIT),
         })
     }
 }

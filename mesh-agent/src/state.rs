@@ -89,8 +89,157 @@ pub struct NodeState {
 }
 
 /// Annotation on a Service: connections open at once through the mesh to it, node-wide per
-/// agent; past it new connections are reset at once (fail fast) instead of queueing.
+/// agent; past it new connections are reset at once (fail fast) instead of queueing. For HTTP
+/// it bounds the requests in flight to the Service (each holds one upstream connection).
 pub const MAX_CONNECTIONS_ANNOTATION: &str = "switchyard.io/max-connections";
+/// HTTP requests that may wait for one of the `max-connections` slots (default 0: none wait;
+/// past it the request gets a 503 at once).
+pub const MAX_PENDING_ANNOTATION: &str = "switchyard.io/max-pending-requests";
+/// Per-request timeout for HTTP (`250ms`, `2s`, `1m`); default none.
+pub const TIMEOUT_ANNOTATION: &str = "switchyard.io/timeout";
+/// Retries per HTTP request (default 2; `0` turns retries off).
+pub const RETRIES_ANNOTATION: &str = "switchyard.io/retries";
+/// Status codes an idempotent request is retried on (comma separated; default `503`).
+pub const RETRY_ON_ANNOTATION: &str = "switchyard.io/retry-on";
+/// `true`: also retry non-idempotent methods (POST, PATCH, ...). Default `false`.
+pub const RETRY_NON_IDEMPOTENT_ANNOTATION: &str = "switchyard.io/retry-non-idempotent";
+/// Retry budget: retries at most this share of requests (plus a small floor), e.g. `20%`.
+pub const RETRY_BUDGET_ANNOTATION: &str = "switchyard.io/retry-budget";
+
+/// Defaults of a Service's policy.
+pub const DEFAULT_RETRIES: u32 = 2;
+pub const DEFAULT_RETRY_BUDGET_PERCENT: u32 = 20;
+
+/// What a Service port speaks, from its `appProtocol` or name (`http-*`, `grpc-*`, `tcp-*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProtocolHint {
+    /// HTTP/1 or HTTP/2: no sniff timeout, wait for the client's first bytes.
+    Http,
+    /// Opaque TCP: never sniffed.
+    Opaque,
+}
+
+impl ProtocolHint {
+    /// From a port's `appProtocol` (preferred) or its name, as Istio and Linkerd read them.
+    pub fn from_port(app_protocol: Option<&str>, name: &str) -> Option<ProtocolHint> {
+        let word = |s: &str| {
+            let s = s.to_ascii_lowercase();
+            let head = s.split(['-', '/']).next().unwrap_or("").to_string();
+            match head.as_str() {
+                "http" | "http2" | "h2c" | "grpc" | "grpc-web" => Some(ProtocolHint::Http),
+                "kubernetes.io" if s.ends_with("/h2c") => Some(ProtocolHint::Http),
+                "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "opaque" => Some(ProtocolHint::Opaque),
+                _ => None,
+            }
+        };
+        app_protocol.and_then(word).or_else(|| word(name))
+    }
+}
+
+/// A Service's traffic policy, from its annotations. Every field has a default; an invalid
+/// value rejects the whole Service update (the previous version stays).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ServicePolicy {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    pub max_pending_requests: u32,
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_ms")]
+    pub timeout: Option<std::time::Duration>,
+    pub retries: u32,
+    pub retry_on: Vec<u16>,
+    pub retry_non_idempotent: bool,
+    pub retry_budget_percent: u32,
+}
+
+mod opt_ms {
+    pub fn serialize<S: serde::Serializer>(d: &Option<std::time::Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_u64(d.as_millis() as u64),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+impl Default for ServicePolicy {
+    fn default() -> Self {
+        ServicePolicy {
+            max_connections: None,
+            max_pending_requests: 0,
+            timeout: None,
+            retries: DEFAULT_RETRIES,
+            retry_on: vec![503],
+            retry_non_idempotent: false,
+            retry_budget_percent: DEFAULT_RETRY_BUDGET_PERCENT,
+        }
+    }
+}
+
+/// `250ms`, `2s`, `1.5s`, `1m`.
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    let (num, unit) = s.find(|c: char| c.is_ascii_alphabetic()).map(|i| s.split_at(i))?;
+    let n: f64 = num.parse().ok().filter(|n: &f64| n.is_finite() && *n > 0.0)?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    std::time::Duration::try_from_secs_f64(secs).ok().filter(|d| *d >= std::time::Duration::from_millis(1))
+}
+
+impl ServicePolicy {
+    /// From a Service's annotations (other keys ignored).
+    pub fn from_annotations<'a>(
+        annotations: impl Iterator<Item = (&'a str, &'a str)>,
+    ) -> Result<ServicePolicy, String> {
+        let mut p = ServicePolicy::default();
+        for (k, v) in annotations {
+            let bad = |what: &str| format!("{k}: {v:?} is not {what}");
+            let v = v.trim();
+            match k {
+                MAX_CONNECTIONS_ANNOTATION => {
+                    p.max_connections =
+                        Some(v.parse().ok().filter(|n| *n > 0).ok_or_else(|| bad("a positive number of connections"))?)
+                }
+                MAX_PENDING_ANNOTATION => {
+                    p.max_pending_requests = v.parse().map_err(|_| bad("a number of requests (0 or more)"))?
+                }
+                TIMEOUT_ANNOTATION => {
+                    p.timeout = Some(parse_duration(v).ok_or_else(|| bad("a duration like 500ms, 2s or 1m"))?)
+                }
+                RETRIES_ANNOTATION => {
+                    p.retries = v.parse().ok().filter(|n| *n <= 10).ok_or_else(|| bad("a number of retries from 0 to 10"))?
+                }
+                RETRY_ON_ANNOTATION => {
+                    p.retry_on = v
+                        .split(',')
+                        .map(|c| c.trim().parse::<u16>().ok().filter(|c| (500..=599).contains(c)))
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| bad("a comma-separated list of 5xx status codes"))?
+                }
+                RETRY_NON_IDEMPOTENT_ANNOTATION => {
+                    p.retry_non_idempotent = match v {
+                        "true" => true,
+                        "false" => false,
+                        _ => return Err(bad("true or false")),
+                    }
+                }
+                RETRY_BUDGET_ANNOTATION => {
+                    p.retry_budget_percent = v
+                        .strip_suffix('%')
+                        .and_then(|n| n.trim().parse().ok())
+                        .filter(|n| *n <= 100)
+                        .ok_or_else(|| bad("a percentage from 0% to 100%"))?
+                }
+                _ => {}
+            }
+        }
+        Ok(p)
+    }
+}
 
 /// One Service port as the proxy serves it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -99,9 +248,10 @@ pub struct ServiceEntry {
     pub service: String,
     /// Ready endpoints (pod IP:target port).
     pub endpoints: Vec<SocketAddrV4>,
-    /// From [`MAX_CONNECTIONS_ANNOTATION`].
+    /// From the port's `appProtocol` or name.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_connections: Option<u32>,
+    pub protocol: Option<ProtocolHint>,
+    pub policy: ServicePolicy,
 }
 
 impl NodeState {
@@ -116,5 +266,60 @@ impl NodeState {
 
     pub fn by_ip(&self, ip: Ipv4Addr) -> Option<&Workload> {
         self.pods.values().find(|w| w.ip == ip)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn policy(pairs: &[(&str, &str)]) -> Result<ServicePolicy, String> {
+        ServicePolicy::from_annotations(pairs.iter().copied())
+    }
+
+    #[test]
+    fn policy_annotations_parse_and_bad_values_say_why() {
+        let p = policy(&[
+            (TIMEOUT_ANNOTATION, "1.5s"),
+            (RETRIES_ANNOTATION, "0"),
+            (RETRY_NON_IDEMPOTENT_ANNOTATION, "true"),
+            (RETRY_BUDGET_ANNOTATION, "10%"),
+            (MAX_PENDING_ANNOTATION, "4"),
+            ("unrelated/annotation", "whatever"),
+        ])
+        .unwrap();
+        assert_eq!(p.timeout, Some(Duration::from_millis(1500)));
+        assert_eq!((p.retries, p.retry_non_idempotent, p.retry_budget_percent, p.max_pending_requests), (0, true, 10, 4));
+        for (k, v) in [
+            (TIMEOUT_ANNOTATION, "0s"),
+            (TIMEOUT_ANNOTATION, "5"),
+            (TIMEOUT_ANNOTATION, "-1s"),
+            (RETRIES_ANNOTATION, "many"),
+            (RETRIES_ANNOTATION, "11"),
+            (RETRY_ON_ANNOTATION, "404"),
+            (RETRY_ON_ANNOTATION, "503,"),
+            (RETRY_NON_IDEMPOTENT_ANNOTATION, "yes"),
+            (RETRY_BUDGET_ANNOTATION, "20"),
+            (RETRY_BUDGET_ANNOTATION, "120%"),
+            (MAX_CONNECTIONS_ANNOTATION, "0"),
+            (MAX_PENDING_ANNOTATION, "-3"),
+        ] {
+            let e = policy(&[(k, v)]).unwrap_err();
+            assert!(e.starts_with(k) && e.contains(v), "{k}={v}: {e}");
+        }
+    }
+
+    #[test]
+    fn protocol_hints_from_app_protocol_then_port_name() {
+        use ProtocolHint::*;
+        assert_eq!(ProtocolHint::from_port(None, "http-web"), Some(Http));
+        assert_eq!(ProtocolHint::from_port(None, "grpc"), Some(Http));
+        assert_eq!(ProtocolHint::from_port(Some("kubernetes.io/h2c"), "x"), Some(Http));
+        assert_eq!(ProtocolHint::from_port(Some("tcp"), "http"), Some(Opaque), "appProtocol wins");
+        assert_eq!(ProtocolHint::from_port(None, "tls-db"), Some(Opaque));
+        assert_eq!(ProtocolHint::from_port(None, "web"), None);
+        assert_eq!(ProtocolHint::from_port(None, ""), None);
     }
 }

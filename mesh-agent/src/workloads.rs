@@ -24,6 +24,13 @@
 //!     ports: [5432]                 # optional
 //!     action: allow                 # or deny
 //!     from: [spiffe://cluster.local/ns/shop/sa/web]   # exact, .../ns/<ns>/*, or spiffe://<td>/*
+//! services:                         # what EndpointSlices say in Kubernetes mode
+//!   - name: web
+//!     namespace: shop
+//!     clusterIP: 10.96.0.10
+//!     annotations: { switchyard.io/timeout: 2s, switchyard.io/retries: "2" }
+//!     ports: [{name: http, port: 80, targetPort: 8080}]   # appProtocol: http|tcp optional
+//!     endpoints: [10.244.1.10, 10.244.2.10]               # ready endpoint IPs
 //! ```
 //! One file can describe the whole (simulated) cluster: each agent picks its own pods by its
 //! node name.
@@ -32,7 +39,7 @@
 //! state is kept.
 use std::{
     collections::{BTreeMap, HashSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -44,7 +51,10 @@ use tracing::{info, warn};
 
 use crate::{
     authz, cgroup,
-    state::{MESH_ANNOTATION, MTLS_MODE_ANNOTATION, MeshReason, MtlsMode, NodeInfo, NodeState, Workload},
+    state::{
+        MESH_ANNOTATION, MTLS_MODE_ANNOTATION, MeshReason, MtlsMode, NodeInfo, NodeState, ProtocolHint, ServiceEntry,
+        ServicePolicy, Workload,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +78,32 @@ struct File {
     pods: Vec<Pod>,
     #[serde(default)]
     authorization: Vec<authz::RuleSpec>,
+    #[serde(default)]
+    services: Vec<Service>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Service {
+    name: String,
+    namespace: String,
+    #[serde(rename = "clusterIP")]
+    cluster_ip: Ipv4Addr,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+    ports: Vec<ServicePort>,
+    #[serde(default)]
+    endpoints: Vec<Ipv4Addr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ServicePort {
+    #[serde(default)]
+    name: String,
+    port: u16,
+    target_port: Option<u16>,
+    app_protocol: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +190,33 @@ pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Resul
     }
     for spec in file.authorization {
         state.authz.push(spec.try_into().map_err(invalid)?);
+    }
+    for svc in file.services {
+        let key = format!("{}/{}", svc.namespace, svc.name);
+        let policy = ServicePolicy::from_annotations(svc.annotations.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(|e| invalid(format!("service {key}: {e}")))?;
+        for port in &svc.ports {
+            if port.port == 0 || port.target_port == Some(0) {
+                return Err(invalid(format!("service {key}: port 0 is not a port")));
+            }
+            let mut endpoints: Vec<SocketAddrV4> = svc
+                .endpoints
+                .iter()
+                .map(|ip| SocketAddrV4::new(*ip, port.target_port.unwrap_or(port.port)))
+                .collect();
+            endpoints.sort();
+            endpoints.dedup();
+            let entry = ServiceEntry {
+                service: key.clone(),
+                endpoints,
+                protocol: ProtocolHint::from_port(port.app_protocol.as_deref(), &port.name),
+                policy: policy.clone(),
+            };
+            let vip = SocketAddrV4::new(svc.cluster_ip, port.port);
+            if state.services.insert(vip, entry).is_some() {
+                return Err(invalid(format!("service {key}: {vip} is used by another service port")));
+            }
+        }
     }
     let mut ips = HashSet::new();
     for p in file.pods {
@@ -327,6 +390,18 @@ pods:
             ("nodes: [{name: b, address: 1.2.3.4}, {name: b, address: 1.2.3.5}]", "twice"),
             ("pods: [{name: a, namespace: a.b, ip: 10.0.0.1, cgroup: a}]", "DNS label"),
             ("pods: [{name: a, namespace: x, serviceAccount: Web, ip: 10.0.0.1, cgroup: a}]", "not a DNS subdomain"),
+            (
+                "services: [{name: s, namespace: x, clusterIP: 10.96.0.1, ports: [{port: 80}], annotations: {switchyard.io/timeout: soon}}]",
+                "switchyard.io/timeout: \"soon\" is not a duration",
+            ),
+            (
+                "services: [{name: s, namespace: x, clusterIP: 10.96.0.1, ports: [{port: 80}], annotations: {switchyard.io/retries: \"-1\"}}]",
+                "switchyard.io/retries",
+            ),
+            (
+                "services:\n - {name: s, namespace: x, clusterIP: 10.96.0.1, ports: [{port: 80}]}\n - {name: t, namespace: x, clusterIP: 10.96.0.1, ports: [{port: 80}]}",
+                "used by another service port",
+            ),
         ];
         for (text, needle) in cases {
             let e = p(text).unwrap_err().to_string();
@@ -357,6 +432,32 @@ mod examples {
 #[cfg(test)]
 mod cluster_tests {
     use super::*;
+
+    #[test]
+    fn services_carry_endpoints_protocol_hints_and_policy() {
+        let text = r#"
+services:
+  - name: web
+    namespace: shop
+    clusterIP: 10.96.0.10
+    annotations: {switchyard.io/timeout: 250ms, switchyard.io/retries: "3", switchyard.io/retry-on: "502,503", switchyard.io/max-connections: "8"}
+    ports: [{name: http, port: 80, targetPort: 8080}, {name: db, port: 5432, appProtocol: tcp}, {port: 9000}]
+    endpoints: [10.0.1.11, 10.0.1.10]
+"#;
+        let s = parse(text, Path::new("s.yaml"), "a", Path::new("/sys/fs/cgroup")).unwrap();
+        let web = &s.services[&"10.96.0.10:80".parse().unwrap()];
+        assert_eq!(web.service, "shop/web");
+        assert_eq!(web.endpoints, vec!["10.0.1.10:8080".parse().unwrap(), "10.0.1.11:8080".parse().unwrap()]);
+        assert_eq!(web.protocol, Some(ProtocolHint::Http));
+        assert_eq!(web.policy.timeout, Some(Duration::from_millis(250)));
+        assert_eq!(web.policy.retries, 3);
+        assert_eq!(web.policy.retry_on, vec![502, 503]);
+        assert_eq!(web.policy.max_connections, Some(8));
+        assert_eq!(s.services[&"10.96.0.10:5432".parse().unwrap()].protocol, Some(ProtocolHint::Opaque));
+        let other = &s.services[&"10.96.0.10:9000".parse().unwrap()];
+        assert_eq!((other.protocol, &other.policy), (None, &web.policy), "the policy is the Service's");
+        assert_eq!(other.endpoints[0].port(), 9000, "targetPort defaults to the port");
+    }
 
     #[test]
     fn one_file_describes_the_cluster_each_node_sees_its_own_pods() {

@@ -140,15 +140,15 @@ impl Node {
     }
 }
 
-/// A Service, trimmed: its ClusterIP and TCP ports (name → port).
+/// A Service, trimmed: its ClusterIP, TCP ports (name → port, protocol hint) and policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
     /// `namespace/name`.
     pub key: String,
     /// `None` for headless Services (nothing to balance).
     pub cluster_ip: Option<Ipv4Addr>,
-    pub ports: Vec<(String, u16)>,
-    pub max_connections: Option<u32>,
+    pub ports: Vec<(String, u16, Option<crate::state::ProtocolHint>)>,
+    pub policy: crate::state::ServicePolicy,
 }
 
 /// An EndpointSlice, trimmed: its Service, TCP ports (name → target port) and ready IPv4
@@ -161,7 +161,10 @@ pub struct EndpointSlice {
     pub ready: Vec<Ipv4Addr>,
 }
 
-fn tcp_ports(v: Option<&Value>, what: &str) -> Result<Vec<(String, u16)>, String> {
+fn tcp_ports(
+    v: Option<&Value>,
+    what: &str,
+) -> Result<Vec<(String, u16, Option<crate::state::ProtocolHint>)>, String> {
     let mut out = Vec::new();
     for p in v.and_then(Value::as_array).into_iter().flatten() {
         if p.get("protocol").and_then(Value::as_str).is_some_and(|proto| proto != "TCP") {
@@ -169,7 +172,9 @@ fn tcp_ports(v: Option<&Value>, what: &str) -> Result<Vec<(String, u16)>, String
         }
         let port = p.get("port").and_then(Value::as_u64).filter(|n| (1..=65535).contains(n));
         let Some(port) = port else { return Err(format!("{what}: port {} is not a port number", p["port"])) };
-        out.push((p.get("name").and_then(Value::as_str).unwrap_or("").to_string(), port as u16));
+        let name = p.get("name").and_then(Value::as_str).unwrap_or("").to_string();
+        let hint = crate::state::ProtocolHint::from_port(p.get("appProtocol").and_then(Value::as_str), &name);
+        out.push((name, port as u16, hint));
     }
     Ok(out)
 }
@@ -183,24 +188,11 @@ impl Service {
             Some(ip) => Some(ip.parse().map_err(|_| format!("spec.clusterIP {ip:?} is not an IPv4 address"))?),
         };
         // A bad value rejects the whole update: the previous version of the Service stays.
-        let max_connections = match annotation(v, crate::state::MAX_CONNECTIONS_ANNOTATION) {
-            None => None,
-            Some(s) => match s.trim().parse::<u32>() {
-                Ok(n) if n > 0 => Some(n),
-                _ => {
-                    return Err(format!(
-                        "{}: {s:?} is not a positive number of connections",
-                        crate::state::MAX_CONNECTIONS_ANNOTATION
-                    ));
-                }
-            },
-        };
-        Ok(Service {
-            key: format!("{ns}/{name}"),
-            cluster_ip,
-            ports: tcp_ports(v.pointer("/spec/ports"), "spec.ports")?,
-            max_connections,
-        })
+        let annotations = v.pointer("/metadata/annotations").and_then(Value::as_object);
+        let policy = crate::state::ServicePolicy::from_annotations(
+            annotations.into_iter().flatten().filter_map(|(k, v)| Some((k.as_str(), v.as_str()?))),
+        )?;
+        Ok(Service { key: format!("{ns}/{name}"), cluster_ip, ports: tcp_ports(v.pointer("/spec/ports"), "spec.ports")?, policy })
     }
 }
 
@@ -224,7 +216,8 @@ impl EndpointSlice {
                 ready.push(s.parse().map_err(|_| format!("endpoint address {s:?} is not an IPv4 address"))?);
             }
         }
-        Ok(EndpointSlice { service: format!("{ns}/{svc}"), ports: tcp_ports(v.get("ports"), "ports")?, ready })
+        let ports = tcp_ports(v.get("ports"), "ports")?.into_iter().map(|(n, p, _)| (n, p)).collect();
+        Ok(EndpointSlice { service: format!("{ns}/{svc}"), ports, ready })
     }
 }
 
@@ -236,7 +229,7 @@ pub fn service_table<'a>(
     let mut out = std::collections::BTreeMap::new();
     for s in services {
         let Some(ip) = s.cluster_ip else { continue };
-        for (port_name, port) in &s.ports {
+        for (port_name, port, hint) in &s.ports {
             let mut eps: Vec<SocketAddrV4> = slices
                 .iter()
                 .filter(|sl| sl.service == s.key)
@@ -250,7 +243,8 @@ pub fn service_table<'a>(
             let entry = crate::state::ServiceEntry {
                 service: s.key.clone(),
                 endpoints: eps,
-                max_connections: s.max_connections,
+                protocol: *hint,
+                policy: s.policy.clone(),
             };
             out.insert(SocketAddrV4::new(ip, *port), entry);
         }
@@ -427,7 +421,11 @@ mod tests {
                 {"name": "http", "port": 80, "targetPort": 8080},
                 {"name": "dns", "port": 53, "protocol": "UDP"}]}}))
         .unwrap();
-        assert_eq!(svc.ports, vec![("http".to_string(), 80)], "UDP ports are not proxied");
+        assert_eq!(
+            svc.ports,
+            vec![("http".to_string(), 80, Some(crate::state::ProtocolHint::Http))],
+            "UDP ports are not proxied"
+        );
         let slice = |eps: Value| {
             EndpointSlice::from_json(&json!({"metadata": {"name": "web-abc", "namespace": "shop",
                 "labels": {"kubernetes.io/service-name": "web"}}, "addressType": "IPv4",
@@ -448,7 +446,7 @@ mod tests {
             Service::from_json(&json!({"metadata": {"name": "l", "namespace": "shop",
                 "annotations": {"switchyard.io/max-connections": v}}, "spec": {"clusterIP": "10.96.0.12"}}))
         };
-        assert_eq!(limited("2").unwrap().max_connections, Some(2));
+        assert_eq!(limited("2").unwrap().policy.max_connections, Some(2));
         for bad in ["0", "-1", "lots"] {
             assert!(limited(bad).unwrap_err().contains("max-connections"), "{bad}");
         }

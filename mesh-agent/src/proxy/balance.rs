@@ -1,7 +1,14 @@
 //! Endpoint choice for Services: power of two choices over a peak-EWMA latency estimate times
 //! the connections in flight (Finagle's and Linkerd's balancer, at L4: the latency is the
 //! connect time). A failed connect counts as a slow one, so a dead endpoint stops being picked
-//! at once and is tried again as the penalty decays.
+//! at once and is tried again as the penalty decays. For HTTP the latency is the time to the
+//! response headers.
+//!
+//! Outlier detection (circuit breaking) lives here too: an endpoint with
+//! `consecutive_failures` failures in a row (connect errors, resets, timeouts, 5xx) is ejected
+//! for `base_ejection` × the number of times it has been ejected, unless that would eject more
+//! than `max_ejection_percent` of its Service's endpoints. An ejected endpoint is not picked
+//! while any other is left; when its time is up it gets traffic again.
 use std::{
     collections::HashMap,
     net::SocketAddrV4,
@@ -24,11 +31,27 @@ struct Stats {
     ewma_ns: f64,
     updated: Instant,
     in_flight: u32,
+    consecutive_failures: u32,
+    /// Ejected (not picked while others are left) until then.
+    ejected_until: Option<Instant>,
+    /// Times ejected (grows the next ejection; decays as the endpoint stays healthy).
+    ejections: u32,
 }
 
 impl Stats {
     fn new(now: Instant) -> Self {
-        Stats { ewma_ns: DEFAULT_RTT.as_nanos() as f64, updated: now, in_flight: 0 }
+        Stats {
+            ewma_ns: DEFAULT_RTT.as_nanos() as f64,
+            updated: now,
+            in_flight: 0,
+            consecutive_failures: 0,
+            ejected_until: None,
+            ejections: 0,
+        }
+    }
+
+    fn ejected(&self, now: Instant) -> bool {
+        self.ejected_until.is_some_and(|t| t > now)
     }
 
     /// The estimate decayed to `now`.
@@ -54,6 +77,22 @@ impl Stats {
 #[derive(Default)]
 pub struct Balancer {
     stats: Mutex<HashMap<SocketAddrV4, Stats>>,
+    outlier: crate::config::Outlier,
+    /// Ejections so far (for the telemetry issue's metrics).
+    pub ejections_total: std::sync::atomic::AtomicU64,
+}
+
+/// One endpoint as `/debug/services` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EndpointView {
+    pub endpoint: SocketAddrV4,
+    pub latency_ms: f64,
+    pub in_flight: u32,
+    pub consecutive_failures: u32,
+    /// Milliseconds of ejection left (absent: not ejected).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ejected_for_ms: Option<u64>,
+    pub ejections: u32,
 }
 
 /// Counts a connection in flight to an endpoint until dropped.
@@ -71,21 +110,52 @@ impl Drop for InFlight {
 }
 
 impl Balancer {
-    /// Picks among `endpoints` minus `exclude`: the cheaper of two distinct random candidates.
+    pub fn new(outlier: crate::config::Outlier) -> Self {
+        Balancer { outlier, ..Default::default() }
+    }
+
+    /// Picks among `endpoints` minus `exclude`, ejected endpoints only if nothing else is
+    /// left: the cheaper of two distinct random candidates.
     pub fn pick(&self, endpoints: &[SocketAddrV4], exclude: &[SocketAddrV4]) -> Option<SocketAddrV4> {
-        let candidates: Vec<SocketAddrV4> = endpoints.iter().copied().filter(|e| !exclude.contains(e)).collect();
+        let now = Instant::now();
+        let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let open: Vec<SocketAddrV4> = endpoints.iter().copied().filter(|e| !exclude.contains(e)).collect();
+        let healthy: Vec<SocketAddrV4> =
+            open.iter().copied().filter(|e| !stats.get(e).is_some_and(|s| s.ejected(now))).collect();
+        let candidates = if healthy.is_empty() { open } else { healthy };
         match candidates.len() {
             0 => None,
             1 => Some(candidates[0]),
             n => {
                 let a = fastrand::usize(..n);
                 let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-                let now = Instant::now();
-                let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
                 let cost = |e: &SocketAddrV4| stats.get(e).map_or(Stats::new(now).cost(now), |s| s.cost(now));
                 Some(if cost(&candidates[b]) < cost(&candidates[a]) { candidates[b] } else { candidates[a] })
             }
         }
+    }
+
+    /// The endpoints of one Service as the balancer sees them.
+    pub fn view(&self, endpoints: &[SocketAddrV4]) -> Vec<EndpointView> {
+        let now = Instant::now();
+        let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        endpoints
+            .iter()
+            .map(|e| {
+                let s = stats.get(e).copied().unwrap_or_else(|| Stats::new(now));
+                EndpointView {
+                    endpoint: *e,
+                    latency_ms: s.decayed(now) / 1e6,
+                    in_flight: s.in_flight,
+                    consecutive_failures: s.consecutive_failures,
+                    ejected_for_ms: s
+                        .ejected_until
+                        .filter(|t| *t > now)
+                        .map(|t| t.duration_since(now).as_millis() as u64),
+                    ejections: s.ejections,
+                }
+            })
+            .collect()
     }
 
     fn with(&self, ep: SocketAddrV4, f: impl FnOnce(&mut Stats, Instant)) {
@@ -106,12 +176,51 @@ impl Balancer {
         InFlight { balancer: self.clone(), ep }
     }
 
+    /// A success (connected, or a response that is not a failure) after `took`.
     pub fn connected(&self, ep: SocketAddrV4, took: Duration) {
-        self.with(ep, |s, now| s.observe(took.as_nanos() as f64, now));
+        let base = self.outlier.base_ejection;
+        self.with(ep, |s, now| {
+            s.observe(took.as_nanos() as f64, now);
+            s.consecutive_failures = 0;
+            // Healthy for a while after its last ejection: the next one starts shorter again.
+            if s.ejections > 0 && s.ejected_until.is_some_and(|t| now > t + base) {
+                s.ejections -= 1;
+                s.ejected_until = Some(now);
+            }
+        });
     }
 
-    pub fn failed(&self, ep: SocketAddrV4) {
-        self.with(ep, |s, now| s.observe(FAILURE_PENALTY.as_nanos() as f64, now));
+    /// A failure of `ep`, one of `endpoints` (its Service's). Returns true when this failure
+    /// ejected it.
+    pub fn failed(&self, ep: SocketAddrV4, endpoints: &[SocketAddrV4]) -> bool {
+        let now = Instant::now();
+        let o = self.outlier;
+        let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let ejected_now = endpoints.iter().filter(|e| **e != ep && stats.get(e).is_some_and(|s| s.ejected(now))).count();
+        // At most this many of the Service's endpoints out at once; never the last one.
+        let allowed = if endpoints.len() < 2 {
+            0
+        } else {
+            (endpoints.len() * o.max_ejection_percent as usize / 100).clamp(1, endpoints.len() - 1)
+        };
+        drop(stats);
+        let mut ejected = false;
+        self.with(ep, |s, now| {
+            s.observe(FAILURE_PENALTY.as_nanos() as f64, now);
+            s.consecutive_failures += 1;
+            if s.consecutive_failures >= o.consecutive_failures && !s.ejected(now) && ejected_now < allowed {
+                s.ejections = (s.ejections + 1).min(30);
+                s.ejected_until = Some(now + o.base_ejection * s.ejections);
+                s.consecutive_failures = 0;
+                ejected = true;
+            }
+        });
+        if ejected {
+            self.ejections_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let until = self.view(&[ep])[0].ejected_for_ms.unwrap_or(0);
+            tracing::warn!(endpoint = %ep, ejected_for_ms = until, "endpoint ejected after consecutive failures");
+        }
+        ejected
     }
 }
 
@@ -134,7 +243,7 @@ mod tests {
     fn a_failed_endpoint_is_avoided_and_fast_ones_preferred() {
         let b = Arc::new(Balancer::default());
         let eps = [ep(1), ep(2), ep(3)];
-        b.failed(ep(2));
+        b.failed(ep(2), &eps);
         b.connected(ep(1), Duration::from_micros(200));
         b.connected(ep(3), Duration::from_micros(300));
         for _ in 0..200 {
@@ -156,6 +265,46 @@ mod tests {
         drop(_busy);
         let picks: Vec<_> = (0..200).map(|_| b.pick(&eps, &[]).unwrap()).collect();
         assert!(picks.contains(&ep(1)) && picks.contains(&ep(2)), "equal endpoints both get picked");
+    }
+
+    #[test]
+    fn consecutive_failures_eject_for_a_growing_period_within_the_share() {
+        let o = crate::config::Outlier {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_millis(100),
+            max_ejection_percent: 50,
+        };
+        let b = Arc::new(Balancer::new(o));
+        let eps = [ep(1), ep(2), ep(3), ep(4)];
+        assert!(!b.failed(ep(1), &eps) && !b.failed(ep(1), &eps));
+        b.connected(ep(1), Duration::from_micros(100));
+        assert!(!b.failed(ep(1), &eps) && !b.failed(ep(1), &eps), "a success resets the count");
+        assert!(b.failed(ep(1), &eps), "third in a row ejects");
+        for _ in 0..100 {
+            assert_ne!(b.pick(&eps, &[]), Some(ep(1)));
+        }
+        assert_eq!(b.pick(&eps, &[ep(2), ep(3), ep(4)]), Some(ep(1)), "used when nothing else is left");
+        // 50 % of 4: a second endpoint may go, a third may not.
+        for _ in 0..3 {
+            b.failed(ep(2), &eps);
+        }
+        for _ in 0..10 {
+            assert!(!b.failed(ep(3), &eps), "never more than the share");
+        }
+        let v = b.view(&eps);
+        assert!(v[0].ejected_for_ms.is_some() && v[1].ejected_for_ms.is_some() && v[2].ejected_for_ms.is_none());
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(b.view(&eps)[0].ejected_for_ms.is_none(), "back after its period");
+        for _ in 0..3 {
+            b.failed(ep(1), &eps);
+        }
+        let second = b.view(&eps)[0].ejected_for_ms.unwrap();
+        assert!(second > 100, "the second ejection is longer: {second} ms");
+        assert_eq!(b.ejections_total.load(std::sync::atomic::Ordering::Relaxed), 3);
+        let single = [ep(9)];
+        for _ in 0..10 {
+            assert!(!b.failed(ep(9), &single), "a Service's only endpoint is never ejected");
+        }
     }
 
     #[test]

@@ -14,6 +14,10 @@ use serde::Serialize;
 
 pub const RECENT: usize = 1024;
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// Which listener took the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -54,8 +58,15 @@ pub struct ConnRecord {
     pub original_dst: SocketAddrV4,
     /// For a Service: the endpoint chosen.
     pub endpoint: Option<SocketAddrV4>,
-    /// Failed connects retried on another endpoint before this one.
+    /// Failed connects retried on another endpoint before this one (for HTTP: retries of the
+    /// latest request).
     pub retries: u32,
+    /// `http1`, `http2` or `tcp`, once detected (outbound connections to Services).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<&'static str>,
+    /// HTTP requests served on this connection.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub requests: u64,
     /// `namespace/name` of the destination pod, if it is one of this node's.
     pub destination_pod: Option<String>,
     pub started_unix_ms: u64,
@@ -78,6 +89,8 @@ impl Default for ConnRecord {
             original_dst: SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
             endpoint: None,
             retries: 0,
+            protocol: None,
+            requests: 0,
             destination_pod: None,
             started_unix_ms: 0,
             duration_ms: None,
@@ -123,6 +136,12 @@ impl Connections {
             rec.endpoint = Some(endpoint);
             rec.destination_pod = destination_pod;
             rec.retries = retries;
+        }
+    }
+
+    pub fn set_requests(&self, id: u64, requests: u64) {
+        if let Some(rec) = self.lock().active.get_mut(&id) {
+            rec.requests = requests;
         }
     }
 

@@ -38,6 +38,8 @@ use crate::{
     proxy::{
         balance::{self, Balancer},
         conns::{ConnRecord, Connections, Security},
+        detect::{self, Hint, Protocol},
+        http,
         pool::Pool,
     },
     reconcile::PodIndex,
@@ -61,6 +63,29 @@ pub struct Outbound {
     pub balancer: Arc<Balancer>,
     /// Connections open per Service virtual address, for `switchyard.io/max-connections`.
     pub open_per_service: Arc<std::sync::Mutex<std::collections::HashMap<std::net::SocketAddrV4, u32>>>,
+    /// HTTP to Services: limits, budgets, counters.
+    pub http: http::Http,
+    pub detect: DetectConfig,
+}
+
+/// Protocol detection settings (see `detect`).
+#[derive(Debug, Clone)]
+pub struct DetectConfig {
+    pub sniff_timeout: Duration,
+    pub http_ports: Vec<u16>,
+    pub opaque_ports: Vec<u16>,
+    pub retry_body_limit: usize,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        DetectConfig {
+            sniff_timeout: crate::config::DEFAULT_SNIFF_TIMEOUT,
+            http_ports: vec![],
+            opaque_ports: crate::config::DEFAULT_OPAQUE_PORTS.to_vec(),
+            retry_body_limit: crate::config::DEFAULT_RETRY_BODY_LIMIT,
+        }
+    }
 }
 
 /// Holds one of a Service's connection slots until dropped.
@@ -171,7 +196,8 @@ impl Outbound {
                 },
             };
             let this = self.clone();
-            tasks.spawn(async move { this.handle(client, peer).await });
+            let stop = stop.clone();
+            tasks.spawn(async move { this.handle(client, peer, stop).await });
         }
     }
 
@@ -229,13 +255,25 @@ impl Outbound {
         (route, src_key, dst_key)
     }
 
-    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, stop: CancellationToken) {
         self.metrics.opened.inc();
         let orig = match self.lookup.take(peer) {
             Ok(Some(o)) => o,
             Ok(None) => return self.reject(client, OutboundError::NoOriginalDst(peer)),
             Err(e) => return self.reject(client, OutboundError::Lookup(e)),
         };
+        // A Service from a known pod: HTTP is served request by request.
+        let hint = self.hint(&orig);
+        let protocol = match hint {
+            Some(hint) => {
+                let hinted_wait = self.idle_timeout.unwrap_or(Duration::from_secs(3600));
+                detect::detect(&client, hint, self.detect.sniff_timeout, hinted_wait).await
+            }
+            None => Protocol::Tcp,
+        };
+        if protocol != Protocol::Tcp {
+            return self.handle_http(client, peer, orig, protocol, stop).await;
+        }
         let mut orig = orig;
         // The slot (for `switchyard.io/max-connections`) is held until the connection ends.
         let (service, _slot) = match self.resolve_service(&mut orig) {
@@ -256,6 +294,7 @@ impl Outbound {
             original_dst: service.as_ref().map_or(orig.dst, |s| s.vip),
             endpoint: service.as_ref().map(|_| orig.dst),
             destination_pod,
+            protocol: hint.map(|_| "tcp"),
             ..Default::default()
         });
         self.metrics.active.inc();
@@ -279,6 +318,64 @@ impl Outbound {
                 dst_identity = rec.destination_identity.as_deref().unwrap_or("-"),
                 security = ?rec.security,
                 sent, received,
+                duration_ms = rec.duration_ms,
+                error = rec.error.as_deref().unwrap_or("-"),
+                "outbound connection"
+            );
+        }
+    }
+
+    /// Whether and how to detect the protocol: only for a Service, from a pod of this node.
+    fn hint(&self, orig: &Original) -> Option<Hint> {
+        let idx = self.pods.borrow();
+        let entry = idx.services.get(&orig.dst)?;
+        idx.by_cgroup(orig.pod_cgroup)?;
+        let port = orig.dst.port();
+        Some(match entry.protocol {
+            Some(crate::state::ProtocolHint::Http) => Hint::Http,
+            Some(crate::state::ProtocolHint::Opaque) => Hint::Opaque,
+            None if self.detect.http_ports.contains(&port) => Hint::Http,
+            None if self.detect.opaque_ports.contains(&port) => Hint::Opaque,
+            None => Hint::None,
+        })
+    }
+
+    async fn handle_http(
+        self: Arc<Self>,
+        client: TcpStream,
+        peer: SocketAddr,
+        orig: Original,
+        protocol: Protocol,
+        stop: CancellationToken,
+    ) {
+        let _ = client.set_nodelay(true);
+        let source_pod = self.pods.borrow().by_cgroup(orig.pod_cgroup).map(|p| p.key.clone());
+        self.metrics.routes.get_or_create(&RouteLabels { route: "http" }).inc();
+        let id = self.conns.open(ConnRecord {
+            client: peer,
+            source_pod,
+            original_dst: orig.dst,
+            protocol: Some(protocol.label()),
+            ..Default::default()
+        });
+        self.metrics.active.inc();
+        let started = Instant::now();
+        let ds = Arc::new(http::Downstream::new(self.clone(), orig, orig.dst, id, protocol));
+        let result = ds.clone().serve(client, stop).await;
+        self.metrics.active.dec();
+        self.metrics.closed.inc();
+        let requests = ds.requests.load(std::sync::atomic::Ordering::Relaxed);
+        self.conns.set_requests(id, requests);
+        let error = result.err().map(|e| e.to_string());
+        if let Some(rec) = self.conns.close(id, started.elapsed(), 0, 0, error) {
+            info!(
+                target: "access",
+                direction = "outbound",
+                client = %rec.client,
+                src = rec.source_pod.as_deref().unwrap_or("-"),
+                dst = %rec.original_dst,
+                protocol = protocol.label(),
+                requests,
                 duration_ms = rec.duration_ms,
                 error = rec.error.as_deref().unwrap_or("-"),
                 "outbound connection"
@@ -349,7 +446,7 @@ impl Outbound {
         let idx = self.pods.borrow();
         let Some(entry) = idx.services.get(&orig.dst) else { return Ok(None) };
         let vip = orig.dst;
-        let slot = match entry.max_connections {
+        let slot = match entry.policy.max_connections {
             Some(limit) => {
                 let mut open = self.open_per_service.lock().unwrap_or_else(|p| p.into_inner());
                 let n = open.entry(vip).or_insert(0);
@@ -393,7 +490,7 @@ impl Outbound {
             };
             self.metrics.error(err.reason());
             let Some(svc) = &service else { return Err(err) };
-            self.balancer.failed(ep);
+            self.balancer.failed(ep, &svc.endpoints);
             tried.push(ep);
             let attempt = tried.len() as u32;
             // Another endpoint reached the same way (not through a tunnel), if any is left.
@@ -449,6 +546,70 @@ impl Outbound {
         self.metrics.error(e.reason());
         self.metrics.closed.inc();
         reset(client);
+    }
+}
+
+impl http::Upstreams for Outbound {
+    fn service(&self, vip: std::net::SocketAddrV4) -> Option<crate::state::ServiceEntry> {
+        self.pods.borrow().services.get(&vip).cloned()
+    }
+
+    async fn open(
+        &self,
+        orig: Original,
+        ep: std::net::SocketAddrV4,
+    ) -> Result<(http::UpstreamIo, Option<String>), http::UpstreamError> {
+        let (route, _, dst_pod) = self.route(&Original { dst: ep, ..orig });
+        match route {
+            Route::Local { .. } | Route::Passthrough => match TcpStream::connect(ep).await {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    Ok((http::UpstreamIo::Tcp(s), dst_pod))
+                }
+                Err(e) => {
+                    self.metrics.error("connect_failed");
+                    Err(http::UpstreamError { denied: false, reason: "connect_failed", detail: e.to_string() })
+                }
+            },
+            Route::Hbone { src, dst, peer } => {
+                let pool = self.pool.as_ref().expect("route() only picks HBONE with a pool");
+                match pool.connect(&src, &dst, peer, ep).await {
+                    Ok(t) => Ok((http::UpstreamIo::Tunnel(Box::new(t)), dst_pod)),
+                    Err(e) => {
+                        self.metrics.error(e.reason());
+                        Err(http::UpstreamError { denied: false, reason: e.reason(), detail: e.to_string() })
+                    }
+                }
+            }
+            Route::Refuse { reason, detail, denial } => {
+                self.metrics.error(reason);
+                if denial {
+                    self.metrics.denials.get_or_create(&crate::metrics::ErrorLabels { reason }).inc();
+                }
+                Err(http::UpstreamError { denied: denial, reason, detail })
+            }
+        }
+    }
+
+    fn balancer(&self) -> &Arc<Balancer> {
+        &self.balancer
+    }
+
+    fn http(&self) -> &http::Http {
+        &self.http
+    }
+
+    fn retry_body_limit(&self) -> usize {
+        self.detect.retry_body_limit
+    }
+
+    fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    fn note_endpoint(&self, conn: u64, ep: std::net::SocketAddrV4, retries: u32) {
+        let dst_pod = self.pods.borrow().by_ip(*ep.ip()).map(|p| p.key.clone());
+        self.conns.set_endpoint(conn, ep, dst_pod, retries);
     }
 }
 
@@ -521,6 +682,8 @@ mod tests {
             hbone_port: 15008,
             balancer: Default::default(),
             open_per_service: Default::default(),
+            http: Default::default(),
+            detect: Default::default(),
         });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();

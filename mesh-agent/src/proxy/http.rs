@@ -1,0 +1,689 @@
+//! HTTP for connections to a Service: the downstream connection is served by hyper (HTTP/1.1
+//! or HTTP/2, whichever the client speaks) and every request is sent, as received, to an
+//! endpoint picked per request, over an upstream connection of the same HTTP version (direct,
+//! or through an HBONE tunnel for another node's pod).
+//!
+//! Per request, in this order:
+//! * **limit**: a Service with `switchyard.io/max-connections` N has at most N requests in
+//!   flight (each holds one upstream connection); `max-pending-requests` more may wait for a
+//!   slot; past that the request fails at once with `503` and `x-switchyard-error:
+//!   connection-limit`;
+//! * **timeout** (`switchyard.io/timeout`): covers everything up to the response headers,
+//!   retries included; past it `504` with `x-switchyard-error: request-timeout`;
+//! * **retries**: a request never sent (connect failure, connection closed before it was
+//!   written) is retried on another endpoint whatever its method. Once sent, only idempotent
+//!   methods (or all, with `switchyard.io/retry-non-idempotent`) whose body was kept (at most
+//!   `retry_body_limit` bytes) are retried: on a reset before the response, or on a status in
+//!   `switchyard.io/retry-on` (default 503). Each retry after the first attempt must fit the
+//!   Service's retry budget (`switchyard.io/retry-budget`, default 20 % of requests over 10 s,
+//!   plus a floor of 10 a second): retries never multiply load in an outage;
+//! * **outlier detection**: every failure (connect error, reset, timeout, 5xx) and success is
+//!   reported to the balancer, which ejects endpoints (see `balance`).
+//!
+//! Headers, bodies and trailers pass as they are; an HTTP/1.1 upgrade (WebSocket, h2c) is
+//! forwarded and, on `101`, the two connections are joined byte for byte.
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddrV4,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, combinators::UnsyncBoxBody};
+use hyper::{
+    Request, Response, StatusCode,
+    body::{Body as _, Incoming},
+    header::{HeaderMap, HeaderValue},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+use tracing::{debug, warn};
+
+use crate::{
+    datapath::Original,
+    proxy::{balance, detect::Protocol, pool::Tunnel},
+    state::{ServiceEntry, ServicePolicy},
+};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Header on every response the proxy makes itself, saying why.
+pub const ERROR_HEADER: &str = "x-switchyard-error";
+
+/// Retries allowed per second whatever the ratio (Linkerd's floor), over the budget window.
+const BUDGET_MIN_PER_SEC: u64 = 10;
+const BUDGET_WINDOW_SECS: u64 = 10;
+
+/// Counters kept for the telemetry issue's metrics.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct HttpStats {
+    pub requests: AtomicU64,
+    pub retries: AtomicU64,
+    pub budget_exhausted: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub limit_hits: AtomicU64,
+    pub upstream_failures: AtomicU64,
+}
+
+/// Node-wide HTTP state: per-Service limits and budgets.
+#[derive(Default)]
+pub struct Http {
+    services: Mutex<HashMap<SocketAddrV4, Arc<ServiceState>>>,
+    pub stats: HttpStats,
+}
+
+struct ServiceState {
+    policy: ServicePolicy,
+    slots: Option<Arc<Semaphore>>,
+    pending: AtomicU32,
+    budget: Mutex<Budget>,
+}
+
+/// Requests and retries per second over the last [`BUDGET_WINDOW_SECS`].
+#[derive(Default)]
+struct Budget {
+    /// (second, requests, retries)
+    buckets: [(u64, u64, u64); BUDGET_WINDOW_SECS as usize],
+}
+
+impl Budget {
+    fn bucket(&mut self, sec: u64) -> &mut (u64, u64, u64) {
+        let b = &mut self.buckets[(sec % BUDGET_WINDOW_SECS) as usize];
+        if b.0 != sec {
+            *b = (sec, 0, 0);
+        }
+        b
+    }
+
+    fn deposit(&mut self, sec: u64) {
+        self.bucket(sec).1 += 1;
+    }
+
+    fn try_withdraw(&mut self, sec: u64, percent: u32) -> bool {
+        let (requests, retries) = self
+            .buckets
+            .iter()
+            .filter(|b| b.0 + BUDGET_WINDOW_SECS > sec)
+            .fold((0, 0), |(a, b), x| (a + x.1, b + x.2));
+        let allowed = BUDGET_MIN_PER_SEC * BUDGET_WINDOW_SECS + requests * u64::from(percent) / 100;
+        if retries < allowed {
+            self.bucket(sec).2 += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn now_sec() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs() + BUDGET_WINDOW_SECS
+}
+
+/// Why a request got no slot.
+struct LimitHit;
+
+impl ServiceState {
+    /// A slot for one request, waiting only if a pending place is free.
+    async fn acquire(&self) -> Result<Option<OwnedSemaphorePermit>, LimitHit> {
+        let Some(slots) = &self.slots else { return Ok(None) };
+        if let Ok(p) = slots.clone().try_acquire_owned() {
+            return Ok(Some(p));
+        }
+        let waiting = self.pending.fetch_add(1, Ordering::AcqRel);
+        let r = if waiting < self.policy.max_pending_requests {
+            slots.clone().acquire_owned().await.map(Some).map_err(|_| LimitHit)
+        } else {
+            Err(LimitHit)
+        };
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        r
+    }
+}
+
+impl Http {
+    fn service(&self, vip: SocketAddrV4, policy: &ServicePolicy) -> Arc<ServiceState> {
+        let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = services.get(&vip)
+            && s.policy == *policy
+        {
+            return s.clone();
+        }
+        // New Service or a changed policy: fresh limits (requests holding old slots finish).
+        let s = Arc::new(ServiceState {
+            policy: policy.clone(),
+            slots: policy.max_connections.map(|n| Arc::new(Semaphore::new(n as usize))),
+            pending: AtomicU32::new(0),
+            budget: Mutex::default(),
+        });
+        services.insert(vip, s.clone());
+        s
+    }
+}
+
+/// An upstream connection's transport.
+pub enum UpstreamIo {
+    Tcp(TcpStream),
+    Tunnel(Box<Tunnel>),
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tunnel(t) => Pin::new(&mut t.io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tunnel(t) => Pin::new(&mut t.io).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tunnel(t) => Pin::new(&mut t.io).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tunnel(t) => Pin::new(&mut t.io).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Why an upstream connection could not be had.
+pub struct UpstreamError {
+    /// Refused by authorization policy: answer 403, do not retry.
+    pub denied: bool,
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+/// What the downstream connection needs from the outbound proxy.
+pub trait Upstreams: Send + Sync + 'static {
+    /// The Service as it is now (`None`: it went away).
+    fn service(&self, vip: SocketAddrV4) -> Option<ServiceEntry>;
+    /// Opens a transport from the source pod to `ep`, routed and authorized like a TCP
+    /// connection to it.
+    fn open(
+        &self,
+        orig: Original,
+        ep: SocketAddrV4,
+    ) -> impl Future<Output = Result<(UpstreamIo, Option<String>), UpstreamError>> + Send;
+    fn balancer(&self) -> &Arc<balance::Balancer>;
+    fn http(&self) -> &Http;
+    fn retry_body_limit(&self) -> usize;
+    fn connect_timeout(&self) -> Duration;
+    /// Records the endpoint of the latest request on the connection record.
+    fn note_endpoint(&self, conn: u64, ep: SocketAddrV4, retries: u32);
+}
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Body>),
+    H2(hyper::client::conn::http2::SendRequest<Body>),
+}
+
+/// One downstream connection: its upstream connections, one per endpoint used.
+pub struct Downstream<U: Upstreams> {
+    pub up: Arc<U>,
+    pub orig: Original,
+    pub vip: SocketAddrV4,
+    pub conn: u64,
+    pub protocol: Protocol,
+    senders: tokio::sync::Mutex<HashMap<SocketAddrV4, Sender>>,
+    pub requests: AtomicU64,
+}
+
+/// The request minus its body, kept to rebuild it for a retry.
+struct Head {
+    method: hyper::Method,
+    uri: hyper::Uri,
+    version: hyper::Version,
+    headers: HeaderMap,
+}
+
+/// A request body for one attempt.
+enum AttemptBody {
+    /// Kept in memory: any number of attempts.
+    Replay(Bytes, Option<HeaderMap>),
+    /// Streamed: one attempt once sent (`None` after that).
+    Stream(Option<Body>),
+}
+
+impl AttemptBody {
+    fn take(&mut self) -> Option<Body> {
+        match self {
+            AttemptBody::Replay(data, trailers) => {
+                let trailers = trailers.clone();
+                let full = Full::new(data.clone()).map_err(|n: Infallible| match n {});
+                Some(match trailers {
+                    Some(t) => full.with_trailers(async move { Some(Ok(t)) }).boxed_unsync(),
+                    None => full.boxed_unsync(),
+                })
+            }
+            AttemptBody::Stream(b) => b.take(),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, AttemptBody::Replay(..))
+    }
+}
+
+fn idempotent(m: &hyper::Method) -> bool {
+    use hyper::Method as M;
+    [M::GET, M::HEAD, M::OPTIONS, M::PUT, M::DELETE, M::TRACE].contains(m)
+}
+
+pub fn error_response(status: StatusCode, reason: &'static str, detail: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(detail + "\n")).map_err(|n: Infallible| match n {}).boxed_unsync());
+    *r.status_mut() = status;
+    r.headers_mut().insert(ERROR_HEADER, HeaderValue::from_static(reason));
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(hyper::header::UPGRADE)
+        && headers.get_all(hyper::header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+        })
+}
+
+impl<U: Upstreams> Downstream<U> {
+    pub fn new(up: Arc<U>, orig: Original, vip: SocketAddrV4, conn: u64, protocol: Protocol) -> Self {
+        Downstream {
+            up,
+            orig,
+            vip,
+            conn,
+            protocol,
+            senders: Default::default(),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// Serves the client connection until it ends or `stop` asks for a graceful end (HTTP/2
+    /// GOAWAY; HTTP/1 closes after the request in flight).
+    pub async fn serve(
+        self: Arc<Self>,
+        client: TcpStream,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<(), hyper::Error> {
+        let io = TokioIo::new(client);
+        let this = self.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let this = this.clone();
+            async move { Ok::<_, Infallible>(this.request(req).await) }
+        });
+        match self.protocol {
+            Protocol::Http2 => {
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => return r,
+                    _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+                }
+                conn.await
+            }
+            _ => {
+                let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).with_upgrades();
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => return r,
+                    _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+                }
+                conn.await
+            }
+        }
+    }
+
+    async fn request(&self, mut req: Request<Incoming>) -> Response<Body> {
+        let http = self.up.http();
+        http.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let Some(entry) = self.up.service(self.vip) else {
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no-endpoints",
+                format!("service {} no longer exists", self.vip),
+            );
+        };
+        let svc = http.service(self.vip, &entry.policy);
+        let policy = &svc.policy;
+        let deadline = policy.timeout.map(|t| tokio::time::Instant::now() + t);
+        let _slot = match svc.acquire_by(deadline).await {
+            Ok(p) => p,
+            Err(LimitHit) => {
+                http.stats.limit_hits.fetch_add(1, Ordering::Relaxed);
+                warn!(service = %entry.service, vip = %self.vip, "request past the service's connection limit: 503");
+                return error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "connection-limit",
+                    format!(
+                        "service {} is at its limit of {} requests in flight (switchyard.io/max-connections) and {} waiting",
+                        entry.service,
+                        policy.max_connections.unwrap_or(0),
+                        policy.max_pending_requests
+                    ),
+                );
+            }
+        };
+        svc.budget.lock().unwrap_or_else(|p| p.into_inner()).deposit(now_sec());
+        let upgrade = is_upgrade(req.headers());
+        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let head = Head { method: parts.method, uri: parts.uri, version: parts.version, headers: parts.headers };
+        let may_retry_sent = !upgrade && (idempotent(&head.method) || policy.retry_non_idempotent) && policy.retries > 0;
+        let limit = self.up.retry_body_limit();
+        let mut body = if body.is_end_stream() {
+            AttemptBody::Replay(Bytes::new(), None)
+        } else if may_retry_sent && body.size_hint().upper().is_some_and(|n| n as usize <= limit) {
+            match http_body_util::Limited::new(body, limit).collect().await {
+                Ok(c) => {
+                    let trailers = c.trailers().cloned();
+                    AttemptBody::Replay(c.to_bytes(), trailers)
+                }
+                Err(e) => {
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        "request-body",
+                        format!("reading the request body failed: {e}"),
+                    );
+                }
+            }
+        } else {
+            AttemptBody::Stream(Some(body.map_err(BoxError::from).boxed_unsync()))
+        };
+        let result = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, self.attempts(&entry, &svc, &head, &mut body)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    http.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                    return error_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "request-timeout",
+                        format!(
+                            "no response from service {} within {:?} (switchyard.io/timeout)",
+                            entry.service,
+                            policy.timeout.unwrap_or_default()
+                        ),
+                    );
+                }
+            },
+            None => self.attempts(&entry, &svc, &head, &mut body).await,
+        };
+        match result {
+            Ok(mut resp) => {
+                if let Some(down) = downstream_upgrade
+                    && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                {
+                    let up = hyper::upgrade::on(&mut resp);
+                    tokio::spawn(async move {
+                        match tokio::try_join!(down, up) {
+                            Ok((d, u)) => {
+                                let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+                                let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                            }
+                            Err(e) => debug!(error = %e, "upgrade failed"),
+                        }
+                    });
+                }
+                resp.map(|b| b.map_err(BoxError::from).boxed_unsync())
+            }
+            Err(r) => r,
+        }
+    }
+
+    /// Attempts until a response to return; `Err` is a response the proxy makes.
+    async fn attempts(
+        &self,
+        entry: &ServiceEntry,
+        svc: &ServiceState,
+        head: &Head,
+        body: &mut AttemptBody,
+    ) -> Result<Response<Incoming>, Response<Body>> {
+        let http = self.up.http();
+        let balancer = self.up.balancer();
+        let policy = &svc.policy;
+        let retry_sent = (idempotent(&head.method) || policy.retry_non_idempotent) && body.replayable();
+        let mut tried: Vec<SocketAddrV4> = Vec::new();
+        let mut retries = 0u32;
+        loop {
+            // Another endpoint than those tried if one is left, else any.
+            let exclude = if tried.len() < entry.endpoints.len() { &tried[..] } else { &[] };
+            let Some(ep) = balancer.pick(&entry.endpoints, exclude) else {
+                return Err(error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no-endpoints",
+                    format!("service {} has no ready endpoint", entry.service),
+                ));
+            };
+            self.up.note_endpoint(self.conn, ep, retries);
+            tried.push(ep);
+            let _in_flight = balancer.start(ep);
+            let started = Instant::now();
+            // May another attempt follow this one?
+            let can_retry = |retries: u32| -> bool {
+                if retries >= policy.retries {
+                    return false;
+                }
+                let ok = svc.budget.lock().unwrap_or_else(|p| p.into_inner()).try_withdraw(now_sec(), policy.retry_budget_percent);
+                if !ok {
+                    http.stats.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+                    debug!(service = %entry.service, "retry budget exhausted");
+                }
+                ok
+            };
+            let failure = |what: &str, detail: String| {
+                http.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+                balancer.failed(ep, &entry.endpoints);
+                debug!(service = %entry.service, endpoint = %ep, "{what}: {detail}");
+            };
+            let mut sender = match self.sender(ep).await {
+                Ok(s) => s,
+                Err(e) if e.denied => {
+                    return Err(error_response(StatusCode::FORBIDDEN, "denied", e.detail));
+                }
+                Err(e) => {
+                    failure(e.reason, e.detail.clone());
+                    // Nothing was sent: safe to retry whatever the method.
+                    if can_retry(retries) {
+                        retries += 1;
+                        http.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(balance::backoff(retries)).await;
+                        continue;
+                    }
+                    return Err(error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream-unavailable",
+                        format!("service {}: endpoint {ep}: {}", entry.service, e.detail),
+                    ));
+                }
+            };
+            let Some(b) = body.take() else {
+                return Err(error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-reset",
+                    format!("service {}: the request body was already sent once", entry.service),
+                ));
+            };
+            let mut req = Request::new(b);
+            *req.method_mut() = head.method.clone();
+            *req.uri_mut() = head.uri.clone();
+            *req.version_mut() = head.version;
+            *req.headers_mut() = head.headers.clone();
+            let sent = match &mut sender {
+                Sender::H1(s) => s.try_send_request(req).await,
+                Sender::H2(s) => s.try_send_request(req).await,
+            };
+            match sent {
+                Ok(resp) => {
+                    let status = resp.status();
+                    if status.is_server_error() {
+                        failure("status", status.to_string());
+                    } else {
+                        balancer.connected(ep, started.elapsed());
+                    }
+                    self.keep(ep, sender).await;
+                    if retry_sent && policy.retry_on.contains(&status.as_u16()) && can_retry(retries) {
+                        retries += 1;
+                        http.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        drop(resp);
+                        tokio::time::sleep(balance::backoff(retries)).await;
+                        continue;
+                    }
+                    return Ok(resp);
+                }
+                Err(mut e) => {
+                    let unsent = e.take_message();
+                    let err = e.into_error();
+                    failure("request failed", err.to_string());
+                    if let Some(req) = unsent {
+                        // Never written: retry with the same body, whatever the method.
+                        if let AttemptBody::Stream(slot) = body {
+                            *slot = Some(req.into_body());
+                        }
+                        if can_retry(retries) {
+                            retries += 1;
+                            http.stats.retries.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(balance::backoff(retries)).await;
+                            continue;
+                        }
+                    } else if retry_sent && can_retry(retries) {
+                        retries += 1;
+                        http.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(balance::backoff(retries)).await;
+                        continue;
+                    }
+                    return Err(error_response(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream-reset",
+                        format!("service {}: endpoint {ep} failed before responding: {err}", entry.service),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// A ready upstream connection to `ep`: the kept one if it is still good, else a new one.
+    async fn sender(&self, ep: SocketAddrV4) -> Result<Sender, UpstreamError> {
+        let kept = self.senders.lock().await.remove(&ep);
+        match kept {
+            Some(Sender::H2(s)) if s.is_ready() => return Ok(Sender::H2(s)),
+            Some(Sender::H1(mut s)) if !s.is_closed() => {
+                if s.ready().await.is_ok() {
+                    return Ok(Sender::H1(s));
+                }
+            }
+            _ => {}
+        }
+        let timeout = self.up.connect_timeout();
+        let (io, _dst_pod) = tokio::time::timeout(timeout, self.up.open(self.orig, ep)).await.map_err(|_| {
+            UpstreamError {
+                denied: false,
+                reason: "connect_timeout",
+                detail: format!("connecting to {ep} timed out after {timeout:?}"),
+            }
+        })??;
+        let io = TokioIo::new(io);
+        let handshake_err = |e: hyper::Error| UpstreamError {
+            denied: false,
+            reason: "handshake",
+            detail: format!("HTTP handshake with {ep} failed: {e}"),
+        };
+        Ok(match self.protocol {
+            Protocol::Http2 => {
+                let (s, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .handshake(io)
+                    .await
+                    .map_err(handshake_err)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(error = %e, "upstream HTTP/2 connection ended");
+                    }
+                });
+                Sender::H2(s)
+            }
+            _ => {
+                let (s, conn) = hyper::client::conn::http1::handshake(io).await.map_err(handshake_err)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        debug!(error = %e, "upstream HTTP/1 connection ended");
+                    }
+                });
+                Sender::H1(s)
+            }
+        })
+    }
+
+    /// Keeps an upstream connection for the next request to `ep`.
+    async fn keep(&self, ep: SocketAddrV4, s: Sender) {
+        let keep = match &s {
+            Sender::H1(s) => !s.is_closed(),
+            Sender::H2(s) => !s.is_closed(),
+        };
+        if keep {
+            self.senders.lock().await.insert(ep, s);
+        }
+    }
+}
+
+impl ServiceState {
+    /// [`Self::acquire`], giving up at `deadline` like the request would.
+    async fn acquire_by(&self, deadline: Option<tokio::time::Instant>) -> Result<Option<OwnedSemaphorePermit>, LimitHit> {
+        match deadline {
+            Some(d) => tokio::time::timeout_at(d, self.acquire()).await.unwrap_or(Err(LimitHit)),
+            None => self.acquire().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_allows_a_share_of_requests_plus_a_floor() {
+        let mut b = Budget::default();
+        let sec = 100;
+        for _ in 0..1000 {
+            b.deposit(sec);
+        }
+        let allowed = (0..10_000).take_while(|_| b.try_withdraw(sec, 20)).count();
+        assert_eq!(allowed, 200 + (BUDGET_MIN_PER_SEC * BUDGET_WINDOW_SECS) as usize);
+        assert!(!b.try_withdraw(sec + 5, 20), "still spent within the window");
+        assert!(b.try_withdraw(sec + BUDGET_WINDOW_SECS, 20), "the window moved on");
+        let mut none = Budget::default();
+        assert_eq!((0..1000).take_while(|_| none.try_withdraw(7, 0)).count(), 100, "the floor alone");
+    }
+
+    #[test]
+    fn idempotent_methods_and_upgrades() {
+        assert!(idempotent(&hyper::Method::GET) && idempotent(&hyper::Method::DELETE));
+        assert!(!idempotent(&hyper::Method::POST) && !idempotent(&hyper::Method::PATCH));
+        let mut h = HeaderMap::new();
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert!(!is_upgrade(&h));
+        h.insert("connection", HeaderValue::from_static("keep-alive, Upgrade"));
+        assert!(is_upgrade(&h));
+    }
+}
