@@ -21,6 +21,8 @@ pub struct Admin {
     pub node_name: String,
     pub certs: Option<Arc<crate::identity::manager::CertManager>>,
     pub pool: Option<Arc<crate::proxy::pool::Pool>>,
+    /// Endpoint state (latency, in flight, ejection) for `/debug/services`.
+    pub balancer: Arc<crate::proxy::balance::Balancer>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -86,7 +88,27 @@ impl Admin {
             }
             "/debug/pods" => json(&self.pods.borrow().pods),
             // Service virtual addresses and the ready endpoints the proxy balances over.
-            "/debug/services" => json(&self.pods.borrow().services),
+            // With each endpoint's latency estimate, requests in flight and ejection.
+            "/debug/services" => {
+                let idx = self.pods.borrow();
+                let view: std::collections::BTreeMap<String, serde_json::Value> = idx
+                    .services
+                    .iter()
+                    .map(|(vip, e)| {
+                        (
+                            vip.to_string(),
+                            serde_json::json!({
+                                "service": e.service,
+                                "protocol": e.protocol,
+                                "policy": e.policy,
+                                "endpoints": e.endpoints,
+                                "endpoint_state": self.balancer.view(&e.endpoints),
+                            }),
+                        )
+                    })
+                    .collect();
+                json(&view)
+            }
             "/debug/connections" => json(&self.conns.snapshot()),
             "/debug/certs" => json(&self.certs.as_ref().map(|c| c.status()).unwrap_or_default()),
             "/debug/pool" => json(&self.pool.as_ref().map(|p| p.snapshot()).unwrap_or_default()),

@@ -190,6 +190,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let conns = Arc::new(Connections::default());
     let (ready_tx, ready_rx) = watch::channel(false);
+    let balancer = Arc::new(crate::proxy::balance::Balancer::new(config.outlier));
     let admin = Arc::new(Admin {
         registry,
         pods: index_rx.clone(),
@@ -199,6 +200,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         node_name: config.node_name.clone(),
         certs: mtls.as_ref().map(|m| m.certs.clone()),
         pool: pool.clone(),
+        balancer: balancer.clone(),
     });
     let admin_addr = admin_listener.local_addr()?;
     let admin_task = tokio::spawn(admin.serve(admin_listener, stop.clone()));
@@ -214,7 +216,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         trust_domain: config.trust_domain.clone(),
         pool,
         hbone_port: config.hbone_listen.port(),
-        balancer: Arc::new(crate::proxy::balance::Balancer::new(config.outlier)),
+        balancer,
         open_per_service: Default::default(),
         http: Default::default(),
         detect: crate::proxy::outbound::DetectConfig {

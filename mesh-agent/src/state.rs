@@ -211,7 +211,8 @@ impl ServicePolicy {
                     p.timeout = Some(parse_duration(v).ok_or_else(|| bad("a duration like 500ms, 2s or 1m"))?)
                 }
                 RETRIES_ANNOTATION => {
-                    p.retries = v.parse().ok().filter(|n| *n <= 10).ok_or_else(|| bad("a number of retries from 0 to 10"))?
+                    p.retries =
+                        v.parse().ok().filter(|n| *n <= 10).ok_or_else(|| bad("a number of retries from 0 to 10"))?
                 }
                 RETRY_ON_ANNOTATION => {
                     p.retry_on = v
@@ -291,7 +292,10 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(p.timeout, Some(Duration::from_millis(1500)));
-        assert_eq!((p.retries, p.retry_non_idempotent, p.retry_budget_percent, p.max_pending_requests), (0, true, 10, 4));
+        assert_eq!(
+            (p.retries, p.retry_non_idempotent, p.retry_budget_percent, p.max_pending_requests),
+            (0, true, 10, 4)
+        );
         for (k, v) in [
             (TIMEOUT_ANNOTATION, "0s"),
             (TIMEOUT_ANNOTATION, "5"),

@@ -199,11 +199,8 @@ pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Resul
             if port.port == 0 || port.target_port == Some(0) {
                 return Err(invalid(format!("service {key}: port 0 is not a port")));
             }
-            let mut endpoints: Vec<SocketAddrV4> = svc
-                .endpoints
-                .iter()
-                .map(|ip| SocketAddrV4::new(*ip, port.target_port.unwrap_or(port.port)))
-                .collect();
+            let mut endpoints: Vec<SocketAddrV4> =
+                svc.endpoints.iter().map(|ip| SocketAddrV4::new(*ip, port.target_port.unwrap_or(port.port))).collect();
             endpoints.sort();
             endpoints.dedup();
             let entry = ServiceEntry {

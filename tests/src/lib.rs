@@ -206,7 +206,17 @@ impl Pod {
 
     /// Runs `sim-workload ARGS` in the pod and parses its JSON line.
     pub fn workload(&self, args: &[&str], timeout: Duration) -> Result<serde_json::Value> {
-        let mut cmd = self.command(bin_path("sim-workload")?);
+        self.tool("sim-workload", args, timeout)
+    }
+
+    /// Runs `sim-http ARGS` in the pod and parses its JSON line.
+    pub fn http(&self, args: &[&str], timeout: Duration) -> Result<serde_json::Value> {
+        self.tool("sim-http", args, timeout)
+    }
+
+    /// Runs one of the test programs in the pod and parses its last JSON line.
+    pub fn tool(&self, program: &str, args: &[&str], timeout: Duration) -> Result<serde_json::Value> {
+        let mut cmd = self.command(bin_path(program)?);
         cmd.args(args);
         let out = output_timeout(cmd, timeout)?;
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -240,7 +250,12 @@ impl Pod {
 
     /// Starts a long-running `sim-workload` server in the pod and waits for it to be listening.
     pub fn serve(&self, args: &[&str]) -> Result<Server> {
-        let mut cmd = self.command(bin_path("sim-workload")?);
+        self.serve_tool("sim-workload", args)
+    }
+
+    /// Starts a long-running server (`sim-workload` or `sim-http`) and waits for it to listen.
+    pub fn serve_tool(&self, program: &str, args: &[&str]) -> Result<Server> {
+        let mut cmd = self.command(bin_path(program)?);
         cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn()?;
         let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
@@ -378,6 +393,8 @@ pub struct Node {
     cluster_cgroup: PathBuf,
     /// Kubernetes mode: the agent reads this kubeconfig instead of a workload file.
     pub kubeconfig: Option<PathBuf>,
+    /// Raw YAML list items for `services:` (see [`service_yaml`]); standalone node only.
+    pub services: String,
 }
 
 impl Node {
@@ -410,6 +427,7 @@ impl Node {
             agent: None,
             cluster_cgroup,
             kubeconfig: None,
+            services: String::new(),
         };
         std::fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
         std::fs::create_dir_all(&dir)?;
@@ -471,7 +489,10 @@ impl Node {
 
     /// Writes the local-mode workload file (atomically, as a ConfigMap update would).
     pub fn write_workloads(&self) -> Result<()> {
-        write_atomic(&self.workloads, &workload_yaml(&[], &self.namespaces, &self.mtls_modes, &self.pods, ""))
+        write_atomic(
+            &self.workloads,
+            &workload_yaml(&[], &self.namespaces, &self.mtls_modes, &self.pods, "", &self.services),
+        )
     }
 
     /// The admin port over the node's loopback (the agent listens on all addresses): admin
@@ -633,6 +654,7 @@ fn workload_yaml(
     mtls_modes: &[(String, String)],
     pods: &[Pod],
     authz: &str,
+    services: &str,
 ) -> String {
     let mut y = String::from("nodes:\n");
     for (n, a) in nodes {
@@ -668,7 +690,33 @@ fn workload_yaml(
         y += "authorization:\n";
         y += authz;
     }
+    if !services.trim().is_empty() {
+        y += "services:\n";
+        y += services;
+    }
     y
+}
+
+/// One `services:` item of a workload file: `name` in `namespace` at `vip` (port `port`, its
+/// name `port_name`, for protocol hints) over `endpoints` at `target_port`.
+pub fn service_yaml(
+    name: &str,
+    namespace: &str,
+    vip: SocketAddr,
+    port_name: &str,
+    target_port: u16,
+    endpoints: &[Ipv4Addr],
+    annotations: &[(&str, &str)],
+) -> String {
+    let eps: Vec<String> = endpoints.iter().map(|e| e.to_string()).collect();
+    let ann: Vec<String> = annotations.iter().map(|(k, v)| format!("{k}: {v:?}")).collect();
+    format!(
+        "  - name: {name}\n    namespace: {namespace}\n    clusterIP: {}\n    annotations: {{{}}}\n    ports: [{{name: {port_name:?}, port: {}, targetPort: {target_port}}}]\n    endpoints: [{}]\n",
+        vip.ip(),
+        ann.join(", "),
+        vip.port(),
+        eps.join(", ")
+    )
 }
 
 /// Several nodes joined by a network of their own: a namespace with a bridge, each node
@@ -683,6 +731,8 @@ pub struct Cluster {
     pub mtls_modes: Vec<(String, String)>,
     /// Raw YAML list items for `authorization:`.
     pub authz: String,
+    /// Raw YAML list items for `services:` (see [`service_yaml`]).
+    pub services: String,
     pub dir: PathBuf,
     pub ca_dir: PathBuf,
 }
@@ -702,6 +752,7 @@ impl Cluster {
             namespaces: vec![],
             mtls_modes: vec![],
             authz: String::new(),
+            services: String::new(),
             dir,
             ca_dir: ca_dir.clone(),
         };
@@ -755,7 +806,7 @@ impl Cluster {
         let pods: Vec<Pod> = self.nodes.iter().flat_map(|n| n.pods.clone()).collect();
         write_atomic(
             &self.dir.join("cluster.yaml"),
-            &workload_yaml(&nodes, &self.namespaces, &self.mtls_modes, &pods, &self.authz),
+            &workload_yaml(&nodes, &self.namespaces, &self.mtls_modes, &pods, &self.authz, &self.services),
         )
     }
 

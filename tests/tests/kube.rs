@@ -365,7 +365,7 @@ fn past_a_services_connection_limit_new_connections_fail_fast_and_bad_limits_kee
     eventually(Duration::from_secs(3), "bad limit logged", || {
         s.node.agent_log().contains("is not a positive number of connections").then_some(())
     })?;
-    assert_eq!(s.node.admin_json("/debug/services")?["10.96.0.30:80"]["max_connections"], 2);
+    assert_eq!(s.node.admin_json("/debug/services")?["10.96.0.30:80"]["policy"]["max_connections"], 2);
 
     // Two connections held open: the limit.
     let holder = s.client.hold("10.96.0.30:80", 2, 20)?;

@@ -161,10 +161,7 @@ pub struct EndpointSlice {
     pub ready: Vec<Ipv4Addr>,
 }
 
-fn tcp_ports(
-    v: Option<&Value>,
-    what: &str,
-) -> Result<Vec<(String, u16, Option<crate::state::ProtocolHint>)>, String> {
+fn tcp_ports(v: Option<&Value>, what: &str) -> Result<Vec<(String, u16, Option<crate::state::ProtocolHint>)>, String> {
     let mut out = Vec::new();
     for p in v.and_then(Value::as_array).into_iter().flatten() {
         if p.get("protocol").and_then(Value::as_str).is_some_and(|proto| proto != "TCP") {
@@ -192,7 +189,12 @@ impl Service {
         let policy = crate::state::ServicePolicy::from_annotations(
             annotations.into_iter().flatten().filter_map(|(k, v)| Some((k.as_str(), v.as_str()?))),
         )?;
-        Ok(Service { key: format!("{ns}/{name}"), cluster_ip, ports: tcp_ports(v.pointer("/spec/ports"), "spec.ports")?, policy })
+        Ok(Service {
+            key: format!("{ns}/{name}"),
+            cluster_ip,
+            ports: tcp_ports(v.pointer("/spec/ports"), "spec.ports")?,
+            policy,
+        })
     }
 }
 

@@ -1,14 +1,14 @@
 //! Endpoint choice for Services: power of two choices over a peak-EWMA latency estimate times
-//! the connections in flight (Finagle's and Linkerd's balancer, at L4: the latency is the
-//! connect time). A failed connect counts as a slow one, so a dead endpoint stops being picked
-//! at once and is tried again as the penalty decays. For HTTP the latency is the time to the
-//! response headers.
+//! the connections (or requests) in flight: Finagle's and Linkerd's balancer. At L4 the latency
+//! is the connect time, for HTTP the time to the response headers; a failure counts with the
+//! time it took, so a hung endpoint looks as slow as it is.
 //!
 //! Outlier detection (circuit breaking) lives here too: an endpoint with
 //! `consecutive_failures` failures in a row (connect errors, resets, timeouts, 5xx) is ejected
 //! for `base_ejection` × the number of times it has been ejected, unless that would eject more
 //! than `max_ejection_percent` of its Service's endpoints. An ejected endpoint is not picked
-//! while any other is left; when its time is up it gets traffic again.
+//! while any other is left; when its time is up it is on probation: its next request decides,
+//! a failure ejects it again at once (for longer), a success readmits it.
 use std::{
     collections::HashMap,
     net::SocketAddrV4,
@@ -18,8 +18,6 @@ use std::{
 
 /// How fast an estimate forgets: the decay time constant.
 const DECAY: Duration = Duration::from_secs(10);
-/// What a failed connect counts as.
-const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 /// Estimate for an endpoint never measured: optimistic, so new endpoints get traffic.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
 /// Endpoints tracked at most (a bound on memory; the least recently used are forgotten).
@@ -36,6 +34,8 @@ struct Stats {
     ejected_until: Option<Instant>,
     /// Times ejected (grows the next ejection; decays as the endpoint stays healthy).
     ejections: u32,
+    /// Back from an ejection, not yet proven healthy.
+    probation: bool,
 }
 
 impl Stats {
@@ -47,6 +47,7 @@ impl Stats {
             consecutive_failures: 0,
             ejected_until: None,
             ejections: 0,
+            probation: false,
         }
     }
 
@@ -182,6 +183,7 @@ impl Balancer {
         self.with(ep, |s, now| {
             s.observe(took.as_nanos() as f64, now);
             s.consecutive_failures = 0;
+            s.probation = false;
             // Healthy for a while after its last ejection: the next one starts shorter again.
             if s.ejections > 0 && s.ejected_until.is_some_and(|t| now > t + base) {
                 s.ejections -= 1;
@@ -190,13 +192,14 @@ impl Balancer {
         });
     }
 
-    /// A failure of `ep`, one of `endpoints` (its Service's). Returns true when this failure
-    /// ejected it.
-    pub fn failed(&self, ep: SocketAddrV4, endpoints: &[SocketAddrV4]) -> bool {
+    /// A failure of `ep`, one of `endpoints` (its Service's), after `took`. Returns true when
+    /// this failure ejected it.
+    pub fn failed(&self, ep: SocketAddrV4, endpoints: &[SocketAddrV4], took: Duration) -> bool {
         let now = Instant::now();
         let o = self.outlier;
         let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        let ejected_now = endpoints.iter().filter(|e| **e != ep && stats.get(e).is_some_and(|s| s.ejected(now))).count();
+        let ejected_now =
+            endpoints.iter().filter(|e| **e != ep && stats.get(e).is_some_and(|s| s.ejected(now))).count();
         // At most this many of the Service's endpoints out at once; never the last one.
         let allowed = if endpoints.len() < 2 {
             0
@@ -206,12 +209,14 @@ impl Balancer {
         drop(stats);
         let mut ejected = false;
         self.with(ep, |s, now| {
-            s.observe(FAILURE_PENALTY.as_nanos() as f64, now);
+            s.observe(took.as_nanos() as f64, now);
             s.consecutive_failures += 1;
-            if s.consecutive_failures >= o.consecutive_failures && !s.ejected(now) && ejected_now < allowed {
+            let due = s.probation || s.consecutive_failures >= o.consecutive_failures;
+            if due && !s.ejected(now) && ejected_now < allowed {
                 s.ejections = (s.ejections + 1).min(30);
                 s.ejected_until = Some(now + o.base_ejection * s.ejections);
                 s.consecutive_failures = 0;
+                s.probation = true;
                 ejected = true;
             }
         });
@@ -240,10 +245,10 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_endpoint_is_avoided_and_fast_ones_preferred() {
+    fn a_slow_or_hung_endpoint_is_avoided_and_fast_ones_preferred() {
         let b = Arc::new(Balancer::default());
         let eps = [ep(1), ep(2), ep(3)];
-        b.failed(ep(2), &eps);
+        b.failed(ep(2), &eps, Duration::from_secs(1));
         b.connected(ep(1), Duration::from_micros(200));
         b.connected(ep(3), Duration::from_micros(300));
         for _ in 0..200 {
@@ -276,34 +281,36 @@ mod tests {
         };
         let b = Arc::new(Balancer::new(o));
         let eps = [ep(1), ep(2), ep(3), ep(4)];
-        assert!(!b.failed(ep(1), &eps) && !b.failed(ep(1), &eps));
+        let fail = |n: u8| b.failed(ep(n), &eps, Duration::from_micros(50));
+        assert!(!fail(1) && !fail(1));
         b.connected(ep(1), Duration::from_micros(100));
-        assert!(!b.failed(ep(1), &eps) && !b.failed(ep(1), &eps), "a success resets the count");
-        assert!(b.failed(ep(1), &eps), "third in a row ejects");
+        assert!(!fail(1) && !fail(1), "a success resets the count");
+        assert!(fail(1), "third in a row ejects");
         for _ in 0..100 {
             assert_ne!(b.pick(&eps, &[]), Some(ep(1)));
         }
         assert_eq!(b.pick(&eps, &[ep(2), ep(3), ep(4)]), Some(ep(1)), "used when nothing else is left");
         // 50 % of 4: a second endpoint may go, a third may not.
         for _ in 0..3 {
-            b.failed(ep(2), &eps);
+            fail(2);
         }
         for _ in 0..10 {
-            assert!(!b.failed(ep(3), &eps), "never more than the share");
+            assert!(!fail(3), "never more than the share");
         }
         let v = b.view(&eps);
         assert!(v[0].ejected_for_ms.is_some() && v[1].ejected_for_ms.is_some() && v[2].ejected_for_ms.is_none());
         std::thread::sleep(Duration::from_millis(120));
         assert!(b.view(&eps)[0].ejected_for_ms.is_none(), "back after its period");
-        for _ in 0..3 {
-            b.failed(ep(1), &eps);
-        }
+        assert!(fail(1), "on probation: one failure ejects again");
         let second = b.view(&eps)[0].ejected_for_ms.unwrap();
         assert!(second > 100, "the second ejection is longer: {second} ms");
         assert_eq!(b.ejections_total.load(std::sync::atomic::Ordering::Relaxed), 3);
+        // ep(2) came back too; a success readmits it for good.
+        b.connected(ep(2), Duration::from_micros(100));
+        assert!(!fail(2), "readmitted: one failure is not enough again");
         let single = [ep(9)];
         for _ in 0..10 {
-            assert!(!b.failed(ep(9), &single), "a Service's only endpoint is never ejected");
+            assert!(!b.failed(ep(9), &single, Duration::ZERO), "a Service's only endpoint is never ejected");
         }
     }
 

@@ -112,11 +112,8 @@ impl Budget {
     }
 
     fn try_withdraw(&mut self, sec: u64, percent: u32) -> bool {
-        let (requests, retries) = self
-            .buckets
-            .iter()
-            .filter(|b| b.0 + BUDGET_WINDOW_SECS > sec)
-            .fold((0, 0), |(a, b), x| (a + x.1, b + x.2));
+        let (requests, retries) =
+            self.buckets.iter().filter(|b| b.0 + BUDGET_WINDOW_SECS > sec).fold((0, 0), |(a, b), x| (a + x.1, b + x.2));
         let allowed = BUDGET_MIN_PER_SEC * BUDGET_WINDOW_SECS + requests * u64::from(percent) / 100;
         if retries < allowed {
             self.bucket(sec).2 += 1;
@@ -303,22 +300,15 @@ pub fn error_response(status: StatusCode, reason: &'static str, detail: String) 
 
 fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(hyper::header::UPGRADE)
-        && headers.get_all(hyper::header::CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
-        })
+        && headers
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
 impl<U: Upstreams> Downstream<U> {
     pub fn new(up: Arc<U>, orig: Original, vip: SocketAddrV4, conn: u64, protocol: Protocol) -> Self {
-        Downstream {
-            up,
-            orig,
-            vip,
-            conn,
-            protocol,
-            senders: Default::default(),
-            requests: AtomicU64::new(0),
-        }
+        Downstream { up, orig, vip, conn, protocol, senders: Default::default(), requests: AtomicU64::new(0) }
     }
 
     /// Serves the client connection until it ends or `stop` asks for a graceful end (HTTP/2
@@ -392,7 +382,8 @@ impl<U: Upstreams> Downstream<U> {
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let head = Head { method: parts.method, uri: parts.uri, version: parts.version, headers: parts.headers };
-        let may_retry_sent = !upgrade && (idempotent(&head.method) || policy.retry_non_idempotent) && policy.retries > 0;
+        let may_retry_sent =
+            !upgrade && (idempotent(&head.method) || policy.retry_non_idempotent) && policy.retries > 0;
         let limit = self.up.retry_body_limit();
         let mut body = if body.is_end_stream() {
             AttemptBody::Replay(Bytes::new(), None)
@@ -413,23 +404,31 @@ impl<U: Upstreams> Downstream<U> {
         } else {
             AttemptBody::Stream(Some(body.map_err(BoxError::from).boxed_unsync()))
         };
+        // The endpoint of the attempt in flight: a timeout is its failure.
+        let current = Mutex::new(None);
         let result = match deadline {
-            Some(d) => match tokio::time::timeout_at(d, self.attempts(&entry, &svc, &head, &mut body)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    http.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                    return error_response(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "request-timeout",
-                        format!(
-                            "no response from service {} within {:?} (switchyard.io/timeout)",
-                            entry.service,
-                            policy.timeout.unwrap_or_default()
-                        ),
-                    );
+            Some(d) => {
+                match tokio::time::timeout_at(d, self.attempts(&entry, &svc, &head, &mut body, &current)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        http.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                        if let Some((ep, started)) = current.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                            http.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+                            self.up.balancer().failed(ep, &entry.endpoints, Instant::now() - started);
+                        }
+                        return error_response(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "request-timeout",
+                            format!(
+                                "no response from service {} within {:?} (switchyard.io/timeout)",
+                                entry.service,
+                                policy.timeout.unwrap_or_default()
+                            ),
+                        );
+                    }
                 }
-            },
-            None => self.attempts(&entry, &svc, &head, &mut body).await,
+            }
+            None => self.attempts(&entry, &svc, &head, &mut body, &current).await,
         };
         match result {
             Ok(mut resp) => {
@@ -460,6 +459,7 @@ impl<U: Upstreams> Downstream<U> {
         svc: &ServiceState,
         head: &Head,
         body: &mut AttemptBody,
+        current: &Mutex<Option<(SocketAddrV4, Instant)>>,
     ) -> Result<Response<Incoming>, Response<Body>> {
         let http = self.up.http();
         let balancer = self.up.balancer();
@@ -481,12 +481,17 @@ impl<U: Upstreams> Downstream<U> {
             tried.push(ep);
             let _in_flight = balancer.start(ep);
             let started = Instant::now();
+            *current.lock().unwrap_or_else(|p| p.into_inner()) = Some((ep, started));
             // May another attempt follow this one?
             let can_retry = |retries: u32| -> bool {
                 if retries >= policy.retries {
                     return false;
                 }
-                let ok = svc.budget.lock().unwrap_or_else(|p| p.into_inner()).try_withdraw(now_sec(), policy.retry_budget_percent);
+                let ok = svc
+                    .budget
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .try_withdraw(now_sec(), policy.retry_budget_percent);
                 if !ok {
                     http.stats.budget_exhausted.fetch_add(1, Ordering::Relaxed);
                     debug!(service = %entry.service, "retry budget exhausted");
@@ -494,8 +499,9 @@ impl<U: Upstreams> Downstream<U> {
                 ok
             };
             let failure = |what: &str, detail: String| {
+                current.lock().unwrap_or_else(|p| p.into_inner()).take();
                 http.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
-                balancer.failed(ep, &entry.endpoints);
+                balancer.failed(ep, &entry.endpoints, started.elapsed());
                 debug!(service = %entry.service, endpoint = %ep, "{what}: {detail}");
             };
             let mut sender = match self.sender(ep).await {
@@ -541,6 +547,7 @@ impl<U: Upstreams> Downstream<U> {
                     if status.is_server_error() {
                         failure("status", status.to_string());
                     } else {
+                        current.lock().unwrap_or_else(|p| p.into_inner()).take();
                         balancer.connected(ep, started.elapsed());
                     }
                     self.keep(ep, sender).await;
@@ -597,13 +604,12 @@ impl<U: Upstreams> Downstream<U> {
             _ => {}
         }
         let timeout = self.up.connect_timeout();
-        let (io, _dst_pod) = tokio::time::timeout(timeout, self.up.open(self.orig, ep)).await.map_err(|_| {
-            UpstreamError {
+        let (io, _dst_pod) =
+            tokio::time::timeout(timeout, self.up.open(self.orig, ep)).await.map_err(|_| UpstreamError {
                 denied: false,
                 reason: "connect_timeout",
                 detail: format!("connecting to {ep} timed out after {timeout:?}"),
-            }
-        })??;
+            })??;
         let io = TokioIo::new(io);
         let handshake_err = |e: hyper::Error| UpstreamError {
             denied: false,
@@ -649,7 +655,10 @@ impl<U: Upstreams> Downstream<U> {
 
 impl ServiceState {
     /// [`Self::acquire`], giving up at `deadline` like the request would.
-    async fn acquire_by(&self, deadline: Option<tokio::time::Instant>) -> Result<Option<OwnedSemaphorePermit>, LimitHit> {
+    async fn acquire_by(
+        &self,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Option<OwnedSemaphorePermit>, LimitHit> {
         match deadline {
             Some(d) => tokio::time::timeout_at(d, self.acquire()).await.unwrap_or(Err(LimitHit)),
             None => self.acquire().await,

@@ -490,7 +490,7 @@ impl Outbound {
             };
             self.metrics.error(err.reason());
             let Some(svc) = &service else { return Err(err) };
-            self.balancer.failed(ep, &svc.endpoints);
+            self.balancer.failed(ep, &svc.endpoints, started.elapsed());
             tried.push(ep);
             let attempt = tried.len() as u32;
             // Another endpoint reached the same way (not through a tunnel), if any is left.

@@ -1,0 +1,320 @@
+//! End to end: resilience in the node proxy, with fault-injecting servers (`sim-http`) in
+//! real pods behind Services, and a real agent with its eBPF redirect.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use serde_json::Value;
+use sim::{Node, Pod, Server, eventually, http_get, privileged, service_yaml};
+
+const T: Duration = Duration::from_secs(60);
+const WEB: &str = "10.96.0.10:80";
+
+struct Setup {
+    node: Node,
+    client: Pod,
+    servers: Vec<Pod>,
+    procs: Vec<Option<Server>>,
+}
+
+/// A node with a meshed client and one `sim-http serve` pod per entry of `servers` (name,
+/// extra args), listening on 8080; `services(ips)` gives the workload file's services.
+fn setup(
+    subnet: u8,
+    servers: &[(&str, &[&str])],
+    services: impl Fn(&[Ipv4Addr]) -> String,
+    agent_args: &[&str],
+) -> Result<Setup> {
+    let mut node = Node::new("node", subnet)?;
+    node.set_namespace_meshed("shop", true);
+    let client = node.add_pod("client", "shop", None)?;
+    let mut pods = Vec::new();
+    let mut procs = Vec::new();
+    for (name, args) in servers {
+        let pod = node.add_pod(name, "shop", None)?;
+        procs.push(Some(serve(&pod, args)?));
+        pods.push(pod);
+    }
+    let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
+    node.services = services(&ips);
+    node.start_agent(agent_args)?;
+    eventually(Duration::from_secs(5), "pods meshed", || {
+        let pods = node.admin_json("/debug/pods").ok()?;
+        let n = pods.as_array()?.iter().filter(|p| p["redirected"] == true).count();
+        (n == servers.len() + 1).then_some(())
+    })?;
+    Ok(Setup { node, client, servers: pods, procs })
+}
+
+fn serve(pod: &Pod, args: &[&str]) -> Result<Server> {
+    let mut a = vec!["serve", "--listen", "0.0.0.0:8080", "--name", pod.name.as_str()];
+    a.extend_from_slice(args);
+    pod.serve_tool("sim-http", &a)
+}
+
+fn web(ips: &[Ipv4Addr], annotations: &[(&str, &str)]) -> String {
+    service_yaml("web", "shop", WEB.parse().unwrap(), "http", 8080, ips, annotations)
+}
+
+/// `sim-http load` from the client pod.
+fn load(pod: &Pod, url: &str, args: &[&str]) -> Result<Value> {
+    let mut a = vec!["load", "--url", url];
+    a.extend_from_slice(args);
+    pod.http(&a, T)
+}
+
+fn count(v: &Value, key: &str, field: &str) -> u64 {
+    v[key][field].as_u64().unwrap_or(0)
+}
+
+/// Requests a server pod received, by method (its own `/__stats`, asked directly).
+fn received(pod: &Pod) -> Result<BTreeMap<String, u64>> {
+    let (status, body) = http_get(&pod.netns, SocketAddr::from((pod.ip, 8080)), "/__stats")?;
+    anyhow::ensure!(status == 200, "stats of {}: {status} {body}", pod.name);
+    serde_json::from_str(&body).with_context(|| format!("stats {body:?}"))
+}
+
+fn endpoint_state(node: &Node, vip: &str, ep: SocketAddr) -> Result<Value> {
+    let s = node.admin_json("/debug/services")?;
+    s[vip]["endpoint_state"]
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["endpoint"] == ep.to_string()).cloned())
+        .ok_or_else(|| anyhow!("{ep} not in {vip}: {s}"))
+}
+
+fn ep(pod: &Pod) -> SocketAddr {
+    SocketAddr::from((pod.ip, 8080))
+}
+
+#[test]
+fn an_endpoint_killed_mid_run_costs_no_idempotent_request_is_ejected_and_comes_back() -> Result<()> {
+    if !privileged("an_endpoint_killed_mid_run") {
+        return Ok(());
+    }
+    let mut s = setup(
+        140,
+        &[("web-0", &[]), ("web-1", &[]), ("web-2", &[])],
+        |ips| web(ips, &[]),
+        &["--outlier-base-ejection-ms", "1500"],
+    )?;
+    let client = s.client.clone();
+    let run = std::thread::spawn(move || {
+        load(&client, "http://10.96.0.10/", &["--duration-ms", "4000", "--concurrency", "4", "--interval-ms", "2"])
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let victim = s.servers[2].clone();
+    s.procs[2] = None; // killed
+    let state = eventually(Duration::from_secs(3), "the killed endpoint ejected", || {
+        let st = endpoint_state(&s.node, WEB, ep(&victim)).ok()?;
+        st.get("ejected_for_ms").is_some().then_some(st)
+    })?;
+    let r = run.join().map_err(|_| anyhow!("load panicked"))??;
+    eprintln!("load while killing {}: {r}\nendpoint state: {state}", victim.name);
+    let total = r["total"].as_u64().unwrap();
+    assert!(total >= 200, "a real run: {r}");
+    assert_eq!(r["ok"].as_u64(), Some(total), "every GET succeeded: {r}");
+    assert!(r["served_by"]["web-2"].as_u64().unwrap_or(0) > 0, "it served before it died: {r}");
+
+    // Back: after its ejection it is on probation, then readmitted by a success.
+    s.procs[2] = Some(serve(&victim, &[])?);
+    let back = eventually(Duration::from_secs(20), "the endpoint readmitted", || {
+        let r = load(&s.client, "http://10.96.0.10/", &["--requests", "60", "--concurrency", "2"]).ok()?;
+        (count(&r, "served_by", "web-2") > 0 && r["ok"] == r["total"]).then_some(r)
+    })?;
+    eprintln!("after recovery: {back}");
+    let st = endpoint_state(&s.node, WEB, ep(&victim))?;
+    assert!(st.get("ejected_for_ms").is_none() && st["ejections"].as_u64() >= Some(1), "{st}");
+    Ok(())
+}
+
+#[test]
+fn an_endpoint_failing_30_percent_costs_no_get_posts_are_not_retried_and_the_budget_caps_retries() -> Result<()> {
+    if !privileged("an_endpoint_failing_30_percent") {
+        return Ok(());
+    }
+    let s = setup(
+        141,
+        &[("web-0", &["--fail-rate", "0.3"]), ("web-1", &[]), ("web-2", &[]), ("broken", &["--fail-rate", "1"])],
+        |ips| {
+            web(&ips[..3], &[])
+                + &service_yaml("broken", "shop", "10.96.0.11:80".parse().unwrap(), "http", 8080, &ips[3..], &[])
+        },
+        &[],
+    )?;
+    let gets = load(&s.client, "http://10.96.0.10/", &["--requests", "2000", "--concurrency", "4"])?;
+    eprintln!("GETs: {gets}");
+    let total = gets["total"].as_u64().unwrap();
+    assert_eq!(total, 2000);
+    assert!(gets["ok"].as_u64().unwrap() * 1000 >= total * 999, "at least 99.9 % of GETs succeed: {gets}");
+    let faulty = received(&s.servers[0])?;
+    assert!(faulty["GET"] > 100, "the faulty endpoint had its share: {faulty:?}");
+
+    let before: u64 =
+        s.servers[..3].iter().map(|p| received(p).map(|m| m.get("POST").copied().unwrap_or(0))).sum::<Result<u64>>()?;
+    let posts = load(
+        &s.client,
+        "http://10.96.0.10/",
+        &["--requests", "600", "--concurrency", "4", "--method", "POST", "--body-bytes", "100"],
+    )?;
+    eprintln!("POSTs: {posts}");
+    let after: u64 =
+        s.servers[..3].iter().map(|p| received(p).map(|m| m.get("POST").copied().unwrap_or(0))).sum::<Result<u64>>()?;
+    assert_eq!(before, 0);
+    assert_eq!(after, 600, "every POST reached an endpoint exactly once: not retried");
+    assert!(count(&posts, "statuses", "503") > 0, "the faulty endpoint's 503s reach the client: {posts}");
+    assert_eq!(count(&posts, "statuses", "503") + count(&posts, "statuses", "200"), 600, "{posts}");
+
+    // Every request to "broken" fails; with 2 retries each that would be 3x the load. The
+    // budget (20 % of requests + 10/s over 10 s) caps it.
+    let n = 1000;
+    let r = load(&s.client, "http://10.96.0.11/", &["--requests", &n.to_string(), "--concurrency", "4"])?;
+    let upstream = received(&s.servers[3])?["GET"];
+    let extra = upstream as f64 / n as f64 - 1.0;
+    eprintln!("broken: {r}; upstream requests {upstream} for {n} = {:.1} % extra load", extra * 100.0);
+    assert_eq!(count(&r, "statuses", "503"), n, "{r}");
+    assert!(upstream > n, "some retries were made");
+    assert!(upstream <= n + n / 5 + 100 + 8, "retries capped by the budget: {upstream} upstream for {n}");
+    Ok(())
+}
+
+#[test]
+fn a_hung_endpoint_times_out_at_the_configured_timeout_and_its_breaker_opens() -> Result<()> {
+    if !privileged("a_hung_endpoint_times_out") {
+        return Ok(());
+    }
+    let s = setup(
+        142,
+        &[("hung", &["--hang"]), ("slow", &["--delay-ms", "20"])],
+        |ips| web(ips, &[("switchyard.io/timeout", "300ms")]),
+        &[],
+    )?;
+    let r = load(&s.client, "http://10.96.0.10/", &["--duration-ms", "3000", "--concurrency", "8"])?;
+    eprintln!("hung + slow: {r}");
+    let timeouts = count(&r, "statuses", "504");
+    assert!(timeouts >= 1, "some requests reached the hung endpoint and timed out: {r}");
+    assert_eq!(count(&r, "reasons", "request-timeout"), timeouts);
+    let max = r["max_ms"].as_f64().unwrap();
+    assert!((300.0..1500.0).contains(&max), "the slowest request is the timeout, not a hang: {max} ms");
+    let st = endpoint_state(&s.node, WEB, ep(&s.servers[0]))?;
+    eprintln!("hung endpoint: {st}");
+    assert!(st.get("ejected_for_ms").is_some() && st["ejections"] == 1, "the breaker opened: {st}");
+    // Ejected after 5 timeouts in a row (plus those already in flight): the rest went to the
+    // other endpoint.
+    assert!(timeouts <= 5 + 8, "{timeouts} timeouts");
+    assert!(r["ok"].as_u64().unwrap() > 50 * timeouts, "{r}");
+    Ok(())
+}
+
+#[test]
+fn requests_past_the_connection_limit_fail_fast_with_the_documented_503() -> Result<()> {
+    if !privileged("requests_past_the_connection_limit") {
+        return Ok(());
+    }
+    let s = setup(
+        143,
+        &[("web-0", &["--delay-ms", "1500"])],
+        |ips| web(ips, &[("switchyard.io/max-connections", "2")]),
+        &[],
+    )?;
+    let r = load(&s.client, "http://10.96.0.10/", &["--requests", "6", "--concurrency", "6"])?;
+    eprintln!("6 at once against a limit of 2: {r}");
+    assert_eq!(count(&r, "statuses", "200"), 2, "{r}");
+    assert_eq!(count(&r, "statuses", "503"), 4, "{r}");
+    assert_eq!(count(&r, "reasons", "connection-limit"), 4, "{r}");
+    assert!(r["p50_ms"].as_f64().unwrap() < 1000.0, "the 503s came at once, not after the slow ones: {r}");
+    assert_eq!(received(&s.servers[0])?["GET"], 2, "rejected requests never reached the endpoint");
+    Ok(())
+}
+
+#[test]
+fn server_first_protocols_wait_at_most_the_sniff_timeout_and_upgrades_and_h2_trailers_pass() -> Result<()> {
+    if !privileged("server_first_protocols") {
+        return Ok(());
+    }
+    let mut s = setup(
+        144,
+        &[("web-0", &[])],
+        |ips| {
+            web(ips, &[])
+                + &service_yaml("mail", "shop", "10.96.0.12:2525".parse().unwrap(), "", 2525, ips, &[])
+                + &service_yaml("smtp", "shop", "10.96.0.12:25".parse().unwrap(), "", 2525, ips, &[])
+                + &service_yaml("grpc", "shop", "10.96.0.13:9090".parse().unwrap(), "", 8080, ips, &[])
+        },
+        &["--protocol-sniff-timeout-ms", "2000"],
+    )?;
+    s.procs.push(Some(s.servers[0].serve_tool("sim-http", &["banner-server", "--listen", "0.0.0.0:2525"])?));
+
+    // No hint on 2525: the proxy waits for the client's first bytes at most the sniff timeout.
+    let b = s.client.http(&["banner", "--connect", "10.96.0.12:2525"], T)?;
+    eprintln!("banner on an unhinted port: {b}");
+    assert_eq!(b["banner"], "220 sim.example ESMTP ready");
+    assert_eq!(b["reply"], "221 bye");
+    let waited = b["banner_ms"].as_f64().unwrap();
+    assert!((1900.0..4000.0).contains(&waited), "one sniff timeout, no more: {waited} ms");
+    // Port 25 is a known server-first port: not sniffed at all.
+    let b = s.client.http(&["banner", "--connect", "10.96.0.12:25"], T)?;
+    eprintln!("banner on port 25: {b}");
+    assert_eq!(b["reply"], "221 bye");
+    assert!(b["banner_ms"].as_f64().unwrap() < 1000.0, "no sniff wait on an opaque port: {b}");
+
+    // WebSocket-style upgrade through the HTTP path: headers intact, then raw bytes both ways.
+    let u = s.client.http(&["upgrade", "--url", "http://10.96.0.10/ws"], T)?;
+    eprintln!("upgrade: {u}");
+    assert_eq!(u["status"], 101);
+    assert_eq!(u["seen_key"], "dGhlIHNhbXBsZSBub25jZQ==");
+    assert_eq!(u["echoed"], "frames pass through untouched");
+
+    // gRPC-style HTTP/2 (prior knowledge, sniffed on an unnamed port) with trailers both ways.
+    let g = s.client.http(&["grpc", "--url", "http://10.96.0.13:9090/pkg.Echo/Say"], T)?;
+    eprintln!("grpc: {g}");
+    assert_eq!(g["status"], 200);
+    assert_eq!(g["version"], "HTTP/2.0");
+    assert_eq!(g["trailers"]["grpc-status"], "0");
+    assert_eq!(g["trailers"]["x-echo-client-checksum"], "abc123", "request trailers reached the server");
+    assert_eq!(g["body"], "web-0 10\n");
+
+    let conns = s.node.admin_json("/debug/connections")?;
+    let protocols: Vec<(String, String)> = conns["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (c["original_dst"].as_str().unwrap_or("").to_string(), c["protocol"].as_str().unwrap_or("").to_string())
+        })
+        .collect();
+    for want in [("10.96.0.12:2525", "tcp"), ("10.96.0.12:25", "tcp"), (WEB, "http1"), ("10.96.0.13:9090", "http2")] {
+        assert!(protocols.iter().any(|(d, p)| d == want.0 && p == want.1), "{want:?} not in {protocols:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_service_config_is_rejected_with_the_reason_and_the_old_config_kept() -> Result<()> {
+    if !privileged("bad_service_config") {
+        return Ok(());
+    }
+    let mut s = setup(145, &[("web-0", &[])], |ips| web(ips, &[("switchyard.io/timeout", "2s")]), &[])?;
+    let ips = vec![s.servers[0].ip];
+    for (k, v, why) in [
+        ("switchyard.io/timeout", "soon", "is not a duration"),
+        ("switchyard.io/retries", "lots", "is not a number of retries"),
+        ("switchyard.io/retry-on", "404", "5xx status codes"),
+        ("switchyard.io/max-connections", "0", "positive number"),
+    ] {
+        s.node.services = web(&ips, &[(k, v)]);
+        s.node.write_workloads()?;
+        eventually(Duration::from_secs(5), "the bad value rejected in the log", || {
+            let log = s.node.agent_log();
+            log.lines().any(|l| l.contains("workload file rejected") && l.contains(k) && l.contains(why)).then_some(())
+        })
+        .map_err(|e| anyhow!("{e}:\n{}", s.node.agent_log()))?;
+        let svc = &s.node.admin_json("/debug/services")?[WEB];
+        assert_eq!(svc["policy"]["timeout"], 2000, "old policy kept after {k}: {v}: {svc}");
+        let r = load(&s.client, "http://10.96.0.10/", &["--requests", "5"])?;
+        assert_eq!(r["ok"], 5, "still serving: {r}");
+    }
+    Ok(())
+}
