@@ -141,6 +141,7 @@ fn an_endpoint_failing_30_percent_costs_no_get_posts_are_not_retried_and_the_bud
         |ips| {
             web(&ips[..3], &[])
                 + &service_yaml("broken", "shop", "10.96.0.11:80".parse().unwrap(), "http", 8080, &ips[3..], &[])
+                + &service_yaml("single", "shop", "10.96.0.12:80".parse().unwrap(), "http", 8080, &ips[..1], &[])
         },
         &[],
     )?;
@@ -152,20 +153,18 @@ fn an_endpoint_failing_30_percent_costs_no_get_posts_are_not_retried_and_the_bud
     let faulty = received(&s.servers[0])?;
     assert!(faulty["GET"] > 100, "the faulty endpoint had its share: {faulty:?}");
 
-    let before: u64 =
-        s.servers[..3].iter().map(|p| received(p).map(|m| m.get("POST").copied().unwrap_or(0))).sum::<Result<u64>>()?;
+    // POSTs are never retried: against web-0 alone (a Service's only endpoint is never
+    // ejected, so the outcome does not depend on whether the GETs got web-0 ejected).
     let posts = load(
         &s.client,
-        "http://10.96.0.10/",
+        "http://10.96.0.12/",
         &["--requests", "600", "--concurrency", "4", "--method", "POST", "--body-bytes", "100"],
     )?;
     eprintln!("POSTs: {posts}");
-    let after: u64 =
-        s.servers[..3].iter().map(|p| received(p).map(|m| m.get("POST").copied().unwrap_or(0))).sum::<Result<u64>>()?;
-    assert_eq!(before, 0);
-    assert_eq!(after, 600, "every POST reached an endpoint exactly once: not retried");
-    assert!(count(&posts, "statuses", "503") > 0, "the faulty endpoint's 503s reach the client: {posts}");
-    assert_eq!(count(&posts, "statuses", "503") + count(&posts, "statuses", "200"), 600, "{posts}");
+    assert_eq!(received(&s.servers[0])?["POST"], 600, "every POST reached the endpoint exactly once: not retried");
+    let failed = count(&posts, "statuses", "503");
+    assert!((60..=360).contains(&failed), "about 30 % of POSTs get the endpoint's 503: {posts}");
+    assert_eq!(failed + count(&posts, "statuses", "200"), 600, "{posts}");
 
     // Every request to "broken" fails; with 2 retries each that would be 3x the load. The
     // budget (20 % of requests + 10/s over 10 s) caps it.
@@ -316,5 +315,48 @@ fn bad_service_config_is_rejected_with_the_reason_and_the_old_config_kept() -> R
         let r = load(&s.client, "http://10.96.0.10/", &["--requests", "5"])?;
         assert_eq!(r["ok"], 5, "still serving: {r}");
     }
+    Ok(())
+}
+
+/// Item 6, as the agent restarts today: on SIGTERM it detaches its programs first (new
+/// connections go direct: this namespace fails open), lets connections through it drain for
+/// the grace period, and the new agent re-attaches once it is ready. Measured, and reported by
+/// the test: failed requests on new connections (must be none) and on kept-alive connections
+/// that went through the old agent (at most one per connection, when the drain ends).
+#[test]
+fn agent_restart_under_steady_load_never_fails_a_new_connection_in_a_fail_open_namespace() -> Result<()> {
+    if !privileged("agent_restart_under_steady_load") {
+        return Ok(());
+    }
+    let mut s = setup(146, &[("web-0", &[])], |ips| web(ips, &[]), &[])?;
+    let url = format!("http://{}:8080/", s.servers[0].ip);
+    let (c1, c2, u1, u2) = (s.client.clone(), s.client.clone(), url.clone(), url.clone());
+    let fresh = std::thread::spawn(move || {
+        load(&c1, &u1, &["--duration-ms", "9000", "--concurrency", "2", "--interval-ms", "5", "--new-connection"])
+    });
+    let kept = std::thread::spawn(move || {
+        load(&c2, &u2, &["--duration-ms", "9000", "--concurrency", "4", "--interval-ms", "5"])
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = s.node.proxied_total()?;
+    assert!(before > 0, "traffic goes through the proxy before the restart");
+    let t = std::time::Instant::now();
+    assert!(s.node.stop_agent(Duration::from_secs(15))?, "clean exit");
+    let stopped = t.elapsed();
+    s.node.start_agent(&[])?;
+    let gap = t.elapsed();
+    let fresh = fresh.join().map_err(|_| anyhow!("load panicked"))??;
+    let kept = kept.join().map_err(|_| anyhow!("load panicked"))??;
+    let after = s.node.proxied_total()?;
+    eprintln!(
+        "restart: old agent exited after {stopped:?}, new one ready {gap:?} after SIGTERM\n\
+         new connection per request: {fresh}\nkept-alive connections: {kept}\nproxied by the new agent: {after}"
+    );
+    let total = fresh["total"].as_u64().unwrap();
+    assert!(total > 100, "{fresh}");
+    assert_eq!(fresh["ok"].as_u64(), Some(total), "no new connection failed: {fresh}");
+    let kept_failed = kept["total"].as_u64().unwrap() - kept["ok"].as_u64().unwrap();
+    assert!(kept_failed <= 4, "at most one failure per kept-alive connection, when the drain ends: {kept}");
+    assert!(after > 0, "the new agent proxies again");
     Ok(())
 }

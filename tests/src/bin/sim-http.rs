@@ -75,6 +75,9 @@ enum Cmd {
         /// Pause between requests of one worker.
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
+        /// A new connection for every request (HTTP/1.1 `Connection: close`).
+        #[arg(long)]
+        new_connection: bool,
     },
     Upgrade {
         #[arg(long)]
@@ -111,7 +114,18 @@ async fn main() {
             let cfg = Arc::new(ServeCfg { name, fail_rate, fail_status, hang, delay_ms, stats: Mutex::default() });
             serve(listen, cfg).await
         }
-        Cmd::Load { url, requests, duration_ms, concurrency, method, h2, body_bytes, timeout_ms, interval_ms } => {
+        Cmd::Load {
+            url,
+            requests,
+            duration_ms,
+            concurrency,
+            method,
+            h2,
+            body_bytes,
+            timeout_ms,
+            interval_ms,
+            new_connection,
+        } => {
             let opts = LoadOpts {
                 url: url.parse().expect("a URL"),
                 method: method.parse().expect("a method"),
@@ -119,6 +133,7 @@ async fn main() {
                 body: Bytes::from(vec![b'x'; body_bytes]),
                 timeout: Duration::from_millis(timeout_ms),
                 interval: Duration::from_millis(interval_ms),
+                new_connection,
             };
             load(Arc::new(opts), requests, duration_ms.map(Duration::from_millis), concurrency).await
         }
@@ -232,6 +247,7 @@ struct LoadOpts {
     body: Bytes,
     timeout: Duration,
     interval: Duration,
+    new_connection: bool,
 }
 
 #[derive(Default)]
@@ -275,6 +291,9 @@ async fn one(client: &mut Client, opts: &LoadOpts) -> Result<Response<Bytes>, St
         req.uri(opts.url.path_and_query().map_or("/", |p| p.as_str()))
             .header("host", opts.url.authority().unwrap().as_str())
     };
+    if opts.new_connection && !opts.h2 {
+        req = req.header("connection", "close");
+    }
     let req = req.body(full(opts.body.clone())).unwrap();
     let resp = match client {
         Client::H1(s) => {
@@ -338,6 +357,12 @@ async fn load(opts: Arc<LoadOpts>, requests: u64, duration: Option<Duration>, co
                         }
                     }
                 }
+                if opts.new_connection {
+                    client = None;
+                } else if client.is_none() {
+                    // After an error: do not spin.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 if !opts.interval.is_zero() {
                     tokio::time::sleep(opts.interval).await;
                 }
@@ -371,6 +396,7 @@ async fn upgrade(url: hyper::Uri) {
         body: Bytes::new(),
         timeout: Duration::from_secs(5),
         interval: Duration::ZERO,
+        new_connection: false,
     };
     let Ok(Client::H1(mut send)) = connect(&opts).await else {
         return print(serde_json::json!({"error": "connect"}));
@@ -413,6 +439,7 @@ async fn grpc(url: hyper::Uri) {
         body: Bytes::new(),
         timeout: Duration::from_secs(5),
         interval: Duration::ZERO,
+        new_connection: false,
     };
     let Ok(Client::H2(mut send)) = connect(&opts).await else {
         return print(serde_json::json!({"error": "connect"}));
