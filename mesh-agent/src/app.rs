@@ -258,6 +258,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // Detach first: from here on, pods connect directly again.
     let dp = datapath.lock().unwrap_or_else(|p| p.into_inner()).take();
     drop(dp);
+    // Connections redirected just before the detach are in the accept queue or still in their
+    // handshake: keep accepting a moment so they are served, not reset when the listener
+    // closes (seen as one failed new connection in 2 500 under restart before this).
+    tokio::time::sleep(ACCEPT_SETTLE).await;
     stop.cancel();
     let _ = tokio::join!(reconcile_task, outbound_task);
     if let Some(t) = inbound_task {
@@ -278,6 +282,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     info!("agent stopped");
     Ok(())
 }
+
+/// How long the listeners keep accepting after the programs are detached at shutdown.
+const ACCEPT_SETTLE: Duration = Duration::from_millis(200);
 
 /// A client from an explicit kubeconfig, else in-cluster or `$KUBECONFIG` (kube's inference).
 async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
