@@ -119,6 +119,8 @@ impl Admin {
                         "attached": true,
                         "cgroup_root": dp.cgroup_root(),
                         "sockmap_acceleration": dp.accel_state(),
+                        "pinned": dp.pinned(),
+                        "superseded": dp.superseded(),
                         "maps": dp.map_usage(),
                         "events": dp.stats().iter().map(|(s, v)| (s.name(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
                     }),

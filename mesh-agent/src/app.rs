@@ -78,18 +78,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         Some(kubeconfig) => Some(kube_client(kubeconfig.as_deref()).await?),
         None => None,
     };
-    let outbound_listener = TcpListener::bind(config.outbound_listen)
-        .await
+    let outbound_listener = listen(config.outbound_listen)
         .with_context(|| format!("cannot listen on {} (outbound)", config.outbound_listen))?;
-    let admin_listener = TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
+    let admin_listener =
+        listen(config.admin_listen).with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
     let mtls = load_mtls(&config)?;
     let hbone_listener = match &mtls {
         Some(_) => Some(
-            TcpListener::bind(config.hbone_listen)
-                .await
-                .with_context(|| format!("cannot listen on {} (HBONE)", config.hbone_listen))?,
+            listen(config.hbone_listen).with_context(|| format!("cannot listen on {} (HBONE)", config.hbone_listen))?,
         ),
         None => None,
     };
@@ -103,9 +99,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         max_redirected_sockets: config.max_redirected_sockets,
         proxy_ip4: config.redirect_address,
         accel: config.sockmap_acceleration,
+        pin_dir: config.bpf_pin_dir.clone(),
     })?;
+    if config.bpf_pin_dir.is_some() {
+        allow_accept_queue_migration();
+    }
     let orig_table = datapath.orig_dst_table();
     let datapath = Arc::new(Mutex::new(Some(datapath)));
+    let heartbeat = spawn_heartbeat(datapath.clone());
 
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -253,11 +254,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     shutdown.await;
 
-    info!("stopping: detaching eBPF programs");
     ready_tx.send_replace(false);
-    // Detach first: from here on, pods connect directly again.
+    // The datapath goes first: from here on, new connections do not come to this agent.
     let dp = datapath.lock().unwrap_or_else(|p| p.into_inner()).take();
-    drop(dp);
+    if let Some(mut dp) = dp {
+        if !dp.pinned() {
+            info!("stopping: detaching eBPF programs (pods connect directly)");
+        } else if dp.superseded() {
+            info!("stopping: a newer agent has taken the eBPF programs and listeners over");
+        } else {
+            info!("stopping without a successor: programs stay pinned; pods fail open or closed by namespace");
+            if let Err(e) = dp.heartbeat(0) {
+                warn!(error = %e, "cannot mark the agent stopped; pods see it gone within 2 s");
+            }
+        }
+        drop(dp);
+    }
+    let _ = heartbeat.join();
     // Connections redirected just before the detach are in the accept queue or still in their
     // handshake: keep accepting a moment so they are served, not reset when the listener
     // closes (seen as one failed new connection in 2 500 under restart before this).
@@ -281,6 +294,60 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     admin_task.abort();
     info!("agent stopped");
     Ok(())
+}
+
+/// A listener that another agent may share (SO_REUSEPORT) while it takes over.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    s.set_reuseaddr(true)?;
+    s.set_reuseport(true)?;
+    s.bind(addr)?;
+    s.listen(1024)
+}
+
+/// Lets a listener's accept queue move to another listener of its SO_REUSEPORT group when it
+/// closes (`net.ipv4.tcp_migrate_req`, Linux 5.14+): connections queued on the old agent at
+/// hand-over are served by the new one instead of being reset.
+fn allow_accept_queue_migration() {
+    let path = "/proc/sys/net/ipv4/tcp_migrate_req";
+    match std::fs::read_to_string(path) {
+        Ok(v) if v.trim() == "1" => {}
+        Ok(_) => match std::fs::write(path, "1") {
+            Ok(()) => {
+                info!("net.ipv4.tcp_migrate_req set to 1 (queued connections move to the new agent on hand-over)")
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot set net.ipv4.tcp_migrate_req; connections queued at hand-over may be reset")
+            }
+        },
+        Err(e) => {
+            warn!(error = %e, "no net.ipv4.tcp_migrate_req (kernel older than 5.14?); connections queued at hand-over may be reset")
+        }
+    }
+}
+
+/// Writes the heartbeat every 250 ms from a thread of its own (a busy runtime cannot delay it),
+/// until the datapath is taken at shutdown or a newer agent has taken over.
+fn spawn_heartbeat(datapath: Arc<Mutex<Option<Datapath>>>) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("heartbeat".into())
+        .spawn(move || {
+            loop {
+                {
+                    let mut guard = datapath.lock().unwrap_or_else(|p| p.into_inner());
+                    let Some(dp) = guard.as_mut() else { return };
+                    if dp.superseded() {
+                        info!("a newer agent has taken the eBPF programs over; heartbeat stopped");
+                        return;
+                    }
+                    if let Err(e) = dp.heartbeat(crate::datapath::monotonic_ns()) {
+                        warn!(error = %e, "heartbeat write failed");
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        })
+        .expect("spawning a thread")
 }
 
 /// How long the listeners keep accepting after the programs are detached at shutdown.

@@ -152,6 +152,7 @@ mod tests {
             meshed: true,
             reason: MeshReason::Namespace,
             mtls_mode: MtlsMode::Permissive,
+            fail_closed: false,
         }
     }
 

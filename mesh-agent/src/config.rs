@@ -123,6 +123,9 @@ pub struct FileConfig {
     #[serde(default)]
     pub outlier_detection: OutlierFile,
     pub retry_body_limit_bytes: Option<usize>,
+    /// Pin the eBPF maps and links under this directory on a bpffs: a new agent then takes
+    /// over from the running one without a gap, and namespaces can fail closed.
+    pub bpf_pin_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -251,6 +254,10 @@ pub struct RunArgs {
     /// Outlier detection: first ejection of a failing endpoint, milliseconds (default 10000).
     #[arg(long)]
     pub outlier_base_ejection_ms: Option<u64>,
+    /// Pin eBPF maps and links under this bpffs directory (upgrade hand-over, fail modes);
+    /// default: not pinned, programs detach when the agent exits.
+    #[arg(long)]
+    pub bpf_pin_dir: Option<PathBuf>,
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -293,6 +300,7 @@ pub struct Config {
     pub opaque_ports: Vec<u16>,
     pub outlier: Outlier,
     pub retry_body_limit: usize,
+    pub bpf_pin_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -452,6 +460,7 @@ impl Config {
                     .min(100),
             },
             retry_body_limit: file.retry_body_limit_bytes.unwrap_or(DEFAULT_RETRY_BODY_LIMIT),
+            bpf_pin_dir: args.bpf_pin_dir.clone().or(file.bpf_pin_dir),
         })
     }
 }

@@ -1,6 +1,15 @@
 //! The kernel side as the agent sees it: loads the eBPF object, attaches its programs to the
-//! node's cgroup, and owns the maps. Dropping [`Datapath`] detaches every program (the
-//! attachments are bpf_links owned by this process, so even a crash detaches them).
+//! node's cgroup, and owns the maps.
+//!
+//! Two modes. Unpinned (no `bpfPinDir`): the attachments are bpf_links owned by this process,
+//! so dropping [`Datapath`] (or a crash) detaches every program and pods connect directly.
+//! Pinned (`bpfPinDir` on a bpffs): maps and links live in `<bpfPinDir>/v1-cg<cgroup id>/`.
+//! A starting agent reuses the maps (so records written by the previous agent's programs are
+//! found by the new proxy) and switches each pinned link to its own program with
+//! `BPF_LINK_UPDATE`: one atomic swap per hook, never a moment without a program, never two.
+//! The programs outlive the agent; whether an agent serves is the heartbeat it writes to
+//! `MESH_CONFIG` every 250 ms ([`mesh_common::agent_alive`]): without one, fail-open pods
+//! connect directly and fail-closed pods are refused.
 use std::{
     fs::File,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -56,6 +65,10 @@ pub enum DatapathError {
     Cgroup { path: PathBuf, source: std::io::Error },
     #[error("too many bypass entries for map {0}")]
     BypassFull(&'static str),
+    #[error("bpfPinDir {0} is not on a BPF filesystem (mount one: mount -t bpf bpf {0}); {1}")]
+    NotBpffs(PathBuf, String),
+    #[error("pinning under {path}: {source}")]
+    Pin { path: PathBuf, source: std::io::Error },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
@@ -76,6 +89,106 @@ pub struct DatapathConfig {
     /// Same-node acceleration (sockmap + sk_msg) wanted. It is turned on only if the kernel
     /// accepts the program and its attachment; otherwise the agent runs without it.
     pub accel: bool,
+    /// Pin maps and links under this bpffs directory (hand-over between agents, fail modes).
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// Layout of the pinned maps: bumped whenever a map's key or value layout changes, so an agent
+/// never reuses maps it cannot read (it starts a fresh set instead).
+const PIN_LAYOUT: &str = "v1";
+
+/// Maps shared by successive agents when pinned.
+const PINNED_MAPS: [&str; 9] = [
+    MAP_MESHED_CGROUPS,
+    MAP_SOCK_ORIG,
+    MAP_ORIG_BY_CLIENT,
+    MAP_BYPASS_PORTS,
+    MAP_BYPASS_CIDRS,
+    MAP_CONFIG,
+    MAP_STATS,
+    MAP_ACCEL_SOCKS,
+    MAP_ACCEL_PATH,
+];
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The per-cgroup pin directory, after checking `base` is on a bpffs.
+fn pin_dir(base: &Path, cgroup_root: &Path) -> Result<PathBuf, DatapathError> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    std::fs::create_dir_all(base).map_err(|source| DatapathError::Pin { path: base.into(), source })?;
+    let c = std::ffi::CString::new(base.as_os_str().as_encoded_bytes())
+        .map_err(|e| DatapathError::NotBpffs(base.into(), e.to_string()))?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statfs buffer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(DatapathError::NotBpffs(base.into(), std::io::Error::last_os_error().to_string()));
+    }
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        return Err(DatapathError::NotBpffs(base.into(), format!("filesystem type {:#x}", st.f_type)));
+    }
+    let id = crate::cgroup::cgroup_id(cgroup_root).map_err(|e| DatapathError::Cgroup {
+        path: cgroup_root.into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let dir = base.join(format!("{PIN_LAYOUT}-cg{id}"));
+    for sub in ["maps", "links"] {
+        let d = dir.join(sub);
+        std::fs::create_dir_all(&d).map_err(|source| DatapathError::Pin { path: d, source })?;
+    }
+    Ok(dir)
+}
+
+/// `BPF_LINK_UPDATE` on the link pinned at `path`: it runs `prog` from now on.
+fn link_update(path: &Path, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: [u8; 108],
+    }
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+        _pad: [u8; 112],
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    let mut get = ObjGet { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: [0; 108] };
+    // SAFETY: the bpf(2) ABI with a zero-padded attribute union of the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &mut get as *mut ObjGet, size_of::<ObjGet>() as u32) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd the kernel just returned to us.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut upd = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+        _pad: [0; 112],
+    };
+    // SAFETY: as above.
+    let r = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, &mut upd as *mut LinkUpdate, size_of::<LinkUpdate>() as u32)
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Whether same-node acceleration runs, and why not if it does not.
@@ -101,16 +214,30 @@ pub struct Datapath {
     accel_state: AccelState,
     cgroup_root: PathBuf,
     _logger: Option<tokio::task::JoinHandle<()>>,
+    config: Array<MapData, MeshConfig>,
+    mesh_config: MeshConfig,
+    /// Pinned mode: the pin directory, and our connect4 program's id (to tell whether a newer
+    /// agent has taken the links over).
+    pinned: Option<(PathBuf, u32)>,
+    /// Links this agent created and pinned (kept open; the pins keep them attached).
+    _links: Vec<aya::programs::links::PinnedLink>,
 }
 
 impl Datapath {
     /// Loads the programs, fills the configuration maps and attaches to `cfg.cgroup_root`.
     /// Must be called inside a tokio runtime (the kernel log reader is a task).
     pub fn start(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new()
+        let pins = cfg.pin_dir.as_deref().map(|b| pin_dir(b, &cfg.cgroup_root)).transpose()?;
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(MAP_SOCK_ORIG, cfg.max_redirected_sockets)
-            .map_max_entries(MAP_ORIG_BY_CLIENT, cfg.max_redirected_sockets)
-            .load(EBPF_OBJECT)?;
+            .map_max_entries(MAP_ORIG_BY_CLIENT, cfg.max_redirected_sockets);
+        if let Some(dir) = &pins {
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, dir.join("maps").join(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(tokio::spawn(poll_kernel_logs(logger))),
             Err(e) => {
@@ -137,8 +264,11 @@ impl Datapath {
             flags: if accel_state == AccelState::On { MESH_FLAG_ACCEL } else { 0 },
             proxy_ip4: u32::from_ne_bytes(cfg.proxy_ip4.octets()),
             _pad: 0,
+            heartbeat_ns: monotonic_ns(),
         };
         config.set(0, mesh_config, 0).map_err(map_err(MAP_CONFIG))?;
+        // Pinned maps may hold the previous agent's entries: add ours first, then drop the
+        // stale ones (never a moment without the bypasses both agree on).
         let mut ports: HashMap<_, u16, u8> = take(&mut ebpf, MAP_BYPASS_PORTS)?;
         if cfg.bypass_ports.len() > mesh_common::MAX_BYPASS_PORTS as usize {
             return Err(DatapathError::BypassFull(MAP_BYPASS_PORTS));
@@ -146,14 +276,23 @@ impl Datapath {
         for p in &cfg.bypass_ports {
             ports.insert(p, 1, 0).map_err(map_err(MAP_BYPASS_PORTS))?;
         }
+        let stale: Vec<u16> = ports.keys().filter_map(Result::ok).filter(|p| !cfg.bypass_ports.contains(p)).collect();
+        for p in stale {
+            let _ = ports.remove(&p);
+        }
         let mut cidrs: LpmTrie<_, [u8; 4], u8> = take(&mut ebpf, MAP_BYPASS_CIDRS)?;
         if cfg.bypass_cidrs.len() > mesh_common::MAX_BYPASS_CIDRS as usize {
             return Err(DatapathError::BypassFull(MAP_BYPASS_CIDRS));
         }
-        for c in &cfg.bypass_cidrs {
-            cidrs
-                .insert(&Key::new(u32::from(c.prefix_len()), c.network().octets()), 1, 0)
-                .map_err(map_err(MAP_BYPASS_CIDRS))?;
+        let wanted: Vec<(u32, [u8; 4])> =
+            cfg.bypass_cidrs.iter().map(|c| (u32::from(c.prefix_len()), c.network().octets())).collect();
+        for (len, net) in &wanted {
+            cidrs.insert(&Key::new(*len, *net), 1, 0).map_err(map_err(MAP_BYPASS_CIDRS))?;
+        }
+        let stale: Vec<Key<[u8; 4]>> =
+            cidrs.keys().filter_map(Result::ok).filter(|k| !wanted.contains(&(k.prefix_len(), k.data()))).collect();
+        for k in stale {
+            let _ = cidrs.remove(&k);
         }
         let meshed = take(&mut ebpf, MAP_MESHED_CGROUPS)?;
         let sock_orig = take(&mut ebpf, MAP_SOCK_ORIG)?;
@@ -162,13 +301,33 @@ impl Datapath {
 
         let cgroup = File::open(&cfg.cgroup_root)
             .map_err(|source| DatapathError::Cgroup { path: cfg.cgroup_root.clone(), source })?;
+        let mut links = Vec::new();
+        let mut took_over = 0;
         for (name, kind) in PROGRAMS {
-            load(&mut ebpf, name, kind, Some(&cgroup))?;
+            match load(&mut ebpf, name, kind, Some(&cgroup), pins.as_deref())? {
+                Attached::New(Some(link)) => links.push(link),
+                Attached::New(None) => {}
+                Attached::TookOver => took_over += 1,
+            }
         }
-        info!(cgroup = %cfg.cgroup_root.display(), programs = PROGRAMS.len(), accel = ?accel_state, "eBPF programs attached");
-        // The config maps stay alive through the programs' references; the handles are not
-        // needed after this point.
-        drop((config, ports, cidrs));
+        let pinned = match &pins {
+            Some(dir) => {
+                let id =
+                    ebpf.program(mesh_common::PROG_CONNECT4).and_then(|p| p.info().ok()).map(|i| i.id()).unwrap_or(0);
+                Some((dir.clone(), id))
+            }
+            None => None,
+        };
+        info!(
+            cgroup = %cfg.cgroup_root.display(),
+            programs = PROGRAMS.len(),
+            taken_over_from_previous_agent = took_over,
+            pinned = pins.as_ref().map(|d| d.display().to_string()).unwrap_or_else(|| "no".into()),
+            accel = ?accel_state,
+            "eBPF programs attached"
+        );
+        // The bypass maps stay alive through the programs' references.
+        drop((ports, cidrs));
         Ok(Datapath {
             ebpf,
             meshed,
@@ -179,7 +338,36 @@ impl Datapath {
             accel_state,
             cgroup_root: cfg.cgroup_root.clone(),
             _logger: logger,
+            config,
+            mesh_config,
+            pinned,
+            _links: links,
         })
+    }
+
+    /// Whether the programs outlive this agent (pinned mode).
+    pub fn pinned(&self) -> bool {
+        self.pinned.is_some()
+    }
+
+    /// Pinned mode: whether a newer agent has switched the links to its programs.
+    pub fn superseded(&self) -> bool {
+        let Some((dir, ours)) = &self.pinned else { return false };
+        match aya::programs::links::PinnedLink::from_pin(dir.join("links").join(mesh_common::PROG_CONNECT4)) {
+            Ok(l) => aya::programs::links::FdLink::from(l).info().map(|i| i.program_id() != *ours).unwrap_or(true),
+            // Pins removed (`mesh-agent` uninstalled by hand): nothing to serve either.
+            Err(_) => true,
+        }
+    }
+
+    /// Writes the heartbeat (`0`: this agent stops and has no successor).
+    pub fn heartbeat(&mut self, ns: u64) -> Result<(), DatapathError> {
+        self.config.set(0, MeshConfig { heartbeat_ns: ns, ..self.mesh_config }, 0).map_err(map_err(MAP_CONFIG))
+    }
+
+    /// Meshed cgroup ids currently in the map (pinned mode: possibly the previous agent's).
+    pub fn meshed_ids(&self) -> Vec<u64> {
+        self.meshed.keys().filter_map(Result::ok).collect()
     }
 
     /// The table the proxy reads original destinations from.
@@ -268,40 +456,105 @@ where
     T::try_from(map).map_err(map_err(name))
 }
 
+/// How a program got attached.
+enum Attached {
+    /// A link of its own (pinned in pinned mode).
+    New(Option<aya::programs::links::PinnedLink>),
+    /// The previous agent's pinned link now runs it.
+    TookOver,
+}
+
 /// Loads program `name` into the kernel (the verifier's verdict) and, given a cgroup, attaches
-/// it there.
-fn load(ebpf: &mut Ebpf, name: &'static str, kind: ProgramKind, cgroup: Option<&File>) -> Result<(), DatapathError> {
+/// it there: in pinned mode by switching the pinned link to it if there is one, else by a new
+/// link, pinned.
+fn load(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    kind: ProgramKind,
+    cgroup: Option<&File>,
+    pins: Option<&Path>,
+) -> Result<Attached, DatapathError> {
+    use std::os::fd::AsFd as _;
     let perr = |source| DatapathError::Program { name, source };
     let prog = ebpf
         .program_mut(name)
         .ok_or(DatapathError::Program { name, source: aya::programs::ProgramError::NotLoaded })?;
+    let pin = pins.map(|d| d.join("links").join(name));
+    let pin_err = |path: &Path, e: aya::pin::PinError| DatapathError::Pin {
+        path: path.into(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    // Takes over the pinned link if there is one that accepts the program.
+    macro_rules! take_over {
+        ($p:expr) => {
+            if let Some(path) = &pin
+                && path.exists()
+            {
+                match link_update(path, $p.fd().map_err(perr)?.as_fd()) {
+                    Ok(()) => return Ok(Attached::TookOver),
+                    Err(e) => {
+                        warn!(program = name, pin = %path.display(), error = %e, "cannot take the pinned link over; attaching anew");
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+            }
+        };
+    }
+    // Pins the new link (pinned mode only: unpinned links stay owned by the program, and are
+    // detached when it is dropped).
+    macro_rules! pin_link {
+        ($p:expr, $id:expr, $path:expr) => {{
+            let link = $p.take_link($id).map_err(perr)?;
+            let fd = aya::programs::links::FdLink::try_from(link).map_err(|e| DatapathError::Pin {
+                path: $path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            Attached::New(Some(fd.pin($path).map_err(|e| pin_err($path, e))?))
+        }};
+    }
     // Mode `Single` means attach flags 0, which is what a cgroup bpf_link requires (the kernel
     // rejects any flag on BPF_LINK_CREATE): links always coexist with other programs on the
     // cgroup (a CNI's, say), as BPF_F_ALLOW_MULTI would.
-    match kind {
+    let Some(cg) = cgroup else {
+        match kind {
+            ProgramKind::SockAddr => <&mut CgroupSockAddr>::try_from(prog).map_err(perr)?.load().map_err(perr)?,
+            ProgramKind::SockOps => <&mut SockOps>::try_from(prog).map_err(perr)?.load().map_err(perr)?,
+            ProgramKind::SkbIngress => <&mut CgroupSkb>::try_from(prog).map_err(perr)?.load().map_err(perr)?,
+        }
+        return Ok(Attached::New(None));
+    };
+    Ok(match kind {
         ProgramKind::SockAddr => {
             let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
             p.load().map_err(perr)?;
-            if let Some(cg) = cgroup {
-                p.attach(cg, CgroupAttachMode::Single).map_err(perr)?;
+            take_over!(p);
+            let id = p.attach(cg, CgroupAttachMode::Single).map_err(perr)?;
+            match &pin {
+                Some(path) => pin_link!(p, id, path),
+                None => Attached::New(None),
             }
         }
         ProgramKind::SockOps => {
             let p: &mut SockOps = prog.try_into().map_err(perr)?;
             p.load().map_err(perr)?;
-            if let Some(cg) = cgroup {
-                p.attach(cg, CgroupAttachMode::Single).map_err(perr)?;
+            take_over!(p);
+            let id = p.attach(cg, CgroupAttachMode::Single).map_err(perr)?;
+            match &pin {
+                Some(path) => pin_link!(p, id, path),
+                None => Attached::New(None),
             }
         }
         ProgramKind::SkbIngress => {
             let p: &mut CgroupSkb = prog.try_into().map_err(perr)?;
             p.load().map_err(perr)?;
-            if let Some(cg) = cgroup {
-                p.attach(cg, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single).map_err(perr)?;
+            take_over!(p);
+            let id = p.attach(cg, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single).map_err(perr)?;
+            match &pin {
+                Some(path) => pin_link!(p, id, path),
+                None => Attached::New(None),
             }
         }
-    }
-    Ok(())
+    })
 }
 
 async fn poll_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
@@ -384,7 +637,7 @@ impl OrigDstLookup for OrigDstTable {
 pub fn verify_programs() -> Result<(), DatapathError> {
     let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
     for (name, kind) in PROGRAMS {
-        load(&mut ebpf, name, kind, None)?;
+        load(&mut ebpf, name, kind, None, None)?;
     }
     Ok(())
 }

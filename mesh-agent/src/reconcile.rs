@@ -90,7 +90,15 @@ pub struct Reconciler {
 
 impl Reconciler {
     pub fn new(datapath: Arc<Mutex<Option<Datapath>>>, policy: PodPolicy) -> Self {
-        Reconciler { datapath, policy, applied: BTreeMap::new(), missing_reported: HashSet::new() }
+        // Pinned maps start with the previous agent's entries: the first pass re-applies those
+        // still wanted (same id, maybe other flags) and removes the rest.
+        let inherited: BTreeMap<u64, (String, u16)> = datapath
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|dp| dp.meshed_ids().into_iter().map(|id| (id, ("(previous agent)".to_string(), u16::MAX))).collect())
+            .unwrap_or_default();
+        Reconciler { datapath, policy, applied: inherited, missing_reported: HashSet::new() }
     }
 
     /// One pass. Returns the resulting pod index.
@@ -114,10 +122,12 @@ impl Reconciler {
                         }
                     }
                     Some(id) => {
-                        let flags = match w.mtls_mode {
-                            crate::state::MtlsMode::Strict => mesh_common::POD_FLAG_STRICT,
-                            crate::state::MtlsMode::Permissive => 0,
-                        };
+                        let fail = if w.fail_closed { mesh_common::POD_FLAG_FAIL_CLOSED } else { 0 };
+                        let flags = fail
+                            | match w.mtls_mode {
+                                crate::state::MtlsMode::Strict => mesh_common::POD_FLAG_STRICT,
+                                crate::state::MtlsMode::Permissive => 0,
+                            };
                         desired.insert(id, (key.clone(), flags));
                     }
                     None => {

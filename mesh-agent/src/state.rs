@@ -13,6 +13,10 @@ use crate::{authz::Rule, identity::Identity};
 pub const MESH_ANNOTATION: &str = "switchyard.io/mesh";
 /// Namespace annotation: `permissive` (default) or `strict`.
 pub const MTLS_MODE_ANNOTATION: &str = "switchyard.io/mtls-mode";
+/// Namespace annotation: what the namespace's pods get while no agent serves the node:
+/// `open` (default: they connect directly) or `closed` (their connects are refused). Needs
+/// the programs pinned (`bpfPinDir`), else they go with the agent and every pod is open.
+pub const FAIL_MODE_ANNOTATION: &str = "switchyard.io/fail-mode";
 
 /// Whether a meshed pod also accepts plaintext from outside the mesh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -52,6 +56,9 @@ pub struct Workload {
     pub meshed: bool,
     pub reason: MeshReason,
     pub mtls_mode: MtlsMode,
+    /// [`FAIL_MODE_ANNOTATION`] is `closed` on its namespace.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub fail_closed: bool,
 }
 
 impl Workload {

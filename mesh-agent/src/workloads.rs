@@ -52,8 +52,8 @@ use tracing::{info, warn};
 use crate::{
     authz, cgroup,
     state::{
-        MESH_ANNOTATION, MTLS_MODE_ANNOTATION, MeshReason, MtlsMode, NodeInfo, NodeState, ProtocolHint, ServiceEntry,
-        ServicePolicy, Workload,
+        FAIL_MODE_ANNOTATION, MESH_ANNOTATION, MTLS_MODE_ANNOTATION, MeshReason, MtlsMode, NodeInfo, NodeState,
+        ProtocolHint, ServiceEntry, ServicePolicy, Workload,
     },
 };
 
@@ -153,6 +153,7 @@ pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Resul
         serde_yaml_ng::from_str(text).map_err(|source| WorkloadFileError::Parse { path: path.into(), source })?;
     let mut ns_meshed = BTreeMap::new();
     let mut ns_mode = BTreeMap::new();
+    let mut ns_fail_closed = BTreeMap::new();
     for ns in &file.namespaces {
         let mode = match ns.annotations.get(MTLS_MODE_ANNOTATION).map(String::as_str) {
             None | Some("permissive") => MtlsMode::Permissive,
@@ -165,6 +166,17 @@ pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Resul
             }
         };
         ns_mode.insert(ns.name.clone(), mode);
+        let fail_closed = match ns.annotations.get(FAIL_MODE_ANNOTATION).map(String::as_str) {
+            None | Some("open") => false,
+            Some("closed") => true,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "namespace {}: {FAIL_MODE_ANNOTATION} must be \"open\" or \"closed\", not {other:?}",
+                    ns.name
+                )));
+            }
+        };
+        ns_fail_closed.insert(ns.name.clone(), fail_closed);
         let meshed = match ns.annotations.get(MESH_ANNOTATION).map(String::as_str) {
             None | Some("disabled") => false,
             Some("enabled") => true,
@@ -254,6 +266,7 @@ pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Resul
             (false, _) => (false, MeshReason::NamespaceNotMeshed),
         };
         let mtls_mode = ns_mode.get(&p.namespace).copied().unwrap_or_default();
+        let fail_closed = ns_fail_closed.get(&p.namespace).copied().unwrap_or(false);
         let w = Workload {
             name: p.name,
             namespace: p.namespace,
@@ -264,6 +277,7 @@ pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Resul
             meshed,
             reason,
             mtls_mode,
+            fail_closed,
         };
         if state.pods.insert(key.clone(), w).is_some() {
             return Err(invalid(format!("pod {key} is listed twice")));
@@ -382,6 +396,7 @@ pods:
             ("pods: {", "YAML"),
             ("pods: [{name: a, namespace: x, ip: 10.0.0.1}]", "needs a cgroup"),
             ("namespaces: [{name: x, annotations: {switchyard.io/mtls-mode: tight}}]", "must be"),
+            ("namespaces: [{name: x, annotations: {switchyard.io/fail-mode: shut}}]", "\"open\" or \"closed\""),
             ("authorization: [{name: r, namespace: x, action: allow, from: [bogus]}]", "bogus"),
             ("authorization: [{name: r, namespace: x, action: maybe, from: []}]", "maybe"),
             ("nodes: [{name: b, address: 1.2.3.4}, {name: b, address: 1.2.3.5}]", "twice"),

@@ -69,6 +69,19 @@ pub const ACCEL_VIA_SOCKMAP: u8 = 2;
 /// [`PodPolicy::flags`] bit: the pod is in a `strict` namespace; TCP connections to it are
 /// accepted only from the node proxy.
 pub const POD_FLAG_STRICT: u16 = 1;
+/// Pod flag: while no agent is alive, the pod's TCP connects are refused (`EPERM`) instead of
+/// going direct (namespace annotation `switchyard.io/fail-mode: closed`).
+pub const POD_FLAG_FAIL_CLOSED: u16 = 2;
+/// No heartbeat for this long (or a heartbeat of 0, written by an agent stopping without a
+/// successor): no agent is serving the node.
+pub const AGENT_HEARTBEAT_TIMEOUT_NS: u64 = 2_000_000_000;
+
+/// Whether an agent is serving, from [`MeshConfig::heartbeat_ns`] and the current
+/// `CLOCK_MONOTONIC` time (what `bpf_ktime_get_ns` returns).
+#[inline(always)]
+pub fn agent_alive(heartbeat_ns: u64, now_ns: u64) -> bool {
+    heartbeat_ns != 0 && now_ns.saturating_sub(heartbeat_ns) <= AGENT_HEARTBEAT_TIMEOUT_NS
+}
 
 /// Redirect target and options for one meshed pod (value of [`MAP_MESHED_CGROUPS`]).
 #[repr(C)]
@@ -134,6 +147,9 @@ pub struct MeshConfig {
     pub proxy_ip4: u32,
     /// Reserved, zero.
     pub _pad: u32,
+    /// `CLOCK_MONOTONIC` nanoseconds of the serving agent's latest heartbeat (every 250 ms);
+    /// 0 once it stopped without a successor. See [`agent_alive`].
+    pub heartbeat_ns: u64,
 }
 
 /// A TCP socket's own view of its connection (key of [`MAP_ACCEL_SOCKS`] and
@@ -222,10 +238,14 @@ pub enum Stat {
     AccelStackPaths = 17,
     /// Same-node acceleration: messages (sendmsg calls) handed socket to socket.
     AccelMessages = 18,
+    /// No agent alive: a meshed pod's connect went direct (fail-open namespace).
+    AgentDownDirect = 19,
+    /// No agent alive: a meshed pod's connect was refused (fail-closed namespace).
+    AgentDownRefused = 20,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 21;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::MeshedConnects,
         Stat::Redirected,
@@ -246,6 +266,8 @@ impl Stat {
         Stat::AccelPaths,
         Stat::AccelStackPaths,
         Stat::AccelMessages,
+        Stat::AgentDownDirect,
+        Stat::AgentDownRefused,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -270,6 +292,8 @@ impl Stat {
             Stat::AccelPaths => "accel_paths",
             Stat::AccelStackPaths => "accel_stack_paths",
             Stat::AccelMessages => "accel_messages",
+            Stat::AgentDownDirect => "agent_down_direct",
+            Stat::AgentDownRefused => "agent_down_refused",
         }
     }
 }
@@ -386,6 +410,10 @@ mod tests {
 
     #[test]
     fn strict_mode_admits_only_the_proxy_and_loopback() {
+        assert!(agent_alive(10, 10 + AGENT_HEARTBEAT_TIMEOUT_NS));
+        assert!(!agent_alive(10, 11 + AGENT_HEARTBEAT_TIMEOUT_NS), "stale");
+        assert!(!agent_alive(0, 5), "stopped without a successor");
+        assert!(agent_alive(10, 5), "a clock read before the heartbeat is not stale");
         let strict = PodPolicy { flags: POD_FLAG_STRICT, ..POLICY };
         assert!(strict_allows(&strict, POLICY.proxy_ip4));
         assert!(strict_allows(&strict, ip([127, 0, 0, 1])));
@@ -425,7 +453,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<PodPolicy>(), 8);
         assert_eq!(core::mem::size_of::<OrigDst>(), 16);
         assert_eq!(core::mem::size_of::<SockKey4>(), 8);
-        assert_eq!(core::mem::size_of::<MeshConfig>(), 16);
+        assert_eq!(core::mem::size_of::<MeshConfig>(), 24);
         assert_eq!(core::mem::size_of::<SockTuple4>(), 12);
     }
 

@@ -22,7 +22,10 @@
 //! All programs are attached once, to the node's cgroup; which pods are meshed is data
 //! (`MESHED_CGROUPS`), so pods join and leave at run time without re-attaching anything.
 //! Every path returns 1 (allow): a failure never blocks a connection, it only leaves it
-//! un-redirected and counted.
+//! un-redirected and counted. The one refusal is deliberate: while no agent is alive (no
+//! heartbeat in `MESH_CONFIG` for 2 s, or the last agent stopped), a pod of a fail-closed
+//! namespace gets `EPERM` from `connect()`; every other pod connects directly, and strict mode
+//! lets direct traffic in again.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
@@ -35,7 +38,7 @@ mod programs {
             sk_action::SK_PASS,
         },
         helpers::{
-            bpf_get_current_pid_tgid,
+            bpf_get_current_pid_tgid, bpf_ktime_get_ns,
             generated::{
                 bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
                 bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
@@ -49,14 +52,16 @@ mod programs {
     use mesh_common::{
         ACCEL_VIA_SOCKMAP, ACCEL_VIA_STACK, MAX_ACCEL_SOCKETS, MAX_BYPASS_CIDRS, MAX_BYPASS_PORTS, MAX_CGROUP_DEPTH,
         MAX_MESHED_CGROUPS, MAX_REDIRECTED_SOCKETS, MESH_FLAG_ACCEL, MeshConfig, ORIG_FLAG_V4_MAPPED, OrigDst,
-        PodPolicy, SockKey4, SockTuple4, Stat, Verdict, accel_candidate, decide_v4, is_loopback6, mapped_from_v4,
-        strict_allows, v4_from_mapped,
+        POD_FLAG_FAIL_CLOSED, PodPolicy, SockKey4, SockTuple4, Stat, Verdict, accel_candidate, agent_alive, decide_v4,
+        is_loopback6, mapped_from_v4, strict_allows, v4_from_mapped,
     };
 
     const AF_INET: u32 = 2;
     const AF_INET6: u32 = 10;
     const IPPROTO_TCP: u32 = 6;
     const ALLOW: i32 = 1;
+    /// From a connect hook: the connect fails with EPERM.
+    const REFUSE: i32 = 0;
 
     #[map]
     static MESHED_CGROUPS: HashMap<u64, PodPolicy> = HashMap::with_max_entries(MAX_MESHED_CGROUPS, 0);
@@ -128,18 +133,36 @@ mod programs {
         }
     }
 
-    /// Shared by connect4 and connect6 (v4-mapped): returns the rewrite target, or None.
+    /// Whether an agent is serving the node (its heartbeat is fresh).
     #[inline(always)]
-    fn redirect_v4(ctx: &SockAddrContext, dst_ip4: u32, dst_port: u16, flags: u16) -> Option<PodPolicy> {
-        let (pod_cgroup, policy) = current_pod()?;
+    fn agent_up() -> bool {
+        match MESH_CONFIG.get(0) {
+            Some(c) => agent_alive(c.heartbeat_ns, unsafe { bpf_ktime_get_ns() }),
+            None => false,
+        }
+    }
+
+    /// Shared by connect4 and connect6 (v4-mapped): `Ok(Some)` the rewrite target, `Ok(None)`
+    /// leave the connect alone, `Err` refuse it (fail-closed pod, no agent).
+    #[inline(always)]
+    fn redirect_v4(ctx: &SockAddrContext, dst_ip4: u32, dst_port: u16, flags: u16) -> Result<Option<PodPolicy>, ()> {
+        let Some((pod_cgroup, policy)) = current_pod() else { return Ok(None) };
         if is_agent() {
             count(Stat::SkipAgent);
-            return None;
+            return Ok(None);
         }
         count(Stat::MeshedConnects);
+        if !agent_up() {
+            if policy.flags & POD_FLAG_FAIL_CLOSED != 0 {
+                count(Stat::AgentDownRefused);
+                return Err(());
+            }
+            count(Stat::AgentDownDirect);
+            return Ok(None);
+        }
         let bypass_port = unsafe { BYPASS_PORTS.get(&u16::from_be(dst_port)) }.is_some();
         let bypass_cidr = BYPASS_CIDRS.get(&Key::new(32, dst_ip4.to_ne_bytes())).is_some();
-        match decide_v4(&policy, dst_ip4, dst_port, bypass_port, bypass_cidr) {
+        Ok(match decide_v4(&policy, dst_ip4, dst_port, bypass_port, bypass_cidr) {
             Verdict::Skip(reason) => {
                 count(reason);
                 None
@@ -150,12 +173,12 @@ mod programs {
                 if SOCK_ORIG.insert(&cookie, &orig, BPF_ANY as u64).is_err() {
                     count(Stat::MapFull);
                     warn!(ctx, "switchyard: redirect map full, connection not redirected");
-                    return None;
+                    return Ok(None);
                 }
                 count(Stat::Redirected);
                 Some(policy)
             }
-        }
+        })
     }
 
     #[cgroup_sock_addr(connect4)]
@@ -164,9 +187,13 @@ mod programs {
         if sa.protocol != IPPROTO_TCP {
             return ALLOW; // UDP (DNS) and anything else: untouched
         }
-        if let Some(p) = redirect_v4(&ctx, sa.user_ip4, sa.user_port as u16, 0) {
-            sa.user_ip4 = p.proxy_ip4;
-            sa.user_port = p.proxy_port as u32;
+        match redirect_v4(&ctx, sa.user_ip4, sa.user_port as u16, 0) {
+            Ok(Some(p)) => {
+                sa.user_ip4 = p.proxy_ip4;
+                sa.user_port = p.proxy_port as u32;
+            }
+            Ok(None) => {}
+            Err(()) => return REFUSE,
         }
         ALLOW
     }
@@ -182,8 +209,8 @@ mod programs {
             return ALLOW;
         }
         match v4_from_mapped(ip6) {
-            Some(ip4) => {
-                if let Some(p) = redirect_v4(&ctx, ip4, sa.user_port as u16, ORIG_FLAG_V4_MAPPED) {
+            Some(ip4) => match redirect_v4(&ctx, ip4, sa.user_port as u16, ORIG_FLAG_V4_MAPPED) {
+                Ok(Some(p)) => {
                     let m = mapped_from_v4(p.proxy_ip4);
                     sa.user_ip6[0] = m[0];
                     sa.user_ip6[1] = m[1];
@@ -191,7 +218,9 @@ mod programs {
                     sa.user_ip6[3] = m[3];
                     sa.user_port = p.proxy_port as u32;
                 }
-            }
+                Ok(None) => {}
+                Err(()) => return REFUSE,
+            },
             None => {
                 if current_pod().is_some() {
                     count(Stat::SkipIpv6);
@@ -416,7 +445,9 @@ mod programs {
         }
         let Some(policy) = receiving_pod(ctx) else { return Ok(true) };
         let src: u32 = ctx.load(12)?;
-        if strict_allows(&policy, src) {
+        // No agent: clients connect directly, so strict mode must let them in (unless the
+        // namespace fails closed).
+        if strict_allows(&policy, src) || (!agent_up() && policy.flags & POD_FLAG_FAIL_CLOSED == 0) {
             return Ok(true);
         }
         count(Stat::StrictDropped);

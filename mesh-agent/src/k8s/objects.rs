@@ -18,6 +18,7 @@ pub struct Namespace {
     pub name: String,
     pub meshed: bool,
     pub mtls_mode: MtlsMode,
+    pub fail_closed: bool,
 }
 
 /// A pod, trimmed to what routing, identity and meshing use.
@@ -67,7 +68,14 @@ impl Namespace {
                 return Err(format!("{MTLS_MODE_ANNOTATION}: {other:?} is neither permissive nor strict"));
             }
         };
-        Ok(Namespace { name, meshed, mtls_mode })
+        let fail_closed = match annotation(v, crate::state::FAIL_MODE_ANNOTATION) {
+            None | Some("open") => false,
+            Some("closed") => true,
+            Some(other) => {
+                return Err(format!("{}: {other:?} is neither open nor closed", crate::state::FAIL_MODE_ANNOTATION));
+            }
+        };
+        Ok(Namespace { name, meshed, mtls_mode, fail_closed })
     }
 }
 
@@ -300,6 +308,7 @@ pub fn node_state<'a>(
                 meshed,
                 reason,
                 mtls_mode: ns.map(|n| n.mtls_mode).unwrap_or_default(),
+                fail_closed: ns.is_some_and(|n| n.fail_closed),
             },
         );
     }
@@ -337,6 +346,10 @@ mod tests {
         assert_eq!(strict.mtls_mode, MtlsMode::Strict);
         assert!(ns(json!({"switchyard.io/mtls-mode": "sometimes"})).unwrap_err().contains("sometimes"));
         assert!(Namespace::from_json(&json!({"metadata": {}})).is_err());
+        assert!(ns(json!({"switchyard.io/fail-mode": "closed"})).unwrap().fail_closed);
+        assert!(!ns(json!({"switchyard.io/fail-mode": "open"})).unwrap().fail_closed);
+        assert!(!ns(json!({})).unwrap().fail_closed, "open by default");
+        assert!(ns(json!({"switchyard.io/fail-mode": "ajar"})).unwrap_err().contains("ajar"));
     }
 
     #[test]
@@ -371,8 +384,14 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join("kubepods/burstable/poduid-a")).unwrap();
         let namespaces: HashMap<_, _> = [
-            ("shop".to_string(), Namespace { name: "shop".into(), meshed: true, mtls_mode: MtlsMode::Strict }),
-            ("legacy".to_string(), Namespace { name: "legacy".into(), meshed: false, mtls_mode: MtlsMode::Permissive }),
+            (
+                "shop".to_string(),
+                Namespace { name: "shop".into(), meshed: true, mtls_mode: MtlsMode::Strict, fail_closed: true },
+            ),
+            (
+                "legacy".to_string(),
+                Namespace { name: "legacy".into(), meshed: false, mtls_mode: MtlsMode::Permissive, fail_closed: false },
+            ),
         ]
         .into();
         let mut pods = HashMap::new();

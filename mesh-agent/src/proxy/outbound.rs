@@ -659,6 +659,7 @@ mod tests {
             meshed: true,
             reason: crate::state::MeshReason::Namespace,
             mtls_mode: Default::default(),
+            fail_closed: false,
         };
         let mut state = crate::state::NodeState { node: "n".into(), ..Default::default() };
         state.pods.insert("shop/client".into(), client.clone());
