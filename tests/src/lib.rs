@@ -110,6 +110,17 @@ fn sweep_leftovers() {
             }
         }
     }
+    // bpffs instances of nodes whose test died.
+    for line in std::fs::read_to_string("/proc/self/mounts").unwrap_or_default().lines() {
+        let mut f = line.split_whitespace();
+        let (Some(_), Some(target), Some("bpf")) = (f.next(), f.next(), f.next()) else { continue };
+        let stale = Path::new(target)
+            .components()
+            .any(|c| owner(&c.as_os_str().to_string_lossy()).is_some_and(|p| !pid_alive(p)));
+        if stale {
+            let _ = Command::new("umount").arg("-l").arg(target).status();
+        }
+    }
     if let Ok(mount) = cgroup2_mount()
         && let Ok(rd) = std::fs::read_dir(mount.join(CGROUP_DIR))
     {
@@ -395,6 +406,10 @@ pub struct Node {
     pub kubeconfig: Option<PathBuf>,
     /// Raw YAML list items for `services:` (see [`service_yaml`]); standalone node only.
     pub services: String,
+    /// A bpffs of this node's own (see [`Node::pin_programs`]): agents pin there.
+    pub bpffs: Option<PathBuf>,
+    /// Namespaces annotated `switchyard.io/fail-mode: closed` (standalone node).
+    pub fail_closed: Vec<String>,
 }
 
 impl Node {
@@ -428,6 +443,8 @@ impl Node {
             cluster_cgroup,
             kubeconfig: None,
             services: String::new(),
+            bpffs: None,
+            fail_closed: vec![],
         };
         std::fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
         std::fs::create_dir_all(&dir)?;
@@ -491,7 +508,7 @@ impl Node {
     pub fn write_workloads(&self) -> Result<()> {
         write_atomic(
             &self.workloads,
-            &workload_yaml(&[], &self.namespaces, &self.mtls_modes, &self.pods, "", &self.services),
+            &workload_yaml(&[], &self.namespaces, &self.mtls_modes, &self.pods, "", &self.services, &self.fail_closed),
         )
     }
 
@@ -504,6 +521,74 @@ impl Node {
     /// Starts the real `mesh-agent` binary inside the node's network namespace and waits until
     /// it reports ready. Its log goes to `<dir>/agent.log`.
     pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
+        let child = self.spawn_agent(extra)?;
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = http_get(&self.netns, self.admin_addr(), "/readyz") {
+                return Ok(());
+            }
+            if let Some(status) = self.agent.as_mut().unwrap().try_wait()? {
+                bail!("mesh-agent exited with {status} before becoming ready:\n{}", self.agent_log());
+            }
+            if Instant::now() > deadline {
+                bail!("mesh-agent not ready after 20 s:\n{}", self.agent_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Gives the node a bpffs of its own (mounted in its directory, unmounted on drop) and
+    /// makes its agents pin their programs and maps there (`--bpf-pin-dir`).
+    pub fn pin_programs(&mut self) -> Result<PathBuf> {
+        let dir = self.dir.join("bpffs");
+        std::fs::create_dir_all(&dir)?;
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir))?;
+        self.bpffs = Some(dir.clone());
+        Ok(dir)
+    }
+
+    /// An upgrade as a surge rollout does it: a second agent starts while the first runs,
+    /// takes over, and only then is the first one stopped (SIGTERM). Returns how long after
+    /// the start the new agent was ready, and how long the old one then took to exit.
+    pub fn upgrade_agent(&mut self, extra: &[&str]) -> Result<(Duration, Duration)> {
+        let ready_lines = |log: &str| log.matches("agent ready").count();
+        let before = ready_lines(&self.agent_log());
+        let t = Instant::now();
+        let mut new = self.spawn_agent(extra)?;
+        loop {
+            if ready_lines(&self.agent_log()) > before {
+                break;
+            }
+            if let Some(status) = new.try_wait()? {
+                bail!("the new mesh-agent exited with {status} before becoming ready:\n{}", self.agent_log());
+            }
+            if t.elapsed() > Duration::from_secs(20) {
+                let _ = new.kill();
+                bail!("the new mesh-agent not ready after 20 s:\n{}", self.agent_log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let ready = t.elapsed();
+        let t = Instant::now();
+        let clean = self.stop_agent(Duration::from_secs(20))?;
+        let exited = t.elapsed();
+        self.agent = Some(new);
+        if !clean {
+            bail!("the old agent did not exit cleanly:\n{}", self.agent_log());
+        }
+        Ok((ready, exited))
+    }
+
+    /// SIGKILL for the agent (a crash).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn spawn_agent(&mut self, extra: &[&str]) -> Result<Child> {
         if self.underlay.is_none() && self.kubeconfig.is_none() {
             self.write_workloads()?;
         }
@@ -525,6 +610,10 @@ impl Node {
                 _ => vec![],
             })
             .args(extra)
+            .args(match &self.bpffs {
+                Some(d) => vec!["--bpf-pin-dir".to_string(), d.to_string_lossy().into_owned()],
+                None => vec![],
+            })
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -536,20 +625,7 @@ impl Node {
         let agent_cgroup = self.cgroup.join("mesh-agent");
         std::fs::create_dir_all(&agent_cgroup).with_context(|| format!("mkdir {}", agent_cgroup.display()))?;
         enter(&mut cmd, Some(&agent_cgroup), &self.netns);
-        self.agent = Some(cmd.spawn().context("spawn mesh-agent")?);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok((200, _)) = http_get(&self.netns, self.admin_addr(), "/readyz") {
-                return Ok(());
-            }
-            if let Some(status) = self.agent.as_mut().unwrap().try_wait()? {
-                bail!("mesh-agent exited with {status} before becoming ready:\n{}", self.agent_log());
-            }
-            if Instant::now() > deadline {
-                bail!("mesh-agent not ready after 20 s:\n{}", self.agent_log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        cmd.spawn().context("spawn mesh-agent")
     }
 
     pub fn agent_pid(&self) -> Option<u32> {
@@ -618,6 +694,10 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.stop_agent(Duration::from_secs(5));
+        // Unmounting the node's bpffs drops the pins: the programs detach.
+        if let Some(d) = &self.bpffs {
+            let _ = Command::new("umount").arg("-l").arg(d).status();
+        }
         for p in &self.pods {
             remove_cgroup_tree(&p.cgroup);
             let _ = ip(&["netns", "del", &p.netns]);
@@ -655,6 +735,7 @@ fn workload_yaml(
     pods: &[Pod],
     authz: &str,
     services: &str,
+    fail_closed: &[String],
 ) -> String {
     let mut y = String::from("nodes:\n");
     for (n, a) in nodes {
@@ -667,7 +748,10 @@ fn workload_yaml(
             y += "switchyard.io/mesh: enabled, ";
         }
         if let Some((_, mode)) = mtls_modes.iter().find(|(n, _)| n == ns) {
-            y += &format!("switchyard.io/mtls-mode: {mode}");
+            y += &format!("switchyard.io/mtls-mode: {mode}, ");
+        }
+        if fail_closed.contains(ns) {
+            y += "switchyard.io/fail-mode: closed";
         }
         y += "}\n";
     }
@@ -806,7 +890,7 @@ impl Cluster {
         let pods: Vec<Pod> = self.nodes.iter().flat_map(|n| n.pods.clone()).collect();
         write_atomic(
             &self.dir.join("cluster.yaml"),
-            &workload_yaml(&nodes, &self.namespaces, &self.mtls_modes, &pods, &self.authz, &self.services),
+            &workload_yaml(&nodes, &self.namespaces, &self.mtls_modes, &pods, &self.authz, &self.services, &[]),
         )
     }
 

@@ -247,7 +247,14 @@ pub struct Downstream<U: Upstreams> {
     pub protocol: Protocol,
     senders: tokio::sync::Mutex<HashMap<SocketAddrV4, Sender>>,
     pub requests: AtomicU64,
+    /// Shutting down: HTTP/1 responses carry `Connection: close`, so clients stop reusing the
+    /// connection without racing its close.
+    draining: std::sync::atomic::AtomicBool,
 }
+
+/// On shutdown, how long an HTTP/1 client connection is told `Connection: close` on each
+/// response before an idle one is closed.
+const H1_DRAIN: Duration = Duration::from_secs(1);
 
 /// The request minus its body, kept to rebuild it for a retry.
 struct Head {
@@ -308,11 +315,21 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 
 impl<U: Upstreams> Downstream<U> {
     pub fn new(up: Arc<U>, orig: Original, vip: SocketAddrV4, conn: u64, protocol: Protocol) -> Self {
-        Downstream { up, orig, vip, conn, protocol, senders: Default::default(), requests: AtomicU64::new(0) }
+        Downstream {
+            up,
+            orig,
+            vip,
+            conn,
+            protocol,
+            senders: Default::default(),
+            requests: AtomicU64::new(0),
+            draining: Default::default(),
+        }
     }
 
-    /// Serves the client connection until it ends or `stop` asks for a graceful end (HTTP/2
-    /// GOAWAY; HTTP/1 closes after the request in flight).
+    /// Serves the client connection until it ends or `stop` asks for a graceful end: HTTP/2
+    /// GOAWAY at once; HTTP/1 answers `Connection: close` for [`H1_DRAIN`], then an idle
+    /// connection is closed (a request in flight finishes first).
     pub async fn serve(
         self: Arc<Self>,
         client: TcpStream,
@@ -339,14 +356,26 @@ impl<U: Upstreams> Downstream<U> {
                 tokio::pin!(conn);
                 tokio::select! {
                     r = conn.as_mut() => return r,
-                    _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+                    _ = stop.cancelled() => self.draining.store(true, Ordering::Relaxed),
+                }
+                tokio::select! {
+                    r = conn.as_mut() => return r,
+                    _ = tokio::time::sleep(H1_DRAIN) => conn.as_mut().graceful_shutdown(),
                 }
                 conn.await
             }
         }
     }
 
-    async fn request(&self, mut req: Request<Incoming>) -> Response<Body> {
+    async fn request(&self, req: Request<Incoming>) -> Response<Body> {
+        let mut resp = self.request_inner(req).await;
+        if self.draining.load(Ordering::Relaxed) && self.protocol == Protocol::Http1 {
+            resp.headers_mut().insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+
+    async fn request_inner(&self, mut req: Request<Incoming>) -> Response<Body> {
         let http = self.up.http();
         http.stats.requests.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);

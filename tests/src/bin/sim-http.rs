@@ -283,6 +283,9 @@ async fn connect(opts: &LoadOpts) -> Result<Client, String> {
     }
 }
 
+/// Idle kept-alive connections found closed and replaced before sending.
+static RECONNECTS: AtomicU64 = AtomicU64::new(0);
+
 async fn one(client: &mut Client, opts: &LoadOpts) -> Result<Response<Bytes>, String> {
     let mut req = Request::builder().method(opts.method.clone());
     req = if opts.h2 {
@@ -295,6 +298,16 @@ async fn one(client: &mut Client, opts: &LoadOpts) -> Result<Response<Bytes>, St
         req = req.header("connection", "close");
     }
     let req = req.body(full(opts.body.clone())).unwrap();
+    // A connection that was closed while idle is not a failed request: like any pooling client,
+    // reconnect and send (counted as a reconnect).
+    let ready = match client {
+        Client::H1(s) => s.ready().await,
+        Client::H2(s) => s.ready().await,
+    };
+    if ready.is_err() {
+        RECONNECTS.fetch_add(1, Ordering::Relaxed);
+        *client = connect(opts).await?;
+    }
     let resp = match client {
         Client::H1(s) => {
             s.ready().await.map_err(|e| format!("ready: {e}"))?;
@@ -385,6 +398,7 @@ async fn load(opts: Arc<LoadOpts>, requests: u64, duration: Option<Duration>, co
         "statuses": tl.statuses, "reasons": tl.reasons, "served_by": tl.served_by, "errors": tl.errors,
         "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": pct(1.0),
         "elapsed_ms": started.elapsed().as_millis() as u64,
+        "reconnects": RECONNECTS.load(Ordering::Relaxed),
     }));
 }
 
