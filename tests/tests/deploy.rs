@@ -100,8 +100,19 @@ fn daemonset_is_least_privilege_on_every_node_and_never_short_of_agents() -> Res
         serde_json::json!(["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"])
     );
     for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
-        assert_eq!(c[probe]["httpGet"]["port"], "admin", "{probe}");
+        assert_eq!(c[probe]["httpGet"]["port"], 15020, "{probe}");
     }
+    // A surge agent must be schedulable beside the running one: no host ports declared
+    // (hostNetwork turns container ports into host ports), and the programs pinned so it can
+    // take them over.
+    assert!(c.get("ports").is_none_or(|p| p.is_null()), "no declared ports: {}", c["ports"]);
+    let cfg: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(find(&d, "ConfigMap")["data"]["agent.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(cfg["bpfPinDir"].as_str(), Some("/sys/fs/bpf/switchyard"));
+    // The agent accepts the config the chart writes (unknown keys are errors).
+    let text = find(&d, "ConfigMap")["data"]["agent.yaml"].as_str().unwrap().to_string();
+    let parsed: Result<mesh_agent::config::FileConfig, _> = serde_yaml_ng::from_str(&text);
+    assert!(parsed.is_ok(), "{text}: {:?}", parsed.err());
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     let env: Vec<&str> = c["env"].as_array().unwrap().iter().filter_map(|e| e["name"].as_str()).collect();
     assert!(env.contains(&"NODE_NAME") && env.contains(&"HOST_IP"), "downward API: {env:?}");
