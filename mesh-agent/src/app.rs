@@ -171,13 +171,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         None
     };
 
-    let mut registry = metrics::registry();
+    let mut root = metrics::registry();
+    let istio = metrics::IstioMetrics::default();
+    istio.register(&mut root);
+    let registry = metrics::switchyard(&mut root);
     let inbound_metrics = InboundMetrics::default();
     let proxy_metrics = ProxyMetrics { denials: inbound_metrics.denied.clone(), ..Default::default() };
-    proxy_metrics.register(&mut registry);
-    inbound_metrics.register(&mut registry);
+    proxy_metrics.register(registry);
+    inbound_metrics.register(registry);
     if let Some(p) = &pool {
-        p.metrics.register(&mut registry);
+        p.metrics.register(registry);
     }
     if let Some(m) = &mtls {
         registry.register("certificates_issued", "Workload certificates issued", m.certs.issued.clone());
@@ -193,7 +196,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (ready_tx, ready_rx) = watch::channel(false);
     let balancer = Arc::new(crate::proxy::balance::Balancer::new(config.outlier));
     let admin = Arc::new(Admin {
-        registry,
+        registry: root,
         pods: index_rx.clone(),
         conns: conns.clone(),
         datapath: datapath.clone(),
@@ -220,17 +223,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         balancer,
         open_per_service: Default::default(),
         http: Default::default(),
+        istio: istio.clone(),
         detect: crate::proxy::outbound::DetectConfig {
             sniff_timeout: config.sniff_timeout,
             http_ports: config.http_ports.clone(),
             opaque_ports: config.opaque_ports.clone(),
             retry_body_limit: config.retry_body_limit,
+            trace_context: config.trace_context,
         },
     });
     let inbound_task = match (&mtls, hbone_listener) {
         (Some(m), Some(listener)) => {
             let server = tls::server_config(m.certs.clone(), &config.trust_domain, &m.bundle)?;
             let inbound = Arc::new(Inbound {
+                istio: istio.clone(),
                 acceptor: tokio_rustls::TlsAcceptor::from(server),
                 idle_timeout: (config.pool_idle * 2).max(Duration::from_secs(1)),
                 handshakes: Arc::new(tokio::sync::Semaphore::new(crate::proxy::inbound::MAX_HANDSHAKES)),

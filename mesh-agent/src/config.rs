@@ -126,6 +126,9 @@ pub struct FileConfig {
     /// Pin the eBPF maps and links under this directory on a bpffs: a new agent then takes
     /// over from the running one without a gap, and namespaces can fail closed.
     pub bpf_pin_dir: Option<PathBuf>,
+    /// W3C trace context on HTTP requests to Services: kept and continued, created when
+    /// absent (default true).
+    pub trace_context: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -301,6 +304,7 @@ pub struct Config {
     pub outlier: Outlier,
     pub retry_body_limit: usize,
     pub bpf_pin_dir: Option<PathBuf>,
+    pub trace_context: bool,
 }
 
 impl Config {
@@ -461,6 +465,7 @@ impl Config {
             },
             retry_body_limit: file.retry_body_limit_bytes.unwrap_or(DEFAULT_RETRY_BODY_LIMIT),
             bpf_pin_dir: args.bpf_pin_dir.clone().or(file.bpf_pin_dir),
+            trace_context: file.trace_context.unwrap_or(true),
         })
     }
 }

@@ -10,6 +10,7 @@ use prometheus_client::{
         counter::{ConstCounter, Counter},
         family::Family,
         gauge::{ConstGauge, Gauge},
+        histogram::Histogram,
         info::Info,
     },
     registry::Registry,
@@ -70,11 +71,21 @@ impl ProxyMetrics {
     }
 }
 
-/// Agent-wide registry under the `switchyard_` prefix.
+/// The agent's root registry: Istio's standard metrics at the top (see [`IstioMetrics`]),
+/// Switchyard's own in [`switchyard`] (prefix `switchyard_`).
 pub fn registry() -> Registry {
-    let mut reg = Registry::with_prefix(PREFIX);
-    reg.register("build", "Agent build information", Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]));
+    let mut reg = Registry::default();
+    switchyard(&mut reg).register(
+        "build",
+        "Agent build information",
+        Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+    );
     reg
+}
+
+/// Switchyard's own metrics: the `switchyard_` sub-registry of the root.
+pub fn switchyard(root: &mut Registry) -> &mut Registry {
+    root.sub_registry_with_prefix(PREFIX)
 }
 
 /// Exports the kernel-side counters and map usage at scrape time.
@@ -182,5 +193,157 @@ impl crate::proxy::pool::PoolMetrics {
             self.handshakes.clone(),
         );
         reg.register("hbone_pool_connections", "Pooled HBONE client connections open", self.open_connections.clone());
+    }
+}
+
+/// Istio's standard metric labels, so Istio's Grafana and Kiali dashboards read Switchyard
+/// unchanged. A bounded subset: pods, namespaces, identities and Services, never ports or
+/// connection ids. Unknown values are `unknown`, as in Istio.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IstioLabels {
+    /// `source` (the outbound proxy) or `destination` (the HBONE server).
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    /// `<name>.<namespace>.svc.cluster.local` for a Service, else `unknown`.
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    /// `tcp`, `http` or `grpc`.
+    pub request_protocol: &'static str,
+    /// `mutual_tls` only when the bytes crossed in HBONE; `none` otherwise (same-node delivery,
+    /// plaintext out of the mesh). Never assumed.
+    pub connection_security_policy: &'static str,
+}
+
+pub const UNKNOWN: &str = "unknown";
+
+impl IstioLabels {
+    pub fn unknown(reporter: &'static str, request_protocol: &'static str) -> Self {
+        let u = || UNKNOWN.to_string();
+        IstioLabels {
+            reporter,
+            source_workload: u(),
+            source_workload_namespace: u(),
+            source_principal: u(),
+            destination_workload: u(),
+            destination_workload_namespace: u(),
+            destination_principal: u(),
+            destination_service: u(),
+            destination_service_name: u(),
+            destination_service_namespace: u(),
+            request_protocol,
+            connection_security_policy: "none",
+        }
+    }
+
+    /// Fills the source side from a pod.
+    pub fn source(mut self, w: &crate::state::Workload, trust_domain: &str) -> Self {
+        self.source_workload = w.name.clone();
+        self.source_workload_namespace = w.namespace.clone();
+        self.source_principal = w.spiffe_id(trust_domain);
+        self
+    }
+
+    /// Fills the destination side from a pod (its principal only if it is meshed: a pod
+    /// outside the mesh proves no identity).
+    pub fn destination(mut self, w: &crate::state::Workload, trust_domain: &str) -> Self {
+        self.destination_workload = w.name.clone();
+        self.destination_workload_namespace = w.namespace.clone();
+        if w.meshed {
+            self.destination_principal = w.spiffe_id(trust_domain);
+        }
+        self
+    }
+
+    /// Fills the Service from its `namespace/name` key.
+    pub fn service(mut self, key: &str) -> Self {
+        if let Some((ns, name)) = key.split_once('/') {
+            self.destination_service = format!("{name}.{ns}.svc.cluster.local");
+            self.destination_service_name = name.to_string();
+            self.destination_service_namespace = ns.to_string();
+        }
+        self
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IstioHttpLabels {
+    #[prometheus(flatten)]
+    pub base: IstioLabels,
+    pub response_code: u16,
+}
+
+/// Istio's standard metrics (no `switchyard_` prefix: the names are Istio's).
+#[derive(Clone)]
+pub struct IstioMetrics {
+    pub tcp_opened: Family<IstioLabels, Counter>,
+    pub tcp_closed: Family<IstioLabels, Counter>,
+    /// Bytes from the destination back to the source (Istio: "sent during response").
+    pub tcp_sent: Family<IstioLabels, Counter>,
+    /// Bytes from the source to the destination (Istio: "received during request").
+    pub tcp_received: Family<IstioLabels, Counter>,
+    pub requests: Family<IstioHttpLabels, Counter>,
+    pub request_duration: Family<IstioHttpLabels, Histogram, fn() -> Histogram>,
+    pub request_bytes: Family<IstioHttpLabels, Histogram, fn() -> Histogram>,
+    pub response_bytes: Family<IstioHttpLabels, Histogram, fn() -> Histogram>,
+}
+
+fn duration_buckets() -> Histogram {
+    // Istio's default buckets (milliseconds).
+    Histogram::new([
+        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0,
+        300000.0, 600000.0, 1800000.0, 3600000.0,
+    ])
+}
+
+fn size_buckets() -> Histogram {
+    // Istio's: 1 B to 100 MB, ×10.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1.0, 10.0, 9))
+}
+
+impl Default for IstioMetrics {
+    fn default() -> Self {
+        IstioMetrics {
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_sent: Family::default(),
+            tcp_received: Family::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_buckets),
+            request_bytes: Family::new_with_constructor(size_buckets),
+            response_bytes: Family::new_with_constructor(size_buckets),
+        }
+    }
+}
+
+impl IstioMetrics {
+    /// Registers under Istio's names, in a registry without prefix.
+    pub fn register(&self, reg: &mut Registry) {
+        reg.register("istio_tcp_connections_opened", "TCP connections opened", self.tcp_opened.clone());
+        reg.register("istio_tcp_connections_closed", "TCP connections closed", self.tcp_closed.clone());
+        reg.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent during response (destination to source)",
+            self.tcp_sent.clone(),
+        );
+        reg.register(
+            "istio_tcp_received_bytes",
+            "Bytes received during request (source to destination)",
+            self.tcp_received.clone(),
+        );
+        reg.register("istio_requests", "HTTP requests", self.requests.clone());
+        reg.register_with_unit(
+            "istio_request_duration",
+            "HTTP request duration until the response headers, retries included",
+            prometheus_client::registry::Unit::Other("milliseconds".into()),
+            self.request_duration.clone(),
+        );
+        reg.register("istio_request_bytes", "HTTP request body sizes", self.request_bytes.clone());
+        reg.register("istio_response_bytes", "HTTP response body sizes", self.response_bytes.clone());
     }
 }

@@ -72,6 +72,7 @@ fn cross_node_traffic_is_mutual_tls_on_the_wire() -> Result<()> {
     let to = format!("{}:8080", s.server.ip);
     let marker = "SWITCHYARD-PLAINTEXT-MARKER";
 
+    let m0 = (s.c.nodes[0].admin_text("/metrics")?, s.c.nodes[1].admin_text("/metrics")?);
     let cap = s.c.capture()?;
     let r = run(&s.client, &to, &["--count", "20", "--bytes", "20000", "--text", marker])?;
     assert_eq!(r["ok"], 20, "{r}");
@@ -104,7 +105,39 @@ fn cross_node_traffic_is_mutual_tls_on_the_wire() -> Result<()> {
     assert!(inbound.iter().all(|c| c["bytes_sent"] == 20000 && c["bytes_received"] == 20000), "{b}");
     // The legacy pod went direct: node-b's proxy never saw it.
     assert_eq!(b["closed_total"], 20);
+
+    // Istio's standard metrics on both sides say mutual_tls, with both principals.
+    let m1 = (s.c.nodes[0].admin_text("/metrics")?, s.c.nodes[1].admin_text("/metrics")?);
+    let common = [
+        ("source_principal", "spiffe://cluster.local/ns/shop/sa/client"),
+        ("destination_workload", "server"),
+        ("destination_principal", "spiffe://cluster.local/ns/shop/sa/server"),
+        ("request_protocol", "tcp"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    for (reporter, before, after) in [("source", &m0.0, &m1.0), ("destination", &m0.1, &m1.1)] {
+        let mut want = common.to_vec();
+        want.push(("reporter", reporter));
+        let d = |name: &str| istio_metric(after, name, &want) - istio_metric(before, name, &want);
+        assert_eq!(d("istio_tcp_connections_opened_total"), 20.0, "{reporter}: {after}");
+        assert_eq!(d("istio_tcp_connections_closed_total"), 20.0, "{reporter}");
+        assert_eq!(d("istio_tcp_received_bytes_total"), 400_000.0, "{reporter}");
+        assert_eq!(d("istio_tcp_sent_bytes_total"), 400_000.0, "{reporter}");
+    }
     Ok(())
+}
+
+/// Sum of the samples of `name` whose labels include all of `want`.
+fn istio_metric(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, labels) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && want.iter().all(|(k, v)| labels.contains(&format!("{k}=\"{v}\""))))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
 }
 
 /// A TLS server in `netns` on `addr` presenting `identity`'s certificate from the real CA.

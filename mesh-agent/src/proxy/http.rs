@@ -229,6 +229,18 @@ pub trait Upstreams: Send + Sync + 'static {
     fn http(&self) -> &Http;
     fn retry_body_limit(&self) -> usize;
     fn connect_timeout(&self) -> Duration;
+    /// Propagate W3C trace context (create `traceparent` when absent).
+    fn trace_context(&self) -> bool;
+    fn istio(&self) -> &crate::metrics::IstioMetrics;
+    /// Istio labels for a request from `orig`'s pod to the Service `service`, answered by `ep`
+    /// (`None`: by the proxy itself).
+    fn istio_labels(
+        &self,
+        orig: Original,
+        ep: Option<SocketAddrV4>,
+        service: &str,
+        protocol: &'static str,
+    ) -> crate::metrics::IstioLabels;
     /// Records the endpoint of the latest request on the connection record.
     fn note_endpoint(&self, conn: u64, ep: SocketAddrV4, retries: u32);
 }
@@ -368,14 +380,41 @@ impl<U: Upstreams> Downstream<U> {
     }
 
     async fn request(&self, req: Request<Incoming>) -> Response<Body> {
-        let mut resp = self.request_inner(req).await;
+        let started = Instant::now();
+        let protocol = if req
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        {
+            "grpc"
+        } else {
+            "http"
+        };
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        let req = req.map(|b| Counted { inner: b, bytes: request_bytes.clone() });
+        let last_ep = Mutex::new(None);
+        let mut resp = self.request_inner(req, &last_ep).await;
         if self.draining.load(Ordering::Relaxed) && self.protocol == Protocol::Http1 {
             resp.headers_mut().insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
         }
-        resp
+        // Istio's request metrics: counted now, sizes when the response body has been sent.
+        let service = self.up.service(self.vip).map(|e| e.service).unwrap_or_default();
+        let ep = *last_ep.lock().unwrap_or_else(|p| p.into_inner());
+        let base = self.up.istio_labels(self.orig, ep, &service, protocol);
+        let labels = crate::metrics::IstioHttpLabels { base, response_code: resp.status().as_u16() };
+        let istio = self.up.istio().clone();
+        istio.requests.get_or_create(&labels).inc();
+        istio.request_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64() * 1000.0);
+        let (parts, body) = resp.into_parts();
+        let body = Observed { inner: body, bytes: 0, done: Some((istio, labels, request_bytes)) };
+        Response::from_parts(parts, body.boxed_unsync())
     }
 
-    async fn request_inner(&self, mut req: Request<Incoming>) -> Response<Body> {
+    async fn request_inner(
+        &self,
+        mut req: Request<Counted<Incoming>>,
+        last_ep: &Mutex<Option<SocketAddrV4>>,
+    ) -> Response<Body> {
         let http = self.up.http();
         http.stats.requests.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -409,7 +448,10 @@ impl<U: Upstreams> Downstream<U> {
         svc.budget.lock().unwrap_or_else(|p| p.into_inner()).deposit(now_sec());
         let upgrade = is_upgrade(req.headers());
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        if self.up.trace_context() {
+            super::trace::continue_or_start(&mut parts.headers);
+        }
         let head = Head { method: parts.method, uri: parts.uri, version: parts.version, headers: parts.headers };
         let may_retry_sent =
             !upgrade && (idempotent(&head.method) || policy.retry_non_idempotent) && policy.retries > 0;
@@ -437,7 +479,8 @@ impl<U: Upstreams> Downstream<U> {
         let current = Mutex::new(None);
         let result = match deadline {
             Some(d) => {
-                match tokio::time::timeout_at(d, self.attempts(&entry, &svc, &head, &mut body, &current)).await {
+                match tokio::time::timeout_at(d, self.attempts(&entry, &svc, &head, &mut body, &current, last_ep)).await
+                {
                     Ok(r) => r,
                     Err(_) => {
                         http.stats.timeouts.fetch_add(1, Ordering::Relaxed);
@@ -457,7 +500,7 @@ impl<U: Upstreams> Downstream<U> {
                     }
                 }
             }
-            None => self.attempts(&entry, &svc, &head, &mut body, &current).await,
+            None => self.attempts(&entry, &svc, &head, &mut body, &current, last_ep).await,
         };
         match result {
             Ok(mut resp) => {
@@ -489,6 +532,7 @@ impl<U: Upstreams> Downstream<U> {
         head: &Head,
         body: &mut AttemptBody,
         current: &Mutex<Option<(SocketAddrV4, Instant)>>,
+        last_ep: &Mutex<Option<SocketAddrV4>>,
     ) -> Result<Response<Incoming>, Response<Body>> {
         let http = self.up.http();
         let balancer = self.up.balancer();
@@ -507,6 +551,7 @@ impl<U: Upstreams> Downstream<U> {
                 ));
             };
             self.up.note_endpoint(self.conn, ep, retries);
+            *last_ep.lock().unwrap_or_else(|p| p.into_inner()) = Some(ep);
             tried.push(ep);
             let _in_flight = balancer.start(ep);
             let started = Instant::now();
@@ -679,6 +724,91 @@ impl<U: Upstreams> Downstream<U> {
         if keep {
             self.senders.lock().await.insert(ep, s);
         }
+    }
+}
+
+/// A body that counts its data bytes (the request, as it is read from the client).
+pub struct Counted<B> {
+    inner: B,
+    bytes: Arc<AtomicU64>,
+}
+
+impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, B::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r
+            && let Some(d) = f.data_ref()
+        {
+            self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The response body on its way to the client: when it ends (or is dropped), the request and
+/// response sizes go into Istio's histograms.
+struct Observed {
+    inner: Body,
+    bytes: u64,
+    done: Option<(crate::metrics::IstioMetrics, crate::metrics::IstioHttpLabels, Arc<AtomicU64>)>,
+}
+
+impl Observed {
+    fn finish(&mut self) {
+        if let Some((istio, labels, request_bytes)) = self.done.take() {
+            istio.request_bytes.get_or_create(&labels).observe(request_bytes.load(Ordering::Relaxed) as f64);
+            istio.response_bytes.get_or_create(&labels).observe(self.bytes as f64);
+        }
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl hyper::body::Body for Observed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) => self.finish(),
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -67,6 +67,8 @@ pub struct Inbound {
     pub metrics: InboundMetrics,
     pub connect_timeout: Duration,
     pub copy_buffer: usize,
+    /// Istio's standard metrics (reporter `destination`).
+    pub istio: crate::metrics::IstioMetrics,
 }
 
 impl Inbound {
@@ -228,7 +230,7 @@ impl Inbound {
                 format!("HBONE CONNECT from {client_id} has no ip:port authority ({:?})", req.uri()),
             );
         };
-        let (dst, decision) = {
+        let (dst, decision, istio) = {
             let idx = self.pods.borrow();
             let Some(pod) = idx.by_ip(*target.ip()).filter(|p| idx.is_local(p) && p.workload.meshed) else {
                 return self.reject(
@@ -246,7 +248,13 @@ impl Inbound {
                 );
             }
             let decision = authz::evaluate(&idx.authz, &client_id, &pod.workload, target.port());
-            (pod.key.clone(), decision)
+            // The source is known by its verified identity; which of its pods is not.
+            let mut istio = crate::metrics::IstioLabels::unknown("destination", "tcp")
+                .destination(&pod.workload, &self.trust_domain);
+            istio.source_workload_namespace = client_id.namespace.clone();
+            istio.source_principal = client_id.to_string();
+            istio.connection_security_policy = "mutual_tls";
+            (pod.key.clone(), decision, istio)
         };
         if decision != Decision::Allow {
             self.metrics.denied.get_or_create(&ErrorLabels { reason: decision.reason() }).inc();
@@ -287,6 +295,7 @@ impl Inbound {
         };
         let _ = upstream.set_nodelay(true);
         self.metrics.accepted.inc();
+        self.istio.tcp_opened.get_or_create(&istio).inc();
         let on_upgrade = hyper::upgrade::on(&mut req);
         let this = self.clone();
         activity.streams.fetch_add(1, Ordering::AcqRel);
@@ -321,6 +330,10 @@ impl Inbound {
                 }
                 Err(e) => (0, 0, Some(format!("upgrade failed: {e}"))),
             };
+            // Tunnel to pod (source to destination) is Istio's "received".
+            this.istio.tcp_closed.get_or_create(&istio).inc();
+            this.istio.tcp_received.get_or_create(&istio).inc_by(sent);
+            this.istio.tcp_sent.get_or_create(&istio).inc_by(received);
             if let Some(rec) = this.conns.close(id, started.elapsed(), sent, received, error) {
                 info!(
                     target: "access",

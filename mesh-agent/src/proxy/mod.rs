@@ -12,3 +12,4 @@ pub mod idle;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
+pub mod trace;

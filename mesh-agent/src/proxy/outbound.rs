@@ -65,6 +65,8 @@ pub struct Outbound {
     pub open_per_service: Arc<std::sync::Mutex<std::collections::HashMap<std::net::SocketAddrV4, u32>>>,
     /// HTTP to Services: limits, budgets, counters.
     pub http: http::Http,
+    /// Istio's standard metrics (reporter `source`).
+    pub istio: crate::metrics::IstioMetrics,
     pub detect: DetectConfig,
 }
 
@@ -75,6 +77,8 @@ pub struct DetectConfig {
     pub http_ports: Vec<u16>,
     pub opaque_ports: Vec<u16>,
     pub retry_body_limit: usize,
+    /// Propagate W3C trace context on HTTP requests (create it when absent).
+    pub trace_context: bool,
 }
 
 impl Default for DetectConfig {
@@ -84,6 +88,7 @@ impl Default for DetectConfig {
             http_ports: vec![],
             opaque_ports: crate::config::DEFAULT_OPAQUE_PORTS.to_vec(),
             retry_body_limit: crate::config::DEFAULT_RETRY_BODY_LIMIT,
+            trace_context: true,
         }
     }
 }
@@ -113,6 +118,8 @@ pub const MAX_CONNECT_ATTEMPTS: u32 = 3;
 struct ServiceTarget {
     vip: std::net::SocketAddrV4,
     endpoints: Vec<std::net::SocketAddrV4>,
+    /// `namespace/name`.
+    name: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,6 +290,8 @@ impl Outbound {
         };
         let (route, source_pod, destination_pod) = self.route(&orig);
         self.metrics.routes.get_or_create(&RouteLabels { route: route.label() }).inc();
+        let istio = self.istio_labels(&orig, orig.dst, service.as_ref().map(|s| s.name.as_str()), &route, "tcp");
+        self.istio.tcp_opened.get_or_create(&istio).inc();
         let source_identity = match &route {
             Route::Hbone { src, .. } => Some(src.to_string()),
             _ => None,
@@ -307,6 +316,9 @@ impl Outbound {
         self.metrics.closed.inc();
         self.metrics.bytes.get_or_create(&DirectionLabels { direction: "sent" }).inc_by(sent);
         self.metrics.bytes.get_or_create(&DirectionLabels { direction: "received" }).inc_by(received);
+        self.istio.tcp_closed.get_or_create(&istio).inc();
+        self.istio.tcp_received.get_or_create(&istio).inc_by(sent);
+        self.istio.tcp_sent.get_or_create(&istio).inc_by(received);
         if let Some(rec) = self.conns.close(id, started.elapsed(), sent, received, error) {
             info!(
                 target: "access",
@@ -323,6 +335,30 @@ impl Outbound {
                 "outbound connection"
             );
         }
+    }
+
+    /// Istio labels (reporter `source`) for a connection or request from `orig`'s pod to `ep`.
+    fn istio_labels(
+        &self,
+        orig: &Original,
+        ep: std::net::SocketAddrV4,
+        service: Option<&str>,
+        route: &Route,
+        protocol: &'static str,
+    ) -> crate::metrics::IstioLabels {
+        let idx = self.pods.borrow();
+        let mut l = crate::metrics::IstioLabels::unknown("source", protocol);
+        if let Some(src) = idx.by_cgroup(orig.pod_cgroup) {
+            l = l.source(&src.workload, &self.trust_domain);
+        }
+        if let Some(dst) = idx.by_ip(*ep.ip()) {
+            l = l.destination(&dst.workload, &self.trust_domain);
+        }
+        if let Some(s) = service {
+            l = l.service(s);
+        }
+        l.connection_security_policy = if matches!(route, Route::Hbone { .. }) { "mutual_tls" } else { "none" };
+        l
     }
 
     /// Whether and how to detect the protocol: only for a Service, from a pod of this node.
@@ -460,7 +496,7 @@ impl Outbound {
         };
         let ep = self.balancer.pick(&entry.endpoints, &[]).ok_or(OutboundError::NoEndpoints(vip))?;
         orig.dst = ep;
-        Ok(Some((ServiceTarget { vip, endpoints: entry.endpoints.clone() }, slot)))
+        Ok(Some((ServiceTarget { vip, endpoints: entry.endpoints.clone(), name: entry.service.clone() }, slot)))
     }
 
     /// Connects to `orig.dst`; for a Service, a failed connect is retried on other endpoints
@@ -607,6 +643,30 @@ impl http::Upstreams for Outbound {
         self.connect_timeout
     }
 
+    fn trace_context(&self) -> bool {
+        self.detect.trace_context
+    }
+
+    fn istio(&self) -> &crate::metrics::IstioMetrics {
+        &self.istio
+    }
+
+    fn istio_labels(
+        &self,
+        orig: Original,
+        ep: Option<std::net::SocketAddrV4>,
+        service: &str,
+        protocol: &'static str,
+    ) -> crate::metrics::IstioLabels {
+        match ep {
+            Some(ep) => {
+                let (route, _, _) = self.route(&Original { dst: ep, ..orig });
+                Outbound::istio_labels(self, &orig, ep, Some(service), &route, protocol)
+            }
+            None => Outbound::istio_labels(self, &orig, orig.dst, Some(service), &Route::Passthrough, protocol),
+        }
+    }
+
     fn note_endpoint(&self, conn: u64, ep: std::net::SocketAddrV4, retries: u32) {
         let dst_pod = self.pods.borrow().by_ip(*ep.ip()).map(|p| p.key.clone());
         self.conns.set_endpoint(conn, ep, dst_pod, retries);
@@ -684,6 +744,7 @@ mod tests {
             balancer: Default::default(),
             open_per_service: Default::default(),
             http: Default::default(),
+            istio: Default::default(),
             detect: Default::default(),
         });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -78,6 +78,9 @@ enum Cmd {
         /// A new connection for every request (HTTP/1.1 `Connection: close`).
         #[arg(long)]
         new_connection: bool,
+        /// Extra request header `name: value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
     },
     Upgrade {
         #[arg(long)]
@@ -125,6 +128,7 @@ async fn main() {
             timeout_ms,
             interval_ms,
             new_connection,
+            headers,
         } => {
             let opts = LoadOpts {
                 url: url.parse().expect("a URL"),
@@ -134,6 +138,11 @@ async fn main() {
                 timeout: Duration::from_millis(timeout_ms),
                 interval: Duration::from_millis(interval_ms),
                 new_connection,
+                headers: headers
+                    .iter()
+                    .filter_map(|h| h.split_once(':'))
+                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                    .collect(),
             };
             load(Arc::new(opts), requests, duration_ms.map(Duration::from_millis), concurrency).await
         }
@@ -206,6 +215,18 @@ async fn handle(cfg: Arc<ServeCfg>, mut req: Request<Incoming>) -> Response<Body
         }
         return r;
     }
+    // GET /status/<code>: that status, whatever the faults.
+    let fixed = req.uri().path().strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok());
+    let seen_tp = req.headers().get("traceparent").cloned();
+    if let Some(code) = fixed {
+        let mut r = Response::new(full(format!("status {code}\n")));
+        *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+        r.headers_mut().insert("x-served-by", HeaderValue::from_str(&cfg.name).unwrap());
+        if let Some(tp) = seen_tp {
+            r.headers_mut().insert("x-seen-traceparent", tp);
+        }
+        return r;
+    }
     if cfg.fail_rate > 0.0 && fastrand::f64() < cfg.fail_rate {
         let mut r = Response::new(full("injected failure\n"));
         *r.status_mut() = StatusCode::from_u16(cfg.fail_status).unwrap();
@@ -237,6 +258,9 @@ async fn handle(cfg: Arc<ServeCfg>, mut req: Request<Incoming>) -> Response<Body
         Response::new(full(body))
     };
     r.headers_mut().insert("x-served-by", HeaderValue::from_str(&cfg.name).unwrap());
+    if let Some(tp) = seen_tp {
+        r.headers_mut().insert("x-seen-traceparent", tp);
+    }
     r
 }
 
@@ -248,6 +272,7 @@ struct LoadOpts {
     timeout: Duration,
     interval: Duration,
     new_connection: bool,
+    headers: Vec<(String, String)>,
 }
 
 #[derive(Default)]
@@ -257,6 +282,8 @@ struct Tally {
     served_by: BTreeMap<String, u64>,
     errors: BTreeMap<String, u64>,
     latencies_us: Vec<u64>,
+    /// The `traceparent` the server saw, per request (`x-seen-traceparent`).
+    seen_traceparents: Vec<String>,
 }
 
 enum Client {
@@ -296,6 +323,9 @@ async fn one(client: &mut Client, opts: &LoadOpts) -> Result<Response<Bytes>, St
     };
     if opts.new_connection && !opts.h2 {
         req = req.header("connection", "close");
+    }
+    for (k, v) in &opts.headers {
+        req = req.header(k.as_str(), v.as_str());
     }
     let req = req.body(full(opts.body.clone())).unwrap();
     // A connection that was closed while idle is not a failed request: like any pooling client,
@@ -355,6 +385,9 @@ async fn load(opts: Arc<LoadOpts>, requests: u64, duration: Option<Duration>, co
                         Ok(resp) => {
                             tl.latencies_us.push(t.elapsed().as_micros() as u64);
                             *tl.statuses.entry(resp.status().as_u16().to_string()).or_default() += 1;
+                            if let Some(v) = resp.headers().get("x-seen-traceparent") {
+                                tl.seen_traceparents.push(v.to_str().unwrap_or("").to_string());
+                            }
                             if let Some(v) = resp.headers().get("x-switchyard-error") {
                                 *tl.reasons.entry(v.to_str().unwrap_or("?").to_string()).or_default() += 1;
                             }
@@ -399,6 +432,7 @@ async fn load(opts: Arc<LoadOpts>, requests: u64, duration: Option<Duration>, co
         "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": pct(1.0),
         "elapsed_ms": started.elapsed().as_millis() as u64,
         "reconnects": RECONNECTS.load(Ordering::Relaxed),
+        "seen_traceparents": tl.seen_traceparents,
     }));
 }
 
@@ -411,6 +445,7 @@ async fn upgrade(url: hyper::Uri) {
         timeout: Duration::from_secs(5),
         interval: Duration::ZERO,
         new_connection: false,
+        headers: vec![],
     };
     let Ok(Client::H1(mut send)) = connect(&opts).await else {
         return print(serde_json::json!({"error": "connect"}));
@@ -454,6 +489,7 @@ async fn grpc(url: hyper::Uri) {
         timeout: Duration::from_secs(5),
         interval: Duration::ZERO,
         new_connection: false,
+        headers: vec![],
     };
     let Ok(Client::H2(mut send)) = connect(&opts).await else {
         return print(serde_json::json!({"error": "connect"}));
