@@ -230,6 +230,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             opaque_ports: config.opaque_ports.clone(),
             retry_body_limit: config.retry_body_limit,
             trace_context: config.trace_context,
+            access_log: config.access_log,
         },
     });
     let inbound_task = match (&mtls, hbone_listener) {

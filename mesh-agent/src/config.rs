@@ -129,6 +129,43 @@ pub struct FileConfig {
     /// W3C trace context on HTTP requests to Services: kept and continued, created when
     /// absent (default true).
     pub trace_context: Option<bool>,
+    /// Access log: `all` (default), `errors` (failed connections, 5xx and proxy-made
+    /// responses only) or `off`.
+    pub access_log: Option<AccessLogMode>,
+    /// Share (0..1) of successful connections and requests logged; failures always are.
+    pub access_log_sample_rate: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogMode {
+    #[default]
+    All,
+    Errors,
+    Off,
+}
+
+/// Which connections and requests get an access-log line.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AccessLog {
+    pub mode: AccessLogMode,
+    pub sample_rate: f64,
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        AccessLog { mode: AccessLogMode::All, sample_rate: 1.0 }
+    }
+}
+
+impl AccessLog {
+    pub fn wants(&self, failed: bool) -> bool {
+        match self.mode {
+            AccessLogMode::Off => false,
+            AccessLogMode::Errors => failed,
+            AccessLogMode::All => failed || self.sample_rate >= 1.0 || fastrand::f64() < self.sample_rate,
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -261,6 +298,12 @@ pub struct RunArgs {
     /// default: not pinned, programs detach when the agent exits.
     #[arg(long)]
     pub bpf_pin_dir: Option<PathBuf>,
+    /// Access log: all connections and requests, only failed ones, or none.
+    #[arg(long, value_enum)]
+    pub access_log: Option<AccessLogMode>,
+    /// Share (0..1) of successful connections and requests logged (failures always are).
+    #[arg(long)]
+    pub access_log_sample_rate: Option<f64>,
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -305,6 +348,7 @@ pub struct Config {
     pub retry_body_limit: usize,
     pub bpf_pin_dir: Option<PathBuf>,
     pub trace_context: bool,
+    pub access_log: AccessLog,
 }
 
 impl Config {
@@ -466,6 +510,10 @@ impl Config {
             retry_body_limit: file.retry_body_limit_bytes.unwrap_or(DEFAULT_RETRY_BODY_LIMIT),
             bpf_pin_dir: args.bpf_pin_dir.clone().or(file.bpf_pin_dir),
             trace_context: file.trace_context.unwrap_or(true),
+            access_log: AccessLog {
+                mode: args.access_log.or(file.access_log).unwrap_or_default(),
+                sample_rate: args.access_log_sample_rate.or(file.access_log_sample_rate).unwrap_or(1.0).clamp(0.0, 1.0),
+            },
         })
     }
 }

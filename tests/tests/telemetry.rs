@@ -1,5 +1,5 @@
-//! End to end: Istio's standard metrics and W3C trace context, against known traffic through a
-//! real agent.
+//! End to end: Istio's standard metrics, access logs and W3C trace context, against known
+//! traffic through a real agent.
 use std::time::Duration;
 
 use anyhow::Result;
@@ -36,7 +36,7 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
     let _w = web.serve_tool("sim-http", &["serve", "--listen", "0.0.0.0:8080", "--name", "web-0"])?;
     let _e = echo.serve(&["echo-server", "--listen", "0.0.0.0:9090"])?;
     node.services = service_yaml("web", "shop", "10.96.0.10:80".parse()?, "http", 8080, &[web.ip], &[]);
-    node.start_agent(&[])?;
+    node.start_agent(&["--log-format", "json"])?;
     eventually(Duration::from_secs(5), "pods meshed", || {
         let pods = node.admin_json("/debug/pods").ok()?;
         (pods.as_array()?.iter().filter(|p| p["redirected"] == true).count() == 3).then_some(())
@@ -136,5 +136,70 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
     let parts: Vec<&str> = created.split('-').collect();
     assert!(parts.len() == 4 && parts[0] == "00" && parts[1].len() == 32 && parts[2].len() == 16, "{r}");
     assert_ne!(parts[1], "0".repeat(32));
+
+    // A retried request: the only endpoint answers 503, retried twice (default retries, 503 is
+    // retryable), then the 503 reaches the client.
+    let r = client.http(&["load", "--url", "http://10.96.0.10/status/503", "--requests", "1"], T)?;
+    assert_eq!(r["statuses"]["503"], 1, "{r}");
+
+    // Access-log lines for the same run, parsed back field by field.
+    let lines = eventually(Duration::from_secs(5), "access-log lines written", || {
+        let lines: Vec<serde_json::Value> = node
+            .agent_log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "access")
+            .map(|v| v["fields"].clone())
+            .collect();
+        (lines.iter().filter(|f| f["kind"] == "http").count() >= 13).then_some(lines)
+    })?;
+    let http_lines = |path: &str| -> Vec<&serde_json::Value> {
+        lines.iter().filter(|f| f["kind"] == "http" && f["path"] == path).collect()
+    };
+    let web_ep = format!("{}:8080", web.ip);
+    for (path, n, status) in [("/status/200", 9, 200), ("/status/404", 3, 404)] {
+        let l = http_lines(path);
+        assert_eq!(l.len(), n, "{path}: {l:?}");
+        for f in l {
+            for (k, v) in [
+                ("direction", serde_json::json!("outbound")),
+                ("src", "shop/client".into()),
+                ("src_identity", "spiffe://cluster.local/ns/shop/sa/client".into()),
+                ("service", "shop/web".into()),
+                ("vip", "10.96.0.10:80".into()),
+                ("endpoint", web_ep.clone().into()),
+                ("dst_pod", "shop/web-0".into()),
+                ("dst_identity", "spiffe://cluster.local/ns/shop/sa/web-0".into()),
+                ("security", "none".into()),
+                ("protocol", "http".into()),
+                ("method", "GET".into()),
+                ("status", status.into()),
+                ("retries", 0.into()),
+                ("retry_reasons", "".into()),
+                ("error", "-".into()),
+            ] {
+                assert_eq!(f[k], v, "{k} in {f}");
+            }
+            assert_eq!(f["trace_id"].as_str().map(str::len), Some(32), "{f}");
+            assert!(f["duration_ms"].as_u64().is_some(), "{f}");
+        }
+    }
+    let traced: Vec<_> =
+        http_lines("/status/200").into_iter().filter(|f| f["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736").collect();
+    assert_eq!(traced.len(), 1, "the client's trace id is in the access log");
+    let retried = http_lines("/status/503");
+    assert_eq!(retried.len(), 1, "{retried:?}");
+    assert_eq!(retried[0]["status"], 503);
+    assert_eq!(retried[0]["retries"], 2, "{}", retried[0]);
+    assert_eq!(retried[0]["retry_reasons"], "status_503,status_503");
+    let tcp: Vec<_> =
+        lines.iter().filter(|f| f["kind"] == "tcp" && f["dst"] == format!("{}:9090", echo.ip).as_str()).collect();
+    assert_eq!(tcp.len(), 4, "{tcp:?}");
+    for f in tcp {
+        assert_eq!((f["sent"].as_u64(), f["received"].as_u64()), (Some(1000), Some(1000)), "{f}");
+        assert_eq!(f["src"], "shop/client");
+        assert_eq!(f["dst_pod"], "shop/echo");
+        assert_eq!(f["error"], "-");
+    }
     Ok(())
 }

@@ -48,7 +48,7 @@ use tokio::{
     net::TcpStream,
     sync::{OwnedSemaphorePermit, Semaphore},
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     datapath::Original,
@@ -231,6 +231,8 @@ pub trait Upstreams: Send + Sync + 'static {
     fn connect_timeout(&self) -> Duration;
     /// Propagate W3C trace context (create `traceparent` when absent).
     fn trace_context(&self) -> bool;
+    /// Whether to write the access-log line of a request (`failed`: 5xx or made by the proxy).
+    fn access_log(&self, failed: bool) -> bool;
     fn istio(&self) -> &crate::metrics::IstioMetrics;
     /// Istio labels for a request from `orig`'s pod to the Service `service`, answered by `ep`
     /// (`None`: by the proxy itself).
@@ -391,16 +393,48 @@ impl<U: Upstreams> Downstream<U> {
             "http"
         };
         let request_bytes = Arc::new(AtomicU64::new(0));
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let version = req.version();
         let req = req.map(|b| Counted { inner: b, bytes: request_bytes.clone() });
-        let last_ep = Mutex::new(None);
-        let mut resp = self.request_inner(req, &last_ep).await;
+        let outcome = Mutex::new(Outcome::default());
+        let mut resp = self.request_inner(req, &outcome).await;
+        let outcome = outcome.into_inner().unwrap_or_else(|p| p.into_inner());
         if self.draining.load(Ordering::Relaxed) && self.protocol == Protocol::Http1 {
             resp.headers_mut().insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
         }
         // Istio's request metrics: counted now, sizes when the response body has been sent.
         let service = self.up.service(self.vip).map(|e| e.service).unwrap_or_default();
-        let ep = *last_ep.lock().unwrap_or_else(|p| p.into_inner());
+        let ep = outcome.endpoint;
         let base = self.up.istio_labels(self.orig, ep, &service, protocol);
+        let failed = resp.status().is_server_error() || resp.headers().contains_key(ERROR_HEADER);
+        if self.up.access_log(failed) {
+            let trace_id = resp_trace(&outcome);
+            info!(
+                target: "access",
+                direction = "outbound",
+                kind = "http",
+                src = base.source_workload_namespace.clone() + "/" + &base.source_workload,
+                src_identity = %base.source_principal,
+                service = %service,
+                vip = %self.vip,
+                endpoint = ep.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
+                dst_pod = base.destination_workload_namespace.clone() + "/" + &base.destination_workload,
+                dst_identity = %base.destination_principal,
+                security = base.connection_security_policy,
+                protocol,
+                version = ?version,
+                method = %method,
+                path = %path,
+                status = resp.status().as_u16(),
+                duration_ms = started.elapsed().as_millis() as u64,
+                retries = outcome.retries,
+                retry_reasons = outcome.reasons.join(","),
+                trace_id = %trace_id,
+                error = resp.headers().get(ERROR_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("-"),
+                "http request"
+            );
+        }
         let labels = crate::metrics::IstioHttpLabels { base, response_code: resp.status().as_u16() };
         let istio = self.up.istio().clone();
         istio.requests.get_or_create(&labels).inc();
@@ -410,11 +444,7 @@ impl<U: Upstreams> Downstream<U> {
         Response::from_parts(parts, body.boxed_unsync())
     }
 
-    async fn request_inner(
-        &self,
-        mut req: Request<Counted<Incoming>>,
-        last_ep: &Mutex<Option<SocketAddrV4>>,
-    ) -> Response<Body> {
+    async fn request_inner(&self, mut req: Request<Counted<Incoming>>, outcome: &Mutex<Outcome>) -> Response<Body> {
         let http = self.up.http();
         http.stats.requests.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -450,7 +480,8 @@ impl<U: Upstreams> Downstream<U> {
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         if self.up.trace_context() {
-            super::trace::continue_or_start(&mut parts.headers);
+            let tp = super::trace::continue_or_start(&mut parts.headers);
+            outcome.lock().unwrap_or_else(|p| p.into_inner()).trace_id = Some(tp.trace_id);
         }
         let head = Head { method: parts.method, uri: parts.uri, version: parts.version, headers: parts.headers };
         let may_retry_sent =
@@ -479,7 +510,7 @@ impl<U: Upstreams> Downstream<U> {
         let current = Mutex::new(None);
         let result = match deadline {
             Some(d) => {
-                match tokio::time::timeout_at(d, self.attempts(&entry, &svc, &head, &mut body, &current, last_ep)).await
+                match tokio::time::timeout_at(d, self.attempts(&entry, &svc, &head, &mut body, &current, outcome)).await
                 {
                     Ok(r) => r,
                     Err(_) => {
@@ -500,7 +531,7 @@ impl<U: Upstreams> Downstream<U> {
                     }
                 }
             }
-            None => self.attempts(&entry, &svc, &head, &mut body, &current, last_ep).await,
+            None => self.attempts(&entry, &svc, &head, &mut body, &current, outcome).await,
         };
         match result {
             Ok(mut resp) => {
@@ -532,7 +563,7 @@ impl<U: Upstreams> Downstream<U> {
         head: &Head,
         body: &mut AttemptBody,
         current: &Mutex<Option<(SocketAddrV4, Instant)>>,
-        last_ep: &Mutex<Option<SocketAddrV4>>,
+        outcome: &Mutex<Outcome>,
     ) -> Result<Response<Incoming>, Response<Body>> {
         let http = self.up.http();
         let balancer = self.up.balancer();
@@ -551,7 +582,11 @@ impl<U: Upstreams> Downstream<U> {
                 ));
             };
             self.up.note_endpoint(self.conn, ep, retries);
-            *last_ep.lock().unwrap_or_else(|p| p.into_inner()) = Some(ep);
+            {
+                let mut o = outcome.lock().unwrap_or_else(|p| p.into_inner());
+                o.endpoint = Some(ep);
+                o.retries = retries;
+            }
             tried.push(ep);
             let _in_flight = balancer.start(ep);
             let started = Instant::now();
@@ -587,6 +622,7 @@ impl<U: Upstreams> Downstream<U> {
                     failure(e.reason, e.detail.clone());
                     // Nothing was sent: safe to retry whatever the method.
                     if can_retry(retries) {
+                        outcome.lock().unwrap_or_else(|p| p.into_inner()).reasons.push(e.reason.to_string());
                         retries += 1;
                         http.stats.retries.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(balance::backoff(retries)).await;
@@ -626,6 +662,11 @@ impl<U: Upstreams> Downstream<U> {
                     }
                     self.keep(ep, sender).await;
                     if retry_sent && policy.retry_on.contains(&status.as_u16()) && can_retry(retries) {
+                        outcome
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .reasons
+                            .push(format!("status_{}", status.as_u16()));
                         retries += 1;
                         http.stats.retries.fetch_add(1, Ordering::Relaxed);
                         drop(resp);
@@ -644,12 +685,14 @@ impl<U: Upstreams> Downstream<U> {
                             *slot = Some(req.into_body());
                         }
                         if can_retry(retries) {
+                            outcome.lock().unwrap_or_else(|p| p.into_inner()).reasons.push("not_sent".into());
                             retries += 1;
                             http.stats.retries.fetch_add(1, Ordering::Relaxed);
                             tokio::time::sleep(balance::backoff(retries)).await;
                             continue;
                         }
                     } else if retry_sent && can_retry(retries) {
+                        outcome.lock().unwrap_or_else(|p| p.into_inner()).reasons.push("reset".into());
                         retries += 1;
                         http.stats.retries.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(balance::backoff(retries)).await;
@@ -725,6 +768,21 @@ impl<U: Upstreams> Downstream<U> {
             self.senders.lock().await.insert(ep, s);
         }
     }
+}
+
+/// What happened to one request, for its access-log line.
+#[derive(Default)]
+struct Outcome {
+    /// The endpoint of the last attempt.
+    endpoint: Option<SocketAddrV4>,
+    retries: u32,
+    /// Why each retry was made.
+    reasons: Vec<String>,
+    trace_id: Option<u128>,
+}
+
+fn resp_trace(o: &Outcome) -> String {
+    o.trace_id.map_or_else(|| "-".into(), |t| format!("{t:032x}"))
 }
 
 /// A body that counts its data bytes (the request, as it is read from the client).

@@ -79,6 +79,7 @@ pub struct DetectConfig {
     pub retry_body_limit: usize,
     /// Propagate W3C trace context on HTTP requests (create it when absent).
     pub trace_context: bool,
+    pub access_log: crate::config::AccessLog,
 }
 
 impl Default for DetectConfig {
@@ -89,6 +90,7 @@ impl Default for DetectConfig {
             opaque_ports: crate::config::DEFAULT_OPAQUE_PORTS.to_vec(),
             retry_body_limit: crate::config::DEFAULT_RETRY_BODY_LIMIT,
             trace_context: true,
+            access_log: Default::default(),
         }
     }
 }
@@ -319,13 +321,18 @@ impl Outbound {
         self.istio.tcp_closed.get_or_create(&istio).inc();
         self.istio.tcp_received.get_or_create(&istio).inc_by(sent);
         self.istio.tcp_sent.get_or_create(&istio).inc_by(received);
-        if let Some(rec) = self.conns.close(id, started.elapsed(), sent, received, error) {
+        if let Some(rec) = self.conns.close(id, started.elapsed(), sent, received, error)
+            && self.detect.access_log.wants(rec.error.is_some())
+        {
             info!(
                 target: "access",
                 direction = "outbound",
+                kind = "tcp",
                 client = %rec.client,
                 src = rec.source_pod.as_deref().unwrap_or("-"),
                 dst = %rec.original_dst,
+                endpoint = rec.endpoint.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
+                retries = rec.retries,
                 dst_pod = rec.destination_pod.as_deref().unwrap_or("-"),
                 dst_identity = rec.destination_identity.as_deref().unwrap_or("-"),
                 security = ?rec.security,
@@ -645,6 +652,10 @@ impl http::Upstreams for Outbound {
 
     fn trace_context(&self) -> bool {
         self.detect.trace_context
+    }
+
+    fn access_log(&self, failed: bool) -> bool {
+        self.detect.access_log.wants(failed)
     }
 
     fn istio(&self) -> &crate::metrics::IstioMetrics {
