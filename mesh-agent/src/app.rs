@@ -191,10 +191,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         );
     }
     registry.register_collector(Box::new(DatapathCollector(datapath.clone())));
+    registry.register_collector(Box::new(metrics::ProcessCollector { certs: mtls.as_ref().map(|m| m.certs.clone()) }));
+    let http = crate::proxy::http::Http::default();
+    http.stats.register(registry);
+    let balancer = Arc::new(crate::proxy::balance::Balancer::new(config.outlier));
+    registry.register(
+        "endpoint_ejections",
+        "Service endpoints ejected by outlier detection (consecutive failures)",
+        balancer.ejections_total.clone(),
+    );
 
     let conns = Arc::new(Connections::default());
     let (ready_tx, ready_rx) = watch::channel(false);
-    let balancer = Arc::new(crate::proxy::balance::Balancer::new(config.outlier));
     let admin = Arc::new(Admin {
         registry: root,
         pods: index_rx.clone(),
@@ -222,7 +230,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         hbone_port: config.hbone_listen.port(),
         balancer,
         open_per_service: Default::default(),
-        http: Default::default(),
+        http,
         istio: istio.clone(),
         detect: crate::proxy::outbound::DetectConfig {
             sniff_timeout: config.sniff_timeout,

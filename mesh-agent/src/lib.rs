@@ -5,6 +5,7 @@ pub mod app;
 pub mod authz;
 pub mod cgroup;
 pub mod check;
+pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod identity;

@@ -22,6 +22,28 @@ enum Command {
     /// Mesh CA tasks.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// A running agent's health, datapath, pods, connections and certificates.
+    Status(AdminArgs),
+    /// This node's pods as the running agent sees them.
+    Workloads(AdminArgs),
+    /// Open and recent connections through the running agent.
+    Connections {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Recent closed connections to show.
+        #[arg(long, default_value_t = 20)]
+        recent: usize,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The agent's admin endpoint.
+    #[arg(long, default_value = "127.0.0.1:15020")]
+    admin: std::net::SocketAddr,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = mesh_agent::cli::Output::Table)]
+    output: mesh_agent::cli::Output,
 }
 
 #[derive(Subcommand)]
@@ -70,6 +92,9 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Status(a) => print(mesh_agent::cli::status(a.admin, a.output)),
+        Command::Workloads(a) => print(mesh_agent::cli::workloads(a.admin, a.output)),
+        Command::Connections { admin: a, recent } => print(mesh_agent::cli::connections(a.admin, a.output, recent)),
         Command::Run(args) => match run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -77,6 +102,19 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn print(r: anyhow::Result<String>) -> ExitCode {
+    match r {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

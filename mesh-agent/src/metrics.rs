@@ -166,6 +166,14 @@ impl Collector for DatapathCollector {
 
 impl crate::proxy::inbound::InboundMetrics {
     pub fn register(&self, reg: &mut Registry) {
+        // The common reasons start at 0, so the families are exported (and rate() works) before
+        // the first event.
+        for reason in ["deny_rule", "no_allow_rule"] {
+            let _ = self.denied.get_or_create(&ErrorLabels { reason });
+        }
+        for reason in ["not_tls", "unknown_issuer", "expired_certificate", "bad_client_identity", "timeout"] {
+            let _ = self.tls_failures.get_or_create(&ErrorLabels { reason });
+        }
         reg.register(
             "inbound_connections",
             "HBONE streams accepted and connected to a local pod",
@@ -345,5 +353,74 @@ impl IstioMetrics {
         );
         reg.register("istio_request_bytes", "HTTP request body sizes", self.request_bytes.clone());
         reg.register("istio_response_bytes", "HTTP response body sizes", self.response_bytes.clone());
+    }
+}
+
+/// The agent process (CPU, memory, open files) and its workload certificates, read at scrape
+/// time.
+#[derive(Debug)]
+pub struct ProcessCollector {
+    pub certs: Option<Arc<crate::identity::manager::CertManager>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabels {
+    identity: String,
+}
+
+/// (CPU seconds, resident bytes, open descriptors) of this process, from /proc.
+pub fn process_stats() -> (f64, u64, u64) {
+    // SAFETY: sysconf has no preconditions.
+    let (tick, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command (which may hold spaces) end with ')'.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let (u, k) = (f.get(11)?.parse::<f64>().ok()?, f.get(12)?.parse::<f64>().ok()?);
+            Some((u + k) / tick.max(1) as f64)
+        })
+        .unwrap_or(0.0);
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page.max(1) as u64);
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+    (cpu, rss, fds)
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let (cpu, rss, fds) = process_stats();
+        let c = ConstCounter::new(cpu);
+        c.encode(enc.encode_descriptor(
+            "process_cpu_seconds",
+            "Agent CPU time, user and system",
+            None,
+            c.metric_type(),
+        )?)?;
+        let g = ConstGauge::new(rss as i64);
+        g.encode(enc.encode_descriptor(
+            "process_resident_memory_bytes",
+            "Agent resident memory",
+            None,
+            g.metric_type(),
+        )?)?;
+        let g = ConstGauge::new(fds as i64);
+        g.encode(enc.encode_descriptor("process_open_fds", "Agent open file descriptors", None, g.metric_type())?)?;
+        if let Some(certs) = &self.certs {
+            let mut family = enc.encode_descriptor(
+                "certificate_expiry_seconds",
+                "Seconds until each local workload certificate expires (renewed at half-life)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for s in certs.status() {
+                ConstGauge::new(s.expires_in_secs)
+                    .encode(family.encode_family(&IdentityLabels { identity: s.identity })?)?;
+            }
+        }
+        Ok(())
     }
 }

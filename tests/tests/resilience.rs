@@ -151,7 +151,8 @@ fn an_endpoint_failing_30_percent_costs_no_get_posts_are_not_retried_and_the_bud
     assert_eq!(total, 2000);
     assert!(gets["ok"].as_u64().unwrap() * 1000 >= total * 999, "at least 99.9 % of GETs succeed: {gets}");
     let faulty = received(&s.servers[0])?;
-    assert!(faulty["GET"] > 100, "the faulty endpoint had its share: {faulty:?}");
+    // It had traffic (less than a third: outlier detection ejects it now and then).
+    assert!(faulty["GET"] > 30, "the faulty endpoint had traffic: {faulty:?}");
 
     // POSTs are never retried: against web-0 alone (a Service's only endpoint is never
     // ejected, so the outcome does not depend on whether the GETs got web-0 ejected).

@@ -36,7 +36,12 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
     let _w = web.serve_tool("sim-http", &["serve", "--listen", "0.0.0.0:8080", "--name", "web-0"])?;
     let _e = echo.serve(&["echo-server", "--listen", "0.0.0.0:9090"])?;
     node.services = service_yaml("web", "shop", "10.96.0.10:80".parse()?, "http", 8080, &[web.ip], &[]);
-    node.start_agent(&["--log-format", "json"])?;
+    // With a CA, so the certificate metrics exist too.
+    let ca = node.dir.join("ca");
+    let out =
+        std::process::Command::new(sim::bin_path("mesh-agent")?).args(["ca", "init", "--dir"]).arg(&ca).output()?;
+    anyhow::ensure!(out.status.success(), "ca init: {}", String::from_utf8_lossy(&out.stderr));
+    node.start_agent(&["--log-format", "json", "--ca-dir", ca.to_str().unwrap()])?;
     eventually(Duration::from_secs(5), "pods meshed", || {
         let pods = node.admin_json("/debug/pods").ok()?;
         (pods.as_array()?.iter().filter(|p| p["redirected"] == true).count() == 3).then_some(())
@@ -141,6 +146,80 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
     // retryable), then the 503 reaches the client.
     let r = client.http(&["load", "--url", "http://10.96.0.10/status/503", "--requests", "1"], T)?;
     assert_eq!(r["statuses"]["503"], 1, "{r}");
+
+    // Switchyard's own metrics moved with it: 13 requests (7 + 3 + 2 traced + 1), 2 retries.
+    let last = node.admin_text("/metrics")?;
+    let own = |name: &str| metric(&last, name, &[]) - metric(&before, name, &[]);
+    assert_eq!(own("switchyard_http_requests_total"), 13.0, "{last}");
+    assert_eq!(own("switchyard_http_retries_total"), 2.0);
+    assert_eq!(own("switchyard_http_retry_budget_exhausted_total"), 0.0);
+    assert_eq!(own("switchyard_http_upstream_failures_total"), 3.0, "three 503s reported to outlier detection");
+    assert_eq!(metric(&last, "switchyard_endpoint_ejections_total", &[]), 0.0, "a lone endpoint is never ejected");
+    assert!(metric(&last, "switchyard_process_resident_memory_bytes", &[]) > 1e6);
+    assert!(metric(&last, "switchyard_process_open_fds", &[]) > 5.0);
+    assert!(metric(&last, "switchyard_process_cpu_seconds_total", &[]) > 0.0);
+    let expiry = metric(
+        &last,
+        "switchyard_certificate_expiry_seconds",
+        &[("identity", "spiffe://cluster.local/ns/shop/sa/client")],
+    );
+    assert!(expiry > 3600.0, "the client's certificate is valid for hours: {expiry}");
+    // Five HTTP clients (one kept-alive connection each) and four TCP connections.
+    assert!(metric(&last, "switchyard_ebpf_events_total", &[("event", "redirected")]) >= 9.0);
+
+    // Every metric the shipped Grafana dashboard queries is exported by the agent.
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/switchyard-node.json"),
+    )?)?;
+    let mut queried = std::collections::BTreeSet::new();
+    for p in dashboard["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("istio_") || word.starts_with("switchyard_") {
+                    queried.insert(word.to_string());
+                }
+            }
+        }
+    }
+    assert!(queried.len() >= 15, "{queried:?}");
+    for name in &queried {
+        // A sample, or the family's TYPE line (a labelled family with no sample yet, e.g. no
+        // denial so far, is declared all the same).
+        let base =
+            ["_total", "_bucket", "_sum", "_count"].iter().fold(name.as_str(), |n, s| n.strip_suffix(s).unwrap_or(n));
+        let exported = last.lines().any(|l| {
+            l.starts_with(&format!("{name}{{"))
+                || l.starts_with(&format!("{name} "))
+                || l.starts_with(&format!("# TYPE {base} "))
+        });
+        assert!(exported, "the dashboard queries {name}, which the agent does not export");
+    }
+    eprintln!("Grafana dashboard: all {} metrics it queries are exported", queried.len());
+
+    // The operator CLI prints what the admin endpoint knows (run in the node's namespace, as
+    // `kubectl exec` into the agent would).
+    let cli = |args: &[&str]| -> Result<String> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &node.netns])
+            .arg(sim::bin_path("mesh-agent")?)
+            .args(args)
+            .output()?;
+        anyhow::ensure!(out.status.success(), "mesh-agent {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    let status: serde_json::Value = serde_json::from_str(&cli(&["status", "-o", "json"])?)?;
+    assert_eq!((status["ready"].as_bool(), status["pods_meshed"].as_u64()), (Some(true), Some(3)), "{status}");
+    assert!(status["certificates"].as_array().is_some_and(|c| c.len() == 3), "{status}");
+    let table = cli(&["workloads"])?;
+    for pod in ["shop/client", "shop/web-0", "shop/echo"] {
+        assert!(table.lines().any(|l| l.starts_with(pod) && l.contains("true")), "{pod} in\n{table}");
+    }
+    let conns: serde_json::Value = serde_json::from_str(&cli(&["connections", "-o", "json", "--recent", "100"])?)?;
+    let recent = conns["recent"].as_array().unwrap();
+    assert!(recent.iter().any(|c| c["protocol"] == "http1" && c["original_dst"] == "10.96.0.10:80"), "{conns}");
+    assert!(recent.iter().filter(|c| c["original_dst"] == format!("{}:9090", echo.ip).as_str()).count() == 4);
+    eprintln!("mesh-agent status:\n{}", cli(&["status"])?);
 
     // Access-log lines for the same run, parsed back field by field.
     let lines = eventually(Duration::from_secs(5), "access-log lines written", || {

@@ -79,8 +79,8 @@ impl Stats {
 pub struct Balancer {
     stats: Mutex<HashMap<SocketAddrV4, Stats>>,
     outlier: crate::config::Outlier,
-    /// Ejections so far (for the telemetry issue's metrics).
-    pub ejections_total: std::sync::atomic::AtomicU64,
+    /// Ejections so far (`switchyard_endpoint_ejections_total`).
+    pub ejections_total: prometheus_client::metrics::counter::Counter,
 }
 
 /// One endpoint as `/debug/services` shows it.
@@ -221,7 +221,7 @@ impl Balancer {
             }
         });
         if ejected {
-            self.ejections_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.ejections_total.inc();
             let until = self.view(&[ep])[0].ejected_for_ms.unwrap_or(0);
             tracing::warn!(endpoint = %ep, ejected_for_ms = until, "endpoint ejected after consecutive failures");
         }
@@ -304,7 +304,7 @@ mod tests {
         assert!(fail(1), "on probation: one failure ejects again");
         let second = b.view(&eps)[0].ejected_for_ms.unwrap();
         assert!(second > 100, "the second ejection is longer: {second} ms");
-        assert_eq!(b.ejections_total.load(std::sync::atomic::Ordering::Relaxed), 3);
+        assert_eq!(b.ejections_total.get(), 3);
         // ep(2) came back too; a success readmits it for good.
         b.connected(ep(2), Duration::from_micros(100));
         assert!(!fail(2), "readmitted: one failure is not enough again");

@@ -43,6 +43,7 @@ use hyper::{
     header::{HeaderMap, HeaderValue},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
@@ -66,15 +67,46 @@ pub const ERROR_HEADER: &str = "x-switchyard-error";
 const BUDGET_MIN_PER_SEC: u64 = 10;
 const BUDGET_WINDOW_SECS: u64 = 10;
 
-/// Counters kept for the telemetry issue's metrics.
-#[derive(Debug, Default, serde::Serialize)]
+/// HTTP resilience counters (registered as `switchyard_http_*`).
+#[derive(Debug, Default, Clone)]
 pub struct HttpStats {
-    pub requests: AtomicU64,
-    pub retries: AtomicU64,
-    pub budget_exhausted: AtomicU64,
-    pub timeouts: AtomicU64,
-    pub limit_hits: AtomicU64,
-    pub upstream_failures: AtomicU64,
+    pub requests: Counter,
+    pub retries: Counter,
+    pub budget_exhausted: Counter,
+    pub timeouts: Counter,
+    pub limit_hits: Counter,
+    pub upstream_failures: Counter,
+}
+
+impl HttpStats {
+    pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
+        reg.register("http_requests", "HTTP requests to Services served by the proxy", self.requests.clone());
+        reg.register(
+            "http_retries",
+            "HTTP request retries (another attempt, maybe on another endpoint)",
+            self.retries.clone(),
+        );
+        reg.register(
+            "http_retry_budget_exhausted",
+            "Retries not made because the Service's retry budget was spent",
+            self.budget_exhausted.clone(),
+        );
+        reg.register(
+            "http_request_timeouts",
+            "HTTP requests answered 504 at the Service's timeout",
+            self.timeouts.clone(),
+        );
+        reg.register(
+            "http_limit_hits",
+            "HTTP requests answered 503 at once: the Service's connection limit was reached",
+            self.limit_hits.clone(),
+        );
+        reg.register(
+            "http_upstream_failures",
+            "Failed attempts (connect error, reset, timeout, 5xx) reported to outlier detection",
+            self.upstream_failures.clone(),
+        );
+    }
 }
 
 /// Node-wide HTTP state: per-Service limits and budgets.
@@ -446,7 +478,7 @@ impl<U: Upstreams> Downstream<U> {
 
     async fn request_inner(&self, mut req: Request<Counted<Incoming>>, outcome: &Mutex<Outcome>) -> Response<Body> {
         let http = self.up.http();
-        http.stats.requests.fetch_add(1, Ordering::Relaxed);
+        http.stats.requests.inc();
         self.requests.fetch_add(1, Ordering::Relaxed);
         let Some(entry) = self.up.service(self.vip) else {
             return error_response(
@@ -461,7 +493,7 @@ impl<U: Upstreams> Downstream<U> {
         let _slot = match svc.acquire_by(deadline).await {
             Ok(p) => p,
             Err(LimitHit) => {
-                http.stats.limit_hits.fetch_add(1, Ordering::Relaxed);
+                http.stats.limit_hits.inc();
                 warn!(service = %entry.service, vip = %self.vip, "request past the service's connection limit: 503");
                 return error_response(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -514,9 +546,9 @@ impl<U: Upstreams> Downstream<U> {
                 {
                     Ok(r) => r,
                     Err(_) => {
-                        http.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                        http.stats.timeouts.inc();
                         if let Some((ep, started)) = current.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                            http.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+                            http.stats.upstream_failures.inc();
                             self.up.balancer().failed(ep, &entry.endpoints, Instant::now() - started);
                         }
                         return error_response(
@@ -602,14 +634,14 @@ impl<U: Upstreams> Downstream<U> {
                     .unwrap_or_else(|p| p.into_inner())
                     .try_withdraw(now_sec(), policy.retry_budget_percent);
                 if !ok {
-                    http.stats.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+                    http.stats.budget_exhausted.inc();
                     debug!(service = %entry.service, "retry budget exhausted");
                 }
                 ok
             };
             let failure = |what: &str, detail: String| {
                 current.lock().unwrap_or_else(|p| p.into_inner()).take();
-                http.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+                http.stats.upstream_failures.inc();
                 balancer.failed(ep, &entry.endpoints, started.elapsed());
                 debug!(service = %entry.service, endpoint = %ep, "{what}: {detail}");
             };
@@ -624,7 +656,7 @@ impl<U: Upstreams> Downstream<U> {
                     if can_retry(retries) {
                         outcome.lock().unwrap_or_else(|p| p.into_inner()).reasons.push(e.reason.to_string());
                         retries += 1;
-                        http.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        http.stats.retries.inc();
                         tokio::time::sleep(balance::backoff(retries)).await;
                         continue;
                     }
@@ -668,7 +700,7 @@ impl<U: Upstreams> Downstream<U> {
                             .reasons
                             .push(format!("status_{}", status.as_u16()));
                         retries += 1;
-                        http.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        http.stats.retries.inc();
                         drop(resp);
                         tokio::time::sleep(balance::backoff(retries)).await;
                         continue;
@@ -687,14 +719,14 @@ impl<U: Upstreams> Downstream<U> {
                         if can_retry(retries) {
                             outcome.lock().unwrap_or_else(|p| p.into_inner()).reasons.push("not_sent".into());
                             retries += 1;
-                            http.stats.retries.fetch_add(1, Ordering::Relaxed);
+                            http.stats.retries.inc();
                             tokio::time::sleep(balance::backoff(retries)).await;
                             continue;
                         }
                     } else if retry_sent && can_retry(retries) {
                         outcome.lock().unwrap_or_else(|p| p.into_inner()).reasons.push("reset".into());
                         retries += 1;
-                        http.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        http.stats.retries.inc();
                         tokio::time::sleep(balance::backoff(retries)).await;
                         continue;
                     }

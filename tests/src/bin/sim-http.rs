@@ -385,7 +385,9 @@ async fn load(opts: Arc<LoadOpts>, requests: u64, duration: Option<Duration>, co
                         Ok(resp) => {
                             tl.latencies_us.push(t.elapsed().as_micros() as u64);
                             *tl.statuses.entry(resp.status().as_u16().to_string()).or_default() += 1;
-                            if let Some(v) = resp.headers().get("x-seen-traceparent") {
+                            if let Some(v) = resp.headers().get("x-seen-traceparent")
+                                && tl.seen_traceparents.len() < 10
+                            {
                                 tl.seen_traceparents.push(v.to_str().unwrap_or("").to_string());
                             }
                             if let Some(v) = resp.headers().get("x-switchyard-error") {
@@ -535,12 +537,10 @@ async fn banner_server(listen: SocketAddr) {
         tokio::spawn(async move {
             let _ = s.write_all(b"220 sim.example ESMTP ready\r\n").await;
             let mut buf = [0u8; 1024];
-            while let Ok(n) = s.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
+            if let Ok(n) = s.read(&mut buf).await
+                && n > 0
+            {
                 let _ = s.write_all(b"221 bye\r\n").await;
-                break;
             }
         });
     }

@@ -1,0 +1,148 @@
+//! Operator commands (`mesh-agent status`, `workloads`, `connections`): what the admin
+//! endpoint knows, for terminals (tables) and scripts (`-o json`). They talk to a running
+//! agent's admin port (default `127.0.0.1:15020`: the agent runs in the node's network
+//! namespace), never to the kernel.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+/// GET `path` on the admin endpoint; the body.
+pub fn get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(3))
+        .with_context(|| format!("cannot reach the agent's admin endpoint at {admin} (is the agent running?)"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {admin}\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let status = head.split_whitespace().nth(1).unwrap_or("?");
+    if status != "200" && path != "/readyz" {
+        bail!("{path} answered {status}: {}", body.trim());
+    }
+    Ok(body.to_string())
+}
+
+fn get_json(admin: SocketAddr, path: &str) -> anyhow::Result<Value> {
+    let body = get(admin, path)?;
+    serde_json::from_str(&body).with_context(|| format!("{path} did not answer JSON"))
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// `mesh-agent status`: health, datapath, pods, connections, certificates.
+pub fn status(admin: SocketAddr, out: Output) -> anyhow::Result<String> {
+    let ready = get(admin, "/readyz")?.trim() == "ready";
+    let dp = get_json(admin, "/debug/datapath")?;
+    let pods = get_json(admin, "/debug/pods")?;
+    let conns = get_json(admin, "/debug/connections")?;
+    let certs = get_json(admin, "/debug/certs")?;
+    let local: Vec<&Value> =
+        pods.as_array().map(|a| a.iter().filter(|p| p["cgroup_id"].is_number()).collect()).unwrap_or_default();
+    let meshed = local.iter().filter(|p| p["redirected"] == true).count();
+    let v = json!({
+        "ready": ready,
+        "datapath": dp,
+        "pods_on_node": local.len(),
+        "pods_meshed": meshed,
+        "connections_active": conns["active"].as_array().map_or(0, Vec::len),
+        "connections_closed": conns["closed_total"],
+        "certificates": certs,
+    });
+    if out == Output::Json {
+        return Ok(serde_json::to_string_pretty(&v)? + "\n");
+    }
+    let mut t = String::new();
+    t += &format!("agent          {}\n", if ready { "ready" } else { "NOT READY" });
+    t += &format!(
+        "eBPF           attached {}, pinned {}, acceleration {}\n",
+        s(&dp["attached"]),
+        s(&dp["pinned"]),
+        s(&dp["sockmap_acceleration"]["state"])
+    );
+    t += &format!("maps           {}\n", dp["maps"]);
+    t += &format!("pods           {} on this node, {} meshed\n", local.len(), meshed);
+    t += &format!("connections    {} active, {} closed\n", v["connections_active"], s(&conns["closed_total"]));
+    for c in certs.as_array().into_iter().flatten() {
+        t += &format!("certificate    {} expires in {} s\n", s(&c["identity"]), s(&c["expires_in_secs"]));
+    }
+    Ok(t)
+}
+
+/// `mesh-agent workloads`: this node's pods and how they are meshed.
+pub fn workloads(admin: SocketAddr, out: Output) -> anyhow::Result<String> {
+    let pods = get_json(admin, "/debug/pods")?;
+    let local: Vec<Value> =
+        pods.as_array().map(|a| a.iter().filter(|p| p["cgroup_id"].is_number()).cloned().collect()).unwrap_or_default();
+    if out == Output::Json {
+        return Ok(serde_json::to_string_pretty(&local)? + "\n");
+    }
+    let mut t = format!(
+        "{:<32} {:<16} {:<8} {:<10} {:<22} {:<11} {}\n",
+        "POD", "IP", "MESHED", "REDIRECT", "REASON", "MTLS", "FAIL MODE"
+    );
+    for p in &local {
+        t += &format!(
+            "{:<32} {:<16} {:<8} {:<10} {:<22} {:<11} {}\n",
+            s(&p["key"]),
+            s(&p["ip"]),
+            s(&p["meshed"]),
+            s(&p["redirected"]),
+            s(&p["reason"]),
+            s(&p["mtls_mode"]),
+            if p["fail_closed"] == true { "closed" } else { "open" }
+        );
+    }
+    Ok(t)
+}
+
+/// `mesh-agent connections`: open connections, then the most recent closed ones.
+pub fn connections(admin: SocketAddr, out: Output, recent: usize) -> anyhow::Result<String> {
+    let c = get_json(admin, "/debug/connections")?;
+    let active: Vec<Value> = c["active"].as_array().cloned().unwrap_or_default();
+    let mut closed: Vec<Value> = c["recent"].as_array().cloned().unwrap_or_default();
+    closed.reverse();
+    closed.truncate(recent);
+    if out == Output::Json {
+        return Ok(serde_json::to_string_pretty(&json!({"active": active, "recent": closed}))? + "\n");
+    }
+    let mut t = format!(
+        "{:<7} {:<9} {:<22} {:<22} {:<22} {:<11} {:<6} {:>10} {:>10} {}\n",
+        "STATE", "DIR", "SOURCE", "DESTINATION", "ENDPOINT", "SECURITY", "PROTO", "SENT", "RECEIVED", "ERROR"
+    );
+    for (state, list) in [("open", &active), ("closed", &closed)] {
+        for r in list {
+            t += &format!(
+                "{:<7} {:<9} {:<22} {:<22} {:<22} {:<11} {:<6} {:>10} {:>10} {}\n",
+                state,
+                s(&r["direction"]),
+                r["source_pod"].as_str().or(r["source_identity"].as_str()).unwrap_or("-"),
+                s(&r["original_dst"]),
+                s(&r["endpoint"]),
+                s(&r["security"]),
+                r["protocol"].as_str().unwrap_or("tcp"),
+                s(&r["bytes_sent"]),
+                s(&r["bytes_received"]),
+                s(&r["error"])
+            );
+        }
+    }
+    Ok(t)
+}
