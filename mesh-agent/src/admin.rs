@@ -23,7 +23,13 @@ pub struct Admin {
     pub pool: Option<Arc<crate::proxy::pool::Pool>>,
     /// Endpoint state (latency, in flight, ejection) for `/debug/services`.
     pub balancer: Arc<crate::proxy::balance::Balancer>,
+    /// HTTP counters and recent requests, for the dashboard.
+    pub http: Arc<crate::proxy::http::Http>,
 }
+
+/// The node dashboard: one self-contained page (no CDN, nothing fetched but this agent's
+/// own `/debug/summary`), embedded in the binary.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 type Resp = Response<Full<Bytes>>;
 
@@ -109,6 +115,8 @@ impl Admin {
                     .collect();
                 json(&view)
             }
+            "/" => respond(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD),
+            "/debug/summary" => json(&self.summary()),
             "/debug/connections" => json(&self.conns.snapshot()),
             "/debug/certs" => json(&self.certs.as_ref().map(|c| c.status()).unwrap_or_default()),
             "/debug/pool" => json(&self.pool.as_ref().map(|p| p.snapshot()).unwrap_or_default()),
@@ -128,16 +136,148 @@ impl Admin {
                 };
                 json(&v)
             }
-            "/" => respond(
+            "/debug" => respond(
                 StatusCode::OK,
                 "text/plain",
                 format!(
-                    "switchyard mesh-agent on node {}\n\n/metrics\n/healthz\n/readyz\n/debug/pods\n/debug/services\n/debug/connections\n/debug/datapath\n/debug/certs\n/debug/pool\n",
+                    "switchyard mesh-agent on node {}\n\n/ (dashboard)\n/metrics\n/healthz\n/readyz\n/debug/summary\n/debug/pods\n/debug/services\n/debug/connections\n/debug/datapath\n/debug/certs\n/debug/pool\n",
                     self.node_name
                 ),
             ),
             _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
         }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+impl Admin {
+    /// Everything the dashboard shows, in one JSON document (it polls this).
+    fn summary(&self) -> serde_json::Value {
+        use std::collections::BTreeMap;
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let (cpu, rss, fds) = crate::metrics::process_stats();
+        let st = &self.http.stats;
+        // Per Service, over the remembered requests.
+        let mut by_service: BTreeMap<String, Vec<&crate::proxy::http::RequestRecord>> = BTreeMap::new();
+        let recent = self.http.recent();
+        for r in &recent {
+            by_service.entry(r.service.clone()).or_default().push(r);
+        }
+        let services: Vec<serde_json::Value> = by_service
+            .iter()
+            .map(|(svc, rs)| {
+                let mut d: Vec<f64> = rs.iter().map(|r| r.duration_ms).collect();
+                d.sort_by(|a, b| a.total_cmp(b));
+                serde_json::json!({
+                    "service": svc,
+                    "requests": rs.len(),
+                    "errors": rs.iter().filter(|r| r.status >= 500).count(),
+                    "retries": rs.iter().map(|r| u64::from(r.retries)).sum::<u64>(),
+                    "p50_ms": percentile(&d, 0.5),
+                    "p99_ms": percentile(&d, 0.99),
+                    "last_unix_ms": rs.last().map_or(0, |r| r.at_unix_ms),
+                })
+            })
+            .collect();
+        // Per peer pair, over the live and remembered connections.
+        let snap = self.conns.snapshot();
+        let mut peers: BTreeMap<(String, String), (u64, u64, u64, String)> = BTreeMap::new();
+        for c in snap.recent.iter().chain(&snap.active) {
+            let src =
+                c.source_pod.clone().or_else(|| c.source_identity.clone()).unwrap_or_else(|| c.client.ip().to_string());
+            let dst = c.destination_pod.clone().unwrap_or_else(|| c.original_dst.to_string());
+            let e = peers.entry((src, dst)).or_insert((0, 0, 0, String::new()));
+            e.0 += 1;
+            e.1 += c.bytes_sent + c.bytes_received;
+            e.2 += u64::from(c.error.is_some());
+            e.3 =
+                serde_json::to_value(c.security).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        }
+        let peers: Vec<serde_json::Value> = peers
+            .into_iter()
+            .map(|((src, dst), (n, bytes, errors, security))| {
+                serde_json::json!({"source": src, "destination": dst, "connections": n, "bytes": bytes, "errors": errors, "security": security})
+            })
+            .collect();
+        let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+        for c in &snap.recent {
+            if let Some(e) = &c.error {
+                *errors.entry(e.chars().take(80).collect()).or_default() += 1;
+            }
+        }
+        let certs: BTreeMap<String, i64> = self
+            .certs
+            .as_ref()
+            .map(|c| c.status().into_iter().map(|s| (s.identity, s.expires_in_secs)).collect())
+            .unwrap_or_default();
+        let idx = self.pods.borrow();
+        let pods: Vec<serde_json::Value> = idx
+            .pods
+            .iter()
+            .filter(|p| p.cgroup_id.is_some())
+            .map(|p| {
+                let w = &p.workload;
+                let id = w.spiffe_id(crate::identity::DEFAULT_TRUST_DOMAIN);
+                let key = &p.key;
+                let out: Vec<&serde_json::Value> = peers.iter().filter(|x| x["source"] == key.as_str()).collect();
+                serde_json::json!({
+                    "pod": key,
+                    "ip": w.ip,
+                    "identity": if w.meshed { id.clone() } else { "-".into() },
+                    "meshed": w.meshed,
+                    "redirected": p.redirected,
+                    "reason": w.reason,
+                    "mtls_mode": w.mtls_mode,
+                    "fail_mode": if w.fail_closed { "closed" } else { "open" },
+                    "cert_expires_in_secs": certs.iter().find(|(k, _)| k.ends_with(&format!("/ns/{}/sa/{}", w.namespace, w.service_account))).map(|(_, v)| *v),
+                    "connections_out": out.iter().map(|x| x["connections"].as_u64().unwrap_or(0)).sum::<u64>(),
+                    "requests_out": recent.iter().filter(|r| &r.source_pod == key).count(),
+                })
+            })
+            .collect();
+        drop(idx);
+        let ebpf = {
+            let guard = self.datapath.lock().unwrap_or_else(|p| p.into_inner());
+            match guard.as_ref() {
+                Some(dp) => serde_json::json!({
+                    "attached": true,
+                    "pinned": dp.pinned(),
+                    "acceleration": dp.accel_state(),
+                    "maps": dp.map_usage(),
+                    "events": dp.stats().iter().map(|(s, v)| (s.name(), *v)).collect::<BTreeMap<_, _>>(),
+                }),
+                None => serde_json::json!({"attached": false}),
+            }
+        };
+        serde_json::json!({
+            "node": self.node_name,
+            "ready": *self.ready.borrow(),
+            "now_unix_ms": now_ms,
+            "agent": {"cpu_seconds": cpu, "rss_bytes": rss, "open_fds": fds},
+            "totals": {
+                "http_requests": st.requests.get(),
+                "http_retries": st.retries.get(),
+                "retry_budget_exhausted": st.budget_exhausted.get(),
+                "timeouts": st.timeouts.get(),
+                "limit_hits": st.limit_hits.get(),
+                "upstream_failures": st.upstream_failures.get(),
+                "ejections": self.balancer.ejections_total.get(),
+                "connections_closed": snap.closed_total,
+                "connections_active": snap.active.len(),
+            },
+            "services": services,
+            "peers": peers,
+            "pods": pods,
+            "errors": errors,
+            "ebpf": ebpf,
+        })
     }
 }
 

@@ -192,7 +192,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     registry.register_collector(Box::new(DatapathCollector(datapath.clone())));
     registry.register_collector(Box::new(metrics::ProcessCollector { certs: mtls.as_ref().map(|m| m.certs.clone()) }));
-    let http = crate::proxy::http::Http::default();
+    let http = Arc::new(crate::proxy::http::Http::default());
     http.stats.register(registry);
     let balancer = Arc::new(crate::proxy::balance::Balancer::new(config.outlier));
     registry.register(
@@ -213,6 +213,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         certs: mtls.as_ref().map(|m| m.certs.clone()),
         pool: pool.clone(),
         balancer: balancer.clone(),
+        http: http.clone(),
     });
     let admin_addr = admin_listener.local_addr()?;
     let admin_task = tokio::spawn(admin.serve(admin_listener, stop.clone()));

@@ -282,3 +282,114 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
     }
     Ok(())
 }
+
+/// The node dashboard in a real headless browser (Debian's chromium) against an agent carrying
+/// known traffic: the page's tables and chart show it. Screenshot saved as a test artifact
+/// (`target/test-artifacts/dashboard.png`).
+#[test]
+fn the_node_dashboard_shows_the_traffic_in_a_real_browser() -> Result<()> {
+    if !privileged("the_node_dashboard_shows_the_traffic") {
+        return Ok(());
+    }
+    let chromium =
+        ["/usr/bin/chromium", "/usr/bin/chromium-browser"].into_iter().find(|p| std::path::Path::new(p).exists());
+    let Some(chromium) = chromium else {
+        anyhow::bail!("chromium is not installed (`cargo xtask setup` installs it)");
+    };
+    let mut node = Node::new("node", 161)?;
+    node.set_namespace_meshed("shop", true);
+    let client = node.add_pod("client", "shop", None)?;
+    let web = node.add_pod("web-0", "shop", None)?;
+    let echo = node.add_pod("echo", "shop", None)?;
+    let _w = web.serve_tool("sim-http", &["serve", "--listen", "0.0.0.0:8080", "--name", "web-0"])?;
+    let _e = echo.serve(&["echo-server", "--listen", "0.0.0.0:9090"])?;
+    node.services = service_yaml("web", "shop", "10.96.0.10:80".parse()?, "http", 8080, &[web.ip], &[]);
+    node.start_agent(&[])?;
+    eventually(Duration::from_secs(5), "pods meshed", || {
+        let pods = node.admin_json("/debug/pods").ok()?;
+        (pods.as_array()?.iter().filter(|p| p["redirected"] == true).count() == 3).then_some(())
+    })?;
+    let r = client.http(&["load", "--url", "http://10.96.0.10/status/200", "--requests", "40"], T)?;
+    assert_eq!(r["statuses"]["200"], 40, "{r}");
+    let r = client.http(&["load", "--url", "http://10.96.0.10/status/500", "--requests", "2"], T)?;
+    assert_eq!(r["statuses"]["500"], 2, "{r}");
+    let t = client.workload(&["client", "--connect", &format!("{}:9090", echo.ip), "--count", "6"], T)?;
+    assert_eq!(t["ok"], 6, "{t}");
+    // Traffic while the page is open, so the rate chart has something to draw.
+    let c = client.clone();
+    let steady = std::thread::spawn(move || {
+        c.http(&["load", "--url", "http://10.96.0.10/status/200", "--duration-ms", "8000", "--interval-ms", "20"], T)
+    });
+
+    let artifacts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    std::fs::create_dir_all(&artifacts)?;
+    let shot = artifacts
+        .join(format!("dashboard{}.png", sim::sockmap_mode().map(|m| format!("-accel-{m}")).unwrap_or_default()));
+    let _ = std::fs::remove_file(&shot);
+    let browser = |extra: &[String]| -> Result<String> {
+        let profile = node.dir.join("chromium-profile");
+        let out = sim::output_timeout(
+            {
+                let mut cmd = std::process::Command::new("ip");
+                cmd.args(["netns", "exec", &node.netns, chromium])
+                    .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run"])
+                    .arg(format!("--user-data-dir={}", profile.display()))
+                    // Let the page poll a few times (virtual time runs as fast as it can).
+                    .arg("--virtual-time-budget=7000")
+                    .args(extra)
+                    .arg("http://127.0.0.1:15020/");
+                cmd
+            },
+            Duration::from_secs(90),
+        )?;
+        anyhow::ensure!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let dom = browser(&["--dump-dom".to_string()])?;
+    browser(&[format!("--screenshot={}", shot.display()), "--window-size=1400,1300".to_string()])?;
+    steady.join().map_err(|_| anyhow::anyhow!("load panicked"))??;
+
+    // The tables show the traffic the test made.
+    let row = |table: &str, key: &str| -> Option<String> {
+        let t = &dom[dom.find(&format!("id=\"{table}\""))?..];
+        let t = &t[..t.find("</table>")?];
+        t.split("<tr>").find(|r| r.contains(&format!(">{key}<"))).map(str::to_string)
+    };
+    let cells = |r: &str| -> Vec<String> {
+        r.split("<td")
+            .skip(1)
+            .map(|c| c.split_once('>').map(|x| x.1).unwrap_or("").split("</td>").next().unwrap_or("").to_string())
+            .collect()
+    };
+    let svc =
+        row("svc-table", "shop/web").ok_or_else(|| anyhow::anyhow!("no shop/web row in the services table:\n{dom}"))?;
+    let svc = cells(&svc);
+    eprintln!("services row: {svc:?}");
+    let requests: u64 = svc[1].parse()?;
+    assert!(requests >= 42, "40 + 2 requests at least (more from the steady load): {svc:?}");
+    assert_eq!(svc[2], "2", "the two 500s: {svc:?}");
+    let pod = cells(&row("pod-table", "shop/client").ok_or_else(|| anyhow::anyhow!("no client row:\n{dom}"))?);
+    eprintln!("pod row: {pod:?}");
+    assert_eq!(pod[1], "spiffe://cluster.local/ns/shop/sa/client");
+    assert!(pod[6].contains("yes"), "redirected: {pod:?}");
+    let peer = dom
+        .split("<tr>")
+        .find(|r| r.contains(">shop/client<") && r.contains(">shop/echo<"))
+        .map(cells)
+        .ok_or_else(|| anyhow::anyhow!("no client → echo row:\n{dom}"))?;
+    eprintln!("peer row: {peer:?}");
+    assert_eq!(peer[3], "6", "six TCP connections to echo: {peer:?}");
+    // The rate chart drew lines from several polls, and the request rate was seen.
+    let points = dom
+        .split("id=\"line-rps\"")
+        .nth(1)
+        .and_then(|s| s.split("points=\"").nth(1))
+        .and_then(|s| s.split('"').next())
+        .unwrap_or("");
+    assert!(points.split(' ').filter(|p| !p.is_empty()).count() >= 2, "chart points {points:?}");
+    assert!(dom.contains("class=\"ok\">ready<"), "health shown");
+    let png = std::fs::read(&shot)?;
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "screenshot saved: {} bytes", png.len());
+    eprintln!("dashboard screenshot: {}", shot.display());
+    Ok(())
+}

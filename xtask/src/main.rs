@@ -12,9 +12,19 @@ use anyhow::{Context as _, Result, bail};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM: &str = "llvm-22";
 /// llvm for bpf-linker; iproute2 and procps (sysctl) build the simulated cluster; tcpdump captures
-/// the traffic between simulated nodes in the mTLS tests.
-const APT_PACKAGES: &[&str] =
-    &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev", "iproute2", "procps", "tcpdump"];
+/// the traffic between simulated nodes in the mTLS tests; chromium (and a font for its
+/// screenshots) is the real browser the node dashboard is tested in.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "procps",
+    "tcpdump",
+    "chromium",
+    "fonts-dejavu-core",
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -114,6 +114,37 @@ impl HttpStats {
 pub struct Http {
     services: Mutex<HashMap<SocketAddrV4, Arc<ServiceState>>>,
     pub stats: HttpStats,
+    /// The latest requests (bounded), for the node dashboard's per-Service latency and errors.
+    recent: Mutex<std::collections::VecDeque<RequestRecord>>,
+}
+
+/// Requests remembered for the dashboard.
+pub const RECENT_REQUESTS: usize = 4096;
+
+/// One finished request, as the dashboard summarizes it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RequestRecord {
+    pub at_unix_ms: u64,
+    pub source_pod: String,
+    pub service: String,
+    pub status: u16,
+    pub duration_ms: f64,
+    pub retries: u32,
+}
+
+impl Http {
+    fn remember(&self, r: RequestRecord) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT_REQUESTS {
+            recent.pop_front();
+        }
+        recent.push_back(r);
+    }
+
+    /// The remembered requests, oldest first.
+    pub fn recent(&self) -> Vec<RequestRecord> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+    }
 }
 
 struct ServiceState {
@@ -277,6 +308,8 @@ pub trait Upstreams: Send + Sync + 'static {
     ) -> crate::metrics::IstioLabels;
     /// Records the endpoint of the latest request on the connection record.
     fn note_endpoint(&self, conn: u64, ep: SocketAddrV4, retries: u32);
+    /// Records how the latest request's upstream connection is protected.
+    fn note_route(&self, conn: u64, orig: Original, ep: SocketAddrV4);
 }
 
 enum Sender {
@@ -440,6 +473,16 @@ impl<U: Upstreams> Downstream<U> {
         let ep = outcome.endpoint;
         let base = self.up.istio_labels(self.orig, ep, &service, protocol);
         let failed = resp.status().is_server_error() || resp.headers().contains_key(ERROR_HEADER);
+        self.up.http().remember(RequestRecord {
+            at_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            source_pod: format!("{}/{}", base.source_workload_namespace, base.source_workload),
+            service: service.clone(),
+            status: resp.status().as_u16(),
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            retries: outcome.retries,
+        });
         if self.up.access_log(failed) {
             let trace_id = resp_trace(&outcome);
             info!(
@@ -759,6 +802,7 @@ impl<U: Upstreams> Downstream<U> {
                 reason: "connect_timeout",
                 detail: format!("connecting to {ep} timed out after {timeout:?}"),
             })??;
+        self.up.note_route(self.conn, self.orig, ep);
         let io = TokioIo::new(io);
         let handshake_err = |e: hyper::Error| UpstreamError {
             denied: false,

@@ -64,7 +64,7 @@ pub struct Outbound {
     /// Connections open per Service virtual address, for `switchyard.io/max-connections`.
     pub open_per_service: Arc<std::sync::Mutex<std::collections::HashMap<std::net::SocketAddrV4, u32>>>,
     /// HTTP to Services: limits, budgets, counters.
-    pub http: http::Http,
+    pub http: Arc<http::Http>,
     /// Istio's standard metrics (reporter `source`).
     pub istio: crate::metrics::IstioMetrics,
     pub detect: DetectConfig,
@@ -681,6 +681,16 @@ impl http::Upstreams for Outbound {
     fn note_endpoint(&self, conn: u64, ep: std::net::SocketAddrV4, retries: u32) {
         let dst_pod = self.pods.borrow().by_ip(*ep.ip()).map(|p| p.key.clone());
         self.conns.set_endpoint(conn, ep, dst_pod, retries);
+    }
+
+    fn note_route(&self, conn: u64, orig: Original, ep: std::net::SocketAddrV4) {
+        let (security, dst_id) = match self.route(&Original { dst: ep, ..orig }).0 {
+            Route::Local { dst } => (Security::Local, Some(dst.to_string())),
+            Route::Hbone { dst, .. } => (Security::MutualTls, Some(dst.to_string())),
+            Route::Passthrough => (Security::Plaintext, None),
+            Route::Refuse { .. } => (Security::Unknown, None),
+        };
+        self.conns.set_security(conn, security, dst_id);
     }
 }
 
