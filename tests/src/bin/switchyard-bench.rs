@@ -171,6 +171,16 @@ fn run() -> Result<()> {
                     add(&w, "agent CPU per 1000 req/s", "cores", path, true, cores / (rps / 1000.0));
                 }
             }
+            // The same 1000 req/s on 4 connections while the node's admin endpoint is scraped
+            // 10 times a second (/metrics and the dashboard's /debug/summary, alternately): the
+            // scrape must not show in the data plane's p99.
+            if path == "mesh-local" {
+                let (p50, p99, scrapes) = b.oha_rate_scraped(client, &ip)?;
+                let w = "http 1000 req/s, 1 KiB, 4 conns";
+                add(w, "p50 while admin scraped 10/s", "ms", path, true, p50);
+                add(w, "p99 while admin scraped 10/s", "ms", path, true, p99);
+                eprintln!("   {scrapes} admin scrapes during the run");
+            }
             // Max throughput, 16 connections; memory sampled under that load.
             let (rps, rss) = b.wrk_max(client, &ip, path)?;
             add("http max, 16 conns", "throughput", "req/s", path, false, rps);
@@ -378,6 +388,36 @@ impl Bench {
     }
 
     /// New connections per second: one request per connection.
+    /// [`Self::oha_rate`] with 4 connections while a thread scrapes the client node's admin
+    /// endpoint 10 times a second; returns (p50, p99, scrapes made).
+    fn oha_rate_scraped(&self, client: &Pod, ip: &str) -> Result<(f64, f64, u64)> {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicU64, Ordering},
+        };
+        let node = self.c.nodes.iter().find(|n| n.name == client.node).context("client's node")?;
+        let (netns, admin) = (node.netns.clone(), node.admin_addr());
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let (s, d) = (stop.clone(), done.clone());
+        let scraper = std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                let path = if i % 2 == 0 { "/metrics" } else { "/debug/summary" };
+                if matches!(sim::http_get(&netns, admin, path), Ok((200, _))) {
+                    d.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let r = self.oha_rate(client, ip, 4);
+        stop.store(true, Ordering::Relaxed);
+        let _ = scraper.join();
+        let (p50, p99, _) = r?;
+        Ok((p50, p99, done.load(Ordering::Relaxed)))
+    }
+
     fn oha_new_conns(&self, client: &Pod, ip: &str) -> Result<f64> {
         let url = format!("http://{ip}:8080/1k");
         let z = format!("{}s", self.secs_arg());
