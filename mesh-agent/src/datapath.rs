@@ -203,8 +203,8 @@ pub enum AccelState {
 }
 
 pub struct Datapath {
-    // Declared first so it drops first: programs detach before the maps close.
-    #[expect(dead_code, reason = "owns the programs and their links: dropping it detaches them")]
+    // Declared first so it drops first: programs detach before the maps close. Owns the
+    // programs and (unpinned) their links: dropping it detaches them.
     ebpf: Ebpf,
     meshed: HashMap<MapData, u64, PodPolicy>,
     sock_orig: HashMap<MapData, u64, OrigDst>,
@@ -343,6 +343,26 @@ impl Datapath {
             pinned,
             _links: links,
         })
+    }
+
+    /// Unpinned mode, first step of a shutdown: detaches the connect programs only, so no new
+    /// connection is redirected while `sockops` still records the ones whose `connect()` was
+    /// redirected an instant ago (their client-address entry is written when they are
+    /// established; without it the proxy could not tell where they were going). Dropping the
+    /// datapath a moment later detaches the rest. Pinned mode leaves the links alone.
+    pub fn stop_redirecting(&mut self) {
+        if self.pinned.is_some() {
+            return;
+        }
+        for name in [mesh_common::PROG_CONNECT4, mesh_common::PROG_CONNECT6] {
+            let Some(prog) = self.ebpf.program_mut(name) else { continue };
+            let detached = <&mut CgroupSockAddr>::try_from(prog)
+                .map_err(|e| e.to_string())
+                .and_then(|p| p.unload().map_err(|e| e.to_string()));
+            if let Err(e) = detached {
+                warn!(program = name, error = %e, "cannot detach the program ahead of the others");
+            }
+        }
     }
 
     /// Whether the programs outlive this agent (pinned mode).

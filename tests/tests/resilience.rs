@@ -355,7 +355,9 @@ fn agent_restart_under_steady_load_never_fails_a_new_connection_in_a_fail_open_n
     );
     let total = fresh["total"].as_u64().unwrap();
     assert!(total > 100, "{fresh}");
-    assert_eq!(fresh["ok"].as_u64(), Some(total), "no new connection failed: {fresh}");
+    if fresh["ok"].as_u64() != Some(total) {
+        panic!("a new connection failed (SIGTERM ~1500 ms into the run): {fresh}\n{}", s.node.agent_log());
+    }
     let kept_failed = kept["total"].as_u64().unwrap() - kept["ok"].as_u64().unwrap();
     assert!(kept_failed <= 4, "at most one failure per kept-alive connection, when the drain ends: {kept}");
     assert!(after > 0, "the new agent proxies again");

@@ -284,6 +284,8 @@ struct Tally {
     latencies_us: Vec<u64>,
     /// The `traceparent` the server saw, per request (`x-seen-traceparent`).
     seen_traceparents: Vec<String>,
+    /// The first few errors with their time since the start of the run (ms), for diagnosis.
+    error_times: Vec<(u64, String)>,
 }
 
 enum Client {
@@ -401,6 +403,9 @@ async fn load(opts: Arc<LoadOpts>, requests: u64, duration: Option<Duration>, co
                         }
                         Err(e) => {
                             client = None;
+                            if tl.error_times.len() < 10 {
+                                tl.error_times.push((started.elapsed().as_millis() as u64, e.clone()));
+                            }
                             *tl.errors.entry(e).or_default() += 1;
                         }
                     }
@@ -435,6 +440,7 @@ async fn load(opts: Arc<LoadOpts>, requests: u64, duration: Option<Duration>, co
         "elapsed_ms": started.elapsed().as_millis() as u64,
         "reconnects": RECONNECTS.load(Ordering::Relaxed),
         "seen_traceparents": tl.seen_traceparents,
+        "error_times_ms": tl.error_times,
     }));
 }
 
