@@ -77,10 +77,16 @@ impl Admin {
         match req.uri().path() {
             "/metrics" => {
                 let mut body = String::new();
+                let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok());
                 match prometheus_client::encoding::text::encode(&mut body, &self.registry) {
-                    Ok(()) => {
+                    Ok(()) if crate::metrics::wants_openmetrics(accept) => {
                         respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
                     }
+                    Ok(()) => respond(
+                        StatusCode::OK,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        crate::metrics::prometheus_text(&body),
+                    ),
                     Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
                 }
             }

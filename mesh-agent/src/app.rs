@@ -194,6 +194,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     registry.register_collector(Box::new(metrics::ProcessCollector { certs: mtls.as_ref().map(|m| m.certs.clone()) }));
     let http = Arc::new(crate::proxy::http::Http::default());
     http.stats.register(registry);
+    // Stopped after the drain, so the spans of the last requests still go out.
+    let spans_stop = CancellationToken::new();
+    let (spans, spans_task) = match &config.otlp_endpoint {
+        Some(endpoint) => {
+            let (spans, task) = crate::otlp::Spans::start(endpoint, &config.node_name, spans_stop.clone())
+                .map_err(|e| anyhow::anyhow!("OTLP endpoint {endpoint:?}: {e}"))?;
+            crate::otlp::register(&spans, registry);
+            (Some(spans), Some(task))
+        }
+        None => (None, None),
+    };
     let balancer = Arc::new(crate::proxy::balance::Balancer::new(config.outlier));
     registry.register(
         "endpoint_ejections",
@@ -239,6 +250,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             opaque_ports: config.opaque_ports.clone(),
             retry_body_limit: config.retry_body_limit,
             trace_context: config.trace_context,
+            trace_sample_rate: config.trace_sample_rate,
+            spans,
             access_log: config.access_log,
         },
     });
@@ -311,6 +324,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     if tokio::time::timeout(config.drain_grace, tasks.wait()).await.is_err() {
         warn!(cut = conns.active_count(), "drain grace period over; closing the remaining connections");
+    }
+    spans_stop.cancel();
+    if let Some(t) = spans_task {
+        let _ = tokio::time::timeout(Duration::from_secs(6), t).await;
     }
     admin_task.abort();
     info!("agent stopped");

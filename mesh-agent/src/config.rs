@@ -74,6 +74,10 @@ pub enum ConfigError {
     TrustDomain(String),
     #[error("choose one source of workloads: a workload file or Kubernetes mode, not both")]
     TwoSources,
+    #[error("OTLP endpoint {0:?} is not valid: {1}")]
+    OtlpEndpoint(String, String),
+    #[error("trace sample rate {0} is not between 0 and 1")]
+    TraceSampleRate(f64),
 }
 
 /// The config file (YAML), every field optional.
@@ -129,6 +133,11 @@ pub struct FileConfig {
     /// W3C trace context on HTTP requests to Services: kept and continued, created when
     /// absent (default true).
     pub trace_context: Option<bool>,
+    /// Share (0..1) of the traces the proxy starts that are marked sampled (default 1).
+    pub trace_sample_rate: Option<f64>,
+    /// OTLP/HTTP collector for the proxy's request spans, e.g. `http://otel-collector:4318`
+    /// (`/v1/traces` is appended to a URL without a path). Default: no export.
+    pub otlp_endpoint: Option<String>,
     /// Access log: `all` (default), `errors` (failed connections, 5xx and proxy-made
     /// responses only) or `off`.
     pub access_log: Option<AccessLogMode>,
@@ -304,6 +313,14 @@ pub struct RunArgs {
     /// Share (0..1) of successful connections and requests logged (failures always are).
     #[arg(long)]
     pub access_log_sample_rate: Option<f64>,
+    /// Export the proxy's span of each sampled HTTP request to this OTLP/HTTP collector, e.g.
+    /// http://otel-collector.observability:4318 (default: no export).
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+    /// Share (0..1) of the traces the proxy starts (requests without `traceparent`) that are
+    /// marked sampled; continued traces keep the client's decision (default 1).
+    #[arg(long)]
+    pub trace_sample_rate: Option<f64>,
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -348,6 +365,9 @@ pub struct Config {
     pub retry_body_limit: usize,
     pub bpf_pin_dir: Option<PathBuf>,
     pub trace_context: bool,
+    pub trace_sample_rate: f64,
+    /// Checked OTLP endpoint (see [`crate::otlp::traces_url`]).
+    pub otlp_endpoint: Option<String>,
     pub access_log: AccessLog,
 }
 
@@ -510,6 +530,17 @@ impl Config {
             retry_body_limit: file.retry_body_limit_bytes.unwrap_or(DEFAULT_RETRY_BODY_LIMIT),
             bpf_pin_dir: args.bpf_pin_dir.clone().or(file.bpf_pin_dir),
             trace_context: file.trace_context.unwrap_or(true),
+            trace_sample_rate: match args.trace_sample_rate.or(file.trace_sample_rate).unwrap_or(1.0) {
+                r if (0.0..=1.0).contains(&r) => r,
+                r => return Err(ConfigError::TraceSampleRate(r)),
+            },
+            otlp_endpoint: match args.otlp_endpoint.clone().or(file.otlp_endpoint).filter(|e| !e.is_empty()) {
+                Some(e) => match crate::otlp::traces_url(&e) {
+                    Ok(_) => Some(e),
+                    Err(why) => return Err(ConfigError::OtlpEndpoint(e, why)),
+                },
+                None => None,
+            },
             access_log: AccessLog {
                 mode: args.access_log.or(file.access_log).unwrap_or_default(),
                 sample_rate: args.access_log_sample_rate.or(file.access_log_sample_rate).unwrap_or(1.0).clamp(0.0, 1.0),

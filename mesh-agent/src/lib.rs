@@ -12,6 +12,7 @@ pub mod identity;
 pub mod k8s;
 pub mod logging;
 pub mod metrics;
+pub mod otlp;
 pub mod proxy;
 pub mod reconcile;
 pub mod state;

@@ -424,3 +424,104 @@ impl Collector for ProcessCollector {
         Ok(())
     }
 }
+
+/// The same metrics in Prometheus' text format 0.0.4, from prometheus-client's OpenMetrics
+/// text, for scrapers that do not ask for OpenMetrics: counter families are named with their
+/// `_total` suffix, info families become gauges named `<name>_info`, `unknown` is `untyped`,
+/// and the `# UNIT` and `# EOF` lines go.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // HELP comes before TYPE; hold it until the type says what the family is called.
+    let mut help: Option<(&str, &str)> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            if let Some((name, text)) = help.take() {
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            help = Some(rest.split_once(' ').unwrap_or((rest, "")));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "info" => (format!("{name}_info"), "gauge"),
+                "gauge" | "histogram" | "summary" => (name.to_string(), kind),
+                "gaugehistogram" => (name.to_string(), "histogram"),
+                "stateset" => (name.to_string(), "gauge"),
+                _ => (name.to_string(), "untyped"),
+            };
+            if let Some((h, text)) = help.take() {
+                let h = if rest.starts_with(h) && rest[h.len()..].starts_with(' ') { name.as_str() } else { h };
+                out.push_str(&format!("# HELP {h} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+        } else if line.starts_with("# UNIT ") || line == "# EOF" {
+        } else {
+            if let Some((name, text)) = help.take() {
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Whether a scraper's `Accept` header asks for OpenMetrics (Prometheus does, first); anything
+/// else (curl, older scrapers) gets the Prometheus text format.
+pub fn wants_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| {
+        a.split(',').any(|part| {
+            let mut params = part.split(';').map(str::trim);
+            let is_om = params.next().is_some_and(|t| t.eq_ignore_ascii_case("application/openmetrics-text"));
+            let refused =
+                params.any(|p| p.strip_prefix("q=").is_some_and(|q| q.trim().parse::<f64>().is_ok_and(|q| q <= 0.0)));
+            is_om && !refused
+        })
+    })
+}
+
+#[cfg(test)]
+mod text_format_tests {
+    use super::*;
+    use prometheus_client::metrics::{counter::Counter, gauge::Gauge, histogram::Histogram};
+
+    #[test]
+    fn openmetrics_becomes_prometheus_text_and_accept_chooses() {
+        let mut reg = registry();
+        let sy = switchyard(&mut reg);
+        let c = Counter::<u64>::default();
+        c.inc_by(3);
+        sy.register("http_requests", "HTTP requests", c);
+        let g = Gauge::<i64>::default();
+        g.set(7);
+        sy.register("open", "Open things", g);
+        let h = Histogram::new([1.0, 10.0].into_iter());
+        h.observe(5.0);
+        sy.register("latency", "Latency", h);
+        let mut om = String::new();
+        prometheus_client::encoding::text::encode(&mut om, &reg).unwrap();
+        assert!(om.contains("# TYPE switchyard_http_requests counter") && om.ends_with("# EOF\n"), "{om}");
+        let text = prometheus_text(&om);
+        for want in [
+            "# HELP switchyard_http_requests_total HTTP requests.\n# TYPE switchyard_http_requests_total counter\nswitchyard_http_requests_total 3\n",
+            "# HELP switchyard_open Open things.\n# TYPE switchyard_open gauge\nswitchyard_open 7\n",
+            "# TYPE switchyard_latency histogram\n",
+            "switchyard_latency_bucket{le=\"10.0\"} 1\n",
+            "# TYPE switchyard_build_info gauge\n",
+        ] {
+            assert!(text.contains(want), "{want:?} not in:\n{text}");
+        }
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
+        // Every sample line of the original is in the converted text, unchanged.
+        for l in om.lines().filter(|l| !l.starts_with('#')) {
+            assert!(text.lines().any(|t| t == l), "{l}");
+        }
+
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert!(wants_openmetrics(Some(prometheus)));
+        assert!(!wants_openmetrics(Some("text/plain;version=0.0.4")));
+        assert!(!wants_openmetrics(Some("*/*")));
+        assert!(!wants_openmetrics(None));
+        assert!(!wants_openmetrics(Some("application/openmetrics-text;q=0")));
+    }
+}

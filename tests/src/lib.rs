@@ -174,19 +174,32 @@ pub fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> Result<T>
 
 /// A plain HTTP/1.0 GET, from inside `netns`, to `addr`.
 pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    in_netns(netns, || -> Result<(u16, String)> {
+    let (status, _, body) = http_get_with(netns, addr, path, &[])?;
+    Ok((status, body))
+}
+
+/// [`http_get`] with extra request headers; returns the status, the response head and the body.
+pub fn http_get_with(
+    netns: &str,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String, String)> {
+    in_netns(netns, || -> Result<(u16, String, String)> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{extra}\r\n")?;
         let mut buf = String::new();
         s.read_to_string(&mut buf)?;
         let status = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        Ok((status, body))
+        let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+        Ok((status, head.to_string(), body.to_string()))
     })?
 }
 
 pub mod fake_api;
+pub mod otlp_collector;
 
 static SWEEP: Once = Once::new();
 static SEQ: AtomicU32 = AtomicU32::new(0);

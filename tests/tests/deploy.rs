@@ -138,6 +138,12 @@ fn daemonset_is_least_privilege_on_every_node_and_never_short_of_agents() -> Res
     let file: mesh_agent::config::FileConfig = serde_yaml_ng::from_str(agent_yaml).context("agent.yaml")?;
     assert_eq!(file.kubernetes, Some(true));
     assert_eq!(file.tcp_idle_timeout_secs, Some(3600));
+    assert_eq!((file.otlp_endpoint, file.trace_sample_rate), (None, Some(1.0)), "no trace export by default");
+    // Tracing on: the endpoint reaches the agent's config.
+    let d = docs(&template(&["--set", "mesh.otlpEndpoint=http://otel-collector.observability:4318"])?);
+    let agent_yaml = find(&d, "ConfigMap")["data"]["agent.yaml"].as_str().unwrap().to_string();
+    let file: mesh_agent::config::FileConfig = serde_yaml_ng::from_str(&agent_yaml).context("agent.yaml")?;
+    assert_eq!(file.otlp_endpoint.as_deref(), Some("http://otel-collector.observability:4318"));
     Ok(())
 }
 

@@ -167,6 +167,21 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
     // Five HTTP clients (one kept-alive connection each) and four TCP connections.
     assert!(metric(&last, "switchyard_ebpf_events_total", &[("event", "redirected")]) >= 9.0);
 
+    // `/metrics` negotiates: OpenMetrics for a scraper that asks (Prometheus does), the
+    // Prometheus text format otherwise; the same samples either way.
+    let prometheus_accept = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let (_, om_head, om) =
+        sim::http_get_with(&node.netns, node.admin_addr(), "/metrics", &[("Accept", prometheus_accept)])?;
+    let (_, text_head, text) = sim::http_get_with(&node.netns, node.admin_addr(), "/metrics", &[])?;
+    assert!(
+        om_head.to_ascii_lowercase().contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{om_head}"
+    );
+    assert!(text_head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{text_head}");
+    assert!(om.contains("# TYPE istio_requests counter\n") && om.ends_with("# EOF\n"));
+    assert!(text.contains("# TYPE istio_requests_total counter\n") && !text.contains("# EOF"), "{text}");
+    assert_eq!(metric(&om, "istio_requests_total", &with("200")), metric(&text, "istio_requests_total", &with("200")),);
+
     // Every metric the shipped Grafana dashboard queries is exported by the agent.
     let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/switchyard-node.json"),
@@ -391,5 +406,105 @@ fn the_node_dashboard_shows_the_traffic_in_a_real_browser() -> Result<()> {
     let png = std::fs::read(&shot)?;
     assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "screenshot saved: {} bytes", png.len());
     eprintln!("dashboard screenshot: {}", shot.display());
+    Ok(())
+}
+
+/// Trace export: with `--otlp-endpoint`, the proxy's span of each sampled request reaches an
+/// OTLP collector (a fake one in the test, decoding the protobuf) as a hop of the caller's
+/// trace: the client's trace id, the client's span as parent, and as span id the parent id the
+/// server saw, so the server's span is its child. Unsampled traces send nothing.
+#[test]
+fn the_proxys_request_spans_reach_an_otlp_collector_as_hops_of_the_callers_trace() -> Result<()> {
+    if !privileged("the_proxys_request_spans_reach_an_otlp_collector") {
+        return Ok(());
+    }
+    let mut node = Node::new("node", 162)?;
+    node.set_namespace_meshed("shop", true);
+    let client = node.add_pod("client", "shop", None)?;
+    let web = node.add_pod("web-0", "shop", None)?;
+    let _w = web.serve_tool("sim-http", &["serve", "--listen", "0.0.0.0:8080", "--name", "web-0"])?;
+    node.services = service_yaml("web", "shop", "10.96.0.10:80".parse()?, "http", 8080, &[web.ip], &[]);
+    let collector = sim::otlp_collector::Collector::start(&node.netns)?;
+    node.start_agent(&["--otlp-endpoint", &collector.endpoint()])?;
+    eventually(Duration::from_secs(5), "pods meshed", || {
+        let pods = node.admin_json("/debug/pods").ok()?;
+        (pods.as_array()?.iter().filter(|p| p["redirected"] == true).count() == 2).then_some(())
+    })?;
+    let load = |path: &str, traceparent: Option<&str>| -> Result<serde_json::Value> {
+        let url = format!("http://10.96.0.10{path}");
+        let mut args = vec!["load", "--url", &url, "--requests", "1"];
+        let h;
+        if let Some(tp) = traceparent {
+            h = format!("traceparent: {tp}");
+            args.extend(["--header", &h, "--header", "tracestate: congo=t61rcWkgMzE"]);
+        }
+        client.http(&args, T)
+    };
+    // A sampled trace from the client, an unsampled one, and a request without trace context
+    // that fails (the only endpoint answers 503: retried twice, then the 503 reaches the client).
+    let r1 = load("/status/200", Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"))?;
+    let r2 = load("/status/200", Some("00-11111111111111111111111111111111-2222222222222222-00"))?;
+    let r3 = load("/status/503", None)?;
+    assert_eq!(
+        (&r1["statuses"]["200"], &r2["statuses"]["200"], &r3["statuses"]["503"]),
+        (&1.into(), &1.into(), &1.into())
+    );
+    let seen = |r: &serde_json::Value| -> Vec<String> {
+        r["seen_traceparents"][0].as_str().unwrap_or("").split('-').map(str::to_string).collect()
+    };
+    let (seen1, seen2, seen3) = (seen(&r1), seen(&r2), seen(&r3));
+    assert_eq!(seen2[3], "00", "the client's sampling decision passes on: {r2}");
+
+    let spans = eventually(Duration::from_secs(5), "two spans at the collector", || {
+        let s = collector.spans();
+        (s.len() >= 2).then_some(s)
+    })?;
+    // One more flush interval: nothing else arrives (the unsampled trace sends no span).
+    std::thread::sleep(Duration::from_millis(1500));
+    let spans_now = collector.spans();
+    assert_eq!(spans_now.len(), 2, "{spans_now:#?}");
+    assert_eq!(collector.requests().1, 0, "every export request is valid OTLP protobuf");
+    eprintln!("spans received: {spans:#?}");
+
+    let s1 = spans.iter().find(|s| s.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736").expect("the client's trace");
+    assert_eq!(s1.parent_span_id, "00f067aa0ba902b7", "the client's span is the parent");
+    assert_eq!(s1.span_id, seen1[2], "the server's parent is the proxy's span");
+    assert_eq!(s1.name, "GET web.shop.svc.cluster.local");
+    assert_eq!(s1.kind, 3, "SPAN_KIND_CLIENT");
+    assert!(s1.end_ns >= s1.start_ns && s1.start_ns > 0);
+    assert_eq!(s1.status.0, 0, "unset: not an error");
+    assert_eq!(s1.scope, "switchyard-proxy");
+    assert_eq!(s1.resource["service.name"], "switchyard");
+    assert_eq!(s1.resource["k8s.node.name"], node.name);
+    for (k, v) in [
+        ("http.request.method", "GET"),
+        ("url.path", "/status/200"),
+        ("http.response.status_code", "200"),
+        ("network.protocol.version", "1.1"),
+        ("server.port", "80"),
+        ("network.peer.address", &web.ip.to_string()),
+        ("network.peer.port", "8080"),
+        ("source.workload", "client"),
+        ("source.principal", "spiffe://cluster.local/ns/shop/sa/client"),
+        ("destination.workload", "web-0"),
+        ("destination.principal", "spiffe://cluster.local/ns/shop/sa/web-0"),
+        ("connection_security_policy", "none"),
+        ("switchyard.retries", "0"),
+    ] {
+        assert_eq!(s1.attributes.get(k).map(String::as_str), Some(v), "{k} in {s1:#?}");
+    }
+
+    let s3 = spans.iter().find(|s| s.trace_id == seen3[1]).expect("the trace the proxy started");
+    assert_eq!(s3.span_id, seen3[2]);
+    assert!(s3.parent_span_id.is_empty(), "a root span: {s3:#?}");
+    assert_eq!(s3.status, (2, "HTTP 503".to_string()), "an error span");
+    assert_eq!(s3.attributes["http.response.status_code"], "503");
+    assert_eq!(s3.attributes["switchyard.retries"], "2");
+    assert_eq!(s3.attributes["switchyard.retry_reasons"], "status_503,status_503");
+
+    let m = node.admin_text("/metrics")?;
+    assert_eq!(metric(&m, "switchyard_trace_spans_total", &[("outcome", "exported")]), 2.0, "{m}");
+    assert_eq!(metric(&m, "switchyard_trace_spans_total", &[("outcome", "dropped")]), 0.0);
+    assert_eq!(metric(&m, "switchyard_trace_spans_total", &[("outcome", "failed")]), 0.0);
     Ok(())
 }

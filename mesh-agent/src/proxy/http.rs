@@ -294,6 +294,10 @@ pub trait Upstreams: Send + Sync + 'static {
     fn connect_timeout(&self) -> Duration;
     /// Propagate W3C trace context (create `traceparent` when absent).
     fn trace_context(&self) -> bool;
+    /// Share (0..1) of the traces the proxy starts that are marked sampled.
+    fn trace_sample_rate(&self) -> f64;
+    /// Where the proxy's spans go (OTLP), if anywhere.
+    fn spans(&self) -> Option<&crate::otlp::Spans>;
     /// Whether to write the access-log line of a request (`failed`: 5xx or made by the proxy).
     fn access_log(&self, failed: bool) -> bool;
     fn istio(&self) -> &crate::metrics::IstioMetrics;
@@ -448,6 +452,7 @@ impl<U: Upstreams> Downstream<U> {
 
     async fn request(&self, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
+        let started_wall = std::time::SystemTime::now();
         let protocol = if req
             .headers()
             .get(hyper::header::CONTENT_TYPE)
@@ -510,12 +515,42 @@ impl<U: Upstreams> Downstream<U> {
                 "http request"
             );
         }
+        // The proxy's span, sent when the response body has been.
+        let span = match (self.up.spans(), outcome.trace) {
+            (Some(spans), Some(hop)) if hop.sampled() => Some((
+                spans.clone(),
+                crate::otlp::HttpSpan {
+                    trace_id: hop.sent.trace_id,
+                    span_id: hop.sent.parent_id,
+                    parent_id: hop.client_span,
+                    tracestate: outcome.tracestate.clone(),
+                    start: started_wall,
+                    end: started_wall,
+                    method: method.to_string(),
+                    path: path.clone(),
+                    protocol_version: if version == hyper::Version::HTTP_2 { "2" } else { "1.1" },
+                    service: if base.destination_service == crate::metrics::UNKNOWN {
+                        service.clone()
+                    } else {
+                        base.destination_service.clone()
+                    },
+                    service_port: self.vip.port(),
+                    endpoint: ep,
+                    status: resp.status().as_u16(),
+                    error: resp.headers().get(ERROR_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string),
+                    retries: outcome.retries,
+                    retry_reasons: outcome.reasons.clone(),
+                    labels: base.clone(),
+                },
+            )),
+            _ => None,
+        };
         let labels = crate::metrics::IstioHttpLabels { base, response_code: resp.status().as_u16() };
         let istio = self.up.istio().clone();
         istio.requests.get_or_create(&labels).inc();
         istio.request_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64() * 1000.0);
         let (parts, body) = resp.into_parts();
-        let body = Observed { inner: body, bytes: 0, done: Some((istio, labels, request_bytes)) };
+        let body = Observed { inner: body, bytes: 0, done: Some((istio, labels, request_bytes)), span };
         Response::from_parts(parts, body.boxed_unsync())
     }
 
@@ -555,8 +590,12 @@ impl<U: Upstreams> Downstream<U> {
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         if self.up.trace_context() {
-            let tp = super::trace::continue_or_start(&mut parts.headers);
-            outcome.lock().unwrap_or_else(|p| p.into_inner()).trace_id = Some(tp.trace_id);
+            let hop = super::trace::continue_or_start(&mut parts.headers, self.up.trace_sample_rate());
+            let mut o = outcome.lock().unwrap_or_else(|p| p.into_inner());
+            o.trace = Some(hop);
+            if hop.sampled() && self.up.spans().is_some() {
+                o.tracestate = parts.headers.get("tracestate").and_then(|v| v.to_str().ok()).map(str::to_string);
+            }
         }
         let head = Head { method: parts.method, uri: parts.uri, version: parts.version, headers: parts.headers };
         let may_retry_sent =
@@ -854,11 +893,13 @@ struct Outcome {
     retries: u32,
     /// Why each retry was made.
     reasons: Vec<String>,
-    trace_id: Option<u128>,
+    trace: Option<super::trace::Hop>,
+    /// The request's `tracestate`, kept for its span (only when one is exported).
+    tracestate: Option<String>,
 }
 
 fn resp_trace(o: &Outcome) -> String {
-    o.trace_id.map_or_else(|| "-".into(), |t| format!("{t:032x}"))
+    o.trace.map_or_else(|| "-".into(), |t| format!("{:032x}", t.sent.trace_id))
 }
 
 /// A body that counts its data bytes (the request, as it is read from the client).
@@ -899,6 +940,8 @@ struct Observed {
     inner: Body,
     bytes: u64,
     done: Option<(crate::metrics::IstioMetrics, crate::metrics::IstioHttpLabels, Arc<AtomicU64>)>,
+    /// The request's span, ended and queued for export with the body.
+    span: Option<(crate::otlp::Spans, crate::otlp::HttpSpan)>,
 }
 
 impl Observed {
@@ -906,6 +949,10 @@ impl Observed {
         if let Some((istio, labels, request_bytes)) = self.done.take() {
             istio.request_bytes.get_or_create(&labels).observe(request_bytes.load(Ordering::Relaxed) as f64);
             istio.response_bytes.get_or_create(&labels).observe(self.bytes as f64);
+        }
+        if let Some((spans, mut span)) = self.span.take() {
+            span.end = std::time::SystemTime::now();
+            spans.record(span.into_span_data());
         }
     }
 }

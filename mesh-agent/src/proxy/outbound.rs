@@ -79,6 +79,10 @@ pub struct DetectConfig {
     pub retry_body_limit: usize,
     /// Propagate W3C trace context on HTTP requests (create it when absent).
     pub trace_context: bool,
+    /// Share (0..1) of the traces the proxy starts that are marked sampled.
+    pub trace_sample_rate: f64,
+    /// OTLP export of the proxy's request spans (`None`: off).
+    pub spans: Option<crate::otlp::Spans>,
     pub access_log: crate::config::AccessLog,
 }
 
@@ -90,6 +94,8 @@ impl Default for DetectConfig {
             opaque_ports: crate::config::DEFAULT_OPAQUE_PORTS.to_vec(),
             retry_body_limit: crate::config::DEFAULT_RETRY_BODY_LIMIT,
             trace_context: true,
+            trace_sample_rate: 1.0,
+            spans: None,
             access_log: Default::default(),
         }
     }
@@ -652,6 +658,14 @@ impl http::Upstreams for Outbound {
 
     fn trace_context(&self) -> bool {
         self.detect.trace_context
+    }
+
+    fn trace_sample_rate(&self) -> f64 {
+        self.detect.trace_sample_rate
+    }
+
+    fn spans(&self) -> Option<&crate::otlp::Spans> {
+        self.detect.spans.as_ref()
     }
 
     fn access_log(&self, failed: bool) -> bool {

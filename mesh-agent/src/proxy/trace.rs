@@ -50,20 +50,39 @@ fn nonzero_u64() -> u64 {
     }
 }
 
-/// Sets the request's `traceparent` for the hop to the upstream; returns it.
-pub fn continue_or_start(headers: &mut HeaderMap) -> TraceParent {
+/// The trace context of one request through the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hop {
+    /// What the proxy sent upstream: its own span id is the parent id.
+    pub sent: TraceParent,
+    /// The client's span (the parent id it sent), when it sent a valid `traceparent`.
+    pub client_span: Option<u64>,
+}
+
+impl Hop {
+    pub fn sampled(&self) -> bool {
+        self.sent.flags & 1 == 1
+    }
+}
+
+/// Sets the request's `traceparent` for the hop to the upstream. A trace the proxy starts is
+/// marked sampled for a `sample_rate` share (0..1) of requests; one it continues keeps the
+/// client's decision.
+pub fn continue_or_start(headers: &mut HeaderMap, sample_rate: f64) -> Hop {
     let incoming = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(TraceParent::parse);
-    let tp = match incoming {
-        Some(t) => TraceParent { parent_id: nonzero_u64(), ..t },
-        // Sampled: a trace the proxy starts is worth keeping (the flag only advises).
-        None => TraceParent {
-            trace_id: (u128::from(nonzero_u64()) << 64) | u128::from(fastrand::u64(..)),
-            parent_id: nonzero_u64(),
-            flags: 1,
+    let hop = match incoming {
+        Some(t) => Hop { sent: TraceParent { parent_id: nonzero_u64(), ..t }, client_span: Some(t.parent_id) },
+        None => Hop {
+            sent: TraceParent {
+                trace_id: (u128::from(nonzero_u64()) << 64) | u128::from(fastrand::u64(..)),
+                parent_id: nonzero_u64(),
+                flags: u8::from(crate::otlp::sample(sample_rate)),
+            },
+            client_span: None,
         },
     };
-    headers.insert(TRACEPARENT, tp.header());
-    tp
+    headers.insert(TRACEPARENT, hop.sent.header());
+    hop
 }
 
 #[cfg(test)]
@@ -75,7 +94,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
         h.insert("tracestate", HeaderValue::from_static("congo=t61rcWkgMzE"));
-        let tp = continue_or_start(&mut h);
+        let hop = continue_or_start(&mut h, 0.0);
+        assert_eq!(hop.client_span, Some(0x00f067aa0ba902b7));
+        assert!(hop.sampled(), "the client's decision is kept");
+        let tp = hop.sent;
         assert_eq!(tp.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
         assert_ne!(tp.parent_id, 0x00f067aa0ba902b7, "the proxy's own span is the new parent");
         assert_eq!(tp.flags, 1);
@@ -92,11 +114,14 @@ mod tests {
             assert_eq!(TraceParent::parse(bad), None, "{bad}");
             let mut h = HeaderMap::new();
             h.insert(TRACEPARENT, HeaderValue::from_str(bad).unwrap());
-            let tp = continue_or_start(&mut h);
+            let tp = continue_or_start(&mut h, 1.0).sent;
             assert_ne!(tp.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736, "restarted: {bad}");
         }
         let mut none = HeaderMap::new();
-        let tp = continue_or_start(&mut none);
+        let hop = continue_or_start(&mut none, 1.0);
+        let tp = hop.sent;
         assert!(TraceParent::parse(none[TRACEPARENT].to_str().unwrap()) == Some(tp) && tp.trace_id != 0);
+        assert!(hop.sampled() && hop.client_span.is_none());
+        assert!(!continue_or_start(&mut HeaderMap::new(), 0.0).sampled(), "rate 0: started traces not sampled");
     }
 }
