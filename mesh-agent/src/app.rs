@@ -191,6 +191,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         );
     }
     registry.register_collector(Box::new(DatapathCollector(datapath.clone())));
+    registry.register_collector(Box::new(metrics::PodRedirectCollector {
+        counts: proxy_metrics.pod_redirects.clone(),
+        pods: index_rx.clone(),
+    }));
     registry.register_collector(Box::new(metrics::ProcessCollector { certs: mtls.as_ref().map(|m| m.certs.clone()) }));
     let http = Arc::new(crate::proxy::http::Http::default());
     http.stats.register(registry);
@@ -227,7 +231,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         http: http.clone(),
     });
     let admin_addr = admin_listener.local_addr()?;
-    let admin_task = tokio::spawn(admin.serve(admin_listener, stop.clone()));
+    let admin_thread = spawn_admin(admin, admin_listener, stop.clone())?;
 
     let outbound = Arc::new(Outbound {
         lookup: orig_table,
@@ -329,9 +333,36 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     if let Some(t) = spans_task {
         let _ = tokio::time::timeout(Duration::from_secs(6), t).await;
     }
-    admin_task.abort();
+    let _ = admin_thread.join();
     info!("agent stopped");
     Ok(())
+}
+
+/// Serves the admin endpoint (metrics, debug views, dashboard) on a thread and runtime of its
+/// own, at a lower CPU priority (nice +10): encoding a scrape never runs on a proxy worker,
+/// and when the CPUs are busy the kernel runs the data plane first.
+fn spawn_admin(
+    admin: Arc<Admin>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let listener = listener.into_std()?;
+    Ok(std::thread::Builder::new().name("admin".into()).spawn(move || {
+        // SAFETY: setpriority on this thread's own id; no memory is involved.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) } != 0 {
+            warn!(error = %std::io::Error::last_os_error(), "cannot lower the admin thread's priority");
+        }
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => return warn!(error = %e, "admin runtime failed to start; no admin endpoint"),
+        };
+        rt.block_on(async move {
+            match TcpListener::from_std(listener) {
+                Ok(l) => admin.serve(l, stop).await,
+                Err(e) => warn!(error = %e, "admin listener unusable; no admin endpoint"),
+            }
+        });
+    })?)
 }
 
 /// A listener that another agent may share (SO_REUSEPORT) while it takes over.

@@ -144,6 +144,7 @@ mod tests {
     fn dst(ns: &str, name: &str) -> Workload {
         Workload {
             name: name.into(),
+            workload: None,
             namespace: ns.into(),
             service_account: name.into(),
             ip: [10, 0, 0, 1].into(),

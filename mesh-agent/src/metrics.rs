@@ -46,6 +46,62 @@ pub struct ProxyMetrics {
     pub routes: Family<RouteLabels, Counter>,
     /// Shared with the inbound side (registered there): same-node denials count here too.
     pub denials: Family<ErrorLabels, Counter>,
+    /// Redirected connections per pod (exported by [`PodRedirectCollector`]).
+    pub pod_redirects: Arc<PodRedirects>,
+}
+
+/// Connections redirected to the proxy per pod of this node, counted as the proxy accepts them
+/// (the kernel's node-wide count is `switchyard_ebpf_events_total{event="redirected"}`).
+#[derive(Debug, Default)]
+pub struct PodRedirects(Mutex<std::collections::HashMap<String, u64>>);
+
+impl PodRedirects {
+    pub fn inc(&self, pod_key: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match m.get_mut(pod_key) {
+            Some(n) => *n += 1,
+            None => {
+                m.insert(pod_key.to_string(), 1);
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PodLabels {
+    namespace: String,
+    pod: String,
+}
+
+/// Exports [`PodRedirects`] for the pods this node meshes now, from zero; a pod's series (and
+/// its count) goes with the pod, so the label set stays bounded by the node's pods.
+#[derive(Debug)]
+pub struct PodRedirectCollector {
+    pub counts: Arc<PodRedirects>,
+    pub pods: tokio::sync::watch::Receiver<Arc<crate::reconcile::PodIndex>>,
+}
+
+impl Collector for PodRedirectCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let idx = self.pods.borrow().clone();
+        let local: Vec<&crate::reconcile::PodStatus> = idx.pods.iter().filter(|p| p.redirected).collect();
+        let counts = {
+            let mut m = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+            m.retain(|k, _| local.iter().any(|p| p.key == *k));
+            m.clone()
+        };
+        let mut family = enc.encode_descriptor(
+            "pod_redirected_connections",
+            "Connections from each meshed pod of this node redirected to the node proxy",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for p in local {
+            let labels = PodLabels { namespace: p.workload.namespace.clone(), pod: p.workload.name.clone() };
+            ConstCounter::new(counts.get(&p.key).copied().unwrap_or(0)).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }
 
 impl ProxyMetrics {
@@ -251,7 +307,7 @@ impl IstioLabels {
 
     /// Fills the source side from a pod.
     pub fn source(mut self, w: &crate::state::Workload, trust_domain: &str) -> Self {
-        self.source_workload = w.name.clone();
+        self.source_workload = w.workload_name().to_string();
         self.source_workload_namespace = w.namespace.clone();
         self.source_principal = w.spiffe_id(trust_domain);
         self
@@ -260,7 +316,7 @@ impl IstioLabels {
     /// Fills the destination side from a pod (its principal only if it is meshed: a pod
     /// outside the mesh proves no identity).
     pub fn destination(mut self, w: &crate::state::Workload, trust_domain: &str) -> Self {
-        self.destination_workload = w.name.clone();
+        self.destination_workload = w.workload_name().to_string();
         self.destination_workload_namespace = w.namespace.clone();
         if w.meshed {
             self.destination_principal = w.spiffe_id(trust_domain);

@@ -46,6 +46,10 @@ pub enum MeshReason {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Workload {
     pub name: String,
+    /// The workload the pod belongs to (Deployment, StatefulSet, ... as Istio names it), when
+    /// it is not the pod itself; see [`Workload::workload_name`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
     pub namespace: String,
     pub service_account: String,
     pub ip: Ipv4Addr,
@@ -62,6 +66,12 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// The `source_workload`/`destination_workload` of metrics: the owning workload's name,
+    /// else the pod's.
+    pub fn workload_name(&self) -> &str {
+        self.workload.as_deref().unwrap_or(&self.name)
+    }
+
     /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service account>`.
     pub fn spiffe_id(&self, trust_domain: &str) -> String {
         self.identity(trust_domain).to_string()

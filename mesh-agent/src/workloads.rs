@@ -133,6 +133,10 @@ struct Pod {
     node: Option<String>,
     #[serde(default)]
     cgroup: Option<PathBuf>,
+    /// The workload it belongs to (a Deployment's name, say), for metric labels; default:
+    /// the pod's own name.
+    #[serde(default)]
+    workload: Option<String>,
     #[serde(default)]
     annotations: BTreeMap<String, String>,
 }
@@ -268,6 +272,7 @@ pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Resul
         let mtls_mode = ns_mode.get(&p.namespace).copied().unwrap_or_default();
         let fail_closed = ns_fail_closed.get(&p.namespace).copied().unwrap_or(false);
         let w = Workload {
+            workload: p.workload.filter(|w| !w.is_empty() && *w != p.name),
             name: p.name,
             namespace: p.namespace,
             service_account: p.service_account,

@@ -217,6 +217,8 @@ pub struct Pod {
     pub cgroup: PathBuf,
     /// Per-pod `switchyard.io/mesh` annotation, if any.
     pub annotation: Option<String>,
+    /// The workload it belongs to (the workload file's `workload:`), if not itself.
+    pub workload: Option<String>,
 }
 
 impl Pod {
@@ -501,9 +503,17 @@ impl Node {
             ip: ipaddr,
             cgroup,
             annotation: annotation.map(str::to_owned),
+            workload: None,
         };
         self.pods.push(pod.clone());
         Ok(pod)
+    }
+
+    /// Names the workload (a Deployment, say) pod `pod` belongs to, for metric labels.
+    pub fn set_workload(&mut self, pod: &str, workload: &str) {
+        for p in self.pods.iter_mut().filter(|p| p.name == pod) {
+            p.workload = Some(workload.to_string());
+        }
     }
 
     /// Sets whether a namespace carries `switchyard.io/mesh: enabled`.
@@ -781,6 +791,9 @@ fn workload_yaml(
         );
         if let Some(a) = &p.annotation {
             y += &format!("    annotations: {{switchyard.io/mesh: {a}}}\n");
+        }
+        if let Some(w) = &p.workload {
+            y += &format!("    workload: {w}\n");
         }
     }
     if !authz.trim().is_empty() {

@@ -33,6 +33,8 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
     let client = node.add_pod("client", "shop", None)?;
     let web = node.add_pod("web-0", "shop", None)?;
     let echo = node.add_pod("echo", "shop", None)?;
+    // web-0 belongs to the workload "web" (as a Deployment's pod would): metrics say "web".
+    node.set_workload("web-0", "web");
     let _w = web.serve_tool("sim-http", &["serve", "--listen", "0.0.0.0:8080", "--name", "web-0"])?;
     let _e = echo.serve(&["echo-server", "--listen", "0.0.0.0:9090"])?;
     node.services = service_yaml("web", "shop", "10.96.0.10:80".parse()?, "http", 8080, &[web.ip], &[]);
@@ -69,7 +71,7 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
         ("source_workload", "client"),
         ("source_workload_namespace", "shop"),
         ("source_principal", "spiffe://cluster.local/ns/shop/sa/client"),
-        ("destination_workload", "web-0"),
+        ("destination_workload", "web"),
         ("destination_workload_namespace", "shop"),
         ("destination_principal", "spiffe://cluster.local/ns/shop/sa/web-0"),
         ("destination_service", "web.shop.svc.cluster.local"),
@@ -166,6 +168,12 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
     assert!(expiry > 3600.0, "the client's certificate is valid for hours: {expiry}");
     // Five HTTP clients (one kept-alive connection each) and four TCP connections.
     assert!(metric(&last, "switchyard_ebpf_events_total", &[("event", "redirected")]) >= 9.0);
+    // ... all from the client pod; the servers made none (their series exist, at zero).
+    let per_pod = |m: &str, pod: &str| {
+        metric(m, "switchyard_pod_redirected_connections_total", &[("namespace", "shop"), ("pod", pod)])
+    };
+    assert_eq!(per_pod(&last, "client") - per_pod(&before, "client"), 9.0, "{last}");
+    assert!(last.contains("switchyard_pod_redirected_connections_total{namespace=\"shop\",pod=\"web-0\"} 0"));
 
     // `/metrics` negotiates: OpenMetrics for a scraper that asks (Prometheus does), the
     // Prometheus text format otherwise; the same samples either way.
@@ -263,6 +271,8 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
                 ("vip", "10.96.0.10:80".into()),
                 ("endpoint", web_ep.clone().into()),
                 ("dst_pod", "shop/web-0".into()),
+                ("dst_workload", "shop/web".into()),
+                ("src_workload", "shop/client".into()),
                 ("dst_identity", "spiffe://cluster.local/ns/shop/sa/web-0".into()),
                 ("security", "none".into()),
                 ("protocol", "http".into()),

@@ -33,6 +33,9 @@ pub struct Pod {
     /// `Pending`, `Running`, ...; finished pods (`Succeeded`, `Failed`) are dropped.
     pub ip: Option<Ipv4Addr>,
     pub opt_out: bool,
+    /// The workload the pod belongs to, as Istio names it (see [`workload_of`]); `None` when
+    /// it is the pod itself.
+    pub workload: Option<String>,
 }
 
 /// A node, trimmed to the address its agent is reached on.
@@ -55,6 +58,30 @@ fn name_of(v: &Value) -> Result<String, String> {
 
 fn annotation<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     str_at(v, &["metadata", "annotations", key])
+}
+
+/// A pod's workload name, the way Istio derives `source_workload`/`destination_workload`
+/// (so its dashboards group pods the same way): the controlling owner's name, except that a
+/// Deployment's ReplicaSet (`<deployment>-<pod-template-hash>`) counts as its Deployment and a
+/// CronJob's Job (`<cronjob>-<schedule time in minutes>`) as its CronJob. `None` for a pod
+/// without a controller (the pod is its own workload).
+pub fn workload_of(v: &Value) -> Option<String> {
+    let owners = v.get("metadata")?.get("ownerReferences")?.as_array()?;
+    let owner = owners.iter().find(|o| o.get("controller").and_then(Value::as_bool) == Some(true))?;
+    let (kind, name) = (owner.get("kind")?.as_str()?, owner.get("name")?.as_str()?);
+    if name.is_empty() {
+        return None;
+    }
+    let trimmed = match kind {
+        "ReplicaSet" => str_at(v, &["metadata", "labels", "pod-template-hash"])
+            .and_then(|hash| name.strip_suffix(hash)?.strip_suffix('-')),
+        "Job" => name
+            .rsplit_once('-')
+            .filter(|(_, t)| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            .map(|(cron, _)| cron),
+        _ => None,
+    };
+    Some(trimmed.filter(|t| !t.is_empty()).unwrap_or(name).to_string())
 }
 
 impl Namespace {
@@ -112,7 +139,6 @@ impl Pod {
         };
         Ok(Some(Pod {
             uid,
-            name,
             namespace,
             node: spec.get("nodeName").and_then(Value::as_str).filter(|n| !n.is_empty()).map(str::to_string),
             service_account: spec
@@ -124,6 +150,8 @@ impl Pod {
             host_network,
             ip,
             opt_out: annotation(v, MESH_ANNOTATION) == Some("disabled"),
+            workload: workload_of(v).filter(|w| *w != name),
+            name,
         }))
     }
 
@@ -300,6 +328,7 @@ pub fn node_state<'a>(
             p.key(),
             Workload {
                 name: p.name.clone(),
+                workload: p.workload.clone(),
                 namespace: p.namespace.clone(),
                 service_account: p.service_account.clone(),
                 ip,
@@ -334,6 +363,29 @@ mod tests {
             }
         }
         v
+    }
+
+    #[test]
+    fn pods_are_grouped_by_workload_as_istio_does() {
+        let owned = |name: &str, kind: &str, owner: &str, hash: Option<&str>| {
+            let mut meta = json!({"name": name, "namespace": "shop", "uid": "u",
+                "ownerReferences": [{"kind": "Node", "name": "not-the-controller"},
+                                    {"kind": kind, "name": owner, "controller": true}]});
+            if let Some(h) = hash {
+                meta["labels"] = json!({"pod-template-hash": h});
+            }
+            let v = json!({"metadata": meta, "spec": {"nodeName": "n1"}, "status": {"podIP": "10.244.1.5"}});
+            Pod::from_json(&v).unwrap().unwrap().workload
+        };
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(owned("web-7d4b9c-x2x", "ReplicaSet", "web-7d4b9c", Some("7d4b9c")), some("web"));
+        assert_eq!(owned("rs-abc", "ReplicaSet", "bare-rs", None), some("bare-rs"), "a ReplicaSet of its own");
+        assert_eq!(owned("db-0", "StatefulSet", "db", None), some("db"));
+        assert_eq!(owned("agent-x1", "DaemonSet", "agent", None), some("agent"));
+        assert_eq!(owned("backup-29012345-abcde", "Job", "backup-29012345", None), some("backup"), "a CronJob's Job");
+        assert_eq!(owned("migrate-x", "Job", "migrate", None), some("migrate"));
+        let bare = Pod::from_json(&pod("solo", "shop", "n1", json!({}))).unwrap().unwrap();
+        assert_eq!(bare.workload, None, "a pod without a controller is its own workload");
     }
 
     #[test]

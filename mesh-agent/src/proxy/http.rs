@@ -310,6 +310,8 @@ pub trait Upstreams: Send + Sync + 'static {
         service: &str,
         protocol: &'static str,
     ) -> crate::metrics::IstioLabels;
+    /// The `namespace/name` keys of the source pod and of the pod at `ep`, when known.
+    fn pod_keys(&self, orig: Original, ep: Option<SocketAddrV4>) -> (Option<String>, Option<String>);
     /// Records the endpoint of the latest request on the connection record.
     fn note_endpoint(&self, conn: u64, ep: SocketAddrV4, retries: u32);
     /// Records how the latest request's upstream connection is protected.
@@ -478,11 +480,13 @@ impl<U: Upstreams> Downstream<U> {
         let ep = outcome.endpoint;
         let base = self.up.istio_labels(self.orig, ep, &service, protocol);
         let failed = resp.status().is_server_error() || resp.headers().contains_key(ERROR_HEADER);
+        let (src_pod, dst_pod) = self.up.pod_keys(self.orig, ep);
+        let src_pod = src_pod.unwrap_or_else(|| "-".into());
         self.up.http().remember(RequestRecord {
             at_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
-            source_pod: format!("{}/{}", base.source_workload_namespace, base.source_workload),
+            source_pod: src_pod.clone(),
             service: service.clone(),
             status: resp.status().as_u16(),
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
@@ -494,12 +498,14 @@ impl<U: Upstreams> Downstream<U> {
                 target: "access",
                 direction = "outbound",
                 kind = "http",
-                src = base.source_workload_namespace.clone() + "/" + &base.source_workload,
+                src = %src_pod,
+                src_workload = base.source_workload_namespace.clone() + "/" + &base.source_workload,
                 src_identity = %base.source_principal,
                 service = %service,
                 vip = %self.vip,
                 endpoint = ep.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
-                dst_pod = base.destination_workload_namespace.clone() + "/" + &base.destination_workload,
+                dst_pod = dst_pod.as_deref().unwrap_or("-"),
+                dst_workload = base.destination_workload_namespace.clone() + "/" + &base.destination_workload,
                 dst_identity = %base.destination_principal,
                 security = base.connection_security_policy,
                 protocol,

@@ -277,6 +277,9 @@ impl Outbound {
             Ok(None) => return self.reject(client, OutboundError::NoOriginalDst(peer)),
             Err(e) => return self.reject(client, OutboundError::Lookup(e)),
         };
+        if let Some(p) = self.pods.borrow().by_cgroup(orig.pod_cgroup) {
+            self.metrics.pod_redirects.inc(&p.key);
+        }
         // A Service from a known pod: HTTP is served request by request.
         let hint = self.hint(&orig);
         let protocol = match hint {
@@ -660,6 +663,14 @@ impl http::Upstreams for Outbound {
         self.detect.trace_context
     }
 
+    fn pod_keys(&self, orig: Original, ep: Option<std::net::SocketAddrV4>) -> (Option<String>, Option<String>) {
+        let idx = self.pods.borrow();
+        (
+            idx.by_cgroup(orig.pod_cgroup).map(|p| p.key.clone()),
+            ep.and_then(|ep| idx.by_ip(*ep.ip())).map(|p| p.key.clone()),
+        )
+    }
+
     fn trace_sample_rate(&self) -> f64 {
         self.detect.trace_sample_rate
     }
@@ -746,6 +757,7 @@ mod tests {
         // One meshed pod on this node, cgroup 1: the source of every test connection.
         let client = crate::state::Workload {
             name: "client".into(),
+            workload: None,
             namespace: "shop".into(),
             service_account: "client".into(),
             ip: [127, 0, 0, 1].into(),
