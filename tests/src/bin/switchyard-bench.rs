@@ -51,6 +51,10 @@ struct Args {
     /// Extra flag for every agent, e.g. `--agent-arg=--copy-buffer-bytes=16384` (repeatable).
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     agent_args: Vec<String>,
+    /// Only the scrape-under-load comparison (issue 7): mesh-local HTTP at 1000 req/s on 4
+    /// connections, unscraped and scraped 10/s back to back in each repetition.
+    #[arg(long)]
+    only_scrape: bool,
 }
 
 const PATHS: [&str; 5] = ["direct-local", "mesh-local", "mesh-local-sockmap", "direct-remote", "mesh-remote"];
@@ -149,6 +153,20 @@ fn run() -> Result<()> {
     for rep in 0..reps {
         let st0 = steal_sample()?;
         eprintln!("== repetition {}/{reps}", rep + 1);
+        if args.only_scrape {
+            let (client, target) = b.path("mesh-local");
+            let ip = target.ip.to_string();
+            let w = "http 1000 req/s, 1 KiB, 4 conns";
+            let (p50, p99, _) = b.oha_rate(client, &ip, 4)?;
+            add(w, "p50", "ms", "mesh-local", true, p50);
+            add(w, "p99", "ms", "mesh-local", true, p99);
+            let (p50, p99, scrapes) = b.oha_rate_scraped(client, &ip)?;
+            add(w, "p50 while admin scraped 10/s", "ms", "mesh-local", true, p50);
+            add(w, "p99 while admin scraped 10/s", "ms", "mesh-local", true, p99);
+            eprintln!("   {scrapes} admin scrapes during the run");
+            steal.push(steal_percent(st0, steal_sample()?));
+            continue;
+        }
         for path in PATHS {
             let (client, target) = b.path(path);
             let ip = target.ip.to_string();
@@ -198,9 +216,18 @@ fn run() -> Result<()> {
         steal.push(steal_percent(st0, steal_sample()?));
     }
     // Memory with many open connections through the same-node proxy.
-    let open = if args.quick { 2_000 } else { 10_000 };
-    let rss = b.rss_with_open_connections(open)?;
-    add("agent memory", &format!("RSS with {open} open connections"), "MiB", "mesh-local", true, rss as f64 / 1024.0);
+    if !args.only_scrape {
+        let open = if args.quick { 2_000 } else { 10_000 };
+        let rss = b.rss_with_open_connections(open)?;
+        add(
+            "agent memory",
+            &format!("RSS with {open} open connections"),
+            "MiB",
+            "mesh-local",
+            true,
+            rss as f64 / 1024.0,
+        );
+    }
     eprintln!("measured in {:?}", started.elapsed());
 
     let figures = figures(samples);
