@@ -240,6 +240,47 @@ fn many_connections_share_one_pooled_http2_connection() -> Result<()> {
     Ok(())
 }
 
+/// Issue 6, L4 retries across nodes: a Service whose endpoints are on another node, two of
+/// them dead (meshed pods with nothing listening: the peer node answers the HBONE CONNECT with
+/// an error). Every connection reaches the live one, over mTLS, retried at most twice.
+#[test]
+fn service_connects_to_dead_endpoints_on_another_node_are_retried_on_live_ones() -> Result<()> {
+    if !privileged("cross_node_service_retries") {
+        return Ok(());
+    }
+    let vip: SocketAddr = "10.96.0.40:80".parse()?;
+    let s = setup(35, &[], |c| {
+        let dead1 = c.node("node-b").add_pod("dead1", "shop", None)?;
+        let dead2 = c.node("node-b").add_pod("dead2", "shop", None)?;
+        let server = c.nodes[1].pods.iter().find(|p| p.name == "server").map(|p| p.ip).expect("server pod");
+        c.services = sim::service_yaml("echo", "shop", vip, "tcp-echo", 8080, &[server, dead1.ip, dead2.ip], &[]);
+        Ok(())
+    })?;
+    let r = run(&s.client, &vip.to_string(), &["--count", "30"])?;
+    assert_eq!(r["ok"], 30, "every connection reaches the live endpoint: {r}");
+    let conns = eventually(Duration::from_secs(3), "all recorded", || {
+        let conns = s.c.nodes[0].admin_json("/debug/connections").ok()?;
+        let recent: Vec<Value> = conns["recent"]
+            .as_array()?
+            .iter()
+            .filter(|c| c["original_dst"] == vip.to_string().as_str() && !c["duration_ms"].is_null())
+            .cloned()
+            .collect();
+        (recent.len() == 30).then_some(recent)
+    })?;
+    assert_eq!(conns.len(), 30, "{conns:?}");
+    for c in &conns {
+        assert_eq!(c["destination_pod"], "shop/server", "{c}");
+        assert_eq!(c["security"], "mutual_tls", "{c}");
+        assert!(c["error"].is_null(), "{c}");
+        assert!(c["retries"].as_u64().unwrap_or(0) <= 2, "bounded: {c}");
+    }
+    let retries: u64 = conns.iter().map(|c| c["retries"].as_u64().unwrap_or(0)).sum();
+    assert!(retries >= 1, "the dead endpoints were tried and retried: {conns:?}");
+    assert!(s.c.nodes[0].agent_log().contains("retrying on another endpoint"));
+    Ok(())
+}
+
 #[test]
 fn certificates_rotate_every_few_seconds_under_a_minute_of_traffic_without_a_failure() -> Result<()> {
     if !privileged("rotation") {

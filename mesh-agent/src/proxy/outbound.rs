@@ -146,6 +146,8 @@ pub enum OutboundError {
         "service {service} ({vip}) is at its limit of {limit} open connections (switchyard.io/max-connections); reset at once"
     )]
     ConnectionLimit { service: String, vip: std::net::SocketAddrV4, limit: u32 },
+    #[error("{detail}")]
+    Tunnel { dst: SocketAddr, reason: &'static str, detail: String },
 }
 
 impl OutboundError {
@@ -157,12 +159,22 @@ impl OutboundError {
             OutboundError::NoEndpoints(_) => "no_endpoints",
             OutboundError::ConnectionLimit { .. } => "connection_limit",
             OutboundError::Connect { .. } => "connect_failed",
+            OutboundError::Tunnel { reason, .. } => reason,
         }
     }
 }
 
+/// The upstream side of a connection, once open.
+struct Connected {
+    io: http::UpstreamIo,
+    /// The endpoint finally connected to (after any connect retries).
+    ep: std::net::SocketAddrV4,
+    route: Route,
+    in_flight: Option<balance::InFlight>,
+}
+
 /// Where one connection goes.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Route {
     Local {
         dst: Identity,
@@ -301,8 +313,6 @@ impl Outbound {
         };
         let (route, source_pod, destination_pod) = self.route(&orig);
         self.metrics.routes.get_or_create(&RouteLabels { route: route.label() }).inc();
-        let istio = self.istio_labels(&orig, orig.dst, service.as_ref().map(|s| s.name.as_str()), &route, "tcp");
-        self.istio.tcp_opened.get_or_create(&istio).inc();
         let source_identity = match &route {
             Route::Hbone { src, .. } => Some(src.to_string()),
             _ => None,
@@ -319,9 +329,27 @@ impl Outbound {
         });
         self.metrics.active.inc();
         let started = Instant::now();
-        let (sent, received, error) = match self.forward(id, client, orig, route, service).await {
-            Ok((s, r)) => (s, r, None),
-            Err((s, r, e)) => (s, r, Some(e)),
+        let service_name = service.as_ref().map(|s| s.name.as_str());
+        // Istio's labels are those of the endpoint finally reached (a connect retry may have
+        // gone another way than the first pick); a connection that never got through carries
+        // those of its first pick.
+        let first_labels = self.istio_labels(&orig, orig.dst, service_name, &route, "tcp");
+        let (istio, (sent, received, error)) = match self.connect(id, orig, route, service.as_ref()).await {
+            Ok(up) => {
+                let istio = self.istio_labels(&orig, up.ep, service_name, &up.route, "tcp");
+                self.istio.tcp_opened.get_or_create(&istio).inc();
+                let _in_flight = up.in_flight;
+                let r = match self.copy(client, up.io).await {
+                    Ok((s, r)) => (s, r, None),
+                    Err((s, r, e)) => (s, r, Some(e)),
+                };
+                (istio, r)
+            }
+            Err(e) => {
+                reset(client);
+                self.istio.tcp_opened.get_or_create(&first_labels).inc();
+                (first_labels, (0, 0, Some(e)))
+            }
         };
         self.metrics.active.dec();
         self.metrics.closed.inc();
@@ -436,57 +464,116 @@ impl Outbound {
     }
 
     /// Returns bytes (client→destination, destination→client).
-    async fn forward(
+    /// Opens the upstream side for `orig` along `route`. For a Service, a failed connect
+    /// (refused, unreachable, timed out, or an HBONE tunnel the peer node could not open) is
+    /// retried on another endpoint, whichever way it is reached (jittered backoff, at most
+    /// [`MAX_CONNECT_ATTEMPTS`] in all); an authorization denial is final. Returns the
+    /// endpoint connected to, its route, and the guard that counts it as in flight.
+    async fn connect(
         &self,
         id: u64,
-        client: TcpStream,
         orig: Original,
         route: Route,
-        service: Option<ServiceTarget>,
-    ) -> Result<(u64, u64), (u64, u64, String)> {
-        let dst = SocketAddr::V4(orig.dst);
-        match route {
-            Route::Refuse { reason, detail, denial } => {
-                warn!(client = %client.peer_addr().map(|a| a.to_string()).unwrap_or_default(), %dst, reason, "{detail}");
-                self.metrics.error(reason);
-                if denial {
-                    self.metrics.denials.get_or_create(&crate::metrics::ErrorLabels { reason }).inc();
-                }
-                reset(client);
-                Err((0, 0, detail))
+        service: Option<&ServiceTarget>,
+    ) -> Result<Connected, String> {
+        if let Route::Refuse { reason, detail, denial } = route {
+            warn!(dst = %orig.dst, reason, "{detail}");
+            self.metrics.error(reason);
+            if denial {
+                self.metrics.denials.get_or_create(&crate::metrics::ErrorLabels { reason }).inc();
             }
-            Route::Hbone { src, dst: dst_id, peer } => {
-                let pool = self.pool.as_ref().expect("route() only picks HBONE with a pool");
-                match pool.connect(&src, &dst_id, peer, orig.dst).await {
-                    Ok(tunnel) => {
-                        self.conns.set_security(id, Security::MutualTls, Some(dst_id.to_string()));
-                        self.copy(client, tunnel.io).await
-                    }
-                    Err(e) => {
-                        warn!(%src, dst = %dst_id, %peer, error = %e, "HBONE tunnel failed");
-                        self.metrics.error(e.reason());
-                        reset(client);
-                        Err((0, 0, e.to_string()))
-                    }
-                }
-            }
-            route @ (Route::Local { .. } | Route::Passthrough) => {
-                let (security, dst_id) = match route {
-                    Route::Local { dst } => (Security::Local, Some(dst.to_string())),
-                    _ => (Security::Plaintext, None),
-                };
-                self.conns.set_security(id, security, dst_id);
-                let (upstream, _in_flight) = match self.connect_direct(id, orig, service).await {
-                    Ok(u) => u,
-                    Err(e) => {
-                        reset(client);
-                        return Err((0, 0, e.to_string()));
-                    }
-                };
-                let _ = upstream.set_nodelay(true);
-                self.copy(client, upstream).await
-            }
+            return Err(detail);
         }
+        let Some(svc) = service else {
+            let io = self.open_route(orig.dst, route.clone()).await.map_err(|e| e.to_string())?;
+            self.note_security(id, &route);
+            return Ok(Connected { io, ep: orig.dst, route, in_flight: None });
+        };
+        let (mut ep, mut route) = (orig.dst, route);
+        let mut tried = Vec::new();
+        loop {
+            let guard = self.balancer.start(ep);
+            let started = Instant::now();
+            let err = match self.open_route(ep, route.clone()).await {
+                Ok(io) => {
+                    self.balancer.connected(ep, started.elapsed());
+                    self.note_security(id, &route);
+                    return Ok(Connected { io, ep, route, in_flight: Some(guard) });
+                }
+                Err(e) => e,
+            };
+            // The peer node refused it by policy: not the endpoint's fault, and the Service's
+            // other endpoints would answer the same.
+            if err.reason() == "hbone_denied" {
+                return Err(err.to_string());
+            }
+            self.balancer.failed(ep, &svc.endpoints, started.elapsed());
+            tried.push(ep);
+            let attempt = tried.len() as u32;
+            // Another endpoint, reached whichever way, that policy lets this pod reach.
+            let next = (attempt < MAX_CONNECT_ATTEMPTS)
+                .then(|| {
+                    let mut excluded = tried.clone();
+                    loop {
+                        let c = self.balancer.pick(&svc.endpoints, &excluded)?;
+                        let (r, _, dst_pod) = self.route(&Original { dst: c, ..orig });
+                        if !matches!(r, Route::Refuse { .. }) {
+                            return Some((c, r, dst_pod));
+                        }
+                        excluded.push(c);
+                    }
+                })
+                .flatten();
+            let Some((c, r, dst_pod)) = next else { return Err(err.to_string()) };
+            warn!(service = %svc.vip, failed = %ep, retry = %c, attempt, error = %err, "endpoint connect failed; retrying on another endpoint");
+            self.metrics.error("endpoint_retry");
+            tokio::time::sleep(balance::backoff(attempt)).await;
+            self.conns.set_endpoint(id, c, dst_pod, attempt);
+            (ep, route) = (c, r);
+        }
+    }
+
+    /// One connect attempt to `ep` along `route` (never `Refuse`), within the connect timeout.
+    async fn open_route(&self, ep: std::net::SocketAddrV4, route: Route) -> Result<http::UpstreamIo, OutboundError> {
+        let dst = SocketAddr::V4(ep);
+        let attempt = async {
+            match route {
+                Route::Hbone { src, dst: dst_id, peer } => {
+                    let pool = self.pool.as_ref().expect("route() only picks HBONE with a pool");
+                    pool.connect(&src, &dst_id, peer, ep).await.map(|t| http::UpstreamIo::Tunnel(Box::new(t))).map_err(|e| {
+                        warn!(%src, dst = %dst_id, %peer, error = %e, "HBONE tunnel failed");
+                        OutboundError::Tunnel { dst, reason: e.reason(), detail: e.to_string() }
+                    })
+                }
+                Route::Local { .. } | Route::Passthrough => match TcpStream::connect(dst).await {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        Ok(http::UpstreamIo::Tcp(s))
+                    }
+                    Err(source) => Err(OutboundError::Connect { dst, source }),
+                },
+                Route::Refuse { reason, detail, .. } => {
+                    Err(OutboundError::Tunnel { dst, reason, detail })
+                }
+            }
+        };
+        let r = match tokio::time::timeout(self.connect_timeout, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(OutboundError::ConnectTimeout { dst, timeout: self.connect_timeout }),
+        };
+        if let Err(e) = &r {
+            self.metrics.error(e.reason());
+        }
+        r
+    }
+
+    fn note_security(&self, id: u64, route: &Route) {
+        let (security, dst_id) = match route {
+            Route::Local { dst } => (Security::Local, Some(dst.to_string())),
+            Route::Hbone { dst, .. } => (Security::MutualTls, Some(dst.to_string())),
+            _ => (Security::Plaintext, None),
+        };
+        self.conns.set_security(id, security, dst_id);
     }
 
     /// For a Service's virtual address: takes one of its connection slots if it has a limit,
@@ -515,59 +602,6 @@ impl Outbound {
         Ok(Some((ServiceTarget { vip, endpoints: entry.endpoints.clone(), name: entry.service.clone() }, slot)))
     }
 
-    /// Connects to `orig.dst`; for a Service, a failed connect is retried on other endpoints
-    /// whose route is also a direct connect (jittered backoff, at most
-    /// [`MAX_CONNECT_ATTEMPTS`]). The returned guard counts the connection as in flight.
-    async fn connect_direct(
-        &self,
-        id: u64,
-        orig: Original,
-        service: Option<ServiceTarget>,
-    ) -> Result<(TcpStream, Option<balance::InFlight>), OutboundError> {
-        let mut ep = orig.dst;
-        let mut tried = Vec::new();
-        loop {
-            let dst = SocketAddr::V4(ep);
-            let guard = service.as_ref().map(|_| self.balancer.start(ep));
-            let started = Instant::now();
-            let err = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst)).await {
-                Ok(Ok(s)) => {
-                    if service.is_some() {
-                        self.balancer.connected(ep, started.elapsed());
-                    }
-                    return Ok((s, guard));
-                }
-                Ok(Err(source)) => OutboundError::Connect { dst, source },
-                Err(_) => OutboundError::ConnectTimeout { dst, timeout: self.connect_timeout },
-            };
-            self.metrics.error(err.reason());
-            let Some(svc) = &service else { return Err(err) };
-            self.balancer.failed(ep, &svc.endpoints, started.elapsed());
-            tried.push(ep);
-            let attempt = tried.len() as u32;
-            // Another endpoint reached the same way (not through a tunnel), if any is left.
-            let next = (attempt < MAX_CONNECT_ATTEMPTS)
-                .then(|| {
-                    let mut excluded = tried.clone();
-                    loop {
-                        let c = self.balancer.pick(&svc.endpoints, &excluded)?;
-                        let (route, _, dst_pod) = self.route(&Original { dst: c, ..orig });
-                        if matches!(route, Route::Local { .. } | Route::Passthrough) {
-                            return Some((c, dst_pod));
-                        }
-                        excluded.push(c);
-                    }
-                })
-                .flatten();
-            let Some((c, dst_pod)) = next else { return Err(err) };
-            warn!(service = %svc.vip, failed = %ep, retry = %c, attempt, error = %err, "endpoint connect failed; retrying on another endpoint");
-            self.metrics.error("endpoint_retry");
-            tokio::time::sleep(balance::backoff(attempt)).await;
-            self.conns.set_endpoint(id, c, dst_pod, attempt);
-            ep = c;
-        }
-    }
-
     async fn copy<U: AsyncRead + AsyncWrite + Unpin>(
         &self,
         mut client: TcpStream,
@@ -587,6 +621,9 @@ impl Outbound {
             Err(e) => {
                 self.metrics.error("io");
                 debug!(error = %e, "outbound copy ended with an error");
+                // The client learns the connection failed (a reset, as the upstream's failure
+                // would have told it without a proxy), never a clean but empty end.
+                reset(client);
                 // copy_bidirectional loses its counts on error; report what we know.
                 Err((0, 0, e.to_string()))
             }

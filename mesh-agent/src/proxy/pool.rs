@@ -141,8 +141,9 @@ impl Pool {
     }
 
     /// Opens a tunnel from `src` to `target` (a pod of identity `dst`) through the node proxy at
-    /// `peer`. A stream that fails at the HTTP/2 level on a reused connection (the peer went
-    /// away or is draining) is retried once on a new connection.
+    /// `peer`. A stream that fails at the HTTP/2 level (the peer went away, is draining, or
+    /// refused it, as it does on a connection whose certificate is about to expire) is retried
+    /// once on a new connection: no byte of the client's has gone into the tunnel yet.
     pub async fn connect(
         &self,
         src: &Identity,
@@ -151,8 +152,8 @@ impl Pool {
         target: SocketAddrV4,
     ) -> Result<Tunnel, HboneError> {
         match self.try_connect(src, dst, peer, target).await {
-            Err((HboneError::H2 { .. } | HboneError::Upgrade(_), true)) => {
-                debug!(%peer, "HBONE stream failed on a reused connection; retrying on a new one");
+            Err((HboneError::H2 { .. } | HboneError::Upgrade(_), reused)) => {
+                debug!(%peer, reused, "HBONE stream failed at the HTTP/2 level; retrying on a new connection");
                 self.try_connect(src, dst, peer, target).await.map_err(|(e, _)| e)
             }
             r => r.map_err(|(e, _)| e),
@@ -167,11 +168,14 @@ impl Pool {
         peer: SocketAddr,
         target: SocketAddrV4,
     ) -> Result<Tunnel, (HboneError, bool)> {
-        let cert = self.certs.get(src).ok_or_else(|| (HboneError::NoSourceCert(src.to_string()), false))?;
         let key = Key { src: src.clone(), dst: dst.clone(), peer };
         let slot = self.slots.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().clone();
         let (guard, reused) = {
             let mut conns = slot.lock().await;
+            // The certificate as it is once the slot is ours: waiting for the lock may have
+            // outlasted a renewal, and a new connection with the old certificate would be
+            // refused by the peer when it expires moments later.
+            let cert = self.certs.get(src).ok_or_else(|| (HboneError::NoSourceCert(src.to_string()), false))?;
             conns.retain(|c| !c.send.is_closed() && !c.broken.load(Ordering::Acquire));
             let reusable = conns.iter().find(|c| {
                 c.cert_generation == cert.generation
