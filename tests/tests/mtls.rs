@@ -257,7 +257,7 @@ fn service_connects_to_dead_endpoints_on_another_node_are_retried_on_live_ones()
         Ok(())
     })?;
     let r = run(&s.client, &vip.to_string(), &["--count", "30"])?;
-    assert_eq!(r["ok"], 30, "every connection reaches the live endpoint: {r}");
+    assert_eq!(r["ok"], 30, "every connection reaches the live endpoint: {r}\n{}", s.c.nodes[0].agent_log());
     let conns = eventually(Duration::from_secs(3), "all recorded", || {
         let conns = s.c.nodes[0].admin_json("/debug/connections").ok()?;
         let recent: Vec<Value> = conns["recent"]
