@@ -21,7 +21,8 @@ RUN cargo build --release --locked -p mesh-agent \
  && cp target/release/mesh-agent /mesh-agent
 
 # Stage 2: just the binary (it needs glibc and nothing else; no shell, no package manager).
-FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
+# The runtime has the glibc of the build stage (trixie = Debian 13).
+FROM gcr.io/distroless/cc-debian13:nonroot AS runtime
 COPY --from=build /mesh-agent /usr/local/bin/mesh-agent
 # The DaemonSet runs it with the capabilities it needs (BPF, PERFMON, NET_ADMIN, SYS_ADMIN,
 # SYS_RESOURCE); the image itself asks for nothing.

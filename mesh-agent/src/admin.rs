@@ -55,18 +55,33 @@ impl Admin {
                 _ = stop.cancelled() => return,
                 r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
             };
+            tokio::spawn(self.clone().serve_connection(stream));
+        }
+    }
+
+    /// The same endpoint on a Unix socket of this process's own (`adminSocket`): what the
+    /// kubelet's exec probes ask (`mesh-agent probe`), so that while two agents share the admin
+    /// port during a rolling update (SO_REUSEPORT), each pod's probes reach its own agent.
+    pub async fn serve_unix(self: Arc<Self>, listener: tokio::net::UnixListener, stop: CancellationToken) {
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+            };
+            tokio::spawn(self.clone().serve_connection(stream));
+        }
+    }
+
+    async fn serve_connection<S>(self: Arc<Self>, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let svc = service_fn(move |req| {
             let this = self.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.route(req)) }
-                });
-                if let Err(e) =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
-                {
-                    debug!(error = %e, "admin connection error");
-                }
-            });
+            async move { Ok::<_, Infallible>(this.route(req)) }
+        });
+        if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
+            debug!(error = %e, "admin connection error");
         }
     }
 

@@ -231,7 +231,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         http: http.clone(),
     });
     let admin_addr = admin_listener.local_addr()?;
-    let admin_thread = spawn_admin(admin, admin_listener, stop.clone())?;
+    let admin_thread = spawn_admin(admin, admin_listener, config.admin_socket.clone(), stop.clone())?;
 
     let outbound = Arc::new(Outbound {
         lookup: orig_table,
@@ -344,9 +344,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 fn spawn_admin(
     admin: Arc<Admin>,
     listener: TcpListener,
+    socket: Option<std::path::PathBuf>,
     stop: CancellationToken,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let listener = listener.into_std()?;
+    // Bound here, before the agent says it is ready: a probe that cannot connect fails.
+    let unix = match &socket {
+        Some(path) => Some(bind_admin_socket(path)?),
+        None => None,
+    };
     Ok(std::thread::Builder::new().name("admin".into()).spawn(move || {
         // SAFETY: setpriority on this thread's own id; no memory is involved.
         if unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) } != 0 {
@@ -357,12 +363,45 @@ fn spawn_admin(
             Err(e) => return warn!(error = %e, "admin runtime failed to start; no admin endpoint"),
         };
         rt.block_on(async move {
+            if let Some(u) = unix {
+                match tokio::net::UnixListener::from_std(u) {
+                    Ok(l) => {
+                        tokio::spawn(admin.clone().serve_unix(l, stop.clone()));
+                    }
+                    Err(e) => warn!(error = %e, "admin socket unusable; probes through it will fail"),
+                }
+            }
             match TcpListener::from_std(listener) {
                 Ok(l) => admin.serve(l, stop).await,
                 Err(e) => warn!(error = %e, "admin listener unusable; no admin endpoint"),
             }
         });
+        if let Some(path) = socket {
+            let _ = std::fs::remove_file(path);
+        }
     })?)
+}
+
+/// The admin Unix socket at `path`: a stale socket file (an agent that died in this pod
+/// before) is replaced; anything else at that path is an error, never deleted.
+fn bind_admin_socket(path: &std::path::Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt as _;
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        anyhow::ensure!(
+            m.file_type().is_socket(),
+            "admin socket {}: something other than a socket is there; not replacing it",
+            path.display()
+        );
+        std::fs::remove_file(path).with_context(|| format!("removing the stale admin socket {}", path.display()))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let l = std::os::unix::net::UnixListener::bind(path)
+        .with_context(|| format!("binding the admin socket {}", path.display()))?;
+    l.set_nonblocking(true)?;
+    info!(path = %path.display(), "admin endpoint also on a Unix socket (for probes)");
+    Ok(l)
 }
 
 /// A listener that another agent may share (SO_REUSEPORT) while it takes over.

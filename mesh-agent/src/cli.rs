@@ -34,6 +34,24 @@ pub fn get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(body.to_string())
 }
 
+/// `mesh-agent probe healthz|readyz --socket PATH`: asks the agent of this pod over its own
+/// admin Unix socket (kubelet exec probes); `Ok` when it answers 200, else why not.
+pub fn probe(socket: &std::path::Path, path: &str) -> anyhow::Result<String> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("cannot reach this agent's admin socket {} (is it running?)", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).context("reading the agent's answer")?;
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    match head.split_whitespace().nth(1) {
+        Some("200") => Ok(body.to_string()),
+        Some(status) => bail!("{path} answered {status}: {}", body.trim()),
+        None => bail!("{path}: the agent's answer is not HTTP: {head:?}"),
+    }
+}
+
 fn get_json(admin: SocketAddr, path: &str) -> anyhow::Result<Value> {
     let body = get(admin, path)?;
     serde_json::from_str(&body).with_context(|| format!("{path} did not answer JSON"))

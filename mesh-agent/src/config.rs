@@ -90,6 +90,7 @@ pub struct FileConfig {
     pub outbound_listen: Option<SocketAddr>,
     pub redirect_address: Option<Ipv4Addr>,
     pub admin_listen: Option<SocketAddr>,
+    pub admin_socket: Option<PathBuf>,
     pub workload_file: Option<PathBuf>,
     #[serde(default)]
     pub bypass: Bypass,
@@ -247,6 +248,11 @@ pub struct RunArgs {
     /// Admin (metrics, health, dashboard) listener address.
     #[arg(long)]
     pub admin_listen: Option<SocketAddr>,
+    /// Also serve the admin endpoint on this Unix socket, private to this agent (for
+    /// `mesh-agent probe`: kubelet exec probes that reach this agent even while another one
+    /// shares the admin port during an upgrade).
+    #[arg(long)]
+    pub admin_socket: Option<PathBuf>,
     /// Destination ports never redirected (repeatable).
     #[arg(long = "bypass-port")]
     pub bypass_ports: Vec<u16>,
@@ -338,6 +344,7 @@ pub struct Config {
     pub redirect_address: Ipv4Addr,
     pub outbound_listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    pub admin_socket: Option<PathBuf>,
     pub workload_file: Option<PathBuf>,
     pub bypass_ports: Vec<u16>,
     pub bypass_cidrs: Vec<Ipv4Net>,
@@ -456,6 +463,7 @@ impl Config {
             redirect_address,
             outbound_listen,
             admin_listen,
+            admin_socket: args.admin_socket.clone().or(file.admin_socket),
             workload_file,
             bypass_ports,
             bypass_cidrs,

@@ -34,6 +34,21 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         recent: usize,
     },
+    /// Health or readiness of the agent of this pod, over its own admin socket (for kubelet
+    /// exec probes): exit 0 when it answers 200.
+    Probe {
+        #[arg(value_enum)]
+        what: ProbeKind,
+        /// The agent's admin socket (its `--admin-socket`).
+        #[arg(long, default_value = "/run/switchyard/admin.sock")]
+        socket: std::path::PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ProbeKind {
+    Healthz,
+    Readyz,
 }
 
 #[derive(clap::Args)]
@@ -95,6 +110,13 @@ fn main() -> ExitCode {
         Command::Status(a) => print(mesh_agent::cli::status(a.admin, a.output)),
         Command::Workloads(a) => print(mesh_agent::cli::workloads(a.admin, a.output)),
         Command::Connections { admin: a, recent } => print(mesh_agent::cli::connections(a.admin, a.output, recent)),
+        Command::Probe { what, socket } => {
+            let path = match what {
+                ProbeKind::Healthz => "/healthz",
+                ProbeKind::Readyz => "/readyz",
+            };
+            print(mesh_agent::cli::probe(&socket, path))
+        }
         Command::Run(args) => match run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

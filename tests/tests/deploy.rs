@@ -99,9 +99,25 @@ fn daemonset_is_least_privilege_on_every_node_and_never_short_of_agents() -> Res
         sc["capabilities"]["add"],
         serde_json::json!(["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"])
     );
-    for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
-        assert_eq!(c[probe]["httpGet"]["port"], 15020, "{probe}");
+    // Probes ask this pod's own agent over its Unix socket (the admin port is shared with the
+    // other agent during a surge), through the binary the image ships.
+    let cfg_for_probes: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(find(&d, "ConfigMap")["data"]["agent.yaml"].as_str().unwrap()).unwrap();
+    let socket = cfg_for_probes["adminSocket"].as_str().expect("adminSocket in the agent config");
+    for (probe, what) in [("startupProbe", "healthz"), ("livenessProbe", "healthz"), ("readinessProbe", "readyz")] {
+        assert!(c[probe].get("httpGet").is_none(), "{probe}: no httpGet");
+        assert_eq!(
+            c[probe]["exec"]["command"],
+            serde_json::json!(["/usr/local/bin/mesh-agent", "probe", what, "--socket", socket]),
+            "{probe}"
+        );
     }
+    let mounts = c["volumeMounts"].as_array().unwrap();
+    let run = mounts.iter().find(|m| m["name"] == "run").expect("a mount for the socket");
+    assert!(socket.starts_with(run["mountPath"].as_str().unwrap()), "{socket} on the run volume");
+    assert!(spec["volumes"].as_array().unwrap().iter().any(|v| v["name"] == "run" && v["emptyDir"].is_object()));
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile"))?;
+    assert!(dockerfile.contains("COPY --from=build /mesh-agent /usr/local/bin/mesh-agent"), "probe binary path");
     // A surge agent must be schedulable beside the running one: no host ports declared
     // (hostNetwork turns container ports into host ports), and the programs pinned so it can
     // take them over.
@@ -113,7 +129,6 @@ fn daemonset_is_least_privilege_on_every_node_and_never_short_of_agents() -> Res
     let text = find(&d, "ConfigMap")["data"]["agent.yaml"].as_str().unwrap().to_string();
     let parsed: Result<mesh_agent::config::FileConfig, _> = serde_yaml_ng::from_str(&text);
     assert!(parsed.is_ok(), "{text}: {:?}", parsed.err());
-    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     let env: Vec<&str> = c["env"].as_array().unwrap().iter().filter_map(|e| e["name"].as_str()).collect();
     assert!(env.contains(&"NODE_NAME") && env.contains(&"HOST_IP"), "downward API: {env:?}");
     let paths: Vec<&str> =
@@ -138,6 +153,11 @@ fn daemonset_is_least_privilege_on_every_node_and_never_short_of_agents() -> Res
     let file: mesh_agent::config::FileConfig = serde_yaml_ng::from_str(agent_yaml).context("agent.yaml")?;
     assert_eq!(file.kubernetes, Some(true));
     assert_eq!(file.tcp_idle_timeout_secs, Some(3600));
+    assert_eq!((file.connect_timeout_ms, file.drain_grace_ms), (Some(5000), Some(5000)));
+    assert!(
+        spec["terminationGracePeriodSeconds"].as_u64().unwrap() * 1000 > file.drain_grace_ms.unwrap(),
+        "the kubelet waits longer than the drain"
+    );
     assert_eq!((file.otlp_endpoint, file.trace_sample_rate), (None, Some(1.0)), "no trace export by default");
     // Tracing on: the endpoint reaches the agent's config.
     let d = docs(&template(&["--set", "mesh.otlpEndpoint=http://otel-collector.observability:4318"])?);

@@ -34,11 +34,16 @@ fn an_upgrade_hands_over_without_failing_a_new_connection_and_services_stay_reac
     let web = node.add_pod("web-0", "shop", None)?;
     let _srv = web.serve_tool("sim-http", &["serve", "--listen", "0.0.0.0:8080", "--name", "web-0"])?;
     node.services = service_yaml("web", "shop", "10.96.0.10:80".parse()?, "http", 8080, &[web.ip], &[]);
-    node.start_agent(&[])?;
+    // Each agent has an admin socket of its own (the chart's exec probes use it): the admin
+    // port is shared by both agents during the hand-over, the socket is not.
+    let (old_sock, new_sock) = (node.dir.join("admin-old.sock"), node.dir.join("admin-new.sock"));
+    let (old_sock_s, new_sock_s) = (old_sock.to_string_lossy().into_owned(), new_sock.to_string_lossy().into_owned());
+    node.start_agent(&["--admin-socket", &old_sock_s])?;
     eventually(Duration::from_secs(5), "pods meshed", || {
         let pods = node.admin_json("/debug/pods").ok()?;
         (pods.as_array()?.iter().filter(|p| p["redirected"] == true).count() == 2).then_some(())
     })?;
+    assert_eq!(probe(&old_sock, "readyz")?, (true, "ready".to_string()), "the running agent answers its probe");
     let programs_before = node.attached_programs()?;
     assert_eq!(programs_before.len(), 6);
 
@@ -58,7 +63,7 @@ fn an_upgrade_hands_over_without_failing_a_new_connection_and_services_stay_reac
     // HTTP to a pod IP is opaque TCP to the proxy: those connections cannot move.
     let pod_kept = run(format!("http://{}:8080/", web.ip), &["--concurrency", "4"]);
     std::thread::sleep(Duration::from_millis(1500));
-    let (ready, exited) = node.upgrade_agent(&[])?;
+    let (ready, exited) = node.upgrade_agent(&["--admin-socket", &new_sock_s])?;
     let programs_after = node.attached_programs()?;
     let join = |h: std::thread::JoinHandle<Result<Value>>| h.join().map_err(|_| anyhow!("load panicked"))?;
     let (svc_fresh, pod_fresh, svc_kept, pod_kept) =
@@ -89,7 +94,24 @@ fn an_upgrade_hands_over_without_failing_a_new_connection_and_services_stay_reac
     let log = node.agent_log().replace("\u{1b}[0m", "").replace("\u{1b}[2m", "").replace("\u{1b}[3m", "");
     assert!(log.contains("taken_over_from_previous_agent=6"), "{log}");
     assert!(log.contains("a newer agent has taken the eBPF programs and listeners over"), "{log}");
+    // The new pod's probes reach the new agent; the old pod's reach nothing once its agent
+    // is gone (its socket removed), though the shared admin port still answers.
+    assert_eq!(probe(&new_sock, "readyz")?, (true, "ready".to_string()));
+    assert_eq!(probe(&new_sock, "healthz")?, (true, "ok".to_string()));
+    let (ok, out) = probe(&old_sock, "healthz")?;
+    assert!(!ok && out.contains("cannot reach this agent's admin socket"), "{out}");
+    assert_eq!(sim::http_get(&node.netns, node.admin_addr(), "/readyz")?.0, 200);
     Ok(())
+}
+
+/// `mesh-agent probe WHAT --socket PATH`, as the kubelet runs it: (exit 0, stdout or stderr).
+fn probe(socket: &std::path::Path, what: &str) -> Result<(bool, String)> {
+    let out = std::process::Command::new(sim::bin_path("mesh-agent")?)
+        .args(["probe", what, "--socket"])
+        .arg(socket)
+        .output()?;
+    let text = if out.status.success() { out.stdout } else { out.stderr };
+    Ok((out.status.success(), String::from_utf8_lossy(&text).trim().to_string()))
 }
 
 fn connect(pod: &Pod, to: &str) -> Result<Value> {

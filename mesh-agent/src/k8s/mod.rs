@@ -9,7 +9,11 @@
 pub mod objects;
 pub mod pod_cgroup;
 
-use std::{collections::HashMap, path::PathBuf, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    time::Duration,
+};
 
 use futures::StreamExt as _;
 use kube::{
@@ -61,8 +65,10 @@ enum Obj {
 }
 
 enum Change {
-    /// A complete listing: replaces the store of that kind.
-    Reset(Kind, HashMap<String, Obj>),
+    /// A complete listing: replaces the store of that kind. The keys in the set were listed
+    /// but malformed: their previous version, if any, stays (a bad edit never loses an
+    /// object's last good state, whether it arrives by a watch event or in a relist).
+    Reset(Kind, HashMap<String, Obj>, HashSet<String>),
     Apply(Kind, String, Obj),
     Delete(Kind, String),
 }
@@ -112,6 +118,7 @@ fn trim(kind: Kind, o: &DynamicObject) -> Result<Option<Obj>, String> {
 async fn watch_kind(api: Api<DynamicObject>, cfg: watcher::Config, kind: Kind, tx: mpsc::Sender<Change>) {
     let mut stream = watcher(api, cfg).default_backoff().boxed();
     let mut listing: Option<HashMap<String, Obj>> = None;
+    let mut malformed = HashSet::new();
     let mut failing = false;
     while let Some(ev) = stream.next().await {
         let ev = match ev {
@@ -128,6 +135,7 @@ async fn watch_kind(api: Api<DynamicObject>, cfg: watcher::Config, kind: Kind, t
         let change = match ev {
             watcher::Event::Init => {
                 listing = Some(HashMap::new());
+                malformed.clear();
                 continue;
             }
             watcher::Event::InitApply(o) => {
@@ -137,7 +145,10 @@ async fn watch_kind(api: Api<DynamicObject>, cfg: watcher::Config, kind: Kind, t
                             l.insert(k, obj);
                         }
                         Ok(None) => {}
-                        Err(e) => warn!(watch = kind.name(), object = %k, error = %e, "skipping malformed object"),
+                        Err(e) => {
+                            warn!(watch = kind.name(), object = %k, error = %e, "skipping malformed object; its last good version stays");
+                            malformed.insert(k);
+                        }
                     }
                 }
                 continue;
@@ -146,7 +157,7 @@ async fn watch_kind(api: Api<DynamicObject>, cfg: watcher::Config, kind: Kind, t
                 let l = listing.take().unwrap_or_default();
                 info!(watch = kind.name(), objects = l.len(), "watch synced");
                 failing = false;
-                Change::Reset(kind, l)
+                Change::Reset(kind, l, std::mem::take(&mut malformed))
             }
             watcher::Event::Apply(o) => {
                 let Some(k) = key_of(&o) else { continue };
@@ -184,14 +195,15 @@ struct Stores {
 impl Stores {
     fn apply(&mut self, c: Change) {
         match c {
-            Change::Reset(kind, objs) => {
+            Change::Reset(kind, objs, malformed) => {
                 self.synced.insert(kind);
+                let keep = |k: &String| malformed.contains(k);
                 match kind {
-                    Kind::Namespaces => self.namespaces.clear(),
-                    Kind::LocalPods | Kind::RemotePods => self.pods_mut(kind).clear(),
-                    Kind::Nodes => self.nodes.clear(),
-                    Kind::Services => self.services.clear(),
-                    Kind::EndpointSlices => self.slices.clear(),
+                    Kind::Namespaces => self.namespaces.retain(|k, _| keep(k)),
+                    Kind::LocalPods | Kind::RemotePods => self.pods_mut(kind).retain(|k, _| keep(k)),
+                    Kind::Nodes => self.nodes.retain(|k, _| keep(k)),
+                    Kind::Services => self.services.retain(|k, _| keep(k)),
+                    Kind::EndpointSlices => self.slices.retain(|k, _| keep(k)),
                 }
                 for (k, o) in objs {
                     self.insert(kind, k, o);
@@ -362,9 +374,10 @@ mod tests {
             .await,
         );
         match rx.recv().await.unwrap() {
-            Change::Reset(Kind::LocalPods, objs) => {
+            Change::Reset(Kind::LocalPods, objs, bad) => {
                 assert_eq!(objs.len(), 1, "the malformed pod is skipped");
                 assert!(objs.contains_key("shop/a"));
+                assert_eq!(bad, HashSet::from(["shop/bad".to_string()]), "and named, so a good version would stay");
             }
             _ => panic!("expected a reset"),
         }
@@ -401,7 +414,10 @@ mod tests {
             .await,
         );
         match rx.recv().await.unwrap() {
-            Change::Reset(Kind::LocalPods, objs) => assert_eq!(objs.keys().collect::<Vec<_>>(), vec!["shop/b"]),
+            Change::Reset(Kind::LocalPods, objs, bad) => {
+                assert_eq!(objs.keys().collect::<Vec<_>>(), vec!["shop/b"]);
+                assert!(bad.is_empty());
+            }
             _ => panic!("expected a reset after relisting"),
         }
         task.abort();
@@ -411,12 +427,37 @@ mod tests {
     fn stores_keep_local_pods_authoritative_and_resets_replace() {
         let mut s = Stores::default();
         let p = |name: &str, node: &str| Pod::from_json(&pod(name, node, 1)).unwrap().unwrap();
-        s.apply(Change::Reset(Kind::RemotePods, [("shop/x".to_string(), Obj::Pod(p("x", "n1")))].into()));
-        s.apply(Change::Reset(Kind::LocalPods, [("shop/a".to_string(), Obj::Pod(p("a", "n1")))].into()));
+        s.apply(Change::Reset(
+            Kind::RemotePods,
+            [("shop/x".to_string(), Obj::Pod(p("x", "n1")))].into(),
+            HashSet::new(),
+        ));
+        s.apply(Change::Reset(
+            Kind::LocalPods,
+            [("shop/a".to_string(), Obj::Pod(p("a", "n1")))].into(),
+            HashSet::new(),
+        ));
         let st = s.state("n1", std::path::Path::new("/nonexistent"));
         assert!(st.pods.contains_key("shop/a"));
         assert!(!st.pods.contains_key("shop/x"), "a stale copy from the other-nodes watch is ignored");
         s.apply(Change::Delete(Kind::LocalPods, "shop/a".into()));
         assert!(s.state("n1", std::path::Path::new("/nonexistent")).pods.is_empty());
+    }
+
+    /// A relist (after 410 Gone, an API restart) that brings a malformed version of an object
+    /// keeps its last good version, as a malformed watch event does; the rest is replaced.
+    #[test]
+    fn a_relist_keeps_the_last_good_version_of_a_malformed_object() {
+        let mut s = Stores::default();
+        let p = |name: &str| Pod::from_json(&pod(name, "n1", 1)).unwrap().unwrap();
+        let listing = |names: &[&str]| -> HashMap<String, Obj> {
+            names.iter().map(|n| (format!("shop/{n}"), Obj::Pod(p(n)))).collect()
+        };
+        s.apply(Change::Reset(Kind::LocalPods, listing(&["a", "b", "c"]), HashSet::new()));
+        // Relisted: a is fine, b is now malformed, c is gone.
+        s.apply(Change::Reset(Kind::LocalPods, listing(&["a"]), HashSet::from(["shop/b".to_string()])));
+        let mut keys: Vec<&String> = s.local_pods.keys().collect();
+        keys.sort();
+        assert_eq!(keys, vec!["shop/a", "shop/b"]);
     }
 }

@@ -540,10 +540,12 @@ impl Outbound {
             match route {
                 Route::Hbone { src, dst: dst_id, peer } => {
                     let pool = self.pool.as_ref().expect("route() only picks HBONE with a pool");
-                    pool.connect(&src, &dst_id, peer, ep).await.map(|t| http::UpstreamIo::Tunnel(Box::new(t))).map_err(|e| {
-                        warn!(%src, dst = %dst_id, %peer, error = %e, "HBONE tunnel failed");
-                        OutboundError::Tunnel { dst, reason: e.reason(), detail: e.to_string() }
-                    })
+                    pool.connect(&src, &dst_id, peer, ep).await.map(|t| http::UpstreamIo::Tunnel(Box::new(t))).map_err(
+                        |e| {
+                            warn!(%src, dst = %dst_id, %peer, error = %e, "HBONE tunnel failed");
+                            OutboundError::Tunnel { dst, reason: e.reason(), detail: e.to_string() }
+                        },
+                    )
                 }
                 Route::Local { .. } | Route::Passthrough => match TcpStream::connect(dst).await {
                     Ok(s) => {
@@ -552,9 +554,7 @@ impl Outbound {
                     }
                     Err(source) => Err(OutboundError::Connect { dst, source }),
                 },
-                Route::Refuse { reason, detail, .. } => {
-                    Err(OutboundError::Tunnel { dst, reason, detail })
-                }
+                Route::Refuse { reason, detail, .. } => Err(OutboundError::Tunnel { dst, reason, detail }),
             }
         };
         let r = match tokio::time::timeout(self.connect_timeout, attempt).await {
