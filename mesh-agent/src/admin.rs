@@ -31,6 +31,10 @@ pub struct Admin {
 /// own `/debug/summary`), embedded in the binary.
 const DASHBOARD: &str = include_str!("dashboard.html");
 
+/// The dashboard's rates and latencies per pod and per peer are over this much of the latest
+/// requests.
+const WINDOW_MS: u64 = 10_000;
+
 type Resp = Response<Full<Bytes>>;
 
 fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp {
@@ -170,6 +174,28 @@ impl Admin {
     }
 }
 
+/// Denials, handshake failures and rejected streams by reason, read from the registry's own
+/// counters (what `/metrics` exports): `{"authorization_denials": {"deny_rule": 2}, ...}`.
+fn reason_counters(registry: &Registry) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>> {
+    let mut out: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>> = Default::default();
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
+        return out;
+    }
+    for family in ["authorization_denials", "tls_handshake_failures", "inbound_rejected"] {
+        let prefix = format!("switchyard_{family}_total{{reason=\"");
+        let m = out.entry(family.to_string()).or_default();
+        for l in text.lines() {
+            let Some(rest) = l.strip_prefix(&prefix) else { continue };
+            let Some((reason, value)) = rest.split_once("\"}") else { continue };
+            if let Ok(v) = value.trim().parse::<f64>() {
+                m.insert(reason.to_string(), v as u64);
+            }
+        }
+    }
+    out
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -207,26 +233,84 @@ impl Admin {
                 })
             })
             .collect();
-        // Per peer pair, over the live and remembered connections.
+        // Pods by key: their workload (`namespace/workload`, Istio's grouping) for the peers.
+        let idx = self.pods.borrow();
+        let workload_of: std::collections::HashMap<&str, String> = idx
+            .pods
+            .iter()
+            .map(|p| (p.key.as_str(), format!("{}/{}", p.workload.namespace, p.workload.workload_name())))
+            .collect();
+        let wl = |pod: Option<&str>| pod.and_then(|p| workload_of.get(p).cloned());
+        // Rates and latencies over the last WINDOW of requests (fewer if the request
+        // buffer does not reach that far back: then over what it holds).
+        let window_start = now_ms.saturating_sub(WINDOW_MS);
+        let span_ms = match recent.first() {
+            Some(oldest) if recent.len() == crate::proxy::http::RECENT_REQUESTS && oldest.at_unix_ms > window_start => {
+                (now_ms - oldest.at_unix_ms).max(1)
+            }
+            _ => WINDOW_MS,
+        };
+        let windowed: Vec<&crate::proxy::http::RequestRecord> =
+            recent.iter().filter(|r| r.at_unix_ms >= window_start).collect();
+        let window_stats = |rs: &[&crate::proxy::http::RequestRecord]| {
+            let mut d: Vec<f64> = rs.iter().map(|r| r.duration_ms).collect();
+            d.sort_by(|a, b| a.total_cmp(b));
+            serde_json::json!({
+                "requests_per_s": rs.len() as f64 * 1000.0 / span_ms as f64,
+                "errors_per_s": rs.iter().filter(|r| r.status >= 500).count() as f64 * 1000.0 / span_ms as f64,
+                "p50_ms": (!d.is_empty()).then(|| percentile(&d, 0.5)),
+                "p99_ms": (!d.is_empty()).then(|| percentile(&d, 0.99)),
+            })
+        };
+        // Per peer workload pair: connections (live and remembered) and requests (window).
+        #[derive(Default)]
+        struct Peer<'a> {
+            connections: u64,
+            bytes: u64,
+            errors: u64,
+            security: String,
+            requests: Vec<&'a crate::proxy::http::RequestRecord>,
+        }
         let snap = self.conns.snapshot();
-        let mut peers: BTreeMap<(String, String), (u64, u64, u64, String)> = BTreeMap::new();
+        let mut peers: BTreeMap<(String, String), Peer> = BTreeMap::new();
         for c in snap.recent.iter().chain(&snap.active) {
-            let src =
-                c.source_pod.clone().or_else(|| c.source_identity.clone()).unwrap_or_else(|| c.client.ip().to_string());
-            let dst = c.destination_pod.clone().unwrap_or_else(|| c.original_dst.to_string());
-            let e = peers.entry((src, dst)).or_insert((0, 0, 0, String::new()));
-            e.0 += 1;
-            e.1 += c.bytes_sent + c.bytes_received;
-            e.2 += u64::from(c.error.is_some());
-            e.3 =
+            let src = wl(c.source_pod.as_deref())
+                .or_else(|| c.source_identity.clone())
+                .unwrap_or_else(|| c.client.ip().to_string());
+            let dst = wl(c.destination_pod.as_deref()).unwrap_or_else(|| c.original_dst.to_string());
+            let e = peers.entry((src, dst)).or_default();
+            e.connections += 1;
+            e.bytes += c.bytes_sent + c.bytes_received;
+            e.errors += u64::from(c.error.is_some());
+            e.security =
                 serde_json::to_value(c.security).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        }
+        for r in &windowed {
+            let src = wl(Some(&r.source_pod)).unwrap_or_else(|| r.source_pod.clone());
+            let dst = wl(r.destination_pod.as_deref()).unwrap_or_else(|| r.service.clone());
+            peers.entry((src, dst)).or_default().requests.push(r);
         }
         let peers: Vec<serde_json::Value> = peers
             .into_iter()
-            .map(|((src, dst), (n, bytes, errors, security))| {
-                serde_json::json!({"source": src, "destination": dst, "connections": n, "bytes": bytes, "errors": errors, "security": security})
+            .map(|((src, dst), p)| {
+                let mut v = window_stats(&p.requests);
+                let extra = serde_json::json!({"source": src, "destination": dst, "connections": p.connections,
+                    "bytes": p.bytes, "errors": p.errors, "security": p.security});
+                if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
+                    o.extend(e);
+                }
+                v
             })
             .collect();
+        // Per source pod of this node: bytes and connections (live and remembered).
+        let mut pod_conns: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for c in snap.recent.iter().chain(&snap.active) {
+            if let Some(p) = c.source_pod.as_deref() {
+                let e = pod_conns.entry(p).or_default();
+                e.0 += 1;
+                e.1 += c.bytes_sent + c.bytes_received;
+            }
+        }
         let mut errors: BTreeMap<String, u64> = BTreeMap::new();
         for c in &snap.recent {
             if let Some(e) = &c.error {
@@ -238,7 +322,6 @@ impl Admin {
             .as_ref()
             .map(|c| c.status().into_iter().map(|s| (s.identity, s.expires_in_secs)).collect())
             .unwrap_or_default();
-        let idx = self.pods.borrow();
         let pods: Vec<serde_json::Value> = idx
             .pods
             .iter()
@@ -247,9 +330,13 @@ impl Admin {
                 let w = &p.workload;
                 let id = w.spiffe_id(crate::identity::DEFAULT_TRUST_DOMAIN);
                 let key = &p.key;
-                let out: Vec<&serde_json::Value> = peers.iter().filter(|x| x["source"] == key.as_str()).collect();
-                serde_json::json!({
+                let (conns_out, bytes_out) = pod_conns.get(key.as_str()).copied().unwrap_or_default();
+                let out: Vec<&crate::proxy::http::RequestRecord> =
+                    windowed.iter().copied().filter(|r| &r.source_pod == key).collect();
+                let mut v = window_stats(&out);
+                let extra = serde_json::json!({
                     "pod": key,
+                    "workload": format!("{}/{}", w.namespace, w.workload_name()),
                     "ip": w.ip,
                     "identity": if w.meshed { id.clone() } else { "-".into() },
                     "meshed": w.meshed,
@@ -258,9 +345,14 @@ impl Admin {
                     "mtls_mode": w.mtls_mode,
                     "fail_mode": if w.fail_closed { "closed" } else { "open" },
                     "cert_expires_in_secs": certs.iter().find(|(k, _)| k.ends_with(&format!("/ns/{}/sa/{}", w.namespace, w.service_account))).map(|(_, v)| *v),
-                    "connections_out": out.iter().map(|x| x["connections"].as_u64().unwrap_or(0)).sum::<u64>(),
+                    "connections_out": conns_out,
+                    "bytes_out": bytes_out,
                     "requests_out": recent.iter().filter(|r| &r.source_pod == key).count(),
-                })
+                });
+                if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
+                    o.extend(e);
+                }
+                v
             })
             .collect();
         drop(idx);
@@ -293,6 +385,8 @@ impl Admin {
                 "connections_closed": snap.closed_total,
                 "connections_active": snap.active.len(),
             },
+            "window_ms": span_ms,
+            "reasons": reason_counters(&self.registry),
             "services": services,
             "peers": peers,
             "pods": pods,

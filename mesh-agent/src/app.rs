@@ -274,6 +274,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 metrics: inbound_metrics,
                 connect_timeout: config.connect_timeout,
                 copy_buffer: config.copy_buffer,
+                access_log: config.access_log,
             });
             info!(hbone = %listener.local_addr()?, "HBONE listener up");
             Some(tokio::spawn(inbound.serve(listener, stop.clone(), tasks.clone())))

@@ -281,6 +281,9 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
                 ("retries", 0.into()),
                 ("retry_reasons", "".into()),
                 ("error", "-".into()),
+                // "status 200\n": the body's size, known once it has been sent.
+                ("request_bytes", 0.into()),
+                ("response_bytes", 11.into()),
             ] {
                 assert_eq!(f[k], v, "{k} in {f}");
             }
@@ -308,6 +311,65 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
     Ok(())
 }
 
+/// Access-log switches, in the human (text) format: `errors` logs only failed connections,
+/// a sample rate of 0 still logs every failure, `off` logs nothing; the lines name the
+/// connection's pods, destination, bytes and error.
+#[test]
+fn access_log_modes_errors_sampled_and_off_in_the_human_format() -> Result<()> {
+    if !privileged("access_log_modes") {
+        return Ok(());
+    }
+    let mut node = Node::new("node", 163)?;
+    node.set_namespace_meshed("shop", true);
+    let client = node.add_pod("client", "shop", None)?;
+    let echo = node.add_pod("echo", "shop", None)?;
+    let _e = echo.serve(&["echo-server", "--listen", "0.0.0.0:9090"])?;
+    let (good, bad) = (format!("{}:9090", echo.ip), format!("{}:9091", echo.ip));
+    let access_lines = |node: &Node| -> Vec<String> {
+        node.agent_log().lines().filter(|l| l.contains(" access: ")).map(str::to_string).collect()
+    };
+    let mut seen = 0;
+    for (args, want_lines) in [
+        (&["--access-log", "errors"][..], 2),
+        (&["--access-log", "all", "--access-log-sample-rate", "0"][..], 2),
+        (&["--access-log", "off"][..], 0),
+    ] {
+        node.start_agent(args)?;
+        eventually(Duration::from_secs(5), "pods meshed", || {
+            let pods = node.admin_json("/debug/pods").ok()?;
+            (pods.as_array()?.iter().filter(|p| p["redirected"] == true).count() == 2).then_some(())
+        })?;
+        let before = node.proxied_total()?;
+        let ok = client.workload(&["client", "--connect", &good, "--bytes", "100", "--count", "3"], T)?;
+        assert_eq!(ok["ok"], 3, "{ok}");
+        let refused = client.workload(&["client", "--connect", &bad, "--count", "2"], T)?;
+        assert_eq!(refused["ok"], 0, "{refused}");
+        eventually(Duration::from_secs(5), "all five closed", || {
+            (node.proxied_total().ok()? - before >= 5).then_some(())
+        })?;
+        assert!(node.stop_agent(Duration::from_secs(10))?, "clean exit");
+        let lines = access_lines(&node);
+        let new = &lines[seen..];
+        seen = lines.len();
+        assert_eq!(new.len(), want_lines, "{args:?}: {new:#?}");
+        for l in new {
+            assert!(!l.contains('\u{1b}'), "no terminal colours in a log file: {l:?}");
+            for want in [
+                "outbound connection",
+                "kind=\"tcp\"",
+                "src=\"shop/client\"",
+                &format!("dst={bad}"),
+                "dst_pod=\"shop/echo\"",
+                "sent=0",
+                "error=\"connecting to",
+            ] {
+                assert!(l.contains(want), "{want} in {l}");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The node dashboard in a real headless browser (Debian's chromium) against an agent carrying
 /// known traffic: the page's tables and chart show it. Screenshot saved as a test artifact
 /// (`target/test-artifacts/dashboard.png`).
@@ -329,7 +391,12 @@ fn the_node_dashboard_shows_the_traffic_in_a_real_browser() -> Result<()> {
     let _w = web.serve_tool("sim-http", &["serve", "--listen", "0.0.0.0:8080", "--name", "web-0"])?;
     let _e = echo.serve(&["echo-server", "--listen", "0.0.0.0:9090"])?;
     node.services = service_yaml("web", "shop", "10.96.0.10:80".parse()?, "http", 8080, &[web.ip], &[]);
-    node.start_agent(&[])?;
+    // With a CA: the pods table shows each identity's certificate expiry.
+    let ca = node.dir.join("ca");
+    let out =
+        std::process::Command::new(sim::bin_path("mesh-agent")?).args(["ca", "init", "--dir"]).arg(&ca).output()?;
+    anyhow::ensure!(out.status.success(), "ca init: {}", String::from_utf8_lossy(&out.stderr));
+    node.start_agent(&["--ca-dir", ca.to_str().unwrap()])?;
     eventually(Duration::from_secs(5), "pods meshed", || {
         let pods = node.admin_json("/debug/pods").ok()?;
         (pods.as_array()?.iter().filter(|p| p["redirected"] == true).count() == 3).then_some(())
@@ -393,25 +460,60 @@ fn the_node_dashboard_shows_the_traffic_in_a_real_browser() -> Result<()> {
     let requests: u64 = svc[1].parse()?;
     assert!(requests >= 42, "40 + 2 requests at least (more from the steady load): {svc:?}");
     assert_eq!(svc[2], "2", "the two 500s: {svc:?}");
+    // Numbers in cells, whatever markup colours them.
+    let value = |c: &str| -> f64 {
+        let mut text = String::new();
+        let mut in_tag = false;
+        for ch in c.chars() {
+            match ch {
+                '<' => in_tag = true,
+                '>' => in_tag = false,
+                _ if !in_tag => text.push(ch),
+                _ => {}
+            }
+        }
+        text.trim().parse().unwrap_or(f64::NAN)
+    };
     let pod = cells(&row("pod-table", "shop/client").ok_or_else(|| anyhow::anyhow!("no client row:\n{dom}"))?);
     eprintln!("pod row: {pod:?}");
     assert_eq!(pod[1], "spiffe://cluster.local/ns/shop/sa/client");
+    assert!(pod[2].ends_with(" h"), "its certificate expires in hours: {pod:?}");
+    assert_eq!((pod[3].as_str(), pod[4].as_str(), pod[5].as_str()), ("permissive", "namespace", "open"), "{pod:?}");
     assert!(pod[6].contains("yes"), "redirected: {pod:?}");
-    let peer = dom
-        .split("<tr>")
-        .find(|r| r.contains(">shop/client<") && r.contains(">shop/echo<"))
-        .map(cells)
-        .ok_or_else(|| anyhow::anyhow!("no client → echo row:\n{dom}"))?;
-    eprintln!("peer row: {peer:?}");
-    assert_eq!(peer[3], "6", "six TCP connections to echo: {peer:?}");
-    // The rate chart drew lines from several polls, and the request rate was seen.
+    // The steady load (a request every 20 ms) shows as a rate and a latency for the pod.
+    assert!(value(&pod[7]) > 1.0, "requests/s sent by the client: {pod:?}");
+    assert!(value(&pod[9]) > 0.0 && value(&pod[10]) >= value(&pod[9]), "p50 and p99: {pod:?}");
+    assert!(value(&pod[11]) >= 6.0, "connections out: {pod:?}");
+    // Peer workloads: the requests to web-0 with rate and latency, the TCP connections to echo.
+    let peer = |dst: &str| {
+        dom.split("<tr>")
+            .find(|r| r.contains(">shop/client<") && r.contains(&format!(">{dst}<")))
+            .map(cells)
+            .ok_or_else(|| anyhow::anyhow!("no client → {dst} row:\n{dom}"))
+    };
+    let to_web = peer("shop/web-0")?;
+    eprintln!("peer row to web: {to_web:?}");
+    assert!(value(&to_web[3]) > 1.0 && value(&to_web[5]) > 0.0, "request rate and p50: {to_web:?}");
+    assert!(to_web[8].contains("KiB"), "the HTTP connections' bytes: {to_web:?}");
+    let to_echo = peer("shop/echo")?;
+    eprintln!("peer row to echo: {to_echo:?}");
+    assert_eq!(to_echo[7], "6", "six TCP connections to echo: {to_echo:?}");
+    assert!(to_echo[8].ends_with(" B") || to_echo[8].contains("KiB"), "bytes: {to_echo:?}");
+    // Denials and handshake failures by reason are listed (none here: all zero).
+    let reasons = &dom[dom.find("id=\"reason-table\"").ok_or_else(|| anyhow::anyhow!("no reason table"))?..];
+    assert!(reasons[..reasons.find("</table>").unwrap()].contains(">deny_rule<"), "denial reasons listed");
+    // The rate chart drew lines from several polls, and the request rate was above zero
+    // (a point above the baseline at y = 88).
     let points = dom
         .split("id=\"line-rps\"")
         .nth(1)
         .and_then(|s| s.split("points=\"").nth(1))
         .and_then(|s| s.split('"').next())
         .unwrap_or("");
-    assert!(points.split(' ').filter(|p| !p.is_empty()).count() >= 2, "chart points {points:?}");
+    let ys: Vec<f64> =
+        points.split(' ').filter_map(|p| p.split_once(',')).filter_map(|(_, y)| y.parse().ok()).collect();
+    assert!(ys.len() >= 2, "chart points {points:?}");
+    assert!(ys.iter().any(|y| *y < 80.0), "the request rate is drawn above zero: {points:?}");
     assert!(dom.contains("class=\"ok\">ready<"), "health shown");
     let png = std::fs::read(&shot)?;
     assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "screenshot saved: {} bytes", png.len());

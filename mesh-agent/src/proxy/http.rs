@@ -126,6 +126,8 @@ pub const RECENT_REQUESTS: usize = 4096;
 pub struct RequestRecord {
     pub at_unix_ms: u64,
     pub source_pod: String,
+    /// `namespace/name` of the endpoint's pod, when it is a known pod.
+    pub destination_pod: Option<String>,
     pub service: String,
     pub status: u16,
     pub duration_ms: f64,
@@ -415,11 +417,14 @@ impl<U: Upstreams> Downstream<U> {
     /// Serves the client connection until it ends or `stop` asks for a graceful end: HTTP/2
     /// GOAWAY at once; HTTP/1 answers `Connection: close` for [`H1_DRAIN`], then an idle
     /// connection is closed (a request in flight finishes first).
-    pub async fn serve(
+    pub async fn serve<S>(
         self: Arc<Self>,
-        client: TcpStream,
+        client: S,
         stop: tokio_util::sync::CancellationToken,
-    ) -> Result<(), hyper::Error> {
+    ) -> Result<(), hyper::Error>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let io = TokioIo::new(client);
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req| {
@@ -487,40 +492,35 @@ impl<U: Upstreams> Downstream<U> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             source_pod: src_pod.clone(),
+            destination_pod: dst_pod.clone(),
             service: service.clone(),
             status: resp.status().as_u16(),
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
             retries: outcome.retries,
         });
-        if self.up.access_log(failed) {
-            let trace_id = resp_trace(&outcome);
-            info!(
-                target: "access",
-                direction = "outbound",
-                kind = "http",
-                src = %src_pod,
-                src_workload = base.source_workload_namespace.clone() + "/" + &base.source_workload,
-                src_identity = %base.source_principal,
-                service = %service,
-                vip = %self.vip,
-                endpoint = ep.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
-                dst_pod = dst_pod.as_deref().unwrap_or("-"),
-                dst_workload = base.destination_workload_namespace.clone() + "/" + &base.destination_workload,
-                dst_identity = %base.destination_principal,
-                security = base.connection_security_policy,
-                protocol,
-                version = ?version,
-                method = %method,
-                path = %path,
-                status = resp.status().as_u16(),
-                duration_ms = started.elapsed().as_millis() as u64,
-                retries = outcome.retries,
-                retry_reasons = outcome.reasons.join(","),
-                trace_id = %trace_id,
-                error = resp.headers().get(ERROR_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("-"),
-                "http request"
-            );
-        }
+        // The access-log line is written when the response body has been sent, with its size.
+        let access = self.up.access_log(failed).then(|| AccessLine {
+            src: src_pod.clone(),
+            src_workload: base.source_workload_namespace.clone() + "/" + &base.source_workload,
+            src_identity: base.source_principal.clone(),
+            service: service.clone(),
+            vip: self.vip,
+            endpoint: ep,
+            dst_pod: dst_pod.clone(),
+            dst_workload: base.destination_workload_namespace.clone() + "/" + &base.destination_workload,
+            dst_identity: base.destination_principal.clone(),
+            security: base.connection_security_policy,
+            protocol,
+            version,
+            method: method.clone(),
+            path: path.clone(),
+            status: resp.status().as_u16(),
+            retries: outcome.retries,
+            retry_reasons: outcome.reasons.join(","),
+            trace_id: resp_trace(&outcome),
+            error: resp.headers().get(ERROR_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string(),
+            started,
+        });
         // The proxy's span, sent when the response body has been.
         let span = match (self.up.spans(), outcome.trace) {
             (Some(spans), Some(hop)) if hop.sampled() => Some((
@@ -556,7 +556,7 @@ impl<U: Upstreams> Downstream<U> {
         istio.requests.get_or_create(&labels).inc();
         istio.request_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64() * 1000.0);
         let (parts, body) = resp.into_parts();
-        let body = Observed { inner: body, bytes: 0, done: Some((istio, labels, request_bytes)), span };
+        let body = Observed { inner: body, bytes: 0, done: Some((istio, labels, request_bytes)), span, access };
         Response::from_parts(parts, body.boxed_unsync())
     }
 
@@ -948,13 +948,77 @@ struct Observed {
     done: Option<(crate::metrics::IstioMetrics, crate::metrics::IstioHttpLabels, Arc<AtomicU64>)>,
     /// The request's span, ended and queued for export with the body.
     span: Option<(crate::otlp::Spans, crate::otlp::HttpSpan)>,
+    /// The request's access-log line, written with the body's size.
+    access: Option<AccessLine>,
+}
+
+/// One HTTP request's access-log line, waiting for the response body to be sent.
+struct AccessLine {
+    src: String,
+    src_workload: String,
+    src_identity: String,
+    service: String,
+    vip: std::net::SocketAddrV4,
+    endpoint: Option<std::net::SocketAddrV4>,
+    dst_pod: Option<String>,
+    dst_workload: String,
+    dst_identity: String,
+    security: &'static str,
+    protocol: &'static str,
+    version: hyper::Version,
+    method: hyper::Method,
+    path: String,
+    status: u16,
+    retries: u32,
+    retry_reasons: String,
+    trace_id: String,
+    error: String,
+    started: Instant,
+}
+
+impl AccessLine {
+    fn write(self, request_bytes: u64, response_bytes: u64) {
+        info!(
+            target: "access",
+            direction = "outbound",
+            kind = "http",
+            src = %self.src,
+            src_workload = %self.src_workload,
+            src_identity = %self.src_identity,
+            service = %self.service,
+            vip = %self.vip,
+            endpoint = self.endpoint.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
+            dst_pod = self.dst_pod.as_deref().unwrap_or("-"),
+            dst_workload = %self.dst_workload,
+            dst_identity = %self.dst_identity,
+            security = self.security,
+            protocol = self.protocol,
+            version = ?self.version,
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            request_bytes,
+            response_bytes,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            retries = self.retries,
+            retry_reasons = %self.retry_reasons,
+            trace_id = %self.trace_id,
+            error = %self.error,
+            "http request"
+        );
+    }
 }
 
 impl Observed {
     fn finish(&mut self) {
+        let mut request_size = 0;
         if let Some((istio, labels, request_bytes)) = self.done.take() {
-            istio.request_bytes.get_or_create(&labels).observe(request_bytes.load(Ordering::Relaxed) as f64);
+            request_size = request_bytes.load(Ordering::Relaxed);
+            istio.request_bytes.get_or_create(&labels).observe(request_size as f64);
             istio.response_bytes.get_or_create(&labels).observe(self.bytes as f64);
+        }
+        if let Some(line) = self.access.take() {
+            line.write(request_size, self.bytes);
         }
         if let Some((spans, mut span)) = self.span.take() {
             span.end = std::time::SystemTime::now();

@@ -69,6 +69,8 @@ pub struct Inbound {
     pub copy_buffer: usize,
     /// Istio's standard metrics (reporter `destination`).
     pub istio: crate::metrics::IstioMetrics,
+    /// Which tunnelled connections get an access-log line (as for outbound ones).
+    pub access_log: crate::config::AccessLog,
 }
 
 impl Inbound {
@@ -334,11 +336,17 @@ impl Inbound {
             this.istio.tcp_closed.get_or_create(&istio).inc();
             this.istio.tcp_received.get_or_create(&istio).inc_by(sent);
             this.istio.tcp_sent.get_or_create(&istio).inc_by(received);
-            if let Some(rec) = this.conns.close(id, started.elapsed(), sent, received, error) {
+            if let Some(rec) = this.conns.close(id, started.elapsed(), sent, received, error)
+                && this.access_log.wants(rec.error.is_some())
+            {
                 info!(
                     target: "access",
                     direction = "inbound",
+                    kind = "tcp",
+                    client = %rec.client,
                     src_identity = rec.source_identity.as_deref().unwrap_or("-"),
+                    dst_identity = rec.destination_identity.as_deref().unwrap_or("-"),
+                    security = ?rec.security,
                     dst = %rec.original_dst,
                     dst_pod = rec.destination_pod.as_deref().unwrap_or("-"),
                     sent, received,

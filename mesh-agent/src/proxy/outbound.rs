@@ -18,7 +18,10 @@
 //! Bytes are copied both ways until both sides finish, each half-close propagated on its own.
 use std::{
     net::SocketAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -441,21 +444,30 @@ impl Outbound {
         self.metrics.active.inc();
         let started = Instant::now();
         let ds = Arc::new(http::Downstream::new(self.clone(), orig, orig.dst, id, protocol));
-        let result = ds.clone().serve(client, stop).await;
+        let counted = Counting::new(client);
+        let (from_client, to_client) = (counted.read.clone(), counted.written.clone());
+        let result = ds.clone().serve(counted, stop).await;
+        let (sent, received) = (from_client.load(Ordering::Relaxed), to_client.load(Ordering::Relaxed));
         self.metrics.active.dec();
         self.metrics.closed.inc();
         let requests = ds.requests.load(std::sync::atomic::Ordering::Relaxed);
         self.conns.set_requests(id, requests);
         let error = result.err().map(|e| e.to_string());
-        if let Some(rec) = self.conns.close(id, started.elapsed(), 0, 0, error) {
+        self.metrics.bytes.get_or_create(&DirectionLabels { direction: "sent" }).inc_by(sent);
+        self.metrics.bytes.get_or_create(&DirectionLabels { direction: "received" }).inc_by(received);
+        if let Some(rec) = self.conns.close(id, started.elapsed(), sent, received, error)
+            && self.detect.access_log.wants(rec.error.is_some())
+        {
             info!(
                 target: "access",
                 direction = "outbound",
+                kind = "http_connection",
                 client = %rec.client,
                 src = rec.source_pod.as_deref().unwrap_or("-"),
                 dst = %rec.original_dst,
                 protocol = protocol.label(),
                 requests,
+                sent, received,
                 duration_ms = rec.duration_ms,
                 error = rec.error.as_deref().unwrap_or("-"),
                 "outbound connection"
@@ -463,7 +475,6 @@ impl Outbound {
         }
     }
 
-    /// Returns bytes (client→destination, destination→client).
     /// Opens the upstream side for `orig` along `route`. For a Service, a failed connect
     /// (refused, unreachable, timed out, or an HBONE tunnel the peer node could not open) is
     /// retried on another endpoint, whichever way it is reached (jittered backoff, at most
@@ -753,6 +764,78 @@ impl http::Upstreams for Outbound {
             Route::Refuse { .. } => (Security::Unknown, None),
         };
         self.conns.set_security(conn, security, dst_id);
+    }
+}
+
+/// A client stream that counts the bytes read from and written to it (an HTTP connection's
+/// size, for its record and the proxy's byte counters).
+struct Counting<S> {
+    inner: S,
+    read: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+}
+
+impl<S> Counting<S> {
+    fn new(inner: S) -> Self {
+        Counting { inner, read: Arc::default(), written: Arc::default() }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
