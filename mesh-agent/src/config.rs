@@ -309,6 +309,10 @@ pub struct RunArgs {
     /// Outlier detection: first ejection of a failing endpoint, milliseconds (default 10000).
     #[arg(long)]
     pub outlier_base_ejection_ms: Option<u64>,
+    /// Give up a connect to an endpoint or a peer node after this long, milliseconds (default
+    /// 5000); a Service's connection is then retried on another endpoint.
+    #[arg(long)]
+    pub connect_timeout_ms: Option<u64>,
     /// Pin eBPF maps and links under this bpffs directory (upgrade hand-over, fail modes);
     /// default: not pinned, programs detach when the agent exits.
     #[arg(long)]
@@ -468,7 +472,11 @@ impl Config {
             bypass_ports,
             bypass_cidrs,
             workers,
-            connect_timeout: file.connect_timeout_ms.map_or(DEFAULT_CONNECT_TIMEOUT, Duration::from_millis),
+            connect_timeout: args
+                .connect_timeout_ms
+                .or(file.connect_timeout_ms)
+                .filter(|ms| *ms > 0)
+                .map_or(DEFAULT_CONNECT_TIMEOUT, Duration::from_millis),
             drain_grace: file.drain_grace_ms.map_or(DEFAULT_DRAIN_GRACE, Duration::from_millis),
             copy_buffer: args
                 .copy_buffer_bytes

@@ -127,6 +127,58 @@ fn cross_node_traffic_is_mutual_tls_on_the_wire() -> Result<()> {
     Ok(())
 }
 
+/// HTTP across nodes: requests to a Service whose endpoint is on another node are balanced by
+/// the calling node's proxy and ride HBONE; Istio's request metrics say `mutual_tls`, with both
+/// principals, and the access log says so too.
+#[test]
+fn http_to_a_service_on_another_node_is_mutual_tls_in_the_request_metrics() -> Result<()> {
+    if !privileged("cross_node_http_metrics") {
+        return Ok(());
+    }
+    let vip: SocketAddr = "10.96.0.41:80".parse()?;
+    let s = setup(45, &[], |c| {
+        let server = c.nodes[1].pods.iter().find(|p| p.name == "server").map(|p| p.ip).expect("server pod");
+        c.services = sim::service_yaml("web", "shop", vip, "http", 8081, &[server], &[]);
+        Ok(())
+    })?;
+    let _web = s.server.serve_tool("sim-http", &["serve", "--listen", "0.0.0.0:8081", "--name", "server"])?;
+    let (a0, b0) = (s.c.nodes[0].admin_text("/metrics")?, s.c.nodes[1].admin_text("/metrics")?);
+    let r = s.client.http(&["load", "--url", &format!("http://{vip}/status/200"), "--requests", "6"], T)?;
+    assert_eq!(r["statuses"]["200"], 6, "{r}");
+    let want = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("source_principal", "spiffe://cluster.local/ns/shop/sa/client"),
+        ("destination_workload", "server"),
+        ("destination_principal", "spiffe://cluster.local/ns/shop/sa/server"),
+        ("destination_service_name", "web"),
+        ("request_protocol", "http"),
+        ("response_code", "200"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let a1 = eventually(Duration::from_secs(3), "requests counted", || {
+        let m = s.c.nodes[0].admin_text("/metrics").ok()?;
+        (istio_metric(&m, "istio_requests_total", &want) - istio_metric(&a0, "istio_requests_total", &want) >= 6.0)
+            .then_some(m)
+    })?;
+    let d = |name: &str| istio_metric(&a1, name, &want) - istio_metric(&a0, name, &want);
+    assert_eq!(d("istio_requests_total"), 6.0, "{a1}");
+    assert_eq!(d("istio_request_duration_milliseconds_count"), 6.0);
+    assert_eq!(d("istio_response_bytes_sum"), 66.0, "\"status 200\\n\" six times");
+    assert_eq!(istio_metric(&a1, "istio_requests_total", &[("connection_security_policy", "none")]), 0.0);
+    // The destination node saw the tunnelled connection(s) as mutual TLS.
+    let b1 = s.c.nodes[1].admin_text("/metrics")?;
+    let dest =
+        [("reporter", "destination"), ("connection_security_policy", "mutual_tls"), ("destination_workload", "server")];
+    let opened = istio_metric(&b1, "istio_tcp_connections_opened_total", &dest)
+        - istio_metric(&b0, "istio_tcp_connections_opened_total", &dest);
+    assert!(opened >= 1.0, "{b1}");
+    let log = strip_ansi(&s.c.nodes[0].agent_log());
+    let line = log.lines().find(|l| l.contains("http request") && l.contains("/status/200")).unwrap_or_default();
+    assert!(line.contains("security=\"mutual_tls\"") || line.contains("security=mutual_tls"), "{line}");
+    Ok(())
+}
+
 /// Sum of the samples of `name` whose labels include all of `want`.
 fn istio_metric(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
     text.lines()

@@ -85,6 +85,16 @@ fn endpoint_state(node: &Node, vip: &str, ep: SocketAddr) -> Result<Value> {
         .ok_or_else(|| anyhow!("{ep} not in {vip}: {s}"))
 }
 
+/// A counter of the agent's `/metrics`, summed over its label sets.
+fn counter(node: &Node, name: &str) -> Result<f64> {
+    let text = node.admin_text("/metrics")?;
+    Ok(text
+        .lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(' ') || r.starts_with('{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
 fn ep(pod: &Pod) -> SocketAddr {
     SocketAddr::from((pod.ip, 8080))
 }
@@ -100,6 +110,7 @@ fn an_endpoint_killed_mid_run_costs_no_idempotent_request_is_ejected_and_comes_b
         |ips| web(ips, &[]),
         &["--outlier-base-ejection-ms", "1500"],
     )?;
+    let ejections0 = counter(&s.node, "switchyard_endpoint_ejections_total")?;
     let client = s.client.clone();
     let run = std::thread::spawn(move || {
         load(&client, "http://10.96.0.10/", &["--duration-ms", "4000", "--concurrency", "4", "--interval-ms", "2"])
@@ -117,6 +128,8 @@ fn an_endpoint_killed_mid_run_costs_no_idempotent_request_is_ejected_and_comes_b
     assert!(total >= 200, "a real run: {r}");
     assert_eq!(r["ok"].as_u64(), Some(total), "every GET succeeded: {r}");
     assert!(r["served_by"]["web-2"].as_u64().unwrap_or(0) > 0, "it served before it died: {r}");
+    let ejections = counter(&s.node, "switchyard_endpoint_ejections_total")? - ejections0;
+    assert_eq!(ejections, state["ejections"].as_f64().unwrap(), "the metric counts the ejection: {state}");
 
     // Back: after its ejection it is on probation, then readmitted by a success.
     s.procs[2] = Some(serve(&victim, &[])?);
@@ -170,8 +183,25 @@ fn an_endpoint_failing_30_percent_costs_no_get_posts_are_not_retried_and_the_bud
     // Every request to "broken" fails; with 2 retries each that would be 3x the load. The
     // budget (20 % of requests + 10/s over 10 s) caps it.
     let n = 1000;
+    let (retries0, exhausted0) = (
+        counter(&s.node, "switchyard_http_retries_total")?,
+        counter(&s.node, "switchyard_http_retry_budget_exhausted_total")?,
+    );
     let r = load(&s.client, "http://10.96.0.11/", &["--requests", &n.to_string(), "--concurrency", "4"])?;
     let upstream = received(&s.servers[3])?["GET"];
+    // Each retry is one more request upstream, and the metrics say so exactly; requests that
+    // wanted a retry the budget refused are counted too.
+    let retries = counter(&s.node, "switchyard_http_retries_total")? - retries0;
+    let exhausted = counter(&s.node, "switchyard_http_retry_budget_exhausted_total")? - exhausted0;
+    eprintln!("broken: {retries} retries, budget exhausted {exhausted} times");
+    // (A retry of a request never written, when a kept-alive connection closed under it,
+    // makes no upstream request: allow a couple of those.)
+    let extra_upstream = (upstream - n) as f64;
+    assert!(
+        (extra_upstream..=extra_upstream + 2.0).contains(&retries),
+        "retries {retries} vs {extra_upstream} extra upstream"
+    );
+    assert!(exhausted >= 1.0, "the budget ran out and that was counted");
     let extra = upstream as f64 / n as f64 - 1.0;
     eprintln!("broken: {r}; upstream requests {upstream} for {n} = {:.1} % extra load", extra * 100.0);
     assert_eq!(count(&r, "statuses", "503"), n, "{r}");
@@ -191,9 +221,15 @@ fn a_hung_endpoint_times_out_at_the_configured_timeout_and_its_breaker_opens() -
         |ips| web(ips, &[("switchyard.io/timeout", "300ms")]),
         &[],
     )?;
+    let (t0, e0) = (
+        counter(&s.node, "switchyard_http_request_timeouts_total")?,
+        counter(&s.node, "switchyard_endpoint_ejections_total")?,
+    );
     let r = load(&s.client, "http://10.96.0.10/", &["--duration-ms", "3000", "--concurrency", "8"])?;
     eprintln!("hung + slow: {r}");
     let timeouts = count(&r, "statuses", "504");
+    assert_eq!(counter(&s.node, "switchyard_http_request_timeouts_total")? - t0, timeouts as f64, "timeouts counted");
+    assert_eq!(counter(&s.node, "switchyard_endpoint_ejections_total")? - e0, 1.0, "the ejection counted");
     assert!(timeouts >= 1, "some requests reached the hung endpoint and timed out: {r}");
     assert_eq!(count(&r, "reasons", "request-timeout"), timeouts);
     let max = r["max_ms"].as_f64().unwrap();
@@ -216,16 +252,38 @@ fn requests_past_the_connection_limit_fail_fast_with_the_documented_503() -> Res
     let s = setup(
         143,
         &[("web-0", &["--delay-ms", "1500"])],
-        |ips| web(ips, &[("switchyard.io/max-connections", "2")]),
+        |ips| {
+            web(ips, &[("switchyard.io/max-connections", "2")])
+                + &service_yaml(
+                    "queued",
+                    "shop",
+                    "10.96.0.15:80".parse().unwrap(),
+                    "http",
+                    8080,
+                    ips,
+                    &[("switchyard.io/max-connections", "1"), ("switchyard.io/max-pending-requests", "2")],
+                )
+        },
         &[],
     )?;
+    let hits0 = counter(&s.node, "switchyard_http_limit_hits_total")?;
     let r = load(&s.client, "http://10.96.0.10/", &["--requests", "6", "--concurrency", "6"])?;
     eprintln!("6 at once against a limit of 2: {r}");
+    assert_eq!(counter(&s.node, "switchyard_http_limit_hits_total")? - hits0, 4.0, "limit hits counted");
     assert_eq!(count(&r, "statuses", "200"), 2, "{r}");
     assert_eq!(count(&r, "statuses", "503"), 4, "{r}");
     assert_eq!(count(&r, "reasons", "connection-limit"), 4, "{r}");
     assert!(r["p50_ms"].as_f64().unwrap() < 1000.0, "the 503s came at once, not after the slow ones: {r}");
     assert_eq!(received(&s.servers[0])?["GET"], 2, "rejected requests never reached the endpoint");
+    // With room to wait (max-pending-requests 2 behind max-connections 1): of four at once,
+    // one runs, two wait their turn and succeed, the fourth fails fast.
+    let r = load(&s.client, "http://10.96.0.15/", &["--requests", "4", "--concurrency", "4"])?;
+    eprintln!("4 at once against a limit of 1 + 2 waiting: {r}");
+    assert_eq!(count(&r, "statuses", "200"), 3, "{r}");
+    assert_eq!(count(&r, "statuses", "503"), 1, "{r}");
+    assert_eq!(count(&r, "reasons", "connection-limit"), 1, "{r}");
+    assert!(r["max_ms"].as_f64().unwrap() >= 4000.0, "the waiting ones ran one after another: {r}");
+    assert_eq!(received(&s.servers[0])?["GET"], 5, "the three admitted reached the endpoint");
     Ok(())
 }
 
@@ -316,6 +374,46 @@ fn bad_service_config_is_rejected_with_the_reason_and_the_old_config_kept() -> R
         let r = load(&s.client, "http://10.96.0.10/", &["--requests", "5"])?;
         assert_eq!(r["ok"], 5, "still serving: {r}");
     }
+    Ok(())
+}
+
+/// Connect timeout: two of a Service's three endpoints are blackholed (addresses on the pod
+/// network that nobody answers: the SYN goes nowhere). A connect there gives up after the
+/// configured timeout and is retried on another endpoint, for plain TCP and for HTTP alike.
+#[test]
+fn connects_to_blackholed_endpoints_time_out_and_are_retried_elsewhere() -> Result<()> {
+    if !privileged("connects_to_blackholed_endpoints") {
+        return Ok(());
+    }
+    let holes: Vec<Ipv4Addr> = vec![Ipv4Addr::new(10, 244, 147, 200), Ipv4Addr::new(10, 244, 147, 201)];
+    let s = setup(
+        147,
+        &[("web-0", &[])],
+        |ips| {
+            let eps: Vec<Ipv4Addr> = holes.iter().copied().chain(ips.iter().copied()).collect();
+            web(&eps, &[]) + &service_yaml("raw", "shop", "10.96.0.14:80".parse().unwrap(), "tcp", 8080, &eps, &[])
+        },
+        &["--connect-timeout-ms", "300"],
+    )?;
+    let timeouts0 = counter(&s.node, "switchyard_outbound_errors_total{reason=\"connect_timeout\"}")?;
+    // Plain TCP: a new connection per request.
+    let tcp = load(&s.client, "http://10.96.0.14/", &["--requests", "12", "--new-connection"])?;
+    eprintln!("TCP through a Service with two blackholed endpoints: {tcp}");
+    assert_eq!(tcp["ok"], 12, "{tcp}");
+    let timeouts = counter(&s.node, "switchyard_outbound_errors_total{reason=\"connect_timeout\"}")? - timeouts0;
+    assert!(timeouts >= 1.0, "a blackholed endpoint was tried and timed out");
+    let conns = s.node.admin_json("/debug/connections")?;
+    let raw: Vec<&Value> =
+        conns["recent"].as_array().unwrap().iter().filter(|c| c["original_dst"] == "10.96.0.14:80").collect();
+    assert_eq!(raw.len(), 12, "{conns}");
+    assert!(raw.iter().all(|c| c["endpoint"] == ep(&s.servers[0]).to_string() && c["error"].is_null()), "{conns}");
+    let retried = raw.iter().map(|c| c["retries"].as_u64().unwrap_or(0)).sum::<u64>();
+    assert!(retried as f64 >= timeouts, "each timeout was retried: {retried} retries, {timeouts} timeouts");
+    assert!(s.node.agent_log().contains("timed out after 300ms"), "the reason is logged");
+    // HTTP: requests balanced per request, a connect timeout retried like a refused connect.
+    let http = load(&s.client, "http://10.96.0.10/", &["--requests", "20", "--concurrency", "2"])?;
+    eprintln!("HTTP through a Service with two blackholed endpoints: {http}");
+    assert_eq!(http["ok"], 20, "{http}");
     Ok(())
 }
 

@@ -195,16 +195,28 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/switchyard-node.json"),
     )?)?;
     let mut queried = std::collections::BTreeSet::new();
-    for p in dashboard["panels"].as_array().unwrap() {
-        for t in p["targets"].as_array().unwrap() {
-            let expr = t["expr"].as_str().unwrap();
-            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-                if word.starts_with("istio_") || word.starts_with("switchyard_") {
-                    queried.insert(word.to_string());
-                }
+    // Panel queries and the template variables' queries (the agent picker).
+    let mut exprs: Vec<&str> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap()))
+        .collect();
+    exprs.extend(
+        dashboard["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| (v["type"] == "query").then(|| v["query"].as_str()).flatten()),
+    );
+    for expr in exprs {
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("istio_") || word.starts_with("switchyard_") {
+                queried.insert(word.to_string());
             }
         }
     }
+    assert!(queried.contains("switchyard_build_info"), "the agent picker's query is checked too");
     assert!(queried.len() >= 15, "{queried:?}");
     for name in &queried {
         // A sample, or the family's TYPE line (a labelled family with no sample yet, e.g. no

@@ -60,19 +60,27 @@ fn an_upgrade_hands_over_without_failing_a_new_connection_and_services_stay_reac
     let svc_fresh = run("http://10.96.0.10/".into(), &["--concurrency", "2", "--new-connection"]);
     let pod_fresh = run(pod_url, &["--concurrency", "2", "--new-connection"]);
     let svc_kept = run("http://10.96.0.10/".into(), &["--concurrency", "4"]);
+    // HTTP/2 (prior knowledge) kept-alive: the old agent says GOAWAY, clients move over.
+    let svc_h2 = run("http://10.96.0.10/".into(), &["--concurrency", "2", "--h2"]);
     // HTTP to a pod IP is opaque TCP to the proxy: those connections cannot move.
     let pod_kept = run(format!("http://{}:8080/", web.ip), &["--concurrency", "4"]);
     std::thread::sleep(Duration::from_millis(1500));
     let (ready, exited) = node.upgrade_agent(&["--admin-socket", &new_sock_s])?;
     let programs_after = node.attached_programs()?;
     let join = |h: std::thread::JoinHandle<Result<Value>>| h.join().map_err(|_| anyhow!("load panicked"))?;
-    let (svc_fresh, pod_fresh, svc_kept, pod_kept) =
-        (join(svc_fresh)?, join(pod_fresh)?, join(svc_kept)?, join(pod_kept)?);
+    let (svc_fresh, pod_fresh, svc_kept, pod_kept, svc_h2) =
+        (join(svc_fresh)?, join(pod_fresh)?, join(svc_kept)?, join(pod_kept)?, join(svc_h2)?);
     eprintln!(
         "upgrade: new agent ready {ready:?} after it started; old one exited {exited:?} after SIGTERM\n\
          Service, new connection per request: {svc_fresh}\npod IP, new connection per request: {pod_fresh}\n\
-         Service, kept-alive connections: {svc_kept}\npod IP (opaque TCP), kept-alive connections: {pod_kept}"
+         Service, kept-alive connections: {svc_kept}\npod IP (opaque TCP), kept-alive connections: {pod_kept}\n\
+         Service, HTTP/2 kept-alive connections: {svc_h2}"
     );
+    // HTTP/2: the old agent's GOAWAY lets streams in flight finish and sends new ones to a new
+    // connection (through the new agent): none fails.
+    assert!(svc_h2["ok"].as_u64().unwrap() > 300, "{svc_h2}");
+    assert_eq!(failed(&svc_h2), 0, "no HTTP/2 request failed: {svc_h2}");
+    assert!(svc_h2["reconnects"].as_u64().unwrap() >= 1, "the clients were told to move (GOAWAY): {svc_h2}");
     for r in [&svc_fresh, &pod_fresh] {
         assert!(r["total"].as_u64().unwrap() > 300, "{r}");
         assert_eq!(failed(r), 0, "no request on a new connection failed: {r}");

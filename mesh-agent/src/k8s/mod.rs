@@ -423,6 +423,90 @@ mod tests {
         task.abort();
     }
 
+    /// Services and EndpointSlices: the slice watch asks only for slices managed for a Service
+    /// (label selector); a bookmark moves the watch on without a change; a Service update with
+    /// an invalid policy annotation is skipped (the good version stays), a valid one applies.
+    #[tokio::test]
+    async fn service_and_slice_watches_select_skip_bad_policies_and_follow_bookmarks() {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, "default");
+        let service = |rv: u64, timeout: &str| {
+            json!({"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": "web", "namespace": "shop", "resourceVersion": rv.to_string(),
+                                "annotations": {"switchyard.io/timeout": timeout}},
+                   "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}})
+        };
+        let (tx, mut rx) = mpsc::channel(16);
+        let api = Api::<DynamicObject>::all_with(client, &resource("Service", "services"));
+        let task = tokio::spawn(watch_kind(api, watcher::Config::default().any_semantic(), Kind::Services, tx));
+        let (req, send) = handle.next_request().await.expect("list services");
+        assert!(req.uri().to_string().starts_with("/api/v1/services?"), "{}", req.uri());
+        send.send_response(
+            body_of(json!({"apiVersion": "v1", "kind": "ServiceList", "metadata": {"resourceVersion": "5"},
+                           "items": [service(5, "2s")]}))
+            .await,
+        );
+        match rx.recv().await.unwrap() {
+            Change::Reset(Kind::Services, objs, bad) => {
+                let Some(Obj::Service(s)) = objs.get("shop/web") else { panic!("no shop/web") };
+                assert_eq!(s.policy.timeout, Some(Duration::from_secs(2)));
+                assert!(bad.is_empty());
+            }
+            _ => panic!("expected a reset"),
+        }
+        let (req, send) = handle.next_request().await.expect("watch services");
+        assert!(req.uri().to_string().contains("watch=true"), "{}", req.uri());
+        let lines = [
+            json!({"type": "BOOKMARK", "object": {"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"resourceVersion": "6"}}})
+            .to_string(),
+            json!({"type": "MODIFIED", "object": service(7, "soon")}).to_string(),
+            json!({"type": "MODIFIED", "object": service(8, "500ms")}).to_string(),
+        ]
+        .join("\n");
+        send.send_response(Response::builder().body(Body::from(lines.into_bytes())).unwrap());
+        // The bookmark and the bad update produce nothing; the next change is the good one.
+        match rx.recv().await.unwrap() {
+            Change::Apply(Kind::Services, k, Obj::Service(s)) => {
+                assert_eq!(k, "shop/web");
+                assert_eq!(s.policy.timeout, Some(Duration::from_millis(500)));
+            }
+            _ => panic!("expected the valid update"),
+        }
+        task.abort();
+
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, "default");
+        let (tx, mut rx) = mpsc::channel(16);
+        let api = Api::<DynamicObject>::all_with(client, &endpointslices());
+        let cfg = watcher::Config::default().labels("kubernetes.io/service-name").any_semantic();
+        let task = tokio::spawn(watch_kind(api, cfg, Kind::EndpointSlices, tx));
+        let (req, send) = handle.next_request().await.expect("list slices");
+        let uri = req.uri().to_string();
+        assert!(uri.starts_with("/apis/discovery.k8s.io/v1/endpointslices?"), "{uri}");
+        assert!(uri.contains("labelSelector=kubernetes.io%2Fservice-name"), "{uri}");
+        send.send_response(
+            body_of(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
+                           "metadata": {"resourceVersion": "9"},
+                           "items": [{"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                                      "metadata": {"name": "web-1", "namespace": "shop", "resourceVersion": "9",
+                                                   "labels": {"kubernetes.io/service-name": "web"}},
+                                      "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+                                      "endpoints": [{"addresses": ["10.244.1.5"]},
+                                                    {"addresses": ["10.244.1.6"], "conditions": {"ready": false}}]}]}))
+            .await,
+        );
+        match rx.recv().await.unwrap() {
+            Change::Reset(Kind::EndpointSlices, objs, _) => {
+                let Some(Obj::Slice(sl)) = objs.get("shop/web-1") else { panic!("no slice") };
+                assert_eq!(sl.service, "shop/web");
+                assert_eq!(sl.ready, vec![std::net::Ipv4Addr::new(10, 244, 1, 5)], "only ready endpoints");
+            }
+            _ => panic!("expected a reset"),
+        }
+        task.abort();
+    }
+
     #[test]
     fn stores_keep_local_pods_authoritative_and_resets_replace() {
         let mut s = Stores::default();
