@@ -130,7 +130,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         flags: 0,
     };
     let mut reconciler = Reconciler::new(datapath.clone(), policy);
-    let index = reconciler.apply(&state_rx.borrow());
+    let index = reconciler.apply(&state_rx.borrow()).unwrap_or_default();
     let (index_tx, index_rx) = watch::channel(Arc::new(index));
     let reconcile_task = tokio::spawn(reconciler.run(state_rx, index_tx, stop.clone()));
 

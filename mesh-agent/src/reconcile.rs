@@ -101,10 +101,12 @@ impl Reconciler {
         Reconciler { datapath, policy, applied: inherited, missing_reported: HashSet::new() }
     }
 
-    /// One pass. Returns the resulting pod index.
-    pub fn apply(&mut self, state: &NodeState) -> PodIndex {
+    /// One pass. Returns the resulting pod index; `None` once the datapath has been taken at
+    /// shutdown: the proxy keeps the index it has (connections still draining through it must
+    /// keep finding their pods and Services), it must not be replaced by an empty one.
+    pub fn apply(&mut self, state: &NodeState) -> Option<PodIndex> {
         let mut guard = self.datapath.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(dp) = guard.as_mut() else { return PodIndex::default() };
+        let dp = guard.as_mut()?;
         let root = dp.cgroup_root().to_path_buf();
         let mut desired: BTreeMap<u64, (String, u16)> = BTreeMap::new();
         let mut statuses = Vec::with_capacity(state.pods.len());
@@ -171,7 +173,7 @@ impl Reconciler {
         for s in &mut statuses {
             s.redirected = s.cgroup_id.is_some_and(|id| self.applied.contains_key(&id));
         }
-        PodIndex::new(state, statuses)
+        Some(PodIndex::new(state, statuses))
     }
 
     pub async fn run(
@@ -184,7 +186,10 @@ impl Reconciler {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let snapshot = state.borrow_and_update().clone();
-            let idx = self.apply(&snapshot);
+            let Some(idx) = self.apply(&snapshot) else {
+                // Shutting down: keep serving the drain with the last index.
+                return;
+            };
             index.send_if_modified(|old| {
                 let changed = old.nodes != idx.nodes
                     || old.authz != idx.authz

@@ -76,6 +76,17 @@ fn an_upgrade_hands_over_without_failing_a_new_connection_and_services_stay_reac
          Service, kept-alive connections: {svc_kept}\npod IP (opaque TCP), kept-alive connections: {pod_kept}\n\
          Service, HTTP/2 kept-alive connections: {svc_h2}"
     );
+    let warnings = || -> String {
+        node.agent_log()
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .take(80)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    if [&svc_fresh, &pod_fresh, &svc_kept, &svc_h2].iter().any(|r| failed(r) > 0) {
+        eprintln!("agent warnings:\n{}", warnings());
+    }
     // HTTP/2: the old agent's GOAWAY lets streams in flight finish and sends new ones to a new
     // connection (through the new agent): none fails.
     assert!(svc_h2["ok"].as_u64().unwrap() > 300, "{svc_h2}");

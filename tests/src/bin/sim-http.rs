@@ -347,7 +347,31 @@ async fn one(client: &mut Client, opts: &LoadOpts) -> Result<Response<Bytes>, St
         }
         Client::H2(s) => {
             s.ready().await.map_err(|e| format!("ready: {e}"))?;
-            s.send_request(req).await
+            match s.try_send_request(req).await {
+                Ok(r) => Ok(r),
+                // A stream the server never processed (sent as its GOAWAY arrived; RFC 9113
+                // §6.8: safe to retry) is retried on a new connection, as gRPC and other
+                // HTTP/2 clients do; counted as a reconnect.
+                Err(mut e) if e.message().is_some() || e.error().is_canceled() => {
+                    let req = e.take_message().unwrap_or_else(|| {
+                        let mut r = Request::builder().method(opts.method.clone()).uri(opts.url.clone());
+                        for (k, v) in &opts.headers {
+                            r = r.header(k.as_str(), v.as_str());
+                        }
+                        r.body(full(opts.body.clone())).unwrap()
+                    });
+                    RECONNECTS.fetch_add(1, Ordering::Relaxed);
+                    *client = connect(opts).await?;
+                    match client {
+                        Client::H2(s) => {
+                            s.ready().await.map_err(|e| format!("ready: {e}"))?;
+                            s.send_request(req).await
+                        }
+                        Client::H1(_) => unreachable!("an HTTP/2 load stays HTTP/2"),
+                    }
+                }
+                Err(e) => Err(e.into_error()),
+            }
         }
     }
     .map_err(|e| format!("request: {e}"))?;
