@@ -148,6 +148,21 @@ fn run(args: &Args) -> Result<()> {
         println!("  ip netns exec {} curl -s http://{}/metrics", n.netns, n.admin_addr());
     }
     println!("  ... and /debug/connections, /debug/pods, /debug/certs, /debug/pool, /debug/datapath");
+    // Each node's dashboard, forwarded to this machine's loopback so a browser here opens it.
+    println!("\nNode dashboards (served by each agent; forwarded to this machine's loopback):");
+    for (i, n) in c.nodes.iter().enumerate() {
+        let local = forward_to_node(n, 15120 + i as u16)?;
+        let (status, page) = sim::http_get(&n.netns, n.admin_addr(), "/")?;
+        let summary = n.admin_json("/debug/summary")?;
+        println!(
+            "  {}: http://{local}/  (page {status}, {} KiB; it shows {} pods, {} peer rows, programs attached: {})",
+            n.name,
+            page.len() / 1024,
+            summary["pods"].as_array().map_or(0, Vec::len),
+            summary["peers"].as_array().map_or(0, Vec::len),
+            summary["ebpf"]["attached"]
+        );
+    }
     println!(
         "  agent logs: {}",
         c.nodes.iter().map(|n| n.dir.join("agent.log").display().to_string()).collect::<Vec<_>>().join(", ")
@@ -174,6 +189,34 @@ fn run(args: &Args) -> Result<()> {
         println!("  {}: exited cleanly {clean}; programs still attached {}", n.name, n.attached_programs()?.len());
     }
     Ok(())
+}
+
+/// Serves `127.0.0.1:port` of this machine by connecting, inside the node's network
+/// namespace, to its agent's admin port: the node dashboards open in a browser here. Runs
+/// until the demo exits; only loopback and the demo's own namespace are involved.
+fn forward_to_node(n: &Node, port: u16) -> Result<std::net::SocketAddr> {
+    let listener =
+        std::net::TcpListener::bind(("127.0.0.1", port)).or_else(|_| std::net::TcpListener::bind(("127.0.0.1", 0)))?;
+    let local = listener.local_addr()?;
+    let (netns, admin) = (n.netns.clone(), n.admin_addr());
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let netns = netns.clone();
+            std::thread::spawn(move || {
+                let Ok(Ok(upstream)) = sim::in_netns(&netns, || std::net::TcpStream::connect(admin)) else { return };
+                let (Ok(mut c2), Ok(mut u2)) = (client.try_clone(), upstream.try_clone()) else { return };
+                let (mut c1, mut u1) = (client, upstream);
+                let up = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c1, &mut u1);
+                    let _ = u1.shutdown(std::net::Shutdown::Write);
+                });
+                let _ = std::io::copy(&mut u2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Write);
+                let _ = up.join();
+            });
+        }
+    });
+    Ok(local)
 }
 
 fn report(n: &Node) -> Result<()> {
