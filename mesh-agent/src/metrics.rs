@@ -551,7 +551,7 @@ mod text_format_tests {
         let g = Gauge::<i64>::default();
         g.set(7);
         sy.register("open", "Open things", g);
-        let h = Histogram::new([1.0, 10.0].into_iter());
+        let h = Histogram::new([1.0, 10.0]);
         h.observe(5.0);
         sy.register("latency", "Latency", h);
         let mut om = String::new();

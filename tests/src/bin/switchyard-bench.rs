@@ -430,7 +430,7 @@ impl Bench {
         let scraper = std::thread::spawn(move || {
             let mut i = 0u64;
             while !s.load(Ordering::Relaxed) {
-                let path = if i % 2 == 0 { "/metrics" } else { "/debug/summary" };
+                let path = if i.is_multiple_of(2) { "/metrics" } else { "/debug/summary" };
                 if matches!(sim::http_get(&netns, admin, path), Ok((200, _))) {
                     d.fetch_add(1, Ordering::Relaxed);
                 }
