@@ -106,6 +106,12 @@ fn cross_node_traffic_is_mutual_tls_on_the_wire() -> Result<()> {
     // The legacy pod went direct: node-b's proxy never saw it.
     assert_eq!(b["closed_total"], 20);
 
+    // The destination node names the source workload too (from the `Forwarded` address the
+    // source node sent, believed because that pod has the verified identity).
+    let m_b = s.c.nodes[1].admin_text("/metrics")?;
+    let src_named = [("reporter", "destination"), ("source_workload", "client"), ("source_workload_namespace", "shop")];
+    assert_eq!(istio_metric(&m_b, "istio_tcp_connections_opened_total", &src_named), 20.0, "{m_b}");
+    assert!(inbound.iter().all(|c| c["source_pod"] == "shop/client"), "{b}");
     // Istio's standard metrics on both sides say mutual_tls, with both principals.
     let m1 = (s.c.nodes[0].admin_text("/metrics")?, s.c.nodes[1].admin_text("/metrics")?);
     let common = [
@@ -607,6 +613,14 @@ fn hostile_peers_are_rejected_counted_and_logged_and_nothing_crashes() -> Result
             .unwrap(),
         connect("not-an-address:8080"),
         connect(&format!("{}:8080", s.client.ip)),
+        // A valid CONNECT naming, as its source, a pod of another identity (the un-meshed
+        // legacy pod): served, but the claim is not believed.
+        hyper::Request::builder()
+            .method("CONNECT")
+            .uri(format!("{}:8080", s.server.ip))
+            .header("forwarded", format!("for={}", s.legacy.ip))
+            .body(http_body_util::Empty::new())
+            .unwrap(),
         // Last: it ends the whole HTTP/2 connection.
         hyper::Request::builder()
             .method("CONNECT")
@@ -619,9 +633,26 @@ fn hostile_peers_are_rejected_counted_and_logged_and_nothing_crashes() -> Result
     assert_eq!(answers[0], "405", "{answers:?}");
     assert_eq!(answers[1], "400", "{answers:?}");
     assert_eq!(answers[2], "404", "a pod on another node: {answers:?}");
-    assert_ne!(answers[3], "200", "an oversized CONNECT must not be served: {answers:?}");
+    assert_eq!(answers[3], "200", "{answers:?}");
+    assert_ne!(answers[4], "200", "an oversized CONNECT must not be served: {answers:?}");
 
     let m = s.c.nodes[1].admin_text("/metrics")?;
+    let claimed = [("reporter", "destination"), ("source_workload", "legacy")];
+    assert_eq!(
+        istio_metric(&m, "istio_tcp_connections_opened_total", &claimed),
+        0.0,
+        "a forged source is not believed"
+    );
+    let verified = [
+        ("reporter", "destination"),
+        ("source_principal", "spiffe://cluster.local/ns/shop/sa/client"),
+        ("source_workload", "unknown"),
+    ];
+    assert_eq!(
+        istio_metric(&m, "istio_tcp_connections_opened_total", &verified),
+        1.0,
+        "known by its identity only: {m}"
+    );
     for (reason, n) in
         [("not_tls", 1.0), ("unknown_issuer", 1.0), ("expired_certificate", 1.0), ("bad_client_identity", 1.0)]
     {

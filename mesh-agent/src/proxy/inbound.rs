@@ -232,7 +232,7 @@ impl Inbound {
                 format!("HBONE CONNECT from {client_id} has no ip:port authority ({:?})", req.uri()),
             );
         };
-        let (dst, decision, istio) = {
+        let (dst, source_pod, decision, istio) = {
             let idx = self.pods.borrow();
             let Some(pod) = idx.by_ip(*target.ip()).filter(|p| idx.is_local(p) && p.workload.meshed) else {
                 return self.reject(
@@ -250,13 +250,23 @@ impl Inbound {
                 );
             }
             let decision = authz::evaluate(&idx.authz, &client_id, &pod.workload, target.port());
-            // The source is known by its verified identity; which of its pods is not.
+            // The source is known by its verified identity. Which of its pods: the one the
+            // peer names (`Forwarded: for=`), believed only if that pod has that identity (a
+            // peer can only ever name pods of its own identity).
+            let source = forwarded_for(req.headers())
+                .and_then(|ip| idx.by_ip(ip))
+                .filter(|p| p.workload.identity(&self.trust_domain) == client_id);
             let mut istio = crate::metrics::IstioLabels::unknown("destination", "tcp")
                 .destination(&pod.workload, &self.trust_domain);
-            istio.source_workload_namespace = client_id.namespace.clone();
-            istio.source_principal = client_id.to_string();
+            match source {
+                Some(src) => istio = istio.source(&src.workload, &self.trust_domain),
+                None => {
+                    istio.source_workload_namespace = client_id.namespace.clone();
+                    istio.source_principal = client_id.to_string();
+                }
+            }
             istio.connection_security_policy = "mutual_tls";
-            (pod.key.clone(), decision, istio)
+            (pod.key.clone(), source.map(|p| p.key.clone()), decision, istio)
         };
         if decision != Decision::Allow {
             self.metrics.denied.get_or_create(&ErrorLabels { reason: decision.reason() }).inc();
@@ -308,6 +318,7 @@ impl Inbound {
                 security: Security::MutualTls,
                 client: peer,
                 source_identity: Some(client_id.to_string()),
+                source_pod,
                 destination_identity: Some(server_id.to_string()),
                 destination_pod: Some(dst),
                 original_dst: target,
@@ -344,6 +355,7 @@ impl Inbound {
                     direction = "inbound",
                     kind = "tcp",
                     client = %rec.client,
+                    src = rec.source_pod.as_deref().unwrap_or("-"),
                     src_identity = rec.source_identity.as_deref().unwrap_or("-"),
                     dst_identity = rec.destination_identity.as_deref().unwrap_or("-"),
                     security = ?rec.security,
@@ -358,6 +370,17 @@ impl Inbound {
         });
         Response::new(Empty::new())
     }
+}
+
+/// The first `for=` IPv4 address of a `Forwarded` header (RFC 7239), as HBONE clients name
+/// the source pod.
+fn forwarded_for(headers: &hyper::HeaderMap) -> Option<std::net::Ipv4Addr> {
+    let v = headers.get(hyper::header::FORWARDED)?.to_str().ok()?;
+    let first = v.split(',').next()?;
+    first.split(';').find_map(|pair| {
+        let (k, val) = pair.trim().split_once('=')?;
+        k.eq_ignore_ascii_case("for").then(|| val.trim_matches('"').parse().ok()).flatten()
+    })
 }
 
 /// Why the server closes an HBONE connection.
@@ -380,5 +403,25 @@ impl Drop for StreamActive {
     fn drop(&mut self) {
         *self.0.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         self.0.streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forwarded(v: &str) -> Option<std::net::Ipv4Addr> {
+        let mut h = hyper::HeaderMap::new();
+        h.insert(hyper::header::FORWARDED, v.parse().unwrap());
+        forwarded_for(&h)
+    }
+
+    #[test]
+    fn the_source_address_is_read_from_forwarded() {
+        assert_eq!(forwarded("for=10.244.1.10"), Some([10, 244, 1, 10].into()));
+        assert_eq!(forwarded("proto=http; For=\"10.0.0.7\", for=10.0.0.8"), Some([10, 0, 0, 7].into()));
+        assert_eq!(forwarded("for=unknown"), None);
+        assert_eq!(forwarded("for=\"[2001:db8::1]\""), None, "IPv6 sources are not meshed");
+        assert_eq!(forwarded_for(&hyper::HeaderMap::new()), None);
     }
 }

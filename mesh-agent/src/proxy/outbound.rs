@@ -184,6 +184,9 @@ enum Route {
     },
     Hbone {
         src: Identity,
+        /// The source pod's address, sent along (`Forwarded: for=`) so the destination node
+        /// can name its workload; it trusts it only if that pod has the verified identity.
+        src_ip: std::net::Ipv4Addr,
         dst: Identity,
         peer: SocketAddr,
     },
@@ -265,6 +268,7 @@ impl Outbound {
                 match (idx.nodes.get(&d.workload.node), &self.pool) {
                     (Some(node), Some(_)) => Route::Hbone {
                         src: src_id,
+                        src_ip: src.workload.ip,
                         dst: dst_id,
                         peer: SocketAddr::from((node.address, self.hbone_port)),
                     },
@@ -549,14 +553,15 @@ impl Outbound {
         let dst = SocketAddr::V4(ep);
         let attempt = async {
             match route {
-                Route::Hbone { src, dst: dst_id, peer } => {
+                Route::Hbone { src, src_ip, dst: dst_id, peer } => {
                     let pool = self.pool.as_ref().expect("route() only picks HBONE with a pool");
-                    pool.connect(&src, &dst_id, peer, ep).await.map(|t| http::UpstreamIo::Tunnel(Box::new(t))).map_err(
-                        |e| {
+                    pool.connect(&src, src_ip, &dst_id, peer, ep)
+                        .await
+                        .map(|t| http::UpstreamIo::Tunnel(Box::new(t)))
+                        .map_err(|e| {
                             warn!(%src, dst = %dst_id, %peer, error = %e, "HBONE tunnel failed");
                             OutboundError::Tunnel { dst, reason: e.reason(), detail: e.to_string() }
-                        },
-                    )
+                        })
                 }
                 Route::Local { .. } | Route::Passthrough => match TcpStream::connect(dst).await {
                     Ok(s) => {
@@ -671,9 +676,9 @@ impl http::Upstreams for Outbound {
                     Err(http::UpstreamError { denied: false, reason: "connect_failed", detail: e.to_string() })
                 }
             },
-            Route::Hbone { src, dst, peer } => {
+            Route::Hbone { src, src_ip, dst, peer } => {
                 let pool = self.pool.as_ref().expect("route() only picks HBONE with a pool");
-                match pool.connect(&src, &dst, peer, ep).await {
+                match pool.connect(&src, src_ip, &dst, peer, ep).await {
                     Ok(t) => Ok((http::UpstreamIo::Tunnel(Box::new(t)), dst_pod)),
                     Err(e) => {
                         self.metrics.error(e.reason());

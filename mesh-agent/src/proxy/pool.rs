@@ -147,14 +147,15 @@ impl Pool {
     pub async fn connect(
         &self,
         src: &Identity,
+        src_ip: std::net::Ipv4Addr,
         dst: &Identity,
         peer: SocketAddr,
         target: SocketAddrV4,
     ) -> Result<Tunnel, HboneError> {
-        match self.try_connect(src, dst, peer, target).await {
+        match self.try_connect(src, src_ip, dst, peer, target).await {
             Err((HboneError::H2 { .. } | HboneError::Upgrade(_), reused)) => {
                 debug!(%peer, reused, "HBONE stream failed at the HTTP/2 level; retrying on a new connection");
-                self.try_connect(src, dst, peer, target).await.map_err(|(e, _)| e)
+                self.try_connect(src, src_ip, dst, peer, target).await.map_err(|(e, _)| e)
             }
             r => r.map_err(|(e, _)| e),
         }
@@ -164,6 +165,7 @@ impl Pool {
     async fn try_connect(
         &self,
         src: &Identity,
+        src_ip: std::net::Ipv4Addr,
         dst: &Identity,
         peer: SocketAddr,
         target: SocketAddrV4,
@@ -198,6 +200,8 @@ impl Pool {
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
+            // RFC 7239, as ztunnel sends it: the source pod's address.
+            .header(hyper::header::FORWARDED, format!("for={src_ip}"))
             .body(Empty::<Bytes>::new())
             .expect("CONNECT request parts are valid");
         let timeout = self.connect_timeout;
