@@ -154,6 +154,7 @@ mod tests {
             reason: MeshReason::Namespace,
             mtls_mode: MtlsMode::Permissive,
             fail_closed: false,
+            labels: Default::default(),
         }
     }
 

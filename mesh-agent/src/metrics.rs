@@ -282,7 +282,28 @@ pub struct IstioLabels {
     /// `mutual_tls` only when the bytes crossed in HBONE; `none` otherwise (same-node delivery,
     /// plaintext out of the mesh). Never assumed.
     pub connection_security_policy: &'static str,
+    /// Istio's canonical service and revision (from the pod's labels; else the workload's
+    /// name and `latest`), which Kiali's app graph groups by.
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    /// The pods' `app` and `version` labels (`unknown` without them).
+    pub source_app: String,
+    pub source_version: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    /// Istio's default cluster id, as one cluster's metrics carry it.
+    pub source_cluster: &'static str,
+    pub destination_cluster: &'static str,
+    /// Envoy-style response flags for HTTP (`UO` limit hit, `UT` request timeout, `UF`
+    /// upstream connect failure, `UC` upstream reset, `UH` no healthy endpoint, `URX` retries
+    /// exhausted); `-` for none and for TCP.
+    pub response_flags: &'static str,
 }
+
+/// Istio's cluster id when none is configured (single-cluster meshes).
+pub const CLUSTER: &str = "Kubernetes";
 
 pub const UNKNOWN: &str = "unknown";
 
@@ -302,6 +323,17 @@ impl IstioLabels {
             destination_service_namespace: u(),
             request_protocol,
             connection_security_policy: "none",
+            source_canonical_service: u(),
+            source_canonical_revision: u(),
+            destination_canonical_service: u(),
+            destination_canonical_revision: u(),
+            source_app: u(),
+            source_version: u(),
+            destination_app: u(),
+            destination_version: u(),
+            source_cluster: CLUSTER,
+            destination_cluster: CLUSTER,
+            response_flags: "-",
         }
     }
 
@@ -310,6 +342,10 @@ impl IstioLabels {
         self.source_workload = w.workload_name().to_string();
         self.source_workload_namespace = w.namespace.clone();
         self.source_principal = w.spiffe_id(trust_domain);
+        self.source_canonical_service = w.canonical_service().to_string();
+        self.source_canonical_revision = w.canonical_revision().to_string();
+        self.source_app = w.labels.app.clone().unwrap_or_else(|| UNKNOWN.into());
+        self.source_version = w.labels.version.clone().unwrap_or_else(|| UNKNOWN.into());
         self
     }
 
@@ -318,6 +354,10 @@ impl IstioLabels {
     pub fn destination(mut self, w: &crate::state::Workload, trust_domain: &str) -> Self {
         self.destination_workload = w.workload_name().to_string();
         self.destination_workload_namespace = w.namespace.clone();
+        self.destination_canonical_service = w.canonical_service().to_string();
+        self.destination_canonical_revision = w.canonical_revision().to_string();
+        self.destination_app = w.labels.app.clone().unwrap_or_else(|| UNKNOWN.into());
+        self.destination_version = w.labels.version.clone().unwrap_or_else(|| UNKNOWN.into());
         if w.meshed {
             self.destination_principal = w.spiffe_id(trust_domain);
         }
@@ -340,6 +380,9 @@ pub struct IstioHttpLabels {
     #[prometheus(flatten)]
     pub base: IstioLabels,
     pub response_code: u16,
+    /// The gRPC status (`grpc-status` in the trailers, or the headers of a trailers-only
+    /// answer) of a gRPC request; empty for other HTTP.
+    pub grpc_response_status: String,
 }
 
 /// Istio's standard metrics (no `switchyard_` prefix: the names are Istio's).

@@ -63,6 +63,45 @@ pub struct Workload {
     /// [`FAIL_MODE_ANNOTATION`] is `closed` on its namespace.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub fail_closed: bool,
+    /// The pod labels Istio's metrics name it by (canonical service and revision, app,
+    /// version).
+    #[serde(skip_serializing_if = "AppLabels::is_empty")]
+    pub labels: AppLabels,
+}
+
+/// The pod labels Istio derives its `*_canonical_service`, `*_canonical_revision`, `*_app`
+/// and `*_version` metric labels from.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct AppLabels {
+    /// `service.istio.io/canonical-name`, else `app.kubernetes.io/name`, else `app`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canonical_name: Option<String>,
+    /// `service.istio.io/canonical-revision`, else `app.kubernetes.io/version`, else `version`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canonical_revision: Option<String>,
+    /// `app`, else `app.kubernetes.io/name`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    /// `version`, else `app.kubernetes.io/version`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+impl AppLabels {
+    /// From a pod's labels, by Istio's precedence.
+    pub fn from_labels<'a>(get: impl Fn(&str) -> Option<&'a str>) -> AppLabels {
+        let first = |keys: &[&str]| keys.iter().find_map(|k| get(k).filter(|v| !v.is_empty())).map(str::to_string);
+        AppLabels {
+            canonical_name: first(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"]),
+            canonical_revision: first(&["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"]),
+            app: first(&["app", "app.kubernetes.io/name"]),
+            version: first(&["version", "app.kubernetes.io/version"]),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == AppLabels::default()
+    }
 }
 
 impl Workload {
@@ -70,6 +109,16 @@ impl Workload {
     /// else the pod's.
     pub fn workload_name(&self) -> &str {
         self.workload.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Istio's canonical service: from the labels, else the workload's name.
+    pub fn canonical_service(&self) -> &str {
+        self.labels.canonical_name.as_deref().unwrap_or_else(|| self.workload_name())
+    }
+
+    /// Istio's canonical revision: from the labels, else `latest`.
+    pub fn canonical_revision(&self) -> &str {
+        self.labels.canonical_revision.as_deref().unwrap_or("latest")
     }
 
     /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service account>`.

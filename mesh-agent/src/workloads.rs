@@ -139,6 +139,10 @@ struct Pod {
     workload: Option<String>,
     #[serde(default)]
     annotations: BTreeMap<String, String>,
+    /// Pod labels; those Istio names workloads by in metrics (`app`, `version`,
+    /// `service.istio.io/canonical-name`, ...) are used.
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 fn default_sa() -> String {
@@ -283,6 +287,7 @@ pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Resul
             reason,
             mtls_mode,
             fail_closed,
+            labels: crate::state::AppLabels::from_labels(|k| p.labels.get(k).map(String::as_str)),
         };
         if state.pods.insert(key.clone(), w).is_some() {
             return Err(invalid(format!("pod {key} is listed twice")));

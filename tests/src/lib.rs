@@ -219,6 +219,8 @@ pub struct Pod {
     pub annotation: Option<String>,
     /// The workload it belongs to (the workload file's `workload:`), if not itself.
     pub workload: Option<String>,
+    /// Pod labels (the workload file's `labels:`).
+    pub labels: Vec<(String, String)>,
 }
 
 impl Pod {
@@ -504,6 +506,7 @@ impl Node {
             cgroup,
             annotation: annotation.map(str::to_owned),
             workload: None,
+            labels: Vec::new(),
         };
         self.pods.push(pod.clone());
         Ok(pod)
@@ -513,6 +516,13 @@ impl Node {
     pub fn set_workload(&mut self, pod: &str, workload: &str) {
         for p in self.pods.iter_mut().filter(|p| p.name == pod) {
             p.workload = Some(workload.to_string());
+        }
+    }
+
+    /// Sets a label of pod `pod` (e.g. `app`, `version`), for metric labels.
+    pub fn set_label(&mut self, pod: &str, key: &str, value: &str) {
+        for p in self.pods.iter_mut().filter(|p| p.name == pod) {
+            p.labels.push((key.to_string(), value.to_string()));
         }
     }
 
@@ -794,6 +804,10 @@ fn workload_yaml(
         }
         if let Some(w) = &p.workload {
             y += &format!("    workload: {w}\n");
+        }
+        if !p.labels.is_empty() {
+            let l: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k:?}: {v:?}")).collect();
+            y += &format!("    labels: {{{}}}\n", l.join(", "));
         }
     }
     if !authz.trim().is_empty() {

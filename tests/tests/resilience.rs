@@ -341,6 +341,19 @@ fn server_first_protocols_wait_at_most_the_sniff_timeout_and_upgrades_and_h2_tra
     assert_eq!(g["trailers"]["grpc-status"], "0");
     assert_eq!(g["trailers"]["x-echo-client-checksum"], "abc123", "request trailers reached the server");
     assert_eq!(g["body"], "web-0 10\n");
+    // Istio's request metrics name it gRPC, with the status from the trailers.
+    let grpc_counted = eventually(Duration::from_secs(3), "the gRPC request counted", || {
+        let m = s.node.admin_text("/metrics").ok()?;
+        m.lines()
+            .find(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains("request_protocol=\"grpc\"")
+                    && l.contains("grpc_response_status=\"0\"")
+                    && l.contains("destination_service_name=\"grpc\"")
+            })
+            .map(str::to_string)
+    })?;
+    assert!(grpc_counted.ends_with(" 1"), "{grpc_counted}");
 
     let conns = s.node.admin_json("/debug/connections")?;
     let protocols: Vec<(String, String)> = conns["recent"]

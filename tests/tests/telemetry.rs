@@ -35,6 +35,9 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
     let echo = node.add_pod("echo", "shop", None)?;
     // web-0 belongs to the workload "web" (as a Deployment's pod would): metrics say "web".
     node.set_workload("web-0", "web");
+    // Its labels name its app and version, as Istio and Kiali read them.
+    node.set_label("web-0", "app", "web");
+    node.set_label("web-0", "version", "v2");
     let _w = web.serve_tool("sim-http", &["serve", "--listen", "0.0.0.0:8080", "--name", "web-0"])?;
     let _e = echo.serve(&["echo-server", "--listen", "0.0.0.0:9090"])?;
     node.services = service_yaml("web", "shop", "10.96.0.10:80".parse()?, "http", 8080, &[web.ip], &[]);
@@ -80,6 +83,19 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
         ("request_protocol", "http"),
         // Same-node delivery is not mutual TLS, and the label says so.
         ("connection_security_policy", "none"),
+        // Istio's canonical names: from web-0's labels; the client has none (its workload's
+        // name, revision "latest", app and version unknown).
+        ("destination_canonical_service", "web"),
+        ("destination_canonical_revision", "v2"),
+        ("destination_app", "web"),
+        ("destination_version", "v2"),
+        ("source_canonical_service", "client"),
+        ("source_canonical_revision", "latest"),
+        ("source_app", "unknown"),
+        ("source_cluster", "Kubernetes"),
+        ("destination_cluster", "Kubernetes"),
+        ("response_flags", "-"),
+        ("grpc_response_status", ""),
     ];
     let with = |code: &'static str| {
         let mut l = http.clone();
@@ -148,6 +164,12 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
     // retryable), then the 503 reaches the client.
     let r = client.http(&["load", "--url", "http://10.96.0.10/status/503", "--requests", "1"], T)?;
     assert_eq!(r["statuses"]["503"], 1, "{r}");
+    // ... flagged as retries exhausted, as Envoy would.
+    let flagged = eventually(Duration::from_secs(3), "the 503 counted", || {
+        let m = node.admin_text("/metrics").ok()?;
+        (metric(&m, "istio_requests_total", &[("response_code", "503"), ("response_flags", "URX")]) == 1.0).then_some(m)
+    });
+    assert!(flagged.is_ok(), "the retried 503 carries response_flags URX");
 
     // Switchyard's own metrics moved with it: 13 requests (7 + 3 + 2 traced + 1), 2 retries.
     let last = node.admin_text("/metrics")?;

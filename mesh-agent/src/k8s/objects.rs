@@ -36,6 +36,8 @@ pub struct Pod {
     /// The workload the pod belongs to, as Istio names it (see [`workload_of`]); `None` when
     /// it is the pod itself.
     pub workload: Option<String>,
+    /// The labels Istio's metrics use (all other labels are dropped).
+    pub labels: crate::state::AppLabels,
 }
 
 /// A node, trimmed to the address its agent is reached on.
@@ -151,6 +153,7 @@ impl Pod {
             ip,
             opt_out: annotation(v, MESH_ANNOTATION) == Some("disabled"),
             workload: workload_of(v).filter(|w| *w != name),
+            labels: crate::state::AppLabels::from_labels(|k| str_at(v, &["metadata", "labels", k])),
             name,
         }))
     }
@@ -338,6 +341,7 @@ pub fn node_state<'a>(
                 reason,
                 mtls_mode: ns.map(|n| n.mtls_mode).unwrap_or_default(),
                 fail_closed: ns.is_some_and(|n| n.fail_closed),
+                labels: p.labels.clone(),
             },
         );
     }
@@ -386,6 +390,28 @@ mod tests {
         assert_eq!(owned("migrate-x", "Job", "migrate", None), some("migrate"));
         let bare = Pod::from_json(&pod("solo", "shop", "n1", json!({}))).unwrap().unwrap();
         assert_eq!(bare.workload, None, "a pod without a controller is its own workload");
+    }
+
+    #[test]
+    fn pod_labels_give_istios_canonical_service_revision_app_and_version() {
+        let labels = |l: Value| {
+            let v = json!({"metadata": {"name": "p", "namespace": "shop", "uid": "u", "labels": l},
+                           "spec": {}, "status": {}});
+            Pod::from_json(&v).unwrap().unwrap().labels
+        };
+        let k8s = labels(json!({"app.kubernetes.io/name": "shop-ui", "app.kubernetes.io/version": "1.4", "tier": "x"}));
+        assert_eq!(k8s.canonical_name.as_deref(), Some("shop-ui"));
+        assert_eq!(k8s.canonical_revision.as_deref(), Some("1.4"));
+        assert_eq!((k8s.app.as_deref(), k8s.version.as_deref()), (Some("shop-ui"), Some("1.4")));
+        let istio =
+            labels(json!({"service.istio.io/canonical-name": "ui", "service.istio.io/canonical-revision": "canary",
+                                  "app": "web", "version": "v2"}));
+        assert_eq!(
+            (istio.canonical_name.as_deref(), istio.canonical_revision.as_deref()),
+            (Some("ui"), Some("canary"))
+        );
+        assert_eq!((istio.app.as_deref(), istio.version.as_deref()), (Some("web"), Some("v2")));
+        assert!(labels(json!({"tier": "x"})).is_empty(), "other labels are not kept");
     }
 
     #[test]

@@ -551,12 +551,24 @@ impl<U: Upstreams> Downstream<U> {
             )),
             _ => None,
         };
-        let labels = crate::metrics::IstioHttpLabels { base, response_code: resp.status().as_u16() };
-        let istio = self.up.istio().clone();
-        istio.requests.get_or_create(&labels).inc();
-        istio.request_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64() * 1000.0);
+        // Istio's request metrics are recorded when the response has been sent (as Istio does:
+        // the duration covers the body, and a gRPC status comes in the trailers).
+        let mut base = base;
+        base.response_flags = response_flags(
+            resp.headers().get(ERROR_HEADER).and_then(|v| v.to_str().ok()),
+            outcome.retries,
+            resp.status(),
+        );
+        let grpc = protocol == "grpc";
+        let grpc_response_status = match grpc {
+            true => resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("").to_string(),
+            false => String::new(),
+        };
+        let labels =
+            crate::metrics::IstioHttpLabels { base, response_code: resp.status().as_u16(), grpc_response_status };
+        let done = Done { istio: self.up.istio().clone(), labels, request_bytes, started, grpc };
         let (parts, body) = resp.into_parts();
-        let body = Observed { inner: body, bytes: 0, done: Some((istio, labels, request_bytes)), span, access };
+        let body = Observed { inner: body, bytes: 0, done: Some(done), span, access };
         Response::from_parts(parts, body.boxed_unsync())
     }
 
@@ -945,11 +957,35 @@ impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Counted<B
 struct Observed {
     inner: Body,
     bytes: u64,
-    done: Option<(crate::metrics::IstioMetrics, crate::metrics::IstioHttpLabels, Arc<AtomicU64>)>,
+    done: Option<Done>,
     /// The request's span, ended and queued for export with the body.
     span: Option<(crate::otlp::Spans, crate::otlp::HttpSpan)>,
     /// The request's access-log line, written with the body's size.
     access: Option<AccessLine>,
+}
+
+/// A request's Istio metrics, recorded when its response has been sent.
+struct Done {
+    istio: crate::metrics::IstioMetrics,
+    labels: crate::metrics::IstioHttpLabels,
+    request_bytes: Arc<AtomicU64>,
+    started: Instant,
+    /// A gRPC request: its status is taken from the trailers.
+    grpc: bool,
+}
+
+/// Envoy's response flags for what the proxy itself answered (`x-switchyard-error`), or for
+/// a 5xx after retries.
+fn response_flags(error: Option<&str>, retries: u32, status: StatusCode) -> &'static str {
+    match error {
+        Some("connection-limit") => "UO",
+        Some("request-timeout") => "UT",
+        Some("upstream-unavailable") => "UF",
+        Some("upstream-reset") => "UC",
+        Some("no-endpoints") => "UH",
+        _ if retries > 0 && status.is_server_error() => "URX",
+        _ => "-",
+    }
 }
 
 /// One HTTP request's access-log line, waiting for the response body to be sent.
@@ -1012,10 +1048,12 @@ impl AccessLine {
 impl Observed {
     fn finish(&mut self) {
         let mut request_size = 0;
-        if let Some((istio, labels, request_bytes)) = self.done.take() {
-            request_size = request_bytes.load(Ordering::Relaxed);
-            istio.request_bytes.get_or_create(&labels).observe(request_size as f64);
-            istio.response_bytes.get_or_create(&labels).observe(self.bytes as f64);
+        if let Some(d) = self.done.take() {
+            request_size = d.request_bytes.load(Ordering::Relaxed);
+            d.istio.requests.get_or_create(&d.labels).inc();
+            d.istio.request_duration.get_or_create(&d.labels).observe(d.started.elapsed().as_secs_f64() * 1000.0);
+            d.istio.request_bytes.get_or_create(&d.labels).observe(request_size as f64);
+            d.istio.response_bytes.get_or_create(&d.labels).observe(self.bytes as f64);
         }
         if let Some(line) = self.access.take() {
             line.write(request_size, self.bytes);
@@ -1046,6 +1084,12 @@ impl hyper::body::Body for Observed {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     self.bytes += d.len() as u64;
+                }
+                if let (Some(t), Some(done)) = (f.trailers_ref(), self.done.as_mut())
+                    && done.grpc
+                    && let Some(status) = t.get("grpc-status").and_then(|v| v.to_str().ok())
+                {
+                    done.labels.grpc_response_status = status.to_string();
                 }
             }
             Poll::Ready(None) => self.finish(),

@@ -892,6 +892,7 @@ mod tests {
             reason: crate::state::MeshReason::Namespace,
             mtls_mode: Default::default(),
             fail_closed: false,
+            labels: Default::default(),
         };
         let mut state = crate::state::NodeState { node: "n".into(), ..Default::default() };
         state.pods.insert("shop/client".into(), client.clone());
