@@ -13,6 +13,8 @@
 //!     ip: 10.244.1.10
 //!     cgroup: switchyard/node-a/web-0   # relative to the cgroup2 mount, or absolute
 //!     annotations: { switchyard.io/mesh: disabled }   # optional per-pod opt-out
+//!     workload: web                 # optional: its Deployment, for metric labels
+//!     labels: { app: web, version: v2 }   # optional: Istio's app/version/canonical labels
 //!   - name: db-0
 //!     namespace: shop
 //!     node: node-b                  # default: this node; cgroup only for this node's pods
