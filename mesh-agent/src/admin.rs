@@ -234,7 +234,9 @@ impl Admin {
             })
             .collect();
         // Pods by key: their workload (`namespace/workload`, Istio's grouping) for the peers.
-        let idx = self.pods.borrow();
+        // A clone of the index (an Arc): the data plane's readers never wait on this
+        // low-priority thread's aggregation.
+        let idx = self.pods.borrow().clone();
         let workload_of: std::collections::HashMap<&str, String> = idx
             .pods
             .iter()

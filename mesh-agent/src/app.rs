@@ -231,7 +231,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         http: http.clone(),
     });
     let admin_addr = admin_listener.local_addr()?;
-    let admin_thread = spawn_admin(admin, admin_listener, config.admin_socket.clone(), stop.clone())?;
+    // The admin endpoint (probes, metrics) stays up through the drain, until the agent exits.
+    let admin_stop = CancellationToken::new();
+    let admin_thread = spawn_admin(admin, admin_listener, config.admin_socket.clone(), admin_stop.clone())?;
 
     let outbound = Arc::new(Outbound {
         lookup: orig_table,
@@ -334,6 +336,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     if let Some(t) = spans_task {
         let _ = tokio::time::timeout(Duration::from_secs(6), t).await;
     }
+    admin_stop.cancel();
     let _ = admin_thread.join();
     info!("agent stopped");
     Ok(())
@@ -354,6 +357,10 @@ fn spawn_admin(
         Some(path) => Some(bind_admin_socket(path)?),
         None => None,
     };
+    let bound_inode = socket.as_deref().and_then(|p| {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::symlink_metadata(p).ok().map(|m| m.ino())
+    });
     Ok(std::thread::Builder::new().name("admin".into()).spawn(move || {
         // SAFETY: setpriority on this thread's own id; no memory is involved.
         if unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) } != 0 {
@@ -377,8 +384,12 @@ fn spawn_admin(
                 Err(e) => warn!(error = %e, "admin listener unusable; no admin endpoint"),
             }
         });
-        if let Some(path) = socket {
-            let _ = std::fs::remove_file(path);
+        // Only the socket this agent bound: a newer agent may have bound the path since.
+        if let (Some(path), Some(ino)) = (socket, bound_inode) {
+            use std::os::unix::fs::MetadataExt as _;
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.ino() == ino) {
+                let _ = std::fs::remove_file(path);
+            }
         }
     })?)
 }
@@ -391,6 +402,12 @@ fn bind_admin_socket(path: &std::path::Path) -> anyhow::Result<std::os::unix::ne
         anyhow::ensure!(
             m.file_type().is_socket(),
             "admin socket {}: something other than a socket is there; not replacing it",
+            path.display()
+        );
+        // A live socket is another running agent's: never take it from under it.
+        anyhow::ensure!(
+            std::os::unix::net::UnixStream::connect(path).is_err(),
+            "admin socket {}: another agent is serving on it; give this one its own --admin-socket",
             path.display()
         );
         std::fs::remove_file(path).with_context(|| format!("removing the stale admin socket {}", path.display()))?;

@@ -144,10 +144,21 @@ fn http_to_a_service_on_another_node_is_mutual_tls_in_the_request_metrics() -> R
     let vip: SocketAddr = "10.96.0.41:80".parse()?;
     let s = setup(45, &[], |c| {
         let server = c.nodes[1].pods.iter().find(|p| p.name == "server").map(|p| p.ip).expect("server pod");
-        c.services = sim::service_yaml("web", "shop", vip, "http", 8081, &[server], &[]);
+        c.services = sim::service_yaml("web", "shop", vip, "http", 8081, &[server], &[])
+            + &sim::service_yaml("admin", "shop", "10.96.0.42:80".parse().unwrap(), "http", 8082, &[server], &[]);
+        // The server's node denies the client its admin port.
+        c.authz = r#"  - name: no-admin-for-client
+    namespace: shop
+    workload: server
+    ports: [8082]
+    action: deny
+    from: [spiffe://cluster.local/ns/shop/sa/client]
+"#
+        .into();
         Ok(())
     })?;
     let _web = s.server.serve_tool("sim-http", &["serve", "--listen", "0.0.0.0:8081", "--name", "server"])?;
+    let _admin = s.server.serve_tool("sim-http", &["serve", "--listen", "0.0.0.0:8082", "--name", "admin"])?;
     let (a0, b0) = (s.c.nodes[0].admin_text("/metrics")?, s.c.nodes[1].admin_text("/metrics")?);
     let r = s.client.http(&["load", "--url", &format!("http://{vip}/status/200"), "--requests", "6"], T)?;
     assert_eq!(r["statuses"]["200"], 6, "{r}");
@@ -182,6 +193,13 @@ fn http_to_a_service_on_another_node_is_mutual_tls_in_the_request_metrics() -> R
     let log = strip_ansi(&s.c.nodes[0].agent_log());
     let line = log.lines().find(|l| l.contains("http request") && l.contains("/status/200")).unwrap_or_default();
     assert!(line.contains("security=\"mutual_tls\"") || line.contains("security=mutual_tls"), "{line}");
+    // Denied by the peer node's policy: the client gets 403 (as for a same-node denial), and the
+    // request is not retried elsewhere (one denial per request at the destination).
+    let r = s.client.http(&["load", "--url", "http://10.96.0.42/", "--requests", "3"], T)?;
+    assert_eq!(r["statuses"]["403"], 3, "{r}");
+    assert_eq!(r["reasons"]["denied"], 3, "{r}");
+    let b2 = s.c.nodes[1].admin_text("/metrics")?;
+    assert_eq!(metric(&b2, "switchyard_authorization_denials_total{reason=\"deny_rule\"}"), 3.0, "{b2}");
     Ok(())
 }
 

@@ -480,7 +480,7 @@ impl<U: Upstreams> Downstream<U> {
         if self.draining.load(Ordering::Relaxed) && self.protocol == Protocol::Http1 {
             resp.headers_mut().insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
         }
-        // Istio's request metrics: counted now, sizes when the response body has been sent.
+        // Istio's request metrics: recorded when the response body has been sent (below).
         let service = self.up.service(self.vip).map(|e| e.service).unwrap_or_default();
         let ep = outcome.endpoint;
         let base = self.up.istio_labels(self.orig, ep, &service, protocol);
@@ -667,6 +667,9 @@ impl<U: Upstreams> Downstream<U> {
         };
         match result {
             Ok(mut resp) => {
+                // `x-switchyard-error` is the proxy's own word: an upstream cannot set it (and
+                // so cannot make its answers look like the proxy's failures).
+                resp.headers_mut().remove(ERROR_HEADER);
                 if let Some(down) = downstream_upgrade
                     && resp.status() == StatusCode::SWITCHING_PROTOCOLS
                 {

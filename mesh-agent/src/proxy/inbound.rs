@@ -255,7 +255,11 @@ impl Inbound {
             // peer can only ever name pods of its own identity).
             let source = forwarded_for(req.headers())
                 .and_then(|ip| idx.by_ip(ip))
-                .filter(|p| p.workload.identity(&self.trust_domain) == client_id);
+                .filter(|p| p.workload.identity(&self.trust_domain) == client_id && p.workload.meshed)
+                // ... and on the node the connection comes from.
+                .filter(|p| {
+                    idx.nodes.get(&p.workload.node).is_some_and(|n| std::net::IpAddr::V4(n.address) == peer.ip())
+                });
             let mut istio = crate::metrics::IstioLabels::unknown("destination", "tcp")
                 .destination(&pod.workload, &self.trust_domain);
             match source {

@@ -517,13 +517,22 @@ impl Outbound {
                 }
                 Err(e) => e,
             };
-            // The peer node refused it by policy: not the endpoint's fault, and the Service's
-            // other endpoints would answer the same.
-            if err.reason() == "hbone_denied" {
+            drop(guard);
+            // Not the endpoint's fault, and every other endpoint would fail the same: the peer
+            // node refused it by policy, or this agent has no certificate for the source yet.
+            if matches!(err.reason(), "hbone_denied" | "no_source_certificate") {
                 return Err(err.to_string());
             }
             self.balancer.failed(ep, &svc.endpoints, started.elapsed());
             tried.push(ep);
+            // The peer node itself failed (unreachable, TLS): its other endpoints would too.
+            let dead_peer = match (&route, err.reason()) {
+                (
+                    Route::Hbone { peer, .. },
+                    "hbone_connect_failed" | "hbone_connect_timeout" | "hbone_tls_failed" | "connect_timeout",
+                ) => Some(*peer),
+                _ => None,
+            };
             let attempt = tried.len() as u32;
             // Another endpoint, reached whichever way, that policy lets this pod reach.
             let next = (attempt < MAX_CONNECT_ATTEMPTS)
@@ -532,7 +541,9 @@ impl Outbound {
                     loop {
                         let c = self.balancer.pick(&svc.endpoints, &excluded)?;
                         let (r, _, dst_pod) = self.route(&Original { dst: c, ..orig });
-                        if !matches!(r, Route::Refuse { .. }) {
+                        let behind_dead_peer =
+                            matches!((&r, dead_peer), (Route::Hbone { peer, .. }, Some(dead)) if *peer == dead);
+                        if !matches!(r, Route::Refuse { .. }) && !behind_dead_peer {
                             return Some((c, r, dst_pod));
                         }
                         excluded.push(c);
@@ -682,7 +693,10 @@ impl http::Upstreams for Outbound {
                     Ok(t) => Ok((http::UpstreamIo::Tunnel(Box::new(t)), dst_pod)),
                     Err(e) => {
                         self.metrics.error(e.reason());
-                        Err(http::UpstreamError { denied: false, reason: e.reason(), detail: e.to_string() })
+                        // The peer node's authorization said no: a 403 for the client, as a
+                        // same-node denial is, never retried elsewhere.
+                        let denied = e.reason() == "hbone_denied";
+                        Err(http::UpstreamError { denied, reason: e.reason(), detail: e.to_string() })
                     }
                 }
             }
