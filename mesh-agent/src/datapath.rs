@@ -221,6 +221,8 @@ pub struct Datapath {
     pinned: Option<(PathBuf, u32)>,
     /// Links this agent created and pinned (kept open; the pins keep them attached).
     _links: Vec<aya::programs::links::PinnedLink>,
+    /// Capacity of `SOCK_ORIG` and `ORIG_BY_CLIENT`.
+    max_redirected: u32,
 }
 
 impl Datapath {
@@ -342,7 +344,29 @@ impl Datapath {
             mesh_config,
             pinned,
             _links: links,
+            max_redirected: cfg.max_redirected_sockets,
         })
+    }
+
+    /// Each program and whether this agent's copy is attached: the cgroup programs are all
+    /// attached by [`Datapath::start`] or none is; a newer agent may have taken them over since;
+    /// `mesh_sk_msg` only with acceleration on.
+    pub fn programs(&self) -> Vec<(&'static str, bool)> {
+        let ours = !self.superseded();
+        let mut v: Vec<(&'static str, bool)> = PROGRAMS.iter().map(|(n, _)| (*n, ours)).collect();
+        v.push((mesh_common::PROG_SK_MSG, ours && self.accel_state == AccelState::On));
+        v
+    }
+
+    /// Capacity of each map [`Datapath::map_usage`] counts.
+    pub fn map_capacity(&self) -> [(&'static str, u32); 5] {
+        [
+            ("meshed_cgroups", mesh_common::MAX_MESHED_CGROUPS),
+            ("sock_orig", self.max_redirected),
+            ("orig_by_client", self.max_redirected),
+            ("accel_sockets", mesh_common::MAX_ACCEL_SOCKETS),
+            ("accel_paths", mesh_common::MAX_ACCEL_SOCKETS),
+        ]
     }
 
     /// Unpinned mode, first step of a shutdown: detaches the connect programs only, so no new

@@ -164,6 +164,11 @@ struct MapLabels {
     map: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProgramLabels {
+    program: &'static str,
+}
+
 impl Collector for DatapathCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let dropped = ConstCounter::new(crate::logging::dropped());
@@ -191,7 +196,27 @@ impl Collector for DatapathCollector {
         )?)?;
         let stats = dp.stats();
         let usage = dp.map_usage();
+        let capacity = dp.map_capacity();
+        let programs = dp.programs();
         drop(guard);
+        let mut family = enc.encode_descriptor(
+            "ebpf_program_attached",
+            "1 for each eBPF program of this agent that is attached (0: not attached, or taken over by a newer agent)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (program, on) in programs {
+            ConstGauge::new(i64::from(on)).encode(family.encode_family(&ProgramLabels { program })?)?;
+        }
+        let mut family = enc.encode_descriptor(
+            "ebpf_map_capacity",
+            "Capacity of the eBPF maps that grow with pods and connections (usage: switchyard_ebpf_map_entries)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (map, n) in capacity {
+            ConstGauge::new(i64::from(n)).encode(family.encode_family(&MapLabels { map })?)?;
+        }
         let mut family = enc.encode_descriptor(
             "ebpf_events",
             "Kernel-side decisions and events, summed over CPUs",

@@ -188,6 +188,19 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
         &[("identity", "spiffe://cluster.local/ns/shop/sa/client")],
     );
     assert!(expiry > 3600.0, "the client's certificate is valid for hours: {expiry}");
+    // eBPF status per program and map usage against capacity.
+    for program in
+        ["mesh_connect4", "mesh_connect6", "mesh_sockops", "mesh_getpeername4", "mesh_getpeername6", "mesh_ingress"]
+    {
+        assert_eq!(metric(&last, "switchyard_ebpf_program_attached", &[("program", program)]), 1.0, "{program}");
+    }
+    let accel = if sim::sockmap_mode() == Some("on") { 1.0 } else { 0.0 };
+    assert_eq!(metric(&last, "switchyard_ebpf_program_attached", &[("program", "mesh_sk_msg")]), accel);
+    assert_eq!(metric(&last, "switchyard_ebpf_attached", &[]), 1.0);
+    assert_eq!(metric(&last, "switchyard_ebpf_map_entries", &[("map", "meshed_cgroups")]), 3.0, "three meshed pods");
+    assert_eq!(metric(&last, "switchyard_ebpf_map_capacity", &[("map", "meshed_cgroups")]), 16384.0);
+    assert_eq!(metric(&last, "switchyard_ebpf_map_capacity", &[("map", "sock_orig")]), 65536.0);
+    assert!(last.contains("switchyard_build_info{version=\""), "build info exported");
     // Five HTTP clients (one kept-alive connection each) and four TCP connections.
     assert!(metric(&last, "switchyard_ebpf_events_total", &[("event", "redirected")]) >= 9.0);
     // ... all from the client pod; the servers made none (their series exist, at zero).
@@ -549,6 +562,11 @@ fn the_node_dashboard_shows_the_traffic_in_a_real_browser() -> Result<()> {
     assert!(ys.len() >= 2, "chart points {points:?}");
     assert!(ys.iter().any(|y| *y < 80.0), "the request rate is drawn above zero: {points:?}");
     assert!(dom.contains("class=\"ok\">ready<"), "health shown");
+    // eBPF: each program's state, and map usage against capacity.
+    let ebpf = &dom[dom.find("id=\"ebpf-table\"").ok_or_else(|| anyhow::anyhow!("no eBPF table"))?..];
+    let ebpf = &ebpf[..ebpf.find("</table>").unwrap()];
+    assert!(ebpf.contains(">program mesh_connect4<") && ebpf.contains(">attached<"), "{ebpf}");
+    assert!(ebpf.contains(">3 / 16384 (0.0 %)<"), "three meshed pods of 16384: {ebpf}");
     let png = std::fs::read(&shot)?;
     assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "screenshot saved: {} bytes", png.len());
     eprintln!("dashboard screenshot: {}", shot.display());
