@@ -72,6 +72,7 @@ pub fn status(admin: SocketAddr, out: Output) -> anyhow::Result<String> {
     let pods = get_json(admin, "/debug/pods")?;
     let conns = get_json(admin, "/debug/connections")?;
     let certs = get_json(admin, "/debug/certs")?;
+    let summary = get_json(admin, "/debug/summary")?;
     let local: Vec<&Value> =
         pods.as_array().map(|a| a.iter().filter(|p| p["cgroup_id"].is_number()).collect()).unwrap_or_default();
     let meshed = local.iter().filter(|p| p["redirected"] == true).count();
@@ -83,6 +84,9 @@ pub fn status(admin: SocketAddr, out: Output) -> anyhow::Result<String> {
         "connections_active": conns["active"].as_array().map_or(0, Vec::len),
         "connections_closed": conns["closed_total"],
         "certificates": certs,
+        "totals": summary["totals"],
+        "services": summary["services"],
+        "reasons": summary["reasons"],
     });
     if out == Output::Json {
         return Ok(serde_json::to_string_pretty(&v)? + "\n");
@@ -101,31 +105,75 @@ pub fn status(admin: SocketAddr, out: Output) -> anyhow::Result<String> {
     for c in certs.as_array().into_iter().flatten() {
         t += &format!("certificate    {} expires in {} s\n", s(&c["identity"]), s(&c["expires_in_secs"]));
     }
+    let tot = &summary["totals"];
+    t += &format!(
+        "resilience     {} HTTP requests, {} retries ({} refused by the budget), {} timeouts, {} limit hits, {} ejections\n",
+        s(&tot["http_requests"]),
+        s(&tot["http_retries"]),
+        s(&tot["retry_budget_exhausted"]),
+        s(&tot["timeouts"]),
+        s(&tot["limit_hits"]),
+        s(&tot["ejections"])
+    );
+    for svc in summary["services"].as_array().into_iter().flatten() {
+        t += &format!(
+            "service        {} {} requests, {} 5xx, p50 {:.2} ms, p99 {:.2} ms\n",
+            s(&svc["service"]),
+            s(&svc["requests"]),
+            s(&svc["errors"]),
+            svc["p50_ms"].as_f64().unwrap_or(0.0),
+            svc["p99_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+    for (kind, reasons) in summary["reasons"].as_object().into_iter().flatten() {
+        let nonzero: Vec<String> = reasons
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect();
+        if !nonzero.is_empty() {
+            t += &format!("{:<14} {}\n", kind.replace('_', " "), nonzero.join(", "));
+        }
+    }
     Ok(t)
 }
 
 /// `mesh-agent workloads`: this node's pods and how they are meshed.
 pub fn workloads(admin: SocketAddr, out: Output) -> anyhow::Result<String> {
-    let pods = get_json(admin, "/debug/pods")?;
-    let local: Vec<Value> =
-        pods.as_array().map(|a| a.iter().filter(|p| p["cgroup_id"].is_number()).cloned().collect()).unwrap_or_default();
+    // What the dashboard's pod table shows: the node's pods with identity, certificate,
+    // mTLS, opt-in and fail mode, and the requests each sent over the last seconds.
+    let summary = get_json(admin, "/debug/summary")?;
+    let pods: Vec<Value> = summary["pods"].as_array().cloned().unwrap_or_default();
     if out == Output::Json {
-        return Ok(serde_json::to_string_pretty(&local)? + "\n");
+        return Ok(serde_json::to_string_pretty(&pods)? + "\n");
     }
+    let expiry = |v: &Value| match v.as_i64() {
+        None => "-".to_string(),
+        Some(s) if s < 0 => "expired".into(),
+        Some(s) if s > 7200 => format!("{} h", s / 3600),
+        Some(s) => format!("{} min", s / 60),
+    };
+    let ms = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.2}"));
     let mut t = format!(
-        "{:<32} {:<16} {:<8} {:<10} {:<22} {:<11} {}\n",
-        "POD", "IP", "MESHED", "REDIRECT", "REASON", "MTLS", "FAIL MODE"
+        "{:<28} {:<16} {:<44} {:<8} {:<11} {:<20} {:<5} {:<9} {:>7} {:>8} {:>8}\n",
+        "POD", "IP", "IDENTITY", "CERT", "MTLS", "OPT-IN", "FAIL", "REDIRECT", "REQ/S", "P50 MS", "P99 MS"
     );
-    for p in &local {
+    for p in &pods {
         t += &format!(
-            "{:<32} {:<16} {:<8} {:<10} {:<22} {:<11} {}\n",
-            s(&p["key"]),
+            "{:<28} {:<16} {:<44} {:<8} {:<11} {:<20} {:<5} {:<9} {:>7.1} {:>8} {:>8}\n",
+            s(&p["pod"]),
             s(&p["ip"]),
-            s(&p["meshed"]),
-            s(&p["redirected"]),
-            s(&p["reason"]),
+            s(&p["identity"]),
+            expiry(&p["cert_expires_in_secs"]),
             s(&p["mtls_mode"]),
-            if p["fail_closed"] == true { "closed" } else { "open" }
+            s(&p["reason"]),
+            s(&p["fail_mode"]),
+            s(&p["redirected"]),
+            p["requests_per_s"].as_f64().unwrap_or(0.0),
+            ms(&p["p50_ms"]),
+            ms(&p["p99_ms"]),
         );
     }
     Ok(t)

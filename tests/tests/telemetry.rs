@@ -283,13 +283,25 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
     assert!(status["certificates"].as_array().is_some_and(|c| c.len() == 3), "{status}");
     let table = cli(&["workloads"])?;
     for pod in ["shop/client", "shop/web-0", "shop/echo"] {
-        assert!(table.lines().any(|l| l.starts_with(pod) && l.contains("true")), "{pod} in\n{table}");
+        let id = format!("spiffe://cluster.local/ns/shop/sa/{}", pod.trim_start_matches("shop/"));
+        assert!(
+            table.lines().any(|l| l.starts_with(pod) && l.contains("true") && l.contains(&id) && l.contains(" h ")),
+            "{pod}: redirected, identity and certificate expiry in\n{table}"
+        );
     }
+    let wl: serde_json::Value = serde_json::from_str(&cli(&["workloads", "-o", "json"])?)?;
+    assert!(
+        wl.as_array().is_some_and(|a| a.iter().any(|p| p["pod"] == "shop/client" && p["fail_mode"] == "open")),
+        "{wl}"
+    );
     let conns: serde_json::Value = serde_json::from_str(&cli(&["connections", "-o", "json", "--recent", "100"])?)?;
     let recent = conns["recent"].as_array().unwrap();
     assert!(recent.iter().any(|c| c["protocol"] == "http1" && c["original_dst"] == "10.96.0.10:80"), "{conns}");
     assert!(recent.iter().filter(|c| c["original_dst"] == format!("{}:9090", echo.ip).as_str()).count() == 4);
-    eprintln!("mesh-agent status:\n{}", cli(&["status"])?);
+    let status_text = cli(&["status"])?;
+    eprintln!("mesh-agent status:\n{status_text}");
+    assert!(status_text.lines().any(|l| l.starts_with("service") && l.contains("shop/web")), "{status_text}");
+    assert!(status_text.contains("resilience"), "{status_text}");
 
     // Access-log lines for the same run, parsed back field by field.
     let lines = eventually(Duration::from_secs(5), "access-log lines written", || {
