@@ -277,7 +277,14 @@ impl Admin {
         }
         let snap = self.conns.snapshot();
         let mut peers: BTreeMap<(String, String), Peer> = BTreeMap::new();
+        // Per source pod of this node too: connections and bytes (live and remembered).
+        let mut pod_conns: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
         for c in snap.recent.iter().chain(&snap.active) {
+            if let Some(p) = c.source_pod.as_deref() {
+                let e = pod_conns.entry(p).or_default();
+                e.0 += 1;
+                e.1 += c.bytes_sent + c.bytes_received;
+            }
             let src = wl(c.source_pod.as_deref())
                 .or_else(|| c.source_identity.clone())
                 .unwrap_or_else(|| c.client.ip().to_string());
@@ -306,15 +313,6 @@ impl Admin {
                 v
             })
             .collect();
-        // Per source pod of this node: bytes and connections (live and remembered).
-        let mut pod_conns: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
-        for c in snap.recent.iter().chain(&snap.active) {
-            if let Some(p) = c.source_pod.as_deref() {
-                let e = pod_conns.entry(p).or_default();
-                e.0 += 1;
-                e.1 += c.bytes_sent + c.bytes_received;
-            }
-        }
         let mut errors: BTreeMap<String, u64> = BTreeMap::new();
         for c in &snap.recent {
             if let Some(e) = &c.error {

@@ -3,7 +3,7 @@
 //! agent's admin port (default `127.0.0.1:15020`: the agent runs in the node's network
 //! namespace), never to the kernel.
 use std::{
-    io::{Read as _, Write as _},
+    io::{Read, Write},
     net::{SocketAddr, TcpStream},
     time::Duration,
 };
@@ -18,37 +18,43 @@ pub enum Output {
     Json,
 }
 
+/// One HTTP/1.0 GET of `path` over `stream`: (status, body); when the answer is not HTTP, no
+/// status and the whole answer.
+fn exchange(mut stream: impl Read + Write, host: &str, path: &str) -> anyhow::Result<(Option<String>, String)> {
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut buf = String::new();
+    stream.read_to_string(&mut buf).context("reading the agent's answer")?;
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    Ok(match head.split_whitespace().nth(1) {
+        Some(status) => (Some(status.to_string()), body.to_string()),
+        None => (None, buf),
+    })
+}
+
 /// GET `path` on the admin endpoint; the body.
 pub fn get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(3))
+    let s = TcpStream::connect_timeout(&admin, Duration::from_secs(3))
         .with_context(|| format!("cannot reach the agent's admin endpoint at {admin} (is the agent running?)"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {admin}\r\n\r\n")?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    let status = head.split_whitespace().nth(1).unwrap_or("?");
+    let (status, body) = exchange(s, &admin.to_string(), path)?;
+    let status = status.unwrap_or_else(|| "?".into());
     if status != "200" && path != "/readyz" {
         bail!("{path} answered {status}: {}", body.trim());
     }
-    Ok(body.to_string())
+    Ok(body)
 }
 
 /// `mesh-agent probe healthz|readyz --socket PATH`: asks the agent of this pod over its own
 /// admin Unix socket (kubelet exec probes); `Ok` when it answers 200, else why not.
 pub fn probe(socket: &std::path::Path, path: &str) -> anyhow::Result<String> {
-    let mut s = std::os::unix::net::UnixStream::connect(socket)
+    let s = std::os::unix::net::UnixStream::connect(socket)
         .with_context(|| format!("cannot reach this agent's admin socket {} (is it running?)", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.set_write_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).context("reading the agent's answer")?;
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    match head.split_whitespace().nth(1) {
-        Some("200") => Ok(body.to_string()),
-        Some(status) => bail!("{path} answered {status}: {}", body.trim()),
-        None => bail!("{path}: the agent's answer is not HTTP: {head:?}"),
+    match exchange(s, "localhost", path)? {
+        (Some(status), body) if status == "200" => Ok(body),
+        (Some(status), body) => bail!("{path} answered {status}: {}", body.trim()),
+        (None, body) => bail!("{path}: the agent's answer is not HTTP: {body:?}"),
     }
 }
 

@@ -471,6 +471,19 @@ pub struct MapUsage {
     pub accel_paths: usize,
 }
 
+impl MapUsage {
+    /// Entries per map, named as [`Datapath::map_capacity`] names them.
+    pub fn entries(&self) -> [(&'static str, usize); 5] {
+        [
+            ("meshed_cgroups", self.meshed_cgroups),
+            ("sock_orig", self.sock_orig),
+            ("orig_by_client", self.orig_by_client),
+            ("accel_sockets", self.accel_sockets),
+            ("accel_paths", self.accel_paths),
+        ]
+    }
+}
+
 /// Loads `mesh_sk_msg` and attaches it to the accelerated-socket map: the feature probe and
 /// the set-up in one (a kernel without sockmap support fails here, before any socket is
 /// touched).

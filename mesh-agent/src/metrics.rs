@@ -169,6 +169,20 @@ struct ProgramLabels {
     program: &'static str,
 }
 
+/// One gauge family with a value per label set, encoded at scrape time.
+fn gauges<L: EncodeLabelSet>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: impl IntoIterator<Item = (L, i64)>,
+) -> std::fmt::Result {
+    let mut family = enc.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
+    for (labels, v) in values {
+        ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 impl Collector for DatapathCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let dropped = ConstCounter::new(crate::logging::dropped());
@@ -199,24 +213,18 @@ impl Collector for DatapathCollector {
         let capacity = dp.map_capacity();
         let programs = dp.programs();
         drop(guard);
-        let mut family = enc.encode_descriptor(
+        gauges(
+            &mut enc,
             "ebpf_program_attached",
             "1 for each eBPF program of this agent that is attached (0: not attached, or taken over by a newer agent)",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
+            programs.into_iter().map(|(program, on)| (ProgramLabels { program }, i64::from(on))),
         )?;
-        for (program, on) in programs {
-            ConstGauge::new(i64::from(on)).encode(family.encode_family(&ProgramLabels { program })?)?;
-        }
-        let mut family = enc.encode_descriptor(
+        gauges(
+            &mut enc,
             "ebpf_map_capacity",
             "Capacity of the eBPF maps that grow with pods and connections (usage: switchyard_ebpf_map_entries)",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
+            capacity.into_iter().map(|(map, n)| (MapLabels { map }, i64::from(n))),
         )?;
-        for (map, n) in capacity {
-            ConstGauge::new(i64::from(n)).encode(family.encode_family(&MapLabels { map })?)?;
-        }
         let mut family = enc.encode_descriptor(
             "ebpf_events",
             "Kernel-side decisions and events, summed over CPUs",
@@ -226,21 +234,12 @@ impl Collector for DatapathCollector {
         for (stat, v) in stats {
             ConstCounter::new(v).encode(family.encode_family(&EventLabels { event: stat.name() })?)?;
         }
-        let mut family = enc.encode_descriptor(
+        gauges(
+            &mut enc,
             "ebpf_map_entries",
             "Entries in the eBPF maps that grow with pods and connections",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
+            usage.entries().into_iter().map(|(map, n)| (MapLabels { map }, n as i64)),
         )?;
-        for (map, n) in [
-            ("meshed_cgroups", usage.meshed_cgroups),
-            ("sock_orig", usage.sock_orig),
-            ("orig_by_client", usage.orig_by_client),
-            ("accel_sockets", usage.accel_sockets),
-            ("accel_paths", usage.accel_paths),
-        ] {
-            ConstGauge::new(n as i64).encode(family.encode_family(&MapLabels { map })?)?;
-        }
         Ok(())
     }
 }

@@ -66,6 +66,20 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("no cgroup2 filesystem mounted"))
 }
 
+/// Sum of the samples named `name` as exposed (e.g. `istio_requests_total`) in a `/metrics`
+/// text whose labels include all of `want`.
+pub fn metric(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, labels) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && want.iter().all(|(k, v)| labels.contains(&format!("{k}=\"{v}\""))))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
 /// Path of a binary built in the same target directory as the running executable.
 pub fn bin_path(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;

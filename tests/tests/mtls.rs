@@ -110,7 +110,7 @@ fn cross_node_traffic_is_mutual_tls_on_the_wire() -> Result<()> {
     // source node sent, believed because that pod has the verified identity).
     let m_b = s.c.nodes[1].admin_text("/metrics")?;
     let src_named = [("reporter", "destination"), ("source_workload", "client"), ("source_workload_namespace", "shop")];
-    assert_eq!(istio_metric(&m_b, "istio_tcp_connections_opened_total", &src_named), 20.0, "{m_b}");
+    assert_eq!(sim::metric(&m_b, "istio_tcp_connections_opened_total", &src_named), 20.0, "{m_b}");
     assert!(inbound.iter().all(|c| c["source_pod"] == "shop/client"), "{b}");
     // Istio's standard metrics on both sides say mutual_tls, with both principals.
     let m1 = (s.c.nodes[0].admin_text("/metrics")?, s.c.nodes[1].admin_text("/metrics")?);
@@ -124,7 +124,7 @@ fn cross_node_traffic_is_mutual_tls_on_the_wire() -> Result<()> {
     for (reporter, before, after) in [("source", &m0.0, &m1.0), ("destination", &m0.1, &m1.1)] {
         let mut want = common.to_vec();
         want.push(("reporter", reporter));
-        let d = |name: &str| istio_metric(after, name, &want) - istio_metric(before, name, &want);
+        let d = |name: &str| sim::metric(after, name, &want) - sim::metric(before, name, &want);
         assert_eq!(d("istio_tcp_connections_opened_total"), 20.0, "{reporter}: {after}");
         assert_eq!(d("istio_tcp_connections_closed_total"), 20.0, "{reporter}");
         assert_eq!(d("istio_tcp_received_bytes_total"), 400_000.0, "{reporter}");
@@ -175,20 +175,20 @@ fn http_to_a_service_on_another_node_is_mutual_tls_in_the_request_metrics() -> R
     ];
     let a1 = eventually(Duration::from_secs(3), "requests counted", || {
         let m = s.c.nodes[0].admin_text("/metrics").ok()?;
-        (istio_metric(&m, "istio_requests_total", &want) - istio_metric(&a0, "istio_requests_total", &want) >= 6.0)
+        (sim::metric(&m, "istio_requests_total", &want) - sim::metric(&a0, "istio_requests_total", &want) >= 6.0)
             .then_some(m)
     })?;
-    let d = |name: &str| istio_metric(&a1, name, &want) - istio_metric(&a0, name, &want);
+    let d = |name: &str| sim::metric(&a1, name, &want) - sim::metric(&a0, name, &want);
     assert_eq!(d("istio_requests_total"), 6.0, "{a1}");
     assert_eq!(d("istio_request_duration_milliseconds_count"), 6.0);
     assert_eq!(d("istio_response_bytes_sum"), 66.0, "\"status 200\\n\" six times");
-    assert_eq!(istio_metric(&a1, "istio_requests_total", &[("connection_security_policy", "none")]), 0.0);
+    assert_eq!(sim::metric(&a1, "istio_requests_total", &[("connection_security_policy", "none")]), 0.0);
     // The destination node saw the tunnelled connection(s) as mutual TLS.
     let b1 = s.c.nodes[1].admin_text("/metrics")?;
     let dest =
         [("reporter", "destination"), ("connection_security_policy", "mutual_tls"), ("destination_workload", "server")];
-    let opened = istio_metric(&b1, "istio_tcp_connections_opened_total", &dest)
-        - istio_metric(&b0, "istio_tcp_connections_opened_total", &dest);
+    let opened = sim::metric(&b1, "istio_tcp_connections_opened_total", &dest)
+        - sim::metric(&b0, "istio_tcp_connections_opened_total", &dest);
     assert!(opened >= 1.0, "{b1}");
     let log = strip_ansi(&s.c.nodes[0].agent_log());
     let line = log.lines().find(|l| l.contains("http request") && l.contains("/status/200")).unwrap_or_default();
@@ -201,19 +201,6 @@ fn http_to_a_service_on_another_node_is_mutual_tls_in_the_request_metrics() -> R
     let b2 = s.c.nodes[1].admin_text("/metrics")?;
     assert_eq!(metric(&b2, "switchyard_authorization_denials_total{reason=\"deny_rule\"}"), 3.0, "{b2}");
     Ok(())
-}
-
-/// Sum of the samples of `name` whose labels include all of `want`.
-fn istio_metric(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, labels) = series.split_once('{').unwrap_or((series, ""));
-            (n == name && want.iter().all(|(k, v)| labels.contains(&format!("{k}=\"{v}\""))))
-                .then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
 }
 
 /// A TLS server in `netns` on `addr` presenting `identity`'s certificate from the real CA.
@@ -656,18 +643,14 @@ fn hostile_peers_are_rejected_counted_and_logged_and_nothing_crashes() -> Result
 
     let m = s.c.nodes[1].admin_text("/metrics")?;
     let claimed = [("reporter", "destination"), ("source_workload", "legacy")];
-    assert_eq!(
-        istio_metric(&m, "istio_tcp_connections_opened_total", &claimed),
-        0.0,
-        "a forged source is not believed"
-    );
+    assert_eq!(sim::metric(&m, "istio_tcp_connections_opened_total", &claimed), 0.0, "a forged source is not believed");
     let verified = [
         ("reporter", "destination"),
         ("source_principal", "spiffe://cluster.local/ns/shop/sa/client"),
         ("source_workload", "unknown"),
     ];
     assert_eq!(
-        istio_metric(&m, "istio_tcp_connections_opened_total", &verified),
+        sim::metric(&m, "istio_tcp_connections_opened_total", &verified),
         1.0,
         "known by its identity only: {m}"
     );

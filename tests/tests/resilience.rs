@@ -85,14 +85,9 @@ fn endpoint_state(node: &Node, vip: &str, ep: SocketAddr) -> Result<Value> {
         .ok_or_else(|| anyhow!("{ep} not in {vip}: {s}"))
 }
 
-/// A counter of the agent's `/metrics`, summed over its label sets.
-fn counter(node: &Node, name: &str) -> Result<f64> {
-    let text = node.admin_text("/metrics")?;
-    Ok(text
-        .lines()
-        .filter(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(' ') || r.starts_with('{')))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+/// A metric of the agent's `/metrics`, summed over the label sets that include `want`.
+fn counter(node: &Node, name: &str, want: &[(&str, &str)]) -> Result<f64> {
+    Ok(sim::metric(&node.admin_text("/metrics")?, name, want))
 }
 
 fn ep(pod: &Pod) -> SocketAddr {
@@ -110,7 +105,7 @@ fn an_endpoint_killed_mid_run_costs_no_idempotent_request_is_ejected_and_comes_b
         |ips| web(ips, &[]),
         &["--outlier-base-ejection-ms", "1500"],
     )?;
-    let ejections0 = counter(&s.node, "switchyard_endpoint_ejections_total")?;
+    let ejections0 = counter(&s.node, "switchyard_endpoint_ejections_total", &[])?;
     let client = s.client.clone();
     let run = std::thread::spawn(move || {
         load(&client, "http://10.96.0.10/", &["--duration-ms", "4000", "--concurrency", "4", "--interval-ms", "2"])
@@ -130,7 +125,7 @@ fn an_endpoint_killed_mid_run_costs_no_idempotent_request_is_ejected_and_comes_b
     assert!(r["served_by"]["web-2"].as_u64().unwrap_or(0) > 0, "it served before it died: {r}");
     // Once the load has stopped (no more ejections), the metric counts every ejection the
     // endpoints recorded (the victim may have been ejected again after its first period).
-    let ejections = counter(&s.node, "switchyard_endpoint_ejections_total")? - ejections0;
+    let ejections = counter(&s.node, "switchyard_endpoint_ejections_total", &[])? - ejections0;
     let victim_now = endpoint_state(&s.node, WEB, ep(&victim))?["ejections"].as_f64().unwrap_or(0.0);
     assert!(
         ejections >= 1.0 && ejections >= victim_now,
@@ -190,15 +185,15 @@ fn an_endpoint_failing_30_percent_costs_no_get_posts_are_not_retried_and_the_bud
     // budget (20 % of requests + 10/s over 10 s) caps it.
     let n = 1000;
     let (retries0, exhausted0) = (
-        counter(&s.node, "switchyard_http_retries_total")?,
-        counter(&s.node, "switchyard_http_retry_budget_exhausted_total")?,
+        counter(&s.node, "switchyard_http_retries_total", &[])?,
+        counter(&s.node, "switchyard_http_retry_budget_exhausted_total", &[])?,
     );
     let r = load(&s.client, "http://10.96.0.11/", &["--requests", &n.to_string(), "--concurrency", "4"])?;
     let upstream = received(&s.servers[3])?["GET"];
     // Each retry is one more request upstream, and the metrics say so exactly; requests that
     // wanted a retry the budget refused are counted too.
-    let retries = counter(&s.node, "switchyard_http_retries_total")? - retries0;
-    let exhausted = counter(&s.node, "switchyard_http_retry_budget_exhausted_total")? - exhausted0;
+    let retries = counter(&s.node, "switchyard_http_retries_total", &[])? - retries0;
+    let exhausted = counter(&s.node, "switchyard_http_retry_budget_exhausted_total", &[])? - exhausted0;
     eprintln!("broken: {retries} retries, budget exhausted {exhausted} times");
     // (A retry of a request never written, when a kept-alive connection closed under it,
     // makes no upstream request: allow a couple of those.)
@@ -228,14 +223,18 @@ fn a_hung_endpoint_times_out_at_the_configured_timeout_and_its_breaker_opens() -
         &[],
     )?;
     let (t0, e0) = (
-        counter(&s.node, "switchyard_http_request_timeouts_total")?,
-        counter(&s.node, "switchyard_endpoint_ejections_total")?,
+        counter(&s.node, "switchyard_http_request_timeouts_total", &[])?,
+        counter(&s.node, "switchyard_endpoint_ejections_total", &[])?,
     );
     let r = load(&s.client, "http://10.96.0.10/", &["--duration-ms", "3000", "--concurrency", "8"])?;
     eprintln!("hung + slow: {r}");
     let timeouts = count(&r, "statuses", "504");
-    assert_eq!(counter(&s.node, "switchyard_http_request_timeouts_total")? - t0, timeouts as f64, "timeouts counted");
-    assert_eq!(counter(&s.node, "switchyard_endpoint_ejections_total")? - e0, 1.0, "the ejection counted");
+    assert_eq!(
+        counter(&s.node, "switchyard_http_request_timeouts_total", &[])? - t0,
+        timeouts as f64,
+        "timeouts counted"
+    );
+    assert_eq!(counter(&s.node, "switchyard_endpoint_ejections_total", &[])? - e0, 1.0, "the ejection counted");
     assert!(timeouts >= 1, "some requests reached the hung endpoint and timed out: {r}");
     assert_eq!(count(&r, "reasons", "request-timeout"), timeouts);
     let max = r["max_ms"].as_f64().unwrap();
@@ -272,10 +271,10 @@ fn requests_past_the_connection_limit_fail_fast_with_the_documented_503() -> Res
         },
         &[],
     )?;
-    let hits0 = counter(&s.node, "switchyard_http_limit_hits_total")?;
+    let hits0 = counter(&s.node, "switchyard_http_limit_hits_total", &[])?;
     let r = load(&s.client, "http://10.96.0.10/", &["--requests", "6", "--concurrency", "6"])?;
     eprintln!("6 at once against a limit of 2: {r}");
-    assert_eq!(counter(&s.node, "switchyard_http_limit_hits_total")? - hits0, 4.0, "limit hits counted");
+    assert_eq!(counter(&s.node, "switchyard_http_limit_hits_total", &[])? - hits0, 4.0, "limit hits counted");
     assert_eq!(count(&r, "statuses", "200"), 2, "{r}");
     assert_eq!(count(&r, "statuses", "503"), 4, "{r}");
     assert_eq!(count(&r, "reasons", "connection-limit"), 4, "{r}");
@@ -414,12 +413,12 @@ fn connects_to_blackholed_endpoints_time_out_and_are_retried_elsewhere() -> Resu
         },
         &["--connect-timeout-ms", "300"],
     )?;
-    let timeouts0 = counter(&s.node, "switchyard_outbound_errors_total{reason=\"connect_timeout\"}")?;
+    let timeouts0 = counter(&s.node, "switchyard_outbound_errors_total", &[("reason", "connect_timeout")])?;
     // Plain TCP: a new connection per request.
     let tcp = load(&s.client, "http://10.96.0.14/", &["--requests", "12", "--new-connection"])?;
     eprintln!("TCP through a Service with two blackholed endpoints: {tcp}");
     assert_eq!(tcp["ok"], 12, "{tcp}");
-    let timeouts = counter(&s.node, "switchyard_outbound_errors_total{reason=\"connect_timeout\"}")? - timeouts0;
+    let timeouts = counter(&s.node, "switchyard_outbound_errors_total", &[("reason", "connect_timeout")])? - timeouts0;
     assert!(timeouts >= 1.0, "a blackholed endpoint was tried and timed out");
     let conns = s.node.admin_json("/debug/connections")?;
     let raw: Vec<&Value> =

@@ -3,24 +3,18 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use sim::{Node, eventually, privileged, service_yaml};
+use sim::{Node, eventually, metric, privileged, service_yaml};
 
 const T: Duration = Duration::from_secs(60);
 
 /// Sum of the samples of `name` whose labels include all of `want` (Prometheus/OpenMetrics text).
-fn metric(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            (n == name && want.iter().all(|(k, v)| labels.contains(&format!("{k}=\"{v}\""))))
-                .then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
+/// A mesh CA for `node` (`mesh-agent ca init` in its directory); its path, for `--ca-dir`.
+fn mesh_ca(node: &Node) -> Result<String> {
+    let ca = node.dir.join("ca");
+    let out =
+        std::process::Command::new(sim::bin_path("mesh-agent")?).args(["ca", "init", "--dir"]).arg(&ca).output()?;
+    anyhow::ensure!(out.status.success(), "ca init: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(ca.to_string_lossy().into_owned())
 }
 
 #[test]
@@ -42,11 +36,8 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
     let _e = echo.serve(&["echo-server", "--listen", "0.0.0.0:9090"])?;
     node.services = service_yaml("web", "shop", "10.96.0.10:80".parse()?, "http", 8080, &[web.ip], &[]);
     // With a CA, so the certificate metrics exist too.
-    let ca = node.dir.join("ca");
-    let out =
-        std::process::Command::new(sim::bin_path("mesh-agent")?).args(["ca", "init", "--dir"]).arg(&ca).output()?;
-    anyhow::ensure!(out.status.success(), "ca init: {}", String::from_utf8_lossy(&out.stderr));
-    node.start_agent(&["--log-format", "json", "--ca-dir", ca.to_str().unwrap()])?;
+    let ca = mesh_ca(&node)?;
+    node.start_agent(&["--log-format", "json", "--ca-dir", &ca])?;
     eventually(Duration::from_secs(5), "pods meshed", || {
         let pods = node.admin_json("/debug/pods").ok()?;
         (pods.as_array()?.iter().filter(|p| p["redirected"] == true).count() == 3).then_some(())
@@ -451,11 +442,8 @@ fn the_node_dashboard_shows_the_traffic_in_a_real_browser() -> Result<()> {
     let _e = echo.serve(&["echo-server", "--listen", "0.0.0.0:9090"])?;
     node.services = service_yaml("web", "shop", "10.96.0.10:80".parse()?, "http", 8080, &[web.ip], &[]);
     // With a CA: the pods table shows each identity's certificate expiry.
-    let ca = node.dir.join("ca");
-    let out =
-        std::process::Command::new(sim::bin_path("mesh-agent")?).args(["ca", "init", "--dir"]).arg(&ca).output()?;
-    anyhow::ensure!(out.status.success(), "ca init: {}", String::from_utf8_lossy(&out.stderr));
-    node.start_agent(&["--ca-dir", ca.to_str().unwrap()])?;
+    let ca = mesh_ca(&node)?;
+    node.start_agent(&["--ca-dir", &ca])?;
     eventually(Duration::from_secs(5), "pods meshed", || {
         let pods = node.admin_json("/debug/pods").ok()?;
         (pods.as_array()?.iter().filter(|p| p["redirected"] == true).count() == 3).then_some(())

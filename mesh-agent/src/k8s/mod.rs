@@ -347,14 +347,19 @@ mod tests {
                "spec": {"nodeName": node}, "status": {"phase": "Running", "podIP": "10.244.1.9"}})
     }
 
+    /// A kube client whose requests the test answers through the handle.
+    fn mock_api() -> (Client, tower_test::mock::Handle<Request<Body>, Response<Body>>) {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        (Client::new(svc, "default"), handle)
+    }
+
     async fn body_of(resp: Value) -> Response<Body> {
         Response::builder().body(Body::from(serde_json::to_vec(&resp).unwrap())).unwrap()
     }
 
     #[tokio::test]
     async fn watcher_requests_are_node_scoped_malformed_objects_skipped_and_410_relists() {
-        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(svc, "default");
+        let (client, mut handle) = mock_api();
         let api = Api::<DynamicObject>::all_with(client, &resource("Pod", "pods"));
         let (tx, mut rx) = mpsc::channel(16);
         let cfg = watcher::Config::default().fields("spec.nodeName=n1").any_semantic();
@@ -428,8 +433,7 @@ mod tests {
     /// an invalid policy annotation is skipped (the good version stays), a valid one applies.
     #[tokio::test]
     async fn service_and_slice_watches_select_skip_bad_policies_and_follow_bookmarks() {
-        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(svc, "default");
+        let (client, mut handle) = mock_api();
         let service = |rv: u64, timeout: &str| {
             json!({"apiVersion": "v1", "kind": "Service",
                    "metadata": {"name": "web", "namespace": "shop", "resourceVersion": rv.to_string(),
@@ -475,8 +479,7 @@ mod tests {
         }
         task.abort();
 
-        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(svc, "default");
+        let (client, mut handle) = mock_api();
         let (tx, mut rx) = mpsc::channel(16);
         let api = Api::<DynamicObject>::all_with(client, &endpointslices());
         let cfg = watcher::Config::default().labels("kubernetes.io/service-name").any_semantic();

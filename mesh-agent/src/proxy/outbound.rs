@@ -343,7 +343,12 @@ impl Outbound {
         let first_labels = self.istio_labels(&orig, orig.dst, service_name, &route, "tcp");
         let (istio, (sent, received, error)) = match self.connect(id, orig, route, service.as_ref()).await {
             Ok(up) => {
-                let istio = self.istio_labels(&orig, up.ep, service_name, &up.route, "tcp");
+                // The route follows from the endpoint: the first pick's labels stand unless a
+                // retry reached another endpoint.
+                let istio = match up.ep == orig.dst {
+                    true => first_labels,
+                    false => self.istio_labels(&orig, up.ep, service_name, &up.route, "tcp"),
+                };
                 self.istio.tcp_opened.get_or_create(&istio).inc();
                 let _in_flight = up.in_flight;
                 let r = match self.copy(client, up.io).await {
@@ -500,7 +505,7 @@ impl Outbound {
             return Err(detail);
         }
         let Some(svc) = service else {
-            let io = self.open_route(orig.dst, route.clone()).await.map_err(|e| e.to_string())?;
+            let io = self.open_route(orig.dst, &route).await.map_err(|e| e.to_string())?;
             self.note_security(id, &route);
             return Ok(Connected { io, ep: orig.dst, route, in_flight: None });
         };
@@ -509,7 +514,7 @@ impl Outbound {
         loop {
             let guard = self.balancer.start(ep);
             let started = Instant::now();
-            let err = match self.open_route(ep, route.clone()).await {
+            let err = match self.open_route(ep, &route).await {
                 Ok(io) => {
                     self.balancer.connected(ep, started.elapsed());
                     self.note_security(id, &route);
@@ -560,13 +565,13 @@ impl Outbound {
     }
 
     /// One connect attempt to `ep` along `route` (never `Refuse`), within the connect timeout.
-    async fn open_route(&self, ep: std::net::SocketAddrV4, route: Route) -> Result<http::UpstreamIo, OutboundError> {
+    async fn open_route(&self, ep: std::net::SocketAddrV4, route: &Route) -> Result<http::UpstreamIo, OutboundError> {
         let dst = SocketAddr::V4(ep);
         let attempt = async {
             match route {
                 Route::Hbone { src, src_ip, dst: dst_id, peer } => {
                     let pool = self.pool.as_ref().expect("route() only picks HBONE with a pool");
-                    pool.connect(&src, src_ip, &dst_id, peer, ep)
+                    pool.connect(src, *src_ip, dst_id, *peer, ep)
                         .await
                         .map(|t| http::UpstreamIo::Tunnel(Box::new(t)))
                         .map_err(|e| {
@@ -581,7 +586,9 @@ impl Outbound {
                     }
                     Err(source) => Err(OutboundError::Connect { dst, source }),
                 },
-                Route::Refuse { reason, detail, .. } => Err(OutboundError::Tunnel { dst, reason, detail }),
+                Route::Refuse { reason, detail, .. } => {
+                    Err(OutboundError::Tunnel { dst, reason, detail: detail.clone() })
+                }
             }
         };
         let r = match tokio::time::timeout(self.connect_timeout, attempt).await {
