@@ -238,19 +238,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let outbound = Arc::new(Outbound {
         lookup: orig_table,
         pods: index_rx,
-        metrics: proxy_metrics,
-        conns: conns.clone(),
-        connect_timeout: config.connect_timeout,
+        metrics: proxy_metrics.clone(),
+        observe: crate::proxy::observe::Observe {
+            conns: conns.clone(),
+            proxy: Some(proxy_metrics.clone()),
+            istio: istio.clone(),
+            access_log: config.access_log,
+        },
         idle_timeout: config.tcp_idle_timeout,
         copy_buffer: config.copy_buffer,
-        trust_domain: config.trust_domain.clone(),
-        pool,
-        hbone_port: config.hbone_listen.port(),
+        route: crate::proxy::route::RouteConfig {
+            trust_domain: config.trust_domain.clone(),
+            hbone_port: config.hbone_listen.port(),
+            mtls: pool.is_some(),
+        },
+        connector: crate::proxy::upstream::Connector {
+            pool,
+            connect_timeout: config.connect_timeout,
+            metrics: proxy_metrics,
+        },
         balancer,
-        open_per_service: Default::default(),
+        limits: Default::default(),
         http,
-        istio: istio.clone(),
-        detect: crate::proxy::outbound::DetectConfig {
+        detect: crate::proxy::detect::DetectConfig {
             sniff_timeout: config.sniff_timeout,
             http_ports: config.http_ports.clone(),
             opaque_ports: config.opaque_ports.clone(),
@@ -265,18 +275,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         (Some(m), Some(listener)) => {
             let server = tls::server_config(m.certs.clone(), &config.trust_domain, &m.bundle)?;
             let inbound = Arc::new(Inbound {
-                istio: istio.clone(),
                 acceptor: tokio_rustls::TlsAcceptor::from(server),
                 idle_timeout: (config.pool_idle * 2).max(Duration::from_secs(1)),
                 handshakes: Arc::new(tokio::sync::Semaphore::new(crate::proxy::inbound::MAX_HANDSHAKES)),
                 connections: Arc::new(tokio::sync::Semaphore::new(crate::proxy::inbound::MAX_CONNECTIONS)),
                 trust_domain: config.trust_domain.clone(),
                 pods: outbound.pods.clone(),
-                conns: conns.clone(),
                 metrics: inbound_metrics,
                 connect_timeout: config.connect_timeout,
                 copy_buffer: config.copy_buffer,
-                access_log: config.access_log,
+                tcp_idle_timeout: config.tcp_idle_timeout,
+                observe: crate::proxy::observe::Observe {
+                    conns: conns.clone(),
+                    proxy: None,
+                    istio: istio.clone(),
+                    access_log: config.access_log,
+                },
             });
             info!(hbone = %listener.local_addr()?, "HBONE listener up");
             Some(tokio::spawn(inbound.serve(listener, stop.clone(), tasks.clone())))

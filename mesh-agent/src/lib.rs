@@ -16,5 +16,7 @@ pub mod otlp;
 pub mod proxy;
 pub mod reconcile;
 pub mod state;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tls;
 pub mod workloads;

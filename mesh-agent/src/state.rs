@@ -163,6 +163,9 @@ pub const MAX_CONNECTIONS_ANNOTATION: &str = "switchyard.io/max-connections";
 pub const MAX_PENDING_ANNOTATION: &str = "switchyard.io/max-pending-requests";
 /// Per-request timeout for HTTP (`250ms`, `2s`, `1m`); default none.
 pub const TIMEOUT_ANNOTATION: &str = "switchyard.io/timeout";
+/// Envoy's per-try timeout (Linkerd's retry timeout): one attempt of an HTTP request past it
+/// is cancelled, counted against its endpoint and retried within `timeout` and the budget.
+pub const PER_TRY_TIMEOUT_ANNOTATION: &str = "switchyard.io/per-try-timeout";
 /// Retries per HTTP request (default 2; `0` turns retries off).
 pub const RETRIES_ANNOTATION: &str = "switchyard.io/retries";
 /// Status codes an idempotent request is retried on (comma separated; default `503`).
@@ -212,6 +215,8 @@ pub struct ServicePolicy {
     pub max_pending_requests: u32,
     #[serde(skip_serializing_if = "Option::is_none", with = "opt_ms")]
     pub timeout: Option<std::time::Duration>,
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_ms")]
+    pub per_try_timeout: Option<std::time::Duration>,
     pub retries: u32,
     pub retry_on: Vec<u16>,
     pub retry_non_idempotent: bool,
@@ -233,6 +238,7 @@ impl Default for ServicePolicy {
             max_connections: None,
             max_pending_requests: 0,
             timeout: None,
+            per_try_timeout: None,
             retries: DEFAULT_RETRIES,
             retry_on: vec![503],
             retry_non_idempotent: false,
@@ -275,6 +281,9 @@ impl ServicePolicy {
                 }
                 TIMEOUT_ANNOTATION => {
                     p.timeout = Some(parse_duration(v).ok_or_else(|| bad("a duration like 500ms, 2s or 1m"))?)
+                }
+                PER_TRY_TIMEOUT_ANNOTATION => {
+                    p.per_try_timeout = Some(parse_duration(v).ok_or_else(|| bad("a duration like 200ms or 1s"))?)
                 }
                 RETRIES_ANNOTATION => {
                     p.retries =
@@ -350,6 +359,7 @@ mod tests {
     fn policy_annotations_parse_and_bad_values_say_why() {
         let p = policy(&[
             (TIMEOUT_ANNOTATION, "1.5s"),
+            (PER_TRY_TIMEOUT_ANNOTATION, "200ms"),
             (RETRIES_ANNOTATION, "0"),
             (RETRY_NON_IDEMPOTENT_ANNOTATION, "true"),
             (RETRY_BUDGET_ANNOTATION, "10%"),
@@ -358,12 +368,14 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(p.timeout, Some(Duration::from_millis(1500)));
+        assert_eq!(p.per_try_timeout, Some(Duration::from_millis(200)));
         assert_eq!(
             (p.retries, p.retry_non_idempotent, p.retry_budget_percent, p.max_pending_requests),
             (0, true, 10, 4)
         );
         for (k, v) in [
             (TIMEOUT_ANNOTATION, "0s"),
+            (PER_TRY_TIMEOUT_ANNOTATION, "quick"),
             (TIMEOUT_ANNOTATION, "5"),
             (TIMEOUT_ANNOTATION, "-1s"),
             (RETRIES_ANNOTATION, "many"),

@@ -249,6 +249,35 @@ fn a_hung_endpoint_times_out_at_the_configured_timeout_and_its_breaker_opens() -
     Ok(())
 }
 
+/// The per-try timeout (`switchyard.io/per-try-timeout`): with a hung endpoint among healthy
+/// ones, a try past 200 ms is cancelled, counted against the hung endpoint and retried on
+/// another within the 2 s overall timeout, so every GET is answered 200 (with only the overall
+/// timeout, the hung attempt is never retried and some GETs get 504).
+#[test]
+fn a_per_try_timeout_moves_requests_off_a_hung_endpoint_and_every_get_is_answered() -> Result<()> {
+    if !privileged("a_per_try_timeout_moves_requests") {
+        return Ok(());
+    }
+    let s = setup(
+        147,
+        &[("hung", &["--hang"]), ("web-1", &[]), ("web-2", &[])],
+        |ips| web(ips, &[("switchyard.io/timeout", "2s"), ("switchyard.io/per-try-timeout", "200ms")]),
+        &[],
+    )?;
+    let p0 = counter(&s.node, "switchyard_http_per_try_timeouts_total", &[])?;
+    let r = load(&s.client, "http://10.96.0.10/", &["--requests", "200", "--concurrency", "4"])?;
+    eprintln!("hung + 2 healthy, per-try 200ms: {r}");
+    assert_eq!(count(&r, "statuses", "200"), 200, "every GET answered 200: {r}");
+    let per_try = counter(&s.node, "switchyard_http_per_try_timeouts_total", &[])? - p0;
+    assert!(per_try >= 1.0, "some tries reached the hung endpoint and were cut: {per_try}");
+    let hung = received(&s.servers[0]).unwrap_or_default().values().sum::<u64>();
+    eprintln!("per-try timeouts {per_try}; requests the hung endpoint received {hung}");
+    assert!(per_try as u64 <= hung, "each cut try was a request the hung endpoint had");
+    let max = r["max_ms"].as_f64().unwrap();
+    assert!(max < 2000.0, "no request waited out the overall timeout: {max} ms");
+    Ok(())
+}
+
 #[test]
 fn requests_past_the_connection_limit_fail_fast_with_the_documented_503() -> Result<()> {
     if !privileged("requests_past_the_connection_limit") {

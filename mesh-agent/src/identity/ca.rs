@@ -70,8 +70,17 @@ pub fn init(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<CaPath
         }
     }
     std::fs::create_dir_all(dir).map_err(|source| CaError::Write { path: dir.into(), source })?;
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|source| CaError::Rcgen { path: paths.key.clone(), source })?;
+    let (cert, key) =
+        self_signed(trust_domain, lifetime).map_err(|source| CaError::Rcgen { path: paths.cert.clone(), source })?;
+    write(&paths.cert, cert.pem().as_bytes(), 0o644)?;
+    write(&paths.key, key.serialize_pem().as_bytes(), 0o600)?;
+    write(&paths.bundle, cert.pem().as_bytes(), 0o644)?;
+    Ok(paths)
+}
+
+/// A new self-signed mesh CA certificate (ECDSA P-256) and its key.
+fn self_signed(trust_domain: &str, lifetime: Duration) -> Result<(rcgen::Certificate, KeyPair), rcgen::Error> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "switchyard");
@@ -85,11 +94,8 @@ pub fn init(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<CaPath
     let now = SystemTime::now();
     params.not_before = offset(now - BACKDATE);
     params.not_after = offset(now + lifetime);
-    let cert = params.self_signed(&key).map_err(|source| CaError::Rcgen { path: paths.cert.clone(), source })?;
-    write(&paths.cert, cert.pem().as_bytes(), 0o644)?;
-    write(&paths.key, key.serialize_pem().as_bytes(), 0o600)?;
-    write(&paths.bundle, cert.pem().as_bytes(), 0o644)?;
-    Ok(paths)
+    let cert = params.self_signed(&key)?;
+    Ok((cert, key))
 }
 
 fn ring_digest(data: &[u8]) -> Vec<u8> {
@@ -181,6 +187,15 @@ impl LocalCa {
             .map_err(|source| CaError::Pem { path: cert.into(), source })?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key_pair)
             .map_err(|source| CaError::Rcgen { path: cert.into(), source })?;
+        Ok(LocalCa { issuer, ca_cert })
+    }
+
+    /// A new CA that lives in memory only (in-process tests).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn generate(trust_domain: &str, lifetime: Duration) -> Result<Self, rcgen::Error> {
+        let (cert, key) = self_signed(trust_domain, lifetime)?;
+        let ca_cert = cert.der().clone();
+        let issuer = Issuer::from_ca_cert_pem(&cert.pem(), key)?;
         Ok(LocalCa { issuer, ca_cert })
     }
 

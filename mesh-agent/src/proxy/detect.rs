@@ -115,6 +115,37 @@ pub async fn detect(stream: &TcpStream, hint: Hint, sniff_timeout: Duration, hin
     }
 }
 
+/// Protocol detection and HTTP settings of the outbound proxy.
+#[derive(Debug, Clone)]
+pub struct DetectConfig {
+    pub sniff_timeout: Duration,
+    pub http_ports: Vec<u16>,
+    pub opaque_ports: Vec<u16>,
+    pub retry_body_limit: usize,
+    /// Propagate W3C trace context on HTTP requests (create it when absent).
+    pub trace_context: bool,
+    /// Share (0..1) of the traces the proxy starts that are marked sampled.
+    pub trace_sample_rate: f64,
+    /// OTLP export of the proxy's request spans (`None`: off).
+    pub spans: Option<crate::otlp::Spans>,
+    pub access_log: crate::config::AccessLog,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        DetectConfig {
+            sniff_timeout: crate::config::DEFAULT_SNIFF_TIMEOUT,
+            http_ports: vec![],
+            opaque_ports: crate::config::DEFAULT_OPAQUE_PORTS.to_vec(),
+            retry_body_limit: crate::config::DEFAULT_RETRY_BODY_LIMIT,
+            trace_context: true,
+            trace_sample_rate: 1.0,
+            spans: None,
+            access_log: Default::default(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Instant;

@@ -1,5 +1,8 @@
-//! Bidirectional copy with an idle timeout: a proxied TCP connection on which no byte has moved
-//! either way for the timeout is closed (Istio's and Envoy's TCP idle timeout; default one hour).
+//! The one bidirectional copy of every proxied connection (outbound TCP, inbound HBONE streams):
+//! both half-closes propagated on their own, the bytes each way counted (also when the copy
+//! ends in an error), an idle timeout (a connection on which no byte has moved either way for
+//! the timeout is closed: Istio's and Envoy's TCP idle timeout, default one hour) and a
+//! cancellation token (a policy change that no longer allows the connection).
 //! Activity is a timestamp stored on each successful read or write, checked by a watchdog a few
 //! times per timeout: nothing per byte beyond one relaxed atomic store.
 use std::{
@@ -35,6 +38,8 @@ impl Clock {
 struct Activity<'a, S> {
     inner: &'a mut S,
     clock: Arc<Clock>,
+    /// Bytes read from this side.
+    read: u64,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Activity<'_, S> {
@@ -43,6 +48,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Activity<'_, S> {
         let before = buf.filled().len();
         let r = Pin::new(&mut *this.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.read += (buf.filled().len() - before) as u64;
             this.clock.touch();
         }
         r
@@ -68,8 +74,52 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Activity<'_, S> {
     }
 }
 
-/// `tokio::io::copy_bidirectional_with_sizes`, ended with an error of kind `TimedOut` when no
-/// byte has moved for `idle` (`None`: never).
+/// What a copy moved, and how it ended.
+#[derive(Debug)]
+pub struct Copied {
+    /// Bytes read from `a` (and sent on to `b`).
+    pub a_to_b: u64,
+    pub b_to_a: u64,
+    /// `None`: both sides finished. `TimedOut`: idle; `Interrupted`: cancelled.
+    pub error: Option<io::Error>,
+}
+
+/// `tokio::io::copy_bidirectional_with_sizes` with byte counts that survive an error, ended
+/// with an error of kind `TimedOut` when no byte has moved for `idle` (`None`: never) and of
+/// kind `Interrupted` when `cancel` is cancelled.
+pub async fn copy<A, B>(
+    a: &mut A,
+    b: &mut B,
+    buf: usize,
+    idle: Option<Duration>,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Copied
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let clock = Arc::new(Clock { epoch: Instant::now(), last_ms: AtomicU64::new(0) });
+    let mut wa = Activity { inner: a, clock: clock.clone(), read: 0 };
+    let mut wb = Activity { inner: b, clock: clock.clone(), read: 0 };
+    let watchdog = async {
+        let Some(idle) = idle else { return std::future::pending().await };
+        let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(60));
+        loop {
+            tokio::time::sleep(tick).await;
+            if clock.idle() >= idle {
+                return idle;
+            }
+        }
+    };
+    let error = tokio::select! {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut wa, &mut wb, buf, buf) => r.err(),
+        idle = watchdog => Some(io::Error::new(io::ErrorKind::TimedOut, format!("idle for {idle:?}: closed"))),
+        _ = cancel.cancelled() => Some(io::Error::new(io::ErrorKind::Interrupted, "closed by the proxy: no longer allowed")),
+    };
+    Copied { a_to_b: wa.read, b_to_a: wb.read, error }
+}
+
+/// [`copy`] without cancellation, as `Result`.
 pub async fn copy_bidirectional<A, B>(
     a: &mut A,
     b: &mut B,
@@ -80,23 +130,10 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(idle) = idle else { return tokio::io::copy_bidirectional_with_sizes(a, b, buf, buf).await };
-    let clock = Arc::new(Clock { epoch: Instant::now(), last_ms: AtomicU64::new(0) });
-    let mut wa = Activity { inner: a, clock: clock.clone() };
-    let mut wb = Activity { inner: b, clock: clock.clone() };
-    let copy = tokio::io::copy_bidirectional_with_sizes(&mut wa, &mut wb, buf, buf);
-    let watchdog = async {
-        let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(60));
-        loop {
-            tokio::time::sleep(tick).await;
-            if clock.idle() >= idle {
-                return;
-            }
-        }
-    };
-    tokio::select! {
-        r = copy => r,
-        _ = watchdog => Err(io::Error::new(io::ErrorKind::TimedOut, format!("idle for {idle:?}: closed"))),
+    let c = copy(a, b, buf, idle, &tokio_util::sync::CancellationToken::new()).await;
+    match c.error {
+        None => Ok((c.a_to_b, c.b_to_a)),
+        Some(e) => Err(e),
     }
 }
 
@@ -139,5 +176,27 @@ mod tests {
         assert_eq!(sent, 16);
         assert_eq!(reader.await.unwrap(), 16);
         writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn counts_survive_an_error_and_cancellation_ends_the_copy() {
+        let (mut a, mut a_peer) = duplex(64);
+        let (mut b, mut b_peer) = duplex(64);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let c2 = cancel.clone();
+        let driver = tokio::spawn(async move {
+            a_peer.write_all(b"hello").await.unwrap();
+            let mut got = [0u8; 5];
+            b_peer.read_exact(&mut got).await.unwrap();
+            b_peer.write_all(b"hi").await.unwrap();
+            let mut back = [0u8; 2];
+            a_peer.read_exact(&mut back).await.unwrap();
+            c2.cancel();
+            (a_peer, b_peer)
+        });
+        let c = copy(&mut a, &mut b, 64, None, &cancel).await;
+        assert_eq!((c.a_to_b, c.b_to_a), (5, 2));
+        assert_eq!(c.error.unwrap().kind(), io::ErrorKind::Interrupted);
+        drop(driver.await.unwrap());
     }
 }

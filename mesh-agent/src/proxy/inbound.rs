@@ -20,14 +20,16 @@ use prometheus_client::metrics::{counter::Counter, family::Family};
 use tokio::{net::TcpListener, net::TcpStream, sync::watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::{
     authz::{self, Decision},
     identity::Identity,
     metrics::ErrorLabels,
     proxy::{
-        conns::{ConnRecord, Connections, Direction, Security},
+        conns::{ConnRecord, Direction, Security},
+        idle,
+        observe::{Observe, Recorder},
         pool::REASON_HEADER,
     },
     reconcile::PodIndex,
@@ -63,14 +65,14 @@ pub struct Inbound {
     pub connections: Arc<tokio::sync::Semaphore>,
     pub trust_domain: String,
     pub pods: watch::Receiver<Arc<PodIndex>>,
-    pub conns: Arc<Connections>,
     pub metrics: InboundMetrics,
     pub connect_timeout: Duration,
     pub copy_buffer: usize,
-    /// Istio's standard metrics (reporter `destination`).
-    pub istio: crate::metrics::IstioMetrics,
-    /// Which tunnelled connections get an access-log line (as for outbound ones).
-    pub access_log: crate::config::AccessLog,
+    /// Close a tunnelled connection after this long without a byte either way (`None`: never),
+    /// as outbound connections are.
+    pub tcp_idle_timeout: Option<Duration>,
+    /// Connection records, Istio's standard metrics (reporter `destination`) and the access log.
+    pub observe: Observe,
 }
 
 impl Inbound {
@@ -210,6 +212,7 @@ impl Inbound {
             .expect("static response parts are valid")
     }
 
+    /// One HBONE stream: check it, connect to the pod, then answer 200 and copy.
     async fn stream(
         self: Arc<Self>,
         mut req: Request<Incoming>,
@@ -218,60 +221,96 @@ impl Inbound {
         server_id: Identity,
         activity: Arc<Activity>,
     ) -> Response<Empty<Bytes>> {
+        let checked = match self.check(&req, peer, &client_id, &server_id) {
+            Ok(c) => c,
+            Err(resp) => return resp,
+        };
+        let upstream = match self.connect_pod(checked.target).await {
+            Ok(s) => s,
+            Err(resp) => return resp,
+        };
+        self.metrics.accepted.inc();
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let mut rec = Recorder::open(
+            &self.observe,
+            ConnRecord {
+                direction: Direction::Inbound,
+                security: Security::MutualTls,
+                client: peer,
+                source_identity: Some(client_id.to_string()),
+                source_pod: checked.source_pod,
+                destination_identity: Some(server_id.to_string()),
+                destination_pod: Some(checked.dst_pod),
+                original_dst: checked.target,
+                ..Default::default()
+            },
+            "tcp",
+        );
+        rec.istio_opened(checked.istio);
+        activity.streams.fetch_add(1, Ordering::AcqRel);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _active = StreamActive(activity);
+            let (sent, received, error) = match on_upgrade.await {
+                Ok(up) => {
+                    let (mut tunnel, mut upstream) = (TokioIo::new(up), upstream);
+                    let c = idle::copy(
+                        &mut tunnel,
+                        &mut upstream,
+                        this.copy_buffer,
+                        this.tcp_idle_timeout,
+                        &CancellationToken::new(),
+                    )
+                    .await;
+                    (c.a_to_b, c.b_to_a, c.error.map(|e| e.to_string()))
+                }
+                Err(e) => (0, 0, Some(format!("upgrade failed: {e}"))),
+            };
+            rec.finish(sent, received, error);
+        });
+        Response::new(Empty::new())
+    }
+
+    /// The stream's checks: a CONNECT to a meshed pod of this node, on a connection for that
+    /// pod's identity, allowed by policy. `Err` is the answer.
+    fn check(
+        &self,
+        req: &Request<Incoming>,
+        peer: SocketAddr,
+        client_id: &Identity,
+        server_id: &Identity,
+    ) -> Result<Checked, Response<Empty<Bytes>>> {
         if req.method() != Method::CONNECT {
-            return self.reject(
+            return Err(self.reject(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "not_connect",
                 format!("HBONE request from {client_id} is {} , not CONNECT", req.method()),
-            );
+            ));
         }
         let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok()) else {
-            return self.reject(
+            return Err(self.reject(
                 StatusCode::BAD_REQUEST,
                 "bad_authority",
                 format!("HBONE CONNECT from {client_id} has no ip:port authority ({:?})", req.uri()),
-            );
+            ));
         };
-        let (dst, source_pod, decision, istio) = {
-            let idx = self.pods.borrow();
-            let Some(pod) = idx.by_ip(*target.ip()).filter(|p| idx.is_local(p) && p.workload.meshed) else {
-                return self.reject(
-                    StatusCode::NOT_FOUND,
-                    "not_on_this_node",
-                    format!("HBONE CONNECT from {client_id} to {target}: no meshed pod with that address on this node"),
-                );
-            };
-            let dst_id = pod.workload.identity(&self.trust_domain);
-            if dst_id != server_id {
-                return self.reject(
-                    StatusCode::MISDIRECTED_REQUEST,
-                    "identity_mismatch",
-                    format!("HBONE CONNECT from {client_id} to {target} ({dst_id}) on a connection for {server_id}"),
-                );
-            }
-            let decision = authz::evaluate(&idx.authz, &client_id, &pod.workload, target.port());
-            // The source is known by its verified identity. Which of its pods: the one the
-            // peer names (`Forwarded: for=`), believed only if that pod has that identity (a
-            // peer can only ever name pods of its own identity).
-            let source = forwarded_for(req.headers())
-                .and_then(|ip| idx.by_ip(ip))
-                .filter(|p| p.workload.identity(&self.trust_domain) == client_id && p.workload.meshed)
-                // ... and on the node the connection comes from.
-                .filter(|p| {
-                    idx.nodes.get(&p.workload.node).is_some_and(|n| std::net::IpAddr::V4(n.address) == peer.ip())
-                });
-            let mut istio = crate::metrics::IstioLabels::unknown("destination", "tcp")
-                .destination(&pod.workload, &self.trust_domain);
-            match source {
-                Some(src) => istio = istio.source(&src.workload, &self.trust_domain),
-                None => {
-                    istio.source_workload_namespace = client_id.namespace.clone();
-                    istio.source_principal = client_id.to_string();
-                }
-            }
-            istio.connection_security_policy = "mutual_tls";
-            (pod.key.clone(), source.map(|p| p.key.clone()), decision, istio)
+        let idx = self.pods.borrow().clone();
+        let Some(pod) = idx.by_ip(*target.ip()).filter(|p| idx.is_local(p) && p.workload.meshed) else {
+            return Err(self.reject(
+                StatusCode::NOT_FOUND,
+                "not_on_this_node",
+                format!("HBONE CONNECT from {client_id} to {target}: no meshed pod with that address on this node"),
+            ));
         };
+        let dst_id = pod.workload.identity(&self.trust_domain);
+        if dst_id != *server_id {
+            return Err(self.reject(
+                StatusCode::MISDIRECTED_REQUEST,
+                "identity_mismatch",
+                format!("HBONE CONNECT from {client_id} to {target} ({dst_id}) on a connection for {server_id}"),
+            ));
+        }
+        let decision = authz::evaluate(&idx.authz, client_id, &pod.workload, target.port());
         if decision != Decision::Allow {
             self.metrics.denied.get_or_create(&ErrorLabels { reason: decision.reason() }).inc();
             let rule = match &decision {
@@ -279,14 +318,40 @@ impl Inbound {
                 _ => "-".into(),
             };
             warn!(src = %client_id, dst = %server_id, %target, reason = decision.reason(), rule, "connection denied by authorization policy");
-            return Response::builder()
+            return Err(Response::builder()
                 .status(StatusCode::FORBIDDEN)
                 .header(REASON_HEADER, decision.reason())
                 .body(Empty::new())
-                .expect("static response parts are valid");
+                .expect("static response parts are valid"));
         }
-        let upstream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await {
-            Ok(Ok(s)) => s,
+        // The source is known by its verified identity. Which of its pods: the one the peer
+        // names (`Forwarded: for=`), believed only if that pod has that identity (a peer can
+        // only ever name pods of its own identity) and runs on the node the connection comes
+        // from.
+        let source = forwarded_for(req.headers())
+            .and_then(|ip| idx.by_ip(ip))
+            .filter(|p| p.workload.identity(&self.trust_domain) == *client_id && p.workload.meshed)
+            .filter(|p| idx.nodes.get(&p.workload.node).is_some_and(|n| std::net::IpAddr::V4(n.address) == peer.ip()));
+        let mut istio =
+            crate::metrics::IstioLabels::unknown("destination", "tcp").destination(&pod.workload, &self.trust_domain);
+        match source {
+            Some(src) => istio = istio.source(&src.workload, &self.trust_domain),
+            None => {
+                istio.source_workload_namespace = client_id.namespace.clone();
+                istio.source_principal = client_id.to_string();
+            }
+        }
+        istio.connection_security_policy = "mutual_tls";
+        Ok(Checked { target, dst_pod: pod.key.clone(), source_pod: source.map(|p| p.key.clone()), istio })
+    }
+
+    /// Connects to the pod. `Err` is the answer (503, or 504 on timeout).
+    async fn connect_pod(&self, target: SocketAddrV4) -> Result<TcpStream, Response<Empty<Bytes>>> {
+        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
             Ok(Err(e)) => {
                 let (reason, what) = match (e.kind(), e.raw_os_error()) {
                     (std::io::ErrorKind::ConnectionRefused, _) => ("pod_refused", "the pod refused"),
@@ -295,85 +360,27 @@ impl Inbound {
                     }
                     _ => ("pod_unreachable", "the pod is unreachable"),
                 };
-                return self.reject(
+                Err(self.reject(
                     StatusCode::SERVICE_UNAVAILABLE,
                     reason,
                     format!("HBONE CONNECT to {target}: {what} ({e})"),
-                );
+                ))
             }
-            Err(_) => {
-                return self.reject(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "pod_timeout",
-                    format!("HBONE CONNECT to {target}: connecting to the pod timed out"),
-                );
-            }
-        };
-        let _ = upstream.set_nodelay(true);
-        self.metrics.accepted.inc();
-        self.istio.tcp_opened.get_or_create(&istio).inc();
-        let on_upgrade = hyper::upgrade::on(&mut req);
-        let this = self.clone();
-        activity.streams.fetch_add(1, Ordering::AcqRel);
-        tokio::spawn(async move {
-            let _active = StreamActive(activity);
-            let id = this.conns.open(ConnRecord {
-                direction: Direction::Inbound,
-                security: Security::MutualTls,
-                client: peer,
-                source_identity: Some(client_id.to_string()),
-                source_pod,
-                destination_identity: Some(server_id.to_string()),
-                destination_pod: Some(dst),
-                original_dst: target,
-                ..Default::default()
-            });
-            let started = Instant::now();
-            let (sent, received, error) = match on_upgrade.await {
-                Ok(up) => {
-                    let mut tunnel = TokioIo::new(up);
-                    let mut upstream = upstream;
-                    match tokio::io::copy_bidirectional_with_sizes(
-                        &mut tunnel,
-                        &mut upstream,
-                        this.copy_buffer,
-                        this.copy_buffer,
-                    )
-                    .await
-                    {
-                        Ok((s, r)) => (s, r, None),
-                        Err(e) => (0, 0, Some(e.to_string())),
-                    }
-                }
-                Err(e) => (0, 0, Some(format!("upgrade failed: {e}"))),
-            };
-            // Tunnel to pod (source to destination) is Istio's "received".
-            this.istio.tcp_closed.get_or_create(&istio).inc();
-            this.istio.tcp_received.get_or_create(&istio).inc_by(sent);
-            this.istio.tcp_sent.get_or_create(&istio).inc_by(received);
-            if let Some(rec) = this.conns.close(id, started.elapsed(), sent, received, error)
-                && this.access_log.wants(rec.error.is_some())
-            {
-                info!(
-                    target: "access",
-                    direction = "inbound",
-                    kind = "tcp",
-                    client = %rec.client,
-                    src = rec.source_pod.as_deref().unwrap_or("-"),
-                    src_identity = rec.source_identity.as_deref().unwrap_or("-"),
-                    dst_identity = rec.destination_identity.as_deref().unwrap_or("-"),
-                    security = ?rec.security,
-                    dst = %rec.original_dst,
-                    dst_pod = rec.destination_pod.as_deref().unwrap_or("-"),
-                    sent, received,
-                    duration_ms = rec.duration_ms,
-                    error = rec.error.as_deref().unwrap_or("-"),
-                    "inbound connection"
-                );
-            }
-        });
-        Response::new(Empty::new())
+            Err(_) => Err(self.reject(
+                StatusCode::GATEWAY_TIMEOUT,
+                "pod_timeout",
+                format!("HBONE CONNECT to {target}: connecting to the pod timed out"),
+            )),
+        }
     }
+}
+
+/// What a stream's checks established.
+struct Checked {
+    target: SocketAddrV4,
+    dst_pod: String,
+    source_pod: Option<String>,
+    istio: crate::metrics::IstioLabels,
 }
 
 /// The first `for=` IPv4 address of a `Forwarded` header (RFC 7239), as HBONE clients name

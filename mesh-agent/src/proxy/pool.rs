@@ -47,6 +47,8 @@ pub enum HboneError {
     Status { peer: SocketAddr, target: SocketAddrV4, status: StatusCode, reason: Option<String> },
     #[error("tunnel upgrade failed: {0}")]
     Upgrade(hyper::Error),
+    #[error("HBONE peer {peer} failed {failures} time(s) in a row ({cause}); not retried for {retry_in:?}")]
+    PeerBackoff { peer: SocketAddr, failures: u32, cause: String, retry_in: Duration },
     #[error("peer {peer} did not answer CONNECT {target} within {timeout:?}")]
     ConnectStreamTimeout { peer: SocketAddr, target: SocketAddrV4, timeout: Duration },
 }
@@ -62,7 +64,24 @@ impl HboneError {
             HboneError::ConnectStreamTimeout { .. } => "hbone_stream_timeout",
             HboneError::Status { status, .. } if *status == StatusCode::FORBIDDEN => "hbone_denied",
             HboneError::Status { .. } => "hbone_rejected",
+            HboneError::PeerBackoff { .. } => "hbone_peer_backoff",
         }
+    }
+
+    /// The peer node's authorization refused the stream.
+    pub fn is_denial(&self) -> bool {
+        matches!(self, HboneError::Status { status, .. } if *status == StatusCode::FORBIDDEN)
+    }
+
+    /// The peer node itself could not be reached (TCP or TLS): its other pods cannot either.
+    pub fn peer_dead(&self) -> bool {
+        matches!(
+            self,
+            HboneError::Connect { .. }
+                | HboneError::ConnectTimeout(_)
+                | HboneError::Tls { .. }
+                | HboneError::PeerBackoff { .. }
+        )
     }
 }
 
@@ -103,7 +122,26 @@ pub struct Pool {
     max_streams: usize,
     idle: Duration,
     slots: Mutex<HashMap<Key, Slot>>,
+    /// Peers whose last connection attempt failed: callers back off together (see
+    /// [`PeerFailure`]) instead of each waiting out its own connect timeout in turn.
+    failures: Mutex<HashMap<SocketAddr, PeerFailure>>,
     pub metrics: PoolMetrics,
+}
+
+/// A peer node's consecutive failed connection attempts. Until `at + backoff(failures)`, a
+/// caller that would open a connection to it fails at once with [`HboneError::PeerBackoff`]:
+/// callers queued behind the failed attempt get its result, not a connect timeout each.
+#[derive(Debug, Clone)]
+struct PeerFailure {
+    at: Instant,
+    failures: u32,
+    cause: String,
+}
+
+/// How long a peer that failed `failures` times in a row is not tried again: 100 ms, doubling,
+/// at most 2 s.
+pub fn peer_backoff(failures: u32) -> Duration {
+    Duration::from_millis(100).saturating_mul(1 << failures.saturating_sub(1).min(5)).min(Duration::from_secs(2))
 }
 
 /// An open tunnel. Holding it counts as a stream on its pooled connection.
@@ -136,6 +174,7 @@ impl Pool {
             max_streams,
             idle,
             slots: Mutex::default(),
+            failures: Mutex::default(),
             metrics: PoolMetrics::default(),
         }
     }
@@ -187,7 +226,15 @@ impl Pool {
             let (conn, reused) = match reusable {
                 Some(c) => (c.clone(), true),
                 None => {
-                    let c = Arc::new(self.open(&cert, dst, peer).await.map_err(|e| (e, false))?);
+                    self.check_backoff(peer).map_err(|e| (e, false))?;
+                    let c = match self.open(&cert, dst, peer).await {
+                        Ok(c) => Arc::new(c),
+                        Err(e) => {
+                            self.note_failure(peer, &e);
+                            return Err((e, false));
+                        }
+                    };
+                    self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer);
                     conns.push(c.clone());
                     (c, false)
                 }
@@ -223,6 +270,31 @@ impl Pool {
             }
             Err(_) => Err((HboneError::ConnectStreamTimeout { peer, target, timeout }, reused)),
         }
+    }
+
+    /// Fails at once while `peer` is backed off after failed attempts.
+    fn check_backoff(&self, peer: SocketAddr) -> Result<(), HboneError> {
+        let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        match failures.get(&peer) {
+            Some(f) if f.at.elapsed() < peer_backoff(f.failures) => Err(HboneError::PeerBackoff {
+                peer,
+                failures: f.failures,
+                cause: f.cause.clone(),
+                retry_in: peer_backoff(f.failures).saturating_sub(f.at.elapsed()),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn note_failure(&self, peer: SocketAddr, e: &HboneError) {
+        if !e.peer_dead() {
+            return;
+        }
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let f = failures.entry(peer).or_insert(PeerFailure { at: Instant::now(), failures: 0, cause: String::new() });
+        f.at = Instant::now();
+        f.failures = f.failures.saturating_add(1);
+        f.cause = e.to_string();
     }
 
     async fn open(
