@@ -1,6 +1,6 @@
 //! The admin server (default port 15020), apart from the data plane: `/metrics`,
 //! `/healthz`, `/readyz`, and JSON debug views of pods, connections and the datapath.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, sync::Arc};
 
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Bytes, header, service::service_fn};
@@ -19,6 +19,8 @@ pub struct Admin {
     pub datapath: Arc<std::sync::Mutex<Option<Datapath>>>,
     pub ready: watch::Receiver<bool>,
     pub node_name: String,
+    /// The mesh's SPIFFE trust domain (the dashboard's identities).
+    pub trust_domain: String,
     pub certs: Option<Arc<crate::identity::manager::CertManager>>,
     pub pool: Option<Arc<crate::proxy::pool::Pool>>,
     /// Endpoint state (latency, in flight, ejection) for `/debug/services`.
@@ -330,7 +332,7 @@ impl Admin {
             .filter(|p| p.cgroup_id.is_some())
             .map(|p| {
                 let w = &p.workload;
-                let id = w.spiffe_id(crate::identity::DEFAULT_TRUST_DOMAIN);
+                let id = w.spiffe_id(&self.trust_domain);
                 let key = &p.key;
                 let (conns_out, bytes_out) = pod_conns.get(key.as_str()).copied().unwrap_or_default();
                 let out: Vec<&crate::proxy::http::RequestRecord> =
@@ -346,7 +348,7 @@ impl Admin {
                     "reason": w.reason,
                     "mtls_mode": w.mtls_mode,
                     "fail_mode": if w.fail_closed { "closed" } else { "open" },
-                    "cert_expires_in_secs": certs.iter().find(|(k, _)| k.ends_with(&format!("/ns/{}/sa/{}", w.namespace, w.service_account))).map(|(_, v)| *v),
+                    "cert_expires_in_secs": certs.get(&id).copied(),
                     "connections_out": conns_out,
                     "bytes_out": bytes_out,
                     "requests_out": recent.iter().filter(|r| &r.source_pod == key).count(),
@@ -398,9 +400,4 @@ impl Admin {
             "ebpf": ebpf,
         })
     }
-}
-
-/// Address the admin server really bound (port 0 in tests).
-pub fn local_addr(l: &TcpListener) -> Option<SocketAddr> {
-    l.local_addr().ok()
 }

@@ -225,6 +225,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         datapath: datapath.clone(),
         ready: ready_rx,
         node_name: config.node_name.clone(),
+        trust_domain: config.trust_domain.clone(),
         certs: mtls.as_ref().map(|m| m.certs.clone()),
         pool: pool.clone(),
         balancer: balancer.clone(),

@@ -335,14 +335,6 @@ impl NodeState {
     pub fn meshed(&self) -> impl Iterator<Item = &Workload> {
         self.pods.values().filter(|w| w.meshed && w.node == self.node)
     }
-
-    pub fn local(&self) -> impl Iterator<Item = (&String, &Workload)> {
-        self.pods.iter().filter(|(_, w)| w.node == self.node)
-    }
-
-    pub fn by_ip(&self, ip: Ipv4Addr) -> Option<&Workload> {
-        self.pods.values().find(|w| w.ip == ip)
-    }
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@
 use std::{fmt, sync::Arc};
 
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error as TlsError, RootCertStore,
-    ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, Error as TlsError, RootCertStore, ServerConfig,
+    SignatureScheme,
     client::{
         ResolvesClientCert,
         danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -280,8 +280,6 @@ pub fn failure_reason(e: &std::io::Error) -> &'static str {
         _ => "tls_error",
     }
 }
-
-pub type DistinguishedNames = Vec<DistinguishedName>;
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,5 @@
 //! A simulated Kubernetes node built from network namespaces and cgroups, for the end-to-end
-//! tests and the demo (see `shared/notes/testing.md`).
+//! tests and the demo (see `tests/README.md`).
 //!
 //! * A **node** is a network namespace holding a bridge (`br0`, the pods' gateway) plus a cgroup
 //!   under `<cgroup2>/switchyard-test/`; the agent runs inside the node's namespace.

@@ -108,8 +108,7 @@ impl<U: Upstreams> Downstream<U> {
             self.up.observe().conns.set_endpoint(self.conn, t.ep, t.dst_pod.clone(), retries);
             {
                 let mut o = outcome.lock().unwrap_or_else(|p| p.into_inner());
-                o.target = Some(t.clone());
-                o.retries = retries;
+                (o.target, o.retries) = (Some(t.clone()), retries);
             }
             let _in_flight = balancer.start(t.ep);
             let started = Instant::now();
@@ -140,10 +139,8 @@ impl<U: Upstreams> Downstream<U> {
                 }
                 Err(f) => {
                     failure(f.reason());
-                    if let Failed::Connect(e) = &f
-                        && let SenderError::Connect(ce) = e
-                    {
-                        picker.failed(&t, ce);
+                    if let Failed::Connect(SenderError::Connect(e)) = &f {
+                        picker.failed(&t, e);
                     }
                     // Never sent: safe to retry whatever the method; sent: only if allowed.
                     let retriable = match &f {
@@ -153,10 +150,7 @@ impl<U: Upstreams> Downstream<U> {
                         Failed::BodyGone => false,
                     } && body.available();
                     if retriable && can_retry(retries) {
-                        outcome.lock().unwrap_or_else(|p| p.into_inner()).reasons.push(f.reason());
-                        retries += 1;
-                        http.stats.retries.inc();
-                        tokio::time::sleep(balance::backoff(retries)).await;
+                        retries = self.before_retry(outcome, f.reason(), retries).await;
                         continue;
                     }
                     return Err(self.give_up(&entry.service, t.ep, f, policy.per_try_timeout));
@@ -170,15 +164,20 @@ impl<U: Upstreams> Downstream<U> {
                 balancer.connected(t.ep, started.elapsed());
             }
             if retry_sent && policy.retry_on.contains(&status.as_u16()) && can_retry(retries) {
-                outcome.lock().unwrap_or_else(|p| p.into_inner()).reasons.push(status_reason(status));
-                retries += 1;
-                http.stats.retries.inc();
                 drop(resp);
-                tokio::time::sleep(balance::backoff(retries)).await;
+                retries = self.before_retry(outcome, status_reason(status), retries).await;
                 continue;
             }
             return Ok(resp);
         }
+    }
+
+    /// Records why a retry is made, counts it and waits its backoff; the new retry count.
+    async fn before_retry(&self, outcome: &Mutex<Outcome>, why: &'static str, retries: u32) -> u32 {
+        outcome.lock().unwrap_or_else(|p| p.into_inner()).reasons.push(why);
+        self.up.http().stats.retries.inc();
+        tokio::time::sleep(balance::backoff(retries + 1)).await;
+        retries + 1
     }
 
     /// One attempt on `t`: an upstream connection, then the request, up to the response head.
