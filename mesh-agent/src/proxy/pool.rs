@@ -374,6 +374,8 @@ impl Pool {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, s| s.try_lock().map_or(true, |c| !c.is_empty()));
+        // Failures long past their backoff are forgotten (the map stays as small as the peers).
+        self.failures.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, f| f.at.elapsed() < Duration::from_secs(60));
         closed
     }
 
