@@ -240,12 +240,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         lookup: orig_table,
         pods: index_rx,
         metrics: proxy_metrics.clone(),
-        observe: crate::proxy::observe::Observe {
+        observe: Arc::new(crate::proxy::observe::Observe {
             conns: conns.clone(),
             proxy: Some(proxy_metrics.clone()),
             istio: istio.clone(),
             access_log: config.access_log,
-        },
+        }),
         idle_timeout: config.tcp_idle_timeout,
         copy_buffer: config.copy_buffer,
         route: crate::proxy::route::RouteConfig {
@@ -286,12 +286,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 connect_timeout: config.connect_timeout,
                 copy_buffer: config.copy_buffer,
                 tcp_idle_timeout: config.tcp_idle_timeout,
-                observe: crate::proxy::observe::Observe {
+                observe: Arc::new(crate::proxy::observe::Observe {
                     conns: conns.clone(),
                     proxy: None,
                     istio: istio.clone(),
                     access_log: config.access_log,
-                },
+                }),
             });
             info!(hbone = %listener.local_addr()?, "HBONE listener up");
             Some(tokio::spawn(inbound.serve(listener, stop.clone(), tasks.clone())))

@@ -198,12 +198,12 @@ impl OutboundProxy {
             lookup: table.clone(),
             pods,
             metrics: metrics.clone(),
-            observe: Observe {
+            observe: Arc::new(Observe {
                 conns: Default::default(),
                 proxy: Some(metrics.clone()),
                 istio: Default::default(),
                 access_log: Default::default(),
-            },
+            }),
             idle_timeout: opts.idle_timeout,
             copy_buffer: 16 * 1024,
             route: RouteConfig {
@@ -286,12 +286,12 @@ impl InboundProxy {
             connect_timeout: Duration::from_secs(2),
             copy_buffer: 16 * 1024,
             tcp_idle_timeout: None,
-            observe: Observe {
+            observe: Arc::new(Observe {
                 conns: Default::default(),
                 proxy: None,
                 istio: Default::default(),
                 access_log: Default::default(),
-            },
+            }),
         });
         let l = TcpListener::bind(SocketAddr::from((address, 0))).await.expect("bind the HBONE listener");
         let addr = l.local_addr().expect("bound");

@@ -146,6 +146,12 @@ impl Connections {
     }
 
     /// Records how the connection is protected once the route is chosen.
+    pub fn set_source_identity(&self, id: u64, source_identity: String) {
+        if let Some(rec) = self.lock().active.get_mut(&id) {
+            rec.source_identity = Some(source_identity);
+        }
+    }
+
     pub fn set_security(&self, id: u64, security: Security, destination_identity: Option<String>) {
         if let Some(rec) = self.lock().active.get_mut(&id) {
             rec.security = security;

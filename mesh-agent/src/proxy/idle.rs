@@ -86,13 +86,13 @@ pub struct Copied {
 
 /// `tokio::io::copy_bidirectional_with_sizes` with byte counts that survive an error, ended
 /// with an error of kind `TimedOut` when no byte has moved for `idle` (`None`: never) and of
-/// kind `Interrupted` when `cancel` is cancelled.
+/// kind `Interrupted` when `cancel` (if any) is cancelled.
 pub async fn copy<A, B>(
     a: &mut A,
     b: &mut B,
     buf: usize,
     idle: Option<Duration>,
-    cancel: &tokio_util::sync::CancellationToken,
+    cancel: Option<&tokio_util::sync::CancellationToken>,
 ) -> Copied
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -114,7 +114,12 @@ where
     let error = tokio::select! {
         r = tokio::io::copy_bidirectional_with_sizes(&mut wa, &mut wb, buf, buf) => r.err(),
         idle = watchdog => Some(io::Error::new(io::ErrorKind::TimedOut, format!("idle for {idle:?}: closed"))),
-        _ = cancel.cancelled() => Some(io::Error::new(io::ErrorKind::Interrupted, "closed by the proxy: no longer allowed")),
+        _ = async {
+            match cancel {
+                Some(c) => c.cancelled().await,
+                None => std::future::pending().await,
+            }
+        } => Some(io::Error::new(io::ErrorKind::Interrupted, "closed by the proxy: no longer allowed")),
     };
     Copied { a_to_b: wa.read, b_to_a: wb.read, error }
 }
@@ -130,7 +135,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let c = copy(a, b, buf, idle, &tokio_util::sync::CancellationToken::new()).await;
+    let c = copy(a, b, buf, idle, None).await;
     match c.error {
         None => Ok((c.a_to_b, c.b_to_a)),
         Some(e) => Err(e),
@@ -194,7 +199,7 @@ mod tests {
             c2.cancel();
             (a_peer, b_peer)
         });
-        let c = copy(&mut a, &mut b, 64, None, &cancel).await;
+        let c = copy(&mut a, &mut b, 64, None, Some(&cancel)).await;
         assert_eq!((c.a_to_b, c.b_to_a), (5, 2));
         assert_eq!(c.error.unwrap().kind(), io::ErrorKind::Interrupted);
         drop(driver.await.unwrap());

@@ -72,7 +72,7 @@ pub struct Inbound {
     /// as outbound connections are.
     pub tcp_idle_timeout: Option<Duration>,
     /// Connection records, Istio's standard metrics (reporter `destination`) and the access log.
-    pub observe: Observe,
+    pub observe: Arc<Observe>,
 }
 
 impl Inbound {
@@ -254,14 +254,7 @@ impl Inbound {
             let (sent, received, error) = match on_upgrade.await {
                 Ok(up) => {
                     let (mut tunnel, mut upstream) = (TokioIo::new(up), upstream);
-                    let c = idle::copy(
-                        &mut tunnel,
-                        &mut upstream,
-                        this.copy_buffer,
-                        this.tcp_idle_timeout,
-                        &CancellationToken::new(),
-                    )
-                    .await;
+                    let c = idle::copy(&mut tunnel, &mut upstream, this.copy_buffer, this.tcp_idle_timeout, None).await;
                     (c.a_to_b, c.b_to_a, c.error.map(|e| e.to_string()))
                 }
                 Err(e) => (0, 0, Some(format!("upgrade failed: {e}"))),

@@ -11,7 +11,10 @@ use tracing::info;
 use crate::{
     config::AccessLog,
     metrics::{DirectionLabels, IstioLabels, IstioMetrics, ProxyMetrics},
-    proxy::conns::{ConnRecord, Connections, Direction, Security},
+    proxy::{
+        conns::{ConnRecord, Connections, Direction},
+        route::{Path, Source, Target},
+    },
 };
 
 /// Where connection telemetry goes (shared by all connections of a listener).
@@ -26,7 +29,7 @@ pub struct Observe {
 
 /// One connection's telemetry until it is written.
 pub struct Recorder {
-    observe: Observe,
+    observe: Arc<Observe>,
     id: u64,
     direction: Direction,
     kind: &'static str,
@@ -39,7 +42,7 @@ pub struct Recorder {
 
 impl Recorder {
     /// `kind`: `tcp` or `http_connection`.
-    pub fn open(observe: &Observe, rec: ConnRecord, kind: &'static str) -> Recorder {
+    pub fn open(observe: &Arc<Observe>, rec: ConnRecord, kind: &'static str) -> Recorder {
         let direction = rec.direction;
         let id = observe.conns.open(rec);
         if let Some(m) = &observe.proxy {
@@ -67,9 +70,18 @@ impl Recorder {
         self.istio = Some(labels);
     }
 
-    /// How the connection reached its destination, once connected.
-    pub fn connected(&self, security: Security, destination_identity: Option<String>) {
-        self.observe.conns.set_security(self.id, security, destination_identity);
+    /// The first target an outbound connection goes to: over HBONE, the source identity it
+    /// presents is on the record from then on (also if the tunnel then fails).
+    pub fn connecting(&self, source: &Source, t: &Target) {
+        if matches!(t.path, Path::Hbone { .. }) {
+            self.observe.conns.set_source_identity(self.id, source.identity.to_string());
+        }
+    }
+
+    /// How an outbound connection reached its destination, once connected.
+    pub fn connected(&self, source: &Source, t: &Target) {
+        self.connecting(source, t);
+        self.observe.conns.set_security(self.id, t.path.security(), t.dst.as_ref().map(|i| i.to_string()));
     }
 
     pub fn set_requests(&mut self, n: u64) {
@@ -140,13 +152,13 @@ impl Drop for Recorder {
 mod tests {
     use super::*;
 
-    fn observe() -> Observe {
-        Observe {
+    fn observe() -> Arc<Observe> {
+        Arc::new(Observe {
             conns: Arc::default(),
             proxy: Some(ProxyMetrics::default()),
             istio: IstioMetrics::default(),
             access_log: AccessLog::default(),
-        }
+        })
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub struct Outbound {
     pub pods: watch::Receiver<Arc<PodIndex>>,
     pub metrics: ProxyMetrics,
     /// Connection records, counters, Istio's TCP metrics and the access log.
-    pub observe: Observe,
+    pub observe: Arc<Observe>,
     /// Close a proxied connection after this long without a byte either way (`None`: never).
     pub idle_timeout: Option<Duration>,
     pub copy_buffer: usize,
@@ -94,6 +94,13 @@ impl OutboundError {
     }
 }
 
+/// The first endpoint a connection went to and how (`None`: refused): the labels and route of a
+/// connection that never got through.
+struct FirstPick {
+    ep: std::net::SocketAddrV4,
+    path: Option<crate::proxy::route::Path>,
+}
+
 /// The upstream side of a connection, once open.
 struct Connected {
     io: UpstreamIo,
@@ -137,7 +144,7 @@ impl Outbound {
         let snapshot = self.pods.borrow().clone();
         let route = match route::route(&snapshot, &self.route, orig.dst, orig.pod_cgroup) {
             Ok(r) => r,
-            Err(refusal) => return self.refuse(client, peer, orig, refusal),
+            Err(refusal) => return self.refuse(client, peer, orig, &snapshot, refusal),
         };
         self.metrics.pod_redirects.inc(&route.source.pod);
         // A Service: HTTP is served request by request.
@@ -152,17 +159,29 @@ impl Outbound {
         self.handle_tcp(client, peer, route, hint.is_some()).await
     }
 
-    /// A connection refused by routing: counted, recorded, reset.
-    fn refuse(&self, client: TcpStream, peer: SocketAddr, orig: Original, refusal: Refusal) {
+    /// A connection refused by routing: counted, recorded (with the pods the snapshot knows at
+    /// either end), reset.
+    fn refuse(&self, client: TcpStream, peer: SocketAddr, orig: Original, idx: &PodIndex, refusal: Refusal) {
         warn!(dst = %orig.dst, reason = refusal.reason(), "{refusal}");
         self.connector.refused(&refusal);
         self.metrics.routes.get_or_create(&RouteLabels { route: "refused" }).inc();
-        let mut rec = Recorder::open(
-            &self.observe,
-            ConnRecord { client: peer, original_dst: orig.dst, ..Default::default() },
-            "tcp",
-        );
-        rec.istio_opened(crate::metrics::IstioLabels::unknown("source", "tcp"));
+        let (src, dst) = (idx.by_cgroup(orig.pod_cgroup), idx.by_ip(*orig.dst.ip()));
+        let record = ConnRecord {
+            client: peer,
+            source_pod: src.map(|p| p.key.clone()),
+            original_dst: orig.dst,
+            destination_pod: dst.map(|p| p.key.clone()),
+            ..Default::default()
+        };
+        let mut rec = Recorder::open(&self.observe, record, "tcp");
+        let mut labels = crate::metrics::IstioLabels::unknown("source", "tcp");
+        if let Some(s) = src {
+            labels = labels.source(&s.workload, &self.route.trust_domain);
+        }
+        if let Some(d) = dst {
+            labels = labels.destination(&d.workload, &self.route.trust_domain);
+        }
+        rec.istio_opened(labels);
         reset(client);
         rec.finish(0, 0, Some(refusal.to_string()));
     }
@@ -179,8 +198,8 @@ impl Outbound {
             },
             None => None,
         };
-        let first = match &route.destination {
-            Destination::Workload(t) => Some(t.clone()),
+        let workload = match &route.destination {
+            Destination::Workload(t) => Some(t),
             Destination::Service(_) => None,
         };
         let mut rec = Recorder::open(
@@ -189,28 +208,25 @@ impl Outbound {
                 client: peer,
                 source_pod: Some(route.source.pod.clone()),
                 original_dst: route.original(),
-                destination_pod: first.as_ref().and_then(|t| t.dst_pod.clone()),
+                destination_pod: workload.and_then(|t| t.dst_pod.clone()),
                 protocol: detected.then_some("tcp"),
                 ..Default::default()
             },
             "tcp",
         );
-        let result = self.connect(&route, &rec).await;
-        let label = match &result {
-            Ok(up) => up.target.path.label(),
-            Err(OutboundError::Upstream(ConnectError::Refused(_))) => "refused",
-            Err(_) => first.as_ref().map_or("passthrough", |t| t.path.label()),
-        };
-        self.metrics.routes.get_or_create(&RouteLabels { route: label }).inc();
-        match result {
+        match self.connect(&route, &rec).await {
             Ok(up) => {
-                rec.connected(up.target.path.security(), up.target.dst.as_ref().map(|i| i.to_string()));
-                rec.istio_opened(route.istio_labels(&self.route, Some(&up.target), "tcp"));
+                self.metrics.routes.get_or_create(&RouteLabels { route: up.target.path.label() }).inc();
+                rec.connected(&route.source, &up.target);
+                rec.istio_opened(route.istio_labels(&self.route, Some(up.target.ep), Some(&up.target.path), "tcp"));
                 let (sent, received, error) = self.copy(client, up.io, &up.target.cancel).await;
                 rec.finish(sent, received, error);
             }
-            Err(e) => {
-                rec.istio_opened(route.istio_labels(&self.route, first.as_ref(), "tcp"));
+            // Labels and route of the first pick (a retry may have gone another way).
+            Err((e, first)) => {
+                let path = first.as_ref().and_then(|f| f.path.as_ref());
+                self.metrics.routes.get_or_create(&RouteLabels { route: path.map_or("refused", |p| p.label()) }).inc();
+                rec.istio_opened(route.istio_labels(&self.route, first.as_ref().map(|f| f.ep), path, "tcp"));
                 reset(client);
                 rec.finish(0, 0, Some(e.to_string()));
             }
@@ -263,32 +279,39 @@ impl Outbound {
     /// out, or an HBONE tunnel the peer node could not open) is retried on another endpoint,
     /// whichever way it is reached (jittered backoff, at most [`MAX_CONNECT_ATTEMPTS`] in all);
     /// a final error (a denial, no certificate yet) is not.
-    async fn connect(&self, route: &Route, rec: &Recorder) -> Result<Connected, OutboundError> {
+    async fn connect(&self, route: &Route, rec: &Recorder) -> Result<Connected, (OutboundError, Option<FirstPick>)> {
         let svc = match &route.destination {
             Destination::Workload(t) => {
-                let io = self.connector.connect(t, &route.source).await?;
+                let first = || Some(FirstPick { ep: t.ep, path: Some(t.path.clone()) });
+                rec.connecting(&route.source, t);
+                let io = self.connector.connect(t, &route.source).await.map_err(|e| (e.into(), first()))?;
                 return Ok(Connected { io, target: t.clone(), _in_flight: None });
             }
             Destination::Service(svc) => svc,
         };
         let mut picker = Picker::new(route, &self.route, false);
         let mut last: Option<ConnectError> = None;
+        let mut first: Option<FirstPick> = None;
         loop {
             let t = match picker.next(&self.balancer) {
                 Some(Ok(t)) => t,
-                Some(Err(refusal)) => {
+                Some(Err((ep, refusal))) => {
                     warn!(service = %svc.vip, reason = refusal.reason(), "{refusal}");
                     self.connector.refused(&refusal);
-                    return Err(ConnectError::Refused(refusal).into());
+                    return Err((ConnectError::Refused(refusal).into(), Some(FirstPick { ep, path: None })));
                 }
                 None => {
                     let e = last.map_or(OutboundError::NoEndpoints(svc.vip), OutboundError::from);
                     if matches!(e, OutboundError::NoEndpoints(_)) {
                         self.metrics.error(e.reason());
                     }
-                    return Err(e);
+                    return Err((e, first));
                 }
             };
+            if first.is_none() {
+                first = Some(FirstPick { ep: t.ep, path: Some(t.path.clone()) });
+                rec.connecting(&route.source, &t);
+            }
             let attempt = picker.attempts() - 1;
             if let Some(e) = &last {
                 warn!(service = %svc.vip, retry = %t.ep, attempt, error = %e, "endpoint connect failed; retrying on another endpoint");
@@ -303,13 +326,13 @@ impl Outbound {
                     self.balancer.connected(t.ep, started.elapsed());
                     return Ok(Connected { io, target: t, _in_flight: Some(guard) });
                 }
-                Err(e) if e.is_final() => return Err(e.into()),
+                Err(e) if e.is_final() => return Err((e.into(), first)),
                 Err(e) => {
                     drop(guard);
                     self.balancer.failed(t.ep, &svc.entry.endpoints, started.elapsed());
                     picker.failed(&t, &e);
                     if picker.attempts() >= MAX_CONNECT_ATTEMPTS {
-                        return Err(e.into());
+                        return Err((e.into(), first));
                     }
                     last = Some(e);
                 }
@@ -325,7 +348,7 @@ impl Outbound {
         cancel: &CancellationToken,
     ) -> (u64, u64, Option<String>) {
         let _ = client.set_nodelay(true);
-        let c = super::idle::copy(&mut client, &mut upstream, self.copy_buffer, self.idle_timeout, cancel).await;
+        let c = super::idle::copy(&mut client, &mut upstream, self.copy_buffer, self.idle_timeout, Some(cancel)).await;
         let error = match c.error {
             None => {
                 let _ = client.shutdown().await;

@@ -143,15 +143,25 @@ pub struct Route {
 pub enum Refusal {
     #[error("cgroup {0} is not a known pod of this node")]
     UnknownSource(u64),
-    #[error("connection from {src} to {dst} ({ep}) denied by authorization policy ({})", match decision {
-        Decision::Denied(rule) => format!("deny rule {rule}"),
-        _ => "no allow rule matches".into(),
-    })]
-    Denied { src: Identity, dst: Identity, ep: SocketAddrV4, decision: Decision },
+    #[error(transparent)]
+    Denied(Box<Denial>),
     #[error("pod {pod} is on node {node}, whose address is unknown")]
     UnknownNode { pod: String, node: String },
     #[error("pod {0} is meshed on another node but this agent has no CA configured")]
     MtlsUnavailable(String),
+}
+
+/// A connection authorization policy refused: who, to whom, and what decided.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("connection from {src} to {dst} ({ep}) denied by authorization policy ({})", match decision {
+    Decision::Denied(rule) => format!("deny rule {rule}"),
+    _ => "no allow rule matches".into(),
+})]
+pub struct Denial {
+    pub src: Identity,
+    pub dst: Identity,
+    pub ep: SocketAddrV4,
+    pub decision: Decision,
 }
 
 impl Refusal {
@@ -159,7 +169,7 @@ impl Refusal {
     pub fn reason(&self) -> &'static str {
         match self {
             Refusal::UnknownSource(_) => "unknown_source",
-            Refusal::Denied { decision, .. } => decision.reason(),
+            Refusal::Denied(d) => d.decision.reason(),
             Refusal::UnknownNode { .. } => "unknown_node",
             Refusal::MtlsUnavailable(_) => "mtls_unavailable",
         }
@@ -167,7 +177,7 @@ impl Refusal {
 
     /// Refused by authorization policy (also counted as a denial).
     pub fn is_denial(&self) -> bool {
-        matches!(self, Refusal::Denied { .. })
+        matches!(self, Refusal::Denied(_))
     }
 }
 
@@ -211,7 +221,14 @@ pub fn target(idx: &PodIndex, cfg: &RouteConfig, source: &Source, ep: SocketAddr
                 t.authorized =
                     Some(Authorized { src: source.identity.clone(), dst_pod: d.key.clone(), port: ep.port() })
             }
-            decision => return Err(Refusal::Denied { src: source.identity.clone(), dst: dst_id, ep, decision }),
+            decision => {
+                return Err(Refusal::Denied(Box::new(Denial {
+                    src: source.identity.clone(),
+                    dst: dst_id,
+                    ep,
+                    decision,
+                })));
+            }
         }
         t.path = Path::Local;
     } else {
@@ -252,27 +269,32 @@ impl Route {
         }
     }
 
-    /// Istio labels (reporter `source`) for this route's connection or request answered by
-    /// `target` (`None`: by the proxy itself, or never connected).
+    /// Istio labels (reporter `source`) for this route's connection or request to `ep` (`None`:
+    /// answered by the proxy itself) along `path` (`None`: refused, or no endpoint).
     pub fn istio_labels(
         &self,
         cfg: &RouteConfig,
-        target: Option<&Target>,
+        ep: Option<SocketAddrV4>,
+        path: Option<&Path>,
         protocol: &'static str,
     ) -> crate::metrics::IstioLabels {
         let mut l = crate::metrics::IstioLabels::unknown("source", protocol);
         if let Some(src) = self.snapshot.by_ip(self.source.ip).filter(|p| p.key == self.source.pod) {
             l = l.source(&src.workload, &cfg.trust_domain);
         }
-        let ep = target.map(|t| t.ep).unwrap_or_else(|| self.original());
-        if let Some(dst) = self.snapshot.by_ip(*ep.ip()) {
+        if let Some(dst) = self.snapshot.by_ip(*ep.unwrap_or_else(|| self.original()).ip()) {
             l = l.destination(&dst.workload, &cfg.trust_domain);
         }
         if let Some(s) = self.service() {
             l = l.service(&s.entry.service);
         }
-        l.connection_security_policy = target.map_or("none", |t| t.path.security_policy());
+        l.connection_security_policy = path.map_or("none", Path::security_policy);
         l
+    }
+
+    /// `namespace/name` of the pod at `ep`, when it is a known pod.
+    pub fn pod_at(&self, ep: SocketAddrV4) -> Option<String> {
+        self.snapshot.by_ip(*ep.ip()).map(|p| p.key.clone())
     }
 }
 
@@ -282,24 +304,11 @@ mod tests {
     use crate::{
         authz::{Action, RuleSpec},
         reconcile::PodStatus,
-        state::{MeshReason, NodeInfo, NodeState, ServiceEntry, Workload},
+        state::{NodeInfo, NodeState, ServiceEntry, Workload},
     };
 
     fn pod(ns: &str, name: &str, ip: [u8; 4], node: &str, meshed: bool) -> Workload {
-        Workload {
-            name: name.into(),
-            workload: None,
-            namespace: ns.into(),
-            service_account: name.into(),
-            ip: ip.into(),
-            node: node.into(),
-            cgroup: Some(format!("/sys/fs/cgroup/{name}").into()),
-            meshed,
-            reason: MeshReason::Namespace,
-            mtls_mode: Default::default(),
-            fail_closed: false,
-            labels: Default::default(),
-        }
+        Workload { meshed, ..crate::testing::pod(ns, name, ip.into(), node) }
     }
 
     const CLIENT_CG: u64 = 1;
@@ -357,7 +366,10 @@ mod tests {
     }
 
     /// What a route comes to, in one comparable line.
-    fn summary(r: Result<Route, Refusal>) -> Result<(Option<Path>, Option<String>, Option<String>, bool), String> {
+    /// Path, destination identity, destination pod, authorized here.
+    type Summary = Result<(Option<Path>, Option<String>, Option<String>, bool), String>;
+
+    fn summary(r: Result<Route, Refusal>) -> Summary {
         let r = r.map_err(|e| e.reason().to_string())?;
         Ok(match &r.destination {
             Destination::Workload(t) => {
@@ -372,7 +384,7 @@ mod tests {
         let idx = index();
         let peer_b: SocketAddr = "192.168.0.2:15008".parse().unwrap();
         let id = |sa: &str| Some(format!("spiffe://cluster.local/ns/shop/sa/{sa}"));
-        type Want = Result<(Option<Path>, Option<String>, Option<String>, bool), String>;
+        type Want = Summary;
         let cases: Vec<(&str, SocketAddrV4, u64, bool, Want)> = vec![
             (
                 "same node, authorized here",
@@ -446,11 +458,11 @@ mod tests {
     fn labels_follow_the_target() {
         let idx = index();
         let r = route(&idx, &cfg(true), SVC, CLIENT_CG).unwrap();
-        let none = r.istio_labels(&cfg(true), None, "http");
+        let none = r.istio_labels(&cfg(true), None, None, "http");
         assert_eq!(none.destination_service, "web.shop.svc.cluster.local");
         assert_eq!(none.connection_security_policy, "none");
         let remote = r.to_endpoint(&cfg(true), dst([10, 0, 1, 1], 80)).unwrap();
-        let l = r.istio_labels(&cfg(true), Some(&remote), "http");
+        let l = r.istio_labels(&cfg(true), Some(remote.ep), Some(&remote.path), "http");
         assert_eq!(l.connection_security_policy, "mutual_tls");
         assert_eq!(l.destination_principal, "spiffe://cluster.local/ns/shop/sa/remote");
         assert_eq!(l.source_principal, "spiffe://cluster.local/ns/shop/sa/client");

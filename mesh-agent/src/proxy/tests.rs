@@ -96,6 +96,11 @@ async fn a_pod_on_another_node_is_reached_over_hbone_with_both_identities() {
     let rec = &out.snapshot().recent[0];
     assert_eq!(rec.security, Security::MutualTls);
     assert_eq!(rec.destination_identity.as_deref(), Some("spiffe://cluster.local/ns/shop/sa/server"));
+    assert_eq!(
+        rec.source_identity.as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/client"),
+        "presented over HBONE"
+    );
     let inb = &t.inb.inbound.observe.conns;
     until("the inbound record closed", || inb.snapshot().closed_total == 1).await;
     let rec = &inb.snapshot().recent[0];
@@ -228,6 +233,38 @@ async fn a_denial_by_the_peer_node_is_final_and_counted() {
         t.inb.inbound.metrics.denied.get_or_create(&crate::metrics::ErrorLabels { reason: "deny_rule" }).get(),
         1
     );
+}
+
+#[tokio::test]
+async fn a_connection_denied_here_is_recorded_with_both_pods() {
+    let server = echo(SocketAddr::from((ip(26, 0, 1), 0))).await;
+    let mut cluster = Cluster::new();
+    cluster.add_pod("shop", "vault", *server.ip(), "a");
+    cluster.state.authz.push(
+        crate::authz::RuleSpec {
+            name: "no-client".into(),
+            namespace: "shop".into(),
+            workload: Some("vault".into()),
+            ports: vec![],
+            action: crate::authz::Action::Deny,
+            from: vec!["spiffe://cluster.local/ns/shop/sa/client".into()],
+        }
+        .try_into()
+        .unwrap(),
+    );
+    let p = OutboundProxy::start(&cluster, ProxyOptions::default()).await;
+    let mut c = p.connect(server).await.unwrap();
+    let mut buf = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.expect("closed promptly");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    let conns = &p.outbound.observe.conns;
+    until("the record closed", || conns.snapshot().closed_total == 1).await;
+    let rec = &conns.snapshot().recent[0];
+    assert_eq!((rec.source_pod.as_deref(), rec.destination_pod.as_deref()), (Some("shop/client"), Some("shop/vault")));
+    assert!(rec.error.as_deref().unwrap().contains("deny rule no-client"), "{:?}", rec.error);
+    assert_eq!(p.errors("deny_rule"), 1);
+    let denials = p.metrics().denials.get_or_create(&crate::metrics::ErrorLabels { reason: "deny_rule" }).get();
+    assert_eq!(denials, 1);
 }
 
 fn service(cluster: &mut Cluster, endpoints: Vec<SocketAddrV4>, protocol: ProtocolHint, policy: ServicePolicy) {

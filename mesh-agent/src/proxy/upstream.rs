@@ -196,9 +196,10 @@ impl<'a> Picker<'a> {
         }
     }
 
-    /// The next target. The first pick's refusal is the answer (the client asked for that
-    /// Service and policy says no); later picks skip refused endpoints. `None`: nothing left.
-    pub fn next(&mut self, balancer: &Balancer) -> Option<Result<Target, Refusal>> {
+    /// The next target. The first pick's refusal (with its endpoint) is the answer (the client
+    /// asked for that Service and policy says no); later picks skip refused endpoints. `None`:
+    /// nothing left.
+    pub fn next(&mut self, balancer: &Balancer) -> Option<Result<Target, (SocketAddrV4, Refusal)>> {
         let first = self.tried.is_empty();
         let endpoints = self.endpoints();
         let mut excluded = self.tried.clone();
@@ -221,7 +222,7 @@ impl<'a> Picker<'a> {
                 }
                 Err(r) if first => {
                     self.tried.push(ep);
-                    return Some(Err(r));
+                    return Some(Err((ep, r)));
                 }
                 Err(_) => excluded.push(ep),
             }
@@ -337,25 +338,12 @@ mod tests {
     use crate::{
         proxy::route::{self, RouteConfig},
         reconcile::{PodIndex, PodStatus},
-        state::{MeshReason, NodeInfo, NodeState, ServiceEntry, Workload},
+        state::{NodeInfo, NodeState, ServiceEntry, Workload},
     };
     use std::net::Ipv4Addr;
 
     fn pod(name: &str, ip: [u8; 4], node: &str) -> Workload {
-        Workload {
-            name: name.into(),
-            workload: None,
-            namespace: "shop".into(),
-            service_account: name.into(),
-            ip: ip.into(),
-            node: node.into(),
-            cgroup: None,
-            meshed: true,
-            reason: MeshReason::Namespace,
-            mtls_mode: Default::default(),
-            fail_closed: false,
-            labels: Default::default(),
-        }
+        crate::testing::pod("shop", name, ip.into(), node)
     }
 
     const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 80);
@@ -444,7 +432,7 @@ mod tests {
             for _ in 0..4 {
                 match p.next(&b) {
                     Some(Ok(t)) => assert_eq!(t.path, Path::Local, "repeat={repeat}: nothing behind node b"),
-                    Some(Err(e)) => panic!("{e}"),
+                    Some(Err((ep, e))) => panic!("{ep}: {e}"),
                     None => break,
                 }
             }
@@ -475,7 +463,8 @@ mod tests {
         let (r, cfg) = service_route(&[[10, 0, 2, 5]]);
         let b = Balancer::default();
         let mut p = Picker::new(&r, &cfg, false);
-        assert_eq!(p.next(&b).unwrap().unwrap_err().reason(), "unknown_node");
+        let (refused, why) = p.next(&b).unwrap().unwrap_err();
+        assert_eq!((refused, why.reason()), (ep([10, 0, 2, 5]), "unknown_node"));
         let (r, cfg) = service_route(&[[10, 0, 2, 5], [10, 0, 0, 6]]);
         for _ in 0..20 {
             let mut p = Picker::new(&r, &cfg, false);

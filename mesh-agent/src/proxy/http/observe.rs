@@ -33,11 +33,12 @@ pub struct RequestRecord {
 /// What happened to one request.
 #[derive(Default)]
 pub(super) struct Outcome {
-    /// The target of the last attempt.
-    pub target: Option<crate::proxy::route::Target>,
+    /// The endpoint of the last attempt, and how it was reached (`None`: refused).
+    pub endpoint: Option<std::net::SocketAddrV4>,
+    pub path: Option<crate::proxy::route::Path>,
     pub retries: u32,
     /// Why each retry was made.
-    pub reasons: Vec<&'static str>,
+    pub reasons: Vec<std::borrow::Cow<'static, str>>,
     pub trace: Option<crate::proxy::trace::Hop>,
     /// The request's `tracestate`, kept for its span (only when one is exported).
     pub tracestate: Option<String>,
@@ -69,16 +70,15 @@ pub(super) struct Env<'a> {
 /// body has been sent; remembers the request for the dashboard now.
 pub(super) fn observe(cx: Env<'_>, req: RequestInfo, outcome: Outcome, resp: Response<Body>) -> Response<Body> {
     let service = cx.route.and_then(|r| r.service()).map(|s| s.entry.service.clone()).unwrap_or_default();
-    let target = outcome.target.as_ref();
+    let ep = outcome.endpoint;
     let base = match cx.route {
-        Some(r) => r.istio_labels(cx.cfg, target, req.protocol),
+        Some(r) => r.istio_labels(cx.cfg, ep, outcome.path.as_ref(), req.protocol),
         None => crate::metrics::IstioLabels::unknown("source", req.protocol),
     };
     let answer = resp.extensions().get::<ProxyAnswer>().copied();
     let failed = resp.status().is_server_error() || answer.is_some();
     let src_pod = cx.route.map_or_else(|| "-".to_string(), |r| r.source.pod.clone());
-    let dst_pod = target.and_then(|t| t.dst_pod.clone());
-    let ep = target.map(|t| t.ep);
+    let dst_pod = ep.zip(cx.route).and_then(|(ep, r)| r.pod_at(ep));
     let status = resp.status().as_u16();
     cx.http.remember(RequestRecord {
         at_unix_ms: SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),

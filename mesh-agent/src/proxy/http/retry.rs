@@ -26,7 +26,7 @@ use super::{
 };
 use crate::proxy::{
     balance,
-    route::{Route, Target},
+    route::{Path, Route, Target},
     upstream::Picker,
 };
 
@@ -93,7 +93,8 @@ impl<U: Upstreams> Downstream<U> {
         loop {
             let t = match picker.next(balancer) {
                 Some(Ok(t)) => t,
-                Some(Err(refusal)) => {
+                Some(Err((ep, refusal))) => {
+                    self.note_endpoint(route, outcome, ep, None, retries);
                     self.up.refused(&refusal);
                     let answer =
                         if refusal.is_denial() { ProxyAnswer::Denied } else { ProxyAnswer::UpstreamUnavailable };
@@ -105,11 +106,7 @@ impl<U: Upstreams> Downstream<U> {
                     );
                 }
             };
-            self.up.observe().conns.set_endpoint(self.conn, t.ep, t.dst_pod.clone(), retries);
-            {
-                let mut o = outcome.lock().unwrap_or_else(|p| p.into_inner());
-                (o.target, o.retries) = (Some(t.clone()), retries);
-            }
+            self.note_endpoint(route, outcome, t.ep, Some(&t.path), retries);
             let _in_flight = balancer.start(t.ep);
             let started = Instant::now();
             *current.lock().unwrap_or_else(|p| p.into_inner()) = Some((t.ep, started));
@@ -150,7 +147,7 @@ impl<U: Upstreams> Downstream<U> {
                         Failed::BodyGone => false,
                     } && body.available();
                     if retriable && can_retry(retries) {
-                        retries = self.before_retry(outcome, f.reason(), retries).await;
+                        retries = self.before_retry(outcome, f.reason().into(), retries).await;
                         continue;
                     }
                     return Err(self.give_up(&entry.service, t.ep, f, policy.per_try_timeout));
@@ -165,15 +162,30 @@ impl<U: Upstreams> Downstream<U> {
             }
             if retry_sent && policy.retry_on.contains(&status.as_u16()) && can_retry(retries) {
                 drop(resp);
-                retries = self.before_retry(outcome, status_reason(status), retries).await;
+                retries = self.before_retry(outcome, format!("status_{}", status.as_u16()).into(), retries).await;
                 continue;
             }
             return Ok(resp);
         }
     }
 
+    /// The endpoint of the latest attempt (and how it is reached; `None`: refused), on the
+    /// connection record and for the request's telemetry.
+    fn note_endpoint(
+        &self,
+        route: &Route,
+        outcome: &Mutex<Outcome>,
+        ep: SocketAddrV4,
+        path: Option<&Path>,
+        retries: u32,
+    ) {
+        self.up.observe().conns.set_endpoint(self.conn, ep, route.pod_at(ep), retries);
+        let mut o = outcome.lock().unwrap_or_else(|p| p.into_inner());
+        (o.endpoint, o.path, o.retries) = (Some(ep), path.cloned(), retries);
+    }
+
     /// Records why a retry is made, counts it and waits its backoff; the new retry count.
-    async fn before_retry(&self, outcome: &Mutex<Outcome>, why: &'static str, retries: u32) -> u32 {
+    async fn before_retry(&self, outcome: &Mutex<Outcome>, why: std::borrow::Cow<'static, str>, retries: u32) -> u32 {
         outcome.lock().unwrap_or_else(|p| p.into_inner()).reasons.push(why);
         self.up.http().stats.retries.inc();
         tokio::time::sleep(balance::backoff(retries + 1)).await;
@@ -236,15 +248,5 @@ impl<U: Upstreams> Downstream<U> {
                 per_try.unwrap_or_default()
             )),
         }
-    }
-}
-
-fn status_reason(status: hyper::StatusCode) -> &'static str {
-    match status.as_u16() {
-        500 => "status_500",
-        502 => "status_502",
-        503 => "status_503",
-        504 => "status_504",
-        _ => "status_5xx",
     }
 }

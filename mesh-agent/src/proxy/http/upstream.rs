@@ -61,8 +61,10 @@ impl<U: Upstreams> Downstream<U> {
         let kept = self.senders.lock().await.remove(&t.ep);
         match kept {
             Some(Sender::H2(s)) if s.is_ready() => return Ok(Sender::H2(s)),
+            // Not a guard: waiting for readiness needs the sender mutably.
             Some(Sender::H1(mut s)) if !s.is_closed() => {
-                if s.ready().await.is_ok() {
+                let ready = s.ready().await.is_ok();
+                if ready {
                     return Ok(Sender::H1(s));
                 }
             }
