@@ -42,7 +42,8 @@ pub struct PodIndex {
     pub pods: Vec<PodStatus>,
     pub nodes: BTreeMap<String, NodeInfo>,
     pub authz: Vec<Rule>,
-    pub services: BTreeMap<std::net::SocketAddrV4, crate::state::ServiceEntry>,
+    /// Shared, so a connection's route holds its Service without copying it.
+    pub services: BTreeMap<std::net::SocketAddrV4, Arc<crate::state::ServiceEntry>>,
     by_cgroup: HashMap<u64, usize>,
     by_ip: HashMap<Ipv4Addr, usize>,
 }
@@ -61,7 +62,7 @@ impl PodIndex {
             pods,
             nodes: state.nodes.clone(),
             authz: state.authz.clone(),
-            services: state.services.clone(),
+            services: state.services.iter().map(|(k, v)| (*k, Arc::new(v.clone()))).collect(),
             by_cgroup,
             by_ip,
         }

@@ -81,6 +81,24 @@ pub fn metric(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
 }
 
 /// Path of a binary built in the same target directory as the running executable.
+/// Writes an nginx configuration in `dir` that serves a 1 KiB body at `/1k` on :8080 (one
+/// worker, no access log, keep-alive without limit), for the load tools; returns its path.
+pub fn nginx_1k_config(dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir.join("www"))?;
+    std::fs::write(dir.join("www/1k"), vec![b'x'; 1024])?;
+    let conf = format!(
+        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\ndaemon off;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{ access_log off; keepalive_requests 1000000; client_body_temp_path {d}; proxy_temp_path {d};\n\
+         fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+         server {{ listen 8080 reuseport; root {d}/www; location / {{ }} }} }}\n",
+        d = dir.display()
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    Ok(path)
+}
+
 pub fn bin_path(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let mut dir = exe.parent();
@@ -441,6 +459,39 @@ pub struct Node {
     pub bpffs: Option<PathBuf>,
     /// Namespaces annotated `switchyard.io/fail-mode: closed` (standalone node).
     pub fail_closed: Vec<String>,
+    /// How its agents are started (default: `mesh-agent` next to the test binaries).
+    pub agent_command: AgentCommand,
+}
+
+/// How a node's agent is started: another build than the one next to the test binaries, or
+/// under a wrapper command (e.g. `valgrind --tool=callgrind ...`) for a measurement.
+#[derive(Debug, Clone, Default)]
+pub struct AgentCommand {
+    pub bin: Option<PathBuf>,
+    /// Program and arguments put before the agent binary.
+    pub wrapper: Vec<String>,
+}
+
+impl AgentCommand {
+    fn command(&self) -> Result<Command> {
+        let bin = match &self.bin {
+            Some(b) => b.clone(),
+            None => bin_path("mesh-agent")?,
+        };
+        Ok(match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        })
+    }
+
+    /// How long an agent may take to report ready: 20 s, longer under a wrapper (valgrind).
+    fn ready_wait(&self) -> Duration {
+        if self.wrapper.is_empty() { Duration::from_secs(20) } else { Duration::from_secs(180) }
+    }
 }
 
 impl Node {
@@ -476,6 +527,7 @@ impl Node {
             services: String::new(),
             bpffs: None,
             fail_closed: vec![],
+            agent_command: AgentCommand::default(),
         };
         std::fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
         std::fs::create_dir_all(&dir)?;
@@ -570,7 +622,8 @@ impl Node {
     pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
         let child = self.spawn_agent(extra)?;
         self.agent = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let wait = self.agent_command.ready_wait();
+        let deadline = Instant::now() + wait;
         loop {
             if let Ok((200, _)) = http_get(&self.netns, self.admin_addr(), "/readyz") {
                 return Ok(());
@@ -579,7 +632,7 @@ impl Node {
                 bail!("mesh-agent exited with {status} before becoming ready:\n{}", self.agent_log());
             }
             if Instant::now() > deadline {
-                bail!("mesh-agent not ready after 20 s:\n{}", self.agent_log());
+                bail!("mesh-agent not ready after {wait:?}:\n{}", self.agent_log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -640,7 +693,7 @@ impl Node {
             self.write_workloads()?;
         }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agent.log"))?;
-        let mut cmd = Command::new(bin_path("mesh-agent")?);
+        let mut cmd = self.agent_command.command()?;
         cmd.args(["run", "--node-name", &self.name]);
         match &self.kubeconfig {
             Some(k) => cmd.arg("--kubernetes").arg("--kubeconfig").arg(k),

@@ -277,8 +277,9 @@ fn run_tests(which: &[&str], rest: &[String], sockmap: &str) -> Result<[u64; 3]>
     Ok(counts)
 }
 
-/// Load tools for the benchmark: Debian's wrk, nginx, iperf3, sockperf, and oha from crates.io.
-const BENCH_APT: &[&str] = &["wrk", "nginx-light", "iperf3", "sockperf"];
+/// Load tools for the benchmark: Debian's wrk, nginx, iperf3, sockperf, valgrind (for
+/// `switchyard-callgrind`), and oha from crates.io.
+const BENCH_APT: &[&str] = &["wrk", "nginx-light", "iperf3", "sockperf", "valgrind"];
 const OHA_VERSION: &str = "1.16.0";
 
 fn bench_tools() -> Result<()> {

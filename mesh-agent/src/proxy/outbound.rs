@@ -345,7 +345,7 @@ impl Outbound {
         &self,
         mut client: TcpStream,
         mut upstream: U,
-        cancel: &CancellationToken,
+        cancel: &crate::proxy::idle::Cancel,
     ) -> (u64, u64, Option<String>) {
         let _ = client.set_nodelay(true);
         let c = super::idle::copy(&mut client, &mut upstream, self.copy_buffer, self.idle_timeout, Some(cancel)).await;

@@ -5,18 +5,17 @@
 //! cgroup: it answers a [`Route`] (the source, and either a workload [`Target`] or a Service
 //! whose endpoints are routed one by one with [`Route::to_endpoint`]) or a typed [`Refusal`].
 //! Authorization for same-node traffic is evaluated here, once; the [`Target`] keeps what it
-//! decided on ([`Authorized`]) and a [`CancellationToken`] for the connection, so a later policy
+//! decided on ([`Authorized`]) and a [`Cancel`] handle for the connection, so a later policy
 //! change can re-check it ([`Authorized::recheck`]) and close it without re-deriving anything.
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::Arc,
 };
 
-use tokio_util::sync::CancellationToken;
-
 use crate::{
     authz::{self, Decision},
     identity::Identity,
+    proxy::idle::Cancel,
     reconcile::PodIndex,
     state::ServiceEntry,
 };
@@ -112,17 +111,20 @@ pub struct Target {
     /// For [`Path::Local`]: what authorization allowed.
     pub authorized: Option<Authorized>,
     /// Cancelled to close the connection (e.g. when a policy change no longer allows it).
-    pub cancel: CancellationToken,
+    pub cancel: Cancel,
 }
 
 /// A Service's virtual address and its entry as the snapshot has it.
 #[derive(Debug, Clone)]
 pub struct ServiceTarget {
     pub vip: SocketAddrV4,
-    pub entry: ServiceEntry,
+    pub entry: Arc<ServiceEntry>,
 }
 
 /// Where a connection goes.
+// The workload target is the common case and lives in the connection's future: boxing it would
+// add an allocation per connection to save bytes in a value that exists once per connection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Destination {
     Workload(Target),
@@ -211,7 +213,7 @@ pub fn target(idx: &PodIndex, cfg: &RouteConfig, source: &Source, ep: SocketAddr
         dst: None,
         dst_pod: dst.map(|p| p.key.clone()),
         authorized: None,
-        cancel: CancellationToken::new(),
+        cancel: Cancel::default(),
     };
     let Some(d) = dst.filter(|d| d.workload.meshed) else { return Ok(t) };
     let dst_id = d.workload.identity(&cfg.trust_domain);

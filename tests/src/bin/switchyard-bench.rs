@@ -332,18 +332,7 @@ fn daemon(pod: &Pod, pin: Option<usize>, program: &str, args: &[&str]) -> Result
 /// nginx serving a 1 KiB body on :8080, one worker, no access log.
 fn nginx(c: &Cluster, pod: &Pod, pin: Option<usize>) -> Result<Server> {
     let dir = c.dir.join(format!("nginx-{}", pod.name));
-    std::fs::create_dir_all(dir.join("www"))?;
-    std::fs::write(dir.join("www/1k"), vec![b'x'; 1024])?;
-    let conf = format!(
-        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\ndaemon off;\n\
-         events {{ worker_connections 4096; }}\n\
-         http {{ access_log off; keepalive_requests 1000000; client_body_temp_path {d}; proxy_temp_path {d};\n\
-         fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
-         server {{ listen 8080 reuseport; root {d}/www; location / {{ }} }} }}\n",
-        d = dir.display()
-    );
-    std::fs::write(dir.join("nginx.conf"), conf)?;
-    let conf_path = dir.join("nginx.conf");
+    let conf_path = sim::nginx_1k_config(&dir)?;
     daemon(pod, pin, "nginx", &["-c", conf_path.to_str().unwrap(), "-p", dir.to_str().unwrap()])
 }
 
