@@ -10,7 +10,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::{datapath::Datapath, proxy::conns::Connections, reconcile::PodIndex};
+use crate::{datapath::Datapath, proxy::conns::Connections, state::PodIndex};
 
 pub struct Admin {
     pub registry: Registry,

@@ -26,8 +26,9 @@ use crate::{
         outbound::Outbound,
         pool::Pool,
     },
-    reconcile::{PodIndex, Reconciler},
+    reconcile::Reconciler,
     state::NodeState,
+    state::PodIndex,
     tls, workloads,
 };
 
@@ -200,7 +201,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     http.stats.register(registry);
     // Stopped after the drain, so the spans of the last requests still go out.
     let spans_stop = CancellationToken::new();
-    let (spans, spans_task) = match &config.otlp_endpoint {
+    let (spans, spans_task) = match &config.otlp_traces_url {
         Some(endpoint) => {
             let (spans, task) = crate::otlp::Spans::start(endpoint, &config.node_name, spans_stop.clone())
                 .map_err(|e| anyhow::anyhow!("OTLP endpoint {endpoint:?}: {e}"))?;

@@ -5,7 +5,26 @@
 //! otherwise the connection is allowed (default allow within the mesh).
 use serde::Deserialize;
 
-use crate::{identity::Identity, state::Workload};
+use crate::identity::Identity;
+
+/// A rule that cannot be used, with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error("{0:?} is not spiffe://<td>/ns/<ns>/sa/<sa>, spiffe://<td>/ns/<ns>/* or spiffe://<td>/*")]
+    Source(String),
+    #[error("rule {0}: `from` lists no source")]
+    NoSource(String),
+    #[error("rule {rule}: {source}")]
+    InRule { rule: String, source: Box<RuleError> },
+}
+
+/// The destination a rule is evaluated for: a pod, by namespace and name, and a port.
+#[derive(Debug, Clone, Copy)]
+pub struct Destination<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub port: u16,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -26,8 +45,8 @@ pub enum Source {
 }
 
 impl Source {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let err = || format!("{s:?} is not spiffe://<td>/ns/<ns>/sa/<sa>, spiffe://<td>/ns/<ns>/* or spiffe://<td>/*");
+    pub fn parse(s: &str) -> Result<Self, RuleError> {
+        let err = || RuleError::Source(s.into());
         if let Some(td) = s.strip_prefix("spiffe://").and_then(|r| r.strip_suffix("/*")) {
             if let Some((td, ns)) = td.split_once("/ns/") {
                 if td.is_empty() || ns.is_empty() || ns.contains('/') || td.contains('/') {
@@ -82,26 +101,26 @@ pub struct Rule {
 }
 
 impl TryFrom<RuleSpec> for Rule {
-    type Error = String;
-    fn try_from(s: RuleSpec) -> Result<Self, String> {
+    type Error = RuleError;
+    fn try_from(s: RuleSpec) -> Result<Self, RuleError> {
         if s.from.is_empty() {
-            return Err(format!("rule {}: `from` lists no source", s.name));
+            return Err(RuleError::NoSource(s.name));
         }
         let from = s
             .from
             .iter()
             .map(|f| Source::parse(f))
             .collect::<Result<_, _>>()
-            .map_err(|e| format!("rule {}: {e}", s.name))?;
+            .map_err(|e| RuleError::InRule { rule: s.name.clone(), source: Box::new(e) })?;
         Ok(Rule { name: s.name, namespace: s.namespace, workload: s.workload, ports: s.ports, action: s.action, from })
     }
 }
 
 impl Rule {
-    fn selects(&self, dst: &Workload, port: u16) -> bool {
+    fn selects(&self, dst: Destination<'_>) -> bool {
         self.namespace == dst.namespace
             && self.workload.as_ref().is_none_or(|w| *w == dst.name)
-            && (self.ports.is_empty() || self.ports.contains(&port))
+            && (self.ports.is_empty() || self.ports.contains(&dst.port))
     }
 }
 
@@ -124,8 +143,8 @@ impl Decision {
     }
 }
 
-pub fn evaluate(rules: &[Rule], src: &Identity, dst: &Workload, port: u16) -> Decision {
-    let selecting = || rules.iter().filter(|r| r.selects(dst, port));
+pub fn evaluate(rules: &[Rule], src: &Identity, dst: Destination<'_>) -> Decision {
+    let selecting = || rules.iter().filter(|r| r.selects(dst));
     if let Some(r) = selecting().find(|r| r.action == Action::Deny && r.from.iter().any(|f| f.matches(src))) {
         return Decision::Denied(r.name.clone());
     }
@@ -139,23 +158,9 @@ pub fn evaluate(rules: &[Rule], src: &Identity, dst: &Workload, port: u16) -> De
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{MeshReason, MtlsMode};
 
-    fn dst(ns: &str, name: &str) -> Workload {
-        Workload {
-            name: name.into(),
-            workload: None,
-            namespace: ns.into(),
-            service_account: name.into(),
-            ip: [10, 0, 0, 1].into(),
-            node: "n".into(),
-            cgroup: None,
-            meshed: true,
-            reason: MeshReason::Namespace,
-            mtls_mode: MtlsMode::Permissive,
-            fail_closed: false,
-            labels: Default::default(),
-        }
+    fn dst<'a>(namespace: &'a str, name: &'a str) -> impl Fn(u16) -> Destination<'a> {
+        move |port| Destination { namespace, name, port }
     }
 
     fn rule(name: &str, ns: &str, wl: Option<&str>, ports: &[u16], action: Action, from: &[&str]) -> Rule {
@@ -178,7 +183,7 @@ mod tests {
     #[test]
     fn default_allow_deny_wins_allow_lists_restrict() {
         let backend = dst("shop", "backend");
-        assert_eq!(evaluate(&[], &id("x", "y"), &backend, 80), Decision::Allow);
+        assert_eq!(evaluate(&[], &id("x", "y"), backend(80)), Decision::Allow);
 
         let rules = vec![
             rule("no-legacy", "shop", None, &[], Action::Deny, &["spiffe://cluster.local/ns/legacy/*"]),
@@ -191,16 +196,16 @@ mod tests {
                 &["spiffe://cluster.local/ns/shop/sa/frontend"],
             ),
         ];
-        assert_eq!(evaluate(&rules, &id("legacy", "a"), &backend, 8080), Decision::Denied("no-legacy".into()));
-        assert_eq!(evaluate(&rules, &id("shop", "frontend"), &backend, 8080), Decision::Allow);
-        assert_eq!(evaluate(&rules, &id("shop", "batch"), &backend, 8080), Decision::NotAllowed);
+        assert_eq!(evaluate(&rules, &id("legacy", "a"), backend(8080)), Decision::Denied("no-legacy".into()));
+        assert_eq!(evaluate(&rules, &id("shop", "frontend"), backend(8080)), Decision::Allow);
+        assert_eq!(evaluate(&rules, &id("shop", "batch"), backend(8080)), Decision::NotAllowed);
         // The allow rule only selects port 8080 and pod backend.
-        assert_eq!(evaluate(&rules, &id("shop", "batch"), &backend, 9090), Decision::Allow);
-        assert_eq!(evaluate(&rules, &id("shop", "batch"), &dst("shop", "web"), 8080), Decision::Allow);
+        assert_eq!(evaluate(&rules, &id("shop", "batch"), backend(9090)), Decision::Allow);
+        assert_eq!(evaluate(&rules, &id("shop", "batch"), dst("shop", "web")(8080)), Decision::Allow);
         // Trust-domain-wide source.
         let td = vec![rule("td", "shop", None, &[], Action::Allow, &["spiffe://cluster.local/*"])];
-        assert_eq!(evaluate(&td, &id("any", "one"), &backend, 1), Decision::Allow);
-        assert_eq!(evaluate(&td, &Identity::new("other.td", "a", "b"), &backend, 1), Decision::NotAllowed);
+        assert_eq!(evaluate(&td, &id("any", "one"), backend(1)), Decision::Allow);
+        assert_eq!(evaluate(&td, &Identity::new("other.td", "a", "b"), backend(1)), Decision::NotAllowed);
     }
 
     #[test]

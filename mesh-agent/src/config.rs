@@ -34,6 +34,8 @@ pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_HBONE_PORT: u16 = 15008;
 /// Workload certificate lifetime: a day, renewed at half-life, as Istio does.
 pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// HTTP/2 streams the HBONE server allows per connection (its SETTINGS).
+pub const HBONE_MAX_CONCURRENT_STREAMS: u32 = 100;
 /// HTTP/2 streams per pooled HBONE connection before another connection is opened.
 pub const DEFAULT_POOL_MAX_STREAMS: usize = 100;
 /// A pooled HBONE connection with no stream for this long is closed.
@@ -75,7 +77,7 @@ pub enum ConfigError {
     #[error("choose one source of workloads: a workload file or Kubernetes mode, not both")]
     TwoSources,
     #[error("OTLP endpoint {0:?} is not valid: {1}")]
-    OtlpEndpoint(String, String),
+    OtlpEndpoint(String, OtlpEndpointError),
     #[error("trace sample rate {0} is not between 0 and 1")]
     TraceSampleRate(f64),
 }
@@ -333,12 +335,51 @@ pub struct RunArgs {
     pub trace_sample_rate: Option<f64>,
 }
 
-fn parse_on_off(s: &str) -> Result<bool, String> {
+/// A flag value that is neither on nor off.
+#[derive(Debug, thiserror::Error)]
+#[error("expected on or off, got {0:?}")]
+pub struct OnOffError(String);
+
+fn parse_on_off(s: &str) -> Result<bool, OnOffError> {
     match s {
         "on" | "true" => Ok(true),
         "off" | "false" => Ok(false),
-        _ => Err(format!("expected on or off, got {s:?}")),
+        _ => Err(OnOffError(s.into())),
     }
+}
+
+/// Why an OTLP endpoint cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OtlpEndpointError {
+    #[error("not a URL: {0}")]
+    NotUrl(String),
+    #[error(
+        "https is not supported yet: use the collector's plain OTLP/HTTP port (4318) on the node or in the cluster"
+    )]
+    Https,
+    #[error("must start with http://")]
+    NotHttp,
+    #[error("no host")]
+    NoHost,
+}
+
+/// Checks an OTLP endpoint and returns the URL spans are posted to: `http://host:port` gets
+/// OTLP's `/v1/traces`; a URL with a path is used as it is.
+pub fn traces_url(endpoint: &str) -> Result<String, OtlpEndpointError> {
+    let uri: hyper::Uri =
+        endpoint.parse().map_err(|e: hyper::http::uri::InvalidUri| OtlpEndpointError::NotUrl(e.to_string()))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err(OtlpEndpointError::Https),
+        _ => return Err(OtlpEndpointError::NotHttp),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(OtlpEndpointError::NoHost);
+    }
+    Ok(match uri.path() {
+        "" | "/" => format!("{}/v1/traces", endpoint.trim_end_matches('/')),
+        _ => endpoint.to_string(),
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -377,8 +418,9 @@ pub struct Config {
     pub bpf_pin_dir: Option<PathBuf>,
     pub trace_context: bool,
     pub trace_sample_rate: f64,
-    /// Checked OTLP endpoint (see [`crate::otlp::traces_url`]).
-    pub otlp_endpoint: Option<String>,
+    /// Where spans are posted: the OTLP endpoint, checked, with `/v1/traces` added when it
+    /// had no path (see [`traces_url`]).
+    pub otlp_traces_url: Option<String>,
     pub access_log: AccessLog,
 }
 
@@ -508,7 +550,7 @@ impl Config {
             pool_max_streams: file
                 .pool_max_streams
                 .unwrap_or(DEFAULT_POOL_MAX_STREAMS)
-                .clamp(1, crate::proxy::inbound::MAX_CONCURRENT_STREAMS as usize),
+                .clamp(1, HBONE_MAX_CONCURRENT_STREAMS as usize),
             pool_idle: args.pool_idle_ms.or(file.pool_idle_ms).map_or(DEFAULT_POOL_IDLE, Duration::from_millis),
             sockmap_acceleration: args
                 .sockmap_acceleration
@@ -550,9 +592,9 @@ impl Config {
                 r if (0.0..=1.0).contains(&r) => r,
                 r => return Err(ConfigError::TraceSampleRate(r)),
             },
-            otlp_endpoint: match args.otlp_endpoint.clone().or(file.otlp_endpoint).filter(|e| !e.is_empty()) {
-                Some(e) => match crate::otlp::traces_url(&e) {
-                    Ok(_) => Some(e),
+            otlp_traces_url: match args.otlp_endpoint.clone().or(file.otlp_endpoint).filter(|e| !e.is_empty()) {
+                Some(e) => match traces_url(&e) {
+                    Ok(url) => Some(url),
                     Err(why) => return Err(ConfigError::OtlpEndpoint(e, why)),
                 },
                 None => None,
@@ -582,6 +624,16 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join("nodes/a")).unwrap();
         d
+    }
+
+    #[test]
+    fn endpoints_get_the_traces_path_and_bad_ones_say_why() {
+        assert_eq!(traces_url("http://collector:4318").unwrap(), "http://collector:4318/v1/traces");
+        assert_eq!(traces_url("http://collector:4318/").unwrap(), "http://collector:4318/v1/traces");
+        assert_eq!(traces_url("http://10.0.0.1:4318/otlp/v1/traces").unwrap(), "http://10.0.0.1:4318/otlp/v1/traces");
+        assert!(traces_url("https://collector:4318").unwrap_err().to_string().contains("https"));
+        assert!(traces_url("collector:4318").unwrap_err().to_string().contains("http://"));
+        assert!(traces_url("not a url").is_err());
     }
 
     #[test]

@@ -380,9 +380,7 @@ impl Datapath {
         }
         for name in [mesh_common::PROG_CONNECT4, mesh_common::PROG_CONNECT6] {
             let Some(prog) = self.ebpf.program_mut(name) else { continue };
-            let detached = <&mut CgroupSockAddr>::try_from(prog)
-                .map_err(|e| e.to_string())
-                .and_then(|p| p.unload().map_err(|e| e.to_string()));
+            let detached = <&mut CgroupSockAddr>::try_from(prog).and_then(|p| p.unload());
             if let Err(e) = detached {
                 warn!(program = name, error = %e, "cannot detach the program ahead of the others");
             }

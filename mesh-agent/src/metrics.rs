@@ -78,13 +78,13 @@ struct PodLabels {
 #[derive(Debug)]
 pub struct PodRedirectCollector {
     pub counts: Arc<PodRedirects>,
-    pub pods: tokio::sync::watch::Receiver<Arc<crate::reconcile::PodIndex>>,
+    pub pods: tokio::sync::watch::Receiver<Arc<crate::state::PodIndex>>,
 }
 
 impl Collector for PodRedirectCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let idx = self.pods.borrow().clone();
-        let local: Vec<&crate::reconcile::PodStatus> = idx.pods.iter().filter(|p| p.redirected).collect();
+        let local: Vec<&crate::state::PodStatus> = idx.pods.iter().filter(|p| p.redirected).collect();
         let counts = {
             let mut m = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
             m.retain(|k, _| local.iter().any(|p| p.key == *k));
@@ -241,46 +241,6 @@ impl Collector for DatapathCollector {
             usage.entries().into_iter().map(|(map, n)| (MapLabels { map }, n as i64)),
         )?;
         Ok(())
-    }
-}
-
-impl crate::proxy::inbound::InboundMetrics {
-    pub fn register(&self, reg: &mut Registry) {
-        // The common reasons start at 0, so the families are exported (and rate() works) before
-        // the first event.
-        for reason in ["deny_rule", "no_allow_rule"] {
-            let _ = self.denied.get_or_create(&ErrorLabels { reason });
-        }
-        for reason in ["not_tls", "unknown_issuer", "expired_certificate", "bad_client_identity", "timeout"] {
-            let _ = self.tls_failures.get_or_create(&ErrorLabels { reason });
-        }
-        reg.register(
-            "inbound_connections",
-            "HBONE streams accepted and connected to a local pod",
-            self.accepted.clone(),
-        );
-        reg.register(
-            "tls_handshake_failures",
-            "Inbound mTLS handshakes rejected, by reason (not_tls, unknown_issuer, expired_certificate, ...)",
-            self.tls_failures.clone(),
-        );
-        reg.register("inbound_rejected", "HBONE CONNECT streams rejected, by reason", self.rejected.clone());
-        reg.register(
-            "authorization_denials",
-            "Connections denied by authorization policy, by reason",
-            self.denied.clone(),
-        );
-    }
-}
-
-impl crate::proxy::pool::PoolMetrics {
-    pub fn register(&self, reg: &mut Registry) {
-        reg.register(
-            "hbone_client_handshakes",
-            "mTLS handshakes made to other nodes (one per pooled connection)",
-            self.handshakes.clone(),
-        );
-        reg.register("hbone_pool_connections", "Pooled HBONE client connections open", self.open_connections.clone());
     }
 }
 

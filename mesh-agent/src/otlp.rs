@@ -51,42 +51,20 @@ pub struct Spans {
     pub counts: Family<OutcomeLabels, Counter>,
 }
 
-/// Checks an OTLP endpoint and returns the URL spans are posted to: `http://host:port` gets
-/// OTLP's `/v1/traces`; a URL with a path is used as it is.
-pub fn traces_url(endpoint: &str) -> Result<String, String> {
-    let uri: hyper::Uri = endpoint.parse().map_err(|e| format!("not a URL: {e}"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err("https is not supported yet: use the collector's plain OTLP/HTTP port (4318) on the node or in the cluster".into());
-        }
-        _ => return Err("must start with http://".into()),
-    }
-    if uri.host().is_none_or(str::is_empty) {
-        return Err("no host".into());
-    }
-    Ok(match uri.path() {
-        "" | "/" => format!("{}/v1/traces", endpoint.trim_end_matches('/')),
-        _ => endpoint.to_string(),
-    })
-}
-
 impl Spans {
-    /// Starts the exporter task for `endpoint` (checked with [`traces_url`]); once `stop` is
-    /// cancelled it sends what is queued and ends.
+    /// Starts the exporter task posting to `url` (see [`crate::config::traces_url`]); once
+    /// `stop` is cancelled it sends what is queued and ends.
     pub fn start(
-        endpoint: &str,
+        url: &str,
         node: &str,
         stop: CancellationToken,
-    ) -> Result<(Spans, tokio::task::JoinHandle<()>), String> {
-        let url = traces_url(endpoint)?;
+    ) -> Result<(Spans, tokio::task::JoinHandle<()>), opentelemetry_otlp::ExporterBuildError> {
         let mut exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_http_client(Client)
-            .with_endpoint(url.clone())
+            .with_endpoint(url.to_string())
             .with_timeout(EXPORT_TIMEOUT)
-            .build()
-            .map_err(|e| e.to_string())?;
+            .build()?;
         exporter.set_resource(
             &Resource::builder_empty()
                 .with_service_name("switchyard")
@@ -102,7 +80,7 @@ impl Spans {
             let _ = counts.get_or_create(&OutcomeLabels { outcome });
         }
         info!(endpoint = %url, "exporting the proxy's HTTP request spans over OTLP");
-        let task = tokio::spawn(send_batches(exporter, rx, counts.clone(), url, stop));
+        let task = tokio::spawn(send_batches(exporter, rx, counts.clone(), url.to_string(), stop));
         Ok((Spans { tx, counts }, task))
     }
 
@@ -302,16 +280,6 @@ pub fn sample(rate: f64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn endpoints_get_the_traces_path_and_bad_ones_say_why() {
-        assert_eq!(traces_url("http://collector:4318").unwrap(), "http://collector:4318/v1/traces");
-        assert_eq!(traces_url("http://collector:4318/").unwrap(), "http://collector:4318/v1/traces");
-        assert_eq!(traces_url("http://10.0.0.1:4318/otlp/v1/traces").unwrap(), "http://10.0.0.1:4318/otlp/v1/traces");
-        assert!(traces_url("https://collector:4318").unwrap_err().contains("https"));
-        assert!(traces_url("collector:4318").unwrap_err().contains("http://"));
-        assert!(traces_url("not a url").is_err());
-    }
 
     #[test]
     fn a_span_keeps_the_clients_trace_and_parent_and_marks_errors() {

@@ -2,83 +2,24 @@
 //! id in the meshed map, and nothing else does. Runs on every state change and once a second,
 //! so a pod whose cgroup appears after it was declared is meshed as soon as the cgroup exists.
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
-    net::Ipv4Addr,
+    collections::{BTreeMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use mesh_common::PodPolicy;
-use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    authz::Rule,
     cgroup,
     datapath::Datapath,
-    state::{MeshReason, NodeInfo, NodeState, Workload},
+    state::{MeshReason, NodeState, PodIndex, PodStatus},
 };
 
 /// How often the reconciler re-checks cgroups even when nothing changed.
 pub const RESYNC: Duration = Duration::from_secs(1);
-
-/// A pod as the proxy and the admin API see it.
-#[derive(Debug, Clone, Serialize)]
-pub struct PodStatus {
-    pub key: String,
-    #[serde(flatten)]
-    pub workload: Workload,
-    pub cgroup_id: Option<u64>,
-    /// True once the pod's cgroup is in the datapath's meshed map.
-    pub redirected: bool,
-}
-
-/// What the proxy looks up per connection: pods (this node's and others'), nodes, rules.
-#[derive(Debug, Default)]
-pub struct PodIndex {
-    pub node: String,
-    pub pods: Vec<PodStatus>,
-    pub nodes: BTreeMap<String, NodeInfo>,
-    pub authz: Vec<Rule>,
-    /// Shared, so a connection's route holds its Service without copying it.
-    pub services: BTreeMap<std::net::SocketAddrV4, Arc<crate::state::ServiceEntry>>,
-    by_cgroup: HashMap<u64, usize>,
-    by_ip: HashMap<Ipv4Addr, usize>,
-}
-
-impl PodIndex {
-    pub fn new(state: &NodeState, pods: Vec<PodStatus>) -> Self {
-        let by_cgroup = pods
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.workload.node == state.node)
-            .filter_map(|(i, p)| Some((p.cgroup_id?, i)))
-            .collect();
-        let by_ip = pods.iter().enumerate().map(|(i, p)| (p.workload.ip, i)).collect();
-        PodIndex {
-            node: state.node.clone(),
-            pods,
-            nodes: state.nodes.clone(),
-            authz: state.authz.clone(),
-            services: state.services.iter().map(|(k, v)| (*k, Arc::new(v.clone()))).collect(),
-            by_cgroup,
-            by_ip,
-        }
-    }
-    /// This node's pod with this cgroup id.
-    pub fn by_cgroup(&self, id: u64) -> Option<&PodStatus> {
-        self.by_cgroup.get(&id).map(|&i| &self.pods[i])
-    }
-    /// Any node's pod with this IP.
-    pub fn by_ip(&self, ip: Ipv4Addr) -> Option<&PodStatus> {
-        self.by_ip.get(&ip).map(|&i| &self.pods[i])
-    }
-    pub fn is_local(&self, p: &PodStatus) -> bool {
-        p.workload.node == self.node
-    }
-}
 
 pub struct Reconciler {
     pub datapath: Arc<Mutex<Option<Datapath>>>,

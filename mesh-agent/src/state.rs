@@ -2,9 +2,10 @@
 //! Kubernetes watches later). The reconciler turns it into datapath state; the proxy uses it to
 //! name the source and destination of a connection.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
+    sync::Arc,
 };
 
 use crate::{authz::Rule, identity::Identity};
@@ -27,6 +28,71 @@ pub enum MtlsMode {
     Permissive,
     /// Accept TCP only through the mesh; other SYNs are dropped in the kernel.
     Strict,
+}
+
+/// What a namespace's annotations ask of the mesh. One parser for the workload file and for
+/// Kubernetes, equally strict: a value the key does not take is an error, never read as "off".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NamespacePolicy {
+    /// [`MESH_ANNOTATION`] is `enabled` (`disabled` or absent: not meshed).
+    pub meshed: bool,
+    pub mtls_mode: MtlsMode,
+    /// [`FAIL_MODE_ANNOTATION`] is `closed`.
+    pub fail_closed: bool,
+}
+
+/// One of `choices` (value, meaning), the first when absent.
+fn choice<T: Copy>(
+    key: &str,
+    value: Option<&str>,
+    choices: &[(&'static str, T)],
+    expected: &'static str,
+) -> Result<T, AnnotationError> {
+    match value {
+        None => Ok(choices[0].1),
+        Some(v) => choices.iter().find(|(c, _)| *c == v.trim()).map(|(_, t)| *t).ok_or_else(|| AnnotationError {
+            key: key.into(),
+            value: v.into(),
+            expected,
+        }),
+    }
+}
+
+impl NamespacePolicy {
+    /// From a namespace's annotations, looked up by key.
+    pub fn from_annotations<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<Self, AnnotationError> {
+        Ok(NamespacePolicy {
+            meshed: choice(
+                MESH_ANNOTATION,
+                get(MESH_ANNOTATION),
+                &[("disabled", false), ("enabled", true)],
+                "\"enabled\" or \"disabled\"",
+            )?,
+            mtls_mode: choice(
+                MTLS_MODE_ANNOTATION,
+                get(MTLS_MODE_ANNOTATION),
+                &[("permissive", MtlsMode::Permissive), ("strict", MtlsMode::Strict)],
+                "\"permissive\" or \"strict\"",
+            )?,
+            fail_closed: choice(
+                FAIL_MODE_ANNOTATION,
+                get(FAIL_MODE_ANNOTATION),
+                &[("open", false), ("closed", true)],
+                "\"open\" or \"closed\"",
+            )?,
+        })
+    }
+}
+
+/// Whether a pod's annotations opt it out of its namespace's mesh ([`MESH_ANNOTATION`]
+/// `disabled`; `enabled` or absent: it follows its namespace).
+pub fn pod_opts_out<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<bool, AnnotationError> {
+    choice(
+        MESH_ANNOTATION,
+        get(MESH_ANNOTATION),
+        &[("enabled", false), ("disabled", true)],
+        "\"enabled\" or \"disabled\"",
+    )
 }
 
 /// Why a pod is or is not meshed: shown in logs and on the dashboard.
@@ -105,6 +171,11 @@ impl AppLabels {
 }
 
 impl Workload {
+    /// This pod as the destination of a connection to `port`, for authorization.
+    pub fn authz_destination(&self, port: u16) -> crate::authz::Destination<'_> {
+        crate::authz::Destination { namespace: &self.namespace, name: &self.name, port }
+    }
+
     /// The `source_workload`/`destination_workload` of metrics: the owning workload's name,
     /// else the pod's.
     pub fn workload_name(&self) -> &str {
@@ -262,14 +333,23 @@ pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
     std::time::Duration::try_from_secs_f64(secs).ok().filter(|d| *d >= std::time::Duration::from_millis(1))
 }
 
+/// An annotation whose value is not what its key takes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {value:?} is not {expected}")]
+pub struct AnnotationError {
+    pub key: String,
+    pub value: String,
+    pub expected: &'static str,
+}
+
 impl ServicePolicy {
     /// From a Service's annotations (other keys ignored).
     pub fn from_annotations<'a>(
         annotations: impl Iterator<Item = (&'a str, &'a str)>,
-    ) -> Result<ServicePolicy, String> {
+    ) -> Result<ServicePolicy, AnnotationError> {
         let mut p = ServicePolicy::default();
         for (k, v) in annotations {
-            let bad = |what: &str| format!("{k}: {v:?} is not {what}");
+            let bad = |expected: &'static str| AnnotationError { key: k.into(), value: v.into(), expected };
             let v = v.trim();
             match k {
                 MAX_CONNECTIONS_ANNOTATION => {
@@ -337,13 +417,69 @@ impl NodeState {
     }
 }
 
+/// A pod as the proxy and the admin API see it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PodStatus {
+    pub key: String,
+    #[serde(flatten)]
+    pub workload: Workload,
+    pub cgroup_id: Option<u64>,
+    /// True once the pod's cgroup is in the datapath's meshed map.
+    pub redirected: bool,
+}
+
+/// What the proxy looks up per connection: pods (this node's and others'), nodes, rules.
+#[derive(Debug, Default)]
+pub struct PodIndex {
+    pub node: String,
+    pub pods: Vec<PodStatus>,
+    pub nodes: BTreeMap<String, NodeInfo>,
+    pub authz: Vec<Rule>,
+    /// Shared, so a connection's route holds its Service without copying it.
+    pub services: BTreeMap<std::net::SocketAddrV4, Arc<ServiceEntry>>,
+    by_cgroup: HashMap<u64, usize>,
+    by_ip: HashMap<Ipv4Addr, usize>,
+}
+
+impl PodIndex {
+    pub fn new(state: &NodeState, pods: Vec<PodStatus>) -> Self {
+        let by_cgroup = pods
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.workload.node == state.node)
+            .filter_map(|(i, p)| Some((p.cgroup_id?, i)))
+            .collect();
+        let by_ip = pods.iter().enumerate().map(|(i, p)| (p.workload.ip, i)).collect();
+        PodIndex {
+            node: state.node.clone(),
+            pods,
+            nodes: state.nodes.clone(),
+            authz: state.authz.clone(),
+            services: state.services.iter().map(|(k, v)| (*k, Arc::new(v.clone()))).collect(),
+            by_cgroup,
+            by_ip,
+        }
+    }
+    /// This node's pod with this cgroup id.
+    pub fn by_cgroup(&self, id: u64) -> Option<&PodStatus> {
+        self.by_cgroup.get(&id).map(|&i| &self.pods[i])
+    }
+    /// Any node's pod with this IP.
+    pub fn by_ip(&self, ip: Ipv4Addr) -> Option<&PodStatus> {
+        self.by_ip.get(&ip).map(|&i| &self.pods[i])
+    }
+    pub fn is_local(&self, p: &PodStatus) -> bool {
+        p.workload.node == self.node
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
 
-    fn policy(pairs: &[(&str, &str)]) -> Result<ServicePolicy, String> {
+    fn policy(pairs: &[(&str, &str)]) -> Result<ServicePolicy, AnnotationError> {
         ServicePolicy::from_annotations(pairs.iter().copied())
     }
 
@@ -380,7 +516,7 @@ mod tests {
             (MAX_CONNECTIONS_ANNOTATION, "0"),
             (MAX_PENDING_ANNOTATION, "-3"),
         ] {
-            let e = policy(&[(k, v)]).unwrap_err();
+            let e = policy(&[(k, v)]).unwrap_err().to_string();
             assert!(e.starts_with(k) && e.contains(v), "{k}={v}: {e}");
         }
     }

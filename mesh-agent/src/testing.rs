@@ -28,8 +28,8 @@ use crate::{
         route::RouteConfig,
         upstream::Connector,
     },
-    reconcile::{PodIndex, PodStatus},
     state::{MeshReason, NodeInfo, NodeState, ServiceEntry, Workload},
+    state::{PodIndex, PodStatus},
     tls::TrustBundle,
 };
 

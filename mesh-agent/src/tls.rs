@@ -63,23 +63,38 @@ impl TrustBundle {
     }
 }
 
+/// Why a certificate names no usable SPIFFE ID.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerIdentityError {
+    #[error("unparsable certificate: {0}")]
+    Unparsable(String),
+    #[error("bad subjectAltName: {0}")]
+    BadSan(String),
+    #[error("certificate has no subjectAltName")]
+    NoSan,
+    #[error("certificate has no SPIFFE ID")]
+    NoUri,
+    #[error("certificate has more than one URI SAN")]
+    SeveralUris,
+    #[error("certificate URI SAN: {0}")]
+    NotSpiffe(String),
+}
+
 /// The SPIFFE ID in a certificate: its one and only URI SAN, which must be a `spiffe://` ID
 /// (per the X.509-SVID spec; a second URI of any scheme is refused, not ignored).
-pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<Identity, String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| format!("unparsable certificate: {e}"))?;
-    let san = parsed
-        .subject_alternative_name()
-        .map_err(|e| format!("bad subjectAltName: {e}"))?
-        .ok_or("certificate has no subjectAltName")?;
+pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<Identity, PeerIdentityError> {
+    use PeerIdentityError as E;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| E::Unparsable(e.to_string()))?;
+    let san = parsed.subject_alternative_name().map_err(|e| E::BadSan(e.to_string()))?.ok_or(E::NoSan)?;
     let mut uris = san.value.general_names.iter().filter_map(|n| match n {
         x509_parser::extensions::GeneralName::URI(u) => Some(*u),
         _ => None,
     });
-    let first = uris.next().ok_or("certificate has no SPIFFE ID")?;
+    let first = uris.next().ok_or(E::NoUri)?;
     if uris.next().is_some() {
-        return Err("certificate has more than one URI SAN".into());
+        return Err(E::SeveralUris);
     }
-    Identity::parse(first).map_err(|e| e.to_string())
+    Identity::parse(first).map_err(|e| E::NotSpiffe(e.to_string()))
 }
 
 /// When a certificate stops being valid.
@@ -136,11 +151,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             None,
         )
         .map_err(webpki_to_tls)?;
-        let got = peer_identity(end_entity).map_err(|e| {
-            TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(std::io::Error::other(
-                e,
-            )))))
-        })?;
+        let got = peer_identity(end_entity)
+            .map_err(|e| TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e)))))?;
         if got != self.expected {
             return Err(TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
                 WrongIdentity { expected: self.expected.to_string(), got: got.to_string() },

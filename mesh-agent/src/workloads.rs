@@ -54,8 +54,8 @@ use tracing::{info, warn};
 use crate::{
     authz, cgroup,
     state::{
-        FAIL_MODE_ANNOTATION, MESH_ANNOTATION, MTLS_MODE_ANNOTATION, MeshReason, MtlsMode, NodeInfo, NodeState,
-        ProtocolHint, ServiceEntry, ServicePolicy, Workload,
+        MeshReason, NamespacePolicy, NodeInfo, NodeState, ProtocolHint, ServiceEntry, ServicePolicy, Workload,
+        pod_opts_out,
     },
 };
 
@@ -161,43 +161,11 @@ pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Resul
     let invalid = |msg: String| WorkloadFileError::Invalid { path: path.into(), msg };
     let file: File =
         serde_yaml_ng::from_str(text).map_err(|source| WorkloadFileError::Parse { path: path.into(), source })?;
-    let mut ns_meshed = BTreeMap::new();
-    let mut ns_mode = BTreeMap::new();
-    let mut ns_fail_closed = BTreeMap::new();
+    let mut namespaces = BTreeMap::new();
     for ns in &file.namespaces {
-        let mode = match ns.annotations.get(MTLS_MODE_ANNOTATION).map(String::as_str) {
-            None | Some("permissive") => MtlsMode::Permissive,
-            Some("strict") => MtlsMode::Strict,
-            Some(other) => {
-                return Err(invalid(format!(
-                    "namespace {}: {MTLS_MODE_ANNOTATION} must be \"permissive\" or \"strict\", not {other:?}",
-                    ns.name
-                )));
-            }
-        };
-        ns_mode.insert(ns.name.clone(), mode);
-        let fail_closed = match ns.annotations.get(FAIL_MODE_ANNOTATION).map(String::as_str) {
-            None | Some("open") => false,
-            Some("closed") => true,
-            Some(other) => {
-                return Err(invalid(format!(
-                    "namespace {}: {FAIL_MODE_ANNOTATION} must be \"open\" or \"closed\", not {other:?}",
-                    ns.name
-                )));
-            }
-        };
-        ns_fail_closed.insert(ns.name.clone(), fail_closed);
-        let meshed = match ns.annotations.get(MESH_ANNOTATION).map(String::as_str) {
-            None | Some("disabled") => false,
-            Some("enabled") => true,
-            Some(other) => {
-                return Err(invalid(format!(
-                    "namespace {}: {MESH_ANNOTATION} must be \"enabled\" or \"disabled\", not {other:?}",
-                    ns.name
-                )));
-            }
-        };
-        if ns_meshed.insert(ns.name.clone(), meshed).is_some() {
+        let policy = NamespacePolicy::from_annotations(|k| ns.annotations.get(k).map(String::as_str))
+            .map_err(|e| invalid(format!("namespace {}: {e}", ns.name)))?;
+        if namespaces.insert(ns.name.clone(), policy).is_some() {
             return Err(invalid(format!("namespace {} is listed twice", ns.name)));
         }
     }
@@ -211,7 +179,7 @@ pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Resul
         }
     }
     for spec in file.authorization {
-        state.authz.push(spec.try_into().map_err(invalid)?);
+        state.authz.push(spec.try_into().map_err(|e: authz::RuleError| invalid(e.to_string()))?);
     }
     for svc in file.services {
         let key = format!("{}/{}", svc.namespace, svc.name);
@@ -254,29 +222,20 @@ pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Resul
         if !ips.insert(p.ip) {
             return Err(invalid(format!("pod {key}: IP {} is used by another pod", p.ip)));
         }
-        let opt_out = match p.annotations.get(MESH_ANNOTATION).map(String::as_str) {
-            None | Some("enabled") => false,
-            Some("disabled") => true,
-            Some(other) => {
-                return Err(invalid(format!(
-                    "pod {key}: {MESH_ANNOTATION} must be \"enabled\" or \"disabled\", not {other:?}"
-                )));
-            }
-        };
+        let opt_out = pod_opts_out(|k| p.annotations.get(k).map(String::as_str))
+            .map_err(|e| invalid(format!("pod {key}: {e}")))?;
         let pod_node = p.node.unwrap_or_else(|| node.to_string());
         let cgroup = match (&p.cgroup, pod_node == node) {
             (Some(c), _) => Some(cgroup::resolve(cgroup2_mount, c).map_err(|e| invalid(format!("pod {key}: {e}")))?),
             (None, true) => return Err(invalid(format!("pod {key} runs on this node and needs a cgroup"))),
             (None, false) => None,
         };
-        let ns_on = ns_meshed.get(&p.namespace).copied().unwrap_or(false);
-        let (meshed, reason) = match (ns_on, opt_out) {
+        let ns = namespaces.get(&p.namespace).copied().unwrap_or_default();
+        let (meshed, reason) = match (ns.meshed, opt_out) {
             (true, false) => (true, MeshReason::Namespace),
             (true, true) => (false, MeshReason::PodOptOut),
             (false, _) => (false, MeshReason::NamespaceNotMeshed),
         };
-        let mtls_mode = ns_mode.get(&p.namespace).copied().unwrap_or_default();
-        let fail_closed = ns_fail_closed.get(&p.namespace).copied().unwrap_or(false);
         let w = Workload {
             workload: p.workload.filter(|w| !w.is_empty() && *w != p.name),
             name: p.name,
@@ -287,8 +246,8 @@ pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Resul
             cgroup,
             meshed,
             reason,
-            mtls_mode,
-            fail_closed,
+            mtls_mode: ns.mtls_mode,
+            fail_closed: ns.fail_closed,
             labels: crate::state::AppLabels::from_labels(|k| p.labels.get(k).map(String::as_str)),
         };
         if state.pods.insert(key.clone(), w).is_some() {
@@ -403,11 +362,15 @@ pods:
                 "pods:\n - {name: a, namespace: x, ip: 10.0.0.1, cgroup: a}\n - {name: a, namespace: x, ip: 10.0.0.2, cgroup: b}",
                 "twice",
             ),
-            ("namespaces: [{name: x, annotations: {switchyard.io/mesh: yes}}]", "must be"),
+            ("namespaces: [{name: x, annotations: {switchyard.io/mesh: yes}}]", "switchyard.io/mesh: \"yes\" is not"),
+            (
+                "pods: [{name: a, namespace: x, ip: 10.0.0.1, cgroup: a, annotations: {switchyard.io/mesh: off}}]",
+                "pod x/a: switchyard.io/mesh",
+            ),
             ("pods: [{name: a, namespace: x, ip: 10.0.0.1, cgroup: ../../etc}]", "not inside"),
             ("pods: {", "YAML"),
             ("pods: [{name: a, namespace: x, ip: 10.0.0.1}]", "needs a cgroup"),
-            ("namespaces: [{name: x, annotations: {switchyard.io/mtls-mode: tight}}]", "must be"),
+            ("namespaces: [{name: x, annotations: {switchyard.io/mtls-mode: tight}}]", "\"permissive\" or \"strict\""),
             ("namespaces: [{name: x, annotations: {switchyard.io/fail-mode: shut}}]", "\"open\" or \"closed\""),
             ("authorization: [{name: r, namespace: x, action: allow, from: [bogus]}]", "bogus"),
             ("authorization: [{name: r, namespace: x, action: maybe, from: []}]", "maybe"),
@@ -456,6 +419,7 @@ mod examples {
 #[cfg(test)]
 mod cluster_tests {
     use super::*;
+    use crate::state::MtlsMode;
 
     #[test]
     fn services_carry_endpoints_protocol_hints_and_policy() {

@@ -22,6 +22,8 @@ pub enum IssueError {
     Generate(#[from] rcgen::Error),
     #[error("issuer unavailable: {0}")]
     Unavailable(String),
+    #[error("the issued key cannot sign: {0}")]
+    Key(rustls::Error),
 }
 
 pub trait CertIssuer: Send + Sync + 'static {

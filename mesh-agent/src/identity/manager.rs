@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::{
     Identity,
-    issuer::{CertIssuer, Issued},
+    issuer::{CertIssuer, IssueError, Issued},
 };
 
 /// A certificate in use.
@@ -84,8 +84,8 @@ impl CertManager {
         v
     }
 
-    fn build(&self, issued: Issued, generation: u64) -> Result<WorkloadCert, String> {
-        let key = rustls::crypto::ring::sign::any_supported_type(&issued.key).map_err(|e| e.to_string())?;
+    fn build(&self, issued: Issued, generation: u64) -> Result<WorkloadCert, IssueError> {
+        let key = rustls::crypto::ring::sign::any_supported_type(&issued.key).map_err(IssueError::Key)?;
         // Half the lifetime asked for, from now: `not_before` is backdated for clock skew and
         // must not pull renewal forward.
         let now = SystemTime::now();
@@ -123,12 +123,7 @@ impl CertManager {
                 continue;
             }
             let generation = current.as_ref().map_or(1, |c| c.generation + 1);
-            match self
-                .issuer
-                .issue(id, self.lifetime)
-                .map_err(|e| e.to_string())
-                .and_then(|i| self.build(i, generation))
-            {
+            match self.issuer.issue(id, self.lifetime).and_then(|i| self.build(i, generation)) {
                 Ok(cert) => {
                     self.issued.inc();
                     info!(identity = %id, generation, lifetime = ?self.lifetime, "certificate issued");

@@ -103,8 +103,8 @@ fn key_of(o: &DynamicObject) -> Option<String> {
 }
 
 /// Trims an object of `kind`. `Ok(None)`: valid but not kept (a finished pod).
-fn trim(kind: Kind, o: &DynamicObject) -> Result<Option<Obj>, String> {
-    let v: Value = serde_json::to_value(o).map_err(|e| e.to_string())?;
+fn trim(kind: Kind, o: &DynamicObject) -> Result<Option<Obj>, objects::ObjectError> {
+    let v: Value = serde_json::to_value(o).map_err(|e| objects::ObjectError::Json(e.to_string()))?;
     match kind {
         Kind::Namespaces => Namespace::from_json(&v).map(|n| Some(Obj::Namespace(n))),
         Kind::LocalPods | Kind::RemotePods => Pod::from_json(&v).map(|p| p.map(Obj::Pod)),

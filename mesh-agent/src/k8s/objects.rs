@@ -10,15 +10,30 @@ use std::{
 
 use serde_json::Value;
 
-use crate::state::{MESH_ANNOTATION, MTLS_MODE_ANNOTATION, MeshReason, MtlsMode, NodeInfo, NodeState, Workload};
+use crate::state::{AnnotationError, MeshReason, NamespacePolicy, NodeInfo, NodeState, Workload, pod_opts_out};
 
-/// A namespace, trimmed: whether it opted in, and its mTLS mode.
+/// Why an object was rejected (the caller logs it and keeps the object's last good version).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ObjectError {
+    #[error("{0} missing")]
+    Missing(&'static str),
+    #[error("{field} {value} is not {expected}")]
+    Invalid { field: &'static str, value: String, expected: &'static str },
+    #[error(transparent)]
+    Annotation(#[from] AnnotationError),
+    #[error("not a Kubernetes object: {0}")]
+    Json(String),
+}
+
+fn invalid(field: &'static str, value: impl std::fmt::Display, expected: &'static str) -> ObjectError {
+    ObjectError::Invalid { field, value: value.to_string(), expected }
+}
+
+/// A namespace, trimmed: what its annotations ask of the mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Namespace {
     pub name: String,
-    pub meshed: bool,
-    pub mtls_mode: MtlsMode,
-    pub fail_closed: bool,
+    pub policy: NamespacePolicy,
 }
 
 /// A pod, trimmed to what routing, identity and meshing use.
@@ -51,11 +66,15 @@ fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     path.iter().try_fold(v, |v, k| v.get(k))?.as_str()
 }
 
-fn name_of(v: &Value) -> Result<String, String> {
+fn name_of(v: &Value) -> Result<String, ObjectError> {
     match str_at(v, &["metadata", "name"]) {
         Some(n) if !n.is_empty() => Ok(n.to_string()),
-        _ => Err("metadata.name missing".into()),
+        _ => Err(ObjectError::Missing("metadata.name")),
     }
+}
+
+fn namespace_of(v: &Value) -> Result<&str, ObjectError> {
+    str_at(v, &["metadata", "namespace"]).ok_or(ObjectError::Missing("metadata.namespace"))
 }
 
 fn annotation<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
@@ -87,34 +106,20 @@ pub fn workload_of(v: &Value) -> Option<String> {
 }
 
 impl Namespace {
-    pub fn from_json(v: &Value) -> Result<Namespace, String> {
+    pub fn from_json(v: &Value) -> Result<Namespace, ObjectError> {
         let name = name_of(v)?;
-        let meshed = annotation(v, MESH_ANNOTATION) == Some("enabled");
-        let mtls_mode = match annotation(v, MTLS_MODE_ANNOTATION) {
-            None | Some("permissive") => MtlsMode::Permissive,
-            Some("strict") => MtlsMode::Strict,
-            Some(other) => {
-                return Err(format!("{MTLS_MODE_ANNOTATION}: {other:?} is neither permissive nor strict"));
-            }
-        };
-        let fail_closed = match annotation(v, crate::state::FAIL_MODE_ANNOTATION) {
-            None | Some("open") => false,
-            Some("closed") => true,
-            Some(other) => {
-                return Err(format!("{}: {other:?} is neither open nor closed", crate::state::FAIL_MODE_ANNOTATION));
-            }
-        };
-        Ok(Namespace { name, meshed, mtls_mode, fail_closed })
+        let policy = NamespacePolicy::from_annotations(|k| annotation(v, k))?;
+        Ok(Namespace { name, policy })
     }
 }
 
 impl Pod {
     /// `Ok(None)` for a pod that has finished (it holds no connections and no IP any more).
-    pub fn from_json(v: &Value) -> Result<Option<Pod>, String> {
+    pub fn from_json(v: &Value) -> Result<Option<Pod>, ObjectError> {
         let name = name_of(v)?;
-        let namespace = str_at(v, &["metadata", "namespace"]).ok_or("metadata.namespace missing")?.to_string();
-        let uid = str_at(v, &["metadata", "uid"]).ok_or("metadata.uid missing")?.to_string();
-        let spec = v.get("spec").filter(|s| s.is_object()).ok_or("spec missing or not an object")?;
+        let namespace = namespace_of(v)?.to_string();
+        let uid = str_at(v, &["metadata", "uid"]).ok_or(ObjectError::Missing("metadata.uid"))?.to_string();
+        let spec = v.get("spec").filter(|s| s.is_object()).ok_or(ObjectError::Missing("spec (an object)"))?;
         let status = v.get("status").cloned().unwrap_or(Value::Null);
         if matches!(status.get("phase").and_then(Value::as_str), Some("Succeeded" | "Failed")) {
             return Ok(None);
@@ -131,13 +136,13 @@ impl Pod {
                     .flatten()
                     .filter_map(|p| p.get("ip")?.as_str()?.parse::<Ipv4Addr>().ok())
                     .next(),
-                Err(_) => return Err(format!("status.podIP {s:?} is not an IP address")),
+                Err(_) => return Err(invalid("status.podIP", format_args!("{s:?}"), "an IP address")),
             },
         };
         let host_network = match spec.get("hostNetwork") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
-            Some(other) => return Err(format!("spec.hostNetwork {other} is not a boolean")),
+            Some(other) => return Err(invalid("spec.hostNetwork", other, "a boolean")),
         };
         Ok(Some(Pod {
             uid,
@@ -151,7 +156,7 @@ impl Pod {
                 .to_string(),
             host_network,
             ip,
-            opt_out: annotation(v, MESH_ANNOTATION) == Some("disabled"),
+            opt_out: pod_opts_out(|k| annotation(v, k))?,
             workload: workload_of(v).filter(|w| *w != name),
             labels: crate::state::AppLabels::from_labels(|k| str_at(v, &["metadata", "labels", k])),
             name,
@@ -164,7 +169,7 @@ impl Pod {
 }
 
 impl Node {
-    pub fn from_json(v: &Value) -> Result<Node, String> {
+    pub fn from_json(v: &Value) -> Result<Node, ObjectError> {
         let name = name_of(v)?;
         let address = v
             .get("status")
@@ -200,14 +205,17 @@ pub struct EndpointSlice {
     pub ready: Vec<Ipv4Addr>,
 }
 
-fn tcp_ports(v: Option<&Value>, what: &str) -> Result<Vec<(String, u16, Option<crate::state::ProtocolHint>)>, String> {
+fn tcp_ports(
+    v: Option<&Value>,
+    what: &'static str,
+) -> Result<Vec<(String, u16, Option<crate::state::ProtocolHint>)>, ObjectError> {
     let mut out = Vec::new();
     for p in v.and_then(Value::as_array).into_iter().flatten() {
         if p.get("protocol").and_then(Value::as_str).is_some_and(|proto| proto != "TCP") {
             continue;
         }
         let port = p.get("port").and_then(Value::as_u64).filter(|n| (1..=65535).contains(n));
-        let Some(port) = port else { return Err(format!("{what}: port {} is not a port number", p["port"])) };
+        let Some(port) = port else { return Err(invalid(what, format_args!("port {}", p["port"]), "a port number")) };
         let name = p.get("name").and_then(Value::as_str).unwrap_or("").to_string();
         let hint = crate::state::ProtocolHint::from_port(p.get("appProtocol").and_then(Value::as_str), &name);
         out.push((name, port as u16, hint));
@@ -216,12 +224,14 @@ fn tcp_ports(v: Option<&Value>, what: &str) -> Result<Vec<(String, u16, Option<c
 }
 
 impl Service {
-    pub fn from_json(v: &Value) -> Result<Service, String> {
+    pub fn from_json(v: &Value) -> Result<Service, ObjectError> {
         let name = name_of(v)?;
-        let ns = str_at(v, &["metadata", "namespace"]).ok_or("metadata.namespace missing")?;
+        let ns = namespace_of(v)?;
         let cluster_ip = match str_at(v, &["spec", "clusterIP"]) {
             None | Some("" | "None") => None,
-            Some(ip) => Some(ip.parse().map_err(|_| format!("spec.clusterIP {ip:?} is not an IPv4 address"))?),
+            Some(ip) => {
+                Some(ip.parse().map_err(|_| invalid("spec.clusterIP", format_args!("{ip:?}"), "an IPv4 address"))?)
+            }
         };
         // A bad value rejects the whole update: the previous version of the Service stays.
         let annotations = v.pointer("/metadata/annotations").and_then(Value::as_object);
@@ -238,11 +248,11 @@ impl Service {
 }
 
 impl EndpointSlice {
-    pub fn from_json(v: &Value) -> Result<EndpointSlice, String> {
+    pub fn from_json(v: &Value) -> Result<EndpointSlice, ObjectError> {
         name_of(v)?;
-        let ns = str_at(v, &["metadata", "namespace"]).ok_or("metadata.namespace missing")?;
+        let ns = namespace_of(v)?;
         let svc = str_at(v, &["metadata", "labels", "kubernetes.io/service-name"])
-            .ok_or("label kubernetes.io/service-name missing")?;
+            .ok_or(ObjectError::Missing("label kubernetes.io/service-name"))?;
         if v.get("addressType").and_then(Value::as_str).is_some_and(|t| t != "IPv4") {
             return Ok(EndpointSlice { service: format!("{ns}/{svc}"), ports: vec![], ready: vec![] });
         }
@@ -254,7 +264,9 @@ impl EndpointSlice {
             }
             for a in e.get("addresses").and_then(Value::as_array).into_iter().flatten() {
                 let s = a.as_str().unwrap_or("");
-                ready.push(s.parse().map_err(|_| format!("endpoint address {s:?} is not an IPv4 address"))?);
+                ready.push(
+                    s.parse().map_err(|_| invalid("endpoint address", format_args!("{s:?}"), "an IPv4 address"))?,
+                );
             }
         }
         let ports = tcp_ports(v.get("ports"), "ports")?.into_iter().map(|(n, p, _)| (n, p)).collect();
@@ -320,7 +332,8 @@ pub fn node_state<'a>(
             (None, false) => continue,
         };
         let ns = namespaces.get(&p.namespace);
-        let ns_on = ns.is_some_and(|n| n.meshed);
+        let ns = ns.map(|n| n.policy).unwrap_or_default();
+        let ns_on = ns.meshed;
         let (meshed, reason) = match (ns_on, p.opt_out, p.host_network) {
             (_, _, true) => (false, MeshReason::HostNetwork),
             (true, false, false) => (true, MeshReason::Namespace),
@@ -339,8 +352,8 @@ pub fn node_state<'a>(
                 cgroup: if local && !p.host_network { super::pod_cgroup::find(pod_root, &p.uid) } else { None },
                 meshed,
                 reason,
-                mtls_mode: ns.map(|n| n.mtls_mode).unwrap_or_default(),
-                fail_closed: ns.is_some_and(|n| n.fail_closed),
+                mtls_mode: ns.mtls_mode,
+                fail_closed: ns.fail_closed,
                 labels: p.labels.clone(),
             },
         );
@@ -353,6 +366,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::state::MtlsMode;
 
     fn pod(name: &str, ns: &str, node: &str, extra: Value) -> Value {
         let mut v = json!({
@@ -417,17 +431,21 @@ mod tests {
     #[test]
     fn namespaces_opt_in_and_choose_mtls_mode() {
         let ns = |a: Value| Namespace::from_json(&json!({"metadata": {"name": "shop", "annotations": a}}));
-        assert!(ns(json!({"switchyard.io/mesh": "enabled"})).unwrap().meshed);
-        assert!(!ns(json!({"switchyard.io/mesh": "disabled"})).unwrap().meshed);
-        assert!(!ns(json!({})).unwrap().meshed);
-        let strict = ns(json!({"switchyard.io/mesh": "enabled", "switchyard.io/mtls-mode": "strict"})).unwrap();
+        let policy = |a: Value| ns(a).unwrap().policy;
+        assert!(policy(json!({"switchyard.io/mesh": "enabled"})).meshed);
+        assert!(!policy(json!({"switchyard.io/mesh": "disabled"})).meshed);
+        assert!(!policy(json!({})).meshed);
+        let strict = policy(json!({"switchyard.io/mesh": "enabled", "switchyard.io/mtls-mode": "strict"}));
         assert_eq!(strict.mtls_mode, MtlsMode::Strict);
-        assert!(ns(json!({"switchyard.io/mtls-mode": "sometimes"})).unwrap_err().contains("sometimes"));
+        assert!(ns(json!({"switchyard.io/mtls-mode": "sometimes"})).unwrap_err().to_string().contains("sometimes"));
         assert!(Namespace::from_json(&json!({"metadata": {}})).is_err());
-        assert!(ns(json!({"switchyard.io/fail-mode": "closed"})).unwrap().fail_closed);
-        assert!(!ns(json!({"switchyard.io/fail-mode": "open"})).unwrap().fail_closed);
-        assert!(!ns(json!({})).unwrap().fail_closed, "open by default");
-        assert!(ns(json!({"switchyard.io/fail-mode": "ajar"})).unwrap_err().contains("ajar"));
+        assert!(policy(json!({"switchyard.io/fail-mode": "closed"})).fail_closed);
+        assert!(!policy(json!({"switchyard.io/fail-mode": "open"})).fail_closed);
+        assert!(!policy(json!({})).fail_closed, "open by default");
+        assert!(ns(json!({"switchyard.io/fail-mode": "ajar"})).unwrap_err().to_string().contains("ajar"));
+        // As strict as the workload file: a typo is an error, not "off".
+        let typo = ns(json!({"switchyard.io/mesh": "enable"})).unwrap_err().to_string();
+        assert!(typo.contains("switchyard.io/mesh") && typo.contains("\"enabled\" or \"disabled\""), "{typo}");
     }
 
     #[test]
@@ -452,7 +470,7 @@ mod tests {
             (pod("f", "shop", "n1", json!({"spec": {"hostNetwork": "yes"}})), "hostNetwork"),
             (json!({"metadata": {"name": "g", "namespace": "shop"}, "spec": {}}), "uid"),
         ] {
-            let e = Pod::from_json(&bad).unwrap_err();
+            let e = Pod::from_json(&bad).unwrap_err().to_string();
             assert!(e.contains(why), "{e} should mention {why}");
         }
     }
@@ -464,12 +482,12 @@ mod tests {
         let namespaces: HashMap<_, _> = [
             (
                 "shop".to_string(),
-                Namespace { name: "shop".into(), meshed: true, mtls_mode: MtlsMode::Strict, fail_closed: true },
+                Namespace {
+                    name: "shop".into(),
+                    policy: NamespacePolicy { meshed: true, mtls_mode: MtlsMode::Strict, fail_closed: true },
+                },
             ),
-            (
-                "legacy".to_string(),
-                Namespace { name: "legacy".into(), meshed: false, mtls_mode: MtlsMode::Permissive, fail_closed: false },
-            ),
+            ("legacy".to_string(), Namespace { name: "legacy".into(), policy: NamespacePolicy::default() }),
         ]
         .into();
         let mut pods = HashMap::new();
@@ -547,13 +565,13 @@ mod tests {
         };
         assert_eq!(limited("2").unwrap().policy.max_connections, Some(2));
         for bad in ["0", "-1", "lots"] {
-            assert!(limited(bad).unwrap_err().contains("max-connections"), "{bad}");
+            assert!(limited(bad).unwrap_err().to_string().contains("max-connections"), "{bad}");
         }
         let headless = Service::from_json(&json!({"metadata": {"name": "h", "namespace": "shop"},
             "spec": {"clusterIP": "None", "ports": [{"port": 80}]}}))
         .unwrap();
         assert!(service_table([&headless].into_iter(), &[]).is_empty());
-        assert!(slice(json!([{"addresses": ["nope"]}])).unwrap_err().contains("nope"));
+        assert!(slice(json!([{"addresses": ["nope"]}])).unwrap_err().to_string().contains("nope"));
         assert!(
             Service::from_json(&json!({"metadata": {"name": "x", "namespace": "shop"},
             "spec": {"clusterIP": "10.96.0.11", "ports": [{"port": 70000}]}}))

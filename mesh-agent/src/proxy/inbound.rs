@@ -16,7 +16,10 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use prometheus_client::metrics::{counter::Counter, family::Family};
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
 use tokio::{net::TcpListener, net::TcpStream, sync::watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -32,7 +35,7 @@ use crate::{
         observe::{Observe, Recorder},
         pool::REASON_HEADER,
     },
-    reconcile::PodIndex,
+    state::PodIndex,
     tls,
 };
 
@@ -44,7 +47,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_HANDSHAKES: usize = 256;
 /// HBONE connections open at once; more are refused at once.
 pub const MAX_CONNECTIONS: usize = 4096;
-pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+pub use crate::config::HBONE_MAX_CONCURRENT_STREAMS as MAX_CONCURRENT_STREAMS;
 /// A CONNECT needs a few hundred bytes of headers; anything near this is hostile.
 pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 
@@ -54,6 +57,35 @@ pub struct InboundMetrics {
     pub rejected: Family<ErrorLabels, Counter>,
     pub denied: Family<ErrorLabels, Counter>,
     pub accepted: Counter,
+}
+
+impl InboundMetrics {
+    pub fn register(&self, reg: &mut Registry) {
+        // The common reasons start at 0, so the families are exported (and rate() works) before
+        // the first event.
+        for reason in ["deny_rule", "no_allow_rule"] {
+            let _ = self.denied.get_or_create(&ErrorLabels { reason });
+        }
+        for reason in ["not_tls", "unknown_issuer", "expired_certificate", "bad_client_identity", "timeout"] {
+            let _ = self.tls_failures.get_or_create(&ErrorLabels { reason });
+        }
+        reg.register(
+            "inbound_connections",
+            "HBONE streams accepted and connected to a local pod",
+            self.accepted.clone(),
+        );
+        reg.register(
+            "tls_handshake_failures",
+            "Inbound mTLS handshakes rejected, by reason (not_tls, unknown_issuer, expired_certificate, ...)",
+            self.tls_failures.clone(),
+        );
+        reg.register("inbound_rejected", "HBONE CONNECT streams rejected, by reason", self.rejected.clone());
+        reg.register(
+            "authorization_denials",
+            "Connections denied by authorization policy, by reason",
+            self.denied.clone(),
+        );
+    }
 }
 
 pub struct Inbound {
@@ -135,7 +167,7 @@ impl Inbound {
             other => {
                 let why = match other {
                     Some(Ok(id)) => format!("identity {id} is from another trust domain"),
-                    Some(Err(e)) => e,
+                    Some(Err(e)) => e.to_string(),
                     None => "no client certificate".into(),
                 };
                 warn!(%peer, reason = %why, "HBONE client identity rejected");
@@ -303,7 +335,7 @@ impl Inbound {
                 format!("HBONE CONNECT from {client_id} to {target} ({dst_id}) on a connection for {server_id}"),
             ));
         }
-        let decision = authz::evaluate(&idx.authz, client_id, &pod.workload, target.port());
+        let decision = authz::evaluate(&idx.authz, client_id, pod.workload.authz_destination(target.port()));
         if decision != Decision::Allow {
             self.metrics.denied.get_or_create(&ErrorLabels { reason: decision.reason() }).inc();
             let rule = match &decision {

@@ -40,7 +40,7 @@ use crate::{
         route::{self, Destination, Refusal, Route, RouteConfig, Target},
         upstream::{ConnectError, Connector, LimitHit, Picker, ServiceLimits, UpstreamIo},
     },
-    reconcile::PodIndex,
+    state::PodIndex,
 };
 
 pub struct Outbound {

@@ -21,7 +21,10 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::{Method, Request, StatusCode, client::conn::http2::SendRequest, upgrade::Upgraded};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::Registry,
+};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tracing::{debug, info};
@@ -113,6 +116,17 @@ pub struct PoolMetrics {
     /// mTLS handshakes made by the client side (one per pooled connection).
     pub handshakes: Counter,
     pub open_connections: Gauge,
+}
+
+impl PoolMetrics {
+    pub fn register(&self, reg: &mut Registry) {
+        reg.register(
+            "hbone_client_handshakes",
+            "mTLS handshakes made to other nodes (one per pooled connection)",
+            self.handshakes.clone(),
+        );
+        reg.register("hbone_pool_connections", "Pooled HBONE client connections open", self.open_connections.clone());
+    }
 }
 
 pub struct Pool {

@@ -16,7 +16,7 @@ use crate::{
     authz::{self, Decision},
     identity::Identity,
     proxy::idle::Cancel,
-    reconcile::PodIndex,
+    state::PodIndex,
     state::ServiceEntry,
 };
 
@@ -93,7 +93,7 @@ impl Authorized {
     /// is no longer allowed.
     pub fn recheck(&self, idx: &PodIndex, dst_ip: Ipv4Addr) -> Decision {
         match idx.by_ip(dst_ip).filter(|p| p.key == self.dst_pod) {
-            Some(p) => authz::evaluate(&idx.authz, &self.src, &p.workload, self.port),
+            Some(p) => authz::evaluate(&idx.authz, &self.src, p.workload.authz_destination(self.port)),
             None => Decision::NotAllowed,
         }
     }
@@ -218,7 +218,7 @@ pub fn target(idx: &PodIndex, cfg: &RouteConfig, source: &Source, ep: SocketAddr
     let Some(d) = dst.filter(|d| d.workload.meshed) else { return Ok(t) };
     let dst_id = d.workload.identity(&cfg.trust_domain);
     if idx.is_local(d) {
-        match authz::evaluate(&idx.authz, &source.identity, &d.workload, ep.port()) {
+        match authz::evaluate(&idx.authz, &source.identity, d.workload.authz_destination(ep.port())) {
             Decision::Allow => {
                 t.authorized =
                     Some(Authorized { src: source.identity.clone(), dst_pod: d.key.clone(), port: ep.port() })
@@ -305,7 +305,7 @@ mod tests {
     use super::*;
     use crate::{
         authz::{Action, RuleSpec},
-        reconcile::PodStatus,
+        state::PodStatus,
         state::{NodeInfo, NodeState, ServiceEntry, Workload},
     };
 

@@ -337,8 +337,8 @@ mod tests {
     use super::*;
     use crate::{
         proxy::route::{self, RouteConfig},
-        reconcile::{PodIndex, PodStatus},
         state::{NodeInfo, NodeState, ServiceEntry, Workload},
+        state::{PodIndex, PodStatus},
     };
     use std::net::Ipv4Addr;
 
