@@ -1,16 +1,25 @@
 //! The admin server (default port 15020), apart from the data plane: `/metrics`,
 //! `/healthz`, `/readyz`, and JSON debug views of pods, connections and the datapath.
-use std::{convert::Infallible, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    convert::Infallible,
+    sync::Arc,
+};
 
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Bytes, header, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
+use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::{datapath::Datapath, proxy::conns::Connections, state::PodIndex};
+use crate::{
+    datapath::Datapath,
+    proxy::{conns::Connections, http::RequestRecord, inbound::InboundMetrics},
+    state::PodIndex,
+};
 
 pub struct Admin {
     pub registry: Registry,
@@ -27,6 +36,8 @@ pub struct Admin {
     pub balancer: Arc<crate::proxy::balance::Balancer>,
     /// HTTP counters and recent requests, for the dashboard.
     pub http: Arc<crate::proxy::http::Http>,
+    /// Denials, handshake failures and rejected streams, by reason, for the dashboard.
+    pub reasons: InboundMetrics,
 }
 
 /// The node dashboard: one self-contained page (no CDN, nothing fetched but this agent's
@@ -124,46 +135,33 @@ impl Admin {
             // With each endpoint's latency estimate, requests in flight and ejection.
             "/debug/services" => {
                 let idx = self.pods.borrow();
-                let view: std::collections::BTreeMap<String, serde_json::Value> = idx
+                let view: BTreeMap<String, ServiceView> = idx
                     .services
                     .iter()
                     .map(|(vip, e)| {
-                        (
-                            vip.to_string(),
-                            serde_json::json!({
-                                "service": e.service,
-                                "protocol": e.protocol,
-                                "policy": e.policy,
-                                "endpoints": e.endpoints,
-                                "endpoint_state": self.balancer.view(&e.endpoints),
-                            }),
-                        )
+                        let view = ServiceView {
+                            service: &e.service,
+                            protocol: e.protocol,
+                            policy: &e.policy,
+                            endpoints: &e.endpoints,
+                            endpoint_state: self.balancer.view(&e.endpoints),
+                        };
+                        (vip.to_string(), view)
                     })
                     .collect();
                 json(&view)
             }
             "/" => respond(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD),
-            "/debug/summary" => json(&self.summary()),
+            "/debug/summary" => match self.summary() {
+                Ok(b) => respond(StatusCode::OK, "application/json", b),
+                Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+            },
             "/debug/connections" => json(&self.conns.snapshot()),
             "/debug/certs" => json(&self.certs.as_ref().map(|c| c.status()).unwrap_or_default()),
             "/debug/pool" => json(&self.pool.as_ref().map(|p| p.snapshot()).unwrap_or_default()),
             "/debug/datapath" => {
                 let guard = self.datapath.lock().unwrap_or_else(|p| p.into_inner());
-                let v = match guard.as_ref() {
-                    Some(dp) => serde_json::json!({
-                        "attached": true,
-                        "cgroup_root": dp.cgroup_root(),
-                        "sockmap_acceleration": dp.accel_state(),
-                        "pinned": dp.pinned(),
-                        "superseded": dp.superseded(),
-                        "maps": dp.map_usage(),
-                    "map_capacity": dp.map_capacity().iter().map(|(m, n)| (*m, *n)).collect::<std::collections::BTreeMap<_, _>>(),
-                    "programs": dp.programs().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
-                        "events": dp.stats().iter().map(|(s, v)| (s.name(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
-                    }),
-                    None => serde_json::json!({ "attached": false }),
-                };
-                json(&v)
+                json(&DatapathView::of(guard.as_ref()))
             }
             "/debug" => respond(
                 StatusCode::OK,
@@ -178,26 +176,162 @@ impl Admin {
     }
 }
 
-/// Denials, handshake failures and rejected streams by reason, read from the registry's own
-/// counters (what `/metrics` exports): `{"authorization_denials": {"deny_rule": 2}, ...}`.
-fn reason_counters(registry: &Registry) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>> {
-    let mut out: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>> = Default::default();
-    let mut text = String::new();
-    if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
-        return out;
-    }
-    for family in ["authorization_denials", "tls_handshake_failures", "inbound_rejected"] {
-        let prefix = format!("switchyard_{family}_total{{reason=\"");
-        let m = out.entry(family.to_string()).or_default();
-        for l in text.lines() {
-            let Some(rest) = l.strip_prefix(&prefix) else { continue };
-            let Some((reason, value)) = rest.split_once("\"}") else { continue };
-            if let Ok(v) = value.trim().parse::<f64>() {
-                m.insert(reason.to_string(), v as u64);
-            }
+/// `/debug/datapath` and the dashboard's eBPF panel.
+#[derive(Serialize)]
+struct DatapathView<'a> {
+    attached: bool,
+    #[serde(flatten)]
+    detail: Option<DatapathDetail<'a>>,
+}
+
+#[derive(Serialize)]
+struct DatapathDetail<'a> {
+    cgroup_root: &'a std::path::Path,
+    sockmap_acceleration: &'a crate::datapath::AccelState,
+    pinned: bool,
+    superseded: bool,
+    maps: crate::datapath::MapUsage,
+    map_capacity: BTreeMap<&'static str, u32>,
+    programs: BTreeMap<&'static str, bool>,
+    events: BTreeMap<&'static str, u64>,
+}
+
+impl<'a> DatapathView<'a> {
+    fn of(dp: Option<&'a Datapath>) -> Self {
+        DatapathView {
+            attached: dp.is_some(),
+            detail: dp.map(|dp| DatapathDetail {
+                cgroup_root: dp.cgroup_root(),
+                sockmap_acceleration: dp.accel_state(),
+                pinned: dp.pinned(),
+                superseded: dp.superseded(),
+                maps: dp.map_usage(),
+                map_capacity: dp.map_capacity().into_iter().collect(),
+                programs: dp.programs().into_iter().collect(),
+                events: dp.stats().iter().map(|(s, v)| (s.name(), *v)).collect(),
+            }),
         }
     }
-    out
+}
+
+/// One Service address in `/debug/services`.
+#[derive(Serialize)]
+struct ServiceView<'a> {
+    service: &'a str,
+    protocol: Option<crate::state::ProtocolHint>,
+    policy: &'a crate::state::ServicePolicy,
+    endpoints: &'a [std::net::SocketAddrV4],
+    /// Each endpoint's latency estimate, requests in flight and ejection.
+    endpoint_state: Vec<crate::proxy::balance::EndpointView>,
+}
+
+/// Everything the dashboard shows, in one JSON document (it polls `/debug/summary`).
+#[derive(Serialize)]
+struct Summary<'a> {
+    node: &'a str,
+    ready: bool,
+    now_unix_ms: u64,
+    agent: AgentStats,
+    totals: Totals,
+    /// The span the windowed rates are over.
+    window_ms: u64,
+    /// Denials, handshake failures and rejected streams by reason, from their counters.
+    reasons: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
+    services: Vec<ServiceStats<'a>>,
+    peers: Vec<PeerStats>,
+    pods: Vec<PodStats<'a>>,
+    /// Recent connection errors by message.
+    errors: BTreeMap<String, u64>,
+    ebpf: DatapathView<'a>,
+}
+
+#[derive(Serialize)]
+struct AgentStats {
+    cpu_seconds: f64,
+    rss_bytes: u64,
+    open_fds: u64,
+}
+
+#[derive(Serialize)]
+struct Totals {
+    http_requests: u64,
+    http_retries: u64,
+    retry_budget_exhausted: u64,
+    timeouts: u64,
+    limit_hits: u64,
+    upstream_failures: u64,
+    ejections: u64,
+    connections_closed: u64,
+    connections_active: usize,
+}
+
+/// A Service over the remembered requests.
+#[derive(Serialize)]
+struct ServiceStats<'a> {
+    service: &'a str,
+    requests: usize,
+    errors: usize,
+    retries: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    last_unix_ms: u64,
+}
+
+/// Rates and latencies over the window.
+#[derive(Serialize)]
+struct WindowStats {
+    requests_per_s: f64,
+    errors_per_s: f64,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+}
+
+impl WindowStats {
+    fn of(rs: &[&RequestRecord], span_ms: u64) -> Self {
+        let mut d: Vec<f64> = rs.iter().map(|r| r.duration_ms).collect();
+        d.sort_by(|a, b| a.total_cmp(b));
+        let per_s = |n: usize| n as f64 * 1000.0 / span_ms as f64;
+        WindowStats {
+            requests_per_s: per_s(rs.len()),
+            errors_per_s: per_s(rs.iter().filter(|r| r.status >= 500).count()),
+            p50_ms: (!d.is_empty()).then(|| percentile(&d, 0.5)),
+            p99_ms: (!d.is_empty()).then(|| percentile(&d, 0.99)),
+        }
+    }
+}
+
+/// A source and destination workload pair: connections (live and remembered), requests
+/// (window).
+#[derive(Serialize)]
+struct PeerStats {
+    source: String,
+    destination: String,
+    connections: u64,
+    bytes: u64,
+    errors: u64,
+    security: String,
+    #[serde(flatten)]
+    window: WindowStats,
+}
+
+/// A pod of this node.
+#[derive(Serialize)]
+struct PodStats<'a> {
+    pod: &'a str,
+    workload: String,
+    ip: std::net::Ipv4Addr,
+    identity: String,
+    meshed: bool,
+    redirected: bool,
+    reason: crate::state::MeshReason,
+    mtls_mode: crate::state::MtlsMode,
+    fail_mode: &'static str,
+    cert_expires_in_secs: Option<i64>,
+    connections_out: u64,
+    bytes_out: u64,
+    requests_out: usize,
+    #[serde(flatten)]
+    window: WindowStats,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -207,48 +341,17 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-impl Admin {
-    /// Everything the dashboard shows, in one JSON document (it polls this).
-    fn summary(&self) -> serde_json::Value {
-        use std::collections::BTreeMap;
-        let now_ms =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let (cpu, rss, fds) = crate::metrics::process_stats();
-        let st = &self.http.stats;
-        // Per Service, over the remembered requests.
-        let mut by_service: BTreeMap<String, Vec<&crate::proxy::http::RequestRecord>> = BTreeMap::new();
-        let recent = self.http.recent();
-        for r in &recent {
-            by_service.entry(r.service.clone()).or_default().push(r);
-        }
-        let services: Vec<serde_json::Value> = by_service
-            .iter()
-            .map(|(svc, rs)| {
-                let mut d: Vec<f64> = rs.iter().map(|r| r.duration_ms).collect();
-                d.sort_by(|a, b| a.total_cmp(b));
-                serde_json::json!({
-                    "service": svc,
-                    "requests": rs.len(),
-                    "errors": rs.iter().filter(|r| r.status >= 500).count(),
-                    "retries": rs.iter().map(|r| u64::from(r.retries)).sum::<u64>(),
-                    "p50_ms": percentile(&d, 0.5),
-                    "p99_ms": percentile(&d, 0.99),
-                    "last_unix_ms": rs.last().map_or(0, |r| r.at_unix_ms),
-                })
-            })
-            .collect();
-        // Pods by key: their workload (`namespace/workload`, Istio's grouping) for the peers.
-        // A clone of the index (an Arc): the data plane's readers never wait on this
-        // low-priority thread's aggregation.
-        let idx = self.pods.borrow().clone();
-        let workload_of: std::collections::HashMap<&str, String> = idx
-            .pods
-            .iter()
-            .map(|p| (p.key.as_str(), format!("{}/{}", p.workload.namespace, p.workload.workload_name())))
-            .collect();
-        let wl = |pod: Option<&str>| pod.and_then(|p| workload_of.get(p).cloned());
-        // Rates and latencies over the last WINDOW of requests (fewer if the request
-        // buffer does not reach that far back: then over what it holds).
+/// The remembered requests, and the window of them the rates are over: the last
+/// [`WINDOW_MS`], or fewer if the request buffer does not reach that far back (then over what
+/// it holds).
+struct Requests {
+    recent: Vec<RequestRecord>,
+    window_start: u64,
+    span_ms: u64,
+}
+
+impl Requests {
+    fn new(recent: Vec<RequestRecord>, now_ms: u64) -> Self {
         let window_start = now_ms.saturating_sub(WINDOW_MS);
         let span_ms = match recent.first() {
             Some(oldest) if recent.len() == crate::proxy::http::RECENT_REQUESTS && oldest.at_unix_ms > window_start => {
@@ -256,148 +359,188 @@ impl Admin {
             }
             _ => WINDOW_MS,
         };
-        let windowed: Vec<&crate::proxy::http::RequestRecord> =
-            recent.iter().filter(|r| r.at_unix_ms >= window_start).collect();
-        let window_stats = |rs: &[&crate::proxy::http::RequestRecord]| {
-            let mut d: Vec<f64> = rs.iter().map(|r| r.duration_ms).collect();
-            d.sort_by(|a, b| a.total_cmp(b));
-            serde_json::json!({
-                "requests_per_s": rs.len() as f64 * 1000.0 / span_ms as f64,
-                "errors_per_s": rs.iter().filter(|r| r.status >= 500).count() as f64 * 1000.0 / span_ms as f64,
-                "p50_ms": (!d.is_empty()).then(|| percentile(&d, 0.5)),
-                "p99_ms": (!d.is_empty()).then(|| percentile(&d, 0.99)),
-            })
-        };
-        // Per peer workload pair: connections (live and remembered) and requests (window).
-        #[derive(Default)]
-        struct Peer<'a> {
-            connections: u64,
-            bytes: u64,
-            errors: u64,
-            security: String,
-            requests: Vec<&'a crate::proxy::http::RequestRecord>,
+        Requests { recent, window_start, span_ms }
+    }
+
+    fn windowed(&self) -> impl Iterator<Item = &RequestRecord> {
+        self.recent.iter().filter(|r| r.at_unix_ms >= self.window_start)
+    }
+
+    fn services(&self) -> Vec<ServiceStats<'_>> {
+        let mut by_service: BTreeMap<&str, Vec<&RequestRecord>> = BTreeMap::new();
+        for r in &self.recent {
+            by_service.entry(&r.service).or_default().push(r);
         }
-        let snap = self.conns.snapshot();
-        let mut peers: BTreeMap<(String, String), Peer> = BTreeMap::new();
-        // Per source pod of this node too: connections and bytes (live and remembered).
-        let mut pod_conns: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        by_service
+            .into_iter()
+            .map(|(service, rs)| {
+                let mut d: Vec<f64> = rs.iter().map(|r| r.duration_ms).collect();
+                d.sort_by(|a, b| a.total_cmp(b));
+                ServiceStats {
+                    service,
+                    requests: rs.len(),
+                    errors: rs.iter().filter(|r| r.status >= 500).count(),
+                    retries: rs.iter().map(|r| u64::from(r.retries)).sum(),
+                    p50_ms: percentile(&d, 0.5),
+                    p99_ms: percentile(&d, 0.99),
+                    last_unix_ms: rs.last().map_or(0, |r| r.at_unix_ms),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Pods by key → `namespace/workload` (Istio's grouping), for the peers.
+struct Workloads(HashMap<String, String>);
+
+impl Workloads {
+    fn of(idx: &PodIndex) -> Self {
+        Workloads(
+            idx.pods
+                .iter()
+                .map(|p| (p.key.clone(), format!("{}/{}", p.workload.namespace, p.workload.workload_name())))
+                .collect(),
+        )
+    }
+
+    fn get(&self, pod: Option<&str>) -> Option<String> {
+        pod.and_then(|p| self.0.get(p).cloned())
+    }
+}
+
+#[derive(Default)]
+struct Peer<'a> {
+    connections: u64,
+    bytes: u64,
+    errors: u64,
+    security: String,
+    requests: Vec<&'a RequestRecord>,
+}
+
+fn peers(snap: &crate::proxy::conns::Snapshot, reqs: &Requests, wl: &Workloads) -> Vec<PeerStats> {
+    let mut peers: BTreeMap<(String, String), Peer> = BTreeMap::new();
+    for c in snap.recent.iter().chain(&snap.active) {
+        let src = wl
+            .get(c.source_pod.as_deref())
+            .or_else(|| c.source_identity.clone())
+            .unwrap_or_else(|| c.client.ip().to_string());
+        let dst = wl.get(c.destination_pod.as_deref()).unwrap_or_else(|| c.original_dst.to_string());
+        let e = peers.entry((src, dst)).or_default();
+        e.connections += 1;
+        e.bytes += c.bytes_sent + c.bytes_received;
+        e.errors += u64::from(c.error.is_some());
+        e.security = c.security.as_str().to_string();
+    }
+    for r in reqs.windowed() {
+        let src = wl.get(Some(&r.source_pod)).unwrap_or_else(|| r.source_pod.clone());
+        let dst = wl.get(r.destination_pod.as_deref()).unwrap_or_else(|| r.service.clone());
+        peers.entry((src, dst)).or_default().requests.push(r);
+    }
+    peers
+        .into_iter()
+        .map(|((source, destination), p)| PeerStats {
+            source,
+            destination,
+            connections: p.connections,
+            bytes: p.bytes,
+            errors: p.errors,
+            security: p.security,
+            window: WindowStats::of(&p.requests, reqs.span_ms),
+        })
+        .collect()
+}
+
+impl Admin {
+    fn pods<'a>(&self, idx: &'a PodIndex, snap: &crate::proxy::conns::Snapshot, reqs: &Requests) -> Vec<PodStats<'a>> {
+        // Per source pod of this node: connections and bytes (live and remembered).
+        let mut pod_conns: HashMap<&str, (u64, u64)> = HashMap::new();
         for c in snap.recent.iter().chain(&snap.active) {
             if let Some(p) = c.source_pod.as_deref() {
                 let e = pod_conns.entry(p).or_default();
                 e.0 += 1;
                 e.1 += c.bytes_sent + c.bytes_received;
             }
-            let src = wl(c.source_pod.as_deref())
-                .or_else(|| c.source_identity.clone())
-                .unwrap_or_else(|| c.client.ip().to_string());
-            let dst = wl(c.destination_pod.as_deref()).unwrap_or_else(|| c.original_dst.to_string());
-            let e = peers.entry((src, dst)).or_default();
-            e.connections += 1;
-            e.bytes += c.bytes_sent + c.bytes_received;
-            e.errors += u64::from(c.error.is_some());
-            e.security =
-                serde_json::to_value(c.security).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
         }
-        for r in &windowed {
-            let src = wl(Some(&r.source_pod)).unwrap_or_else(|| r.source_pod.clone());
-            let dst = wl(r.destination_pod.as_deref()).unwrap_or_else(|| r.service.clone());
-            peers.entry((src, dst)).or_default().requests.push(r);
-        }
-        let peers: Vec<serde_json::Value> = peers
-            .into_iter()
-            .map(|((src, dst), p)| {
-                let mut v = window_stats(&p.requests);
-                let extra = serde_json::json!({"source": src, "destination": dst, "connections": p.connections,
-                    "bytes": p.bytes, "errors": p.errors, "security": p.security});
-                if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
-                    o.extend(e);
+        let certs: HashMap<String, i64> = self
+            .certs
+            .as_ref()
+            .map(|c| c.status().into_iter().map(|s| (s.identity, s.expires_in_secs)).collect())
+            .unwrap_or_default();
+        idx.pods
+            .iter()
+            .filter(|p| p.cgroup_id.is_some())
+            .map(|p| {
+                let w = &p.workload;
+                let id = w.spiffe_id(&self.trust_domain);
+                let (connections_out, bytes_out) = pod_conns.get(p.key.as_str()).copied().unwrap_or_default();
+                let out: Vec<&RequestRecord> = reqs.windowed().filter(|r| r.source_pod == p.key).collect();
+                PodStats {
+                    pod: &p.key,
+                    workload: format!("{}/{}", w.namespace, w.workload_name()),
+                    ip: w.ip,
+                    cert_expires_in_secs: certs.get(&id).copied(),
+                    identity: if w.meshed { id } else { "-".into() },
+                    meshed: w.meshed,
+                    redirected: p.redirected,
+                    reason: w.reason,
+                    mtls_mode: w.mtls_mode,
+                    fail_mode: if w.fail_closed { "closed" } else { "open" },
+                    connections_out,
+                    bytes_out,
+                    requests_out: reqs.recent.iter().filter(|r| r.source_pod == p.key).count(),
+                    window: WindowStats::of(&out, reqs.span_ms),
                 }
-                v
             })
-            .collect();
+            .collect()
+    }
+
+    /// `/debug/summary`. Works on a clone of the pod index (an Arc): the data plane's readers
+    /// never wait on this low-priority thread's aggregation.
+    fn summary(&self) -> serde_json::Result<Vec<u8>> {
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let (cpu_seconds, rss_bytes, open_fds) = crate::metrics::process_stats();
+        let st = &self.http.stats;
+        let reqs = Requests::new(self.http.recent(), now_ms);
+        let idx = self.pods.borrow().clone();
+        let snap = self.conns.snapshot();
         let mut errors: BTreeMap<String, u64> = BTreeMap::new();
         for c in &snap.recent {
             if let Some(e) = &c.error {
                 *errors.entry(e.chars().take(80).collect()).or_default() += 1;
             }
         }
-        let certs: BTreeMap<String, i64> = self
-            .certs
-            .as_ref()
-            .map(|c| c.status().into_iter().map(|s| (s.identity, s.expires_in_secs)).collect())
-            .unwrap_or_default();
-        let pods: Vec<serde_json::Value> = idx
-            .pods
-            .iter()
-            .filter(|p| p.cgroup_id.is_some())
-            .map(|p| {
-                let w = &p.workload;
-                let id = w.spiffe_id(&self.trust_domain);
-                let key = &p.key;
-                let (conns_out, bytes_out) = pod_conns.get(key.as_str()).copied().unwrap_or_default();
-                let out: Vec<&crate::proxy::http::RequestRecord> =
-                    windowed.iter().copied().filter(|r| &r.source_pod == key).collect();
-                let mut v = window_stats(&out);
-                let extra = serde_json::json!({
-                    "pod": key,
-                    "workload": format!("{}/{}", w.namespace, w.workload_name()),
-                    "ip": w.ip,
-                    "identity": if w.meshed { id.clone() } else { "-".into() },
-                    "meshed": w.meshed,
-                    "redirected": p.redirected,
-                    "reason": w.reason,
-                    "mtls_mode": w.mtls_mode,
-                    "fail_mode": if w.fail_closed { "closed" } else { "open" },
-                    "cert_expires_in_secs": certs.get(&id).copied(),
-                    "connections_out": conns_out,
-                    "bytes_out": bytes_out,
-                    "requests_out": recent.iter().filter(|r| &r.source_pod == key).count(),
-                });
-                if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
-                    o.extend(e);
-                }
-                v
-            })
-            .collect();
-        drop(idx);
-        let ebpf = {
-            let guard = self.datapath.lock().unwrap_or_else(|p| p.into_inner());
-            match guard.as_ref() {
-                Some(dp) => serde_json::json!({
-                    "attached": true,
-                    "pinned": dp.pinned(),
-                    "acceleration": dp.accel_state(),
-                    "maps": dp.map_usage(),
-                    "map_capacity": dp.map_capacity().iter().map(|(m, n)| (*m, *n)).collect::<BTreeMap<_, _>>(),
-                    "programs": dp.programs().into_iter().collect::<BTreeMap<_, _>>(),
-                    "events": dp.stats().iter().map(|(s, v)| (s.name(), *v)).collect::<BTreeMap<_, _>>(),
-                }),
-                None => serde_json::json!({"attached": false}),
-            }
-        };
-        serde_json::json!({
-            "node": self.node_name,
-            "ready": *self.ready.borrow(),
-            "now_unix_ms": now_ms,
-            "agent": {"cpu_seconds": cpu, "rss_bytes": rss, "open_fds": fds},
-            "totals": {
-                "http_requests": st.requests.get(),
-                "http_retries": st.retries.get(),
-                "retry_budget_exhausted": st.budget_exhausted.get(),
-                "timeouts": st.timeouts.get(),
-                "limit_hits": st.limit_hits.get(),
-                "upstream_failures": st.upstream_failures.get(),
-                "ejections": self.balancer.ejections_total.get(),
-                "connections_closed": snap.closed_total,
-                "connections_active": snap.active.len(),
+        let r = &self.reasons;
+        let dp = self.datapath.lock().unwrap_or_else(|p| p.into_inner());
+        let summary = Summary {
+            node: &self.node_name,
+            ready: *self.ready.borrow(),
+            now_unix_ms: now_ms,
+            agent: AgentStats { cpu_seconds, rss_bytes, open_fds },
+            totals: Totals {
+                http_requests: st.requests.get(),
+                http_retries: st.retries.get(),
+                retry_budget_exhausted: st.budget_exhausted.get(),
+                timeouts: st.timeouts.get(),
+                limit_hits: st.limit_hits.get(),
+                upstream_failures: st.upstream_failures.get(),
+                ejections: self.balancer.ejections_total.get(),
+                connections_closed: snap.closed_total,
+                connections_active: snap.active.len(),
             },
-            "window_ms": span_ms,
-            "reasons": reason_counters(&self.registry),
-            "services": services,
-            "peers": peers,
-            "pods": pods,
-            "errors": errors,
-            "ebpf": ebpf,
-        })
+            window_ms: reqs.span_ms,
+            reasons: [
+                ("authorization_denials", r.denied.counts()),
+                ("tls_handshake_failures", r.tls_failures.counts()),
+                ("inbound_rejected", r.rejected.counts()),
+            ]
+            .into(),
+            services: reqs.services(),
+            peers: peers(&snap, &reqs, &Workloads::of(&idx)),
+            pods: self.pods(&idx, &snap, &reqs),
+            errors,
+            ebpf: DatapathView::of(dp.as_ref()),
+        };
+        serde_json::to_vec_pretty(&summary)
     }
 }

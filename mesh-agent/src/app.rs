@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::Context as _;
 use mesh_common::PodPolicy;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
@@ -21,14 +21,15 @@ use crate::{
     identity::{ca, manager::CertManager},
     metrics::{self, DatapathCollector, ProxyMetrics},
     proxy::{
+        balance::Balancer,
         conns::Connections,
         inbound::{Inbound, InboundMetrics},
+        observe::Observe,
         outbound::Outbound,
         pool::Pool,
     },
     reconcile::Reconciler,
-    state::NodeState,
-    state::PodIndex,
+    state::{NodeState, PodIndex},
     tls, workloads,
 };
 
@@ -59,39 +60,212 @@ fn wanted_identities(idx: &PodIndex, trust_domain: &str) -> std::collections::BT
         .collect()
 }
 
-/// Runs the agent until `shutdown` completes, then stops it cleanly: programs detached first
-/// (new connections go direct at once), listeners closed, in-flight connections given
-/// `config.drain_grace` to finish.
+/// The datapath, shared with the heartbeat thread, the reconciler and the admin views; taken
+/// (and so detached) first at shutdown.
+type SharedDatapath = Arc<Mutex<Option<Datapath>>>;
+
+/// A running agent: where it listens, and what [`Agent::shutdown`] takes apart.
+pub struct Agent {
+    /// The outbound proxy's listener (redirected connections arrive here).
+    pub outbound: SocketAddr,
+    /// The admin endpoint (probes, metrics, debug views, dashboard).
+    pub admin: SocketAddr,
+    /// The HBONE server, when a CA is configured.
+    pub hbone: Option<SocketAddr>,
+    drain_grace: Duration,
+    ready: watch::Sender<bool>,
+    datapath: SharedDatapath,
+    heartbeat: std::thread::JoinHandle<()>,
+    stop: CancellationToken,
+    /// Proxied connections, drained for `drain_grace` at shutdown.
+    tasks: TaskTracker,
+    /// Listeners, the reconciler and background loops: they end when `stop` is cancelled.
+    serving: Vec<JoinHandle<()>>,
+    conns: Arc<Connections>,
+    spans: SpanExport,
+    admin_stop: CancellationToken,
+    admin_thread: std::thread::JoinHandle<()>,
+}
+
+/// Runs the agent until `shutdown` completes, then stops it cleanly (see [`Agent::shutdown`]).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let agent = build(config).await?;
+    shutdown.await;
+    agent.shutdown().await;
+    Ok(())
+}
+
+/// Starts the agent: checks its inputs, binds its listeners, loads the datapath, and serves.
+/// Everything that can fail on bad input fails before the kernel is touched.
+pub async fn build(config: Config) -> anyhow::Result<Agent> {
     info!(?config, "effective configuration");
     let mount = cgroup::cgroup2_mount()?;
+    let initial = initial_state(&config, &mount)?;
+    let kube_client = match &config.kubernetes {
+        Some(kubeconfig) => Some(kube_client(kubeconfig.as_deref()).await?),
+        None => None,
+    };
+    let mtls = load_mtls(&config)?;
+    let listeners = Listeners::bind(&config, mtls.is_some())?;
+    let outbound_addr = listeners.outbound.local_addr()?;
 
-    // Everything that can fail on bad input fails before the kernel is touched.
-    let initial = match (&config.workload_file, &config.kubernetes) {
-        (Some(path), _) => workloads::load(path, &config.node_name, &mount)?,
+    let (orig_table, datapath) = start_datapath(&config)?;
+    let heartbeat = spawn_heartbeat(datapath.clone());
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+
+    let state_rx = watch_state(&config, initial, mount, kube_client, stop.clone());
+    let (index_rx, reconcile) = start_reconciler(&config, datapath.clone(), outbound_addr, state_rx, stop.clone());
+    let mut serving = vec![reconcile];
+    let pool = mtls.as_ref().map(|m| start_identity(&config, m, &index_rx, &stop, &mut serving));
+    let mut telemetry = Telemetry::register(&config, &datapath, &index_rx, mtls.as_ref(), pool.as_deref())?;
+
+    let conns = Arc::new(Connections::default());
+    let (ready, ready_rx) = watch::channel(false);
+    let admin = Arc::new(Admin {
+        registry: std::mem::take(&mut telemetry.root),
+        pods: index_rx.clone(),
+        conns: conns.clone(),
+        datapath: datapath.clone(),
+        ready: ready_rx,
+        node_name: config.node_name.clone(),
+        trust_domain: config.trust_domain.clone(),
+        certs: mtls.as_ref().map(|m| m.certs.clone()),
+        pool: pool.clone(),
+        balancer: telemetry.balancer.clone(),
+        http: telemetry.http.clone(),
+        reasons: telemetry.inbound.clone(),
+    });
+    let admin_addr = listeners.admin.local_addr()?;
+    // The admin endpoint (probes, metrics) stays up through the drain, until the agent exits.
+    let admin_stop = CancellationToken::new();
+    let admin_thread = spawn_admin(admin, listeners.admin, config.admin_socket.clone(), admin_stop.clone())?;
+
+    let observe = |proxy| {
+        Arc::new(Observe { conns: conns.clone(), proxy, istio: telemetry.istio.clone(), access_log: config.access_log })
+    };
+    let outbound =
+        outbound_proxy(&config, orig_table, index_rx.clone(), &telemetry, observe(Some(telemetry.proxy.clone())), pool);
+    let mut hbone = None;
+    if let (Some(m), Some(listener)) = (&mtls, listeners.hbone) {
+        let inbound = inbound_proxy(&config, m, index_rx, telemetry.inbound.clone(), observe(None))?;
+        hbone = Some(listener.local_addr()?);
+        info!(hbone = %listener.local_addr()?, "HBONE listener up");
+        serving.push(tokio::spawn(inbound.serve(listener, stop.clone(), tasks.clone())));
+    }
+    serving.push(tokio::spawn(outbound.serve(listeners.outbound, stop.clone(), tasks.clone())));
+
+    ready.send_replace(true);
+    info!(node = %config.node_name, outbound = %outbound_addr, admin = %admin_addr, "agent ready");
+    Ok(Agent {
+        outbound: outbound_addr,
+        admin: admin_addr,
+        hbone,
+        drain_grace: config.drain_grace,
+        ready,
+        datapath,
+        heartbeat,
+        stop,
+        tasks,
+        serving,
+        conns,
+        spans: telemetry.spans,
+        admin_stop,
+        admin_thread,
+    })
+}
+
+impl Agent {
+    /// Stops the agent in order: programs detached first (new connections go direct at once),
+    /// listeners closed, in-flight connections given the drain grace to finish, the last spans
+    /// sent, the admin endpoint closed last.
+    pub async fn shutdown(self) {
+        self.ready.send_replace(false);
+        // The datapath goes first: from here on, new connections do not come to this agent.
+        let dp = self.datapath.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(dp) = dp {
+            release_datapath(dp).await;
+        }
+        let _ = self.heartbeat.join();
+        // Connections redirected just before the detach are in the accept queue or still in
+        // their handshake: keep accepting a moment so they are served, not reset when the
+        // listener closes (seen as one failed new connection in 2 500 under restart before this).
+        tokio::time::sleep(ACCEPT_SETTLE).await;
+        self.stop.cancel();
+        for t in self.serving {
+            let _ = t.await;
+        }
+        self.tasks.close();
+        let in_flight = self.conns.active_count();
+        if in_flight > 0 {
+            info!(in_flight, grace = ?self.drain_grace, "letting in-flight connections finish");
+        }
+        if tokio::time::timeout(self.drain_grace, self.tasks.wait()).await.is_err() {
+            warn!(cut = self.conns.active_count(), "drain grace period over; closing the remaining connections");
+        }
+        // Stopped after the drain, so the spans of the last requests still go out.
+        self.spans.stop.cancel();
+        if let Some(t) = self.spans.task {
+            let _ = tokio::time::timeout(Duration::from_secs(6), t).await;
+        }
+        self.admin_stop.cancel();
+        let _ = self.admin_thread.join();
+        info!("agent stopped");
+    }
+}
+
+/// Unpinned: detaches the programs (connect programs first, the rest once the connections they
+/// redirected an instant ago are established and recorded: seen as one failed new connection
+/// in ~6 restarts under load when all went at once). Pinned: leaves them to a successor, or
+/// marks the agent stopped so pods fail open or closed.
+async fn release_datapath(mut dp: Datapath) {
+    if !dp.pinned() {
+        info!("stopping: detaching eBPF programs (pods connect directly)");
+        dp.stop_redirecting();
+        tokio::time::sleep(REDIRECT_SETTLE).await;
+    } else if dp.superseded() {
+        info!("stopping: a newer agent has taken the eBPF programs and listeners over");
+    } else {
+        info!("stopping without a successor: programs stay pinned; pods fail open or closed by namespace");
+        if let Err(e) = dp.heartbeat(0) {
+            warn!(error = %e, "cannot mark the agent stopped; pods see it gone within 2 s");
+        }
+    }
+}
+
+/// The state to start from: the workload file's (checked now, so a bad file fails the start),
+/// or empty until the Kubernetes watches sync.
+fn initial_state(config: &Config, mount: &std::path::Path) -> anyhow::Result<NodeState> {
+    Ok(match (&config.workload_file, &config.kubernetes) {
+        (Some(path), _) => workloads::load(path, &config.node_name, mount)?,
         (None, Some(_)) => NodeState { node: config.node_name.clone(), ..Default::default() },
         (None, None) => {
             warn!("no workload file configured and not in Kubernetes mode: no pod will be meshed");
             NodeState::default()
         }
-    };
-    let kube_client = match &config.kubernetes {
-        Some(kubeconfig) => Some(kube_client(kubeconfig.as_deref()).await?),
-        None => None,
-    };
-    let outbound_listener = listen(config.outbound_listen)
-        .with_context(|| format!("cannot listen on {} (outbound)", config.outbound_listen))?;
-    let admin_listener =
-        listen(config.admin_listen).with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
-    let mtls = load_mtls(&config)?;
-    let hbone_listener = match &mtls {
-        Some(_) => Some(
-            listen(config.hbone_listen).with_context(|| format!("cannot listen on {} (HBONE)", config.hbone_listen))?,
-        ),
-        None => None,
-    };
-    let outbound_addr: SocketAddr = outbound_listener.local_addr()?;
+    })
+}
 
+/// The agent's listeners, bound before anything else starts.
+struct Listeners {
+    outbound: TcpListener,
+    admin: TcpListener,
+    hbone: Option<TcpListener>,
+}
+
+impl Listeners {
+    fn bind(config: &Config, hbone: bool) -> anyhow::Result<Listeners> {
+        let bind =
+            |addr: SocketAddr, what: &str| listen(addr).with_context(|| format!("cannot listen on {addr} ({what})"));
+        Ok(Listeners {
+            outbound: bind(config.outbound_listen, "outbound")?,
+            admin: bind(config.admin_listen, "admin")?,
+            hbone: if hbone { Some(bind(config.hbone_listen, "HBONE")?) } else { None },
+        })
+    }
+}
+
+fn start_datapath(config: &Config) -> anyhow::Result<(Arc<crate::datapath::OrigDstTable>, SharedDatapath)> {
     let datapath = Datapath::start(&DatapathConfig {
         cgroup_root: config.cgroup_root.clone(),
         bypass_ports: config.bypass_ports.clone(),
@@ -106,147 +280,172 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         allow_accept_queue_migration();
     }
     let orig_table = datapath.orig_dst_table();
-    let datapath = Arc::new(Mutex::new(Some(datapath)));
-    let heartbeat = spawn_heartbeat(datapath.clone());
+    Ok((orig_table, Arc::new(Mutex::new(Some(datapath)))))
+}
 
-    let stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
-
+/// The node state, kept current from the workload file or the Kubernetes API.
+fn watch_state(
+    config: &Config,
+    initial: NodeState,
+    mount: std::path::PathBuf,
+    kube_client: Option<kube::Client>,
+    stop: CancellationToken,
+) -> watch::Receiver<NodeState> {
     let (state_tx, state_rx) = watch::channel(initial);
     if let Some(path) = config.workload_file.clone() {
-        tokio::spawn(workloads::watch(path, config.node_name.clone(), mount.clone(), state_tx));
+        tokio::spawn(workloads::watch(path, config.node_name.clone(), mount, state_tx));
     } else if let Some(client) = kube_client {
         info!(node = %config.node_name, pod_cgroups = %config.pod_cgroup_root.display(), "Kubernetes mode: watching the API server");
-        tokio::spawn(crate::k8s::run(
-            client,
-            config.node_name.clone(),
-            config.pod_cgroup_root.clone(),
-            state_tx,
-            stop.clone(),
-        ));
+        tokio::spawn(crate::k8s::run(client, config.node_name.clone(), config.pod_cgroup_root.clone(), state_tx, stop));
     }
+    state_rx
+}
+
+/// Applies the state to the datapath now and on every change; the pod index follows.
+fn start_reconciler(
+    config: &Config,
+    datapath: SharedDatapath,
+    outbound: SocketAddr,
+    state_rx: watch::Receiver<NodeState>,
+    stop: CancellationToken,
+) -> (watch::Receiver<Arc<PodIndex>>, JoinHandle<()>) {
     let policy = PodPolicy {
         proxy_ip4: u32::from_ne_bytes(config.redirect_address.octets()),
-        proxy_port: outbound_addr.port().to_be(),
+        proxy_port: outbound.port().to_be(),
         flags: 0,
     };
-    let mut reconciler = Reconciler::new(datapath.clone(), policy);
+    let mut reconciler = Reconciler::new(datapath, policy);
     let index = reconciler.apply(&state_rx.borrow()).unwrap_or_default();
     let (index_tx, index_rx) = watch::channel(Arc::new(index));
-    let reconcile_task = tokio::spawn(reconciler.run(state_rx, index_tx, stop.clone()));
+    (index_rx, tokio::spawn(reconciler.run(state_rx, index_tx, stop)))
+}
 
-    // Certificates follow the node's meshed pods.
-    let mut background = Vec::new();
-    let pool = if let Some(m) = &mtls {
-        let (wanted_tx, wanted_rx) = watch::channel(wanted_identities(&index_rx.borrow(), &config.trust_domain));
-        // Issue before serving, so the first connections find their certificates.
-        m.certs.sync(&wanted_rx.borrow());
-        background.push(tokio::spawn(m.certs.clone().run(wanted_rx, stop.clone())));
-        let mut idx_rx = index_rx.clone();
-        let td = config.trust_domain.clone();
-        let stop_w = stop.clone();
-        background.push(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop_w.cancelled() => return,
-                    r = idx_rx.changed() => if r.is_err() { return },
-                }
-                let w = wanted_identities(&idx_rx.borrow_and_update(), &td);
-                wanted_tx.send_if_modified(|old| {
-                    let changed = *old != w;
-                    *old = w;
-                    changed
-                });
+/// Certificates follow the node's meshed pods (issued before serving, so the first
+/// connections find theirs); the HBONE client pool uses them.
+fn start_identity(
+    config: &Config,
+    m: &Mtls,
+    index_rx: &watch::Receiver<Arc<PodIndex>>,
+    stop: &CancellationToken,
+    background: &mut Vec<JoinHandle<()>>,
+) -> Arc<Pool> {
+    let (wanted_tx, wanted_rx) = watch::channel(wanted_identities(&index_rx.borrow(), &config.trust_domain));
+    m.certs.sync(&wanted_rx.borrow());
+    background.push(tokio::spawn(m.certs.clone().run(wanted_rx, stop.clone())));
+    let mut idx_rx = index_rx.clone();
+    let td = config.trust_domain.clone();
+    let stop_w = stop.clone();
+    background.push(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop_w.cancelled() => return,
+                r = idx_rx.changed() => if r.is_err() { return },
             }
-        }));
-        let pool = Arc::new(Pool::new(
-            m.certs.clone(),
-            m.bundle.clone(),
-            config.connect_timeout,
-            config.pool_max_streams,
-            config.pool_idle,
-        ));
-        background.push(tokio::spawn(pool.clone().run_reaper(stop.clone())));
-        Some(pool)
-    } else {
-        None
-    };
-
-    let mut root = metrics::registry();
-    let istio = metrics::IstioMetrics::default();
-    istio.register(&mut root);
-    let registry = metrics::switchyard(&mut root);
-    let inbound_metrics = InboundMetrics::default();
-    let proxy_metrics = ProxyMetrics { denials: inbound_metrics.denied.clone(), ..Default::default() };
-    proxy_metrics.register(registry);
-    inbound_metrics.register(registry);
-    if let Some(p) = &pool {
-        p.metrics.register(registry);
-    }
-    if let Some(m) = &mtls {
-        registry.register("certificates_issued", "Workload certificates issued", m.certs.issued.clone());
-        registry.register(
-            "certificate_renewal_failures",
-            "Workload certificate issuance or renewal failures (the current certificate is kept)",
-            m.certs.failures.clone(),
-        );
-    }
-    registry.register_collector(Box::new(DatapathCollector(datapath.clone())));
-    registry.register_collector(Box::new(metrics::PodRedirectCollector {
-        counts: proxy_metrics.pod_redirects.clone(),
-        pods: index_rx.clone(),
-    }));
-    registry.register_collector(Box::new(metrics::ProcessCollector { certs: mtls.as_ref().map(|m| m.certs.clone()) }));
-    let http = Arc::new(crate::proxy::http::Http::default());
-    http.stats.register(registry);
-    // Stopped after the drain, so the spans of the last requests still go out.
-    let spans_stop = CancellationToken::new();
-    let (spans, spans_task) = match &config.otlp_traces_url {
-        Some(endpoint) => {
-            let (spans, task) = crate::otlp::Spans::start(endpoint, &config.node_name, spans_stop.clone())
-                .map_err(|e| anyhow::anyhow!("OTLP endpoint {endpoint:?}: {e}"))?;
-            crate::otlp::register(&spans, registry);
-            (Some(spans), Some(task))
+            let w = wanted_identities(&idx_rx.borrow_and_update(), &td);
+            wanted_tx.send_if_modified(|old| {
+                let changed = *old != w;
+                *old = w;
+                changed
+            });
         }
-        None => (None, None),
-    };
-    let balancer = Arc::new(crate::proxy::balance::Balancer::new(config.outlier));
-    registry.register(
-        "endpoint_ejections",
-        "Service endpoints ejected by outlier detection (consecutive failures)",
-        balancer.ejections_total.clone(),
-    );
+    }));
+    let pool = Arc::new(Pool::new(
+        m.certs.clone(),
+        m.bundle.clone(),
+        config.connect_timeout,
+        config.pool_max_streams,
+        config.pool_idle,
+    ));
+    background.push(tokio::spawn(pool.clone().run_reaper(stop.clone())));
+    pool
+}
 
-    let conns = Arc::new(Connections::default());
-    let (ready_tx, ready_rx) = watch::channel(false);
-    let admin = Arc::new(Admin {
-        registry: root,
-        pods: index_rx.clone(),
-        conns: conns.clone(),
-        datapath: datapath.clone(),
-        ready: ready_rx,
-        node_name: config.node_name.clone(),
-        trust_domain: config.trust_domain.clone(),
-        certs: mtls.as_ref().map(|m| m.certs.clone()),
-        pool: pool.clone(),
-        balancer: balancer.clone(),
-        http: http.clone(),
-    });
-    let admin_addr = admin_listener.local_addr()?;
-    // The admin endpoint (probes, metrics) stays up through the drain, until the agent exits.
-    let admin_stop = CancellationToken::new();
-    let admin_thread = spawn_admin(admin, admin_listener, config.admin_socket.clone(), admin_stop.clone())?;
+/// The OTLP span exporter, stopped after the drain.
+struct SpanExport {
+    spans: Option<crate::otlp::Spans>,
+    task: Option<JoinHandle<()>>,
+    stop: CancellationToken,
+}
 
-    let outbound = Arc::new(Outbound {
-        lookup: orig_table,
-        pods: index_rx,
-        metrics: proxy_metrics.clone(),
-        observe: Arc::new(crate::proxy::observe::Observe {
-            conns: conns.clone(),
-            proxy: Some(proxy_metrics.clone()),
-            istio: istio.clone(),
-            access_log: config.access_log,
-        }),
+/// Every metric family, registered once, and the shared state the proxies report into.
+struct Telemetry {
+    root: prometheus_client::registry::Registry,
+    istio: metrics::IstioMetrics,
+    proxy: ProxyMetrics,
+    inbound: InboundMetrics,
+    http: Arc<crate::proxy::http::Http>,
+    balancer: Arc<Balancer>,
+    spans: SpanExport,
+}
+
+impl Telemetry {
+    fn register(
+        config: &Config,
+        datapath: &SharedDatapath,
+        index_rx: &watch::Receiver<Arc<PodIndex>>,
+        mtls: Option<&Mtls>,
+        pool: Option<&Pool>,
+    ) -> anyhow::Result<Telemetry> {
+        let mut root = metrics::registry();
+        let istio = metrics::IstioMetrics::default();
+        istio.register(&mut root);
+        let registry = metrics::switchyard(&mut root);
+        let inbound = InboundMetrics::default();
+        let proxy = ProxyMetrics { denials: inbound.denied.clone(), ..Default::default() };
+        proxy.register(registry);
+        inbound.register(registry);
+        if let Some(p) = pool {
+            p.metrics.register(registry);
+        }
+        if let Some(m) = mtls {
+            registry.register("certificates_issued", "Workload certificates issued", m.certs.issued.clone());
+            registry.register(
+                "certificate_renewal_failures",
+                "Workload certificate issuance or renewal failures (the current certificate is kept)",
+                m.certs.failures.clone(),
+            );
+        }
+        registry.register_collector(Box::new(DatapathCollector(datapath.clone())));
+        registry.register_collector(Box::new(metrics::PodRedirectCollector {
+            counts: proxy.pod_redirects.clone(),
+            pods: index_rx.clone(),
+        }));
+        registry.register_collector(Box::new(metrics::ProcessCollector { certs: mtls.map(|m| m.certs.clone()) }));
+        let http = Arc::new(crate::proxy::http::Http::default());
+        http.stats.register(registry);
+        let stop = CancellationToken::new();
+        let (spans, task) = match &config.otlp_traces_url {
+            Some(url) => {
+                let (spans, task) = crate::otlp::Spans::start(url, &config.node_name, stop.clone())
+                    .map_err(|e| anyhow::anyhow!("OTLP endpoint {url:?}: {e}"))?;
+                crate::otlp::register(&spans, registry);
+                (Some(spans), Some(task))
+            }
+            None => (None, None),
+        };
+        let balancer = Arc::new(Balancer::new(config.outlier));
+        registry.register(
+            "endpoint_ejections",
+            "Service endpoints ejected by outlier detection (consecutive failures)",
+            balancer.ejections_total.clone(),
+        );
+        Ok(Telemetry { root, istio, proxy, inbound, http, balancer, spans: SpanExport { spans, task, stop } })
+    }
+}
+
+fn outbound_proxy(
+    config: &Config,
+    lookup: Arc<crate::datapath::OrigDstTable>,
+    pods: watch::Receiver<Arc<PodIndex>>,
+    telemetry: &Telemetry,
+    observe: Arc<Observe>,
+    pool: Option<Arc<Pool>>,
+) -> Arc<Outbound> {
+    Arc::new(Outbound {
+        lookup,
+        pods,
+        metrics: telemetry.proxy.clone(),
+        observe,
         idle_timeout: config.tcp_idle_timeout,
         copy_buffer: config.copy_buffer,
         route: crate::proxy::route::RouteConfig {
@@ -257,11 +456,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         connector: crate::proxy::upstream::Connector {
             pool,
             connect_timeout: config.connect_timeout,
-            metrics: proxy_metrics,
+            metrics: telemetry.proxy.clone(),
         },
-        balancer,
+        balancer: telemetry.balancer.clone(),
         limits: Default::default(),
-        http,
+        http: telemetry.http.clone(),
         detect: crate::proxy::detect::DetectConfig {
             sniff_timeout: config.sniff_timeout,
             http_ports: config.http_ports.clone(),
@@ -269,93 +468,33 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             retry_body_limit: config.retry_body_limit,
             trace_context: config.trace_context,
             trace_sample_rate: config.trace_sample_rate,
-            spans,
+            spans: telemetry.spans.spans.clone(),
             access_log: config.access_log,
         },
-    });
-    let inbound_task = match (&mtls, hbone_listener) {
-        (Some(m), Some(listener)) => {
-            let server = tls::server_config(m.certs.clone(), &config.trust_domain, &m.bundle)?;
-            let inbound = Arc::new(Inbound {
-                acceptor: tokio_rustls::TlsAcceptor::from(server),
-                idle_timeout: (config.pool_idle * 2).max(Duration::from_secs(1)),
-                handshakes: Arc::new(tokio::sync::Semaphore::new(crate::proxy::inbound::MAX_HANDSHAKES)),
-                connections: Arc::new(tokio::sync::Semaphore::new(crate::proxy::inbound::MAX_CONNECTIONS)),
-                trust_domain: config.trust_domain.clone(),
-                pods: outbound.pods.clone(),
-                metrics: inbound_metrics,
-                connect_timeout: config.connect_timeout,
-                copy_buffer: config.copy_buffer,
-                tcp_idle_timeout: config.tcp_idle_timeout,
-                observe: Arc::new(crate::proxy::observe::Observe {
-                    conns: conns.clone(),
-                    proxy: None,
-                    istio: istio.clone(),
-                    access_log: config.access_log,
-                }),
-            });
-            info!(hbone = %listener.local_addr()?, "HBONE listener up");
-            Some(tokio::spawn(inbound.serve(listener, stop.clone(), tasks.clone())))
-        }
-        _ => None,
-    };
-    let outbound_task = tokio::spawn(outbound.serve(outbound_listener, stop.clone(), tasks.clone()));
+    })
+}
 
-    ready_tx.send_replace(true);
-    info!(node = %config.node_name, outbound = %outbound_addr, admin = %admin_addr, "agent ready");
-
-    shutdown.await;
-
-    ready_tx.send_replace(false);
-    // The datapath goes first: from here on, new connections do not come to this agent.
-    let dp = datapath.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(mut dp) = dp {
-        if !dp.pinned() {
-            info!("stopping: detaching eBPF programs (pods connect directly)");
-            // Connect programs first, the rest once the connections they redirected an
-            // instant ago are established and recorded (seen as one failed new connection in
-            // ~6 restarts under load when all went at once).
-            dp.stop_redirecting();
-            tokio::time::sleep(REDIRECT_SETTLE).await;
-        } else if dp.superseded() {
-            info!("stopping: a newer agent has taken the eBPF programs and listeners over");
-        } else {
-            info!("stopping without a successor: programs stay pinned; pods fail open or closed by namespace");
-            if let Err(e) = dp.heartbeat(0) {
-                warn!(error = %e, "cannot mark the agent stopped; pods see it gone within 2 s");
-            }
-        }
-        drop(dp);
-    }
-    let _ = heartbeat.join();
-    // Connections redirected just before the detach are in the accept queue or still in their
-    // handshake: keep accepting a moment so they are served, not reset when the listener
-    // closes (seen as one failed new connection in 2 500 under restart before this).
-    tokio::time::sleep(ACCEPT_SETTLE).await;
-    stop.cancel();
-    let _ = tokio::join!(reconcile_task, outbound_task);
-    if let Some(t) = inbound_task {
-        let _ = t.await;
-    }
-    for t in background {
-        let _ = t.await;
-    }
-    tasks.close();
-    let in_flight = conns.active_count();
-    if in_flight > 0 {
-        info!(in_flight, grace = ?config.drain_grace, "letting in-flight connections finish");
-    }
-    if tokio::time::timeout(config.drain_grace, tasks.wait()).await.is_err() {
-        warn!(cut = conns.active_count(), "drain grace period over; closing the remaining connections");
-    }
-    spans_stop.cancel();
-    if let Some(t) = spans_task {
-        let _ = tokio::time::timeout(Duration::from_secs(6), t).await;
-    }
-    admin_stop.cancel();
-    let _ = admin_thread.join();
-    info!("agent stopped");
-    Ok(())
+fn inbound_proxy(
+    config: &Config,
+    m: &Mtls,
+    pods: watch::Receiver<Arc<PodIndex>>,
+    metrics: InboundMetrics,
+    observe: Arc<Observe>,
+) -> anyhow::Result<Arc<Inbound>> {
+    let server = tls::server_config(m.certs.clone(), &config.trust_domain, &m.bundle)?;
+    Ok(Arc::new(Inbound {
+        acceptor: tokio_rustls::TlsAcceptor::from(server),
+        idle_timeout: (config.pool_idle * 2).max(Duration::from_secs(1)),
+        handshakes: Arc::new(tokio::sync::Semaphore::new(crate::proxy::inbound::MAX_HANDSHAKES)),
+        connections: Arc::new(tokio::sync::Semaphore::new(crate::proxy::inbound::MAX_CONNECTIONS)),
+        trust_domain: config.trust_domain.clone(),
+        pods,
+        metrics,
+        connect_timeout: config.connect_timeout,
+        copy_buffer: config.copy_buffer,
+        tcp_idle_timeout: config.tcp_idle_timeout,
+        observe,
+    }))
 }
 
 /// Serves the admin endpoint (metrics, debug views, dashboard) on a thread and runtime of its

@@ -424,6 +424,31 @@ pub struct Config {
     pub access_log: AccessLog,
 }
 
+/// What the configuration's defaults depend on outside the file and the flags, read once by
+/// [`Environment::detect`] so that [`Config::build`] is a pure function of its inputs.
+#[derive(Debug, Clone)]
+pub struct Environment {
+    /// Where cgroup2 is mounted (relative cgroup paths are under it).
+    pub cgroup2_mount: PathBuf,
+    /// The node's hostname: the default node name.
+    pub hostname: Option<String>,
+    /// Running in a pod (`KUBERNETES_SERVICE_HOST` is set): Kubernetes mode by default.
+    pub in_cluster: bool,
+    /// CPUs available: the default number of proxy workers.
+    pub cpus: usize,
+}
+
+impl Environment {
+    pub fn detect() -> Result<Self, ConfigError> {
+        Ok(Environment {
+            cgroup2_mount: cgroup::cgroup2_mount()?,
+            hostname: std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string()),
+            in_cluster: std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        })
+    }
+}
+
 impl Config {
     /// Reads the file named by `args.config` (if any) and merges the flags over it.
     pub fn load(args: &RunArgs) -> Result<Self, ConfigError> {
@@ -431,82 +456,46 @@ impl Config {
             Some(path) => (read_file(path)?, path.parent().map(Path::to_path_buf)),
             None => (FileConfig::default(), None),
         };
-        Self::build(file, base.as_deref(), args, cgroup::cgroup2_mount()?.as_path())
+        Self::build(file, base.as_deref(), args, &Environment::detect()?)
     }
 
-    /// Pure merge of file and flags. Relative paths in the file are relative to `base`
-    /// (the file's directory); relative cgroup paths are relative to `cgroup2_mount`.
+    /// Pure merge of file and flags over the defaults. Relative paths in the file are relative
+    /// to `base` (the file's directory); relative cgroup paths are relative to the cgroup2
+    /// mount.
     pub fn build(
-        file: FileConfig,
+        mut file: FileConfig,
         base: Option<&Path>,
         args: &RunArgs,
-        cgroup2_mount: &Path,
+        env: &Environment,
     ) -> Result<Self, ConfigError> {
         let rel = |p: PathBuf| match base {
             Some(b) if p.is_relative() => b.join(p),
             _ => p,
         };
-        let node_name = args
-            .node_name
-            .clone()
-            .or(file.node_name)
-            .or_else(hostname)
-            .ok_or(ConfigError::Missing("nodeName", "node-name"))?;
-        let cgroup_root =
-            args.cgroup_root.clone().or(file.cgroup_root).ok_or(ConfigError::Missing("cgroupRoot", "cgroup-root"))?;
-        let cgroup_root = cgroup::node_cgroup(cgroup2_mount, &cgroup_root)?;
-        let redirect_address = args
-            .redirect_address
-            .or(file.redirect_address)
-            .ok_or(ConfigError::Missing("redirectAddress", "redirect-address"))?;
-        if redirect_address.is_unspecified() || redirect_address.is_loopback() || redirect_address.is_broadcast() {
-            return Err(ConfigError::RedirectAddress(redirect_address));
-        }
+        let (workload_file, kubernetes) = sources(&mut file, args, env, rel)?;
+        let node = NodeSettings::merge(&mut file, args, env)?;
+        let (trace_sample_rate, otlp_traces_url) = tracing(&mut file, args)?;
         let outbound_listen = args
             .outbound_listen
             .or(file.outbound_listen)
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_OUTBOUND_PORT)));
         let admin_listen =
             args.admin_listen.or(file.admin_listen).unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT)));
-        let workload_file = args.workloads.clone().or(file.workload_file.map(rel));
-        let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-        let kubernetes = (args.kubernetes || file.kubernetes == Some(true) || (in_cluster && workload_file.is_none()))
-            .then(|| args.kubeconfig.clone().or(file.kubeconfig.map(rel)));
-        if kubernetes.is_some() && workload_file.is_some() {
-            return Err(ConfigError::TwoSources);
-        }
-        let pod_cgroup_root = match args.pod_cgroup_root.clone().or(file.pod_cgroup_root) {
-            Some(p) => cgroup::resolve(cgroup2_mount, &p)?,
-            None => cgroup_root.clone(),
-        };
-        let mut bypass_ports = file.bypass.ports;
-        bypass_ports.extend(&args.bypass_ports);
-        bypass_ports.sort_unstable();
-        bypass_ports.dedup();
-        let bypass_cidrs = file
-            .bypass
-            .cidrs
-            .iter()
-            .chain(&args.bypass_cidrs)
-            .map(|c| c.parse::<Ipv4Net>().map(|n| n.trunc()).map_err(|e| ConfigError::Cidr(c.clone(), e)))
-            .collect::<Result<Vec<_>, _>>()?;
-        let workers = args
-            .workers
-            .or(file.workers)
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-            .max(1);
+        let (bypass_ports, bypass_cidrs) = bypass(file.bypass, args)?;
+        let workers = args.workers.or(file.workers).unwrap_or(env.cpus).max(1);
         let trust_domain = args
             .trust_domain
             .clone()
-            .or(file.trust_domain.clone())
+            .or(file.trust_domain.take())
             .unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.into());
         if !crate::identity::is_trust_domain(&trust_domain) {
             return Err(ConfigError::TrustDomain(trust_domain));
         }
         Ok(Config {
-            node_name,
-            cgroup_root,
-            redirect_address,
+            node_name: node.name,
+            cgroup_root: node.cgroup_root,
+            pod_cgroup_root: node.pod_cgroup_root,
+            redirect_address: node.redirect_address,
             outbound_listen,
             admin_listen,
             admin_socket: args.admin_socket.clone().or(file.admin_socket),
@@ -514,12 +503,9 @@ impl Config {
             bypass_ports,
             bypass_cidrs,
             workers,
-            connect_timeout: args
-                .connect_timeout_ms
-                .or(file.connect_timeout_ms)
-                .filter(|ms| *ms > 0)
-                .map_or(DEFAULT_CONNECT_TIMEOUT, Duration::from_millis),
-            drain_grace: file.drain_grace_ms.map_or(DEFAULT_DRAIN_GRACE, Duration::from_millis),
+            connect_timeout: millis(args.connect_timeout_ms.or(file.connect_timeout_ms).filter(|ms| *ms > 0))
+                .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            drain_grace: millis(file.drain_grace_ms).unwrap_or(DEFAULT_DRAIN_GRACE),
             copy_buffer: args
                 .copy_buffer_bytes
                 .or(file.copy_buffer_bytes)
@@ -532,9 +518,7 @@ impl Config {
                 .max(1),
             trust_domain,
             ca: match &args.ca_dir {
-                Some(d) => {
-                    Some(CaFiles { cert: d.join("ca.crt"), key: d.join("ca.key"), bundle: Some(d.join("bundle.crt")) })
-                }
+                Some(d) => Some(CaFiles::in_dir(d)),
                 None => file.ca.map(|c| CaFiles { cert: rel(c.cert), key: rel(c.key), bundle: c.bundle.map(rel) }),
             },
             cert_lifetime: args
@@ -551,54 +535,27 @@ impl Config {
                 .pool_max_streams
                 .unwrap_or(DEFAULT_POOL_MAX_STREAMS)
                 .clamp(1, HBONE_MAX_CONCURRENT_STREAMS as usize),
-            pool_idle: args.pool_idle_ms.or(file.pool_idle_ms).map_or(DEFAULT_POOL_IDLE, Duration::from_millis),
+            pool_idle: millis(args.pool_idle_ms.or(file.pool_idle_ms)).unwrap_or(DEFAULT_POOL_IDLE),
             sockmap_acceleration: args
                 .sockmap_acceleration
                 .or(file.sockmap_acceleration)
                 .unwrap_or(DEFAULT_SOCKMAP_ACCELERATION),
             kubernetes,
-            pod_cgroup_root,
+            // 0: never.
             tcp_idle_timeout: match args.tcp_idle_timeout_secs.or(file.tcp_idle_timeout_secs) {
                 Some(0) => None,
-                Some(s) => Some(Duration::from_secs(s)),
-                None => Some(DEFAULT_TCP_IDLE_TIMEOUT),
+                s => Some(s.map_or(DEFAULT_TCP_IDLE_TIMEOUT, Duration::from_secs)),
             },
-            sniff_timeout: args
-                .protocol_sniff_timeout_ms
-                .or(file.protocol_sniff_timeout_ms)
-                .map_or(DEFAULT_SNIFF_TIMEOUT, Duration::from_millis),
+            sniff_timeout: millis(args.protocol_sniff_timeout_ms.or(file.protocol_sniff_timeout_ms))
+                .unwrap_or(DEFAULT_SNIFF_TIMEOUT),
             http_ports: file.http_ports,
             opaque_ports: file.opaque_ports.unwrap_or_else(|| DEFAULT_OPAQUE_PORTS.to_vec()),
-            outlier: Outlier {
-                consecutive_failures: file
-                    .outlier_detection
-                    .consecutive_failures
-                    .unwrap_or(DEFAULT_OUTLIER_CONSECUTIVE_FAILURES)
-                    .max(1),
-                base_ejection: args
-                    .outlier_base_ejection_ms
-                    .or(file.outlier_detection.base_ejection_ms)
-                    .map_or(DEFAULT_OUTLIER_BASE_EJECTION, Duration::from_millis),
-                max_ejection_percent: file
-                    .outlier_detection
-                    .max_ejection_percent
-                    .unwrap_or(DEFAULT_OUTLIER_MAX_EJECTION_PERCENT)
-                    .min(100),
-            },
+            outlier: Outlier::merge(&file.outlier_detection, args),
             retry_body_limit: file.retry_body_limit_bytes.unwrap_or(DEFAULT_RETRY_BODY_LIMIT),
             bpf_pin_dir: args.bpf_pin_dir.clone().or(file.bpf_pin_dir),
             trace_context: file.trace_context.unwrap_or(true),
-            trace_sample_rate: match args.trace_sample_rate.or(file.trace_sample_rate).unwrap_or(1.0) {
-                r if (0.0..=1.0).contains(&r) => r,
-                r => return Err(ConfigError::TraceSampleRate(r)),
-            },
-            otlp_traces_url: match args.otlp_endpoint.clone().or(file.otlp_endpoint).filter(|e| !e.is_empty()) {
-                Some(e) => match traces_url(&e) {
-                    Ok(url) => Some(url),
-                    Err(why) => return Err(ConfigError::OtlpEndpoint(e, why)),
-                },
-                None => None,
-            },
+            trace_sample_rate,
+            otlp_traces_url,
             access_log: AccessLog {
                 mode: args.access_log.or(file.access_log).unwrap_or_default(),
                 sample_rate: args.access_log_sample_rate.or(file.access_log_sample_rate).unwrap_or(1.0).clamp(0.0, 1.0),
@@ -612,8 +569,115 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     serde_yaml_ng::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
 }
 
-fn hostname() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string())
+/// Who this node is and where its pods' cgroups are.
+struct NodeSettings {
+    name: String,
+    cgroup_root: PathBuf,
+    pod_cgroup_root: PathBuf,
+    redirect_address: Ipv4Addr,
+}
+
+impl NodeSettings {
+    fn merge(file: &mut FileConfig, args: &RunArgs, env: &Environment) -> Result<Self, ConfigError> {
+        let mount = env.cgroup2_mount.as_path();
+        let name = args
+            .node_name
+            .clone()
+            .or(file.node_name.take())
+            .or_else(|| env.hostname.clone())
+            .ok_or(ConfigError::Missing("nodeName", "node-name"))?;
+        let cgroup_root = args
+            .cgroup_root
+            .clone()
+            .or(file.cgroup_root.take())
+            .ok_or(ConfigError::Missing("cgroupRoot", "cgroup-root"))?;
+        let cgroup_root = cgroup::node_cgroup(mount, &cgroup_root)?;
+        let redirect_address = args
+            .redirect_address
+            .or(file.redirect_address)
+            .ok_or(ConfigError::Missing("redirectAddress", "redirect-address"))?;
+        if redirect_address.is_unspecified() || redirect_address.is_loopback() || redirect_address.is_broadcast() {
+            return Err(ConfigError::RedirectAddress(redirect_address));
+        }
+        let pod_cgroup_root = match args.pod_cgroup_root.clone().or(file.pod_cgroup_root.take()) {
+            Some(p) => cgroup::resolve(mount, &p)?,
+            None => cgroup_root.clone(),
+        };
+        Ok(NodeSettings { name, cgroup_root, pod_cgroup_root, redirect_address })
+    }
+}
+
+/// The share of new traces sampled, and where spans go.
+fn tracing(file: &mut FileConfig, args: &RunArgs) -> Result<(f64, Option<String>), ConfigError> {
+    let rate = match args.trace_sample_rate.or(file.trace_sample_rate).unwrap_or(1.0) {
+        r if (0.0..=1.0).contains(&r) => r,
+        r => return Err(ConfigError::TraceSampleRate(r)),
+    };
+    let url = args
+        .otlp_endpoint
+        .clone()
+        .or(file.otlp_endpoint.take())
+        .filter(|e| !e.is_empty())
+        .map(|e| traces_url(&e).map_err(|why| ConfigError::OtlpEndpoint(e, why)))
+        .transpose()?;
+    Ok((rate, url))
+}
+
+fn millis(ms: Option<u64>) -> Option<Duration> {
+    ms.map(Duration::from_millis)
+}
+
+/// Where pods come from: the workload file, or the Kubernetes API (asked for, or by default
+/// in a pod without a workload file; with an explicit kubeconfig or `None` for in-cluster).
+#[allow(clippy::type_complexity)]
+fn sources(
+    file: &mut FileConfig,
+    args: &RunArgs,
+    env: &Environment,
+    rel: impl Fn(PathBuf) -> PathBuf,
+) -> Result<(Option<PathBuf>, Option<Option<PathBuf>>), ConfigError> {
+    let workload_file = args.workloads.clone().or(file.workload_file.take().map(&rel));
+    let kubernetes = (args.kubernetes || file.kubernetes == Some(true) || (env.in_cluster && workload_file.is_none()))
+        .then(|| args.kubeconfig.clone().or(file.kubeconfig.take().map(&rel)));
+    if kubernetes.is_some() && workload_file.is_some() {
+        return Err(ConfigError::TwoSources);
+    }
+    Ok((workload_file, kubernetes))
+}
+
+/// Ports and CIDRs never redirected: the file's and the flags', deduplicated.
+fn bypass(file: Bypass, args: &RunArgs) -> Result<(Vec<u16>, Vec<Ipv4Net>), ConfigError> {
+    let mut ports = file.ports;
+    ports.extend(&args.bypass_ports);
+    ports.sort_unstable();
+    ports.dedup();
+    let cidrs = file
+        .cidrs
+        .iter()
+        .chain(&args.bypass_cidrs)
+        .map(|c| c.parse::<Ipv4Net>().map(|n| n.trunc()).map_err(|e| ConfigError::Cidr(c.clone(), e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((ports, cidrs))
+}
+
+impl Outlier {
+    fn merge(file: &OutlierFile, args: &RunArgs) -> Self {
+        Outlier {
+            consecutive_failures: file.consecutive_failures.unwrap_or(DEFAULT_OUTLIER_CONSECUTIVE_FAILURES).max(1),
+            base_ejection: args
+                .outlier_base_ejection_ms
+                .or(file.base_ejection_ms)
+                .map_or(DEFAULT_OUTLIER_BASE_EJECTION, Duration::from_millis),
+            max_ejection_percent: file.max_ejection_percent.unwrap_or(DEFAULT_OUTLIER_MAX_EJECTION_PERCENT).min(100),
+        }
+    }
+}
+
+impl CaFiles {
+    /// `ca.crt`, `ca.key` and `bundle.crt` in `dir` (as `mesh-agent ca init` writes them).
+    pub fn in_dir(dir: &Path) -> Self {
+        CaFiles { cert: dir.join("ca.crt"), key: dir.join("ca.key"), bundle: Some(dir.join("bundle.crt")) }
+    }
 }
 
 #[cfg(test)]
@@ -624,6 +688,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join("nodes/a")).unwrap();
         d
+    }
+
+    /// Outside a cluster, on a node named `host`, 2 CPUs.
+    fn env(m: &tempfile::TempDir) -> Environment {
+        Environment { cgroup2_mount: m.path().into(), hostname: Some("host".into()), in_cluster: false, cpus: 2 }
     }
 
     #[test]
@@ -644,7 +713,7 @@ mod tests {
         )
         .unwrap();
         let args = RunArgs { node_name: Some("flag-node".into()), bypass_ports: vec![22, 53], ..Default::default() };
-        let c = Config::build(file, None, &args, m.path()).unwrap();
+        let c = Config::build(file, None, &args, &env(&m)).unwrap();
         assert_eq!(c.node_name, "flag-node");
         assert_eq!(c.cgroup_root, m.path().join("nodes/a"));
         assert_eq!(c.outbound_listen.port(), DEFAULT_OUTBOUND_PORT);
@@ -663,14 +732,14 @@ mod tests {
             ..Default::default()
         };
         let args = RunArgs { node_name: Some("n".into()), ..Default::default() };
-        assert!(matches!(Config::build(file, None, &args, m.path()), Err(ConfigError::RedirectAddress(_))));
+        assert!(matches!(Config::build(file, None, &args, &env(&m)), Err(ConfigError::RedirectAddress(_))));
         let file = FileConfig {
             cgroup_root: Some("nodes/a".into()),
             redirect_address: Some([10, 0, 0, 1].into()),
             ..Default::default()
         };
         let args = RunArgs { node_name: Some("n".into()), bypass_cidrs: vec!["nope".into()], ..Default::default() };
-        let e = Config::build(file, None, &args, m.path()).unwrap_err();
+        let e = Config::build(file, None, &args, &env(&m)).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
     }
 
@@ -683,7 +752,7 @@ mod tests {
             ..Default::default()
         };
         let args = RunArgs { node_name: Some("n".into()), ..Default::default() };
-        let e = Config::build(file, None, &args, m.path()).unwrap_err();
+        let e = Config::build(file, None, &args, &env(&m)).unwrap_err();
         assert!(e.to_string().contains("root"), "{e}");
     }
 }

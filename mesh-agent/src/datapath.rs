@@ -225,6 +225,41 @@ pub struct Datapath {
     max_redirected: u32,
 }
 
+/// Fills the bypass maps. Pinned maps may hold the previous agent's entries: ours are added
+/// first, then the stale ones dropped (never a moment without the bypasses both agree on).
+/// Returns the maps, to be held until the programs are loaded (after that the programs'
+/// references keep them alive).
+fn fill_bypass(ebpf: &mut Ebpf, cfg: &DatapathConfig) -> Result<BypassMaps, DatapathError> {
+    let mut ports: HashMap<_, u16, u8> = take(ebpf, MAP_BYPASS_PORTS)?;
+    if cfg.bypass_ports.len() > mesh_common::MAX_BYPASS_PORTS as usize {
+        return Err(DatapathError::BypassFull(MAP_BYPASS_PORTS));
+    }
+    for p in &cfg.bypass_ports {
+        ports.insert(p, 1, 0).map_err(map_err(MAP_BYPASS_PORTS))?;
+    }
+    let stale: Vec<u16> = ports.keys().filter_map(Result::ok).filter(|p| !cfg.bypass_ports.contains(p)).collect();
+    for p in stale {
+        let _ = ports.remove(&p);
+    }
+    let mut cidrs: LpmTrie<_, [u8; 4], u8> = take(ebpf, MAP_BYPASS_CIDRS)?;
+    if cfg.bypass_cidrs.len() > mesh_common::MAX_BYPASS_CIDRS as usize {
+        return Err(DatapathError::BypassFull(MAP_BYPASS_CIDRS));
+    }
+    let wanted: Vec<(u32, [u8; 4])> =
+        cfg.bypass_cidrs.iter().map(|c| (u32::from(c.prefix_len()), c.network().octets())).collect();
+    for (len, net) in &wanted {
+        cidrs.insert(&Key::new(*len, *net), 1, 0).map_err(map_err(MAP_BYPASS_CIDRS))?;
+    }
+    let stale: Vec<Key<[u8; 4]>> =
+        cidrs.keys().filter_map(Result::ok).filter(|k| !wanted.contains(&(k.prefix_len(), k.data()))).collect();
+    for k in stale {
+        let _ = cidrs.remove(&k);
+    }
+    Ok((ports, cidrs))
+}
+
+type BypassMaps = (HashMap<MapData, u16, u8>, LpmTrie<MapData, [u8; 4], u8>);
+
 impl Datapath {
     /// Loads the programs, fills the configuration maps and attaches to `cfg.cgroup_root`.
     /// Must be called inside a tokio runtime (the kernel log reader is a task).
@@ -269,33 +304,7 @@ impl Datapath {
             heartbeat_ns: monotonic_ns(),
         };
         config.set(0, mesh_config, 0).map_err(map_err(MAP_CONFIG))?;
-        // Pinned maps may hold the previous agent's entries: add ours first, then drop the
-        // stale ones (never a moment without the bypasses both agree on).
-        let mut ports: HashMap<_, u16, u8> = take(&mut ebpf, MAP_BYPASS_PORTS)?;
-        if cfg.bypass_ports.len() > mesh_common::MAX_BYPASS_PORTS as usize {
-            return Err(DatapathError::BypassFull(MAP_BYPASS_PORTS));
-        }
-        for p in &cfg.bypass_ports {
-            ports.insert(p, 1, 0).map_err(map_err(MAP_BYPASS_PORTS))?;
-        }
-        let stale: Vec<u16> = ports.keys().filter_map(Result::ok).filter(|p| !cfg.bypass_ports.contains(p)).collect();
-        for p in stale {
-            let _ = ports.remove(&p);
-        }
-        let mut cidrs: LpmTrie<_, [u8; 4], u8> = take(&mut ebpf, MAP_BYPASS_CIDRS)?;
-        if cfg.bypass_cidrs.len() > mesh_common::MAX_BYPASS_CIDRS as usize {
-            return Err(DatapathError::BypassFull(MAP_BYPASS_CIDRS));
-        }
-        let wanted: Vec<(u32, [u8; 4])> =
-            cfg.bypass_cidrs.iter().map(|c| (u32::from(c.prefix_len()), c.network().octets())).collect();
-        for (len, net) in &wanted {
-            cidrs.insert(&Key::new(*len, *net), 1, 0).map_err(map_err(MAP_BYPASS_CIDRS))?;
-        }
-        let stale: Vec<Key<[u8; 4]>> =
-            cidrs.keys().filter_map(Result::ok).filter(|k| !wanted.contains(&(k.prefix_len(), k.data()))).collect();
-        for k in stale {
-            let _ = cidrs.remove(&k);
-        }
+        let bypass = fill_bypass(&mut ebpf, cfg)?;
         let meshed = take(&mut ebpf, MAP_MESHED_CGROUPS)?;
         let sock_orig = take(&mut ebpf, MAP_SOCK_ORIG)?;
         let by_client = take(&mut ebpf, MAP_ORIG_BY_CLIENT)?;
@@ -320,6 +329,7 @@ impl Datapath {
             }
             None => None,
         };
+        drop(bypass);
         info!(
             cgroup = %cfg.cgroup_root.display(),
             programs = PROGRAMS.len(),
@@ -328,8 +338,6 @@ impl Datapath {
             accel = ?accel_state,
             "eBPF programs attached"
         );
-        // The bypass maps stay alive through the programs' references.
-        drop((ports, cidrs));
         Ok(Datapath {
             ebpf,
             meshed,

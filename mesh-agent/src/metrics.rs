@@ -35,6 +35,48 @@ pub struct RouteLabels {
     pub route: &'static str,
 }
 
+/// A counter by `reason` that also remembers the reasons it has seen, so the admin views read
+/// the counts back from the counters themselves (a `Family` cannot be iterated).
+#[derive(Clone, Debug, Default)]
+pub struct ByReason {
+    family: Family<ErrorLabels, Counter>,
+    reasons: Arc<Mutex<std::collections::BTreeSet<&'static str>>>,
+}
+
+impl ByReason {
+    pub fn inc(&self, reason: &'static str) {
+        let labels = ErrorLabels { reason };
+        if let Some(c) = self.family.get(&labels) {
+            c.inc();
+            return;
+        }
+        self.reasons.lock().unwrap_or_else(|p| p.into_inner()).insert(reason);
+        self.family.get_or_create(&labels).inc();
+    }
+
+    /// Exported from 0 before the first event (so rate() works from the start).
+    pub fn preset(&self, reasons: &[&'static str]) {
+        for &reason in reasons {
+            self.reasons.lock().unwrap_or_else(|p| p.into_inner()).insert(reason);
+            let _ = self.family.get_or_create(&ErrorLabels { reason });
+        }
+    }
+
+    pub fn get(&self, reason: &'static str) -> u64 {
+        self.family.get(&ErrorLabels { reason }).map_or(0, |c| c.get())
+    }
+
+    /// Every reason seen, with its count.
+    pub fn counts(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        let reasons = self.reasons.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        reasons.into_iter().map(|r| (r, self.get(r))).collect()
+    }
+
+    pub fn register(&self, reg: &mut Registry, name: &str, help: &str) {
+        reg.register(name, help, self.family.clone());
+    }
+}
+
 /// The outbound proxy's metrics.
 #[derive(Clone, Default)]
 pub struct ProxyMetrics {
@@ -45,7 +87,7 @@ pub struct ProxyMetrics {
     pub errors: Family<ErrorLabels, Counter>,
     pub routes: Family<RouteLabels, Counter>,
     /// Shared with the inbound side (registered there): same-node denials count here too.
-    pub denials: Family<ErrorLabels, Counter>,
+    pub denials: ByReason,
     /// Redirected connections per pod (exported by [`PodRedirectCollector`]).
     pub pod_redirects: Arc<PodRedirects>,
 }

@@ -44,6 +44,18 @@ pub enum Security {
     Plaintext,
 }
 
+impl Security {
+    /// As serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Security::Unknown => "unknown",
+            Security::MutualTls => "mutual_tls",
+            Security::Local => "local",
+            Security::Plaintext => "plaintext",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnRecord {
     pub id: u64,

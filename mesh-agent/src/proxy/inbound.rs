@@ -16,10 +16,7 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use prometheus_client::{
-    metrics::{counter::Counter, family::Family},
-    registry::Registry,
-};
+use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use tokio::{net::TcpListener, net::TcpStream, sync::watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -28,7 +25,7 @@ use tracing::{debug, warn};
 use crate::{
     authz::{self, Decision},
     identity::Identity,
-    metrics::ErrorLabels,
+    metrics::ByReason,
     proxy::{
         conns::{ConnRecord, Direction, Security},
         idle,
@@ -53,9 +50,9 @@ pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 
 #[derive(Clone, Default)]
 pub struct InboundMetrics {
-    pub tls_failures: Family<ErrorLabels, Counter>,
-    pub rejected: Family<ErrorLabels, Counter>,
-    pub denied: Family<ErrorLabels, Counter>,
+    pub tls_failures: ByReason,
+    pub rejected: ByReason,
+    pub denied: ByReason,
     pub accepted: Counter,
 }
 
@@ -63,28 +60,26 @@ impl InboundMetrics {
     pub fn register(&self, reg: &mut Registry) {
         // The common reasons start at 0, so the families are exported (and rate() works) before
         // the first event.
-        for reason in ["deny_rule", "no_allow_rule"] {
-            let _ = self.denied.get_or_create(&ErrorLabels { reason });
-        }
-        for reason in ["not_tls", "unknown_issuer", "expired_certificate", "bad_client_identity", "timeout"] {
-            let _ = self.tls_failures.get_or_create(&ErrorLabels { reason });
-        }
+        self.denied.preset(&["deny_rule", "no_allow_rule"]);
+        self.tls_failures.preset(&[
+            "not_tls",
+            "unknown_issuer",
+            "expired_certificate",
+            "bad_client_identity",
+            "timeout",
+        ]);
         reg.register(
             "inbound_connections",
             "HBONE streams accepted and connected to a local pod",
             self.accepted.clone(),
         );
-        reg.register(
+        self.tls_failures.register(
+            reg,
             "tls_handshake_failures",
             "Inbound mTLS handshakes rejected, by reason (not_tls, unknown_issuer, expired_certificate, ...)",
-            self.tls_failures.clone(),
         );
-        reg.register("inbound_rejected", "HBONE CONNECT streams rejected, by reason", self.rejected.clone());
-        reg.register(
-            "authorization_denials",
-            "Connections denied by authorization policy, by reason",
-            self.denied.clone(),
-        );
+        self.rejected.register(reg, "inbound_rejected", "HBONE CONNECT streams rejected, by reason");
+        self.denied.register(reg, "authorization_denials", "Connections denied by authorization policy, by reason");
     }
 }
 
@@ -123,7 +118,7 @@ impl Inbound {
             };
             let Ok(permit) = self.connections.clone().try_acquire_owned() else {
                 warn!(%peer, limit = MAX_CONNECTIONS, "HBONE connection refused: too many connections");
-                self.metrics.tls_failures.get_or_create(&ErrorLabels { reason: "connection_limit" }).inc();
+                self.metrics.tls_failures.inc("connection_limit");
                 continue;
             };
             let this = self.clone();
@@ -139,7 +134,7 @@ impl Inbound {
         let _ = tcp.set_nodelay(true);
         let Ok(handshake_permit) = self.handshakes.clone().try_acquire_owned() else {
             warn!(%peer, limit = MAX_HANDSHAKES, "HBONE connection refused: too many handshakes in progress");
-            self.metrics.tls_failures.get_or_create(&ErrorLabels { reason: "handshake_limit" }).inc();
+            self.metrics.tls_failures.inc("handshake_limit");
             return;
         };
         let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await;
@@ -149,12 +144,12 @@ impl Inbound {
             Ok(Err(e)) => {
                 let reason = tls::failure_reason(&e);
                 warn!(%peer, reason, error = %tls::describe(&e), "HBONE mTLS handshake rejected");
-                self.metrics.tls_failures.get_or_create(&ErrorLabels { reason }).inc();
+                self.metrics.tls_failures.inc(reason);
                 return;
             }
             Err(_) => {
                 warn!(%peer, "HBONE mTLS handshake timed out");
-                self.metrics.tls_failures.get_or_create(&ErrorLabels { reason: "timeout" }).inc();
+                self.metrics.tls_failures.inc("timeout");
                 return;
             }
         };
@@ -171,13 +166,13 @@ impl Inbound {
                     None => "no client certificate".into(),
                 };
                 warn!(%peer, reason = %why, "HBONE client identity rejected");
-                self.metrics.tls_failures.get_or_create(&ErrorLabels { reason: "bad_client_identity" }).inc();
+                self.metrics.tls_failures.inc("bad_client_identity");
                 return;
             }
         };
         let server_id = session.server_name().and_then(|n| Identity::from_sni(n, &self.trust_domain));
         let Some(server_id) = server_id else {
-            self.metrics.tls_failures.get_or_create(&ErrorLabels { reason: "no_server_name" }).inc();
+            self.metrics.tls_failures.inc("no_server_name");
             return;
         };
         debug!(%peer, client = %client_id, server = %server_id, "HBONE connection accepted");
@@ -235,7 +230,7 @@ impl Inbound {
     }
 
     fn reject(&self, status: StatusCode, reason: &'static str, detail: String) -> Response<Empty<Bytes>> {
-        self.metrics.rejected.get_or_create(&ErrorLabels { reason }).inc();
+        self.metrics.rejected.inc(reason);
         warn!(status = status.as_u16(), reason, "{detail}");
         Response::builder()
             .status(status)
@@ -337,7 +332,7 @@ impl Inbound {
         }
         let decision = authz::evaluate(&idx.authz, client_id, pod.workload.authz_destination(target.port()));
         if decision != Decision::Allow {
-            self.metrics.denied.get_or_create(&ErrorLabels { reason: decision.reason() }).inc();
+            self.metrics.denied.inc(decision.reason());
             let rule = match &decision {
                 Decision::Denied(r) => r.clone(),
                 _ => "-".into(),

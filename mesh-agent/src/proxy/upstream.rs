@@ -166,7 +166,7 @@ impl Connector {
     pub fn refused(&self, r: &Refusal) {
         self.metrics.error(r.reason());
         if r.is_denial() {
-            self.metrics.denials.get_or_create(&crate::metrics::ErrorLabels { reason: r.reason() }).inc();
+            self.metrics.denials.inc(r.reason());
         }
     }
 }

@@ -74,39 +74,9 @@ impl<U: Upstreams> Downstream<U> {
         let retry_sent = (idempotent(&head.method) || policy.retry_non_idempotent) && body.replayable();
         let mut picker = Picker::new(route, self.up.route_config(), true);
         let mut retries = 0u32;
-        // May another attempt follow this one?
-        let can_retry = |retries: u32| -> bool {
-            if retries >= policy.retries {
-                return false;
-            }
-            let ok = svc
-                .budget
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .try_withdraw(now_sec(), policy.retry_budget_percent);
-            if !ok {
-                http.stats.budget_exhausted.inc();
-                debug!(service = %entry.service, "retry budget exhausted");
-            }
-            ok
-        };
+        let can_retry = |retries: u32| self.may_retry(svc, &entry.service, retries);
         loop {
-            let t = match picker.next(balancer) {
-                Some(Ok(t)) => t,
-                Some(Err((ep, refusal))) => {
-                    self.note_endpoint(route, outcome, ep, None, retries);
-                    self.up.refused(&refusal);
-                    let answer =
-                        if refusal.is_denial() { ProxyAnswer::Denied } else { ProxyAnswer::UpstreamUnavailable };
-                    return Err(answer.respond(format!("service {}: {refusal}", entry.service)));
-                }
-                None => {
-                    return Err(
-                        ProxyAnswer::NoEndpoints.respond(format!("service {} has no ready endpoint", entry.service))
-                    );
-                }
-            };
-            self.note_endpoint(route, outcome, t.ep, Some(&t.path), retries);
+            let t = self.pick(&mut picker, route, outcome, retries)?;
             let _in_flight = balancer.start(t.ep);
             let started = Instant::now();
             *current.lock().unwrap_or_else(|p| p.into_inner()) = Some((t.ep, started));
@@ -116,19 +86,7 @@ impl<U: Upstreams> Downstream<U> {
                 balancer.failed(t.ep, &entry.endpoints, started.elapsed());
                 debug!(service = %entry.service, endpoint = %t.ep, "attempt failed: {what}");
             };
-            let sent = AtomicBool::new(false);
-            let attempt = self.attempt(route, &t, head, body, &sent);
-            let result = match policy.per_try_timeout {
-                Some(d) => match tokio::time::timeout(d, attempt).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        http.stats.per_try_timeouts.inc();
-                        Err(Failed::PerTry { sent: sent.load(Ordering::Acquire) })
-                    }
-                },
-                None => attempt.await,
-            };
-            let resp = match result {
+            let resp = match self.timed_attempt(route, &t, head, body, policy.per_try_timeout).await {
                 Ok(resp) => resp,
                 Err(Failed::Connect(SenderError::Connect(e))) if e.is_final() => {
                     let answer = if e.is_denial() { ProxyAnswer::Denied } else { ProxyAnswer::UpstreamUnavailable };
@@ -166,6 +124,71 @@ impl<U: Upstreams> Downstream<U> {
                 continue;
             }
             return Ok(resp);
+        }
+    }
+
+    /// May another attempt follow `retries` retries? Within the Service's retries and its
+    /// budget (a refusal by the budget is counted).
+    fn may_retry(&self, svc: &ServiceState, service: &str, retries: u32) -> bool {
+        let policy = &svc.policy;
+        if retries >= policy.retries {
+            return false;
+        }
+        let ok =
+            svc.budget.lock().unwrap_or_else(|p| p.into_inner()).try_withdraw(now_sec(), policy.retry_budget_percent);
+        if !ok {
+            self.up.http().stats.budget_exhausted.inc();
+            debug!(service, "retry budget exhausted");
+        }
+        ok
+    }
+
+    /// The endpoint for the next attempt, noted on the request; `Err`: none is left (or the
+    /// route to the one picked is refused), answered by the proxy.
+    #[allow(clippy::result_large_err)] // the answer is returned at once, never stored
+    fn pick(
+        &self,
+        picker: &mut Picker<'_>,
+        route: &Route,
+        outcome: &Mutex<Outcome>,
+        retries: u32,
+    ) -> Result<Target, Response<Body>> {
+        let service = &route.service().expect("HTTP is served for Services").entry.service;
+        match picker.next(self.up.balancer()) {
+            Some(Ok(t)) => {
+                self.note_endpoint(route, outcome, t.ep, Some(&t.path), retries);
+                Ok(t)
+            }
+            Some(Err((ep, refusal))) => {
+                self.note_endpoint(route, outcome, ep, None, retries);
+                self.up.refused(&refusal);
+                let answer = if refusal.is_denial() { ProxyAnswer::Denied } else { ProxyAnswer::UpstreamUnavailable };
+                Err(answer.respond(format!("service {service}: {refusal}")))
+            }
+            None => Err(ProxyAnswer::NoEndpoints.respond(format!("service {service} has no ready endpoint"))),
+        }
+    }
+
+    /// One attempt, cancelled at the per-try timeout if there is one.
+    async fn timed_attempt(
+        &self,
+        route: &Route,
+        t: &Target,
+        head: &Head,
+        body: &mut AttemptBody,
+        per_try: Option<std::time::Duration>,
+    ) -> Result<Response<Incoming>, Failed> {
+        let sent = AtomicBool::new(false);
+        let attempt = self.attempt(route, t, head, body, &sent);
+        match per_try {
+            Some(d) => match tokio::time::timeout(d, attempt).await {
+                Ok(r) => r,
+                Err(_) => {
+                    self.up.http().stats.per_try_timeouts.inc();
+                    Err(Failed::PerTry { sent: sent.load(Ordering::Acquire) })
+                }
+            },
+            None => attempt.await,
         }
     }
 
