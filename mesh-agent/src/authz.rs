@@ -74,17 +74,17 @@ impl Source {
 }
 
 /// As written in the workload file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSpec {
     pub name: String,
     /// Destination namespace.
     pub namespace: String,
     /// Destination pod name; all pods of the namespace when absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
     /// Destination ports; all when empty.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<u16>,
     pub action: Action,
     pub from: Vec<String>,

@@ -586,37 +586,23 @@ fn load(
         }
         return Ok(Attached::New(None));
     };
+    // Loads, takes the pinned link over or attaches anew (and pins the new link).
+    macro_rules! attach {
+        ($ty:ty, $($arg:expr),+) => {{
+            let p: &mut $ty = prog.try_into().map_err(perr)?;
+            p.load().map_err(perr)?;
+            take_over!(p);
+            let id = p.attach(cg, $($arg),+).map_err(perr)?;
+            match &pin {
+                Some(path) => pin_link!(p, id, path),
+                None => Attached::New(None),
+            }
+        }};
+    }
     Ok(match kind {
-        ProgramKind::SockAddr => {
-            let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
-            p.load().map_err(perr)?;
-            take_over!(p);
-            let id = p.attach(cg, CgroupAttachMode::Single).map_err(perr)?;
-            match &pin {
-                Some(path) => pin_link!(p, id, path),
-                None => Attached::New(None),
-            }
-        }
-        ProgramKind::SockOps => {
-            let p: &mut SockOps = prog.try_into().map_err(perr)?;
-            p.load().map_err(perr)?;
-            take_over!(p);
-            let id = p.attach(cg, CgroupAttachMode::Single).map_err(perr)?;
-            match &pin {
-                Some(path) => pin_link!(p, id, path),
-                None => Attached::New(None),
-            }
-        }
-        ProgramKind::SkbIngress => {
-            let p: &mut CgroupSkb = prog.try_into().map_err(perr)?;
-            p.load().map_err(perr)?;
-            take_over!(p);
-            let id = p.attach(cg, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single).map_err(perr)?;
-            match &pin {
-                Some(path) => pin_link!(p, id, path),
-                None => Attached::New(None),
-            }
-        }
+        ProgramKind::SockAddr => attach!(CgroupSockAddr, CgroupAttachMode::Single),
+        ProgramKind::SockOps => attach!(SockOps, CgroupAttachMode::Single),
+        ProgramKind::SkbIngress => attach!(CgroupSkb, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single),
     })
 }
 

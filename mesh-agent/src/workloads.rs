@@ -47,7 +47,7 @@ use std::{
 };
 
 use notify::Watcher as _;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -69,82 +69,96 @@ pub enum WorkloadFileError {
     Invalid { path: PathBuf, msg: String },
 }
 
-#[derive(Debug, Deserialize)]
+/// A workload file, as the agent reads it (and as the test harness writes it).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct File {
-    #[serde(default)]
-    nodes: Vec<Node>,
-    #[serde(default)]
-    namespaces: Vec<Namespace>,
-    #[serde(default)]
-    pods: Vec<Pod>,
-    #[serde(default)]
-    authorization: Vec<authz::RuleSpec>,
-    #[serde(default)]
-    services: Vec<Service>,
+pub struct WorkloadFile {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<NamespaceSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<PodSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authorization: Vec<authz::RuleSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceSpec>,
 }
 
-#[derive(Debug, Deserialize)]
+impl WorkloadFile {
+    pub fn to_yaml(&self) -> String {
+        serde_yaml_ng::to_string(self).expect("a workload file always serializes")
+    }
+}
+
+/// A Service, with what its EndpointSlices would say in Kubernetes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Service {
-    name: String,
-    namespace: String,
+pub struct ServiceSpec {
+    pub name: String,
+    pub namespace: String,
     #[serde(rename = "clusterIP")]
-    cluster_ip: Ipv4Addr,
+    pub cluster_ip: Ipv4Addr,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    pub ports: Vec<ServicePortSpec>,
+    /// Ready endpoint IPs.
     #[serde(default)]
-    annotations: BTreeMap<String, String>,
-    ports: Vec<ServicePort>,
-    #[serde(default)]
-    endpoints: Vec<Ipv4Addr>,
+    pub endpoints: Vec<Ipv4Addr>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ServicePort {
+pub struct ServicePortSpec {
     #[serde(default)]
-    name: String,
-    port: u16,
-    target_port: Option<u16>,
-    app_protocol: Option<String>,
+    pub name: String,
+    pub port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// Another node's agent (HBONE on port 15008 at `address`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct Node {
-    name: String,
-    address: Ipv4Addr,
+pub struct NodeSpec {
+    pub name: String,
+    pub address: Ipv4Addr,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct Namespace {
-    name: String,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
+pub struct NamespaceSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Pod {
-    name: String,
-    namespace: String,
+pub struct PodSpec {
+    pub name: String,
+    pub namespace: String,
     #[serde(default = "default_sa")]
-    service_account: String,
-    ip: Ipv4Addr,
-    #[serde(default)]
-    node: Option<String>,
-    #[serde(default)]
-    cgroup: Option<PathBuf>,
+    pub service_account: String,
+    pub ip: Ipv4Addr,
+    /// Default: this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Relative to the cgroup2 mount, or absolute; needed for this node's pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
     /// The workload it belongs to (a Deployment's name, say), for metric labels; default:
     /// the pod's own name.
-    #[serde(default)]
-    workload: Option<String>,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
     /// Pod labels; those Istio names workloads by in metrics (`app`, `version`,
     /// `service.istio.io/canonical-name`, ...) are used.
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 fn default_sa() -> String {
@@ -159,7 +173,7 @@ pub fn load(path: &Path, node: &str, cgroup2_mount: &Path) -> Result<NodeState, 
 
 pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Result<NodeState, WorkloadFileError> {
     let invalid = |msg: String| WorkloadFileError::Invalid { path: path.into(), msg };
-    let file: File =
+    let file: WorkloadFile =
         serde_yaml_ng::from_str(text).map_err(|source| WorkloadFileError::Parse { path: path.into(), source })?;
     let mut namespaces = BTreeMap::new();
     for ns in &file.namespaces {
@@ -324,6 +338,26 @@ mod tests {
 
     fn p(text: &str) -> Result<NodeState, WorkloadFileError> {
         parse(text, Path::new("w.yaml"), "n1", Path::new(M))
+    }
+
+    #[test]
+    fn a_written_file_reads_back_as_the_same_state() {
+        let text = r#"
+nodes: [{name: n2, address: 192.168.77.2}]
+namespaces:
+  - {name: shop, annotations: {switchyard.io/mesh: enabled, switchyard.io/mtls-mode: strict}}
+pods:
+  - {name: a, namespace: shop, serviceAccount: web, ip: 10.0.0.1, cgroup: n/a, labels: {app: web}}
+  - {name: b, namespace: shop, ip: 10.0.0.2, node: n2, workload: b-deploy}
+authorization:
+  - {name: r, namespace: shop, ports: [80], action: deny, from: ["spiffe://cluster.local/ns/x/*"]}
+services:
+  - {name: s, namespace: shop, clusterIP: 10.96.0.1, annotations: {switchyard.io/retries: "1"},
+     ports: [{name: http, port: 80, targetPort: 8080}], endpoints: [10.0.0.1]}
+"#;
+        let file: WorkloadFile = serde_yaml_ng::from_str(text).unwrap();
+        let written = file.to_yaml();
+        assert_eq!(p(&written).unwrap(), p(text).unwrap(), "{written}");
     }
 
     #[test]

@@ -24,6 +24,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+pub use mesh_agent::{
+    authz::{Action, RuleSpec},
+    workloads::{NamespaceSpec, NodeSpec, PodSpec, ServicePortSpec, ServiceSpec, WorkloadFile},
+};
 
 const PREFIX: &str = "syt";
 const CGROUP_DIR: &str = "switchyard-test";
@@ -453,8 +457,8 @@ pub struct Node {
     cluster_cgroup: PathBuf,
     /// Kubernetes mode: the agent reads this kubeconfig instead of a workload file.
     pub kubeconfig: Option<PathBuf>,
-    /// Raw YAML list items for `services:` (see [`service_yaml`]); standalone node only.
-    pub services: String,
+    /// Services (see [`service`]); standalone node only.
+    pub services: Vec<ServiceSpec>,
     /// A bpffs of this node's own (see [`Node::pin_programs`]): agents pin there.
     pub bpffs: Option<PathBuf>,
     /// Namespaces annotated `switchyard.io/fail-mode: closed` (standalone node).
@@ -524,7 +528,7 @@ impl Node {
             agent: None,
             cluster_cgroup,
             kubeconfig: None,
-            services: String::new(),
+            services: Vec::new(),
             bpffs: None,
             fail_closed: vec![],
             agent_command: AgentCommand::default(),
@@ -607,7 +611,8 @@ impl Node {
     pub fn write_workloads(&self) -> Result<()> {
         write_atomic(
             &self.workloads,
-            &workload_yaml(&[], &self.namespaces, &self.mtls_modes, &self.pods, "", &self.services, &self.fail_closed),
+            &workload_file(&[], &self.namespaces, &self.mtls_modes, &self.pods, &[], &self.services, &self.fail_closed)
+                .to_yaml(),
         )
     }
 
@@ -755,6 +760,21 @@ impl Node {
     }
 
     /// GET on the agent's admin port, parsed as JSON.
+    /// Waits until the agent knows every pod the harness made on this node, and every one of
+    /// them it meshes is redirected (its cgroup in the datapath).
+    pub fn wait_meshed(&self) -> Result<()> {
+        eventually(Duration::from_secs(10), "the node's pods meshed", || {
+            let listed = self.admin_json("/debug/pods").ok()?;
+            let listed = listed.as_array()?;
+            let ready = self.pods.iter().all(|p| {
+                let key = format!("{}/{}", p.namespace, p.name);
+                listed.iter().any(|l| l["key"] == key.as_str() && (l["meshed"] != true || l["redirected"] == true))
+            });
+            ready.then_some(())
+        })
+        .with_context(|| format!("/debug/pods: {}", self.admin_json("/debug/pods").unwrap_or_default()))
+    }
+
     pub fn admin_json(&self, path: &str) -> Result<serde_json::Value> {
         let (status, body) = http_get(&self.netns, self.admin_addr(), path)?;
         if status != 200 {
@@ -826,71 +846,55 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// The workload file for nodes `nodes` (name, address), namespaces, pods and raw
-/// authorization YAML (a list, or empty).
-fn workload_yaml(
+/// The workload file for nodes `nodes` (name, address), namespaces, pods, authorization rules
+/// and Services, in the agent's own types.
+fn workload_file(
     nodes: &[(String, Ipv4Addr)],
     namespaces: &[(String, bool)],
     mtls_modes: &[(String, String)],
     pods: &[Pod],
-    authz: &str,
-    services: &str,
+    authorization: &[RuleSpec],
+    services: &[ServiceSpec],
     fail_closed: &[String],
-) -> String {
-    let mut y = String::from("nodes:\n");
-    for (n, a) in nodes {
-        y += &format!("  - {{name: {n}, address: {a}}}\n");
-    }
-    y += "namespaces:\n";
-    for (ns, meshed) in namespaces {
-        y += &format!("  - name: {ns}\n    annotations: {{");
-        if *meshed {
-            y += "switchyard.io/mesh: enabled, ";
+) -> WorkloadFile {
+    let namespace = |ns: &str, meshed: bool| {
+        let mut annotations = std::collections::BTreeMap::new();
+        if meshed {
+            annotations.insert("switchyard.io/mesh".into(), "enabled".into());
         }
         if let Some((_, mode)) = mtls_modes.iter().find(|(n, _)| n == ns) {
-            y += &format!("switchyard.io/mtls-mode: {mode}, ");
+            annotations.insert("switchyard.io/mtls-mode".into(), mode.clone());
         }
-        if fail_closed.contains(ns) {
-            y += "switchyard.io/fail-mode: closed";
+        if fail_closed.iter().any(|n| n == ns) {
+            annotations.insert("switchyard.io/fail-mode".into(), "closed".into());
         }
-        y += "}\n";
+        NamespaceSpec { name: ns.into(), annotations }
+    };
+    WorkloadFile {
+        nodes: nodes.iter().map(|(name, address)| NodeSpec { name: name.clone(), address: *address }).collect(),
+        namespaces: namespaces.iter().map(|(ns, meshed)| namespace(ns, *meshed)).collect(),
+        pods: pods
+            .iter()
+            .map(|p| PodSpec {
+                name: p.name.clone(),
+                namespace: p.namespace.clone(),
+                service_account: p.service_account.clone(),
+                ip: p.ip,
+                node: Some(p.node.clone()),
+                cgroup: Some(p.cgroup.clone()),
+                workload: p.workload.clone(),
+                annotations: p.annotation.iter().map(|a| ("switchyard.io/mesh".to_string(), a.clone())).collect(),
+                labels: p.labels.iter().cloned().collect(),
+            })
+            .collect(),
+        authorization: authorization.to_vec(),
+        services: services.to_vec(),
     }
-    y += "pods:\n";
-    for p in pods {
-        y += &format!(
-            "  - name: {}\n    namespace: {}\n    node: {}\n    serviceAccount: {}\n    ip: {}\n    cgroup: {}\n",
-            p.name,
-            p.namespace,
-            p.node,
-            p.service_account,
-            p.ip,
-            p.cgroup.display()
-        );
-        if let Some(a) = &p.annotation {
-            y += &format!("    annotations: {{switchyard.io/mesh: {a}}}\n");
-        }
-        if let Some(w) = &p.workload {
-            y += &format!("    workload: {w}\n");
-        }
-        if !p.labels.is_empty() {
-            let l: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k:?}: {v:?}")).collect();
-            y += &format!("    labels: {{{}}}\n", l.join(", "));
-        }
-    }
-    if !authz.trim().is_empty() {
-        y += "authorization:\n";
-        y += authz;
-    }
-    if !services.trim().is_empty() {
-        y += "services:\n";
-        y += services;
-    }
-    y
 }
 
-/// One `services:` item of a workload file: `name` in `namespace` at `vip` (port `port`, its
-/// name `port_name`, for protocol hints) over `endpoints` at `target_port`.
-pub fn service_yaml(
+/// A Service `name` in `namespace` at `vip` (port `port`, its name `port_name`, for protocol
+/// hints) over `endpoints` at `target_port`.
+pub fn service(
     name: &str,
     namespace: &str,
     vip: SocketAddr,
@@ -898,16 +902,41 @@ pub fn service_yaml(
     target_port: u16,
     endpoints: &[Ipv4Addr],
     annotations: &[(&str, &str)],
-) -> String {
-    let eps: Vec<String> = endpoints.iter().map(|e| e.to_string()).collect();
-    let ann: Vec<String> = annotations.iter().map(|(k, v)| format!("{k}: {v:?}")).collect();
-    format!(
-        "  - name: {name}\n    namespace: {namespace}\n    clusterIP: {}\n    annotations: {{{}}}\n    ports: [{{name: {port_name:?}, port: {}, targetPort: {target_port}}}]\n    endpoints: [{}]\n",
-        vip.ip(),
-        ann.join(", "),
-        vip.port(),
-        eps.join(", ")
-    )
+) -> ServiceSpec {
+    let SocketAddr::V4(vip) = vip else { panic!("a Service address is IPv4: {vip}") };
+    ServiceSpec {
+        name: name.into(),
+        namespace: namespace.into(),
+        cluster_ip: *vip.ip(),
+        annotations: annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ports: vec![ServicePortSpec {
+            name: port_name.into(),
+            port: vip.port(),
+            target_port: Some(target_port),
+            app_protocol: None,
+        }],
+        endpoints: endpoints.to_vec(),
+    }
+}
+
+/// An authorization rule for pods of `namespace` (one pod: `workload`; some ports: `ports`)
+/// matching sources `from` (SPIFFE IDs or patterns).
+pub fn rule(
+    name: &str,
+    namespace: &str,
+    workload: Option<&str>,
+    ports: &[u16],
+    action: Action,
+    from: &[&str],
+) -> RuleSpec {
+    RuleSpec {
+        name: name.into(),
+        namespace: namespace.into(),
+        workload: workload.map(Into::into),
+        ports: ports.to_vec(),
+        action,
+        from: from.iter().map(|f| f.to_string()).collect(),
+    }
 }
 
 /// Several nodes joined by a network of their own: a namespace with a bridge, each node
@@ -920,10 +949,10 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     pub namespaces: Vec<(String, bool)>,
     pub mtls_modes: Vec<(String, String)>,
-    /// Raw YAML list items for `authorization:`.
-    pub authz: String,
-    /// Raw YAML list items for `services:` (see [`service_yaml`]).
-    pub services: String,
+    /// Authorization rules (see [`rule`]).
+    pub authz: Vec<RuleSpec>,
+    /// Services (see [`service`]).
+    pub services: Vec<ServiceSpec>,
     pub dir: PathBuf,
     pub ca_dir: PathBuf,
 }
@@ -942,8 +971,8 @@ impl Cluster {
             nodes: vec![],
             namespaces: vec![],
             mtls_modes: vec![],
-            authz: String::new(),
-            services: String::new(),
+            authz: Vec::new(),
+            services: Vec::new(),
             dir,
             ca_dir: ca_dir.clone(),
         };
@@ -997,7 +1026,8 @@ impl Cluster {
         let pods: Vec<Pod> = self.nodes.iter().flat_map(|n| n.pods.clone()).collect();
         write_atomic(
             &self.dir.join("cluster.yaml"),
-            &workload_yaml(&nodes, &self.namespaces, &self.mtls_modes, &pods, &self.authz, &self.services, &[]),
+            &workload_file(&nodes, &self.namespaces, &self.mtls_modes, &pods, &self.authz, &self.services, &[])
+                .to_yaml(),
         )
     }
 

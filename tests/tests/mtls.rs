@@ -144,17 +144,19 @@ fn http_to_a_service_on_another_node_is_mutual_tls_in_the_request_metrics() -> R
     let vip: SocketAddr = "10.96.0.41:80".parse()?;
     let s = setup(45, &[], |c| {
         let server = c.nodes[1].pods.iter().find(|p| p.name == "server").map(|p| p.ip).expect("server pod");
-        c.services = sim::service_yaml("web", "shop", vip, "http", 8081, &[server], &[])
-            + &sim::service_yaml("admin", "shop", "10.96.0.42:80".parse().unwrap(), "http", 8082, &[server], &[]);
+        c.services = vec![
+            sim::service("web", "shop", vip, "http", 8081, &[server], &[]),
+            sim::service("admin", "shop", "10.96.0.42:80".parse().unwrap(), "http", 8082, &[server], &[]),
+        ];
         // The server's node denies the client its admin port.
-        c.authz = r#"  - name: no-admin-for-client
-    namespace: shop
-    workload: server
-    ports: [8082]
-    action: deny
-    from: [spiffe://cluster.local/ns/shop/sa/client]
-"#
-        .into();
+        c.authz = vec![sim::rule(
+            "no-admin-for-client",
+            "shop",
+            Some("server"),
+            &[8082],
+            sim::Action::Deny,
+            &["spiffe://cluster.local/ns/shop/sa/client"],
+        )];
         Ok(())
     })?;
     let _web = s.server.serve_tool("sim-http", &["serve", "--listen", "0.0.0.0:8081", "--name", "server"])?;
@@ -316,7 +318,7 @@ fn service_connects_to_dead_endpoints_on_another_node_are_retried_on_live_ones()
         let dead1 = c.node("node-b").add_pod("dead1", "shop", None)?;
         let dead2 = c.node("node-b").add_pod("dead2", "shop", None)?;
         let server = c.nodes[1].pods.iter().find(|p| p.name == "server").map(|p| p.ip).expect("server pod");
-        c.services = sim::service_yaml("echo", "shop", vip, "tcp-echo", 8080, &[server, dead1.ip, dead2.ip], &[]);
+        c.services = vec![sim::service("echo", "shop", vip, "tcp-echo", 8080, &[server, dead1.ip, dead2.ip], &[])];
         Ok(())
     })?;
     let r = run(&s.client, &vip.to_string(), &["--count", "30"])?;
@@ -389,18 +391,24 @@ fn authorization_and_strict_mode_are_enforced() -> Result<()> {
         let batch = c.node("node-a").add_pod("batch", "shop", None)?;
         let db = c.node("node-b").add_pod("db", "vault", None)?;
         let neighbour = c.node("node-b").add_pod("neighbour", "shop", None)?;
-        c.authz = r#"  - name: server-from-client-only
-    namespace: shop
-    workload: server
-    ports: [8080]
-    action: allow
-    from: [spiffe://cluster.local/ns/shop/sa/client]
-  - name: no-batch-in-vault
-    namespace: vault
-    action: deny
-    from: [spiffe://cluster.local/ns/shop/sa/batch]
-"#
-        .into();
+        c.authz = vec![
+            sim::rule(
+                "server-from-client-only",
+                "shop",
+                Some("server"),
+                &[8080],
+                sim::Action::Allow,
+                &["spiffe://cluster.local/ns/shop/sa/client"],
+            ),
+            sim::rule(
+                "no-batch-in-vault",
+                "vault",
+                None,
+                &[],
+                sim::Action::Deny,
+                &["spiffe://cluster.local/ns/shop/sa/batch"],
+            ),
+        ];
         vault = Some(db.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?);
         extra = Some((batch, db, neighbour));
         Ok(())

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow};
 use serde_json::Value;
-use sim::{Node, Pod, Server, eventually, http_get, privileged, service_yaml};
+use sim::{Node, Pod, Server, ServiceSpec, eventually, http_get, privileged, service};
 
 const T: Duration = Duration::from_secs(60);
 const WEB: &str = "10.96.0.10:80";
@@ -25,7 +25,7 @@ struct Setup {
 fn setup(
     subnet: u8,
     servers: &[(&str, &[&str])],
-    services: impl Fn(&[Ipv4Addr]) -> String,
+    services: impl Fn(&[Ipv4Addr]) -> Vec<ServiceSpec>,
     agent_args: &[&str],
 ) -> Result<Setup> {
     let mut node = Node::new("node", subnet)?;
@@ -41,11 +41,7 @@ fn setup(
     let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
     node.services = services(&ips);
     node.start_agent(agent_args)?;
-    eventually(Duration::from_secs(5), "pods meshed", || {
-        let pods = node.admin_json("/debug/pods").ok()?;
-        let n = pods.as_array()?.iter().filter(|p| p["redirected"] == true).count();
-        (n == servers.len() + 1).then_some(())
-    })?;
+    node.wait_meshed()?;
     Ok(Setup { node, client, servers: pods, procs })
 }
 
@@ -55,8 +51,8 @@ fn serve(pod: &Pod, args: &[&str]) -> Result<Server> {
     pod.serve_tool("sim-http", &a)
 }
 
-fn web(ips: &[Ipv4Addr], annotations: &[(&str, &str)]) -> String {
-    service_yaml("web", "shop", WEB.parse().unwrap(), "http", 8080, ips, annotations)
+fn web(ips: &[Ipv4Addr], annotations: &[(&str, &str)]) -> ServiceSpec {
+    service("web", "shop", WEB.parse().unwrap(), "http", 8080, ips, annotations)
 }
 
 /// `sim-http load` from the client pod.
@@ -102,7 +98,7 @@ fn an_endpoint_killed_mid_run_costs_no_idempotent_request_is_ejected_and_comes_b
     let mut s = setup(
         140,
         &[("web-0", &[]), ("web-1", &[]), ("web-2", &[])],
-        |ips| web(ips, &[]),
+        |ips| vec![web(ips, &[])],
         &["--outlier-base-ejection-ms", "1500"],
     )?;
     let ejections0 = counter(&s.node, "switchyard_endpoint_ejections_total", &[])?;
@@ -153,9 +149,11 @@ fn an_endpoint_failing_30_percent_costs_no_get_posts_are_not_retried_and_the_bud
         141,
         &[("web-0", &["--fail-rate", "0.3"]), ("web-1", &[]), ("web-2", &[]), ("broken", &["--fail-rate", "1"])],
         |ips| {
-            web(&ips[..3], &[])
-                + &service_yaml("broken", "shop", "10.96.0.11:80".parse().unwrap(), "http", 8080, &ips[3..], &[])
-                + &service_yaml("single", "shop", "10.96.0.12:80".parse().unwrap(), "http", 8080, &ips[..1], &[])
+            vec![
+                web(&ips[..3], &[]),
+                service("broken", "shop", "10.96.0.11:80".parse().unwrap(), "http", 8080, &ips[3..], &[]),
+                service("single", "shop", "10.96.0.12:80".parse().unwrap(), "http", 8080, &ips[..1], &[]),
+            ]
         },
         // Five failures in a row at 30 % happen now and then (about 1 run in 20 within the
         // faulty endpoint's first 30 requests); a short ejection brings it back within the run
@@ -222,7 +220,7 @@ fn a_hung_endpoint_times_out_at_the_configured_timeout_and_its_breaker_opens() -
     let s = setup(
         142,
         &[("hung", &["--hang"]), ("slow", &["--delay-ms", "20"])],
-        |ips| web(ips, &[("switchyard.io/timeout", "300ms")]),
+        |ips| vec![web(ips, &[("switchyard.io/timeout", "300ms")])],
         &[],
     )?;
     let (t0, e0) = (
@@ -264,7 +262,7 @@ fn a_per_try_timeout_moves_requests_off_a_hung_endpoint_and_every_get_is_answere
     let s = setup(
         147,
         &[("hung", &["--hang"]), ("web-1", &[]), ("web-2", &[])],
-        |ips| web(ips, &[("switchyard.io/timeout", "2s"), ("switchyard.io/per-try-timeout", "200ms")]),
+        |ips| vec![web(ips, &[("switchyard.io/timeout", "2s"), ("switchyard.io/per-try-timeout", "200ms")])],
         &[],
     )?;
     let p0 = counter(&s.node, "switchyard_http_per_try_timeouts_total", &[])?;
@@ -290,8 +288,9 @@ fn requests_past_the_connection_limit_fail_fast_with_the_documented_503() -> Res
         143,
         &[("web-0", &["--delay-ms", "1500"])],
         |ips| {
-            web(ips, &[("switchyard.io/max-connections", "2")])
-                + &service_yaml(
+            vec![
+                web(ips, &[("switchyard.io/max-connections", "2")]),
+                service(
                     "queued",
                     "shop",
                     "10.96.0.15:80".parse().unwrap(),
@@ -299,7 +298,8 @@ fn requests_past_the_connection_limit_fail_fast_with_the_documented_503() -> Res
                     8080,
                     ips,
                     &[("switchyard.io/max-connections", "1"), ("switchyard.io/max-pending-requests", "2")],
-                )
+                ),
+            ]
         },
         &[],
     )?;
@@ -333,10 +333,12 @@ fn server_first_protocols_wait_at_most_the_sniff_timeout_and_upgrades_and_h2_tra
         144,
         &[("web-0", &[])],
         |ips| {
-            web(ips, &[])
-                + &service_yaml("mail", "shop", "10.96.0.12:2525".parse().unwrap(), "", 2525, ips, &[])
-                + &service_yaml("smtp", "shop", "10.96.0.12:25".parse().unwrap(), "", 2525, ips, &[])
-                + &service_yaml("grpc", "shop", "10.96.0.13:9090".parse().unwrap(), "", 8080, ips, &[])
+            vec![
+                web(ips, &[]),
+                service("mail", "shop", "10.96.0.12:2525".parse().unwrap(), "", 2525, ips, &[]),
+                service("smtp", "shop", "10.96.0.12:25".parse().unwrap(), "", 2525, ips, &[]),
+                service("grpc", "shop", "10.96.0.13:9090".parse().unwrap(), "", 8080, ips, &[]),
+            ]
         },
         &["--protocol-sniff-timeout-ms", "2000"],
     )?;
@@ -404,7 +406,7 @@ fn bad_service_config_is_rejected_with_the_reason_and_the_old_config_kept() -> R
     if !privileged("bad_service_config") {
         return Ok(());
     }
-    let mut s = setup(145, &[("web-0", &[])], |ips| web(ips, &[("switchyard.io/timeout", "2s")]), &[])?;
+    let mut s = setup(145, &[("web-0", &[])], |ips| vec![web(ips, &[("switchyard.io/timeout", "2s")])], &[])?;
     let ips = vec![s.servers[0].ip];
     for (k, v, why) in [
         ("switchyard.io/timeout", "soon", "is not a duration"),
@@ -412,7 +414,7 @@ fn bad_service_config_is_rejected_with_the_reason_and_the_old_config_kept() -> R
         ("switchyard.io/retry-on", "404", "5xx status codes"),
         ("switchyard.io/max-connections", "0", "positive number"),
     ] {
-        s.node.services = web(&ips, &[(k, v)]);
+        s.node.services = vec![web(&ips, &[(k, v)])];
         s.node.write_workloads()?;
         eventually(Duration::from_secs(5), "the bad value rejected in the log", || {
             let log = s.node.agent_log();
@@ -441,7 +443,7 @@ fn connects_to_blackholed_endpoints_time_out_and_are_retried_elsewhere() -> Resu
         &[("web-0", &[])],
         |ips| {
             let eps: Vec<Ipv4Addr> = holes.iter().copied().chain(ips.iter().copied()).collect();
-            web(&eps, &[]) + &service_yaml("raw", "shop", "10.96.0.14:80".parse().unwrap(), "tcp", 8080, &eps, &[])
+            vec![web(&eps, &[]), service("raw", "shop", "10.96.0.14:80".parse().unwrap(), "tcp", 8080, &eps, &[])]
         },
         &["--connect-timeout-ms", "300"],
     )?;
@@ -477,7 +479,7 @@ fn agent_restart_under_steady_load_never_fails_a_new_connection_in_a_fail_open_n
     if !privileged("agent_restart_under_steady_load") {
         return Ok(());
     }
-    let mut s = setup(146, &[("web-0", &[])], |ips| web(ips, &[]), &[])?;
+    let mut s = setup(146, &[("web-0", &[])], |ips| vec![web(ips, &[])], &[])?;
     let url = format!("http://{}:8080/", s.servers[0].ip);
     let (c1, c2, u1, u2) = (s.client.clone(), s.client.clone(), url.clone(), url.clone());
     let fresh = std::thread::spawn(move || {

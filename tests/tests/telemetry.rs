@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use sim::{Node, eventually, metric, privileged, service_yaml};
+use sim::{Node, eventually, metric, privileged, service};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -34,7 +34,7 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
     node.set_label("web-0", "version", "v2");
     let _w = web.serve_tool("sim-http", &["serve", "--listen", "0.0.0.0:8080", "--name", "web-0"])?;
     let _e = echo.serve(&["echo-server", "--listen", "0.0.0.0:9090"])?;
-    node.services = service_yaml("web", "shop", "10.96.0.10:80".parse()?, "http", 8080, &[web.ip], &[]);
+    node.services = vec![service("web", "shop", "10.96.0.10:80".parse()?, "http", 8080, &[web.ip], &[])];
     // With a CA, so the certificate metrics exist too.
     let ca = mesh_ca(&node)?;
     node.start_agent(&["--log-format", "json", "--ca-dir", &ca])?;
@@ -440,7 +440,7 @@ fn the_node_dashboard_shows_the_traffic_in_a_real_browser() -> Result<()> {
     let echo = node.add_pod("echo", "shop", None)?;
     let _w = web.serve_tool("sim-http", &["serve", "--listen", "0.0.0.0:8080", "--name", "web-0"])?;
     let _e = echo.serve(&["echo-server", "--listen", "0.0.0.0:9090"])?;
-    node.services = service_yaml("web", "shop", "10.96.0.10:80".parse()?, "http", 8080, &[web.ip], &[]);
+    node.services = vec![service("web", "shop", "10.96.0.10:80".parse()?, "http", 8080, &[web.ip], &[])];
     // With a CA: the pods table shows each identity's certificate expiry.
     let ca = mesh_ca(&node)?;
     node.start_agent(&["--ca-dir", &ca])?;
@@ -587,7 +587,7 @@ fn the_proxys_request_spans_reach_an_otlp_collector_as_hops_of_the_callers_trace
     let client = node.add_pod("client", "shop", None)?;
     let web = node.add_pod("web-0", "shop", None)?;
     let _w = web.serve_tool("sim-http", &["serve", "--listen", "0.0.0.0:8080", "--name", "web-0"])?;
-    node.services = service_yaml("web", "shop", "10.96.0.10:80".parse()?, "http", 8080, &[web.ip], &[]);
+    node.services = vec![service("web", "shop", "10.96.0.10:80".parse()?, "http", 8080, &[web.ip], &[])];
     let collector = sim::otlp_collector::Collector::start(&node.netns)?;
     node.start_agent(&["--otlp-endpoint", &collector.endpoint()])?;
     eventually(Duration::from_secs(5), "pods meshed", || {

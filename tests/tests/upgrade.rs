@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 use serde_json::Value;
-use sim::{Node, Pod, eventually, privileged, service_yaml};
+use sim::{Node, Pod, eventually, privileged, service};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -33,7 +33,7 @@ fn an_upgrade_hands_over_without_failing_a_new_connection_and_services_stay_reac
     let client = node.add_pod("client", "shop", None)?;
     let web = node.add_pod("web-0", "shop", None)?;
     let _srv = web.serve_tool("sim-http", &["serve", "--listen", "0.0.0.0:8080", "--name", "web-0"])?;
-    node.services = service_yaml("web", "shop", "10.96.0.10:80".parse()?, "http", 8080, &[web.ip], &[]);
+    node.services = vec![service("web", "shop", "10.96.0.10:80".parse()?, "http", 8080, &[web.ip], &[])];
     // Each agent has an admin socket of its own (the chart's exec probes use it): the admin
     // port is shared by both agents during the hand-over, the socket is not.
     let (old_sock, new_sock) = (node.dir.join("admin-old.sock"), node.dir.join("admin-new.sock"));

@@ -129,6 +129,17 @@ impl PoolMetrics {
     }
 }
 
+/// A tunnel to open: from the source pod (`src`, at `src_ip`) to `target`, a pod of identity
+/// `dst`, through the node proxy at `peer`.
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelRequest<'a> {
+    pub src: &'a Identity,
+    pub src_ip: std::net::Ipv4Addr,
+    pub dst: &'a Identity,
+    pub peer: SocketAddr,
+    pub target: SocketAddrV4,
+}
+
 pub struct Pool {
     certs: Arc<CertManager>,
     bundle: TrustBundle,
@@ -197,32 +208,19 @@ impl Pool {
     /// `peer`. A stream that fails at the HTTP/2 level (the peer went away, is draining, or
     /// refused it, as it does on a connection whose certificate is about to expire) is retried
     /// once on a new connection: no byte of the client's has gone into the tunnel yet.
-    pub async fn connect(
-        &self,
-        src: &Identity,
-        src_ip: std::net::Ipv4Addr,
-        dst: &Identity,
-        peer: SocketAddr,
-        target: SocketAddrV4,
-    ) -> Result<Tunnel, HboneError> {
-        match self.try_connect(src, src_ip, dst, peer, target).await {
+    pub async fn connect(&self, t: TunnelRequest<'_>) -> Result<Tunnel, HboneError> {
+        match self.try_connect(t).await {
             Err((HboneError::H2 { .. } | HboneError::Upgrade(_), reused)) => {
-                debug!(%peer, reused, "HBONE stream failed at the HTTP/2 level; retrying on a new connection");
-                self.try_connect(src, src_ip, dst, peer, target).await.map_err(|(e, _)| e)
+                debug!(peer = %t.peer, reused, "HBONE stream failed at the HTTP/2 level; retrying on a new connection");
+                self.try_connect(t).await.map_err(|(e, _)| e)
             }
             r => r.map_err(|(e, _)| e),
         }
     }
 
     /// The error comes with whether the connection was a reused one.
-    async fn try_connect(
-        &self,
-        src: &Identity,
-        src_ip: std::net::Ipv4Addr,
-        dst: &Identity,
-        peer: SocketAddr,
-        target: SocketAddrV4,
-    ) -> Result<Tunnel, (HboneError, bool)> {
+    async fn try_connect(&self, t: TunnelRequest<'_>) -> Result<Tunnel, (HboneError, bool)> {
+        let TunnelRequest { src, src_ip, dst, peer, target } = t;
         let key = Key { src: src.clone(), dst: dst.clone(), peer };
         let slot = self.slots.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().clone();
         let (guard, reused) = {

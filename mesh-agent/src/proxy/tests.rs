@@ -11,7 +11,10 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::{
     identity::Identity,
-    proxy::{conns::Security, pool::HboneError},
+    proxy::{
+        conns::Security,
+        pool::{HboneError, TunnelRequest},
+    },
     state::{ProtocolHint, ServiceEntry, ServicePolicy},
     testing::{
         Cluster, InboundProxy, OutboundProxy, Pki, ProxyOptions, Script, TRUST_DOMAIN, echo, http_endpoint,
@@ -23,6 +26,11 @@ const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
 
 fn id(sa: &str) -> Identity {
     Identity::new(TRUST_DOMAIN, "shop", sa)
+}
+
+/// A tunnel from a pod on 127.0.0.1 to `target` through the node proxy at `peer`.
+fn req<'a>(src: &'a Identity, dst: &'a Identity, peer: SocketAddr, target: SocketAddrV4) -> TunnelRequest<'a> {
+    TunnelRequest { src, src_ip: Ipv4Addr::LOCALHOST, dst, peer, target }
 }
 
 fn ip(a: u8, b: u8, c: u8) -> Ipv4Addr {
@@ -154,7 +162,7 @@ async fn idle_connections_are_released_and_busy_ones_kept() {
     cluster.add_pod("shop", "server", *server.ip(), "b");
     let inb = InboundProxy::start(&cluster, "b", node_b, &pki, Duration::from_secs(60)).await;
     let (pool, _) = pool(&pki, &[id("client")], 100, Duration::from_millis(100));
-    let tunnel = pool.connect(&id("client"), Ipv4Addr::LOCALHOST, &id("server"), inb.addr, server).await.unwrap();
+    let tunnel = pool.connect(req(&id("client"), &id("server"), inb.addr, server)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(pool.reap().await, 0, "a connection with an open stream stays");
     drop(tunnel);
@@ -190,19 +198,19 @@ async fn callers_back_off_together_from_a_peer_that_failed() {
     // Nothing listens there: connection refused.
     let dead: SocketAddr = SocketAddr::from((ip(16, 0, 1), 1));
     let target = SocketAddrV4::new(ip(16, 1, 1), 80);
-    let first = pool.connect(&id("client"), Ipv4Addr::LOCALHOST, &id("server"), dead, target).await.err().unwrap();
+    let first = pool.connect(req(&id("client"), &id("server"), dead, target)).await.err().unwrap();
     assert!(matches!(first, HboneError::Connect { .. }), "{first}");
     // Another identity pair to the same peer: no attempt of its own, the shared failure.
-    let second = pool.connect(&id("other"), Ipv4Addr::LOCALHOST, &id("server"), dead, target).await;
+    let second = pool.connect(req(&id("other"), &id("server"), dead, target)).await;
     match second {
         Err(HboneError::NoSourceCert(_)) => {}
         other => panic!("{:?}", other.err()),
     }
-    let again = pool.connect(&id("client"), Ipv4Addr::LOCALHOST, &id("server"), dead, target).await.err().unwrap();
+    let again = pool.connect(req(&id("client"), &id("server"), dead, target)).await.err().unwrap();
     assert!(matches!(again, HboneError::PeerBackoff { failures: 1, .. }), "{again}");
     assert!(again.peer_dead(), "a backed-off peer is skipped like a dead one");
     tokio::time::sleep(crate::proxy::pool::peer_backoff(1) + Duration::from_millis(20)).await;
-    let later = pool.connect(&id("client"), Ipv4Addr::LOCALHOST, &id("server"), dead, target).await.err().unwrap();
+    let later = pool.connect(req(&id("client"), &id("server"), dead, target)).await.err().unwrap();
     assert!(matches!(later, HboneError::Connect { .. }), "tried again after the backoff: {later}");
     assert_eq!(pool.metrics.handshakes.get(), 0);
 }

@@ -26,7 +26,7 @@ use crate::{
     metrics::ProxyMetrics,
     proxy::{
         balance::Balancer,
-        pool::{HboneError, Pool, Tunnel},
+        pool::{HboneError, Pool, Tunnel, TunnelRequest},
         route::{Path, Refusal, Route, RouteConfig, Target},
     },
     state::ServicePolicy,
@@ -134,8 +134,16 @@ impl Connector {
             match (&t.path, &self.pool) {
                 (Path::Hbone { peer }, Some(pool)) => {
                     let dst = t.dst.as_ref().expect("an HBONE target is a meshed pod");
-                    let tunnel =
-                        pool.connect(&source.identity, source.ip, dst, *peer, t.ep).await.inspect_err(|e| {
+                    let tunnel = pool
+                        .connect(TunnelRequest {
+                            src: &source.identity,
+                            src_ip: source.ip,
+                            dst,
+                            peer: *peer,
+                            target: t.ep,
+                        })
+                        .await
+                        .inspect_err(|e| {
                             warn!(src = %source.identity, %dst, %peer, error = %e, "HBONE tunnel failed");
                         })?;
                     Ok(UpstreamIo::Tunnel(Box::new(tunnel)))

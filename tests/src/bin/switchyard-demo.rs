@@ -61,7 +61,14 @@ fn run(args: &Args) -> Result<()> {
     let legacy = c.node("node-a").add_pod("legacy", "legacy", None)?;
     let backend = c.node("node-b").add_pod("backend", "shop", None)?;
     let payments = c.node("node-b").add_pod("payments", "vault", None)?;
-    c.authz = "  - name: payments-from-frontend-only\n    namespace: vault\n    action: allow\n    from: [spiffe://cluster.local/ns/shop/sa/frontend]\n".into();
+    c.authz = vec![sim::rule(
+        "payments-from-frontend-only",
+        "vault",
+        None,
+        &[],
+        sim::Action::Allow,
+        &["spiffe://cluster.local/ns/shop/sa/frontend"],
+    )];
     for (p, what) in [
         (&frontend, "meshed (namespace shop: switchyard.io/mesh=enabled)"),
         (&legacy, "not meshed"),
