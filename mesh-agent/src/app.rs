@@ -27,6 +27,7 @@ use crate::{
         observe::Observe,
         outbound::Outbound,
         pool::Pool,
+        recheck::OpenAuthorizations,
     },
     reconcile::Reconciler,
     state::{NodeState, PodIndex},
@@ -148,11 +149,12 @@ pub async fn build(config: Config) -> anyhow::Result<Agent> {
         outbound_proxy(&config, orig_table, index_rx.clone(), &telemetry, observe(Some(telemetry.proxy.clone())), pool);
     let mut hbone = None;
     if let (Some(m), Some(listener)) = (&mtls, listeners.hbone) {
-        let inbound = inbound_proxy(&config, m, index_rx, telemetry.inbound.clone(), observe(None))?;
+        let inbound = inbound_proxy(&config, m, index_rx.clone(), &telemetry, observe(None))?;
         hbone = Some(listener.local_addr()?);
         info!(hbone = %listener.local_addr()?, "HBONE listener up");
         serving.push(tokio::spawn(inbound.serve(listener, stop.clone(), tasks.clone())));
     }
+    serving.push(tokio::spawn(telemetry.authorizations.clone().run(index_rx, stop.clone())));
     serving.push(tokio::spawn(outbound.serve(listeners.outbound, stop.clone(), tasks.clone())));
 
     ready.send_replace(true);
@@ -375,6 +377,7 @@ struct Telemetry {
     inbound: InboundMetrics,
     http: Arc<crate::proxy::http::Http>,
     balancer: Arc<Balancer>,
+    authorizations: Arc<OpenAuthorizations>,
     spans: SpanExport,
 }
 
@@ -429,7 +432,18 @@ impl Telemetry {
             "Service endpoints ejected by outlier detection (consecutive failures)",
             balancer.ejections_total.clone(),
         );
-        Ok(Telemetry { root, istio, proxy, inbound, http, balancer, spans: SpanExport { spans, task, stop } })
+        let authorizations = Arc::new(OpenAuthorizations::default());
+        authorizations.register_metrics(registry);
+        Ok(Telemetry {
+            root,
+            istio,
+            proxy,
+            inbound,
+            http,
+            balancer,
+            authorizations,
+            spans: SpanExport { spans, task, stop },
+        })
     }
 }
 
@@ -460,6 +474,7 @@ fn outbound_proxy(
         },
         balancer: telemetry.balancer.clone(),
         limits: Default::default(),
+        authorizations: telemetry.authorizations.clone(),
         http: telemetry.http.clone(),
         detect: crate::proxy::detect::DetectConfig {
             sniff_timeout: config.sniff_timeout,
@@ -478,7 +493,7 @@ fn inbound_proxy(
     config: &Config,
     m: &Mtls,
     pods: watch::Receiver<Arc<PodIndex>>,
-    metrics: InboundMetrics,
+    telemetry: &Telemetry,
     observe: Arc<Observe>,
 ) -> anyhow::Result<Arc<Inbound>> {
     let server = tls::server_config(m.certs.clone(), &config.trust_domain, &m.bundle)?;
@@ -489,7 +504,8 @@ fn inbound_proxy(
         connections: Arc::new(tokio::sync::Semaphore::new(crate::proxy::inbound::MAX_CONNECTIONS)),
         trust_domain: config.trust_domain.clone(),
         pods,
-        metrics,
+        metrics: telemetry.inbound.clone(),
+        authorizations: telemetry.authorizations.clone(),
         connect_timeout: config.connect_timeout,
         copy_buffer: config.copy_buffer,
         tcp_idle_timeout: config.tcp_idle_timeout,

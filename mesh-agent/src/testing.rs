@@ -214,6 +214,7 @@ impl OutboundProxy {
             connector: Connector { pool: opts.pool, connect_timeout: opts.connect_timeout, metrics },
             balancer: Default::default(),
             limits: Default::default(),
+            authorizations: Default::default(),
             http: Default::default(),
             detect: Default::default(),
         });
@@ -221,6 +222,7 @@ impl OutboundProxy {
         let addr = l.local_addr().expect("bound");
         let stop = CancellationToken::new();
         tokio::spawn(outbound.clone().serve(l, stop.clone(), TaskTracker::new()));
+        tokio::spawn(outbound.authorizations.clone().run(tx.subscribe(), stop.clone()));
         OutboundProxy { addr, table, outbound, index: tx, stop }
     }
 
@@ -286,6 +288,7 @@ impl InboundProxy {
             connect_timeout: Duration::from_secs(2),
             copy_buffer: 16 * 1024,
             tcp_idle_timeout: None,
+            authorizations: Default::default(),
             observe: Arc::new(Observe {
                 conns: Default::default(),
                 proxy: None,

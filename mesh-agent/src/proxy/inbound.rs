@@ -31,6 +31,7 @@ use crate::{
         idle,
         observe::{Observe, Recorder},
         pool::REASON_HEADER,
+        route::Authorized,
     },
     state::PodIndex,
     tls,
@@ -100,6 +101,8 @@ pub struct Inbound {
     pub tcp_idle_timeout: Option<Duration>,
     /// Connection records, Istio's standard metrics (reporter `destination`) and the access log.
     pub observe: Arc<Observe>,
+    /// HBONE streams, re-checked when the authorization rules change.
+    pub authorizations: Arc<crate::proxy::recheck::OpenAuthorizations>,
 }
 
 impl Inbound {
@@ -258,6 +261,7 @@ impl Inbound {
         };
         self.metrics.accepted.inc();
         let on_upgrade = hyper::upgrade::on(&mut req);
+        let rec_dst_pod = checked.dst_pod;
         let mut rec = Recorder::open(
             &self.observe,
             ConnRecord {
@@ -267,7 +271,7 @@ impl Inbound {
                 source_identity: Some(client_id.to_string()),
                 source_pod: checked.source_pod,
                 destination_identity: Some(server_id.to_string()),
-                destination_pod: Some(checked.dst_pod),
+                destination_pod: Some(rec_dst_pod.clone()),
                 original_dst: checked.target,
                 ..Default::default()
             },
@@ -275,13 +279,18 @@ impl Inbound {
         );
         rec.istio_opened(checked.istio);
         activity.streams.fetch_add(1, Ordering::AcqRel);
+        let cancel = idle::Cancel::default();
+        let authorized = Authorized { src: client_id.clone(), dst_pod: rec_dst_pod, port: checked.target.port() };
+        let open = self.authorizations.register(authorized, *checked.target.ip(), cancel.clone());
         let this = self.clone();
         tokio::spawn(async move {
             let _active = StreamActive(activity);
+            let _open = open;
             let (sent, received, error) = match on_upgrade.await {
                 Ok(up) => {
                     let (mut tunnel, mut upstream) = (TokioIo::new(up), upstream);
-                    let c = idle::copy(&mut tunnel, &mut upstream, this.copy_buffer, this.tcp_idle_timeout, None).await;
+                    let idle = this.tcp_idle_timeout;
+                    let c = idle::copy(&mut tunnel, &mut upstream, this.copy_buffer, idle, Some(&cancel)).await;
                     (c.a_to_b, c.b_to_a, c.error.map(|e| e.to_string()))
                 }
                 Err(e) => (0, 0, Some(format!("upgrade failed: {e}"))),

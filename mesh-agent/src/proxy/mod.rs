@@ -15,6 +15,7 @@ pub mod inbound;
 pub mod observe;
 pub mod outbound;
 pub mod pool;
+pub mod recheck;
 pub mod route;
 pub mod trace;
 pub mod upstream;

@@ -61,6 +61,8 @@ pub struct Outbound {
     /// HTTP to Services: budgets, counters, recent requests.
     pub http: Arc<http::Http>,
     pub detect: DetectConfig,
+    /// Same-node connections, re-checked when the authorization rules change.
+    pub authorizations: Arc<crate::proxy::recheck::OpenAuthorizations>,
 }
 
 /// Connect attempts for a connection to a Service, first one included.
@@ -219,6 +221,8 @@ impl Outbound {
                 self.metrics.routes.get_or_create(&RouteLabels { route: up.target.path.label() }).inc();
                 rec.connected(&route.source, &up.target);
                 rec.istio_opened(route.istio_labels(&self.route, Some(up.target.ep), Some(&up.target.path), "tcp"));
+                let t = &up.target;
+                let _open = t.authorized.clone().map(|a| self.authorizations.register(a, *t.ep.ip(), t.cancel.clone()));
                 let (sent, received, error) = self.copy(client, up.io, &up.target.cancel).await;
                 rec.finish(sent, received, error);
             }

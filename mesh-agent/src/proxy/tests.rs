@@ -272,6 +272,58 @@ async fn a_connection_denied_here_is_recorded_with_both_pods() {
     assert_eq!(denials, 1);
 }
 
+fn deny_client(name: &str, workload: &str) -> crate::authz::Rule {
+    crate::authz::RuleSpec {
+        name: name.into(),
+        namespace: "shop".into(),
+        workload: Some(workload.into()),
+        ports: vec![],
+        action: crate::authz::Action::Deny,
+        from: vec!["spiffe://cluster.local/ns/shop/sa/client".into()],
+    }
+    .try_into()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_policy_change_closes_the_open_connections_it_no_longer_allows_and_only_those() {
+    let vault = echo(SocketAddr::from((ip(26, 0, 2), 0))).await;
+    let web = echo(SocketAddr::from((ip(26, 0, 3), 0))).await;
+    let mut cluster = Cluster::new();
+    cluster.add_pod("shop", "vault", *vault.ip(), "a");
+    cluster.add_pod("shop", "web", *web.ip(), "a");
+    let p = OutboundProxy::start(&cluster, ProxyOptions::default()).await;
+    let (mut to_vault, mut to_web) = (p.connect(vault).await.unwrap(), p.connect(web).await.unwrap());
+    let mut buf = [0u8; 4];
+    for c in [&mut to_vault, &mut to_web] {
+        c.write_all(b"ping").await.unwrap();
+        c.read_exact(&mut buf).await.unwrap();
+    }
+    let open = &p.outbound.authorizations;
+    until("both connections registered", || open.len() == 2).await;
+
+    // A rule unrelated to these connections changes nothing.
+    cluster.state.authz.push(deny_client("no-client-to-other", "other"));
+    p.index.send_replace(cluster.index("a"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(open.closed.get(), 0);
+
+    // Denying the client the vault closes that connection; the one to web stays open.
+    cluster.state.authz.push(deny_client("no-client-to-vault", "vault"));
+    p.index.send_replace(cluster.index("a"));
+    let r = tokio::time::timeout(Duration::from_secs(5), to_vault.read(&mut buf)).await.expect("closed promptly");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert_eq!(open.closed.get(), 1);
+    to_web.write_all(b"pong").await.unwrap();
+    to_web.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"pong");
+    let conns = &p.outbound.observe.conns;
+    until("the vault connection's record closed", || conns.snapshot().closed_total == 1).await;
+    assert_eq!(conns.snapshot().recent[0].destination_pod.as_deref(), Some("shop/vault"));
+    drop(to_web);
+    until("the registry emptied", || open.is_empty()).await;
+}
+
 fn service(cluster: &mut Cluster, endpoints: Vec<SocketAddrV4>, protocol: ProtocolHint, policy: ServicePolicy) {
     cluster.add_service(VIP, ServiceEntry { service: "shop/web".into(), endpoints, protocol: Some(protocol), policy });
 }
