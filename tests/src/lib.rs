@@ -274,6 +274,14 @@ impl Pod {
     }
 
     /// Runs `sim-http ARGS` in the pod and parses its JSON line.
+    /// `sim-http load --url <url> <args>` from this pod, its report typed.
+    pub fn load(&self, url: &str, args: &[&str], timeout: Duration) -> Result<LoadReport> {
+        let mut a = vec!["load", "--url", url];
+        a.extend_from_slice(args);
+        let v = self.http(&a, timeout)?;
+        serde_json::from_value(v.clone()).with_context(|| format!("a load report: {v}"))
+    }
+
     pub fn http(&self, args: &[&str], timeout: Duration) -> Result<serde_json::Value> {
         self.tool("sim-http", args, timeout)
     }
@@ -889,6 +897,55 @@ fn workload_file(
             .collect(),
         authorization: authorization.to_vec(),
         services: services.to_vec(),
+    }
+}
+
+/// What `sim-http load` reports (it writes this type; tests read it back).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct LoadReport {
+    pub total: u64,
+    /// Responses with a 2xx status.
+    pub ok: u64,
+    /// Responses by status code.
+    pub statuses: std::collections::BTreeMap<String, u64>,
+    /// Responses by the proxy's `x-switchyard-error` reason.
+    pub reasons: std::collections::BTreeMap<String, u64>,
+    /// Responses by the `x-served-by` of the server that answered.
+    pub served_by: std::collections::BTreeMap<String, u64>,
+    /// Requests that got no response, by error.
+    pub errors: std::collections::BTreeMap<String, u64>,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub elapsed_ms: u64,
+    /// Connections the client had to open again after one closed.
+    pub reconnects: u64,
+    /// The `traceparent` each server saw (`x-seen-traceparent`).
+    pub seen_traceparents: Vec<String>,
+    /// The first few errors, with their time since the start of the run (ms).
+    pub error_times_ms: Vec<(u64, String)>,
+}
+
+impl LoadReport {
+    /// Responses with status `code`.
+    pub fn status(&self, code: u16) -> u64 {
+        self.statuses.get(&code.to_string()).copied().unwrap_or(0)
+    }
+
+    /// Responses served by the server named `name`.
+    pub fn served(&self, name: &str) -> u64 {
+        self.served_by.get(name).copied().unwrap_or(0)
+    }
+
+    /// Responses the proxy made for `reason`.
+    pub fn reason(&self, reason: &str) -> u64 {
+        self.reasons.get(reason).copied().unwrap_or(0)
+    }
+}
+
+impl std::fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&serde_json::to_string(self).map_err(|_| std::fmt::Error)?)
     }
 }
 

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow};
 use serde_json::Value;
-use sim::{Node, Pod, Server, ServiceSpec, eventually, http_get, privileged, service};
+use sim::{LoadReport, Node, Pod, Server, ServiceSpec, eventually, http_get, privileged, service};
 
 const T: Duration = Duration::from_secs(60);
 const WEB: &str = "10.96.0.10:80";
@@ -56,14 +56,8 @@ fn web(ips: &[Ipv4Addr], annotations: &[(&str, &str)]) -> ServiceSpec {
 }
 
 /// `sim-http load` from the client pod.
-fn load(pod: &Pod, url: &str, args: &[&str]) -> Result<Value> {
-    let mut a = vec!["load", "--url", url];
-    a.extend_from_slice(args);
-    pod.http(&a, T)
-}
-
-fn count(v: &Value, key: &str, field: &str) -> u64 {
-    v[key][field].as_u64().unwrap_or(0)
+fn load(pod: &Pod, url: &str, args: &[&str]) -> Result<LoadReport> {
+    pod.load(url, args, T)
 }
 
 /// Requests a server pod received, by method (its own `/__stats`, asked directly).
@@ -115,10 +109,10 @@ fn an_endpoint_killed_mid_run_costs_no_idempotent_request_is_ejected_and_comes_b
     })?;
     let r = run.join().map_err(|_| anyhow!("load panicked"))??;
     eprintln!("load while killing {}: {r}\nendpoint state: {state}", victim.name);
-    let total = r["total"].as_u64().unwrap();
+    let total = r.total;
     assert!(total >= 200, "a real run: {r}");
-    assert_eq!(r["ok"].as_u64(), Some(total), "every GET succeeded: {r}");
-    assert!(r["served_by"]["web-2"].as_u64().unwrap_or(0) > 0, "it served before it died: {r}");
+    assert_eq!(Some(r.ok), Some(total), "every GET succeeded: {r}");
+    assert!(r.served("web-2") > 0, "it served before it died: {r}");
     // Once the load has stopped (no more ejections), the metric counts every ejection the
     // endpoints recorded (the victim may have been ejected again after its first period).
     let ejections = counter(&s.node, "switchyard_endpoint_ejections_total", &[])? - ejections0;
@@ -132,7 +126,7 @@ fn an_endpoint_killed_mid_run_costs_no_idempotent_request_is_ejected_and_comes_b
     s.procs[2] = Some(serve(&victim, &[])?);
     let back = eventually(Duration::from_secs(20), "the endpoint readmitted", || {
         let r = load(&s.client, "http://10.96.0.10/", &["--requests", "60", "--concurrency", "2"]).ok()?;
-        (count(&r, "served_by", "web-2") > 0 && r["ok"] == r["total"]).then_some(r)
+        (r.served("web-2") > 0 && r.ok == r.total).then_some(r)
     })?;
     eprintln!("after recovery: {back}");
     let st = endpoint_state(&s.node, WEB, ep(&victim))?;
@@ -162,9 +156,9 @@ fn an_endpoint_failing_30_percent_costs_no_get_posts_are_not_retried_and_the_bud
     )?;
     let gets = load(&s.client, "http://10.96.0.10/", &["--requests", "2000", "--concurrency", "4"])?;
     eprintln!("GETs: {gets}");
-    let total = gets["total"].as_u64().unwrap();
+    let total = gets.total;
     assert_eq!(total, 2000);
-    assert!(gets["ok"].as_u64().unwrap() * 1000 >= total * 999, "at least 99.9 % of GETs succeed: {gets}");
+    assert!(gets.ok * 1000 >= total * 999, "at least 99.9 % of GETs succeed: {gets}");
     let faulty = received(&s.servers[0])?;
     // It had traffic (less than a third: outlier detection ejects it now and then, briefly).
     assert!(faulty["GET"] > 30, "the faulty endpoint had traffic: {faulty:?}");
@@ -178,9 +172,9 @@ fn an_endpoint_failing_30_percent_costs_no_get_posts_are_not_retried_and_the_bud
     )?;
     eprintln!("POSTs: {posts}");
     assert_eq!(received(&s.servers[0])?["POST"], 600, "every POST reached the endpoint exactly once: not retried");
-    let failed = count(&posts, "statuses", "503");
+    let failed = posts.status(503);
     assert!((60..=360).contains(&failed), "about 30 % of POSTs get the endpoint's 503: {posts}");
-    assert_eq!(failed + count(&posts, "statuses", "200"), 600, "{posts}");
+    assert_eq!(failed + posts.status(200), 600, "{posts}");
 
     // Every request to "broken" fails; with 2 retries each that would be 3x the load. The
     // budget (20 % of requests + 10/s over 10 s) caps it.
@@ -206,7 +200,7 @@ fn an_endpoint_failing_30_percent_costs_no_get_posts_are_not_retried_and_the_bud
     assert!(exhausted >= 1.0, "the budget ran out and that was counted");
     let extra = upstream as f64 / n as f64 - 1.0;
     eprintln!("broken: {r}; upstream requests {upstream} for {n} = {:.1} % extra load", extra * 100.0);
-    assert_eq!(count(&r, "statuses", "503"), n, "{r}");
+    assert_eq!(r.status(503), n, "{r}");
     assert!(upstream > n, "some retries were made");
     assert!(upstream <= n + n / 5 + 100 + 8, "retries capped by the budget: {upstream} upstream for {n}");
     Ok(())
@@ -229,7 +223,7 @@ fn a_hung_endpoint_times_out_at_the_configured_timeout_and_its_breaker_opens() -
     );
     let r = load(&s.client, "http://10.96.0.10/", &["--duration-ms", "3000", "--concurrency", "8"])?;
     eprintln!("hung + slow: {r}");
-    let timeouts = count(&r, "statuses", "504");
+    let timeouts = r.status(504);
     assert_eq!(
         counter(&s.node, "switchyard_http_request_timeouts_total", &[])? - t0,
         timeouts as f64,
@@ -237,8 +231,8 @@ fn a_hung_endpoint_times_out_at_the_configured_timeout_and_its_breaker_opens() -
     );
     assert_eq!(counter(&s.node, "switchyard_endpoint_ejections_total", &[])? - e0, 1.0, "the ejection counted");
     assert!(timeouts >= 1, "some requests reached the hung endpoint and timed out: {r}");
-    assert_eq!(count(&r, "reasons", "request-timeout"), timeouts);
-    let max = r["max_ms"].as_f64().unwrap();
+    assert_eq!(r.reason("request-timeout"), timeouts);
+    let max = r.max_ms;
     assert!((300.0..1500.0).contains(&max), "the slowest request is the timeout, not a hang: {max} ms");
     let st = endpoint_state(&s.node, WEB, ep(&s.servers[0]))?;
     eprintln!("hung endpoint: {st}");
@@ -246,7 +240,7 @@ fn a_hung_endpoint_times_out_at_the_configured_timeout_and_its_breaker_opens() -
     // Ejected after 5 timeouts in a row (plus those already in flight): the rest went to the
     // other endpoint.
     assert!(timeouts <= 5 + 8, "{timeouts} timeouts");
-    assert!(r["ok"].as_u64().unwrap() > 50 * timeouts, "{r}");
+    assert!(r.ok > 50 * timeouts, "{r}");
     Ok(())
 }
 
@@ -268,13 +262,13 @@ fn a_per_try_timeout_moves_requests_off_a_hung_endpoint_and_every_get_is_answere
     let p0 = counter(&s.node, "switchyard_http_per_try_timeouts_total", &[])?;
     let r = load(&s.client, "http://10.96.0.10/", &["--requests", "200", "--concurrency", "4"])?;
     eprintln!("hung + 2 healthy, per-try 200ms: {r}");
-    assert_eq!(count(&r, "statuses", "200"), 200, "every GET answered 200: {r}");
+    assert_eq!(r.status(200), 200, "every GET answered 200: {r}");
     let per_try = counter(&s.node, "switchyard_http_per_try_timeouts_total", &[])? - p0;
     assert!(per_try >= 1.0, "some tries reached the hung endpoint and were cut: {per_try}");
     let hung = received(&s.servers[0]).unwrap_or_default().values().sum::<u64>();
     eprintln!("per-try timeouts {per_try}; requests the hung endpoint received {hung}");
     assert!(per_try as u64 <= hung, "each cut try was a request the hung endpoint had");
-    let max = r["max_ms"].as_f64().unwrap();
+    let max = r.max_ms;
     assert!(max < 2000.0, "no request waited out the overall timeout: {max} ms");
     Ok(())
 }
@@ -307,19 +301,19 @@ fn requests_past_the_connection_limit_fail_fast_with_the_documented_503() -> Res
     let r = load(&s.client, "http://10.96.0.10/", &["--requests", "6", "--concurrency", "6"])?;
     eprintln!("6 at once against a limit of 2: {r}");
     assert_eq!(counter(&s.node, "switchyard_http_limit_hits_total", &[])? - hits0, 4.0, "limit hits counted");
-    assert_eq!(count(&r, "statuses", "200"), 2, "{r}");
-    assert_eq!(count(&r, "statuses", "503"), 4, "{r}");
-    assert_eq!(count(&r, "reasons", "connection-limit"), 4, "{r}");
-    assert!(r["p50_ms"].as_f64().unwrap() < 1000.0, "the 503s came at once, not after the slow ones: {r}");
+    assert_eq!(r.status(200), 2, "{r}");
+    assert_eq!(r.status(503), 4, "{r}");
+    assert_eq!(r.reason("connection-limit"), 4, "{r}");
+    assert!(r.p50_ms < 1000.0, "the 503s came at once, not after the slow ones: {r}");
     assert_eq!(received(&s.servers[0])?["GET"], 2, "rejected requests never reached the endpoint");
     // With room to wait (max-pending-requests 2 behind max-connections 1): of four at once,
     // one runs, two wait their turn and succeed, the fourth fails fast.
     let r = load(&s.client, "http://10.96.0.15/", &["--requests", "4", "--concurrency", "4"])?;
     eprintln!("4 at once against a limit of 1 + 2 waiting: {r}");
-    assert_eq!(count(&r, "statuses", "200"), 3, "{r}");
-    assert_eq!(count(&r, "statuses", "503"), 1, "{r}");
-    assert_eq!(count(&r, "reasons", "connection-limit"), 1, "{r}");
-    assert!(r["max_ms"].as_f64().unwrap() >= 4000.0, "the waiting ones ran one after another: {r}");
+    assert_eq!(r.status(200), 3, "{r}");
+    assert_eq!(r.status(503), 1, "{r}");
+    assert_eq!(r.reason("connection-limit"), 1, "{r}");
+    assert!(r.max_ms >= 4000.0, "the waiting ones ran one after another: {r}");
     assert_eq!(received(&s.servers[0])?["GET"], 5, "the three admitted reached the endpoint");
     Ok(())
 }
@@ -424,7 +418,7 @@ fn bad_service_config_is_rejected_with_the_reason_and_the_old_config_kept() -> R
         let svc = &s.node.admin_json("/debug/services")?[WEB];
         assert_eq!(svc["policy"]["timeout"], 2000, "old policy kept after {k}: {v}: {svc}");
         let r = load(&s.client, "http://10.96.0.10/", &["--requests", "5"])?;
-        assert_eq!(r["ok"], 5, "still serving: {r}");
+        assert_eq!(r.ok, 5, "still serving: {r}");
     }
     Ok(())
 }
@@ -451,7 +445,7 @@ fn connects_to_blackholed_endpoints_time_out_and_are_retried_elsewhere() -> Resu
     // Plain TCP: a new connection per request.
     let tcp = load(&s.client, "http://10.96.0.14/", &["--requests", "12", "--new-connection"])?;
     eprintln!("TCP through a Service with two blackholed endpoints: {tcp}");
-    assert_eq!(tcp["ok"], 12, "{tcp}");
+    assert_eq!(tcp.ok, 12, "{tcp}");
     let timeouts = counter(&s.node, "switchyard_outbound_errors_total", &[("reason", "connect_timeout")])? - timeouts0;
     assert!(timeouts >= 1.0, "a blackholed endpoint was tried and timed out");
     let conns = s.node.admin_json("/debug/connections")?;
@@ -465,7 +459,7 @@ fn connects_to_blackholed_endpoints_time_out_and_are_retried_elsewhere() -> Resu
     // HTTP: requests balanced per request, a connect timeout retried like a refused connect.
     let http = load(&s.client, "http://10.96.0.10/", &["--requests", "20", "--concurrency", "2"])?;
     eprintln!("HTTP through a Service with two blackholed endpoints: {http}");
-    assert_eq!(http["ok"], 20, "{http}");
+    assert_eq!(http.ok, 20, "{http}");
     Ok(())
 }
 
@@ -503,12 +497,12 @@ fn agent_restart_under_steady_load_never_fails_a_new_connection_in_a_fail_open_n
         "restart: old agent exited after {stopped:?}, new one ready {gap:?} after SIGTERM\n\
          new connection per request: {fresh}\nkept-alive connections: {kept}\nproxied by the new agent: {after}"
     );
-    let total = fresh["total"].as_u64().unwrap();
+    let total = fresh.total;
     assert!(total > 100, "{fresh}");
-    if fresh["ok"].as_u64() != Some(total) {
+    if Some(fresh.ok) != Some(total) {
         panic!("a new connection failed (SIGTERM ~1500 ms into the run): {fresh}\n{}", s.node.agent_log());
     }
-    let kept_failed = kept["total"].as_u64().unwrap() - kept["ok"].as_u64().unwrap();
+    let kept_failed = kept.total - kept.ok;
     assert!(kept_failed <= 4, "at most one failure per kept-alive connection, when the drain ends: {kept}");
     assert!(after > 0, "the new agent proxies again");
     Ok(())

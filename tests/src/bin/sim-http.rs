@@ -456,16 +456,22 @@ async fn load(opts: Arc<LoadOpts>, requests: u64, duration: Option<Duration>, co
         if v.is_empty() { 0.0 } else { v[((v.len() - 1) as f64 * p) as usize] as f64 / 1000.0 }
     };
     let total: u64 = tl.statuses.values().sum::<u64>() + tl.errors.values().sum::<u64>();
-    print(serde_json::json!({
-        "total": total,
-        "ok": tl.statuses.iter().filter(|(k, _)| k.starts_with('2')).map(|(_, v)| v).sum::<u64>(),
-        "statuses": tl.statuses, "reasons": tl.reasons, "served_by": tl.served_by, "errors": tl.errors,
-        "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": pct(1.0),
-        "elapsed_ms": started.elapsed().as_millis() as u64,
-        "reconnects": RECONNECTS.load(Ordering::Relaxed),
-        "seen_traceparents": tl.seen_traceparents,
-        "error_times_ms": tl.error_times,
-    }));
+    let report = sim::LoadReport {
+        total,
+        ok: tl.statuses.iter().filter(|(k, _)| k.starts_with('2')).map(|(_, v)| v).sum::<u64>(),
+        statuses: tl.statuses.clone(),
+        reasons: tl.reasons.clone(),
+        served_by: tl.served_by.clone(),
+        errors: tl.errors.clone(),
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        max_ms: pct(1.0),
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        reconnects: RECONNECTS.load(Ordering::Relaxed),
+        seen_traceparents: tl.seen_traceparents.clone(),
+        error_times_ms: tl.error_times.clone(),
+    };
+    print(serde_json::to_value(report).expect("a report serializes"));
 }
 
 async fn upgrade(url: hyper::Uri) {
