@@ -506,9 +506,23 @@ impl AgentCommand {
     }
 }
 
+/// A pod range (10.244.<n>.0/24) no other node of this process has: nodes need distinct ranges
+/// only within a cluster (everything else lives in namespaces of its own), but distinct ones
+/// everywhere keep agent logs and captures unambiguous. 100 to 249, then round again.
+pub fn next_subnet() -> u8 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    (100 + NEXT.fetch_add(1, Ordering::Relaxed) % 150) as u8
+}
+
 impl Node {
-    /// Creates an empty node. `subnet` is the third octet of its pod range 10.244.<subnet>.0/24.
-    pub fn new(name: &str, subnet: u8) -> Result<Node> {
+    /// Creates an empty node with a pod range of its own (see [`next_subnet`]).
+    pub fn new(name: &str) -> Result<Node> {
+        Self::with_subnet(name, next_subnet())
+    }
+
+    /// Creates an empty node with pod range 10.244.<subnet>.0/24 (a tool whose addresses must
+    /// not move between runs).
+    pub fn with_subnet(name: &str, subnet: u8) -> Result<Node> {
         Self::with_id(&new_id(), name, subnet)
     }
 
@@ -549,6 +563,11 @@ impl Node {
         ip(&["-n", &netns, "addr", "add", &format!("{gateway}/24"), "dev", "br0"])?;
         ip(&["-n", &netns, "link", "set", "br0", "up"])?;
         Ok(node)
+    }
+
+    /// The third octet of the node's pod range 10.244.<subnet>.0/24.
+    pub fn subnet(&self) -> u8 {
+        self.gateway.octets()[2]
     }
 
     /// Adds a pod at 10.244.<subnet>.<10+n>. `annotation` is the pod's own
@@ -1044,8 +1063,13 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Adds a node with a pod range of its own (see [`next_subnet`]); returns its index.
+    pub fn add_node(&mut self, name: &str) -> Result<usize> {
+        self.add_node_at(name, next_subnet())
+    }
+
     /// Adds a node with pod range 10.244.<subnet>.0/24 at 192.168.77.<subnet>.
-    pub fn add_node(&mut self, name: &str, subnet: u8) -> Result<usize> {
+    pub fn add_node_at(&mut self, name: &str, subnet: u8) -> Result<usize> {
         let mut node = Node::with_id(&self.id, name, subnet)?;
         let underlay = Ipv4Addr::new(192, 168, 77, subnet);
         let ul = format!("ul{subnet}");

@@ -21,8 +21,8 @@ fn datapath(node: &Node) -> Result<Value> {
 
 /// A node with a meshed client and an echo server (`io`: the server's I/O style), agent
 /// started with `accel` on or off.
-fn setup(subnet: u8, accel: bool, io: &str) -> Result<(Node, sim::Pod, sim::Pod, sim::Server)> {
-    let mut node = Node::new("node", subnet)?;
+fn setup(accel: bool, io: &str) -> Result<(Node, sim::Pod, sim::Pod, sim::Server)> {
+    let mut node = Node::new("node")?;
     node.set_namespace_meshed("shop", true);
     let client = node.add_pod("client", "shop", None)?;
     let server = node.add_pod("server", "shop", None)?;
@@ -40,7 +40,7 @@ fn accelerated_same_node_traffic_skips_the_wire_keeps_every_byte_and_cleans_up()
     if !privileged("accelerated_same_node_traffic") {
         return Ok(());
     }
-    let (node, client, server, _echo) = setup(41, true, "poll")?;
+    let (node, client, server, _echo) = setup(true, "poll")?;
     let dp = datapath(&node)?;
     assert_eq!(dp["sockmap_acceleration"]["state"], "on", "{dp}");
     let metrics = node.admin_text("/metrics")?;
@@ -98,7 +98,7 @@ fn acceleration_off_keeps_the_maps_empty() -> Result<()> {
     if !privileged("acceleration_off_keeps_the_maps_empty") {
         return Ok(());
     }
-    let (node, client, server, _echo) = setup(42, false, "poll")?;
+    let (node, client, server, _echo) = setup(false, "poll")?;
     assert_eq!(datapath(&node)?["sockmap_acceleration"]["state"], "off");
     let r = client.workload(&["client", "--connect", &format!("{}:8080", server.ip)], T)?;
     assert_eq!(r["ok"], 1, "{r}");
@@ -123,7 +123,7 @@ fn blocking_readers_get_spurious_eagain_under_acceleration_so_it_is_off_by_defau
     let args = |to: &str| -> Vec<String> {
         ["client", "--connect", to, "--bytes", "20000", "--count", "20", "--io", "blocking"].map(String::from).to_vec()
     };
-    let (node, client, server, _echo) = setup(43, true, "blocking")?;
+    let (node, client, server, _echo) = setup(true, "blocking")?;
     let to = format!("{}:8080", server.ip);
     let a = args(&to);
     let r = client.workload(&a.iter().map(String::as_str).collect::<Vec<_>>(), T)?;
@@ -134,7 +134,7 @@ fn blocking_readers_get_spurious_eagain_under_acceleration_so_it_is_off_by_defau
     drop(node);
 
     // The same blocking programs without acceleration: every byte, no error.
-    let (_node, client, server, _echo) = setup(44, false, "blocking")?;
+    let (_node, client, server, _echo) = setup(false, "blocking")?;
     let a = args(&format!("{}:8080", server.ip));
     let r = client.workload(&a.iter().map(String::as_str).collect::<Vec<_>>(), T)?;
     assert_eq!(r["ok"], 20, "{r}");

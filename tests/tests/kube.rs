@@ -45,8 +45,8 @@ struct Setup {
 
 /// A node in Kubernetes mode: the fake API server in its namespace, a client (Burstable, systemd
 /// layout) and a server (Guaranteed, cgroupfs layout) in namespace `shop`.
-fn setup(subnet: u8, meshed: bool) -> Result<Setup> {
-    let mut node = Node::new("node", subnet)?;
+fn setup(meshed: bool) -> Result<Setup> {
+    let mut node = Node::new("node")?;
     let api = FakeApi::start(&node.netns)?;
     let kubeconfig = node.dir.join("kubeconfig");
     api.kubeconfig(&kubeconfig)?;
@@ -106,7 +106,7 @@ fn annotating_a_namespace_meshes_its_pods_within_a_second_and_removing_it_unmesh
     if !privileged("kube_annotate_namespace") {
         return Ok(());
     }
-    let s = setup(61, false)?;
+    let s = setup(false)?;
     eventually(Duration::from_secs(5), "pods known", || (redirected(&s.node, "client") == Some(false)).then_some(()))?;
     assert!(!proxied(&s)?, "not meshed yet: direct");
     // The agent watches this node's pods with a field selector, and everything else trimmed.
@@ -138,7 +138,7 @@ fn other_nodes_pods_are_known_not_meshed_here_and_late_cgroups_are_picked_up() -
     if !privileged("kube_late_cgroup") {
         return Ok(());
     }
-    let mut s = setup(62, true)?;
+    let mut s = setup(true)?;
     wait_meshed(&s.node, "client", true, Duration::from_secs(5))?;
     // A pod of another node: known (for routing and identity), never meshed here.
     s.api.apply(
@@ -160,7 +160,7 @@ fn other_nodes_pods_are_known_not_meshed_here_and_late_cgroups_are_picked_up() -
 
     // The Pod object first, its cgroup (the pod sandbox) only later.
     let late_uid = uid("late");
-    let late_ip = std::net::Ipv4Addr::new(10, 244, 62, 12);
+    let late_ip = std::net::Ipv4Addr::new(10, 244, s.node.subnet(), 12);
     let placeholder = Pod {
         name: "late".into(),
         node: "node".into(),
@@ -191,7 +191,7 @@ fn meshed_pods_stay_meshed_while_the_api_server_is_down_or_answers_410() -> Resu
     if !privileged("kube_api_restart") {
         return Ok(());
     }
-    let mut s = setup(63, true)?;
+    let mut s = setup(true)?;
     wait_meshed(&s.node, "client", true, Duration::from_secs(5))?;
 
     // API server killed: nothing changes in the datapath, traffic still meshed.
@@ -220,7 +220,7 @@ fn malformed_objects_are_logged_and_skipped_never_crash_the_agent() -> Result<()
     if !privileged("kube_malformed") {
         return Ok(());
     }
-    let s = setup(64, true)?;
+    let s = setup(true)?;
     wait_meshed(&s.node, "client", true, Duration::from_secs(5))?;
     for bad in [
         json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "b1", "namespace": "shop"},
@@ -254,7 +254,7 @@ fn a_service_cluster_ip_is_balanced_over_its_ready_endpoints_by_the_proxy() -> R
     if !privileged("kube_service_balancing") {
         return Ok(());
     }
-    let mut s = setup(65, true)?;
+    let mut s = setup(true)?;
     let u2 = uid("server2");
     let server2 = s.node.add_pod_at("server2", "shop", None, &format!("kubepods/burstable/pod{u2}"))?;
     let _echo2 = server2.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?;
@@ -297,7 +297,7 @@ fn connects_to_dead_service_endpoints_are_retried_on_live_ones() -> Result<()> {
     if !privileged("kube_service_retries") {
         return Ok(());
     }
-    let mut s = setup(66, true)?;
+    let mut s = setup(true)?;
     // Three ready endpoints; two of them have nothing listening (their process died): a
     // connect there is refused.
     let mut dead = Vec::new();
@@ -346,7 +346,7 @@ fn past_a_services_connection_limit_new_connections_fail_fast_and_bad_limits_kee
     if !privileged("kube_service_limit") {
         return Ok(());
     }
-    let s = setup(67, true)?;
+    let s = setup(true)?;
     let service = |limit: &str| {
         json!({"apiVersion": "v1", "kind": "Service",
                "metadata": {"name": "echo", "namespace": "shop", "annotations": {"switchyard.io/max-connections": limit}},

@@ -23,21 +23,20 @@ struct Setup {
     _servers: Vec<Server>,
 }
 
-/// node-a (10.244.<a>.0/24) runs `client` (meshed, shop) and `legacy` (not meshed);
-/// node-b (10.244.<a+1>.0/24) runs `server` (meshed, shop) with an echo server on 8080.
-fn setup(a: u8, agent_args: &[&str], customize: impl FnOnce(&mut Cluster) -> Result<()>) -> Result<Setup> {
-    setup_nodes(a, &["node-a", "node-b"], agent_args, customize)
+/// node-a runs `client` (meshed, shop) and `legacy` (not meshed); node-b runs `server`
+/// (meshed, shop) with an echo server on 8080.
+fn setup(agent_args: &[&str], customize: impl FnOnce(&mut Cluster) -> Result<()>) -> Result<Setup> {
+    setup_nodes(&["node-a", "node-b"], agent_args, customize)
 }
 
 fn setup_nodes(
-    a: u8,
     agents: &[&str],
     agent_args: &[&str],
     customize: impl FnOnce(&mut Cluster) -> Result<()>,
 ) -> Result<Setup> {
     let mut c = Cluster::new()?;
-    c.add_node("node-a", a)?;
-    c.add_node("node-b", a + 1)?;
+    c.add_node("node-a")?;
+    c.add_node("node-b")?;
     c.set_namespace("shop", true, None);
     c.set_namespace("legacy", false, None);
     let client = c.node("node-a").add_pod("client", "shop", None)?;
@@ -68,7 +67,7 @@ fn cross_node_traffic_is_mutual_tls_on_the_wire() -> Result<()> {
     if !privileged("cross_node_mtls") {
         return Ok(());
     }
-    let s = setup(31, &[], |_| Ok(()))?;
+    let s = setup(&[], |_| Ok(()))?;
     let to = format!("{}:8080", s.server.ip);
     let marker = "SWITCHYARD-PLAINTEXT-MARKER";
 
@@ -142,7 +141,7 @@ fn http_to_a_service_on_another_node_is_mutual_tls_in_the_request_metrics() -> R
         return Ok(());
     }
     let vip: SocketAddr = "10.96.0.41:80".parse()?;
-    let s = setup(45, &[], |c| {
+    let s = setup(&[], |c| {
         let server = c.nodes[1].pods.iter().find(|p| p.name == "server").map(|p| p.ip).expect("server pod");
         c.services = vec![
             sim::service("web", "shop", vip, "http", 8081, &[server], &[]),
@@ -246,8 +245,8 @@ fn identities_are_checked_both_ways() -> Result<()> {
     }
     // A third node hosts "victim", but what answers on its HBONE port is a rogue presenting a
     // valid certificate for another identity.
-    let s = setup_nodes(33, &["node-a", "node-b"], &[], |c| {
-        c.add_node("rogue", 35)?;
+    let s = setup_nodes(&["node-a", "node-b"], &[], |c| {
+        c.add_node("rogue")?;
         c.node("rogue").add_pod("victim", "shop", None)?;
         Ok(())
     })?;
@@ -284,7 +283,7 @@ fn many_connections_share_one_pooled_http2_connection() -> Result<()> {
     if !privileged("pooling") {
         return Ok(());
     }
-    let s = setup(37, &["--pool-idle-ms", "3000"], |_| Ok(()))?;
+    let s = setup(&["--pool-idle-ms", "3000"], |_| Ok(()))?;
     let to = format!("{}:8080", s.server.ip);
     let r = run(&s.client, &to, &["--count", "200", "--concurrency", "8"])?;
     assert_eq!(r["ok"], 200, "{r}");
@@ -314,7 +313,7 @@ fn service_connects_to_dead_endpoints_on_another_node_are_retried_on_live_ones()
         return Ok(());
     }
     let vip: SocketAddr = "10.96.0.40:80".parse()?;
-    let s = setup(35, &[], |c| {
+    let s = setup(&[], |c| {
         let dead1 = c.node("node-b").add_pod("dead1", "shop", None)?;
         let dead2 = c.node("node-b").add_pod("dead2", "shop", None)?;
         let server = c.nodes[1].pods.iter().find(|p| p.name == "server").map(|p| p.ip).expect("server pod");
@@ -352,7 +351,7 @@ fn certificates_rotate_every_few_seconds_under_a_minute_of_traffic_without_a_fai
         return Ok(());
     }
     // 4 s certificates, renewed every 2 s, on both nodes.
-    let s = setup(41, &["--cert-lifetime-secs", "4"], |_| Ok(()))?;
+    let s = setup(&["--cert-lifetime-secs", "4"], |_| Ok(()))?;
     let to = format!("{}:8080", s.server.ip);
     let r = s.client.workload(
         &["client", "--connect", &to, "--duration-ms", "60000", "--concurrency", "4", "--bytes", "4096"],
@@ -386,7 +385,7 @@ fn authorization_and_strict_mode_are_enforced() -> Result<()> {
     }
     let mut vault = None;
     let mut extra = None;
-    let s = setup(43, &[], |c| {
+    let s = setup(&[], |c| {
         c.set_namespace("vault", true, Some("strict"));
         let batch = c.node("node-a").add_pod("batch", "shop", None)?;
         let db = c.node("node-b").add_pod("db", "vault", None)?;
@@ -557,9 +556,10 @@ fn hostile_peers_are_rejected_counted_and_logged_and_nothing_crashes() -> Result
         return Ok(());
     }
     // Pool idle 1 s: the server closes connections without a stream after 2 s.
-    let s = setup(39, &["--pool-idle-ms", "1000"], |_| Ok(()))?;
+    let s = setup(&["--pool-idle-ms", "1000"], |_| Ok(()))?;
     let node_a = s.c.nodes[0].netns.clone();
     let hbone = SocketAddr::from((s.c.nodes[1].underlay.unwrap(), 15008));
+    let server_ip = s.server.ip;
     let ca = LocalCa::load(&s.c.ca_dir.join("ca.crt"), &s.c.ca_dir.join("ca.key"))?;
     let other_dir = s.c.dir.join("other-ca");
     let other_paths = mesh_agent::identity::ca::init(&other_dir, "cluster.local", Duration::from_secs(3600))?;
@@ -573,7 +573,8 @@ fn hostile_peers_are_rejected_counted_and_logged_and_nothing_crashes() -> Result
     in_netns(&node_a, || {
         let mut t = TcpStream::connect_timeout(&hbone, Duration::from_secs(3)).unwrap();
         t.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        let _ = t.write_all(b"CONNECT 10.244.40.10:8080 HTTP/1.1\r\nHost: x\r\n\r\nhello in plaintext");
+        let garbage = format!("CONNECT {server_ip}:8080 HTTP/1.1\r\nHost: x\r\n\r\nhello in plaintext");
+        let _ = t.write_all(garbage.as_bytes());
         let mut buf = Vec::new();
         let _ = t.read_to_end(&mut buf);
     })?;
@@ -621,7 +622,7 @@ fn hostile_peers_are_rejected_counted_and_logged_and_nothing_crashes() -> Result
     let reqs = vec![
         hyper::Request::builder()
             .method("GET")
-            .uri("https://10.244.40.10/")
+            .uri(format!("https://{server_ip}/"))
             .body(http_body_util::Empty::new())
             .unwrap(),
         connect("not-an-address:8080"),

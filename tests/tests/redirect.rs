@@ -17,12 +17,13 @@ struct Setup {
     _udp: Server,
 }
 
-fn setup(subnet: u8) -> Result<Setup> {
-    setup_with(subnet, &[])
+fn setup() -> Result<Setup> {
+    setup_with(|_| vec![])
 }
 
-fn setup_with(subnet: u8, agent_args: &[&str]) -> Result<Setup> {
-    let mut node = Node::new("node", subnet)?;
+/// The agent started with `agent_args(plain pod)`.
+fn setup_with(agent_args: impl FnOnce(&Pod) -> Vec<String>) -> Result<Setup> {
+    let mut node = Node::new("node")?;
     node.set_namespace_meshed("shop", true);
     node.set_namespace_meshed("legacy", false);
     let client = node.add_pod("client", "shop", None)?;
@@ -30,7 +31,8 @@ fn setup_with(subnet: u8, agent_args: &[&str]) -> Result<Setup> {
     let plain = node.add_pod("plain", "legacy", None)?;
     let echo = server.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?;
     let udp = server.serve(&["udp-server", "--listen", "0.0.0.0:5353"])?;
-    node.start_agent(agent_args)?;
+    let args = agent_args(&plain);
+    node.start_agent(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
     // The meshed pods are in the datapath before the test starts.
     eventually(Duration::from_secs(5), "pods meshed", || {
         let pods = node.admin_json("/debug/pods").ok()?;
@@ -59,7 +61,7 @@ fn meshed_pod_is_redirected_through_the_proxy_and_sees_the_original_peer() -> Re
     if !privileged("meshed_pod_is_redirected") {
         return Ok(());
     }
-    let s = setup(11)?;
+    let s = setup()?;
     let r = client_run(&s.client, &server_addr(&s), &["--bytes", "100000"])?;
     assert_eq!(r["ok"], 1, "{r}");
     assert_eq!(r["bytes_verified"], 100000);
@@ -105,7 +107,7 @@ fn unmeshed_pod_goes_direct() -> Result<()> {
     if !privileged("unmeshed_pod_goes_direct") {
         return Ok(());
     }
-    let s = setup(12)?;
+    let s = setup()?;
     let r = client_run(&s.plain, &server_addr(&s), &["--count", "5"])?;
     assert_eq!(r["ok"], 5, "{r}");
     assert_eq!(r["peer"], server_addr(&s));
@@ -119,7 +121,7 @@ fn pods_are_meshed_and_unmeshed_at_runtime_within_a_second() -> Result<()> {
     if !privileged("pods_are_meshed_and_unmeshed_at_runtime") {
         return Ok(());
     }
-    let mut s = setup(13)?;
+    let mut s = setup()?;
     let to = server_addr(&s);
     let proxied = |s: &Setup| -> Result<bool> {
         let before = s.node.proxied_total()?;
@@ -164,7 +166,7 @@ fn ten_thousand_sequential_and_500_concurrent_connections_leave_nothing_behind()
     if !privileged("ten_thousand_connections") {
         return Ok(());
     }
-    let s = setup(14)?;
+    let s = setup()?;
     let to = server_addr(&s);
     // Warm up so lazily created fds (epoll, runtime) exist before the baseline.
     client_run(&s.client, &to, &["--count", "10"])?;
@@ -212,7 +214,7 @@ fn udp_from_a_meshed_pod_is_untouched() -> Result<()> {
     if !privileged("udp_untouched") {
         return Ok(());
     }
-    let s = setup(15)?;
+    let s = setup()?;
     let to = format!("{}:5353", s.server.ip);
     for mode in [&[][..], &["--sendto"][..]] {
         let mut args = vec!["udp-query", "--to", &to];
@@ -232,7 +234,7 @@ fn stopped_agent_leaves_no_program_attached_and_traffic_goes_direct() -> Result<
     if !privileged("stopped_agent") {
         return Ok(());
     }
-    let mut s = setup(16)?;
+    let mut s = setup()?;
     let to = server_addr(&s);
     assert_eq!(s.node.attached_programs()?.len(), 6, "six programs attached while running");
     assert_eq!(client_run(&s.client, &to, &[])?["ok"], 1);
@@ -254,7 +256,7 @@ fn killed_agent_detaches_too() -> Result<()> {
     if !privileged("killed_agent") {
         return Ok(());
     }
-    let s = setup(17)?;
+    let s = setup()?;
     let pid = s.node.agent_pid().unwrap();
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     // bpf_links die with the process that owns them.
@@ -289,8 +291,10 @@ fn bypass_ports_and_cidrs_go_direct() -> Result<()> {
     if !privileged("bypass_lists") {
         return Ok(());
     }
-    // The un-meshed pod is 10.244.18.12; bypass it by CIDR, and port 9090 everywhere.
-    let s = setup_with(18, &["--bypass-port", "9090", "--bypass-cidr", "10.244.18.12/32"])?;
+    // Bypass the un-meshed pod by CIDR, and port 9090 everywhere.
+    let s = setup_with(|plain| {
+        vec!["--bypass-port".into(), "9090".into(), "--bypass-cidr".into(), format!("{}/32", plain.ip)]
+    })?;
     let _other_port = s.server.serve(&["echo-server", "--listen", "0.0.0.0:9090"])?;
     let _plain_srv = s.plain.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?;
     for to in [format!("{}:9090", s.server.ip), format!("{}:8080", s.plain.ip)] {
@@ -314,7 +318,7 @@ fn a_full_map_means_not_redirected_and_counted_never_a_failed_connect() -> Resul
         return Ok(());
     }
     // Room for 4 redirected connections at once; open 7 at the same moment.
-    let s = setup_with(19, &["--max-redirected-sockets", "4"])?;
+    let s = setup_with(|_| vec!["--max-redirected-sockets".into(), "4".into()])?;
     let to = server_addr(&s);
     let r = client_run(&s.client, &to, &["--count", "7", "--concurrency", "7", "--hold", "--timeout-ms", "5000"])?;
     assert_eq!(r["ok"], 7, "every connection succeeds, redirected or not: {r}");
@@ -338,7 +342,7 @@ fn idle_proxied_connections_are_closed_after_the_idle_timeout() -> Result<()> {
     if !privileged("idle_timeout") {
         return Ok(());
     }
-    let s = setup_with(20, &["--tcp-idle-timeout-secs", "1"])?;
+    let s = setup_with(|_| vec!["--tcp-idle-timeout-secs".into(), "1".into()])?;
     // One connection opened and left silent.
     let holder = s.client.hold(&server_addr(&s), 1, 15)?;
     let closed = eventually(Duration::from_secs(6), "the idle connection closed by the proxy", || {

@@ -23,12 +23,11 @@ struct Setup {
 /// A node with a meshed client and one `sim-http serve` pod per entry of `servers` (name,
 /// extra args), listening on 8080; `services(ips)` gives the workload file's services.
 fn setup(
-    subnet: u8,
     servers: &[(&str, &[&str])],
     services: impl Fn(&[Ipv4Addr]) -> Vec<ServiceSpec>,
     agent_args: &[&str],
 ) -> Result<Setup> {
-    let mut node = Node::new("node", subnet)?;
+    let mut node = Node::new("node")?;
     node.set_namespace_meshed("shop", true);
     let client = node.add_pod("client", "shop", None)?;
     let mut pods = Vec::new();
@@ -90,7 +89,6 @@ fn an_endpoint_killed_mid_run_costs_no_idempotent_request_is_ejected_and_comes_b
         return Ok(());
     }
     let mut s = setup(
-        140,
         &[("web-0", &[]), ("web-1", &[]), ("web-2", &[])],
         |ips| vec![web(ips, &[])],
         &["--outlier-base-ejection-ms", "1500"],
@@ -140,7 +138,6 @@ fn an_endpoint_failing_30_percent_costs_no_get_posts_are_not_retried_and_the_bud
         return Ok(());
     }
     let s = setup(
-        141,
         &[("web-0", &["--fail-rate", "0.3"]), ("web-1", &[]), ("web-2", &[]), ("broken", &["--fail-rate", "1"])],
         |ips| {
             vec![
@@ -212,7 +209,6 @@ fn a_hung_endpoint_times_out_at_the_configured_timeout_and_its_breaker_opens() -
         return Ok(());
     }
     let s = setup(
-        142,
         &[("hung", &["--hang"]), ("slow", &["--delay-ms", "20"])],
         |ips| vec![web(ips, &[("switchyard.io/timeout", "300ms")])],
         &[],
@@ -254,7 +250,6 @@ fn a_per_try_timeout_moves_requests_off_a_hung_endpoint_and_every_get_is_answere
         return Ok(());
     }
     let s = setup(
-        147,
         &[("hung", &["--hang"]), ("web-1", &[]), ("web-2", &[])],
         |ips| vec![web(ips, &[("switchyard.io/timeout", "2s"), ("switchyard.io/per-try-timeout", "200ms")])],
         &[],
@@ -279,7 +274,6 @@ fn requests_past_the_connection_limit_fail_fast_with_the_documented_503() -> Res
         return Ok(());
     }
     let s = setup(
-        143,
         &[("web-0", &["--delay-ms", "1500"])],
         |ips| {
             vec![
@@ -324,7 +318,6 @@ fn server_first_protocols_wait_at_most_the_sniff_timeout_and_upgrades_and_h2_tra
         return Ok(());
     }
     let mut s = setup(
-        144,
         &[("web-0", &[])],
         |ips| {
             vec![
@@ -400,7 +393,7 @@ fn bad_service_config_is_rejected_with_the_reason_and_the_old_config_kept() -> R
     if !privileged("bad_service_config") {
         return Ok(());
     }
-    let mut s = setup(145, &[("web-0", &[])], |ips| vec![web(ips, &[("switchyard.io/timeout", "2s")])], &[])?;
+    let mut s = setup(&[("web-0", &[])], |ips| vec![web(ips, &[("switchyard.io/timeout", "2s")])], &[])?;
     let ips = vec![s.servers[0].ip];
     for (k, v, why) in [
         ("switchyard.io/timeout", "soon", "is not a duration"),
@@ -431,11 +424,12 @@ fn connects_to_blackholed_endpoints_time_out_and_are_retried_elsewhere() -> Resu
     if !privileged("connects_to_blackholed_endpoints") {
         return Ok(());
     }
-    let holes: Vec<Ipv4Addr> = vec![Ipv4Addr::new(10, 244, 147, 200), Ipv4Addr::new(10, 244, 147, 201)];
     let s = setup(
-        147,
         &[("web-0", &[])],
         |ips| {
+            // Two addresses in the node's own pod range that no pod has.
+            let [a, b, c, _] = ips[0].octets();
+            let holes = [Ipv4Addr::new(a, b, c, 200), Ipv4Addr::new(a, b, c, 201)];
             let eps: Vec<Ipv4Addr> = holes.iter().copied().chain(ips.iter().copied()).collect();
             vec![web(&eps, &[]), service("raw", "shop", "10.96.0.14:80".parse().unwrap(), "tcp", 8080, &eps, &[])]
         },
@@ -473,7 +467,7 @@ fn agent_restart_under_steady_load_never_fails_a_new_connection_in_a_fail_open_n
     if !privileged("agent_restart_under_steady_load") {
         return Ok(());
     }
-    let mut s = setup(146, &[("web-0", &[])], |ips| vec![web(ips, &[])], &[])?;
+    let mut s = setup(&[("web-0", &[])], |ips| vec![web(ips, &[])], &[])?;
     let url = format!("http://{}:8080/", s.servers[0].ip);
     let (c1, c2, u1, u2) = (s.client.clone(), s.client.clone(), url.clone(), url.clone());
     let fresh = std::thread::spawn(move || {

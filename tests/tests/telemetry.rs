@@ -22,7 +22,7 @@ fn known_traffic_moves_istio_standard_metrics_by_exactly_that_much_and_trace_con
     if !privileged("known_traffic_moves_istio_standard_metrics") {
         return Ok(());
     }
-    let mut node = Node::new("node", 160)?;
+    let mut node = Node::new("node")?;
     node.set_namespace_meshed("shop", true);
     let client = node.add_pod("client", "shop", None)?;
     let web = node.add_pod("web-0", "shop", None)?;
@@ -369,7 +369,7 @@ fn access_log_modes_errors_sampled_and_off_in_the_human_format() -> Result<()> {
     if !privileged("access_log_modes") {
         return Ok(());
     }
-    let mut node = Node::new("node", 163)?;
+    let mut node = Node::new("node")?;
     node.set_namespace_meshed("shop", true);
     let client = node.add_pod("client", "shop", None)?;
     let echo = node.add_pod("echo", "shop", None)?;
@@ -433,7 +433,7 @@ fn the_node_dashboard_shows_the_traffic_in_a_real_browser() -> Result<()> {
     let Some(chromium) = chromium else {
         anyhow::bail!("chromium is not installed (`cargo xtask setup` installs it)");
     };
-    let mut node = Node::new("node", 161)?;
+    let mut node = Node::new("node")?;
     node.set_namespace_meshed("shop", true);
     let client = node.add_pod("client", "shop", None)?;
     let web = node.add_pod("web-0", "shop", None)?;
@@ -582,7 +582,7 @@ fn the_proxys_request_spans_reach_an_otlp_collector_as_hops_of_the_callers_trace
     if !privileged("the_proxys_request_spans_reach_an_otlp_collector") {
         return Ok(());
     }
-    let mut node = Node::new("node", 162)?;
+    let mut node = Node::new("node")?;
     node.set_namespace_meshed("shop", true);
     let client = node.add_pod("client", "shop", None)?;
     let web = node.add_pod("web-0", "shop", None)?;

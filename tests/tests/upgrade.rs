@@ -27,7 +27,7 @@ fn an_upgrade_hands_over_without_failing_a_new_connection_and_services_stay_reac
     if !privileged("an_upgrade_hands_over") {
         return Ok(());
     }
-    let mut node = Node::new("node", 150)?;
+    let mut node = Node::new("node")?;
     node.pin_programs()?;
     node.set_namespace_meshed("shop", true);
     let client = node.add_pod("client", "shop", None)?;
@@ -145,7 +145,7 @@ fn without_an_agent_fail_open_namespaces_connect_directly_and_fail_closed_ones_a
     if !privileged("without_an_agent_fail_open") {
         return Ok(());
     }
-    let mut node = Node::new("node", 151)?;
+    let mut node = Node::new("node")?;
     node.pin_programs()?;
     node.set_namespace_meshed("open", true);
     node.set_namespace_meshed("closed", true);

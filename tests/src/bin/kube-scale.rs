@@ -33,7 +33,7 @@ fn main() -> Result<()> {
     if !sim::privileged("kube-scale") {
         bail!("needs root (network namespaces, eBPF)");
     }
-    let mut node = Node::new("node", 70)?;
+    let mut node = Node::with_subnet("node", 70)?;
     let mut api = FakeApi::start(&node.netns)?;
     let kubeconfig = node.dir.join("kubeconfig");
     api.kubeconfig(&kubeconfig)?;

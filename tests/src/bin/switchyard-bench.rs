@@ -256,9 +256,9 @@ fn run() -> Result<()> {
 
 fn setup(secs: f64, agent_args: &[String], pin: Option<usize>) -> Result<Bench> {
     let mut c = Cluster::new()?;
-    c.add_node("node-a", 51)?;
-    c.add_node("node-b", 52)?;
-    c.add_node("node-c", 53)?;
+    c.add_node_at("node-a", 51)?;
+    c.add_node_at("node-b", 52)?;
+    c.add_node_at("node-c", 53)?;
     c.set_namespace("bench", true, None);
     c.set_namespace("plain", false, None);
     let mesh_client = c.node("node-a").add_pod("mesh-client", "bench", None)?;

@@ -82,8 +82,8 @@ fn measure(agent: &Path, args: &Args) -> Result<[f64; 4]> {
     let out_dir = std::env::temp_dir().join(format!("switchyard-callgrind-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&out_dir)?;
     let mut c = Cluster::new()?;
-    c.add_node("node-a", 56)?;
-    c.add_node("node-b", 57)?;
+    c.add_node_at("node-a", 56)?;
+    c.add_node_at("node-b", 57)?;
     let command = AgentCommand {
         bin: Some(agent.canonicalize()?),
         wrapper: vec![

@@ -52,8 +52,8 @@ fn run(args: &Args) -> Result<()> {
     println!("A simulated cluster: each node is a network namespace with a bridge (its pods' gateway) and a");
     println!("cgroup; each pod is a network namespace + cgroup; the nodes share a network of their own.\n");
     let mut c = Cluster::new()?;
-    c.add_node("node-a", 1)?;
-    c.add_node("node-b", 2)?;
+    c.add_node_at("node-a", 1)?;
+    c.add_node_at("node-b", 2)?;
     c.set_namespace("shop", true, None);
     c.set_namespace("vault", true, Some("strict"));
     c.set_namespace("legacy", false, None);
