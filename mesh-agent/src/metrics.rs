@@ -25,14 +25,48 @@ pub struct ErrorLabels {
     pub reason: &'static str,
 }
 
+/// A label value that is one of a fixed set, written as `as_str` gives it.
+macro_rules! label_enum {
+    ($(#[$m:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl prometheus_client::encoding::EncodeLabelValue for $name {
+            fn encode(
+                &self,
+                encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+            ) -> Result<(), std::fmt::Error> {
+                std::fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    };
+}
+
+label_enum!(
+    /// Bytes `sent` by the client (to the upstream) or `received` by it.
+    ByteDirection { Sent => "sent", Received => "received" }
+);
+
+label_enum!(
+    /// How the outbound proxy sent a connection on (`switchyard_outbound_routes_total`).
+    RouteKind { Local => "local", Hbone => "hbone", Passthrough => "passthrough", Http => "http", Refused => "refused" }
+);
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
-    pub direction: &'static str,
+    pub direction: ByteDirection,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: &'static str,
+    pub route: RouteKind,
 }
 
 /// A counter by `reason` that also remembers the reasons it has seen, so the admin views read

@@ -122,6 +122,68 @@ impl Cancel {
     }
 }
 
+/// The agent's stop, handed to each long-lived connection as a [`Cancel`] of its own. A
+/// `CancellationToken` polled on every wake-up of a connection's task takes two mutexes (the
+/// token's node, then its waiter list); a `Cancel` is an atomic load and a waker comparison.
+#[derive(Default)]
+pub struct Stops {
+    inner: std::sync::Mutex<StopsInner>,
+}
+
+#[derive(Default)]
+struct StopsInner {
+    next: u64,
+    open: std::collections::HashMap<u64, Cancel>,
+    stopped: bool,
+}
+
+/// One connection's stop; dropping it forgets the connection.
+pub struct StopHandle {
+    stops: Arc<Stops>,
+    id: u64,
+    pub cancel: Cancel,
+}
+
+impl Drop for StopHandle {
+    fn drop(&mut self) {
+        self.stops.inner.lock().unwrap_or_else(|p| p.into_inner()).open.remove(&self.id);
+    }
+}
+
+impl Stops {
+    /// Stops every connection's handle once `stop` is cancelled.
+    pub fn new(stop: &tokio_util::sync::CancellationToken) -> Arc<Stops> {
+        let stops = Arc::new(Stops::default());
+        let (s, stop) = (stops.clone(), stop.clone());
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            s.stop_all();
+        });
+        stops
+    }
+
+    /// A handle for one more connection (already cancelled once the stop has come).
+    pub fn handle(self: &Arc<Self>) -> StopHandle {
+        let cancel = Cancel::default();
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.stopped {
+            cancel.cancel();
+        }
+        let id = inner.next;
+        inner.next += 1;
+        inner.open.insert(id, cancel.clone());
+        StopHandle { stops: self.clone(), id, cancel }
+    }
+
+    fn stop_all(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.stopped = true;
+        for c in inner.open.values() {
+            c.cancel();
+        }
+    }
+}
+
 /// What a copy moved, and how it ended.
 #[derive(Debug)]
 pub struct Copied {
@@ -156,7 +218,10 @@ where
             }
         }
     };
+    // Biased: the data first (nearly every wake-up is for it), and no random branch order
+    // drawn per poll.
     let error = tokio::select! {
+        biased;
         r = tokio::io::copy_bidirectional_with_sizes(&mut wa, &mut wb, buf, buf) => r.err(),
         idle = watchdog => Some(io::Error::new(io::ErrorKind::TimedOut, format!("idle for {idle:?}: closed"))),
         _ = async {
@@ -192,6 +257,19 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, duplex};
 
     use super::*;
+
+    #[tokio::test]
+    async fn the_stop_reaches_every_connection_and_later_ones_start_stopped() {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stops = Stops::new(&stop);
+        let (a, b) = (stops.handle(), stops.handle());
+        drop(b);
+        assert_eq!(stops.inner.lock().unwrap().open.len(), 1, "a dropped handle is forgotten");
+        assert!(!a.cancel.is_cancelled());
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), a.cancel.cancelled()).await.expect("stopped");
+        assert!(stops.handle().cancel.is_cancelled(), "a connection accepted after the stop is stopped");
+    }
 
     #[tokio::test]
     async fn an_idle_connection_is_closed_and_an_active_one_is_not() {

@@ -107,6 +107,7 @@ pub struct Inbound {
 
 impl Inbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken, tasks: TaskTracker) {
+        let stops = idle::Stops::new(&stop);
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -125,7 +126,7 @@ impl Inbound {
                 continue;
             };
             let this = self.clone();
-            let stop = stop.clone();
+            let stop = stops.handle();
             tasks.spawn(async move {
                 this.connection(tcp, peer, stop).await;
                 drop(permit);
@@ -133,7 +134,7 @@ impl Inbound {
         }
     }
 
-    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, stop: CancellationToken) {
+    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, stop: idle::StopHandle) {
         let _ = tcp.set_nodelay(true);
         let Ok(handshake_permit) = self.handshakes.clone().try_acquire_owned() else {
             warn!(%peer, limit = MAX_HANDSHAKES, "HBONE connection refused: too many handshakes in progress");
@@ -202,13 +203,16 @@ impl Inbound {
         let expiry = tokio::time::sleep(expires_in);
         let mut expiry = std::pin::pin!(expiry);
         let mut tick = tokio::time::interval((self.idle_timeout / 4).max(Duration::from_millis(100)));
+        let mut stopping = std::pin::pin!(stop.cancel.cancelled());
         let why = loop {
             tokio::select! {
+                // The connection first: nearly every wake-up is for it.
+                biased;
                 r = conn.as_mut() => {
                     if let Err(e) = r { debug!(%peer, error = %e, "HBONE connection error") }
                     return;
                 }
-                _ = stop.cancelled() => break Close::Stopping,
+                _ = stopping.as_mut() => break Close::Stopping,
                 _ = expiry.as_mut() => break Close::CertificateExpired,
                 _ = tick.tick() => {
                     let idle = activity.streams.load(Ordering::Acquire) == 0

@@ -10,7 +10,7 @@ use tracing::info;
 
 use crate::{
     config::AccessLog,
-    metrics::{DirectionLabels, IstioLabels, IstioMetrics, ProxyMetrics},
+    metrics::{ByteDirection, DirectionLabels, IstioLabels, IstioMetrics, ProxyMetrics},
     proxy::{
         conns::{ConnRecord, Connections, Direction},
         route::{Path, Source, Target},
@@ -102,8 +102,8 @@ impl Recorder {
         if let Some(m) = &o.proxy {
             m.active.dec();
             m.closed.inc();
-            m.bytes.get_or_create(&DirectionLabels { direction: "sent" }).inc_by(sent);
-            m.bytes.get_or_create(&DirectionLabels { direction: "received" }).inc_by(received);
+            m.bytes.get_or_create(&DirectionLabels { direction: ByteDirection::Sent }).inc_by(sent);
+            m.bytes.get_or_create(&DirectionLabels { direction: ByteDirection::Received }).inc_by(received);
         }
         if let Some(l) = &self.istio {
             // Istio's "received" is what the source sent.

@@ -30,7 +30,7 @@ use tracing::{debug, warn};
 
 use crate::{
     datapath::{OrigDstLookup, Original},
-    metrics::{ProxyMetrics, RouteLabels},
+    metrics::{ProxyMetrics, RouteKind, RouteLabels},
     proxy::{
         balance::{self, Balancer},
         conns::ConnRecord,
@@ -115,6 +115,7 @@ impl Outbound {
     /// Serves until `stop` is cancelled. Connections in flight are tracked by `tasks` so the
     /// caller can let them drain.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken, tasks: TaskTracker) {
+        let stops = crate::proxy::idle::Stops::new(&stop);
         loop {
             let (client, peer) = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -130,12 +131,12 @@ impl Outbound {
                 },
             };
             let this = self.clone();
-            let stop = stop.clone();
-            tasks.spawn(async move { this.handle(client, peer, stop).await });
+            let stops = stops.clone();
+            tasks.spawn(async move { this.handle(client, peer, stops).await });
         }
     }
 
-    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, stop: CancellationToken) {
+    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, stops: Arc<crate::proxy::idle::Stops>) {
         self.metrics.opened.inc();
         let orig = match self.lookup.take(peer) {
             Ok(Some(o)) => o,
@@ -155,7 +156,7 @@ impl Outbound {
             let hinted_wait = self.idle_timeout.unwrap_or(Duration::from_secs(3600));
             let protocol = detect::detect(&client, hint, self.detect.sniff_timeout, hinted_wait).await;
             if protocol != Protocol::Tcp {
-                return self.handle_http(client, peer, orig, protocol, &route.source.pod, stop).await;
+                return self.handle_http(client, peer, orig, protocol, &route.source.pod, stops.handle()).await;
             }
         }
         self.handle_tcp(client, peer, route, hint.is_some()).await
@@ -166,7 +167,7 @@ impl Outbound {
     fn refuse(&self, client: TcpStream, peer: SocketAddr, orig: Original, idx: &PodIndex, refusal: Refusal) {
         warn!(dst = %orig.dst, reason = refusal.reason(), "{refusal}");
         self.connector.refused(&refusal);
-        self.metrics.routes.get_or_create(&RouteLabels { route: "refused" }).inc();
+        self.metrics.routes.get_or_create(&RouteLabels { route: RouteKind::Refused }).inc();
         let (src, dst) = (idx.by_cgroup(orig.pod_cgroup), idx.by_ip(*orig.dst.ip()));
         let record = ConnRecord {
             client: peer,
@@ -229,7 +230,10 @@ impl Outbound {
             // Labels and route of the first pick (a retry may have gone another way).
             Err((e, first)) => {
                 let path = first.as_ref().and_then(|f| f.path.as_ref());
-                self.metrics.routes.get_or_create(&RouteLabels { route: path.map_or("refused", |p| p.label()) }).inc();
+                self.metrics
+                    .routes
+                    .get_or_create(&RouteLabels { route: path.map_or(RouteKind::Refused, |p| p.label()) })
+                    .inc();
                 rec.istio_opened(route.istio_labels(&self.route, first.as_ref().map(|f| f.ep), path, "tcp"));
                 reset(client);
                 rec.finish(0, 0, Some(e.to_string()));
@@ -255,10 +259,10 @@ impl Outbound {
         orig: Original,
         protocol: Protocol,
         source_pod: &str,
-        stop: CancellationToken,
+        stop: crate::proxy::idle::StopHandle,
     ) {
         let _ = client.set_nodelay(true);
-        self.metrics.routes.get_or_create(&RouteLabels { route: "http" }).inc();
+        self.metrics.routes.get_or_create(&RouteLabels { route: RouteKind::Http }).inc();
         let mut rec = Recorder::open(
             &self.observe,
             ConnRecord {

@@ -53,11 +53,12 @@ pub enum Path {
 
 impl Path {
     /// The route label of `switchyard_outbound_routes_total`.
-    pub fn label(&self) -> &'static str {
+    pub fn label(&self) -> crate::metrics::RouteKind {
+        use crate::metrics::RouteKind;
         match self {
-            Path::Local => "local",
-            Path::Hbone { .. } => "hbone",
-            Path::Passthrough => "passthrough",
+            Path::Local => RouteKind::Local,
+            Path::Hbone { .. } => RouteKind::Hbone,
+            Path::Passthrough => RouteKind::Passthrough,
         }
     }
 

@@ -259,11 +259,7 @@ impl<U: Upstreams> Downstream<U> {
     /// Serves the client connection until it ends or `stop` asks for a graceful end: HTTP/2
     /// GOAWAY at once; HTTP/1 answers `Connection: close` for [`H1_DRAIN`], then an idle
     /// connection is closed (a request in flight finishes first).
-    pub async fn serve<S>(
-        self: Arc<Self>,
-        client: S,
-        stop: tokio_util::sync::CancellationToken,
-    ) -> Result<(), hyper::Error>
+    pub async fn serve<S>(self: Arc<Self>, client: S, stop: crate::proxy::idle::StopHandle) -> Result<(), hyper::Error>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -278,8 +274,9 @@ impl<U: Upstreams> Downstream<U> {
                 let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, svc);
                 tokio::pin!(conn);
                 tokio::select! {
+                    biased;
                     r = conn.as_mut() => return r,
-                    _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+                    _ = stop.cancel.cancelled() => conn.as_mut().graceful_shutdown(),
                 }
                 conn.await
             }
@@ -287,8 +284,9 @@ impl<U: Upstreams> Downstream<U> {
                 let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).with_upgrades();
                 tokio::pin!(conn);
                 tokio::select! {
+                    biased;
                     r = conn.as_mut() => return r,
-                    _ = stop.cancelled() => self.draining.store(true, Ordering::Relaxed),
+                    _ = stop.cancel.cancelled() => self.draining.store(true, Ordering::Relaxed),
                 }
                 tokio::select! {
                     r = conn.as_mut() => return r,
