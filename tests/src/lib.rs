@@ -356,6 +356,10 @@ impl Server {
     pub fn spawn(mut cmd: Command) -> Result<Server> {
         Ok(Server { child: cmd.spawn().with_context(|| format!("spawn {cmd:?}"))? })
     }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Server {

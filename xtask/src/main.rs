@@ -279,7 +279,7 @@ fn run_tests(which: &[&str], rest: &[String], sockmap: &str) -> Result<[u64; 3]>
 
 /// Load tools for the benchmark: Debian's wrk, nginx, iperf3, sockperf, valgrind (for
 /// `switchyard-callgrind`), and oha from crates.io.
-const BENCH_APT: &[&str] = &["wrk", "nginx-light", "iperf3", "sockperf", "valgrind"];
+const BENCH_APT: &[&str] = &["wrk", "nginx-light", "iperf3", "sockperf", "valgrind", "iptables"];
 const OHA_VERSION: &str = "1.16.0";
 
 fn bench_tools() -> Result<()> {

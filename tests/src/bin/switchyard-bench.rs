@@ -10,7 +10,13 @@
 //! * `mesh-local-sockmap` the same on a third node whose agent runs with same-node acceleration
 //!   (`--sockmap-acceleration=on`), compared with `direct-local`;
 //! * `direct-remote` pod → pod on another node, no mesh;
-//! * `mesh-remote`   through both nodes' proxies with HBONE mTLS.
+//! * `mesh-remote`   through both nodes' proxies with HBONE mTLS;
+//! * `ztunnel-remote` (with `--peer-ztunnel PATH` or `SWITCHYARD_ZTUNNEL`) the same two nodes
+//!   through Istio's ztunnel instead: one ztunnel per pod in dedicated mode (iptables redirect in
+//!   the client pod, `FAKE_CA=true`, a local workload file), HBONE mTLS between them; its CPU and
+//!   RSS measured like the agents';
+//! * `baseline-local`, `baseline-remote` (with `--baseline-agent PATH`) the mesh paths again on
+//!   two more nodes whose agents are another build, so a change shows its effect in one run.
 //!
 //! Each figure is the median over repetitions with its min-max spread, and the ratio to the
 //! direct path of the same topology. Host steal time is recorded per run (runs at 5 % or more
@@ -55,9 +61,41 @@ struct Args {
     /// connections, unscraped and scraped 10/s back to back in each repetition.
     #[arg(long)]
     only_scrape: bool,
+    /// Istio's ztunnel binary: adds the `ztunnel-remote` path (never needed; reported as not
+    /// measured without it).
+    #[arg(long, env = "SWITCHYARD_ZTUNNEL")]
+    peer_ztunnel: Option<PathBuf>,
+    /// Another build of mesh-agent: adds `baseline-local` and `baseline-remote`.
+    #[arg(long)]
+    baseline_agent: Option<PathBuf>,
+    /// Only these paths (comma-separated; default all that can run).
+    #[arg(long, value_delimiter = ',')]
+    paths: Vec<String>,
 }
 
-const PATHS: [&str; 5] = ["direct-local", "mesh-local", "mesh-local-sockmap", "direct-remote", "mesh-remote"];
+const ZTUNNEL: &str = "ztunnel-remote";
+const BASELINE: [&str; 2] = ["baseline-local", "baseline-remote"];
+/// Every column of the results, in order.
+const ALL_PATHS: [&str; 8] = [
+    "direct-local",
+    "mesh-local",
+    "mesh-local-sockmap",
+    "baseline-local",
+    "direct-remote",
+    "mesh-remote",
+    "baseline-remote",
+    ZTUNNEL,
+];
+
+/// A path through a proxy (its CPU and memory are measured).
+fn proxied(path: &str) -> bool {
+    !path.starts_with("direct")
+}
+
+/// The direct path of the same topology.
+fn direct_of(path: &str) -> &'static str {
+    if path.ends_with("-local") || path.ends_with("-sockmap") { "direct-local" } else { "direct-remote" }
+}
 const SOCKMAP_FLAG: &str = "--sockmap-acceleration";
 
 #[derive(Serialize, Clone)]
@@ -72,6 +110,10 @@ struct Figure {
     max: f64,
     /// median / median of the direct path of the same topology.
     ratio_to_direct: Option<f64>,
+    /// For the remote mesh paths: median / median of `ztunnel-remote`.
+    ratio_to_ztunnel: Option<f64>,
+    /// For `mesh-*`: median / median of the same `baseline-*` path.
+    ratio_to_baseline: Option<f64>,
     /// Whether lower is better (latency, CPU, memory) or higher (throughput).
     lower_is_better: bool,
 }
@@ -89,6 +131,11 @@ struct Run {
     seconds_per_measurement: f64,
     /// Host steal time per repetition, percent.
     steal_percent: Vec<f64>,
+    /// The paths measured, in order.
+    paths: Vec<String>,
+    /// The peer and baseline binaries, when given.
+    ztunnel: Option<String>,
+    baseline_agent: Option<String>,
     figures: Vec<Figure>,
     not_measured: Vec<String>,
 }
@@ -104,7 +151,25 @@ struct Bench {
     accel_client: Pod,
     accel_server: Pod,
     secs: f64,
+    zt: Option<Ztunnel>,
+    base: Option<Baseline>,
     _servers: Vec<Server>,
+}
+
+/// The ztunnel path: a client pod on node-a and a server pod on node-b, in a namespace
+/// Switchyard does not mesh, each with a dedicated ztunnel.
+struct Ztunnel {
+    client: Pod,
+    server: Pod,
+    pids: Vec<u32>,
+    _procs: Vec<Server>,
+}
+
+/// The baseline agent's nodes: node-d (client and local server) and node-e (remote server).
+struct Baseline {
+    client: Pod,
+    local_server: Pod,
+    remote_server: Pod,
 }
 
 type Samples = BTreeMap<(String, String, String, String, bool), Vec<f64>>;
@@ -138,7 +203,19 @@ fn run() -> Result<()> {
     if args.pin_cpu.is_some() && !agent_args.iter().any(|a| a.starts_with("--workers")) {
         agent_args.push("--workers=1".into());
     }
-    let b = setup(secs, &agent_args, args.pin_cpu)?;
+    let mut not_measured = Vec::new();
+    if args.peer_ztunnel.is_none() {
+        not_measured.push(format!("{ZTUNNEL}: no ztunnel given (--peer-ztunnel PATH or SWITCHYARD_ZTUNNEL)"));
+    }
+    if args.baseline_agent.is_none() {
+        not_measured.push("baseline-local, baseline-remote: no --baseline-agent given".to_string());
+    }
+    let b = setup(secs, &agent_args, args.pin_cpu, args.peer_ztunnel.as_deref(), args.baseline_agent.as_deref())?;
+    let paths: Vec<&str> = ALL_PATHS
+        .into_iter()
+        .filter(|p| (*p != ZTUNNEL || b.zt.is_some()) && (!BASELINE.contains(p) || b.base.is_some()))
+        .filter(|p| args.paths.is_empty() || args.paths.iter().any(|a| a == p))
+        .collect();
     let mut samples: Samples = BTreeMap::new();
     let mut steal = Vec::new();
     let mut add = |w: &str, m: &str, u: &str, p: &str, lower: bool, v: f64| {
@@ -146,8 +223,10 @@ fn run() -> Result<()> {
     };
 
     // Memory at idle, before any load.
-    let idle_rss = b.agents_rss_kib("mesh-remote")?;
-    add("agent memory", "RSS idle (both agents)", "MiB", "mesh-remote", true, idle_rss as f64 / 1024.0);
+    for path in paths.iter().copied().filter(|p| proxied(p) && p.ends_with("-remote")) {
+        let idle_rss = b.agents_rss_kib(path)?;
+        add("agent memory", "RSS idle (both proxies)", "MiB", path, true, idle_rss as f64 / 1024.0);
+    }
 
     let started = Instant::now();
     for rep in 0..reps {
@@ -167,7 +246,7 @@ fn run() -> Result<()> {
             steal.push(steal_percent(st0, steal_sample()?));
             continue;
         }
-        for path in PATHS {
+        for path in paths.iter().copied() {
             let (client, target) = b.path(path);
             let ip = target.ip.to_string();
             // TCP ping-pong latency.
@@ -185,8 +264,8 @@ fn run() -> Result<()> {
                 let w = format!("http 1000 req/s, 1 KiB, {conns} conns");
                 add(&w, "p50", "ms", path, true, p50);
                 add(&w, "p99", "ms", path, true, p99);
-                if path.starts_with("mesh") {
-                    add(&w, "agent CPU per 1000 req/s", "cores", path, true, cores / (rps / 1000.0));
+                if proxied(path) {
+                    add(&w, "proxy CPU per 1000 req/s", "cores", path, true, cores / (rps / 1000.0));
                 }
             }
             // The same 1000 req/s on 4 connections while the node's admin endpoint is scraped
@@ -202,31 +281,40 @@ fn run() -> Result<()> {
             // Max throughput, 16 connections; memory sampled under that load.
             let (rps, rss) = b.wrk_max(client, &ip, path)?;
             add("http max, 16 conns", "throughput", "req/s", path, false, rps);
-            if path.starts_with("mesh") {
-                let what =
-                    if path == "mesh-remote" { "RSS under load (both agents)" } else { "RSS under load (one agent)" };
+            if proxied(path) {
+                let what = if path.ends_with("-remote") {
+                    "RSS under load (both proxies)"
+                } else {
+                    "RSS under load (one agent)"
+                };
                 add("agent memory", what, "MiB", path, true, rss as f64 / 1024.0);
             }
             // New connections per second (no keep-alive).
             add("new connections", "rate", "conn/s", path, false, b.oha_new_conns(client, &ip)?);
-            // Bulk throughput.
-            add("bulk tcp, 1 stream", "throughput", "Gbit/s", path, false, b.iperf(client, &ip, 1)?);
-            add("bulk tcp, 8 streams", "throughput", "Gbit/s", path, false, b.iperf(client, &ip, 8)?);
+            // Bulk throughput, and the proxies' CPU per Gbit/s of it.
+            for streams in [1, 8] {
+                let cpu0 = b.agents_cpu_secs(path)?;
+                let t0 = Instant::now();
+                let gbps = b.iperf(client, &ip, streams)?;
+                let cores = (b.agents_cpu_secs(path)? - cpu0) / t0.elapsed().as_secs_f64();
+                let w = format!("bulk tcp, {streams} stream{}", if streams == 1 { "" } else { "s" });
+                add(&w, "throughput", "Gbit/s", path, false, gbps);
+                if proxied(path) {
+                    add(&w, "proxy CPU per Gbit/s", "cores", path, true, cores / gbps);
+                }
+            }
         }
         steal.push(steal_percent(st0, steal_sample()?));
     }
-    // Memory with many open connections through the same-node proxy.
+    // Memory with many open idle connections through each proxied path.
     if !args.only_scrape {
         let open = if args.quick { 2_000 } else { 10_000 };
-        let rss = b.rss_with_open_connections(open)?;
-        add(
-            "agent memory",
-            &format!("RSS with {open} open connections"),
-            "MiB",
-            "mesh-local",
-            true,
-            rss as f64 / 1024.0,
-        );
+        for path in paths.iter().copied().filter(|p| proxied(p) && *p != "mesh-local-sockmap") {
+            let (rss, per_conn) = b.rss_with_open_connections(path, open)?;
+            let w = format!("{open} open idle connections");
+            add(&w, "RSS", "MiB", path, true, rss as f64 / 1024.0);
+            add(&w, "memory per connection", "KiB", path, true, per_conn);
+        }
     }
     eprintln!("measured in {:?}", started.elapsed());
 
@@ -241,8 +329,11 @@ fn run() -> Result<()> {
         reps,
         seconds_per_measurement: secs,
         steal_percent: steal,
+        paths: paths.iter().map(|p| p.to_string()).collect(),
+        ztunnel: args.peer_ztunnel.as_ref().map(|p| p.display().to_string()),
+        baseline_agent: args.baseline_agent.as_ref().map(|p| p.display().to_string()),
         figures,
-        not_measured: vec![],
+        not_measured,
     };
     if let Some(d) = args.json.parent() {
         std::fs::create_dir_all(d)?;
@@ -254,11 +345,23 @@ fn run() -> Result<()> {
     Ok(())
 }
 
-fn setup(secs: f64, agent_args: &[String], pin: Option<usize>) -> Result<Bench> {
+fn setup(
+    secs: f64,
+    agent_args: &[String],
+    pin: Option<usize>,
+    ztunnel: Option<&std::path::Path>,
+    baseline: Option<&std::path::Path>,
+) -> Result<Bench> {
     let mut c = Cluster::new()?;
     c.add_node_at("node-a", 51)?;
     c.add_node_at("node-b", 52)?;
     c.add_node_at("node-c", 53)?;
+    if let Some(bin) = baseline {
+        for (name, subnet) in [("node-d", 54), ("node-e", 55)] {
+            c.add_node_at(name, subnet)?;
+            c.node(name).agent_command.bin = Some(bin.to_path_buf());
+        }
+    }
     c.set_namespace("bench", true, None);
     c.set_namespace("plain", false, None);
     let mesh_client = c.node("node-a").add_pod("mesh-client", "bench", None)?;
@@ -267,8 +370,32 @@ fn setup(secs: f64, agent_args: &[String], pin: Option<usize>) -> Result<Bench> 
     let remote_server = c.node("node-b").add_pod("remote-server", "bench", None)?;
     let accel_client = c.node("node-c").add_pod("accel-client", "bench", None)?;
     let accel_server = c.node("node-c").add_pod("accel-server", "bench", None)?;
+    let base = match baseline {
+        Some(_) => Some(Baseline {
+            client: c.node("node-d").add_pod("base-client", "bench", None)?,
+            local_server: c.node("node-d").add_pod("base-local-server", "bench", None)?,
+            remote_server: c.node("node-e").add_pod("base-remote-server", "bench", None)?,
+        }),
+        None => None,
+    };
+    // The ztunnel pods: in a namespace Switchyard leaves alone.
+    c.set_namespace("ztunnel", false, None);
+    let zt_pods = match ztunnel {
+        Some(_) => Some((
+            c.node("node-a").add_pod("zt-client", "ztunnel", None)?,
+            c.node("node-b").add_pod("zt-server", "ztunnel", None)?,
+        )),
+        None => None,
+    };
     let mut servers = Vec::new();
-    for s in [&local_server, &remote_server, &accel_server] {
+    let mut server_pods = vec![&local_server, &remote_server, &accel_server];
+    if let Some(b) = &base {
+        server_pods.extend([&b.local_server, &b.remote_server]);
+    }
+    if let Some((_, zs)) = &zt_pods {
+        server_pods.push(zs);
+    }
+    for s in server_pods {
         servers.push(nginx(&c, s, pin)?);
         servers.push(daemon(s, pin, "iperf3", &["-s", "-p", "5201"])?);
         servers.push(daemon(s, pin, "sockperf", &["server", "--tcp", "-p", "11111"])?);
@@ -283,13 +410,24 @@ fn setup(secs: f64, agent_args: &[String], pin: Option<usize>) -> Result<Bench> 
     accel.push("--sockmap-acceleration=on");
     c.start_only(&["node-a", "node-b"], &plain)?;
     c.start_only(&["node-c"], &accel)?;
+    if base.is_some() {
+        c.start_only(&["node-d", "node-e"], &plain)?;
+    }
+    let zt = match (ztunnel, zt_pods) {
+        (Some(bin), Some((client, server))) => Some(start_ztunnels(&c, bin, client, server, pin)?),
+        _ => None,
+    };
     if let Some(cpu) = pin {
-        for n in &c.nodes {
-            let pid = n.agent_pid().context("agent pid")?.to_string();
-            let ok =
-                Command::new("taskset").args(["-a", "-p", "-c", &cpu.to_string(), &pid]).output()?.status.success();
+        let mut pids: Vec<u32> = c.nodes.iter().map(|n| n.agent_pid().context("agent pid")).collect::<Result<_>>()?;
+        pids.extend(zt.iter().flat_map(|z| z.pids.iter().copied()));
+        for pid in pids {
+            let ok = Command::new("taskset")
+                .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
+                .output()?
+                .status
+                .success();
             if !ok {
-                bail!("taskset could not pin agent {pid} to CPU {cpu}");
+                bail!("taskset could not pin proxy {pid} to CPU {cpu}");
             }
         }
     }
@@ -304,8 +442,75 @@ fn setup(secs: f64, agent_args: &[String], pin: Option<usize>) -> Result<Bench> 
         accel_client,
         accel_server,
         secs,
+        zt,
+        base,
         _servers: servers,
     })
+}
+
+/// One dedicated-mode ztunnel in each of the two pods, as `../shared/peers/ztunnel/README.md`
+/// (or ztunnel's own docs) runs it without istiod: a local workload file naming both pods
+/// (HBONE), `FAKE_CA=true` (both sign with ztunnel's built-in test root), and the client pod's
+/// outbound TCP redirected to its ztunnel's 15001 (ztunnel marks its own sockets 1337).
+fn start_ztunnels(c: &Cluster, bin: &std::path::Path, client: Pod, server: Pod, pin: Option<usize>) -> Result<Ztunnel> {
+    let dir = c.dir.join("ztunnel");
+    std::fs::create_dir_all(&dir)?;
+    let workload = |p: &Pod| {
+        format!(
+            "- {{uid: k//v1/Pod/{ns}/{name}, name: {name}, namespace: {ns}, serviceAccount: {name}, \
+             trustDomain: cluster.local, workloadIps: [\"{ip}\"], protocol: HBONE, node: {node}, services: {{}}}}\n",
+            ns = p.namespace,
+            name = p.name,
+            ip = p.ip,
+            node = p.node
+        )
+    };
+    let yaml = format!("workloads:\n{}{}", workload(&client), workload(&server));
+    let xds = dir.join("zt.yaml");
+    std::fs::write(&xds, yaml)?;
+    let redirect = ["-w", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "!", "-o", "lo", "-m", "mark", "!", "--mark"];
+    let out = client
+        .command("iptables")
+        .args(redirect)
+        .args(["0x539/0xfff", "-j", "REDIRECT", "--to-ports", "15001"])
+        .output()?;
+    if !out.status.success() {
+        bail!("iptables redirect in {}: {}", client.name, String::from_utf8_lossy(&out.stderr));
+    }
+    let mut procs = Vec::new();
+    for p in [&client, &server] {
+        let log = std::fs::File::create(dir.join(format!("{}.log", p.name)))?;
+        let mut cmd = pod_cmd(p, pin, bin.to_str().context("ztunnel path")?);
+        cmd.envs([
+            ("PROXY_MODE", "dedicated".to_string()),
+            ("PROXY_WORKLOAD_INFO", format!("{}/{}/{}", p.namespace, p.name, p.name)),
+            ("NODE_NAME", p.node.clone()),
+            ("FAKE_CA", "true".into()),
+            ("XDS_ADDRESS", String::new()),
+            ("LOCAL_XDS_PATH", xds.display().to_string()),
+            ("ISTIO_META_DNS_CAPTURE", "false".into()),
+            ("PACKET_MARK", "1337".into()),
+            ("ENABLE_ORIG_SRC", "false".into()),
+            ("IPV6_ENABLED", "false".into()),
+            ("RUST_LOG", "warn".into()),
+        ])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+        if pin.is_some() {
+            cmd.env("ZTUNNEL_WORKER_THREADS", "1");
+        }
+        procs.push(Server::spawn(cmd)?);
+    }
+    for p in [&client, &server] {
+        sim::eventually(Duration::from_secs(20), &format!("ztunnel in {} ready", p.name), || {
+            matches!(sim::http_get(&p.netns, "127.0.0.1:15021".parse().ok()?, "/healthz/ready"), Ok((200, _)))
+                .then_some(())
+        })
+        .with_context(|| std::fs::read_to_string(dir.join(format!("{}.log", p.name))).unwrap_or_default())?;
+    }
+    let pids = procs.iter().map(|s| s.pid()).collect();
+    Ok(Ztunnel { client, server, pids, _procs: procs })
 }
 
 /// `program` in `pod`, on CPU `pin` if set.
@@ -338,11 +543,16 @@ fn nginx(c: &Cluster, pod: &Pod, pin: Option<usize>) -> Result<Server> {
 
 impl Bench {
     fn path(&self, p: &str) -> (&Pod, &Pod) {
+        let zt = || self.zt.as_ref().expect("the ztunnel path runs only with ztunnel");
+        let base = || self.base.as_ref().expect("the baseline paths run only with a baseline agent");
         match p {
             "direct-local" => (&self.plain_client, &self.local_server),
             "mesh-local" => (&self.mesh_client, &self.local_server),
             "mesh-local-sockmap" => (&self.accel_client, &self.accel_server),
             "direct-remote" => (&self.plain_client, &self.remote_server),
+            ZTUNNEL => (&zt().client, &zt().server),
+            "baseline-local" => (&base().client, &base().local_server),
+            "baseline-remote" => (&base().client, &base().remote_server),
             _ => (&self.mesh_client, &self.remote_server),
         }
     }
@@ -476,9 +686,14 @@ impl Bench {
     /// The agents on a path: node-a's for mesh-local, node-c's for mesh-local-sockmap, node-a's
     /// and node-b's otherwise.
     fn agent_pids(&self, path: &str) -> Vec<u32> {
+        if path == ZTUNNEL {
+            return self.zt.as_ref().map(|z| z.pids.clone()).unwrap_or_default();
+        }
         let names: &[&str] = match path {
             "mesh-local" => &["node-a"],
             "mesh-local-sockmap" => &["node-c"],
+            "baseline-local" => &["node-d"],
+            "baseline-remote" => &["node-d", "node-e"],
             _ => &["node-a", "node-b"],
         };
         self.c.nodes.iter().filter(|n| names.contains(&n.name.as_str())).filter_map(|n| n.agent_pid()).collect()
@@ -501,14 +716,17 @@ impl Bench {
         self.agent_pids(path).into_iter().map(rss_kib).sum()
     }
 
-    /// Opens `n` connections through the same-node proxy and reads node-a's agent RSS.
-    fn rss_with_open_connections(&self, n: usize) -> Result<u64> {
-        let to = format!("{}:8080", self.local_server.ip);
-        let holder = self.mesh_client.hold(&to, n, 30)?;
+    /// Opens `n` idle connections on `path` and reads its proxies' RSS: (KiB with them open,
+    /// KiB more per connection than just before).
+    fn rss_with_open_connections(&self, path: &str, n: usize) -> Result<(u64, f64)> {
+        let (client, server) = self.path(path);
+        let before = self.agents_rss_kib(path)?;
+        let holder = client.hold(&format!("{}:8080", server.ip), n, 30)?;
         std::thread::sleep(Duration::from_millis(500));
-        let rss = rss_kib(self.c.nodes[0].agent_pid().context("agent")?)?;
+        let rss = self.agents_rss_kib(path)?;
         drop(holder);
-        Ok(rss)
+        std::thread::sleep(Duration::from_millis(500));
+        Ok((rss, (rss as f64 - before as f64) / n as f64))
     }
 }
 
@@ -559,18 +777,23 @@ fn figures(samples: Samples) -> Vec<Figure> {
             min: v.iter().copied().fold(f64::INFINITY, f64::min),
             max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
             ratio_to_direct: None,
+            ratio_to_ztunnel: None,
+            ratio_to_baseline: None,
             lower_is_better: *lower,
         })
         .collect();
-    let direct: BTreeMap<(String, String, String), f64> = out
-        .iter()
-        .filter(|f| f.path.starts_with("direct"))
-        .map(|f| ((f.workload.clone(), f.metric.clone(), f.path.clone()), f.median))
-        .collect();
+    let medians: BTreeMap<(String, String, String), f64> =
+        out.iter().map(|f| ((f.workload.clone(), f.metric.clone(), f.path.clone()), f.median)).collect();
+    let of = |f: &Figure, path: &str| medians.get(&(f.workload.clone(), f.metric.clone(), path.to_string())).copied();
     for f in &mut out {
-        let base = f.path.replace("mesh", "direct").replace("-sockmap", "");
-        if let Some(d) = direct.get(&(f.workload.clone(), f.metric.clone(), base)) {
-            f.ratio_to_direct = Some(f.median / d);
+        if proxied(&f.path) {
+            f.ratio_to_direct = of(f, direct_of(&f.path)).map(|d| f.median / d);
+        }
+        if f.path == "mesh-remote" || f.path == "baseline-remote" {
+            f.ratio_to_ztunnel = of(f, ZTUNNEL).map(|z| f.median / z);
+        }
+        if let Some(rest) = f.path.strip_prefix("mesh-").filter(|r| *r != "local-sockmap") {
+            f.ratio_to_baseline = of(f, &format!("baseline-{rest}")).map(|b| f.median / b);
         }
     }
     out
@@ -653,27 +876,37 @@ fn markdown(r: &Run) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    s += "Each cell: median [min-max] (ratio to the direct path of the same topology).\n\n";
-    s +=
-        "| workload | metric | unit | direct-local | mesh-local | mesh-local-sockmap | direct-remote | mesh-remote |\n";
-    s += "|---|---|---|---|---|---|---|---|\n";
+    if let Some(z) = &r.ztunnel {
+        s += &format!("- peer: ztunnel `{z}`\n");
+    }
+    if let Some(b) = &r.baseline_agent {
+        s += &format!("- baseline agent: `{b}`\n");
+    }
+    s += "\nEach cell: median [min-max] (ratio to the direct path of the same topology; `zt` ratio to \
+          ztunnel-remote; `base` ratio to the baseline agent's same path).\n\n";
+    s += &format!("| workload | metric | unit | {} |\n", r.paths.join(" | "));
+    s += &format!("|---|---|---|{}\n", "---|".repeat(r.paths.len()));
     let mut rows: BTreeMap<(String, String, String), BTreeMap<String, &Figure>> = BTreeMap::new();
     for f in &r.figures {
         rows.entry((f.workload.clone(), f.metric.clone(), f.unit.clone())).or_default().insert(f.path.clone(), f);
     }
     for ((w, m, u), cells) in rows {
         s += &format!("| {w} | {m} | {u} |");
-        for p in PATHS {
+        for p in r.paths.iter().map(String::as_str) {
             match cells.get(p) {
                 Some(f) if f.values.iter().all(|v| !v.is_finite()) => s += " failed in every repetition |",
                 Some(f) => {
                     let spread =
                         if f.values.len() > 1 { format!(" [{}-{}]", fmt(f.min), fmt(f.max)) } else { String::new() };
-                    let ratio = f
-                        .ratio_to_direct
-                        .filter(|_| p.starts_with("mesh"))
-                        .map(|x| format!(" ({x:.2}x)"))
-                        .unwrap_or_default();
+                    let ratios: Vec<String> = [
+                        f.ratio_to_direct.map(|x| format!("{x:.2}x")),
+                        f.ratio_to_ztunnel.map(|x| format!("zt {x:.2}x")),
+                        f.ratio_to_baseline.map(|x| format!("base {x:.2}x")),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                    let ratio = if ratios.is_empty() { String::new() } else { format!(" ({})", ratios.join("; ")) };
                     s += &format!(" {}{spread}{ratio} |", fmt(f.median));
                 }
                 None => s += " |",
