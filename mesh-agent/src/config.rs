@@ -107,7 +107,8 @@ pub struct FileConfig {
     pub hbone_listen: Option<SocketAddr>,
     pub pool_max_streams: Option<usize>,
     pub pool_idle_ms: Option<u64>,
-    /// Per-direction copy buffer of a proxied connection, bytes.
+    /// Size of a proxied connection's first reads, bytes (they grow to 64 KiB after 1 MiB
+    /// moved, 256 KiB after 10 MiB).
     pub copy_buffer_bytes: Option<usize>,
     /// Same-node acceleration with sockmap + sk_msg.
     pub sockmap_acceleration: Option<bool>,
@@ -282,7 +283,8 @@ pub struct RunArgs {
     /// Close pooled HBONE connections idle for this long (milliseconds).
     #[arg(long)]
     pub pool_idle_ms: Option<u64>,
-    /// Per-direction copy buffer of a proxied connection, bytes.
+    /// Size of a proxied connection's first reads, bytes (default 16384; they grow with the
+    /// bytes moved).
     #[arg(long)]
     pub copy_buffer_bytes: Option<usize>,
     /// Same-node acceleration: sockets between pods and the proxy on this node exchange data

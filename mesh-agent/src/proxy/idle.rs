@@ -14,7 +14,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
     time::{Duration, Instant},
 };
 
@@ -194,9 +194,164 @@ pub struct Copied {
     pub error: Option<io::Error>,
 }
 
-/// `tokio::io::copy_bidirectional_with_sizes` with byte counts that survive an error, ended
-/// with an error of kind `TimedOut` when no byte has moved for `idle` (`None`: never) and of
-/// kind `Interrupted` when `cancel` (if any) is cancelled.
+/// The most one read takes; also the size of each worker thread's scratch buffer.
+const MAX_READ: usize = 256 * 1024;
+
+thread_local! {
+    /// Where every copy on this thread reads into. Data goes straight on from here; only what
+    /// the writer does not take at once is copied into the connection's own buffer. So an idle
+    /// connection holds no copy buffer at all (a fixed one per direction cost 2 x 16 KiB each),
+    /// and bulk transfers read in big chunks without every connection owning big buffers.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0; MAX_READ].into_boxed_slice());
+}
+
+/// One direction of a copy.
+struct Half {
+    /// Read but not yet written (only when the writer pushed back).
+    pending: Vec<u8>,
+    written: usize,
+    /// Bytes moved so far: reads grow with it.
+    moved: u64,
+    first_read: usize,
+    read_done: bool,
+    shut_down: bool,
+    need_flush: bool,
+}
+
+impl Half {
+    fn new(first_read: usize) -> Half {
+        Half {
+            pending: Vec::new(),
+            written: 0,
+            moved: 0,
+            first_read: first_read.clamp(1024, MAX_READ),
+            read_done: false,
+            shut_down: false,
+            need_flush: false,
+        }
+    }
+
+    /// How much the next read may take: the configured size, 64 KiB once 1 MiB has moved,
+    /// 256 KiB after 10 MiB (bulk transfers need few big reads; request/response never gets
+    /// there). At most this much sits in `pending` when the writer pushes back.
+    fn read_size(&self) -> usize {
+        let grown = match self.moved {
+            m if m >= 10 << 20 => MAX_READ,
+            m if m >= 1 << 20 => 64 * 1024,
+            _ => 0,
+        };
+        self.first_read.max(grown)
+    }
+
+    /// Moves bytes from `r` to `w` until `r` ends (then shuts `w` down) or an error.
+    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, mut r: Pin<&mut R>, mut w: Pin<&mut W>) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            while self.written < self.pending.len() {
+                let n = ready!(w.as_mut().poll_write(cx, &self.pending[self.written..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.written += n;
+                self.need_flush = true;
+            }
+            if !self.pending.is_empty() {
+                // Written out: the buffer goes, so a connection that has gone quiet holds none.
+                self.pending = Vec::new();
+                self.written = 0;
+            }
+            if self.read_done {
+                if !self.shut_down {
+                    ready!(w.as_mut().poll_shutdown(cx))?;
+                    self.shut_down = true;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let limit = self.read_size();
+            let step = SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let mut rb = ReadBuf::new(&mut scratch[..limit]);
+                match r.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {}
+                }
+                let data = rb.filled();
+                if data.is_empty() {
+                    self.read_done = true;
+                    return Poll::Ready(Ok(()));
+                }
+                self.moved += data.len() as u64;
+                let mut off = 0;
+                while off < data.len() {
+                    match w.as_mut().poll_write(cx, &data[off..]) {
+                        Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                        Poll::Ready(Ok(n)) => {
+                            off += n;
+                            self.need_flush = true;
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => {
+                            // The writer pushed back: keep the rest until it takes it.
+                            self.pending.extend_from_slice(&data[off..]);
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                }
+                Poll::Ready(Ok(()))
+            });
+            match step {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // Nothing to read now: what was written goes out before we wait.
+                    if self.need_flush {
+                        ready!(w.as_mut().poll_flush(cx))?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// Both directions of a connection, until both have ended (or one fails).
+async fn copy_both<A, B>(a: &mut A, b: &mut B, first_read: usize) -> io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let (mut a_to_b, mut b_to_a) = (Half::new(first_read), Half::new(first_read));
+    let (mut a_done, mut b_done) = (false, false);
+    std::future::poll_fn(|cx| {
+        if !a_done {
+            a_done = ready_ok(a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b)))?;
+        }
+        if !b_done {
+            b_done = ready_ok(b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a)))?;
+        }
+        if a_done && b_done { Poll::Ready(Ok(())) } else { Poll::Pending }
+    })
+    .await
+}
+
+/// `Ready(Ok)` as `Ok(true)`, `Pending` as `Ok(false)`, an error as the error.
+fn ready_ok(p: Poll<io::Result<()>>) -> Result<bool, io::Error> {
+    match p {
+        Poll::Ready(Ok(())) => Ok(true),
+        Poll::Ready(Err(e)) => Err(e),
+        Poll::Pending => Ok(false),
+    }
+}
+
+/// Copies both ways (half-closes propagated on their own) with byte counts that survive an
+/// error, ended with an error of kind `TimedOut` when no byte has moved for `idle` (`None`:
+/// never) and of kind `Interrupted` when `cancel` (if any) is cancelled. `buf` is the size of
+/// the first reads (they grow with the bytes moved, see [`Half::read_size`]).
 pub async fn copy<A, B>(a: &mut A, b: &mut B, buf: usize, idle: Option<Duration>, cancel: Option<&Cancel>) -> Copied
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -222,7 +377,7 @@ where
     // drawn per poll.
     let error = tokio::select! {
         biased;
-        r = tokio::io::copy_bidirectional_with_sizes(&mut wa, &mut wb, buf, buf) => r.err(),
+        r = copy_both(&mut wa, &mut wb, buf) => r.err(),
         idle = watchdog => Some(io::Error::new(io::ErrorKind::TimedOut, format!("idle for {idle:?}: closed"))),
         _ = async {
             match cancel {
@@ -257,6 +412,35 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, duplex};
 
     use super::*;
+
+    #[tokio::test]
+    async fn every_byte_arrives_in_order_both_ways_through_a_writer_that_pushes_back() {
+        // Tiny pipes: nearly every write is partial or pending, so the bytes left over wait in
+        // the connection's own buffer; 12 MiB each way also crosses both read-size steps.
+        let (mut client, mut a) = duplex(1000);
+        let (mut b, mut server) = duplex(777);
+        let n = 12 << 20;
+        let data: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
+        let copy = tokio::spawn(async move { copy(&mut a, &mut b, 16 * 1024, None, None).await });
+        let (d1, d2) = (data.clone(), data.clone());
+        let up = tokio::spawn(async move {
+            client.write_all(&d1).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert!(got == data, "the client's bytes arrive intact");
+        server.write_all(&d2).await.unwrap();
+        server.shutdown().await.unwrap();
+        let back = up.await.unwrap();
+        assert!(back == data, "the server's bytes arrive intact");
+        let c = copy.await.unwrap();
+        assert!(c.error.is_none(), "{:?}", c.error);
+        assert_eq!((c.a_to_b, c.b_to_a), (n as u64, n as u64));
+    }
 
     #[tokio::test]
     async fn the_stop_reaches_every_connection_and_later_ones_start_stopped() {

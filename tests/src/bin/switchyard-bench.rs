@@ -716,17 +716,22 @@ impl Bench {
         self.agent_pids(path).into_iter().map(rss_kib).sum()
     }
 
-    /// Opens `n` idle connections on `path` and reads its proxies' RSS: (KiB with them open,
-    /// KiB more per connection than just before).
+    /// Opens `n` idle connections on `path` in two halves and reads its proxies' RSS: (KiB with
+    /// all open, KiB per connection). The per-connection figure is the growth over the second
+    /// half: the first half takes up what the allocator kept free from the earlier loads, so
+    /// the growth from zero would understate what a connection costs.
     fn rss_with_open_connections(&self, path: &str, n: usize) -> Result<(u64, f64)> {
         let (client, server) = self.path(path);
-        let before = self.agents_rss_kib(path)?;
-        let holder = client.hold(&format!("{}:8080", server.ip), n, 30)?;
+        let to = format!("{}:8080", server.ip);
+        let first = client.hold(&to, n / 2, 40)?;
+        std::thread::sleep(Duration::from_millis(500));
+        let half = self.agents_rss_kib(path)?;
+        let second = client.hold(&to, n - n / 2, 30)?;
         std::thread::sleep(Duration::from_millis(500));
         let rss = self.agents_rss_kib(path)?;
-        drop(holder);
+        drop((first, second));
         std::thread::sleep(Duration::from_millis(500));
-        Ok((rss, (rss as f64 - before as f64) / n as f64))
+        Ok((rss, (rss as f64 - half as f64) / (n - n / 2) as f64))
     }
 }
 
