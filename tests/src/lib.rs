@@ -274,6 +274,14 @@ impl Pod {
     }
 
     /// Runs `sim-http ARGS` in the pod and parses its JSON line.
+    /// `sim-workload client --connect <to> <args>` from this pod, its report typed.
+    pub fn client(&self, to: &str, args: &[&str], timeout: Duration) -> Result<ClientReport> {
+        let mut a = vec!["client", "--connect", to];
+        a.extend_from_slice(args);
+        let v = self.workload(&a, timeout)?;
+        serde_json::from_value(v.clone()).with_context(|| format!("a client report: {v}"))
+    }
+
     /// `sim-http load --url <url> <args>` from this pod, its report typed.
     pub fn load(&self, url: &str, args: &[&str], timeout: Duration) -> Result<LoadReport> {
         let mut a = vec!["load", "--url", url];
@@ -920,6 +928,28 @@ fn workload_file(
             .collect(),
         authorization: authorization.to_vec(),
         services: services.to_vec(),
+    }
+}
+
+/// What `sim-workload client` reports (it writes this type; tests read it back).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct ClientReport {
+    /// Connections that connected and echoed every byte back.
+    pub ok: u64,
+    pub failed: u64,
+    pub bytes_verified: u64,
+    /// getpeername() of the first connection: what the application believes it talks to.
+    pub peer: Option<String>,
+    /// getsockname() of the first connection.
+    pub local: Option<String>,
+    /// The first few errors.
+    pub errors: Vec<String>,
+    pub elapsed_ms: u64,
+}
+
+impl std::fmt::Display for ClientReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&serde_json::to_string(self).map_err(|_| std::fmt::Error)?)
     }
 }
 

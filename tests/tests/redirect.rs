@@ -3,7 +3,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use serde_json::Value;
-use sim::{Node, Pod, Server, eventually, privileged};
+use sim::{ClientReport, Node, Pod, Server, eventually, privileged};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -46,10 +46,8 @@ fn server_addr(s: &Setup) -> String {
     format!("{}:8080", s.server.ip)
 }
 
-fn client_run(pod: &Pod, to: &str, extra: &[&str]) -> Result<Value> {
-    let mut args = vec!["client", "--connect", to];
-    args.extend_from_slice(extra);
-    pod.workload(&args, T)
+fn client_run(pod: &Pod, to: &str, extra: &[&str]) -> Result<ClientReport> {
+    pod.client(to, extra, T)
 }
 
 fn events(node: &Node) -> Result<Value> {
@@ -63,10 +61,10 @@ fn meshed_pod_is_redirected_through_the_proxy_and_sees_the_original_peer() -> Re
     }
     let s = setup()?;
     let r = client_run(&s.client, &server_addr(&s), &["--bytes", "100000"])?;
-    assert_eq!(r["ok"], 1, "{r}");
-    assert_eq!(r["bytes_verified"], 100000);
+    assert_eq!(r.ok, 1, "{r}");
+    assert_eq!(r.bytes_verified, 100000);
     // The application sees the server, not the proxy.
-    assert_eq!(r["peer"], server_addr(&s), "getpeername must show the original destination: {r}");
+    assert_eq!(r.peer.as_deref(), Some(&*server_addr(&s)), "getpeername must show the original destination: {r}");
 
     let conns = s.node.admin_json("/debug/connections")?;
     let recent = conns["recent"].as_array().unwrap();
@@ -75,7 +73,7 @@ fn meshed_pod_is_redirected_through_the_proxy_and_sees_the_original_peer() -> Re
     assert_eq!(c["original_dst"], server_addr(&s));
     assert_eq!(c["source_pod"], "shop/client");
     assert_eq!(c["destination_pod"], "shop/server");
-    assert_eq!(c["client"], r["local"], "the proxy saw the client's own address");
+    assert_eq!(c["client"].as_str(), r.local.as_deref(), "the proxy saw the client's own address");
     assert_eq!(c["bytes_sent"], 100000);
     assert_eq!(c["bytes_received"], 100000);
     let ev = events(&s.node)?;
@@ -85,14 +83,14 @@ fn meshed_pod_is_redirected_through_the_proxy_and_sees_the_original_peer() -> Re
     // An IPv6 socket to the v4-mapped address is redirected the same way.
     let mapped = format!("[::ffff:{}]:8080", s.server.ip);
     let r = client_run(&s.client, &mapped, &[])?;
-    assert_eq!(r["ok"], 1, "{r}");
-    assert_eq!(r["peer"], mapped, "{r}");
+    assert_eq!(r.ok, 1, "{r}");
+    assert_eq!(r.peer.as_deref(), Some(&*mapped), "{r}");
     assert_eq!(s.node.proxied_total()?, 2);
 
     // Loopback stays inside the pod.
     let _local = s.client.serve(&["echo-server", "--listen", "127.0.0.1:9000"])?;
     let r = client_run(&s.client, "127.0.0.1:9000", &[])?;
-    assert_eq!(r["ok"], 1, "{r}");
+    assert_eq!(r.ok, 1, "{r}");
     assert_eq!(s.node.proxied_total()?, 2, "loopback must not go through the proxy");
 
     // Metrics are served and count it.
@@ -109,8 +107,8 @@ fn unmeshed_pod_goes_direct() -> Result<()> {
     }
     let s = setup()?;
     let r = client_run(&s.plain, &server_addr(&s), &["--count", "5"])?;
-    assert_eq!(r["ok"], 5, "{r}");
-    assert_eq!(r["peer"], server_addr(&s));
+    assert_eq!(r.ok, 5, "{r}");
+    assert_eq!(r.peer.as_deref(), Some(&*server_addr(&s)));
     assert_eq!(s.node.proxied_total()?, 0, "the proxy must see nothing");
     assert_eq!(events(&s.node)?["meshed_connects"], 0);
     Ok(())
@@ -126,7 +124,7 @@ fn pods_are_meshed_and_unmeshed_at_runtime_within_a_second() -> Result<()> {
     let proxied = |s: &Setup| -> Result<bool> {
         let before = s.node.proxied_total()?;
         let r = client_run(&s.client, &to, &[])?;
-        anyhow::ensure!(r["ok"] == 1, "connection failed: {r}");
+        anyhow::ensure!(r.ok == 1, "connection failed: {r}");
         // The proxy records a connection when it ends; give it a moment.
         std::thread::sleep(Duration::from_millis(20));
         Ok(s.node.proxied_total()? > before)
@@ -172,17 +170,16 @@ fn ten_thousand_sequential_and_500_concurrent_connections_leave_nothing_behind()
     client_run(&s.client, &to, &["--count", "10"])?;
     let fds_before = s.node.agent_fds()?;
 
-    let r = s
-        .client
-        .workload(&["client", "--connect", &to, "--count", "10000", "--bytes", "512"], Duration::from_secs(300))?;
-    assert_eq!(r["ok"], 10000, "{r}");
-    assert_eq!(r["bytes_verified"], 10000 * 512);
-    let r = s.client.workload(
-        &["client", "--connect", &to, "--count", "500", "--concurrency", "500", "--hold", "--bytes", "4096"],
+    let r = s.client.client(&to, &["--count", "10000", "--bytes", "512"], Duration::from_secs(300))?;
+    assert_eq!(r.ok, 10000, "{r}");
+    assert_eq!(r.bytes_verified, 10000 * 512);
+    let r = s.client.client(
+        &to,
+        &["--count", "500", "--concurrency", "500", "--hold", "--bytes", "4096"],
         Duration::from_secs(120),
     )?;
-    assert_eq!(r["ok"], 500, "{r}");
-    assert_eq!(r["bytes_verified"], 500 * 4096);
+    assert_eq!(r.ok, 500, "{r}");
+    assert_eq!(r.bytes_verified, 500 * 4096);
 
     eventually(Duration::from_secs(10), "every connection recorded and every map entry removed", || {
         let dp = s.node.admin_json("/debug/datapath").ok()?;
@@ -237,7 +234,7 @@ fn stopped_agent_leaves_no_program_attached_and_traffic_goes_direct() -> Result<
     let mut s = setup()?;
     let to = server_addr(&s);
     assert_eq!(s.node.attached_programs()?.len(), 6, "six programs attached while running");
-    assert_eq!(client_run(&s.client, &to, &[])?["ok"], 1);
+    assert_eq!(client_run(&s.client, &to, &[])?.ok, 1);
 
     let clean = s.node.stop_agent(Duration::from_secs(10))?;
     assert!(clean, "agent must exit 0 on SIGTERM:\n{}", s.node.agent_log());
@@ -246,8 +243,8 @@ fn stopped_agent_leaves_no_program_attached_and_traffic_goes_direct() -> Result<
 
     // New connections go direct and complete (no hang: the client has a deadline).
     let r = client_run(&s.client, &to, &["--count", "20", "--timeout-ms", "3000"])?;
-    assert_eq!(r["ok"], 20, "{r}");
-    assert_eq!(r["peer"], to);
+    assert_eq!(r.ok, 20, "{r}");
+    assert_eq!(r.peer.as_deref(), Some(&*to));
     Ok(())
 }
 
@@ -264,7 +261,7 @@ fn killed_agent_detaches_too() -> Result<()> {
         s.node.attached_programs().ok()?.is_empty().then_some(())
     })?;
     let r = client_run(&s.client, &server_addr(&s), &["--timeout-ms", "3000"])?;
-    assert_eq!(r["ok"], 1, "{r}");
+    assert_eq!(r.ok, 1, "{r}");
     Ok(())
 }
 
@@ -299,15 +296,15 @@ fn bypass_ports_and_cidrs_go_direct() -> Result<()> {
     let _plain_srv = s.plain.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?;
     for to in [format!("{}:9090", s.server.ip), format!("{}:8080", s.plain.ip)] {
         let r = client_run(&s.client, &to, &[])?;
-        assert_eq!(r["ok"], 1, "{to}: {r}");
-        assert_eq!(r["peer"], to.as_str());
+        assert_eq!(r.ok, 1, "{to}: {r}");
+        assert_eq!(r.peer.as_deref(), Some(&*to.as_str()));
     }
     assert_eq!(s.node.proxied_total()?, 0, "bypassed destinations go direct");
     let ev = events(&s.node)?;
     assert_eq!(ev["skip_bypass_port"], 1, "{ev}");
     assert_eq!(ev["skip_bypass_cidr"], 1, "{ev}");
     // Everything else still goes through the proxy.
-    assert_eq!(client_run(&s.client, &server_addr(&s), &[])?["ok"], 1);
+    assert_eq!(client_run(&s.client, &server_addr(&s), &[])?.ok, 1);
     assert_eq!(s.node.proxied_total()?, 1);
     Ok(())
 }
@@ -321,7 +318,7 @@ fn a_full_map_means_not_redirected_and_counted_never_a_failed_connect() -> Resul
     let s = setup_with(|_| vec!["--max-redirected-sockets".into(), "4".into()])?;
     let to = server_addr(&s);
     let r = client_run(&s.client, &to, &["--count", "7", "--concurrency", "7", "--hold", "--timeout-ms", "5000"])?;
-    assert_eq!(r["ok"], 7, "every connection succeeds, redirected or not: {r}");
+    assert_eq!(r.ok, 7, "every connection succeeds, redirected or not: {r}");
     let ev = events(&s.node)?;
     assert_eq!(ev["redirected"], 4, "{ev}");
     assert_eq!(ev["map_full"], 3, "{ev}");
@@ -332,7 +329,7 @@ fn a_full_map_means_not_redirected_and_counted_never_a_failed_connect() -> Resul
     eventually(Duration::from_secs(5), "map drained", || {
         (s.node.admin_json("/debug/datapath").ok()?["maps"]["sock_orig"] == 0).then_some(())
     })?;
-    assert_eq!(client_run(&s.client, &to, &[])?["ok"], 1);
+    assert_eq!(client_run(&s.client, &to, &[])?.ok, 1);
     assert_eq!(events(&s.node)?["redirected"], 5);
     Ok(())
 }
@@ -356,6 +353,6 @@ fn idle_proxied_connections_are_closed_after_the_idle_timeout() -> Result<()> {
     // New connections are unaffected (that activity keeps a connection open is unit-tested in
     // mesh-agent's proxy::idle).
     let r = client_run(&s.client, &server_addr(&s), &["--bytes", "1000"])?;
-    assert_eq!(r["ok"], 1, "{r}");
+    assert_eq!(r.ok, 1, "{r}");
     Ok(())
 }

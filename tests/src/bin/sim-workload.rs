@@ -216,17 +216,7 @@ fn echo_server(listen: SocketAddr, io: Io) {
     }
 }
 
-#[derive(Default, serde::Serialize)]
-struct Report {
-    ok: usize,
-    failed: usize,
-    bytes_verified: usize,
-    /// getpeername() of the first connection: what the application believes it talks to.
-    peer: Option<String>,
-    local: Option<String>,
-    errors: Vec<String>,
-    elapsed_ms: u128,
-}
+use sim::ClientReport as Report;
 
 struct Opts {
     bytes: usize,
@@ -301,7 +291,7 @@ fn client(addr: SocketAddr, o: Opts) {
                     match r {
                         Ok((peer, local)) => {
                             rep.ok += 1;
-                            rep.bytes_verified += bytes;
+                            rep.bytes_verified += bytes as u64;
                             rep.peer.get_or_insert(peer);
                             rep.local.get_or_insert(local);
                         }
@@ -323,7 +313,7 @@ fn client(addr: SocketAddr, o: Opts) {
         let _ = w.join();
     }
     let mut rep = Arc::try_unwrap(report).ok().unwrap().into_inner().unwrap();
-    rep.elapsed_ms = start.elapsed().as_millis();
+    rep.elapsed_ms = start.elapsed().as_millis() as u64;
     println!("{}", serde_json::to_string(&rep).unwrap());
 }
 
