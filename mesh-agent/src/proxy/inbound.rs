@@ -195,6 +195,7 @@ impl Inbound {
             .max_header_list_size(MAX_HEADER_LIST_SIZE)
             .initial_stream_window_size(4 * 1024 * 1024)
             .initial_connection_window_size(16 * 1024 * 1024)
+            .max_frame_size(1 << 20)
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
             .serve_connection(TokioIo::new(tls), svc);

@@ -343,6 +343,9 @@ impl Pool {
             .keep_alive_timeout(Duration::from_secs(10))
             .initial_stream_window_size(4 * 1024 * 1024)
             .initial_connection_window_size(16 * 1024 * 1024)
+            // As ztunnel: the peer may send DATA frames of up to 1 MiB (fewer frame headers
+            // and wake-ups per MiB of bulk than at the protocol's default 16 KiB).
+            .max_frame_size(1 << 20)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|source| HboneError::H2 { peer, source })?;
