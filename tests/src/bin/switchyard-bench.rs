@@ -723,11 +723,13 @@ impl Bench {
     fn rss_with_open_connections(&self, path: &str, n: usize) -> Result<(u64, f64)> {
         let (client, server) = self.path(path);
         let to = format!("{}:8080", server.ip);
-        let first = client.hold(&to, n / 2, 40)?;
-        std::thread::sleep(Duration::from_millis(500));
+        // Each hold waits until its connections are accepted; the proxies open their upstream
+        // side (a tunnel each, on another node) just after: give that time to settle.
+        let first = client.hold(&to, n / 2, 60)?;
+        std::thread::sleep(Duration::from_secs(3));
         let half = self.agents_rss_kib(path)?;
-        let second = client.hold(&to, n - n / 2, 30)?;
-        std::thread::sleep(Duration::from_millis(500));
+        let second = client.hold(&to, n - n / 2, 50)?;
+        std::thread::sleep(Duration::from_secs(3));
         let rss = self.agents_rss_kib(path)?;
         drop((first, second));
         std::thread::sleep(Duration::from_millis(500));
