@@ -1,6 +1,7 @@
-//! Metrics by construction: each component registers its own metrics here; the kernel-side
-//! counters and map usage are read at scrape time by a collector, so a slow scrape never
-//! touches the data plane.
+//! The registries and the metric types shared by several components (Istio's standard labels,
+//! `ByReason`, label enums); each component registers its own metrics into the registry it is
+//! given. The kernel-side counters and map usage are read at scrape time by a collector, so a
+//! slow scrape never touches the data plane.
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::{

@@ -1,6 +1,6 @@
-//! The agent's view of the node's workloads, whatever feeds it (the local workload file today,
-//! Kubernetes watches later). The reconciler turns it into datapath state; the proxy uses it to
-//! name the source and destination of a connection.
+//! The agent's view of the node's workloads, whatever feeds it (the local workload file or the
+//! Kubernetes watches), and the annotations' meaning. The reconciler turns it into datapath
+//! state and publishes the [`PodIndex`] the proxy looks up per connection.
 use std::{
     collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
