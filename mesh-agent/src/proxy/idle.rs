@@ -2,7 +2,7 @@
 //! both half-closes propagated on their own, the bytes each way counted (also when the copy
 //! ends in an error), an idle timeout (a connection on which no byte has moved either way for
 //! the timeout is closed: Istio's and Envoy's TCP idle timeout, default one hour) and a
-//! cancellation token (a policy change that no longer allows the connection).
+//! cancel handle (a policy change that no longer allows the connection).
 //! Activity is a flag set on each successful read or write (one relaxed store, no clock read:
 //! reading the clock per read and write was ~300 instructions per request), which a watchdog
 //! takes a few times per timeout; the connection is closed once the flag has stayed down for
@@ -31,45 +31,6 @@ impl Moved {
 
     fn take(&self) -> bool {
         self.0.swap(false, Ordering::Relaxed)
-    }
-}
-
-struct Activity<'a, S> {
-    inner: &'a mut S,
-    clock: &'a Moved,
-    /// Bytes read from this side.
-    read: u64,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Activity<'_, S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut *this.inner).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.read += (buf.filled().len() - before) as u64;
-            this.clock.touch();
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Activity<'_, S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut *this.inner).poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.clock.touch();
-        }
-        r
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -210,7 +171,7 @@ struct Half {
     /// Read but not yet written (only when the writer pushed back).
     pending: Vec<u8>,
     written: usize,
-    /// Bytes moved so far: reads grow with it.
+    /// Bytes read from this side so far (what the copy reports; reads grow with it).
     moved: u64,
     first_read: usize,
     read_done: bool,
@@ -243,8 +204,15 @@ impl Half {
         self.first_read.max(grown)
     }
 
-    /// Moves bytes from `r` to `w` until `r` ends (then shuts `w` down) or an error.
-    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, mut r: Pin<&mut R>, mut w: Pin<&mut W>) -> Poll<io::Result<()>>
+    /// Moves bytes from `r` to `w` until `r` ends (then shuts `w` down) or an error; every
+    /// read or write that moves a byte touches `clock`.
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+        clock: &Moved,
+    ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
@@ -257,6 +225,7 @@ impl Half {
                 }
                 self.written += n;
                 self.need_flush = true;
+                clock.touch();
             }
             if !self.pending.is_empty() {
                 // Written out: the buffer goes, so a connection that has gone quiet holds none.
@@ -285,6 +254,7 @@ impl Half {
                     return Poll::Ready(Ok(()));
                 }
                 self.moved += data.len() as u64;
+                clock.touch();
                 let mut off = 0;
                 while off < data.len() {
                     match w.as_mut().poll_write(cx, &data[off..]) {
@@ -292,6 +262,7 @@ impl Half {
                         Poll::Ready(Ok(n)) => {
                             off += n;
                             self.need_flush = true;
+                            clock.touch();
                         }
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                         Poll::Pending => {
@@ -320,19 +291,18 @@ impl Half {
 }
 
 /// Both directions of a connection, until both have ended (or one fails).
-async fn copy_both<A, B>(a: &mut A, b: &mut B, first_read: usize) -> io::Result<()>
+async fn copy_both<A, B>(a: &mut A, b: &mut B, a_to_b: &mut Half, b_to_a: &mut Half, clock: &Moved) -> io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let (mut a_to_b, mut b_to_a) = (Half::new(first_read), Half::new(first_read));
     let (mut a_done, mut b_done) = (false, false);
     std::future::poll_fn(|cx| {
         if !a_done {
-            a_done = ready_ok(a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b)))?;
+            a_done = ready_ok(a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b), clock))?;
         }
         if !b_done {
-            b_done = ready_ok(b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a)))?;
+            b_done = ready_ok(b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a), clock))?;
         }
         if a_done && b_done { Poll::Ready(Ok(())) } else { Poll::Pending }
     })
@@ -358,8 +328,7 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let clock = Moved::default();
-    let mut wa = Activity { inner: a, clock: &clock, read: 0 };
-    let mut wb = Activity { inner: b, clock: &clock, read: 0 };
+    let (mut a_to_b, mut b_to_a) = (Half::new(buf), Half::new(buf));
     let watchdog = async {
         let Some(idle) = idle else { return std::future::pending().await };
         let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(60));
@@ -377,7 +346,7 @@ where
     // drawn per poll.
     let error = tokio::select! {
         biased;
-        r = copy_both(&mut wa, &mut wb, buf) => r.err(),
+        r = copy_both(a, b, &mut a_to_b, &mut b_to_a, &clock) => r.err(),
         idle = watchdog => Some(io::Error::new(io::ErrorKind::TimedOut, format!("idle for {idle:?}: closed"))),
         _ = async {
             match cancel {
@@ -386,25 +355,7 @@ where
             }
         } => Some(io::Error::new(io::ErrorKind::Interrupted, "closed by the proxy: no longer allowed")),
     };
-    Copied { a_to_b: wa.read, b_to_a: wb.read, error }
-}
-
-/// [`copy`] without cancellation, as `Result`.
-pub async fn copy_bidirectional<A, B>(
-    a: &mut A,
-    b: &mut B,
-    buf: usize,
-    idle: Option<Duration>,
-) -> io::Result<(u64, u64)>
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let c = copy(a, b, buf, idle, None).await;
-    match c.error {
-        None => Ok((c.a_to_b, c.b_to_a)),
-        Some(e) => Err(e),
-    }
+    Copied { a_to_b: a_to_b.moved, b_to_a: b_to_a.moved, error }
 }
 
 #[cfg(test)]
@@ -462,7 +413,7 @@ mod tests {
         let (mut a, _a_peer) = duplex(64);
         let (mut b, _b_peer) = duplex(64);
         let started = Instant::now();
-        let e = copy_bidirectional(&mut a, &mut b, 64, Some(idle)).await.unwrap_err();
+        let e = copy(&mut a, &mut b, 64, Some(idle), None).await.error.expect("closed when idle");
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert!(started.elapsed() >= idle);
 
@@ -484,8 +435,9 @@ mod tests {
             b_peer.shutdown().await.unwrap();
             got.len()
         });
-        let (sent, _) = copy_bidirectional(&mut a, &mut b, 64, Some(idle)).await.expect("not cut while active");
-        assert_eq!(sent, 16);
+        let c = copy(&mut a, &mut b, 64, Some(idle), None).await;
+        assert!(c.error.is_none(), "not cut while active: {:?}", c.error);
+        assert_eq!(c.a_to_b, 16);
         assert_eq!(reader.await.unwrap(), 16);
         writer.await.unwrap();
     }
