@@ -297,7 +297,7 @@ fn bypass_ports_and_cidrs_go_direct() -> Result<()> {
     for to in [format!("{}:9090", s.server.ip), format!("{}:8080", s.plain.ip)] {
         let r = client_run(&s.client, &to, &[])?;
         assert_eq!(r.ok, 1, "{to}: {r}");
-        assert_eq!(r.peer.as_deref(), Some(&*to.as_str()));
+        assert_eq!(r.peer.as_deref(), Some(to.as_str()));
     }
     assert_eq!(s.node.proxied_total()?, 0, "bypassed destinations go direct");
     let ev = events(&s.node)?;

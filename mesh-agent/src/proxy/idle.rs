@@ -83,32 +83,70 @@ impl Cancel {
     }
 }
 
+/// Entries that live as long as their handles: what must reach every open connection later
+/// (the agent's stop, a policy re-check) keeps one per connection here.
+pub struct Live<T> {
+    inner: std::sync::Mutex<(u64, std::collections::HashMap<u64, T>)>,
+}
+
+impl<T> Default for Live<T> {
+    fn default() -> Self {
+        Live { inner: Default::default() }
+    }
+}
+
+/// Dropping it removes its entry.
+pub struct LiveHandle<T> {
+    live: Arc<Live<T>>,
+    id: u64,
+}
+
+impl<T> Drop for LiveHandle<T> {
+    fn drop(&mut self) {
+        self.live.lock().1.remove(&self.id);
+    }
+}
+
+impl<T> Live<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, std::collections::HashMap<u64, T>)> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(self: &Arc<Self>, entry: T) -> LiveHandle<T> {
+        let mut inner = self.lock();
+        let id = inner.0;
+        inner.0 += 1;
+        inner.1.insert(id, entry);
+        LiveHandle { live: self.clone(), id }
+    }
+
+    /// Calls `f` on every entry, with the set locked (entries neither come nor go meanwhile).
+    pub fn for_each(&self, mut f: impl FnMut(&T)) {
+        self.lock().1.values().for_each(&mut f);
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().1.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The agent's stop, handed to each long-lived connection as a [`Cancel`] of its own. A
 /// `CancellationToken` polled on every wake-up of a connection's task takes two mutexes (the
 /// token's node, then its waiter list); a `Cancel` is an atomic load and a waker comparison.
 #[derive(Default)]
 pub struct Stops {
-    inner: std::sync::Mutex<StopsInner>,
-}
-
-#[derive(Default)]
-struct StopsInner {
-    next: u64,
-    open: std::collections::HashMap<u64, Cancel>,
-    stopped: bool,
+    open: Arc<Live<Cancel>>,
+    stopped: AtomicBool,
 }
 
 /// One connection's stop; dropping it forgets the connection.
 pub struct StopHandle {
-    stops: Arc<Stops>,
-    id: u64,
+    _entry: LiveHandle<Cancel>,
     pub cancel: Cancel,
-}
-
-impl Drop for StopHandle {
-    fn drop(&mut self) {
-        self.stops.inner.lock().unwrap_or_else(|p| p.into_inner()).open.remove(&self.id);
-    }
 }
 
 impl Stops {
@@ -124,24 +162,19 @@ impl Stops {
     }
 
     /// A handle for one more connection (already cancelled once the stop has come).
-    pub fn handle(self: &Arc<Self>) -> StopHandle {
+    pub fn handle(&self) -> StopHandle {
         let cancel = Cancel::default();
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if inner.stopped {
+        let entry = self.open.insert(cancel.clone());
+        // After the insert: either `stop_all` sees the entry, or this sees its flag.
+        if self.stopped.load(Ordering::SeqCst) {
             cancel.cancel();
         }
-        let id = inner.next;
-        inner.next += 1;
-        inner.open.insert(id, cancel.clone());
-        StopHandle { stops: self.clone(), id, cancel }
+        StopHandle { _entry: entry, cancel }
     }
 
     fn stop_all(&self) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.stopped = true;
-        for c in inner.open.values() {
-            c.cancel();
-        }
+        self.stopped.store(true, Ordering::SeqCst);
+        self.open.for_each(Cancel::cancel);
     }
 }
 
@@ -399,7 +432,7 @@ mod tests {
         let stops = Stops::new(&stop);
         let (a, b) = (stops.handle(), stops.handle());
         drop(b);
-        assert_eq!(stops.inner.lock().unwrap().open.len(), 1, "a dropped handle is forgotten");
+        assert_eq!(stops.open.len(), 1, "a dropped handle is forgotten");
         assert!(!a.cancel.is_cancelled());
         stop.cancel();
         tokio::time::timeout(Duration::from_secs(5), a.cancel.cancelled()).await.expect("stopped");

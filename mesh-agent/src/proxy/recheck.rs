@@ -3,14 +3,7 @@
 //! ztunnel closes connections that a policy update denies. Covers same-node connections
 //! (decided by the outbound proxy) and HBONE streams (decided by this node's inbound side);
 //! a connection to another node is decided, and re-checked, at its destination.
-use std::{
-    collections::HashMap,
-    net::Ipv4Addr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
-};
+use std::{net::Ipv4Addr, sync::Arc};
 
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use tokio::sync::watch;
@@ -19,11 +12,14 @@ use tracing::info;
 
 use crate::{
     authz::Decision,
-    proxy::{idle::Cancel, route::Authorized},
+    proxy::{
+        idle::{Cancel, Live, LiveHandle},
+        route::Authorized,
+    },
     state::PodIndex,
 };
 
-struct Open {
+pub struct Open {
     authorized: Authorized,
     dst_ip: Ipv4Addr,
     cancel: Cancel,
@@ -32,46 +28,36 @@ struct Open {
 /// The open authorized connections.
 #[derive(Default)]
 pub struct OpenAuthorizations {
-    open: Mutex<HashMap<u64, Open>>,
-    next: AtomicU64,
+    open: Arc<Live<Open>>,
     /// Connections closed because a policy change no longer allows them.
     pub closed: Counter,
 }
 
 /// Held for as long as the connection is open; dropping it forgets the connection.
-pub struct Registration {
-    set: Arc<OpenAuthorizations>,
-    id: u64,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.set.open.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
-    }
-}
+pub type Registration = LiveHandle<Open>;
 
 impl OpenAuthorizations {
     /// Remembers a connection to `dst_ip` allowed as `authorized`, closed through `cancel`.
-    pub fn register(self: &Arc<Self>, authorized: Authorized, dst_ip: Ipv4Addr, cancel: Cancel) -> Registration {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.open.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Open { authorized, dst_ip, cancel });
-        Registration { set: self.clone(), id }
+    pub fn register(&self, authorized: Authorized, dst_ip: Ipv4Addr, cancel: Cancel) -> Registration {
+        self.open.insert(Open { authorized, dst_ip, cancel })
     }
 
     pub fn len(&self) -> usize {
-        self.open.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.open.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.open.is_empty()
     }
 
     /// Evaluates every open connection under `idx` and closes those no longer allowed.
     /// Returns how many it closed.
     pub fn recheck(&self, idx: &PodIndex) -> usize {
-        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let mut closed = 0;
-        for o in open.values().filter(|o| !o.cancel.is_cancelled()) {
+        self.open.for_each(|o| {
+            if o.cancel.is_cancelled() {
+                return;
+            }
             let decision = o.authorized.recheck(idx, o.dst_ip);
             if decision != Decision::Allow {
                 info!(
@@ -81,7 +67,7 @@ impl OpenAuthorizations {
                 o.cancel.cancel();
                 closed += 1;
             }
-        }
+        });
         self.closed.inc_by(closed as u64);
         closed
     }
