@@ -288,8 +288,7 @@ struct WindowStats {
 
 impl WindowStats {
     fn of(rs: &[&RequestRecord], span_ms: u64) -> Self {
-        let mut d: Vec<f64> = rs.iter().map(|r| r.duration_ms).collect();
-        d.sort_by(|a, b| a.total_cmp(b));
+        let d = sorted_durations(rs);
         let per_s = |n: usize| n as f64 * 1000.0 / span_ms as f64;
         WindowStats {
             requests_per_s: per_s(rs.len()),
@@ -334,6 +333,13 @@ struct PodStats<'a> {
     window: WindowStats,
 }
 
+/// The requests' durations, ascending (for [`percentile`]).
+fn sorted_durations(rs: &[&RequestRecord]) -> Vec<f64> {
+    let mut d: Vec<f64> = rs.iter().map(|r| r.duration_ms).collect();
+    d.sort_by(|a, b| a.total_cmp(b));
+    d
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -374,8 +380,7 @@ impl Requests {
         by_service
             .into_iter()
             .map(|(service, rs)| {
-                let mut d: Vec<f64> = rs.iter().map(|r| r.duration_ms).collect();
-                d.sort_by(|a, b| a.total_cmp(b));
+                let d = sorted_durations(&rs);
                 ServiceStats {
                     service,
                     requests: rs.len(),
