@@ -1,9 +1,15 @@
 //! Builds the eBPF object (mesh-ebpf) for the bpfel target with the nightly toolchain and
 //! bpf-linker, so `cargo build` of the agent always embeds programs that match its sources.
+//! Also generates the gRPC code of Istio's CA API from `proto/ca.proto` (protoc).
 //! `cargo xtask setup` installs what this needs.
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
+    println!("cargo:rerun-if-changed=proto/ca.proto");
+    tonic_prost_build::configure()
+        .build_transport(false)
+        .compile_protos(&["proto/ca.proto"], &["proto"])
+        .context("generating the CA API code from proto/ca.proto failed: is protoc installed? (`cargo xtask setup`)")?;
     let cargo_metadata::Metadata { packages, .. } =
         cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
     let ebpf = packages

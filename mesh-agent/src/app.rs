@@ -332,7 +332,6 @@ fn start_identity(
     background: &mut Vec<JoinHandle<()>>,
 ) -> Arc<Pool> {
     let (wanted_tx, wanted_rx) = watch::channel(wanted_identities(&index_rx.borrow(), &config.trust_domain));
-    m.certs.sync(&wanted_rx.borrow());
     background.push(tokio::spawn(m.certs.clone().run(wanted_rx, stop.clone())));
     let mut idx_rx = index_rx.clone();
     let td = config.trust_domain.clone();
@@ -401,12 +400,7 @@ impl Telemetry {
             p.metrics.register(registry);
         }
         if let Some(m) = mtls {
-            registry.register("certificates_issued", "Workload certificates issued", m.certs.issued.clone());
-            registry.register(
-                "certificate_renewal_failures",
-                "Workload certificate issuance or renewal failures (the current certificate is kept)",
-                m.certs.failures.clone(),
-            );
+            m.certs.metrics.register(registry);
         }
         registry.register_collector(Box::new(DatapathCollector(datapath.clone())));
         registry.register_collector(Box::new(metrics::PodRedirectCollector {
@@ -655,7 +649,7 @@ const ACCEPT_SETTLE: Duration = Duration::from_millis(200);
 const REDIRECT_SETTLE: Duration = Duration::from_millis(100);
 
 /// A client from an explicit kubeconfig, else in-cluster or `$KUBECONFIG` (kube's inference).
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
     let cfg = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)

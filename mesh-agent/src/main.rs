@@ -22,6 +22,9 @@ enum Command {
     /// Mesh CA tasks.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Workload identity services.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
     /// A running agent's health, datapath, pods, connections and certificates.
     Status(AdminArgs),
     /// This node's pods as the running agent sees them.
@@ -59,6 +62,13 @@ struct AdminArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = mesh_agent::cli::Output::Table)]
     output: mesh_agent::cli::Output,
+}
+
+#[derive(Subcommand)]
+enum IdentityCommand {
+    /// Run the signer: the only holder of the CA key, serving Istio's CA API (gRPC over TLS)
+    /// and signing only identities of pods on the calling agent's node.
+    Serve(Box<mesh_agent::identity::signer::SignerArgs>),
 }
 
 #[derive(Subcommand)]
@@ -117,6 +127,13 @@ fn main() -> ExitCode {
             };
             print(mesh_agent::cli::probe(&socket, path))
         }
+        Command::Identity(IdentityCommand::Serve(args)) => match serve_identity(*args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run(args) => match run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -145,6 +162,20 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(config.workers).enable_all().build()?;
     rt.block_on(mesh_agent::app::run(config, shutdown_signal()))
+}
+
+fn serve_identity(args: mesh_agent::identity::signer::SignerArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let serving = tokio::spawn(mesh_agent::identity::signer::serve(args, stop.clone()));
+        tokio::pin!(serving);
+        tokio::select! {
+            r = &mut serving => return r?,
+            _ = shutdown_signal() => stop.cancel(),
+        }
+        serving.await?
+    })
 }
 
 async fn shutdown_signal() {

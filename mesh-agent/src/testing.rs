@@ -89,14 +89,14 @@ impl Pki {
     }
 
     /// A certificate manager holding certificates for `ids`.
-    pub fn certs(&self, ids: &[Identity]) -> Arc<CertManager> {
-        self.certs_for(ids, Duration::from_secs(3600))
+    pub async fn certs(&self, ids: &[Identity]) -> Arc<CertManager> {
+        self.certs_for(ids, Duration::from_secs(3600)).await
     }
 
     /// The same, with certificates of this lifetime (renewed at half of it by `sync`).
-    pub fn certs_for(&self, ids: &[Identity], lifetime: Duration) -> Arc<CertManager> {
+    pub async fn certs_for(&self, ids: &[Identity], lifetime: Duration) -> Arc<CertManager> {
         let m = Arc::new(CertManager::new(self.ca.clone(), lifetime));
-        m.sync(&ids.iter().cloned().collect::<BTreeSet<_>>());
+        m.sync(&ids.iter().cloned().collect::<BTreeSet<_>>()).await;
         m
     }
 }
@@ -273,7 +273,7 @@ impl InboundProxy {
             .filter(|w| w.node == node && w.meshed)
             .map(|w| w.identity(TRUST_DOMAIN))
             .collect();
-        let certs = pki.certs(&ids);
+        let certs = pki.certs(&ids).await;
         let server = crate::tls::server_config(certs, TRUST_DOMAIN, &pki.bundle).expect("a server config");
         // The receiver keeps the last index after the sender is gone.
         let (_, pods) = watch::channel(cluster.index(node));
@@ -311,8 +311,8 @@ impl Drop for InboundProxy {
 }
 
 /// An HBONE client pool with certificates for `ids`, and its certificate manager.
-pub fn pool(pki: &Pki, ids: &[Identity], max_streams: usize, idle: Duration) -> (Arc<Pool>, Arc<CertManager>) {
-    pool_with(pki.certs(ids), pki, max_streams, idle)
+pub async fn pool(pki: &Pki, ids: &[Identity], max_streams: usize, idle: Duration) -> (Arc<Pool>, Arc<CertManager>) {
+    pool_with(pki.certs(ids).await, pki, max_streams, idle)
 }
 
 /// An HBONE client pool over `certs`.

@@ -254,6 +254,23 @@ pub fn server_config(
 
 /// A readable description of a handshake error (rustls shows custom verifier errors with
 /// their Debug form; this shows their message).
+/// A client of the CA API: the CA's serving certificate verified against `roots` (the mesh
+/// roots, or the roots of whoever signs istiod's), ALPN `h2`, no client certificate (the caller
+/// proves who it is with a token).
+pub fn ca_client_config(roots: &[CertificateDer<'static>]) -> Result<Arc<ClientConfig>, BundleError> {
+    let mut store = RootCertStore::empty();
+    for c in roots {
+        store.add(c.clone()).map_err(BundleError::Store)?;
+    }
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(BundleError::Store)?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 pub fn describe(e: &std::io::Error) -> String {
     match e.get_ref().and_then(|i| i.downcast_ref::<TlsError>()) {
         Some(TlsError::InvalidCertificate(CertificateError::Other(o))) => format!("invalid peer certificate: {}", o.0),
@@ -305,7 +322,7 @@ mod tests {
     use super::*;
     use crate::identity::{
         ca::{self, LocalCa},
-        issuer::{CertIssuer as _, Issued},
+        issuer::Issued,
     };
 
     fn certified(i: Issued) -> Arc<CertifiedKey> {
@@ -343,7 +360,7 @@ mod tests {
         // The server's certificates come from the new CA.
         let issuer = LocalCa::load(&p.new_paths.cert, &p.new_paths.key).unwrap();
         let m = Arc::new(CertManager::new(Arc::new(issuer), Duration::from_secs(600)));
-        m.sync(&[server_id.clone()].into());
+        m.sync(&[server_id.clone()].into()).await;
         let server = server_config(m, "cluster.local", &p.bundle).unwrap();
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();

@@ -780,6 +780,13 @@ impl Node {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
 
+    /// The agent's warnings and errors, for a failing assertion's message.
+    pub fn agent_warnings(&self) -> String {
+        let log = self.agent_log();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+        format!("{} ({} warnings and errors):\n{}", self.name, lines.len(), lines.join("\n"))
+    }
+
     /// SIGTERM, then waits (killing it after `timeout`). Returns whether it exited by itself.
     pub fn stop_agent(&mut self, timeout: Duration) -> Result<bool> {
         let Some(mut child) = self.agent.take() else { return Ok(true) };

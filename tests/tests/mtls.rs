@@ -358,7 +358,7 @@ fn certificates_rotate_every_few_seconds_under_a_minute_of_traffic_without_a_fai
         Duration::from_secs(120),
     )?;
     let ok = r["ok"].as_u64().unwrap();
-    assert_eq!(r["failed"], 0, "{r}");
+    assert_eq!(r["failed"], 0, "{r}\n{}\n{}", s.c.nodes[0].agent_warnings(), s.c.nodes[1].agent_warnings());
     assert!(ok > 100, "{r}");
     assert_eq!(r["bytes_verified"].as_u64().unwrap(), ok * 4096, "no byte lost: {r}");
     for (i, node) in s.c.nodes.iter().enumerate() {

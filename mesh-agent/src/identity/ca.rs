@@ -14,7 +14,7 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject as _};
 
 use super::{
-    Identity,
+    Identity, csr,
     issuer::{CertIssuer, IssueError, Issued},
 };
 
@@ -175,7 +175,8 @@ fn key_pair_from_pem(pem: &str) -> Result<KeyPair, rcgen::Error> {
 /// Signs workload certificates in-process with the CA key.
 pub struct LocalCa {
     issuer: Issuer<'static, KeyPair>,
-    ca_cert: CertificateDer<'static>,
+    /// The CA certificate and any above it up to the root, as in `ca.crt`.
+    ca_chain: Vec<CertificateDer<'static>>,
 }
 
 impl LocalCa {
@@ -183,34 +184,41 @@ impl LocalCa {
         let cert_pem = read(cert)?;
         let key_pem = read(key)?;
         let key_pair = key_pair_from_pem(&key_pem).map_err(|source| CaError::Rcgen { path: key.into(), source })?;
-        let ca_cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        let ca_chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|source| CaError::Pem { path: cert.into(), source })?;
+        if ca_chain.is_empty() {
+            return Err(CaError::Empty { path: cert.into(), what: "certificate" });
+        }
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key_pair)
             .map_err(|source| CaError::Rcgen { path: cert.into(), source })?;
-        Ok(LocalCa { issuer, ca_cert })
+        Ok(LocalCa { issuer, ca_chain })
     }
 
     /// A new CA that lives in memory only (in-process tests).
     #[cfg(any(test, feature = "testing"))]
     pub fn generate(trust_domain: &str, lifetime: Duration) -> Result<Self, rcgen::Error> {
         let (cert, key) = self_signed(trust_domain, lifetime)?;
-        let ca_cert = cert.der().clone();
+        let ca_chain = vec![cert.der().clone()];
         let issuer = Issuer::from_ca_cert_pem(&cert.pem(), key)?;
-        Ok(LocalCa { issuer, ca_cert })
+        Ok(LocalCa { issuer, ca_chain })
     }
 
+    /// The signing CA's certificate.
     pub fn ca_cert(&self) -> &CertificateDer<'static> {
-        &self.ca_cert
+        &self.ca_chain[0]
     }
 
-    /// Issues with explicit validity bounds (tests use this for expired certificates).
-    pub fn issue_between(
+    /// The certificate for the key of a checked CSR: `id` as its only SAN, for TLS client and
+    /// server authentication, valid from `not_before` to `not_after` (tests use this for expired
+    /// certificates). Leaf first, then the CA's chain (its root last).
+    pub fn certify(
         &self,
+        csr: &csr::CheckedCsr,
         id: &Identity,
         not_before: SystemTime,
         not_after: SystemTime,
-    ) -> Result<Issued, IssueError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    ) -> Result<Vec<CertificateDer<'static>>, IssueError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(rcgen::string::Ia5String::try_from(id.to_string())?)];
@@ -220,9 +228,47 @@ impl LocalCa {
         params.use_authority_key_identifier_extension = true;
         params.not_before = offset(not_before);
         params.not_after = offset(not_after);
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(std::iter::once(cert.der().clone()).chain(self.ca_chain.iter().cloned()).collect())
+    }
+
+    /// A key and certificate for `id` made here, with explicit validity bounds (tests use this
+    /// for expired certificates).
+    pub fn issue_between(
+        &self,
+        id: &Identity,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Issued, IssueError> {
+        let made = csr::generate(id)?;
+        let checked = csr::check(&made.csr_pem, id)?;
+        let mut chain = self.certify(&checked, id, not_before, not_after)?;
+        chain.truncate(1);
+        Ok(Issued { chain, key: made.key, not_before: truncate(not_before), not_after: truncate(not_after) })
+    }
+
+    /// A key and certificate for `id` made here, valid for `lifetime` from now.
+    pub fn issue(&self, id: &Identity, lifetime: Duration) -> Result<Issued, IssueError> {
+        let now = SystemTime::now();
+        self.issue_between(id, now - BACKDATE, now + lifetime)
+    }
+
+    /// A TLS serving certificate for `names` (DNS names or IP addresses), for the signer.
+    pub fn serving(&self, names: &[String], lifetime: Duration) -> Result<Issued, IssueError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, names.first().cloned().unwrap_or_default());
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = SystemTime::now();
+        params.not_before = offset(now - BACKDATE);
+        params.not_after = offset(now + lifetime);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {
-            chain: vec![cert.der().clone()],
+            chain: std::iter::once(cert.der().clone()).chain(self.ca_chain.iter().cloned()).collect(),
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
             not_before: systime(params.not_before),
             not_after: systime(params.not_after),
@@ -230,10 +276,22 @@ impl LocalCa {
     }
 }
 
+/// A time as a certificate holds it (whole seconds).
+fn truncate(t: SystemTime) -> SystemTime {
+    systime(offset(t))
+}
+
+#[async_trait::async_trait]
 impl CertIssuer for LocalCa {
-    fn issue(&self, id: &Identity, lifetime: Duration) -> Result<Issued, IssueError> {
+    async fn sign(
+        &self,
+        id: &Identity,
+        csr_pem: &str,
+        lifetime: Duration,
+    ) -> Result<Vec<CertificateDer<'static>>, IssueError> {
+        let checked = csr::check(csr_pem, id)?;
         let now = SystemTime::now();
-        self.issue_between(id, now - BACKDATE, now + lifetime)
+        self.certify(&checked, id, now - BACKDATE, now + lifetime)
     }
 }
 

@@ -1,22 +1,29 @@
-//! Holds a certificate for every identity of the node's meshed pods, and only those. Each is
-//! renewed at half its lifetime; if renewal fails, the still-valid certificate is kept and
-//! renewal retried with backoff.
+//! Holds a certificate for every identity of the node's meshed pods, and only those. For each,
+//! the key is made here and only a CSR goes to the issuer. Each is renewed at half its lifetime;
+//! if renewal fails, the still-valid certificate is kept and renewal retried with backoff.
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::{Arc, RwLock},
-    time::{Duration, SystemTime},
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant, SystemTime},
 };
 
-use rustls::sign::CertifiedKey;
+use futures::StreamExt as _;
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
+use rustls::{pki_types::CertificateDer, sign::CertifiedKey};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{
-    Identity,
+    Identity, csr,
     issuer::{CertIssuer, IssueError, Issued},
 };
+
+/// Certificates requested at once (a node's pods after a restart: tens to hundreds).
+const CONCURRENT_REQUESTS: usize = 8;
+/// The longest wait between retries of a failing issuance.
+const MAX_RETRY: Duration = Duration::from_secs(30);
 
 /// A certificate in use.
 pub struct WorkloadCert {
@@ -37,13 +44,52 @@ pub struct CertStatus {
     pub generation: u64,
 }
 
+/// Issuance telemetry.
+#[derive(Clone)]
+pub struct CertMetrics {
+    pub issued: Counter,
+    /// Failed issuances and renewals, by reason (`ca_unreachable`, `permission_denied`, ...).
+    pub failures: crate::metrics::ByReason,
+    /// Seconds from CSR to a usable certificate.
+    pub latency: Histogram,
+}
+
+impl Default for CertMetrics {
+    fn default() -> Self {
+        let buckets = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+        CertMetrics { issued: Counter::default(), failures: Default::default(), latency: Histogram::new(buckets) }
+    }
+}
+
+impl CertMetrics {
+    pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
+        reg.register("certificates_issued", "Workload certificates issued", self.issued.clone());
+        self.failures.register(
+            reg,
+            "certificate_renewal_failures",
+            "Workload certificate issuance or renewal failures, by reason (the current certificate is kept)",
+        );
+        reg.register_with_unit(
+            "certificate_issuance_duration",
+            "Time from CSR to a usable workload certificate",
+            prometheus_client::registry::Unit::Seconds,
+            self.latency.clone(),
+        );
+    }
+}
+
 pub struct CertManager {
     issuer: Arc<dyn CertIssuer>,
     lifetime: Duration,
     certs: RwLock<HashMap<Identity, Arc<WorkloadCert>>>,
-    /// Renewal failures, for metrics.
-    pub failures: prometheus_client::metrics::counter::Counter,
-    pub issued: prometheus_client::metrics::counter::Counter,
+    /// Consecutive failures per identity, for the retry backoff.
+    failing: Mutex<HashMap<Identity, u32>>,
+    pub metrics: CertMetrics,
+}
+
+/// The wait before retry `n` (1-based) of a failing issuance: 1 s, doubling, at most 30 s.
+fn retry_after(n: u32) -> Duration {
+    Duration::from_secs(1).saturating_mul(1 << n.saturating_sub(1).min(5)).min(MAX_RETRY)
 }
 
 impl CertManager {
@@ -52,8 +98,8 @@ impl CertManager {
             issuer,
             lifetime,
             certs: RwLock::default(),
-            failures: Default::default(),
-            issued: Default::default(),
+            failing: Mutex::default(),
+            metrics: CertMetrics::default(),
         }
     }
 
@@ -61,6 +107,11 @@ impl CertManager {
         let cert = self.certs.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()?;
         // Never hand out an expired certificate.
         (cert.not_after > SystemTime::now()).then_some(cert)
+    }
+
+    /// Which of `wanted` have no valid certificate.
+    pub fn missing(&self, wanted: &BTreeSet<Identity>) -> Vec<Identity> {
+        wanted.iter().filter(|id| self.get(id).is_none()).cloned().collect()
     }
 
     pub fn status(&self) -> Vec<CertStatus> {
@@ -84,10 +135,11 @@ impl CertManager {
         v
     }
 
+    /// A certificate in use from an issuance.
     fn build(&self, issued: Issued, generation: u64) -> Result<WorkloadCert, IssueError> {
         let key = rustls::crypto::ring::sign::any_supported_type(&issued.key).map_err(IssueError::Key)?;
-        // Half the lifetime asked for, from now: `not_before` is backdated for clock skew and
-        // must not pull renewal forward.
+        // Half the lifetime from now: `not_before` is backdated for clock skew and must not
+        // pull renewal forward.
         let now = SystemTime::now();
         let renew_at = now + issued.not_after.duration_since(now).unwrap_or_default() / 2;
         Ok(WorkloadCert {
@@ -99,9 +151,17 @@ impl CertManager {
         })
     }
 
+    /// One issuance: a new key, a CSR for it, the issuer's chain, checked.
+    async fn issue(&self, id: &Identity) -> Result<Issued, IssueError> {
+        let made = csr::generate(id)?;
+        let chain = self.issuer.sign(id, &made.csr_pem, self.lifetime).await?;
+        let (not_before, not_after) = check_leaf(&chain, id)?;
+        Ok(Issued { chain: presented(chain), key: made.key, not_before, not_after })
+    }
+
     /// Issues what is missing or due, drops what is no longer wanted. Returns the earliest
     /// time something needs doing again.
-    pub fn sync(&self, wanted: &BTreeSet<Identity>) -> SystemTime {
+    pub async fn sync(&self, wanted: &BTreeSet<Identity>) -> SystemTime {
         let now = SystemTime::now();
         let mut next = now + Duration::from_secs(3600);
         {
@@ -113,28 +173,48 @@ impl CertManager {
                 }
                 keep
             });
+            self.failing.lock().unwrap_or_else(|p| p.into_inner()).retain(|id, _| wanted.contains(id));
         }
+        let mut due = Vec::new();
         for id in wanted {
             let current = self.certs.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
-            if let Some(c) = &current
-                && c.renew_at > now
-            {
-                next = next.min(c.renew_at);
-                continue;
+            match &current {
+                Some(c) if c.renew_at > now => next = next.min(c.renew_at),
+                _ => due.push((id.clone(), current)),
             }
+        }
+        let results: Vec<_> = futures::stream::iter(due)
+            .map(|(id, current)| async move {
+                let started = Instant::now();
+                let r = self.issue(&id).await;
+                (id, current, started.elapsed(), r)
+            })
+            .buffer_unordered(CONCURRENT_REQUESTS)
+            .collect()
+            .await;
+        for (id, current, took, r) in results {
             let generation = current.as_ref().map_or(1, |c| c.generation + 1);
-            match self.issuer.issue(id, self.lifetime).and_then(|i| self.build(i, generation)) {
+            match r.and_then(|i| self.build(i, generation)) {
                 Ok(cert) => {
-                    self.issued.inc();
-                    info!(identity = %id, generation, lifetime = ?self.lifetime, "certificate issued");
+                    self.metrics.issued.inc();
+                    self.metrics.latency.observe(took.as_secs_f64());
+                    self.failing.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                    info!(identity = %id, generation, lifetime = ?self.lifetime, took = ?took, "certificate issued");
                     next = next.min(cert.renew_at);
-                    self.certs.write().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), Arc::new(cert));
+                    self.certs.write().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::new(cert));
                 }
                 Err(e) => {
-                    self.failures.inc();
+                    self.metrics.failures.inc(e.reason());
+                    let n = {
+                        let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+                        let n = failing.entry(id.clone()).or_default();
+                        *n = n.saturating_add(1);
+                        *n
+                    };
                     let still_valid = current.as_ref().is_some_and(|c| c.not_after > now);
-                    warn!(identity = %id, error = %e, still_valid, "certificate renewal failed; keeping the current one and retrying");
-                    next = next.min(now + Duration::from_secs(1));
+                    let retry = retry_after(n);
+                    warn!(identity = %id, error = %e, reason = e.reason(), still_valid, retry_in = ?retry, "certificate issuance failed; keeping the current one and retrying");
+                    next = next.min(now + retry);
                 }
             }
         }
@@ -145,7 +225,10 @@ impl CertManager {
     pub async fn run(self: Arc<Self>, mut wanted: watch::Receiver<BTreeSet<Identity>>, stop: CancellationToken) {
         loop {
             let set = wanted.borrow_and_update().clone();
-            let next = self.sync(&set);
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                next = self.sync(&set) => next,
+            };
             let wait = next.duration_since(SystemTime::now()).unwrap_or_default().max(Duration::from_millis(50));
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -156,25 +239,80 @@ impl CertManager {
     }
 }
 
+/// The leaf's validity, once it is known to be for `id` exactly (as ztunnel checks what its CA
+/// returns: a CA that signs something else must not make the agent present it).
+fn check_leaf(chain: &[CertificateDer<'static>], id: &Identity) -> Result<(SystemTime, SystemTime), IssueError> {
+    let leaf = chain.first().ok_or_else(|| IssueError::BadResponse("empty chain".into()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| IssueError::BadResponse(format!("the leaf certificate cannot be parsed: {e}")))?;
+    let uris: Vec<String> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if uris != [id.to_string()] {
+        return Err(IssueError::WrongIdentity { wanted: id.to_string(), got: uris });
+    }
+    let v = cert.validity();
+    let at = |t: x509_parser::time::ASN1Time| SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64);
+    Ok((at(v.not_before), at(v.not_after)))
+}
+
+/// What the agent presents: the leaf and intermediates, not a self-issued root at the end.
+fn presented(mut chain: Vec<CertificateDer<'static>>) -> Vec<CertificateDer<'static>> {
+    if chain.len() > 1
+        && let Some(last) = chain.last()
+        && x509_parser::parse_x509_certificate(last).is_ok_and(|(_, c)| c.subject() == c.issuer())
+    {
+        chain.pop();
+    }
+    chain
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     use super::*;
     use crate::identity::{ca, issuer::IssueError};
 
-    /// Delegates to a real CA, but can be made to fail.
+    /// Delegates to a real CA, but can be made to fail or to sign the wrong identity.
     struct Flaky {
         ca: ca::LocalCa,
         fail: AtomicBool,
+        lie: AtomicBool,
+        calls: AtomicUsize,
     }
 
+    #[async_trait::async_trait]
     impl CertIssuer for Flaky {
-        fn issue(&self, id: &Identity, lifetime: Duration) -> Result<Issued, IssueError> {
+        async fn sign(
+            &self,
+            id: &Identity,
+            csr: &str,
+            lifetime: Duration,
+        ) -> Result<Vec<CertificateDer<'static>>, IssueError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
             if self.fail.load(Ordering::SeqCst) {
-                return Err(IssueError::Unavailable("test".into()));
+                return Err(IssueError::Unreachable { address: "test".into(), detail: "down".into() });
             }
-            self.ca.issue(id, lifetime)
+            if self.lie.load(Ordering::SeqCst) {
+                // A CA that signs another identity than asked for (with its own key: the
+                // agent must not present it).
+                let other = Identity::new("cluster.local", "kube-system", "admin");
+                return Ok(self.ca.issue(&other, lifetime)?.chain);
+            }
+            self.ca.sign(id, csr, lifetime).await
         }
     }
 
@@ -182,41 +320,74 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = ca::init(dir.path(), "cluster.local", Duration::from_secs(3600)).unwrap();
         let ca = ca::LocalCa::load(&p.cert, &p.key).unwrap();
-        (dir, Arc::new(Flaky { ca, fail: AtomicBool::new(false) }))
+        let f = Flaky { ca, fail: AtomicBool::new(false), lie: AtomicBool::new(false), calls: AtomicUsize::new(0) };
+        (dir, Arc::new(f))
     }
 
-    #[test]
-    fn issues_renews_at_half_life_keeps_on_failure_and_releases() {
+    #[tokio::test]
+    async fn issues_renews_at_half_life_keeps_on_failure_and_releases() {
         let (_d, issuer) = flaky();
         // Lifetime 0: expired at once, so never handed out.
         let m = CertManager::new(issuer.clone(), Duration::ZERO);
         let a = Identity::new("cluster.local", "shop", "a");
         let b = Identity::new("cluster.local", "shop", "b");
         let wanted: BTreeSet<_> = [a.clone(), b.clone()].into();
-        m.sync(&wanted);
+        m.sync(&wanted).await;
         assert_eq!(m.get(&a).map(|c| c.generation), None, "a zero-lifetime certificate is already expired");
         assert_eq!(m.status().len(), 2);
+        assert_eq!(m.missing(&wanted), vec![a.clone(), b.clone()]);
 
         let m = CertManager::new(issuer.clone(), Duration::from_secs(120));
-        m.sync(&wanted);
+        m.sync(&wanted).await;
         let first = m.get(&a).unwrap();
         assert_eq!(first.generation, 1);
+        assert!(m.missing(&wanted).is_empty());
+        // The root is not presented: the leaf alone (the CA is the root).
+        assert_eq!(first.key.cert.len(), 1);
         // renew_at = now + 60 s: not due yet.
-        m.sync(&wanted);
+        m.sync(&wanted).await;
         assert_eq!(m.get(&a).unwrap().generation, 1);
         let renew_in = first.renew_at.duration_since(SystemTime::now()).unwrap();
         assert!(renew_in > Duration::from_secs(55) && renew_in <= Duration::from_secs(60), "{renew_in:?}");
 
         issuer.fail.store(true, Ordering::SeqCst);
         let short = CertManager::new(issuer.clone(), Duration::from_secs(120));
-        short.sync(&wanted);
+        let next = short.sync(&wanted).await;
         assert!(short.get(&a).is_none(), "nothing to keep yet");
-        assert_eq!(short.failures.get(), 2);
+        assert_eq!(short.metrics.failures.get("ca_unreachable"), 2);
+        // Retried in 1 s, then 2 s: backing off.
+        let wait = next.duration_since(SystemTime::now()).unwrap_or_default();
+        assert!(wait <= Duration::from_secs(1), "{wait:?}");
+        let next = short.sync(&wanted).await;
+        let wait = next.duration_since(SystemTime::now()).unwrap_or_default();
+        assert!(wait > Duration::from_millis(1500) && wait <= Duration::from_secs(2), "{wait:?}");
 
         // Only wanted identities keep certificates.
         issuer.fail.store(false, Ordering::SeqCst);
-        m.sync(&[b.clone()].into());
+        m.sync(&[b.clone()].into()).await;
         assert!(m.get(&a).is_none());
         assert!(m.get(&b).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_certificate_for_another_identity_than_asked_is_refused() {
+        let (_d, issuer) = flaky();
+        issuer.lie.store(true, Ordering::SeqCst);
+        let m = CertManager::new(issuer.clone(), Duration::from_secs(120));
+        let a = Identity::new("cluster.local", "shop", "a");
+        m.sync(&[a.clone()].into()).await;
+        assert!(m.get(&a).is_none());
+        assert_eq!(m.metrics.failures.get("wrong_identity"), 1);
+    }
+
+    #[tokio::test]
+    async fn many_identities_are_issued_concurrently_and_each_once() {
+        let (_d, issuer) = flaky();
+        let m = CertManager::new(issuer.clone(), Duration::from_secs(120));
+        let wanted: BTreeSet<_> = (0..40).map(|i| Identity::new("cluster.local", "shop", &format!("sa{i}"))).collect();
+        m.sync(&wanted).await;
+        assert!(m.missing(&wanted).is_empty());
+        assert_eq!(issuer.calls.load(Ordering::SeqCst), 40);
+        assert_eq!(m.metrics.issued.get(), 40);
     }
 }

@@ -1,11 +1,22 @@
 //! Workload identity: SPIFFE IDs, the mesh CA, certificate issuance and renewal.
 //!
-//! Trust model (see ARCHITECTURE.md): every agent holding the CA key can mint any identity.
-//! Issuance is behind [`issuer::CertIssuer`] so a CSR-based issuer (cert-manager, the Kubernetes
-//! CSR API, SPIRE) can replace local signing without touching the proxy.
+//! Trust model (see ARCHITECTURE.md): agents hold no CA key in Kubernetes. They make a key and a
+//! CSR per identity and ask a CA over Istio's API ([`caclient`]): Switchyard's signer
+//! ([`signer`], which signs only identities of pods on the caller's node), istiod or istio-csr.
+//! Local mode and the demo sign in-process ([`ca::LocalCa`]) behind the same
+//! [`issuer::CertIssuer`].
 pub mod ca;
+pub mod caclient;
+pub mod csr;
 pub mod issuer;
 pub mod manager;
+pub mod signer;
+
+/// Istio's CA API (`proto/ca.proto`), generated.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("istio.v1.auth");
+}
 
 use std::fmt;
 

@@ -86,7 +86,7 @@ async fn two_nodes_with(
     cluster.add_pod("shop", "server", *server.ip(), "b");
     edit(&mut cluster);
     let inb = InboundProxy::start(&cluster, "b", node_b, &pki, inbound_idle).await;
-    let certs = pki.certs_for(&[id("client")], cert_lifetime);
+    let certs = pki.certs_for(&[id("client")], cert_lifetime).await;
     let (pool, certs) = pool_with(certs, &pki, max_streams, Duration::from_secs(60));
     let opts = ProxyOptions { pool: Some(pool.clone()), hbone_port: inb.addr.port(), ..Default::default() };
     let out = OutboundProxy::start(&cluster, opts).await;
@@ -161,7 +161,7 @@ async fn idle_connections_are_released_and_busy_ones_kept() {
     cluster.add_node("b", node_b);
     cluster.add_pod("shop", "server", *server.ip(), "b");
     let inb = InboundProxy::start(&cluster, "b", node_b, &pki, Duration::from_secs(60)).await;
-    let (pool, _) = pool(&pki, &[id("client")], 100, Duration::from_millis(100));
+    let (pool, _) = pool(&pki, &[id("client")], 100, Duration::from_millis(100)).await;
     let tunnel = pool.connect(req(&id("client"), &id("server"), inb.addr, server)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(pool.reap().await, 0, "a connection with an open stream stays");
@@ -178,7 +178,7 @@ async fn a_connection_made_with_a_renewed_certificate_takes_no_new_streams() {
     let mut c = t.out.connect(t.server).await.unwrap();
     assert_eq!(roundtrip(&mut c, b"old").await, b"old");
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    t.certs.sync(&[id("client")].into_iter().collect());
+    t.certs.sync(&[id("client")].into_iter().collect()).await;
     assert_eq!(t.certs.get(&id("client")).unwrap().generation, 2, "renewed");
     let mut d = t.out.connect(t.server).await.unwrap();
     assert_eq!(roundtrip(&mut d, b"new").await, b"new");
@@ -194,7 +194,7 @@ async fn a_connection_made_with_a_renewed_certificate_takes_no_new_streams() {
 #[tokio::test]
 async fn callers_back_off_together_from_a_peer_that_failed() {
     let pki = Pki::new();
-    let (pool, _) = pool(&pki, &[id("client")], 100, Duration::from_secs(60));
+    let (pool, _) = pool(&pki, &[id("client")], 100, Duration::from_secs(60)).await;
     // Nothing listens there: connection refused.
     let dead: SocketAddr = SocketAddr::from((ip(16, 0, 1), 1));
     let target = SocketAddrV4::new(ip(16, 1, 1), 80);
