@@ -124,10 +124,18 @@ impl Admin {
             }
             "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
             "/readyz" => {
-                if *self.ready.borrow() {
-                    respond(StatusCode::OK, "text/plain", "ready\n")
-                } else {
+                // Ready once serving, and holding a certificate for every meshed pod of the node.
+                let missing = self.certs.as_ref().map_or_else(Vec::new, |c| {
+                    c.missing(&crate::app::wanted_identities(&self.pods.borrow(), &self.trust_domain))
+                });
+                if !*self.ready.borrow() {
                     respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
+                } else if !missing.is_empty() {
+                    let list: Vec<String> = missing.iter().map(ToString::to_string).collect();
+                    let body = format!("not ready: no certificate yet for {}\n", list.join(", "));
+                    respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", body)
+                } else {
+                    respond(StatusCode::OK, "text/plain", "ready\n")
                 }
             }
             "/debug/pods" => json(&self.pods.borrow().pods),

@@ -41,19 +41,68 @@ struct Mtls {
 }
 
 fn load_mtls(config: &Config) -> anyhow::Result<Option<Mtls>> {
-    let Some(files) = &config.ca else {
-        warn!("no CA configured: no mTLS; connections to other nodes' meshed pods will be refused");
-        return Ok(None);
+    let (issuer, bundle_path): (Arc<dyn crate::identity::issuer::CertIssuer>, _) = match (&config.ca, &config.ca_client)
+    {
+        (Some(files), _) => {
+            let issuer = ca::LocalCa::load(&files.cert, &files.key)?;
+            info!(trust_domain = %config.trust_domain, lifetime = ?config.cert_lifetime, "mesh CA loaded: signing in-process");
+            (Arc::new(issuer), files.bundle.clone().unwrap_or(files.cert.clone()))
+        }
+        (None, Some(client)) => {
+            let issuer = crate::identity::caclient::CaClient::new(
+                client.clone(),
+                config.connect_timeout.max(Duration::from_secs(5)),
+            )?;
+            info!(ca = %client.address, trust_domain = %config.trust_domain, lifetime = ?config.cert_lifetime, "asking the CA for certificates (no CA key on this node)");
+            (Arc::new(issuer), client.root_cert.clone())
+        }
+        (None, None) => {
+            warn!("no CA configured: no mTLS; connections to other nodes' meshed pods will be refused");
+            return Ok(None);
+        }
     };
-    let issuer = ca::LocalCa::load(&files.cert, &files.key)?;
-    let roots = ca::load_bundle(files.bundle.as_deref().unwrap_or(&files.cert))?;
+    let roots = ca::load_bundle(&bundle_path)?;
     let bundle = tls::TrustBundle::new(&roots)?;
-    info!(roots = roots.len(), trust_domain = %config.trust_domain, lifetime = ?config.cert_lifetime, "mesh CA loaded");
-    Ok(Some(Mtls { certs: Arc::new(CertManager::new(Arc::new(issuer), config.cert_lifetime)), bundle }))
+    info!(roots = roots.len(), bundle = %bundle_path.display(), "trust bundle loaded");
+    Ok(Some(Mtls { certs: Arc::new(CertManager::new(issuer, config.cert_lifetime)), bundle }))
+}
+
+/// How long a starting agent waits for its pods' certificates before it takes the datapath
+/// (over) anyway.
+const FIRST_CERTIFICATES_WAIT: Duration = Duration::from_secs(10);
+
+/// The certificates of the node's meshed pods, before the datapath is touched: an upgraded
+/// agent takes the eBPF links over from its predecessor (which serves meanwhile) only once it
+/// can serve mTLS itself. Bounded: with the CA unreachable it goes on without them after
+/// [`FIRST_CERTIFICATES_WAIT`] (a node whose agent is gone is worse off), `/readyz` says which
+/// are missing (so a rolling update stops there), and renewal keeps retrying.
+async fn first_certificates(config: &Config, m: &Mtls, mut state: watch::Receiver<NodeState>) {
+    let deadline = tokio::time::Instant::now() + FIRST_CERTIFICATES_WAIT;
+    if config.kubernetes.is_some() {
+        // The node's pods are known once the watches have synced (the first update).
+        let _ = tokio::time::timeout_at(deadline, state.changed()).await;
+    }
+    let wanted: std::collections::BTreeSet<_> =
+        state.borrow().meshed().map(|w| w.identity(&config.trust_domain)).collect();
+    if wanted.is_empty() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let _ = tokio::time::timeout_at(deadline, m.certs.sync(&wanted)).await;
+    let missing = m.certs.missing(&wanted);
+    if missing.is_empty() {
+        info!(certificates = wanted.len(), took = ?started.elapsed(), "certificates of the node's pods obtained");
+    } else {
+        let missing: Vec<String> = missing.iter().map(ToString::to_string).collect();
+        warn!(
+            ?missing,
+            "starting without some certificates (the CA did not answer in time); connections needing them fail until they are issued"
+        );
+    }
 }
 
 /// Identities the node needs certificates for: those of its meshed pods, and only those.
-fn wanted_identities(idx: &PodIndex, trust_domain: &str) -> std::collections::BTreeSet<crate::identity::Identity> {
+pub fn wanted_identities(idx: &PodIndex, trust_domain: &str) -> std::collections::BTreeSet<crate::identity::Identity> {
     idx.pods
         .iter()
         .filter(|p| idx.is_local(p) && p.workload.meshed)
@@ -109,13 +158,15 @@ pub async fn build(config: Config) -> anyhow::Result<Agent> {
     let mtls = load_mtls(&config)?;
     let listeners = Listeners::bind(&config, mtls.is_some())?;
     let outbound_addr = listeners.outbound.local_addr()?;
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let state_rx = watch_state(&config, initial, mount, kube_client, stop.clone());
+    if let Some(m) = &mtls {
+        first_certificates(&config, m, state_rx.clone()).await;
+    }
 
     let (orig_table, datapath) = start_datapath(&config)?;
     let heartbeat = spawn_heartbeat(datapath.clone());
-    let stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
-
-    let state_rx = watch_state(&config, initial, mount, kube_client, stop.clone());
     let (index_rx, reconcile) = start_reconciler(&config, datapath.clone(), outbound_addr, state_rx, stop.clone());
     let mut serving = vec![reconcile];
     let pool = mtls.as_ref().map(|m| start_identity(&config, m, &index_rx, &stop, &mut serving));

@@ -80,6 +80,10 @@ pub enum ConfigError {
     OtlpEndpoint(String, OtlpEndpointError),
     #[error("trace sample rate {0} is not between 0 and 1")]
     TraceSampleRate(f64),
+    #[error("choose one CA: local CA files (ca / --ca-dir) or a CA to ask (caClient / --ca-address), not both")]
+    TwoCas,
+    #[error(transparent)]
+    CaAddress(#[from] crate::identity::caclient::CaClientError),
 }
 
 /// The config file (YAML), every field optional.
@@ -103,6 +107,9 @@ pub struct FileConfig {
     pub trust_domain: Option<String>,
     #[serde(default)]
     pub ca: Option<CaFiles>,
+    /// A CA to ask for certificates over Istio's CA API (Switchyard's signer, istiod,
+    /// istio-csr) instead of holding a CA key.
+    pub ca_client: Option<CaClientFile>,
     pub cert_lifetime_secs: Option<u64>,
     pub hbone_listen: Option<SocketAddr>,
     pub pool_max_streams: Option<usize>,
@@ -218,6 +225,20 @@ pub struct CaFiles {
     pub bundle: Option<PathBuf>,
 }
 
+/// `caClient` in the config file.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CaClientFile {
+    /// `https://host:port`.
+    pub address: String,
+    /// PEM roots: verify the CA's serving certificate, and are the mesh trust bundle.
+    pub root_cert: PathBuf,
+    /// The projected ServiceAccount token the CA authenticates the agent by.
+    pub token_file: PathBuf,
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+}
+
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Bypass {
@@ -271,9 +292,23 @@ pub struct RunArgs {
     /// SPIFFE trust domain.
     #[arg(long)]
     pub trust_domain: Option<String>,
-    /// Directory holding ca.crt, ca.key and bundle.crt (as written by `mesh-agent ca init`).
+    /// Directory holding ca.crt, ca.key and bundle.crt (as written by `mesh-agent ca init`):
+    /// sign workload certificates in-process (local mode, the demo).
     #[arg(long)]
     pub ca_dir: Option<PathBuf>,
+    /// Ask this CA for workload certificates over Istio's CA API (`https://host:port`:
+    /// Switchyard's signer, istiod, istio-csr); the agent then holds no CA key.
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// PEM roots verifying the CA (and the mesh's trust bundle) with --ca-address.
+    #[arg(long)]
+    pub ca_root_cert: Option<PathBuf>,
+    /// The ServiceAccount token to authenticate to the CA with (re-read for every request).
+    #[arg(long)]
+    pub ca_token_file: Option<PathBuf>,
+    /// Sent to the CA as the `clusterid` header (istiod: `Kubernetes` by default).
+    #[arg(long, env = "CLUSTER_ID")]
+    pub ca_cluster_id: Option<String>,
     /// Workload certificate lifetime in seconds (renewed at half-life).
     #[arg(long)]
     pub cert_lifetime_secs: Option<u64>,
@@ -403,6 +438,8 @@ pub struct Config {
     pub trust_domain: String,
     /// Without a CA there is no mTLS: connections to other nodes' meshed pods are refused.
     pub ca: Option<CaFiles>,
+    /// A CA to ask instead (no CA key on the node).
+    pub ca_client: Option<crate::identity::caclient::CaClientConfig>,
     pub cert_lifetime: Duration,
     pub hbone_listen: SocketAddr,
     pub pool_max_streams: usize,
@@ -475,6 +512,7 @@ impl Config {
             _ => p,
         };
         let (workload_file, kubernetes) = sources(&mut file, args, env, rel)?;
+        let (ca, ca_client) = certificate_source(&mut file, args, rel)?;
         let node = NodeSettings::merge(&mut file, args, env)?;
         let (trace_sample_rate, otlp_traces_url) = tracing(&mut file, args)?;
         let outbound_listen = args
@@ -519,10 +557,8 @@ impl Config {
                 .unwrap_or(mesh_common::MAX_REDIRECTED_SOCKETS)
                 .max(1),
             trust_domain,
-            ca: match &args.ca_dir {
-                Some(d) => Some(CaFiles::in_dir(d)),
-                None => file.ca.map(|c| CaFiles { cert: rel(c.cert), key: rel(c.key), bundle: c.bundle.map(rel) }),
-            },
+            ca,
+            ca_client,
             cert_lifetime: args
                 .cert_lifetime_secs
                 .or(file.cert_lifetime_secs)
@@ -673,6 +709,39 @@ impl Outlier {
             max_ejection_percent: file.max_ejection_percent.unwrap_or(DEFAULT_OUTLIER_MAX_EJECTION_PERCENT).min(100),
         }
     }
+}
+
+/// Where workload certificates come from: local CA files, or a CA to ask (one of them).
+fn certificate_source(
+    file: &mut FileConfig,
+    args: &RunArgs,
+    rel: impl Fn(PathBuf) -> PathBuf,
+) -> Result<(Option<CaFiles>, Option<crate::identity::caclient::CaClientConfig>), ConfigError> {
+    let local = match &args.ca_dir {
+        Some(d) => Some(CaFiles::in_dir(d)),
+        None => file.ca.take().map(|c| CaFiles { cert: rel(c.cert), key: rel(c.key), bundle: c.bundle.map(&rel) }),
+    };
+    let from_file = file.ca_client.take();
+    let address = args.ca_address.clone().or(from_file.as_ref().map(|c| c.address.clone()));
+    let Some(address) = address else { return Ok((local, None)) };
+    if local.is_some() {
+        return Err(ConfigError::TwoCas);
+    }
+    let root_cert = args
+        .ca_root_cert
+        .clone()
+        .or(from_file.as_ref().map(|c| rel(c.root_cert.clone())))
+        .ok_or(ConfigError::Missing("the CA's root certificate", "ca-root-cert"))?;
+    let token_file = args
+        .ca_token_file
+        .clone()
+        .or(from_file.as_ref().map(|c| rel(c.token_file.clone())))
+        .ok_or(ConfigError::Missing("the token file for the CA", "ca-token-file"))?;
+    let cluster_id = args.ca_cluster_id.clone().or(from_file.and_then(|c| c.cluster_id)).unwrap_or_default();
+    let client = crate::identity::caclient::CaClientConfig { address, root_cert, token_file, cluster_id };
+    // Checked now, so a bad address fails the start.
+    crate::identity::caclient::CaClient::new(client.clone(), Duration::from_secs(1))?;
+    Ok((None, Some(client)))
 }
 
 impl CaFiles {

@@ -4,6 +4,11 @@
 //! and `410 Gone`,
 //! driven by the test (apply, delete, compact, stop, start, raw malformed objects).
 //!
+//! It also issues projected ServiceAccount tokens ([`FakeApi::token`]: JWTs signed with a key of
+//! its own) and answers TokenReviews for them as the real one does (signature, expiry,
+//! `spec.audiences`, the bound pod still existing with that uid; `status.user.extra` naming the
+//! pod), and serves get and server-side-apply patch of ConfigMaps.
+//!
 //! Plain threads and hand-written HTTP: the agent's real `kube::Client` is what is under test,
 //! not this server.
 use std::{
@@ -45,6 +50,8 @@ struct Store {
 }
 
 struct Shared {
+    /// Signs the tokens it issues.
+    token_key: ring::hmac::Key,
     store: Mutex<Store>,
     changed: Condvar,
     down: AtomicBool,
@@ -70,7 +77,9 @@ fn key_of(obj: &Value) -> String {
 impl FakeApi {
     /// Starts serving on 127.0.0.1 (an ephemeral port) inside network namespace `netns`.
     pub fn start(netns: &str) -> Result<FakeApi> {
+        let key: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
         let shared = Arc::new(Shared {
+            token_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key),
             store: Mutex::new(Store { rv: 1000, ..Default::default() }),
             changed: Condvar::new(),
             down: AtomicBool::new(false),
@@ -175,6 +184,31 @@ impl FakeApi {
         self.serve(listener)
     }
 
+    /// A projected ServiceAccount token, as the kubelet mounts one: for `namespace/sa`, bound to
+    /// `pod` (name, uid) when given, for `audiences`, expiring in `expires_in` (negative:
+    /// already expired).
+    pub fn token(
+        &self,
+        namespace: &str,
+        sa: &str,
+        pod: Option<(&str, &str)>,
+        audiences: &[&str],
+        expires_in: i64,
+    ) -> String {
+        sign_token(&self.shared.token_key, namespace, sa, pod, audiences, expires_in)
+    }
+
+    /// The same, signed with a key this server does not know (a forgery).
+    pub fn forged_token(namespace: &str, sa: &str, pod: Option<(&str, &str)>, audiences: &[&str]) -> String {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"not the API server's key");
+        sign_token(&key, namespace, sa, pod, audiences, 3600)
+    }
+
+    /// An object as stored (`plural`, `namespace/name`).
+    pub fn get(&self, plural: &str, key: &str) -> Option<Value> {
+        self.shared.store.lock().unwrap().objects.get(plural).and_then(|m| m.get(key)).cloned()
+    }
+
     /// The requests served so far, e.g. "watch pods fieldSelector=spec.nodeName=node".
     pub fn requests(&self) -> Vec<String> {
         self.shared.store.lock().unwrap().requests.clone()
@@ -188,8 +222,10 @@ impl Drop for FakeApi {
 }
 
 struct Request {
+    method: String,
     path: String,
     query: BTreeMap<String, String>,
+    body: Vec<u8>,
 }
 
 fn read_request(r: &mut BufReader<TcpStream>) -> Result<Option<Request>> {
@@ -197,13 +233,22 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Result<Option<Request>> {
     if r.read_line(&mut line)? == 0 {
         return Ok(None);
     }
+    let method = line.split_whitespace().next().context("bad request line")?.to_string();
     let target = line.split_whitespace().nth(1).context("bad request line")?.to_string();
+    let mut length = 0usize;
     loop {
         let mut h = String::new();
         if r.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
             break;
         }
+        if let Some((k, v)) = h.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().context("bad content-length")?;
+        }
     }
+    let mut body = vec![0u8; length];
+    std::io::Read::read_exact(r, &mut body)?;
     let (path, q) = target.split_once('?').unwrap_or((&target, ""));
     let query = q
         .split('&')
@@ -213,7 +258,135 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Result<Option<Request>> {
             (k.to_string(), percent_decode(v))
         })
         .collect();
-    Ok(Some(Request { path: path.to_string(), query }))
+    Ok(Some(Request { method, path: path.to_string(), query, body }))
+}
+
+fn b64(data: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+fn sign_token(
+    key: &ring::hmac::Key,
+    namespace: &str,
+    sa: &str,
+    pod: Option<(&str, &str)>,
+    audiences: &[&str],
+    expires_in: i64,
+) -> String {
+    let mut k8s =
+        json!({"namespace": namespace, "serviceaccount": {"name": sa, "uid": format!("sa-{namespace}-{sa}")}});
+    if let Some((name, uid)) = pod {
+        k8s["pod"] = json!({"name": name, "uid": uid});
+    }
+    let claims = json!({
+        "iss": "https://kubernetes.default.svc.cluster.local",
+        "sub": format!("system:serviceaccount:{namespace}:{sa}"),
+        "aud": audiences,
+        "exp": now_secs() + expires_in,
+        "iat": now_secs(),
+        "kubernetes.io": k8s,
+    });
+    let signing_input = format!("{}.{}", b64(br#"{"alg":"HS256","typ":"JWT"}"#), b64(claims.to_string().as_bytes()));
+    let sig = ring::hmac::sign(key, signing_input.as_bytes());
+    format!("{signing_input}.{}", b64(sig.as_ref()))
+}
+
+/// The claims of a token this server signed, if the signature verifies.
+fn verify_token(key: &ring::hmac::Key, token: &str) -> Option<Value> {
+    use base64::Engine as _;
+    let (input, sig) = token.rsplit_once('.')?;
+    let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sig).ok()?;
+    ring::hmac::verify(key, input.as_bytes(), &sig).ok()?;
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(input.split_once('.')?.1).ok()?;
+    serde_json::from_slice(&payload).ok()
+}
+
+/// The answer to a TokenReview, as the real API server gives it.
+fn review(shared: &Shared, body: &Value) -> Value {
+    let token = body["spec"]["token"].as_str().unwrap_or_default();
+    // The API server's own audience when the review names none.
+    let wanted: Vec<String> = match body["spec"]["audiences"].as_array() {
+        Some(a) if !a.is_empty() => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+        _ => vec!["https://kubernetes.default.svc.cluster.local".into()],
+    };
+    let fail = |error: &str| {
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": body["spec"],
+               "status": {"authenticated": false, "error": error, "user": {}}})
+    };
+    let Some(claims) = verify_token(&shared.token_key, token) else { return fail("invalid bearer token") };
+    if claims["exp"].as_i64().unwrap_or(0) <= now_secs() {
+        return fail("invalid bearer token, token has expired");
+    }
+    let has: Vec<String> =
+        claims["aud"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect();
+    let granted: Vec<&String> = wanted.iter().filter(|a| has.contains(a)).collect();
+    if granted.is_empty() {
+        return fail("token audiences are invalid for the target audiences");
+    }
+    let k8s = &claims["kubernetes.io"];
+    let (ns, sa) =
+        (k8s["namespace"].as_str().unwrap_or_default(), k8s["serviceaccount"]["name"].as_str().unwrap_or_default());
+    let mut extra = json!({});
+    if let (Some(name), Some(uid)) = (k8s["pod"]["name"].as_str(), k8s["pod"]["uid"].as_str()) {
+        // A bound token dies with its pod.
+        let st = shared.store.lock().unwrap();
+        let live = st
+            .objects
+            .get("pods")
+            .and_then(|m| m.get(&format!("{ns}/{name}")))
+            .is_some_and(|p| p["metadata"]["uid"] == uid);
+        if !live {
+            return fail("invalid bearer token, the pod it is bound to no longer exists");
+        }
+        extra = json!({"authentication.kubernetes.io/pod-name": [name], "authentication.kubernetes.io/pod-uid": [uid]});
+    }
+    json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": body["spec"],
+           "status": {"authenticated": true, "audiences": granted,
+                      "user": {"username": format!("system:serviceaccount:{ns}:{sa}"),
+                               "uid": format!("sa-{ns}-{sa}"),
+                               "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}"), "system:authenticated"],
+                               "extra": extra}}})
+}
+
+/// TokenReviews and ConfigMaps (get, server-side apply); `None` for the list/watch paths.
+fn serve_other(shared: &Shared, req: &Request) -> Option<(u16, Value)> {
+    if req.method == "POST" && req.path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+        shared.store.lock().unwrap().requests.push("create tokenreviews".into());
+        let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+        return Some((201, review(shared, &body)));
+    }
+    let rest = req.path.strip_prefix("/api/v1/namespaces/")?;
+    let (ns, rest) = rest.split_once('/')?;
+    let name = rest.strip_prefix("configmaps/")?;
+    let key = format!("{ns}/{name}");
+    let mut st = shared.store.lock().unwrap();
+    st.requests.push(format!("{} configmaps {key}", req.method.to_lowercase()));
+    match req.method.as_str() {
+        "GET" => match st.objects.get("configmaps").and_then(|m| m.get(&key)) {
+            Some(o) => Some((200, o.clone())),
+            None => Some((
+                404,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound"}),
+            )),
+        },
+        "PATCH" => {
+            // Server-side apply of a whole object: stored as sent.
+            let Ok(mut obj) = serde_json::from_slice::<Value>(&req.body) else {
+                return Some((400, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 400})));
+            };
+            st.rv += 1;
+            obj["metadata"]["namespace"] = json!(ns);
+            obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+            st.objects.entry("configmaps".into()).or_default().insert(key, obj.clone());
+            Some((200, obj))
+        }
+        _ => Some((405, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 405}))),
+    }
 }
 
 fn percent_decode(s: &str) -> String {
@@ -282,6 +455,10 @@ fn serve_conn(shared: &Shared, s: TcpStream) -> Result<()> {
     let mut r = BufReader::new(s.try_clone()?);
     let mut w = s;
     while let Some(req) = read_request(&mut r)? {
+        if let Some((code, body)) = serve_other(shared, &req) {
+            respond(&mut w, code, &body)?;
+            continue;
+        }
         let Some((plural, kind, _)) = RESOURCES.iter().find(|(p, _, prefix)| req.path == format!("{prefix}/{p}"))
         else {
             respond(&mut w, 404, &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404}))?;

@@ -1186,6 +1186,95 @@ impl Drop for Cluster {
     }
 }
 
+/// The signer (`mesh-agent identity serve`) in a node's network namespace (a node without an
+/// agent, as a Deployment's pod), listening on the node's underlay address; killed on drop.
+pub struct Signer {
+    child: Option<Child>,
+    netns: String,
+    args: Vec<String>,
+    /// The CA API (TLS, gRPC).
+    pub addr: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Signer {
+    /// Starts it on `node` with `ca_dir`'s CA and `kubeconfig`'s API server, serving as the
+    /// node's underlay address; `extra` goes to it. Waits until it is ready.
+    pub fn start(node: &Node, ca_dir: &Path, kubeconfig: &Path, extra: &[&str]) -> Result<Signer> {
+        let ip = node.underlay.context("the signer's node has no underlay address")?;
+        let addr = SocketAddr::from((ip, 15012));
+        let admin = SocketAddr::from((ip, 15014));
+        let mut args: Vec<String> = vec![
+            "identity".into(),
+            "serve".into(),
+            format!("--listen={addr}"),
+            format!("--admin={admin}"),
+            format!("--ca-dir={}", ca_dir.display()),
+            format!("--kubeconfig={}", kubeconfig.display()),
+            format!("--serving-name={ip}"),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let mut s =
+            Signer { child: None, netns: node.netns.clone(), args, addr, admin, log: node.dir.join("signer.log") };
+        s.restart()?;
+        Ok(s)
+    }
+
+    /// Kills it (SIGKILL: a replica lost).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again with the same arguments and waits until it is ready.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut cmd = Command::new(bin_path("mesh-agent")?);
+        cmd.args(&self.args).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        enter(&mut cmd, None, &self.netns);
+        self.child = Some(cmd.spawn().context("spawn the signer")?);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = http_get(&self.netns, self.admin, "/readyz") {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
+                bail!("the signer exited with {status}:\n{}", self.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!("the signer is not ready after 20 s:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> Result<String> {
+        Ok(http_get(&self.netns, self.admin, "/metrics")?.1)
+    }
+
+    /// The process's resident memory, KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+    }
+}
+
+impl Drop for Signer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A running packet capture.
 pub struct Capture {
     child: Option<Child>,

@@ -211,8 +211,14 @@ impl CertManager {
                         *n = n.saturating_add(1);
                         *n
                     };
-                    let still_valid = current.as_ref().is_some_and(|c| c.not_after > now);
-                    let retry = retry_after(n);
+                    let remaining = current.as_ref().and_then(|c| c.not_after.duration_since(now).ok());
+                    let still_valid = remaining.is_some();
+                    // Backing off, but never so far that the certificate in use expires before
+                    // the next try.
+                    let retry = match remaining {
+                        Some(r) => retry_after(n).min(r / 4).max(Duration::from_millis(200)),
+                        None => retry_after(n),
+                    };
                     warn!(identity = %id, error = %e, reason = e.reason(), still_valid, retry_in = ?retry, "certificate issuance failed; keeping the current one and retrying");
                     next = next.min(now + retry);
                 }
