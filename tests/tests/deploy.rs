@@ -58,12 +58,53 @@ fn find<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
     docs.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("no {kind} rendered"))
 }
 
+/// The rendered object of this kind and name.
+fn named<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} rendered"))
+}
+
+/// Every workload's pod spec, by kind and name.
+fn pod_specs(docs: &[Value]) -> Vec<(String, &Value)> {
+    docs.iter()
+        .filter(|d| matches!(d["kind"].as_str(), Some("DaemonSet" | "Deployment" | "StatefulSet" | "Job" | "Pod")))
+        .map(|d| {
+            (
+                format!("{}/{}", d["kind"].as_str().unwrap(), d["metadata"]["name"].as_str().unwrap()),
+                &d["spec"]["template"]["spec"],
+            )
+        })
+        .collect()
+}
+
+/// The Secrets a pod spec mounts.
+fn mounted_secrets(spec: &Value) -> Vec<String> {
+    spec["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["secret"]["secretName"].as_str().map(String::from))
+        .collect()
+}
+
 #[test]
 fn chart_lints_renders_and_validates_against_the_kubernetes_schema() -> Result<()> {
     helm(&["lint", "--strict", chart().to_str().unwrap()])?;
     for (name, extra) in [
         ("default", vec![]),
         ("own-ca", vec!["--set", "ca.existingSecret=my-ca"]),
+        ("agent-held-ca", vec!["--set", "ca.mode=agent"]),
+        ("istiod", vec!["--set", "ca.mode=istiod"]),
+        (
+            "istio-csr",
+            vec![
+                "--set",
+                "ca.mode=external",
+                "--set",
+                "ca.address=https://cert-manager-istio-csr.cert-manager.svc:443",
+            ],
+        ),
         ("tuned", vec!["--set", "mesh.workers=2", "--set", "mesh.bypass.ports={53,443}", "--set", "logFormat=json"]),
     ] {
         let yaml = template(&extra)?;
@@ -135,11 +176,11 @@ fn daemonset_is_least_privilege_on_every_node_and_never_short_of_agents() -> Res
         spec["volumes"].as_array().unwrap().iter().filter_map(|v| v["hostPath"]["path"].as_str()).collect();
     assert_eq!(paths, vec!["/sys/fs/bpf", "/sys/fs/cgroup"]);
     // The agent reads the API, never writes it.
-    let role = find(&d, "ClusterRole");
+    let role = named(&d, "ClusterRole", "switchyard");
     for rule in role["rules"].as_array().unwrap() {
         assert_eq!(rule["verbs"], serde_json::json!(["get", "list", "watch"]), "{rule}");
     }
-    let svc = find(&d, "Service");
+    let svc = named(&d, "Service", "switchyard-metrics");
     assert_eq!(svc["metadata"]["annotations"]["prometheus.io/scrape"], "true");
     // The CA Secret is generated with a key the agent can load, and kept on uninstall.
     let secret = find(&d, "Secret");
@@ -164,6 +205,132 @@ fn daemonset_is_least_privilege_on_every_node_and_never_short_of_agents() -> Res
     let agent_yaml = find(&d, "ConfigMap")["data"]["agent.yaml"].as_str().unwrap().to_string();
     let file: mesh_agent::config::FileConfig = serde_yaml_ng::from_str(&agent_yaml).context("agent.yaml")?;
     assert_eq!(file.otlp_endpoint.as_deref(), Some("http://otel-collector.observability:4318"));
+    Ok(())
+}
+
+/// Issue 14: in the default install no agent can read the CA key; only the signer mounts it, and
+/// it may only review tokens, watch pods and publish its one ConfigMap.
+#[test]
+fn only_the_signer_mounts_the_ca_key_and_agents_ask_it_with_a_bound_token() -> Result<()> {
+    let d = docs(&template(&[])?);
+    let secret = named(&d, "Secret", "switchyard-ca");
+    assert!(secret["data"]["ca.key"].as_str().is_some_and(|k| !k.is_empty()));
+    let with_key: Vec<String> = pod_specs(&d)
+        .into_iter()
+        .filter(|(_, spec)| mounted_secrets(spec).contains(&"switchyard-ca".to_string()))
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(with_key, ["Deployment/switchyard-signer"], "only the signer mounts the CA Secret");
+    let ds = find(&d, "DaemonSet");
+    let spec = &ds["spec"]["template"]["spec"];
+    assert!(mounted_secrets(spec).is_empty(), "the agents mount no Secret at all");
+    let volumes = spec["volumes"].as_array().unwrap();
+    let token = volumes.iter().find(|v| v["name"] == "ca-token").expect("a projected token");
+    let sat = &token["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(sat["audience"], "istio-ca", "one token works with istiod too");
+    assert!(sat["expirationSeconds"].as_u64().unwrap() <= 86400, "short-lived");
+    let root = volumes.iter().find(|v| v["name"] == "ca-root").expect("the published root");
+    assert_eq!(root["configMap"]["name"], "switchyard-ca-root");
+    // The agent's config: a CA client, no CA files; and it is valid for the agent.
+    let text = named(&d, "ConfigMap", "switchyard")["data"]["agent.yaml"].as_str().unwrap();
+    let file: mesh_agent::config::FileConfig = serde_yaml_ng::from_str(text).context("agent.yaml")?;
+    assert!(file.ca.is_none(), "{text}");
+    let client = file.ca_client.expect("caClient");
+    assert_eq!(client.address, "https://switchyard-signer.switchyard-system.svc:15012");
+    let mounts = ds["spec"]["template"]["spec"]["containers"][0]["volumeMounts"].as_array().unwrap();
+    let mounted = |name: &str| mounts.iter().find(|m| m["name"] == name).and_then(|m| m["mountPath"].as_str()).unwrap();
+    assert!(client.token_file.starts_with(mounted("ca-token")), "{client:?}");
+    assert!(client.root_cert.starts_with(mounted("ca-root")), "{client:?}");
+    // The signer: two replicas, non-root, its serving names those the agents dial, trusting
+    // exactly the agents' ServiceAccount as node agents.
+    let signer = named(&d, "Deployment", "switchyard-signer");
+    assert_eq!(signer["spec"]["replicas"], 2);
+    let c = &signer["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["securityContext"]["runAsNonRoot"], true);
+    let args: Vec<&str> = c["args"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert_eq!(&args[..2], ["identity", "serve"]);
+    for want in [
+        "--trusted-node-account=switchyard-system/switchyard",
+        "--serving-name=switchyard-signer.switchyard-system.svc",
+        "--root-configmap=switchyard-system/switchyard-ca-root",
+        "--audience=istio-ca",
+    ] {
+        assert!(args.contains(&want), "{want} in {args:?}");
+    }
+    assert_eq!(named(&d, "Service", "switchyard-signer")["spec"]["ports"][0]["port"], 15012);
+    // Its RBAC: review tokens, watch pods, write one ConfigMap. Nothing else.
+    let cr = named(&d, "ClusterRole", "switchyard-signer");
+    assert_eq!(
+        cr["rules"],
+        serde_json::json!([
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+        ])
+    );
+    let role = named(&d, "Role", "switchyard-signer");
+    for rule in role["rules"].as_array().unwrap() {
+        assert_eq!(rule["resources"], serde_json::json!(["configmaps"]), "{rule}");
+    }
+    // The agents' own role is unchanged: read-only.
+    for rule in named(&d, "ClusterRole", "switchyard")["rules"].as_array().unwrap() {
+        assert_eq!(rule["verbs"], serde_json::json!(["get", "list", "watch"]), "{rule}");
+    }
+    // Pointed at istiod or istio-csr instead: no signer, no CA Secret mounted anywhere.
+    for extra in [
+        vec!["--set", "ca.mode=istiod"],
+        vec!["--set", "ca.mode=external", "--set", "ca.address=https://cert-manager-istio-csr.cert-manager.svc:443"],
+    ] {
+        let d = docs(&template(&extra)?);
+        assert!(!d.iter().any(|o| o["kind"] == "Deployment"), "{extra:?}: no signer");
+        assert!(pod_specs(&d).iter().all(|(_, s)| mounted_secrets(s).is_empty()), "{extra:?}");
+        let text = named(&d, "ConfigMap", "switchyard")["data"]["agent.yaml"].as_str().unwrap();
+        let file: mesh_agent::config::FileConfig = serde_yaml_ng::from_str(text)?;
+        let want = if extra[1] == "ca.mode=istiod" {
+            "https://istiod.istio-system.svc:15012"
+        } else {
+            "https://cert-manager-istio-csr.cert-manager.svc:443"
+        };
+        assert_eq!(file.ca_client.unwrap().address, want);
+        let ds = find(&d, "DaemonSet");
+        let vols = ds["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+        assert!(vols.iter().any(|v| v["configMap"]["name"] == "istio-ca-root-cert"), "Istio's published root");
+    }
+    // A mode the chart does not know is an error, not a silent default.
+    assert!(template(&["--set", "ca.mode=nonsense"]).is_err());
+    assert!(template(&["--set", "ca.mode=external"]).is_err(), "external needs an address");
+    Ok(())
+}
+
+/// Issue 14: an installed release moves from agent-held keys (ca.mode=agent) to the signer with
+/// `helm upgrade`: the same CA Secret (so the same root: old agents and new ones verify each
+/// other, and no identity changes), a surge rollout (a new agent starts beside the old one,
+/// obtains its pods' certificates, then takes over), and the signer's bundle from that Secret.
+#[test]
+fn moving_from_agent_held_keys_to_the_signer_keeps_the_root_and_rolls_without_a_gap() -> Result<()> {
+    let old = docs(&template(&["--set", "ca.mode=agent", "--set", "ca.existingSecret=switchyard-ca"])?);
+    let new = docs(&template(&["--set", "ca.existingSecret=switchyard-ca"])?);
+    let old_ds = find(&old, "DaemonSet");
+    assert_eq!(mounted_secrets(&old_ds["spec"]["template"]["spec"]), ["switchyard-ca"]);
+    let old_cfg: mesh_agent::config::FileConfig =
+        serde_yaml_ng::from_str(named(&old, "ConfigMap", "switchyard")["data"]["agent.yaml"].as_str().unwrap())?;
+    assert!(old_cfg.ca.is_some() && old_cfg.ca_client.is_none());
+    // The signer signs with the very Secret the old agents used, and publishes its bundle.
+    let signer = named(&new, "Deployment", "switchyard-signer");
+    assert_eq!(mounted_secrets(&signer["spec"]["template"]["spec"]), ["switchyard-ca"]);
+    // The agents roll one node at a time with a surge, never fewer agents than nodes; the
+    // config change rolls them (checksum annotation differs).
+    let new_ds = find(&new, "DaemonSet");
+    assert_eq!(new_ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    assert_eq!(new_ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"], 1);
+    let checksum = |ds: &Value| ds["spec"]["template"]["metadata"]["annotations"]["checksum/config"].clone();
+    assert_ne!(checksum(old_ds), checksum(new_ds));
+    // Same identities either way: same trust domain.
+    let new_cfg: mesh_agent::config::FileConfig =
+        serde_yaml_ng::from_str(named(&new, "ConfigMap", "switchyard")["data"]["agent.yaml"].as_str().unwrap())?;
+    assert_eq!(old_cfg.trust_domain, new_cfg.trust_domain);
+    // A generated CA is looked up and kept (never regenerated by the upgrade).
+    let ca_secret = std::fs::read_to_string(chart().join("templates/ca-secret.yaml"))?;
+    assert!(ca_secret.contains("lookup \"v1\" \"Secret\"") && ca_secret.contains("helm.sh/resource-policy: keep"));
     Ok(())
 }
 

@@ -25,3 +25,22 @@ app.kubernetes.io/component: mesh-agent
 {{- define "switchyard.caSecretName" -}}
 {{- if .Values.ca.existingSecret -}}{{ .Values.ca.existingSecret }}{{- else -}}{{ include "switchyard.fullname" . }}-ca{{- end -}}
 {{- end -}}
+
+{{- define "switchyard.signerName" -}}{{ include "switchyard.fullname" . | trunc 56 | trimSuffix "-" }}-signer{{- end -}}
+
+{{/* The ConfigMap with the root that verifies workload certificates (and the CA). */}}
+{{- define "switchyard.rootConfigMap" -}}
+{{- if eq .Values.ca.mode "signer" -}}switchyard-ca-root{{- else -}}{{ .Values.ca.rootCertConfigMap }}{{- end -}}
+{{- end -}}
+
+{{- define "switchyard.caAddress" -}}
+{{- if eq .Values.ca.mode "signer" -}}
+https://{{ include "switchyard.signerName" . }}.{{ .Release.Namespace }}.svc:15012
+{{- else if .Values.ca.address -}}
+{{ .Values.ca.address }}
+{{- else if eq .Values.ca.mode "istiod" -}}
+https://istiod.istio-system.svc:15012
+{{- else -}}
+{{ fail "ca.address is required with ca.mode=external" }}
+{{- end -}}
+{{- end -}}
