@@ -38,7 +38,12 @@ use crate::{
 struct Mtls {
     certs: Arc<CertManager>,
     bundle: tls::TrustBundle,
+    /// Re-read while running (a CA rotation changes it).
+    bundle_path: std::path::PathBuf,
 }
+
+/// How often the trust bundle file is re-read.
+const BUNDLE_POLL: Duration = Duration::from_secs(5);
 
 fn load_mtls(config: &Config) -> anyhow::Result<Option<Mtls>> {
     let (issuer, bundle_path): (Arc<dyn crate::identity::issuer::CertIssuer>, _) = match (&config.ca, &config.ca_client)
@@ -64,7 +69,7 @@ fn load_mtls(config: &Config) -> anyhow::Result<Option<Mtls>> {
     let roots = ca::load_bundle(&bundle_path)?;
     let bundle = tls::TrustBundle::new(&roots)?;
     info!(roots = roots.len(), bundle = %bundle_path.display(), "trust bundle loaded");
-    Ok(Some(Mtls { certs: Arc::new(CertManager::new(issuer, config.cert_lifetime)), bundle }))
+    Ok(Some(Mtls { certs: Arc::new(CertManager::new(issuer, config.cert_lifetime)), bundle, bundle_path }))
 }
 
 /// How long a starting agent waits for its pods' certificates before it takes the datapath
@@ -383,6 +388,7 @@ fn start_identity(
     background: &mut Vec<JoinHandle<()>>,
 ) -> Arc<Pool> {
     let (wanted_tx, wanted_rx) = watch::channel(wanted_identities(&index_rx.borrow(), &config.trust_domain));
+    background.push(tokio::spawn(m.bundle.clone().watch(m.bundle_path.clone(), BUNDLE_POLL, stop.clone())));
     background.push(tokio::spawn(m.certs.clone().run(wanted_rx, stop.clone())));
     let mut idx_rx = index_rx.clone();
     let td = config.trust_domain.clone();

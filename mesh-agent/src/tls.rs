@@ -18,7 +18,10 @@ use rustls::{
     },
     crypto::CryptoProvider,
     pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime},
-    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    server::{
+        ClientHello, ResolvesServerCert, WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
     sign::CertifiedKey,
 };
 
@@ -38,28 +41,137 @@ pub enum BundleError {
     Store(TlsError),
 }
 
-/// The roots workload certificates must chain to (several during a CA rotation).
+/// The roots workload certificates must chain to (several during a CA rotation). Shared and
+/// replaceable at run time ([`TrustBundle::replace`]): handshakes after a replacement use the
+/// new roots, on both sides.
 #[derive(Clone)]
-pub struct TrustBundle {
-    roots: Arc<RootCertStore>,
-    anchors: Arc<Vec<TrustAnchor<'static>>>,
+pub struct TrustBundle(Arc<std::sync::RwLock<Arc<Roots>>>);
+
+/// One version of the bundle.
+struct Roots {
+    anchors: Vec<TrustAnchor<'static>>,
+    /// Verifies HBONE clients against these roots.
+    clients: Arc<dyn ClientCertVerifier>,
 }
 
 impl fmt::Debug for TrustBundle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "TrustBundle({} roots)", self.anchors.len())
+        write!(f, "TrustBundle({} roots)", self.len())
     }
 }
 
-impl TrustBundle {
-    pub fn new(certs: &[CertificateDer<'static>]) -> Result<Self, BundleError> {
+impl Roots {
+    fn new(certs: &[CertificateDer<'static>]) -> Result<Self, BundleError> {
         let mut roots = RootCertStore::empty();
         let mut anchors = Vec::new();
         for (i, c) in certs.iter().enumerate() {
             anchors.push(webpki::anchor_from_trusted_cert(c).map_err(|e| BundleError::Anchor(i, e))?.to_owned());
             roots.add(c.clone()).map_err(BundleError::Store)?;
         }
-        Ok(TrustBundle { roots: Arc::new(roots), anchors: Arc::new(anchors) })
+        let clients = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| BundleError::Store(TlsError::General(e.to_string())))?;
+        Ok(Roots { anchors, clients })
+    }
+}
+
+impl TrustBundle {
+    pub fn new(certs: &[CertificateDer<'static>]) -> Result<Self, BundleError> {
+        Ok(TrustBundle(Arc::new(std::sync::RwLock::new(Arc::new(Roots::new(certs)?)))))
+    }
+
+    fn current(&self) -> Arc<Roots> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the roots (a CA rotation: a root added or removed), for every holder.
+    pub fn replace(&self, certs: &[CertificateDer<'static>]) -> Result<(), BundleError> {
+        let roots = Arc::new(Roots::new(certs)?);
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = roots;
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.current().anchors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Re-reads `path` every `period` until `stop`; a changed, valid bundle replaces the roots,
+    /// an invalid one is logged and the current roots kept.
+    pub async fn watch(
+        self,
+        path: std::path::PathBuf,
+        period: std::time::Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let mut last = std::fs::read(&path).ok();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            let now = std::fs::read(&path).ok();
+            if now.is_none() || now == last {
+                continue;
+            }
+            match crate::identity::ca::load_bundle(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|c| self.replace(&c).map(|()| c.len()).map_err(|e| e.to_string()))
+            {
+                Ok(n) => {
+                    tracing::info!(bundle = %path.display(), roots = n, "trust bundle changed: new handshakes use it")
+                }
+                Err(e) => {
+                    tracing::warn!(bundle = %path.display(), error = %e, "the changed trust bundle is not usable; keeping the current one")
+                }
+            }
+            last = now;
+        }
+    }
+}
+
+/// HBONE client verification against the bundle's roots as they are at the handshake.
+#[derive(Debug)]
+struct BundleClientVerifier(TrustBundle);
+
+impl ClientCertVerifier for BundleClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        // No hints: our clients have one certificate to present.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, TlsError> {
+        self.0.current().clients.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.0.current().clients.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.0.current().clients.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.current().clients.supported_verify_schemes()
     }
 }
 
@@ -141,9 +253,10 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_to_tls)?;
+        let roots = self.bundle.current();
         cert.verify_for_usage(
             self.provider.signature_verification_algorithms.all,
-            &self.bundle.anchors,
+            &roots.anchors,
             intermediates,
             now,
             webpki::KeyUsage::server_auth(),
@@ -238,13 +351,9 @@ pub fn server_config(
     trust_domain: &str,
     bundle: &TrustBundle,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(bundle.roots.clone(), provider.clone())
-        .build()
-        .map_err(|e| TlsError::General(e.to_string()))?;
-    let mut cfg = ServerConfig::builder_with_provider(provider)
+    let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(BundleClientVerifier(bundle.clone())))
         .with_cert_resolver(Arc::new(SniResolver { certs, trust_domain: trust_domain.into() }));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -252,8 +361,6 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
-/// A readable description of a handshake error (rustls shows custom verifier errors with
-/// their Debug form; this shows their message).
 /// A client of the CA API: the CA's serving certificate verified against `roots` (the mesh
 /// roots, or the roots of whoever signs istiod's), ALPN `h2`, no client certificate (the caller
 /// proves who it is with a token).
@@ -271,6 +378,8 @@ pub fn ca_client_config(roots: &[CertificateDer<'static>]) -> Result<Arc<ClientC
     Ok(Arc::new(cfg))
 }
 
+/// A readable description of a handshake error (rustls shows custom verifier errors with
+/// their Debug form; this shows their message).
 pub fn describe(e: &std::io::Error) -> String {
     match e.get_ref().and_then(|i| i.downcast_ref::<TlsError>()) {
         Some(TlsError::InvalidCertificate(CertificateError::Other(o))) => format!("invalid peer certificate: {}", o.0),
@@ -410,6 +519,60 @@ mod tests {
             p.new.issue_between(&client, now - Duration::from_secs(7200), now - Duration::from_secs(3600)).unwrap();
         let (_, seen) = handshake(&p, &server, old, &server).await;
         assert_eq!(seen, None, "the server must not accept an expired client certificate");
+    }
+
+    #[tokio::test]
+    async fn a_replaced_bundle_applies_to_the_next_handshakes_on_both_sides() {
+        let p = pki();
+        let client = Identity::new("cluster.local", "shop", "web");
+        let server = Identity::new("cluster.local", "shop", "db");
+        // The old CA removed from the bundle (the end of a rotation): an old-CA client is now
+        // refused by the server, without a restart.
+        p.bundle.replace(std::slice::from_ref(p.new.ca_cert())).unwrap();
+        assert_eq!(p.bundle.len(), 1);
+        let c = p.old.issue(&client, Duration::from_secs(600)).unwrap();
+        let (_, seen) = handshake(&p, &server, c, &server).await;
+        assert_eq!(seen, None, "the removed root no longer verifies clients");
+        // The server's certificate is from the new CA: a bundle with only the old root makes
+        // the client refuse it.
+        p.bundle.replace(std::slice::from_ref(p.old.ca_cert())).unwrap();
+        let c = p.old.issue(&client, Duration::from_secs(600)).unwrap();
+        let (res, _) = handshake(&p, &server, c, &server).await;
+        assert!(res.is_err(), "the client verifies the server against the current roots");
+        // Both again: accepted.
+        p.bundle.replace(&[p.old.ca_cert().clone(), p.new.ca_cert().clone()]).unwrap();
+        let c = p.old.issue(&client, Duration::from_secs(600)).unwrap();
+        let (res, seen) = handshake(&p, &server, c, &server).await;
+        assert_eq!((res, seen), (Ok(()), Some(client)));
+    }
+
+    #[tokio::test]
+    async fn the_bundle_file_is_watched_and_a_bad_edit_keeps_the_roots() {
+        let p = pki();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("root-cert.pem");
+        let pem = |c: &CertificateDer<'_>| {
+            use base64::Engine as _;
+            let b = base64::engine::general_purpose::STANDARD.encode(c.as_ref());
+            let lines: Vec<&str> = b.as_bytes().chunks(64).map(|l| std::str::from_utf8(l).unwrap()).collect();
+            format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n"))
+        };
+        std::fs::write(&path, pem(p.old.ca_cert()) + &pem(p.new.ca_cert())).unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(p.bundle.clone().watch(path.clone(), Duration::from_millis(20), stop.clone()));
+        std::fs::write(&path, pem(p.new.ca_cert())).unwrap();
+        for _ in 0..100 {
+            if p.bundle.len() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(p.bundle.len(), 1, "the edit was picked up");
+        std::fs::write(&path, "garbage").unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(p.bundle.len(), 1, "an unusable file keeps the current roots");
+        stop.cancel();
+        task.await.unwrap();
     }
 
     #[test]

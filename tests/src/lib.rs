@@ -1186,6 +1186,12 @@ impl Drop for Cluster {
     }
 }
 
+/// A process's resident memory, KiB.
+pub fn rss_kib_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 /// The signer (`mesh-agent identity serve`) in a node's network namespace (a node without an
 /// agent, as a Deployment's pod), listening on the node's underlay address; killed on drop.
 pub struct Signer {
@@ -1203,7 +1209,8 @@ impl Signer {
     /// Starts it on `node` with `ca_dir`'s CA and `kubeconfig`'s API server, serving as the
     /// node's underlay address; `extra` goes to it. Waits until it is ready.
     pub fn start(node: &Node, ca_dir: &Path, kubeconfig: &Path, extra: &[&str]) -> Result<Signer> {
-        let ip = node.underlay.context("the signer's node has no underlay address")?;
+        // A cluster node's underlay address, or a lone node's own.
+        let ip = node.underlay.unwrap_or(node.gateway);
         let addr = SocketAddr::from((ip, 15012));
         let admin = SocketAddr::from((ip, 15014));
         let mut args: Vec<String> = vec![
@@ -1261,11 +1268,13 @@ impl Signer {
         Ok(http_get(&self.netns, self.admin, "/metrics")?.1)
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The process's resident memory, KiB.
     pub fn rss_kib(&self) -> Option<u64> {
-        let pid = self.child.as_ref()?.id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+        rss_kib_of(self.pid()?)
     }
 }
 

@@ -98,7 +98,7 @@ fn self_signed(trust_domain: &str, lifetime: Duration) -> Result<(rcgen::Certifi
     Ok((cert, key))
 }
 
-fn ring_digest(data: &[u8]) -> Vec<u8> {
+pub(crate) fn ring_digest(data: &[u8]) -> Vec<u8> {
     // SHA-256 through rustls' provider (ring), to avoid another hashing dependency.
     let provider = rustls::crypto::ring::default_provider();
     let hash = provider.cipher_suites[0].tls13().map(|s| s.common.hash_provider).expect("TLS 1.3 suite");

@@ -222,6 +222,67 @@ impl Authenticator for TokenReviewer {
     }
 }
 
+/// How long an authenticated token is remembered.
+const AUTHN_CACHE_TTL: Duration = Duration::from_secs(30);
+/// Tokens remembered at most (one per agent and workload that asks).
+const AUTHN_CACHE_MAX: usize = 10_000;
+
+/// Remembers authenticated tokens for a short while (as the API server's own authenticator
+/// does), so an agent renewing its node's certificates costs one TokenReview, not one per pod.
+/// An entry lives at most [`AUTHN_CACHE_TTL`] and never past the token's own `exp`; failures
+/// are not remembered. Authorization is still decided per request against the live pods: a
+/// deleted pod's token stops impersonating as soon as the pod leaves the index.
+pub struct CachedAuthenticator {
+    inner: Arc<dyn Authenticator>,
+    entries: std::sync::Mutex<HashMap<Vec<u8>, (Caller, Instant)>>,
+}
+
+impl CachedAuthenticator {
+    pub fn new(inner: Arc<dyn Authenticator>) -> Self {
+        CachedAuthenticator { inner, entries: Default::default() }
+    }
+}
+
+/// The `exp` claim of a JWT, unverified (the API server verified the token).
+fn jwt_expiry(token: &str) -> Option<SystemTime> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let exp = serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["exp"].as_u64()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(exp))
+}
+
+#[async_trait::async_trait]
+impl Authenticator for CachedAuthenticator {
+    async fn authenticate(&self, token: &str) -> Result<Caller, AuthnError> {
+        let key = ca::ring_digest(token.as_bytes());
+        let now = Instant::now();
+        if let Some((caller, until)) = self.entries.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
+            && *until > now
+        {
+            return Ok(caller.clone());
+        }
+        let caller = self.inner.authenticate(token).await?;
+        let left = match jwt_expiry(token) {
+            Some(exp) => exp.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO),
+            None => AUTHN_CACHE_TTL,
+        };
+        if left.is_zero() {
+            return Ok(caller);
+        }
+        let until = now + left.min(AUTHN_CACHE_TTL);
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= AUTHN_CACHE_MAX {
+            entries.retain(|_, (_, u)| *u > now);
+            if entries.len() >= AUTHN_CACHE_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(key, (caller.clone(), until));
+        Ok(caller)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Authorization
 
@@ -534,7 +595,7 @@ pub async fn serve(args: SignerArgs, stop: CancellationToken) -> anyhow::Result<
         trust_domain: args.trust_domain.clone(),
         trusted_node_accounts: trusted,
         max_lifetime: Duration::from_secs(args.max_lifetime_secs.max(60)),
-        authn: Arc::new(TokenReviewer::new(client.clone(), args.audiences.clone())),
+        authn: Arc::new(CachedAuthenticator::new(Arc::new(TokenReviewer::new(client.clone(), args.audiences.clone())))),
         pods: pods.clone(),
         metrics: SignerMetrics::default(),
     });
@@ -869,6 +930,44 @@ mod tests {
         assert_eq!(s.lifetime(86400 * 365), Duration::from_secs(3600));
         assert_eq!(s.lifetime(0), Duration::from_secs(3600));
         assert_eq!(s.lifetime(-5), Duration::from_secs(3600));
+    }
+
+    #[tokio::test]
+    async fn authenticated_tokens_are_remembered_briefly_and_never_past_their_expiry() {
+        use base64::Engine as _;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        struct Counting(AtomicUsize);
+        #[async_trait::async_trait]
+        impl Authenticator for Counting {
+            async fn authenticate(&self, token: &str) -> Result<Caller, AuthnError> {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                if token.starts_with("bad") {
+                    return Err(AuthnError::Rejected("no".into()));
+                }
+                Ok(agent("a", "u"))
+            }
+        }
+        let inner = Arc::new(Counting(AtomicUsize::new(0)));
+        let c = CachedAuthenticator::new(inner.clone());
+        let jwt = |exp: u64| {
+            let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+            format!("{}.{}.sig", b("{}"), b(&format!("{{\"exp\":{exp}}}")))
+        };
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        let long = jwt(now + 3600);
+        for _ in 0..5 {
+            c.authenticate(&long).await.unwrap();
+        }
+        assert_eq!(inner.0.load(Ordering::SeqCst), 1, "one review for five requests");
+        // A token that has expired is reviewed again (and the API server refuses it).
+        let expired = jwt(now - 1);
+        c.authenticate(&expired).await.unwrap();
+        c.authenticate(&expired).await.unwrap();
+        assert_eq!(inner.0.load(Ordering::SeqCst), 3);
+        // Failures are not remembered.
+        assert!(c.authenticate("bad").await.is_err());
+        assert!(c.authenticate("bad").await.is_err());
+        assert_eq!(inner.0.load(Ordering::SeqCst), 5);
     }
 
     struct Never;
