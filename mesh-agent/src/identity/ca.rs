@@ -152,14 +152,28 @@ fn pkcs8_from_sec1(sec1: &[u8], curve_oid: &[u8]) -> Vec<u8> {
     der(0x30, &[&[0x02, 0x01, 0x00][..], &alg, &der(0x04, sec1)].concat())
 }
 
-/// A key pair from PEM: PKCS#8 as rcgen reads it, or SEC1 (`EC PRIVATE KEY`, as openssl
-/// `ecparam` and Helm's `genPrivateKey "ecdsa"` write it), which ring cannot read directly and
-/// which is therefore rewrapped as PKCS#8 for P-256 or P-384.
+/// PKCS#8 `PrivateKeyInfo` around a PKCS#1 `RSAPrivateKey`.
+fn pkcs8_from_pkcs1(pkcs1: &[u8]) -> Vec<u8> {
+    // rsaEncryption, NULL parameters.
+    const RSA_ALG: [u8; 15] =
+        [0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00];
+    der(0x30, &[&[0x02, 0x01, 0x00][..], &RSA_ALG, &der(0x04, pkcs1)].concat())
+}
+
+/// A key pair from PEM, EC or RSA: PKCS#8 (`PRIVATE KEY`) as rcgen reads it; SEC1 (`EC PRIVATE
+/// KEY`, as openssl `ecparam` and Helm's `genPrivateKey "ecdsa"` write it) and PKCS#1 (`RSA
+/// PRIVATE KEY`, as `openssl genrsa -traditional` writes it and Istio's self-signed CA
+/// is), which ring cannot read directly and which are rewrapped as PKCS#8 (P-256 or P-384;
+/// RSA signing with SHA-256).
 fn key_pair_from_pem(pem: &str) -> Result<KeyPair, rcgen::Error> {
     let err = match KeyPair::from_pem(pem) {
         Ok(k) => return Ok(k),
         Err(e) => e,
     };
+    if let Ok(PrivateKeyDer::Pkcs1(pkcs1)) = PrivateKeyDer::from_pem_slice(pem.as_bytes()) {
+        let der = PrivatePkcs8KeyDer::from(pkcs8_from_pkcs1(pkcs1.secret_pkcs1_der()));
+        return KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_RSA_SHA256);
+    }
     let Ok(PrivateKeyDer::Sec1(sec1)) = PrivateKeyDer::from_pem_slice(pem.as_bytes()) else { return Err(err) };
     const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
     const P384: [u8; 7] = [0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
@@ -310,6 +324,20 @@ mod tests {
         let (_, root) = x509_parser::parse_x509_certificate(ca.ca_cert()).unwrap();
         assert_eq!(leaf.issuer(), root.subject());
         leaf.verify_signature(Some(root.public_key())).expect("signed by the chart's CA key");
+    }
+
+    /// An RSA CA as Istio's self-signed one is (RSA 2048, `O=cluster.local`), its key in PKCS#1
+    /// (`openssl genrsa -traditional`) and in PKCS#8: both load, and what they sign verifies.
+    #[test]
+    fn an_rsa_ca_loads_from_pkcs1_and_pkcs8_and_issues() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        for key in ["rsa-ca.key", "rsa-ca-pkcs8.key"] {
+            let ca = LocalCa::load(&dir.join("rsa-ca.crt"), &dir.join(key)).unwrap_or_else(|e| panic!("{key}: {e}"));
+            let issued = ca.issue(&Identity::new("cluster.local", "shop", "web"), Duration::from_secs(60)).unwrap();
+            let (_, leaf) = x509_parser::parse_x509_certificate(&issued.chain[0]).unwrap();
+            let (_, root) = x509_parser::parse_x509_certificate(ca.ca_cert()).unwrap();
+            leaf.verify_signature(Some(root.public_key())).unwrap_or_else(|e| panic!("{key}: {e}"));
+        }
     }
 
     #[test]
