@@ -682,6 +682,26 @@ impl Node {
         }
     }
 
+    /// Starts the agent and waits only until it is alive (`/healthz`), not ready: for agents
+    /// expected to stay unready.
+    pub fn start_agent_alive(&mut self, extra: &[&str]) -> Result<()> {
+        let child = self.spawn_agent(extra)?;
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = http_get(&self.netns, self.admin_addr(), "/healthz") {
+                return Ok(());
+            }
+            if let Some(status) = self.agent.as_mut().unwrap().try_wait()? {
+                bail!("mesh-agent exited with {status}:\n{}", self.agent_log());
+            }
+            if Instant::now() > deadline {
+                bail!("mesh-agent not alive after 30 s:\n{}", self.agent_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Gives the node a bpffs of its own (mounted in its directory, unmounted on drop) and
     /// makes its agents pin their programs and maps there (`--bpf-pin-dir`).
     pub fn pin_programs(&mut self) -> Result<PathBuf> {
@@ -780,10 +800,13 @@ impl Node {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
 
-    /// The agent's warnings and errors, for a failing assertion's message.
+    /// The agent's warnings and errors, and the access-log lines of connections that ended
+    /// with an error, for a failing assertion's message.
     pub fn agent_warnings(&self) -> String {
         let log = self.agent_log();
-        let lines: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+        let failed_conn = |l: &str| l.contains("access:") && !l.contains("error=\"-\"") && !l.contains("error=-");
+        let lines: Vec<&str> =
+            log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR") || failed_conn(l)).collect();
         format!("{} ({} warnings and errors):\n{}", self.name, lines.len(), lines.join("\n"))
     }
 

@@ -23,6 +23,10 @@ struct Setup {
     signer: Signer,
     client: Pod,
     server: Pod,
+    /// Meshed, on node-a with the client, echo on 8080.
+    neighbour: Pod,
+    /// The agents' arguments, for restarts.
+    agent_args: Vec<Vec<String>>,
     _servers: Vec<Server>,
 }
 
@@ -54,11 +58,15 @@ fn setup(agent_args: &[&str]) -> Result<Setup> {
     c.set_namespace("shop", true, None);
     let client = c.node("node-a").add_pod("client", "shop", None)?;
     let server = c.node("node-b").add_pod("server", "shop", None)?;
-    let servers = vec![server.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?];
+    let neighbour = c.node("node-a").add_pod("neighbour", "shop", None)?;
+    let servers = vec![
+        server.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?,
+        neighbour.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?,
+    ];
     let api = FakeApi::start(&c.nodes[ca].netns)?;
     let kubeconfig = c.nodes[ca].dir.join("kubeconfig");
     api.kubeconfig(&kubeconfig)?;
-    for p in [&client, &server] {
+    for p in [&client, &server, &neighbour] {
         api.apply("pods", pod_json(&p.namespace, &p.name, &p.node, &p.service_account));
     }
     for n in ["node-a", "node-b"] {
@@ -73,6 +81,7 @@ fn setup(agent_args: &[&str]) -> Result<Setup> {
     c.write_workloads()?;
     let bundle = c.ca_dir.join("bundle.crt").to_string_lossy().into_owned();
     let address = format!("https://{}", signer.addr);
+    let mut all_args = Vec::new();
     for n in ["node-a", "node-b"] {
         let pod = agent_pod(n);
         let token = api.token("switchyard", "mesh-agent", Some((&pod, &uid(&pod))), &[AUDIENCE], 3600);
@@ -82,8 +91,9 @@ fn setup(agent_args: &[&str]) -> Result<Setup> {
         let mut args = vec!["--ca-address", &address, "--ca-root-cert", &bundle, "--ca-token-file", &token_file];
         args.extend_from_slice(agent_args);
         node.start_agent(&args)?;
+        all_args.push(args.iter().map(|a| a.to_string()).collect());
     }
-    Ok(Setup { c, api, signer, client, server, _servers: servers })
+    Ok(Setup { c, api, signer, client, server, neighbour, agent_args: all_args, _servers: servers })
 }
 
 fn metric(text: &str, name_and_labels: &str) -> f64 {
@@ -157,12 +167,12 @@ fn agents_without_the_ca_key_get_their_pods_certificates_from_the_signer_and_tra
     for (i, node) in s.c.nodes[..2].iter().enumerate() {
         let certs = node.admin_json("/debug/certs")?;
         let ids: Vec<&str> = certs.as_array().unwrap().iter().filter_map(|c| c["identity"].as_str()).collect();
-        let want = if i == 0 {
-            "spiffe://cluster.local/ns/shop/sa/client"
+        let want: &[&str] = if i == 0 {
+            &["spiffe://cluster.local/ns/shop/sa/client", "spiffe://cluster.local/ns/shop/sa/neighbour"]
         } else {
-            "spiffe://cluster.local/ns/shop/sa/server"
+            &["spiffe://cluster.local/ns/shop/sa/server"]
         };
-        assert_eq!(ids, [want], "each node holds its own pods' identities only");
+        assert_eq!(ids, want, "each node holds its own pods' identities only");
         let log = node.agent_log();
         assert!(log.contains("no CA key on this node"), "{log}");
         assert!(log.contains("certificates of the node's pods obtained"), "before the datapath: {log}");
@@ -290,5 +300,53 @@ fn the_signer_down_longer_than_a_renewal_period_fails_no_connection_and_renewal_
         .map_err(|e| anyhow::anyhow!("{e}\n{}", s.c.nodes[0].agent_warnings()))?;
     let r = s.client.workload(&["client", "--connect", &to, "--count", "20"], T)?;
     assert_eq!(r["ok"], 20, "{r}\n{}\n{}", s.c.nodes[0].agent_warnings(), s.c.nodes[1].agent_warnings());
+    Ok(())
+}
+
+/// An agent restarted while the signer is unreachable (its keys lived in memory): it waits a
+/// bounded time for certificates, then serves what needs none (same-node traffic), refuses
+/// cross-node connections it cannot secure (never in plaintext), says in `/readyz` which
+/// certificates are missing, and recovers by itself once the signer is back.
+#[test]
+fn an_agent_restarted_while_the_signer_is_down_serves_same_node_traffic_and_recovers() -> Result<()> {
+    if !privileged("signer_down_restart") {
+        return Ok(());
+    }
+    let mut s = setup(&[])?;
+    s.signer.stop();
+    let args = s.agent_args[0].clone();
+    let node = &mut s.c.nodes[0];
+    node.stop_agent(Duration::from_secs(10))?;
+    node.start_agent_alive(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    eventually(Duration::from_secs(20), "the agent is serving without its certificates", || {
+        node.agent_log().contains("starting without some certificates").then_some(())
+    })?;
+    eventually(Duration::from_secs(10), "agent ready apart from certificates", || {
+        let (code, body) = sim::http_get(&node.netns, node.admin_addr(), "/readyz").ok()?;
+        (code == 503 && body.contains("no certificate yet for")).then_some(body)
+    })
+    .map(|body| {
+        assert!(body.contains("spiffe://cluster.local/ns/shop/sa/client"), "{body}");
+    })?;
+    // Same node: no certificate needed.
+    let r = s.client.workload(&["client", "--connect", &format!("{}:8080", s.neighbour.ip), "--count", "5"], T)?;
+    assert_eq!(r["ok"], 5, "{r}\n{}", s.c.nodes[0].agent_warnings());
+    // Across nodes: refused, not sent in plaintext.
+    let to = format!("{}:8080", s.server.ip);
+    let r = s.client.workload(&["client", "--connect", &to, "--count", "3"], T)?;
+    assert_eq!(r["ok"], 0, "{r}");
+    assert!(
+        s.c.nodes[0]
+            .agent_log()
+            .contains("no certificate for source identity spiffe://cluster.local/ns/shop/sa/client")
+    );
+    // The signer back: the agent recovers by itself.
+    s.signer.restart()?;
+    let node = &s.c.nodes[0];
+    eventually(Duration::from_secs(15), "ready", || {
+        matches!(sim::http_get(&node.netns, node.admin_addr(), "/readyz"), Ok((200, _))).then_some(())
+    })?;
+    let r = s.client.workload(&["client", "--connect", &to, "--count", "10"], T)?;
+    assert_eq!(r["ok"], 10, "{r}\n{}", s.c.nodes[0].agent_warnings());
     Ok(())
 }

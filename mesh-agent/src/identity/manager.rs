@@ -22,8 +22,11 @@ use super::{
 
 /// Certificates requested at once (a node's pods after a restart: tens to hundreds).
 const CONCURRENT_REQUESTS: usize = 8;
-/// The longest wait between retries of a failing issuance.
+/// The longest wait between retries of a failing renewal.
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// The longest wait between retries for an identity with no valid certificate (its
+/// connections are failing meanwhile).
+const MAX_RETRY_MISSING: Duration = Duration::from_secs(5);
 
 /// A certificate in use.
 pub struct WorkloadCert {
@@ -217,7 +220,7 @@ impl CertManager {
                     // the next try.
                     let retry = match remaining {
                         Some(r) => retry_after(n).min(r / 4).max(Duration::from_millis(200)),
-                        None => retry_after(n),
+                        None => retry_after(n).min(MAX_RETRY_MISSING),
                     };
                     warn!(identity = %id, error = %e, reason = e.reason(), still_valid, retry_in = ?retry, "certificate issuance failed; keeping the current one and retrying");
                     next = next.min(now + retry);
