@@ -658,6 +658,8 @@ async fn serve_grpc(
                 }
             },
         };
+        // An answer is several writes (headers, data, trailers): no Nagle delay between them.
+        let _ = tcp.set_nodelay(true);
         let (acceptor, svc, stop) = (acceptor.clone(), svc.clone(), stop.clone());
         tokio::spawn(async move {
             let _permit = permit;
