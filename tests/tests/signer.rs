@@ -51,9 +51,17 @@ fn agent_pod(node: &str) -> String {
 /// the fake API server and the signer. Each agent has a token of the `switchyard/mesh-agent`
 /// ServiceAccount bound to its own (API-only) pod, and no CA key.
 fn setup(agent_args: &[&str]) -> Result<Setup> {
+    setup_pinned(agent_args, false)
+}
+
+/// The same; with `pin`, node-a's agent pins its programs (so a second one can take over).
+fn setup_pinned(agent_args: &[&str], pin: bool) -> Result<Setup> {
     let mut c = Cluster::new()?;
     c.add_node("node-a")?;
     c.add_node("node-b")?;
+    if pin {
+        c.node("node-a").pin_programs()?;
+    }
     let ca = c.add_node("ca")?;
     c.set_namespace("shop", true, None);
     let client = c.node("node-a").add_pod("client", "shop", None)?;
@@ -348,5 +356,39 @@ fn an_agent_restarted_while_the_signer_is_down_serves_same_node_traffic_and_reco
     })?;
     let r = s.client.workload(&["client", "--connect", &to, "--count", "10"], T)?;
     assert_eq!(r["ok"], 10, "{r}\n{}", s.c.nodes[0].agent_warnings());
+    Ok(())
+}
+
+/// Upgrades keep their promise with the signer: the new agent obtains its pods' certificates
+/// from the signer before it takes the eBPF links over, so no new cross-node connection fails
+/// during the hand-over.
+#[test]
+fn an_upgraded_agent_gets_its_certificates_before_taking_over_and_no_connection_fails() -> Result<()> {
+    if !privileged("signer_upgrade") {
+        return Ok(());
+    }
+    let mut s = setup_pinned(&[], true)?;
+    let to = format!("{}:8080", s.server.ip);
+    let client = s.client.clone();
+    let load = std::thread::spawn(move || {
+        client.workload(
+            &["client", "--connect", &to, "--duration-ms", "8000", "--concurrency", "2", "--bytes", "1024"],
+            Duration::from_secs(60),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let args = s.agent_args[0].clone();
+    s.c.nodes[0].upgrade_agent(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let r = load.join().map_err(|_| anyhow::anyhow!("load panicked"))??;
+    assert_eq!(r["failed"], 0, "{r}\n{}", s.c.nodes[0].agent_warnings());
+    assert!(r["ok"].as_u64().unwrap() > 100, "{r}");
+    // In the new agent's start: certificates first, then the take-over.
+    let log = s.c.nodes[0].agent_log().replace("\u{1b}[0m", "").replace("\u{1b}[2m", "").replace("\u{1b}[3m", "");
+    let took_over = log.find("taken_over_from_previous_agent=6").context("the new agent took the programs over")?;
+    let obtained = log.rfind("certificates of the node's pods obtained").context("certificates obtained")?;
+    assert!(obtained < took_over, "certificates before the take-over:\n{log}");
+    assert!(log[..took_over].matches("certificates of the node's pods obtained").count() >= 2, "both agents' starts");
+    let sm = s.signer.metrics()?;
+    assert!(metric(&sm, "switchyard_signer_certificates_issued_total") >= 5.0, "the new agent asked the signer: {sm}");
     Ok(())
 }
