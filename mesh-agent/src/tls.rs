@@ -49,6 +49,8 @@ pub struct TrustBundle(Arc<std::sync::RwLock<Arc<Roots>>>);
 
 /// One version of the bundle.
 struct Roots {
+    /// As given, to tell a changed bundle file from an unchanged one.
+    certs: Vec<CertificateDer<'static>>,
     anchors: Vec<TrustAnchor<'static>>,
     /// Verifies HBONE clients against these roots.
     clients: Arc<dyn ClientCertVerifier>,
@@ -71,7 +73,7 @@ impl Roots {
         let clients = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
             .build()
             .map_err(|e| BundleError::Store(TlsError::General(e.to_string())))?;
-        Ok(Roots { anchors, clients })
+        Ok(Roots { certs: certs.to_vec(), anchors, clients })
     }
 }
 
@@ -99,36 +101,44 @@ impl TrustBundle {
         self.len() == 0
     }
 
-    /// Re-reads `path` every `period` until `stop`; a changed, valid bundle replaces the roots,
-    /// an invalid one is logged and the current roots kept.
+    /// Re-reads `path` every `period` until `stop`; a bundle whose certificates differ from the
+    /// current ones replaces them, an unusable one is logged and the current roots kept.
     pub async fn watch(
         self,
         path: std::path::PathBuf,
         period: std::time::Duration,
         stop: tokio_util::sync::CancellationToken,
     ) {
-        let mut last = std::fs::read(&path).ok();
+        // The file's bytes last looked at: unchanged bytes are not parsed again.
+        let mut last: Option<Vec<u8>> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(period) => {}
             }
-            let now = std::fs::read(&path).ok();
-            if now.is_none() || now == last {
+            let Ok(bytes) = std::fs::read(&path) else { continue };
+            if last.as_ref() == Some(&bytes) {
                 continue;
             }
-            match crate::identity::ca::load_bundle(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|c| self.replace(&c).map(|()| c.len()).map_err(|e| e.to_string()))
-            {
-                Ok(n) => {
-                    tracing::info!(bundle = %path.display(), roots = n, "trust bundle changed: new handshakes use it")
+            last = Some(bytes);
+            let certs = match crate::identity::ca::load_bundle(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(bundle = %path.display(), error = %e, "the trust bundle is not usable; keeping the current one");
+                    continue;
+                }
+            };
+            if certs == self.current().certs {
+                continue;
+            }
+            match self.replace(&certs) {
+                Ok(()) => {
+                    tracing::info!(bundle = %path.display(), roots = certs.len(), "trust bundle changed: new handshakes use it")
                 }
                 Err(e) => {
-                    tracing::warn!(bundle = %path.display(), error = %e, "the changed trust bundle is not usable; keeping the current one")
+                    tracing::warn!(bundle = %path.display(), error = %e, "the trust bundle is not usable; keeping the current one")
                 }
             }
-            last = now;
         }
     }
 }
