@@ -1,5 +1,14 @@
-//! The admin server (default port 15020), apart from the data plane: `/metrics`,
-//! `/healthz`, `/readyz`, and JSON debug views of pods, connections and the datapath.
+//! The admin server, apart from the data plane, on two surfaces (as ztunnel's):
+//! * admin (127.0.0.1:15000, and the agent's Unix socket): `/metrics`, `/healthz`, `/readyz`,
+//!   the dashboard and the JSON debug views of pods, connections and the datapath. They list
+//!   every pod of the cluster, so they are the node's, not the network's;
+//! * stats (0.0.0.0:15020): `/metrics`, `/healthz` and `/readyz` only, for Prometheus and
+//!   load balancers.
+//!
+//! Each listener serves at most [`MAX_CONNECTIONS`] connections at once (more wait in its
+//! accept queue), each with a header read timeout and a lifetime bound, so a flood of silent
+//! connections cannot hold the admin thread. Views clone what they read (the pod index is an
+//! `Arc`) instead of holding the data plane's locks while they serialize.
 use std::{
     collections::{BTreeMap, HashMap},
     convert::Infallible,
@@ -50,6 +59,22 @@ const WINDOW_MS: u64 = 10_000;
 
 type Resp = Response<Full<Bytes>>;
 
+/// Connections served at once per listener.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A request's headers must arrive within this.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// No admin connection lives longer (keep-alive included).
+const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Which paths a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// Everything.
+    Admin,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    Stats,
+}
+
 fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp {
     Response::builder()
         .status(status)
@@ -66,13 +91,22 @@ fn json<T: serde::Serialize>(v: &T) -> Resp {
 }
 
 impl Admin {
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, surface: Surface, stop: CancellationToken) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
+            let permit = tokio::select! {
+                _ = stop.cancelled() => return,
+                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            };
             let (stream, _) = tokio::select! {
                 _ = stop.cancelled() => return,
                 r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
             };
-            tokio::spawn(self.clone().serve_connection(stream));
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                this.serve_connection(stream, surface).await
+            });
         }
     }
 
@@ -85,26 +119,39 @@ impl Admin {
                 _ = stop.cancelled() => return,
                 r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
             };
-            tokio::spawn(self.clone().serve_connection(stream));
+            tokio::spawn(self.clone().serve_connection(stream, Surface::Admin));
         }
     }
 
-    async fn serve_connection<S>(self: Arc<Self>, stream: S)
+    async fn serve_connection<S>(self: Arc<Self>, stream: S, surface: Surface)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let svc = service_fn(move |req| {
             let this = self.clone();
-            async move { Ok::<_, Infallible>(this.route(req)) }
+            async move { Ok::<_, Infallible>(this.route(req, surface)) }
         });
-        if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
-            debug!(error = %e, "admin connection error");
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), svc);
+        match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+            Ok(Err(e)) => debug!(error = %e, "admin connection error"),
+            Err(_) => debug!("admin connection closed: lifetime over"),
+            Ok(Ok(())) => {}
         }
     }
 
-    fn route(&self, req: Request<hyper::body::Incoming>) -> Resp {
+    fn route(&self, req: Request<hyper::body::Incoming>, surface: Surface) -> Resp {
         if req.method() != Method::GET {
             return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
+        }
+        if surface == Surface::Stats && !matches!(req.uri().path(), "/metrics" | "/healthz" | "/readyz") {
+            return respond(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not here: this port serves /metrics, /healthz and /readyz; the dashboard and debug views are on the node's 127.0.0.1:15000 (`mesh-agent dashboard` opens them)\n",
+            );
         }
         match req.uri().path() {
             "/metrics" => {
@@ -126,7 +173,8 @@ impl Admin {
             "/readyz" => {
                 // Ready once serving, and holding a certificate for every meshed pod of the node.
                 let missing = self.certs.as_ref().map_or_else(Vec::new, |c| {
-                    c.missing(&crate::app::wanted_identities(&self.pods.borrow(), &self.trust_domain))
+                    let idx = self.pods.borrow().clone();
+                    c.missing(&crate::app::wanted_identities(&idx, &self.trust_domain))
                 });
                 if !*self.ready.borrow() {
                     respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
@@ -138,11 +186,14 @@ impl Admin {
                     respond(StatusCode::OK, "text/plain", "ready\n")
                 }
             }
-            "/debug/pods" => json(&self.pods.borrow().pods),
+            "/debug/pods" => {
+                let idx = self.pods.borrow().clone();
+                json(&idx.pods)
+            }
             // Service virtual addresses and the ready endpoints the proxy balances over.
             // With each endpoint's latency estimate, requests in flight and ejection.
             "/debug/services" => {
-                let idx = self.pods.borrow();
+                let idx = self.pods.borrow().clone();
                 let view: BTreeMap<String, ServiceView> = idx
                     .services
                     .iter()

@@ -123,8 +123,10 @@ type SharedDatapath = Arc<Mutex<Option<Datapath>>>;
 pub struct Agent {
     /// The outbound proxy's listener (redirected connections arrive here).
     pub outbound: SocketAddr,
-    /// The admin endpoint (probes, metrics, debug views, dashboard).
+    /// The admin endpoint (probes, metrics, debug views, dashboard), on loopback.
     pub admin: SocketAddr,
+    /// The stats endpoint (metrics and health only).
+    pub stats: SocketAddr,
     /// The HBONE server, when a CA is configured.
     pub hbone: Option<SocketAddr>,
     drain_grace: Duration,
@@ -194,9 +196,14 @@ pub async fn build(config: Config) -> anyhow::Result<Agent> {
         reasons: telemetry.inbound.clone(),
     });
     let admin_addr = listeners.admin.local_addr()?;
+    let stats_addr = listeners.stats.local_addr()?;
     // The admin endpoint (probes, metrics) stays up through the drain, until the agent exits.
     let admin_stop = CancellationToken::new();
-    let admin_thread = spawn_admin(admin, listeners.admin, config.admin_socket.clone(), admin_stop.clone())?;
+    if !config.admin_listen.ip().is_loopback() {
+        warn!(admin = %config.admin_listen, "the admin port is not on loopback: its debug views list every pod of the cluster to whoever reaches it");
+    }
+    let admin_thread =
+        spawn_admin(admin, listeners.admin, listeners.stats, config.admin_socket.clone(), admin_stop.clone())?;
 
     let observe = |proxy| {
         Arc::new(Observe { conns: conns.clone(), proxy, istio: telemetry.istio.clone(), access_log: config.access_log })
@@ -218,6 +225,7 @@ pub async fn build(config: Config) -> anyhow::Result<Agent> {
     Ok(Agent {
         outbound: outbound_addr,
         admin: admin_addr,
+        stats: stats_addr,
         hbone,
         drain_grace: config.drain_grace,
         ready,
@@ -308,6 +316,7 @@ fn initial_state(config: &Config, mount: &std::path::Path) -> anyhow::Result<Nod
 struct Listeners {
     outbound: TcpListener,
     admin: TcpListener,
+    stats: TcpListener,
     hbone: Option<TcpListener>,
 }
 
@@ -318,6 +327,7 @@ impl Listeners {
         Ok(Listeners {
             outbound: bind(config.outbound_listen, "outbound")?,
             admin: bind(config.admin_listen, "admin")?,
+            stats: bind(config.stats_listen, "stats")?,
             hbone: if hbone { Some(bind(config.hbone_listen, "HBONE")?) } else { None },
         })
     }
@@ -570,10 +580,12 @@ fn inbound_proxy(
 fn spawn_admin(
     admin: Arc<Admin>,
     listener: TcpListener,
+    stats: TcpListener,
     socket: Option<std::path::PathBuf>,
     stop: CancellationToken,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let listener = listener.into_std()?;
+    let stats = stats.into_std()?;
     // Bound here, before the agent says it is ready: a probe that cannot connect fails.
     let unix = match &socket {
         Some(path) => Some(bind_admin_socket(path)?),
@@ -601,8 +613,14 @@ fn spawn_admin(
                     Err(e) => warn!(error = %e, "admin socket unusable; probes through it will fail"),
                 }
             }
+            match TcpListener::from_std(stats) {
+                Ok(l) => {
+                    tokio::spawn(admin.clone().serve(l, crate::admin::Surface::Stats, stop.clone()));
+                }
+                Err(e) => warn!(error = %e, "stats listener unusable; no metrics endpoint"),
+            }
             match TcpListener::from_std(listener) {
-                Ok(l) => admin.serve(l, stop).await,
+                Ok(l) => admin.serve(l, crate::admin::Surface::Admin, stop).await,
                 Err(e) => warn!(error = %e, "admin listener unusable; no admin endpoint"),
             }
         });

@@ -218,3 +218,36 @@ pub fn connections(admin: SocketAddr, out: Output, recent: usize) -> anyhow::Res
     }
     Ok(t)
 }
+
+/// The shell command that forwards local `port` to the admin port (127.0.0.1:15000 on the node)
+/// of the agent on `node`: the dashboard and debug views are the node's, reached through the
+/// API server's port-forward (which needs `pods/portforward` in `namespace`), never over the
+/// network.
+pub fn dashboard_command(node: &str, namespace: &str, port: u16) -> anyhow::Result<String> {
+    // Names go into a shell command: only what Kubernetes allows in them.
+    if !crate::identity::is_dns_subdomain(node) {
+        bail!("{node:?} is not a node name");
+    }
+    if !crate::identity::is_dns_label(namespace) {
+        bail!("{namespace:?} is not a namespace name");
+    }
+    let pod = format!(
+        "$(kubectl -n {namespace} get pod -l app.kubernetes.io/component=mesh-agent \\\n    --field-selector spec.nodeName={node} -o name | head -n 1)"
+    );
+    Ok(format!(
+        "kubectl -n {namespace} port-forward {pod} \\\n  {port}:{port_admin}",
+        port_admin = crate::config::DEFAULT_ADMIN_PORT
+    ))
+}
+
+#[cfg(test)]
+mod dashboard_tests {
+    #[test]
+    fn the_dashboard_command_forwards_to_the_nodes_agent_and_refuses_odd_names() {
+        let c = super::dashboard_command("worker-1", "switchyard-system", 15000).unwrap();
+        assert!(c.contains("--field-selector spec.nodeName=worker-1"), "{c}");
+        assert!(c.contains("port-forward") && c.contains("15000:15000"), "{c}");
+        assert!(super::dashboard_command("x; rm -rf /", "switchyard-system", 1).is_err());
+        assert!(super::dashboard_command("worker-1", "$(id)", 1).is_err());
+    }
+}

@@ -14,8 +14,11 @@ use crate::cgroup;
 /// Port of the outbound (redirect) listener. 15001 is what Istio uses for the same job, which
 /// keeps operators' firewall and NetworkPolicy knowledge valid.
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
-/// Admin port: metrics, health, debug, dashboard. Istio's agent uses 15020 for merged metrics.
-pub const DEFAULT_ADMIN_PORT: u16 = 15020;
+/// Admin port, on the node's loopback only: debug views, the dashboard, metrics and health (as
+/// ztunnel's 15000). They list the cluster's pods: never for pods or the network to read.
+pub const DEFAULT_ADMIN_PORT: u16 = 15000;
+/// Stats port, on all addresses: `/metrics`, `/healthz` and `/readyz` only (Istio's 15020).
+pub const DEFAULT_STATS_PORT: u16 = 15020;
 /// Long enough for a cross-node SYN retry (1 s) and then some; short enough that a dead
 /// endpoint fails a client well before its own timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -96,6 +99,7 @@ pub struct FileConfig {
     pub outbound_listen: Option<SocketAddr>,
     pub redirect_address: Option<Ipv4Addr>,
     pub admin_listen: Option<SocketAddr>,
+    pub stats_listen: Option<SocketAddr>,
     pub admin_socket: Option<PathBuf>,
     pub workload_file: Option<PathBuf>,
     #[serde(default)]
@@ -269,9 +273,12 @@ pub struct RunArgs {
     /// Outbound listener address.
     #[arg(long)]
     pub outbound_listen: Option<SocketAddr>,
-    /// Admin (metrics, health, dashboard) listener address.
+    /// Admin listener (debug views, dashboard, metrics, health); default 127.0.0.1:15000.
     #[arg(long)]
     pub admin_listen: Option<SocketAddr>,
+    /// Stats listener (`/metrics`, `/healthz`, `/readyz` only); default 0.0.0.0:15020.
+    #[arg(long)]
+    pub stats_listen: Option<SocketAddr>,
     /// Also serve the admin endpoint on this Unix socket, private to this agent (for
     /// `mesh-agent probe`: kubelet exec probes that reach this agent even while another one
     /// shares the admin port during an upgrade).
@@ -426,6 +433,7 @@ pub struct Config {
     pub redirect_address: Ipv4Addr,
     pub outbound_listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    pub stats_listen: SocketAddr,
     pub admin_socket: Option<PathBuf>,
     pub workload_file: Option<PathBuf>,
     pub bypass_ports: Vec<u16>,
@@ -520,7 +528,9 @@ impl Config {
             .or(file.outbound_listen)
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_OUTBOUND_PORT)));
         let admin_listen =
-            args.admin_listen.or(file.admin_listen).unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT)));
+            args.admin_listen.or(file.admin_listen).unwrap_or(SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT)));
+        let stats_listen =
+            args.stats_listen.or(file.stats_listen).unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_STATS_PORT)));
         let (bypass_ports, bypass_cidrs) = bypass(file.bypass, args)?;
         let workers = args.workers.or(file.workers).unwrap_or(env.cpus).max(1);
         let trust_domain = args
@@ -538,6 +548,7 @@ impl Config {
             redirect_address: node.redirect_address,
             outbound_listen,
             admin_listen,
+            stats_listen,
             admin_socket: args.admin_socket.clone().or(file.admin_socket),
             workload_file,
             bypass_ports,

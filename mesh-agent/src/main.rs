@@ -37,6 +37,21 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         recent: usize,
     },
+    /// How to open a node's dashboard from here: prints the `kubectl port-forward` to that
+    /// node's agent (its admin port is on the node's loopback only), or runs it with --run.
+    Dashboard {
+        /// The node whose agent to open.
+        node: String,
+        /// The namespace Switchyard is installed in.
+        #[arg(long, short, default_value = "switchyard-system")]
+        namespace: String,
+        /// Local port to forward.
+        #[arg(long, default_value_t = 15000)]
+        port: u16,
+        /// Run the port-forward (kubectl must be on PATH) instead of printing it.
+        #[arg(long)]
+        run: bool,
+    },
     /// Health or readiness of the agent of this pod, over its own admin socket (for kubelet
     /// exec probes): exit 0 when it answers 200.
     Probe {
@@ -56,8 +71,8 @@ enum ProbeKind {
 
 #[derive(clap::Args)]
 struct AdminArgs {
-    /// The agent's admin endpoint.
-    #[arg(long, default_value = "127.0.0.1:15020")]
+    /// The agent's admin endpoint (on the node's loopback).
+    #[arg(long, default_value = "127.0.0.1:15000")]
     admin: std::net::SocketAddr,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = mesh_agent::cli::Output::Table)]
@@ -120,6 +135,7 @@ fn main() -> ExitCode {
         Command::Status(a) => print(mesh_agent::cli::status(a.admin, a.output)),
         Command::Workloads(a) => print(mesh_agent::cli::workloads(a.admin, a.output)),
         Command::Connections { admin: a, recent } => print(mesh_agent::cli::connections(a.admin, a.output, recent)),
+        Command::Dashboard { node, namespace, port, run } => dashboard(&node, &namespace, port, run),
         Command::Probe { what, socket } => {
             let path = match what {
                 ProbeKind::Healthz => "/healthz",
@@ -141,6 +157,32 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn dashboard(node: &str, namespace: &str, port: u16, run: bool) -> ExitCode {
+    let script = match mesh_agent::cli::dashboard_command(node, namespace, port) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("dashboard: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !run {
+        println!("{script}\nthen open http://localhost:{port}/");
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("{script}\nopen http://localhost:{port}/ (Ctrl-C to stop)");
+    match std::process::Command::new("sh").arg("-c").arg(&script).status() {
+        Ok(s) if s.success() => ExitCode::SUCCESS,
+        Ok(s) => {
+            eprintln!("kubectl port-forward ended with {s}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("cannot run the port-forward (is kubectl on PATH?): {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -31,7 +31,9 @@ pub use mesh_agent::{
 
 const PREFIX: &str = "syt";
 const CGROUP_DIR: &str = "switchyard-test";
-pub const ADMIN_PORT: u16 = 15020;
+pub const ADMIN_PORT: u16 = 15000;
+/// The agent's stats port (metrics and health only, on all addresses).
+pub const STATS_PORT: u16 = 15020;
 pub const OUTBOUND_PORT: u16 = 15001;
 
 /// True when this process may build namespaces and load eBPF. Otherwise: under `CI=true` this
@@ -767,6 +769,13 @@ impl Node {
             .arg(&self.cgroup)
             .args(["--redirect-address", &self.gateway.to_string()])
             .args(if extra.iter().any(|a| a.starts_with("--workers")) { &[][..] } else { &["--workers", "2"][..] })
+            // Said explicitly, so a baseline build from before the admin/stats split (whose
+            // admin port was 15020 on all addresses) is reached where this harness looks.
+            .args(if extra.iter().any(|a| a.starts_with("--admin-listen")) {
+                vec![]
+            } else {
+                vec!["--admin-listen".to_string(), format!("127.0.0.1:{ADMIN_PORT}")]
+            })
             .args(match sockmap_mode() {
                 Some(mode) if !extra.iter().any(|a| a.starts_with("--sockmap-acceleration")) => {
                     vec!["--sockmap-acceleration", mode]

@@ -166,6 +166,10 @@ fn daemonset_is_least_privilege_on_every_node_and_never_short_of_agents() -> Res
     let cfg: serde_yaml_ng::Value =
         serde_yaml_ng::from_str(find(&d, "ConfigMap")["data"]["agent.yaml"].as_str().unwrap()).unwrap();
     assert_eq!(cfg["bpfPinDir"].as_str(), Some("/sys/fs/bpf/switchyard"));
+    // The debug views on the node's loopback only; metrics and health on the stats port, which
+    // the metrics Service exposes.
+    assert_eq!(cfg["adminListen"].as_str(), Some("127.0.0.1:15000"));
+    assert_eq!(cfg["statsListen"].as_str(), Some("0.0.0.0:15020"));
     // The agent accepts the config the chart writes (unknown keys are errors).
     let text = find(&d, "ConfigMap")["data"]["agent.yaml"].as_str().unwrap().to_string();
     let parsed: Result<mesh_agent::config::FileConfig, _> = serde_yaml_ng::from_str(&text);
@@ -182,6 +186,7 @@ fn daemonset_is_least_privilege_on_every_node_and_never_short_of_agents() -> Res
     }
     let svc = named(&d, "Service", "switchyard-metrics");
     assert_eq!(svc["metadata"]["annotations"]["prometheus.io/scrape"], "true");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 15020);
     // The CA Secret is generated with a key the agent can load, and kept on uninstall.
     let secret = find(&d, "Secret");
     assert_eq!(secret["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");

@@ -476,7 +476,7 @@ fn the_node_dashboard_shows_the_traffic_in_a_real_browser() -> Result<()> {
                     // Let the page poll a few times (virtual time runs as fast as it can).
                     .arg("--virtual-time-budget=7000")
                     .args(extra)
-                    .arg("http://127.0.0.1:15020/");
+                    .arg("http://127.0.0.1:15000/");
                 cmd
             },
             Duration::from_secs(90),
@@ -670,5 +670,67 @@ fn the_proxys_request_spans_reach_an_otlp_collector_as_hops_of_the_callers_trace
     assert_eq!(metric(&m, "switchyard_trace_spans_total", &[("outcome", "exported")]), 2.0, "{m}");
     assert_eq!(metric(&m, "switchyard_trace_spans_total", &[("outcome", "dropped")]), 0.0);
     assert_eq!(metric(&m, "switchyard_trace_spans_total", &[("outcome", "failed")]), 0.0);
+    Ok(())
+}
+
+/// Issue 15, the admin surface: the debug views and the dashboard (which list the cluster's
+/// pods) are on the node's loopback only; the stats port serves metrics and health, nothing
+/// else, to pods and the network; a flood of silent connections to it is capped and cut by
+/// the header timeout, and does not starve the loopback admin port.
+#[test]
+fn the_admin_surface_is_the_nodes_and_the_stats_port_serves_metrics_and_health_only() -> Result<()> {
+    if !privileged("admin_surface") {
+        return Ok(());
+    }
+    let mut node = Node::new("node")?;
+    node.set_namespace_meshed("shop", true);
+    let meshed = node.add_pod("client", "shop", None)?;
+    let plain = node.add_pod("plain", "legacy", None)?;
+    node.start_agent(&[])?;
+    node.wait_meshed()?;
+    let stats = std::net::SocketAddr::from((node.gateway, sim::STATS_PORT));
+    let admin_on_node_ip = std::net::SocketAddr::from((node.gateway, sim::ADMIN_PORT));
+    // On the node's loopback: everything.
+    let (code, pods) = sim::http_get(&node.netns, node.admin_addr(), "/debug/pods")?;
+    assert_eq!(code, 200);
+    assert!(pods.contains("\"shop/client\""), "{pods}");
+    assert_eq!(sim::http_get(&node.netns, node.admin_addr(), "/")?.0, 200, "the dashboard");
+    // From pods, meshed or not: metrics and health on the stats port; no debug view anywhere.
+    for pod in [&meshed, &plain] {
+        for path in ["/metrics", "/healthz", "/readyz"] {
+            assert_eq!(sim::http_get(&pod.netns, stats, path)?.0, 200, "{} {path}", pod.name);
+        }
+        for path in ["/debug/pods", "/debug/connections", "/debug/certs", "/", "/debug/summary"] {
+            let (code, body) = sim::http_get(&pod.netns, stats, path)?;
+            assert_eq!(code, 404, "{} {path}: {body}", pod.name);
+            assert!(!body.contains("shop/client"), "{body}");
+        }
+        assert!(
+            sim::http_get(&pod.netns, admin_on_node_ip, "/debug/pods").is_err(),
+            "{}: admin port reachable",
+            pod.name
+        );
+    }
+    // A flood: more silent connections than the cap, held open.
+    let flood: Vec<std::net::TcpStream> = sim::in_netns(&plain.netns, || {
+        (0..mesh_agent::admin::MAX_CONNECTIONS * 2).filter_map(|_| std::net::TcpStream::connect(stats).ok()).collect()
+    })?;
+    assert!(flood.len() > mesh_agent::admin::MAX_CONNECTIONS, "{}", flood.len());
+    // The admin port on loopback is another listener: served at once.
+    assert_eq!(sim::http_get(&node.netns, node.admin_addr(), "/healthz")?.0, 200);
+    // The silent connections are cut by the header timeout (5 s), and the stats port serves
+    // again.
+    eventually(Duration::from_secs(30), "stats port serving after the flood", || {
+        matches!(sim::http_get(&node.netns, stats, "/healthz"), Ok((200, _))).then_some(())
+    })?;
+    let closed = flood
+        .iter()
+        .filter(|s| {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
+            let mut b = [0u8; 1];
+            matches!(std::io::Read::read(&mut &**s, &mut b), Ok(0) | Err(_))
+        })
+        .count();
+    assert_eq!(closed, flood.len(), "every silent connection was closed by the agent");
     Ok(())
 }
