@@ -571,6 +571,7 @@ fn inbound_proxy(
         copy_buffer: config.copy_buffer,
         tcp_idle_timeout: config.tcp_idle_timeout,
         observe,
+        loopback_pods: false,
     }))
 }
 

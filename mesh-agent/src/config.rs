@@ -83,6 +83,8 @@ pub enum ConfigError {
     OtlpEndpoint(String, OtlpEndpointError),
     #[error("trace sample rate {0} is not between 0 and 1")]
     TraceSampleRate(f64),
+    #[error("{key} is {value:?}; at most {max:?}")]
+    TooLarge { key: &'static str, value: Duration, max: Duration },
     #[error("choose one CA: local CA files (ca / --ca-dir) or a CA to ask (caClient / --ca-address), not both")]
     TwoCas,
     #[error(transparent)]
@@ -541,7 +543,7 @@ impl Config {
         if !crate::identity::is_trust_domain(&trust_domain) {
             return Err(ConfigError::TrustDomain(trust_domain));
         }
-        Ok(Config {
+        Config {
             node_name: node.name,
             cgroup_root: node.cgroup_root,
             pod_cgroup_root: node.pod_cgroup_root,
@@ -609,7 +611,30 @@ impl Config {
                 mode: args.access_log.or(file.access_log).unwrap_or_default(),
                 sample_rate: args.access_log_sample_rate.or(file.access_log_sample_rate).unwrap_or(1.0).clamp(0.0, 1.0),
             },
-        })
+        }
+        .bounded()
+    }
+
+    /// Durations within sane bounds, so that no later arithmetic on them (`now + lifetime`,
+    /// `pool_idle * 2`, deadlines) can overflow: a huge value is a clear error at start-up,
+    /// not a panic later.
+    fn bounded(self) -> Result<Self, ConfigError> {
+        const DAY: u64 = 86_400;
+        let check = |key: &'static str, d: Duration, max_secs: u64| {
+            if d > Duration::from_secs(max_secs) {
+                Err(ConfigError::TooLarge { key, value: d, max: Duration::from_secs(max_secs) })
+            } else {
+                Ok(())
+            }
+        };
+        check("certLifetimeSecs", self.cert_lifetime, 366 * DAY)?;
+        check("poolIdleMs", self.pool_idle, DAY)?;
+        check("connectTimeoutMs", self.connect_timeout, 600)?;
+        check("drainGraceMs", self.drain_grace, 3600)?;
+        check("tcpIdleTimeoutSecs", self.tcp_idle_timeout.unwrap_or_default(), 365 * DAY)?;
+        check("protocolSniffTimeoutMs", self.sniff_timeout, 10)?;
+        check("outlierDetection.baseEjectionMs", self.outlier.base_ejection, DAY)?;
+        Ok(self)
     }
 }
 
@@ -765,6 +790,26 @@ impl CaFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_durations_are_errors_naming_the_key_not_panics() {
+        let m = mount();
+        for (yaml, key) in [
+            ("certLifetimeSecs: 18446744073709551615", "certLifetimeSecs"),
+            ("poolIdleMs: 18446744073709551615", "poolIdleMs"),
+            ("connectTimeoutMs: 18446744073709551615", "connectTimeoutMs"),
+            ("drainGraceMs: 18446744073709551615", "drainGraceMs"),
+            ("tcpIdleTimeoutSecs: 18446744073709551615", "tcpIdleTimeoutSecs"),
+            ("protocolSniffTimeoutMs: 3600000", "protocolSniffTimeoutMs"),
+        ] {
+            let text = format!("cgroupRoot: nodes/a\nredirectAddress: 10.0.0.1\n{yaml}\n");
+            let file: FileConfig = serde_yaml_ng::from_str(&text).unwrap();
+            let e = Config::build(file, None, &RunArgs::default(), &env(&m))
+                .err()
+                .unwrap_or_else(|| panic!("{yaml} accepted"));
+            assert!(e.to_string().starts_with(key), "{yaml}: {e}");
+        }
+    }
 
     fn mount() -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();

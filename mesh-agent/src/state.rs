@@ -441,7 +441,19 @@ pub struct PodIndex {
     by_ip: HashMap<Ipv4Addr, usize>,
 }
 
+/// An address that is never a pod's: unspecified, link-local (the cloud metadata service),
+/// broadcast or multicast. (Loopback is refused where traffic arrives from the network: see
+/// `Inbound::loopback_pods`.)
+pub fn special_address(ip: Ipv4Addr) -> bool {
+    ip.is_unspecified() || ip.is_link_local() || ip.is_broadcast() || ip.is_multicast()
+}
+
 impl PodIndex {
+    /// Whether `ip` is one of the nodes' addresses.
+    pub fn is_node_address(&self, ip: Ipv4Addr) -> bool {
+        self.nodes.values().any(|n| n.address == ip)
+    }
+
     pub fn new(state: &NodeState, pods: Vec<PodStatus>) -> Self {
         let by_cgroup = pods
             .iter()
@@ -449,7 +461,19 @@ impl PodIndex {
             .filter(|(_, p)| p.workload.node == state.node)
             .filter_map(|(i, p)| Some((p.cgroup_id?, i)))
             .collect();
-        let by_ip = pods.iter().enumerate().map(|(i, p)| (p.workload.ip, i)).collect();
+        // Only addresses that name one pod: never 0.0.0.0 or another special address (a pending
+        // pod), never a node's (host-network pods), never one several pods share.
+        let mut count: HashMap<Ipv4Addr, usize> = HashMap::new();
+        for p in &pods {
+            *count.entry(p.workload.ip).or_default() += 1;
+        }
+        let is_node = |ip: Ipv4Addr| state.nodes.values().any(|n| n.address == ip);
+        let by_ip = pods
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !special_address(p.workload.ip) && !is_node(p.workload.ip) && count[&p.workload.ip] == 1)
+            .map(|(i, p)| (p.workload.ip, i))
+            .collect();
         PodIndex {
             node: state.node.clone(),
             pods,
@@ -478,6 +502,33 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn only_addresses_that_name_one_pod_are_indexed() {
+        let mut state = NodeState { node: "a".into(), ..Default::default() };
+        state.nodes.insert("a".into(), NodeInfo { name: "a".into(), address: Ipv4Addr::new(192, 168, 1, 1) });
+        let status = |name: &str, ip: [u8; 4]| PodStatus {
+            key: format!("shop/{name}"),
+            workload: crate::testing::pod("shop", name, Ipv4Addr::from(ip), "a"),
+            cgroup_id: None,
+            redirected: false,
+        };
+        let pods = vec![
+            status("web", [10, 0, 0, 5]),
+            status("pending", [0, 0, 0, 0]),
+            status("metadata", [169, 254, 169, 254]),
+            status("host-1", [192, 168, 1, 1]),
+            status("twin-1", [10, 0, 0, 9]),
+            status("twin-2", [10, 0, 0, 9]),
+        ];
+        let idx = PodIndex::new(&state, pods);
+        assert_eq!(idx.by_ip(Ipv4Addr::new(10, 0, 0, 5)).map(|p| p.key.as_str()), Some("shop/web"));
+        for ip in [[0, 0, 0, 0], [169, 254, 169, 254], [192, 168, 1, 1], [10, 0, 0, 9]] {
+            assert!(idx.by_ip(Ipv4Addr::from(ip)).is_none(), "{ip:?} must name no pod");
+        }
+        assert!(idx.is_node_address(Ipv4Addr::new(192, 168, 1, 1)));
+        assert_eq!(idx.pods.len(), 6, "all still listed (the admin views show them)");
+    }
 
     fn policy(pairs: &[(&str, &str)]) -> Result<ServicePolicy, AnnotationError> {
         ServicePolicy::from_annotations(pairs.iter().copied())

@@ -116,10 +116,11 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Node `a` with the client pod `shop/client` at 127.0.0.1 (cgroup [`CLIENT_CGROUP`]).
+    /// Node `a` (at 127.0.0.1) with the client pod `shop/client` at 127.0.0.2 (cgroup
+    /// [`CLIENT_CGROUP`]): a pod never shares its node's address (that is a host-network pod).
     pub fn new() -> Cluster {
         let mut c = Cluster { state: NodeState { node: "a".into(), ..Default::default() }, cgroups: HashMap::new() };
-        c.add_pod("shop", "client", Ipv4Addr::LOCALHOST, "a");
+        c.add_pod("shop", "client", Ipv4Addr::new(127, 0, 0, 2), "a");
         c.cgroups.insert("shop/client".into(), CLIENT_CGROUP);
         c
     }
@@ -289,6 +290,7 @@ impl InboundProxy {
             copy_buffer: 16 * 1024,
             tcp_idle_timeout: None,
             authorizations: Default::default(),
+            loopback_pods: true,
             observe: Arc::new(Observe {
                 conns: Default::default(),
                 proxy: None,

@@ -627,6 +627,12 @@ fn hostile_peers_are_rejected_counted_and_logged_and_nothing_crashes() -> Result
             .unwrap(),
         connect("not-an-address:8080"),
         connect(&format!("{}:8080", s.client.ip)),
+        // Never proxied to: the unspecified address, the node's loopback (its admin port), the
+        // node itself, the cloud metadata service.
+        connect("0.0.0.0:8080"),
+        connect("127.0.0.1:15000"),
+        connect(&format!("{}:15020", s.c.nodes[1].underlay.unwrap())),
+        connect("169.254.169.254:80"),
         // A valid CONNECT naming, as its source, a pod of another identity (the un-meshed
         // legacy pod): served, but the claim is not believed.
         hyper::Request::builder()
@@ -647,8 +653,14 @@ fn hostile_peers_are_rejected_counted_and_logged_and_nothing_crashes() -> Result
     assert_eq!(answers[0], "405", "{answers:?}");
     assert_eq!(answers[1], "400", "{answers:?}");
     assert_eq!(answers[2], "404", "a pod on another node: {answers:?}");
-    assert_eq!(answers[3], "200", "{answers:?}");
-    assert_ne!(answers[4], "200", "an oversized CONNECT must not be served: {answers:?}");
+    assert_eq!(
+        &answers[3..7],
+        ["400", "400", "400", "400"],
+        "forbidden targets: {answers:?}\n{}",
+        s.c.nodes[1].agent_warnings()
+    );
+    assert_eq!(answers[7], "200", "{answers:?}");
+    assert_ne!(answers[8], "200", "an oversized CONNECT must not be served: {answers:?}");
 
     let m = s.c.nodes[1].admin_text("/metrics")?;
     let claimed = [("reporter", "destination"), ("source_workload", "legacy")];
@@ -672,10 +684,12 @@ fn hostile_peers_are_rejected_counted_and_logged_and_nothing_crashes() -> Result
             "{reason}: {m}"
         );
     }
-    for reason in ["not_connect", "bad_authority", "not_on_this_node"] {
+    for (reason, n) in
+        [("not_connect", 1.0), ("bad_authority", 1.0), ("not_on_this_node", 1.0), ("forbidden_target", 4.0)]
+    {
         assert_eq!(
             metric(&m, &format!("switchyard_inbound_rejected_total{{reason=\"{reason}\"}}")),
-            1.0,
+            n,
             "{reason}: {m}"
         );
     }

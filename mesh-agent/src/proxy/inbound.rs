@@ -103,6 +103,10 @@ pub struct Inbound {
     pub observe: Arc<Observe>,
     /// HBONE streams, re-checked when the authorization rules change.
     pub authorizations: Arc<crate::proxy::recheck::OpenAuthorizations>,
+    /// Whether a CONNECT may name a loopback address: only in the in-process test tier, whose
+    /// pods are loopback addresses. Never in the agent: the node's loopback is its own (the
+    /// admin port is there).
+    pub loopback_pods: bool,
 }
 
 impl Inbound {
@@ -136,6 +140,8 @@ impl Inbound {
 
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, stop: idle::StopHandle) {
         let _ = tcp.set_nodelay(true);
+        // The address it arrived on: the node's own, which a CONNECT may not name.
+        let link = Link { peer, local: tcp.local_addr().ok().map(|a| a.ip()) };
         let Ok(handshake_permit) = self.handshakes.clone().try_acquire_owned() else {
             warn!(%peer, limit = MAX_HANDSHAKES, "HBONE connection refused: too many handshakes in progress");
             self.metrics.tls_failures.inc("handshake_limit");
@@ -187,18 +193,9 @@ impl Inbound {
             let this = this.clone();
             let act = act.clone();
             let (client_id, server_id) = (client_id.clone(), server_id.clone());
-            async move { Ok::<_, Infallible>(this.stream(req, peer, client_id, server_id, act).await) }
+            async move { Ok::<_, Infallible>(this.stream(req, link, client_id, server_id, act).await) }
         });
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            .max_header_list_size(MAX_HEADER_LIST_SIZE)
-            .initial_stream_window_size(4 * 1024 * 1024)
-            .initial_connection_window_size(16 * 1024 * 1024)
-            .max_frame_size(1 << 20)
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .serve_connection(TokioIo::new(tls), svc);
+        let conn = h2_server().serve_connection(TokioIo::new(tls), svc);
         let mut conn = std::pin::pin!(conn);
         let expires_in = cert_expiry.and_then(|t| t.duration_since(SystemTime::now()).ok()).unwrap_or(Duration::ZERO);
         let expiry = tokio::time::sleep(expires_in);
@@ -251,12 +248,13 @@ impl Inbound {
     async fn stream(
         self: Arc<Self>,
         mut req: Request<Incoming>,
-        peer: SocketAddr,
+        link: Link,
         client_id: Identity,
         server_id: Identity,
         activity: Arc<Activity>,
     ) -> Response<Empty<Bytes>> {
-        let checked = match self.check(&req, peer, &client_id, &server_id) {
+        let peer = link.peer;
+        let checked = match self.check(&req, link, &client_id, &server_id) {
             Ok(c) => c,
             Err(resp) => return resp,
         };
@@ -310,10 +308,11 @@ impl Inbound {
     fn check(
         &self,
         req: &Request<Incoming>,
-        peer: SocketAddr,
+        link: Link,
         client_id: &Identity,
         server_id: &Identity,
     ) -> Result<Checked, Response<Empty<Bytes>>> {
+        let peer = link.peer;
         if req.method() != Method::CONNECT {
             return Err(self.reject(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -329,6 +328,19 @@ impl Inbound {
             ));
         };
         let idx = self.pods.borrow().clone();
+        let ip = *target.ip();
+        let this_node = link.local == Some(std::net::IpAddr::V4(ip));
+        if crate::state::special_address(ip)
+            || idx.is_node_address(ip)
+            || this_node
+            || (ip.is_loopback() && !self.loopback_pods)
+        {
+            return Err(self.reject(
+                StatusCode::BAD_REQUEST,
+                "forbidden_target",
+                format!("HBONE CONNECT from {client_id} to {target}: not a pod address (unspecified, loopback, link-local or a node)"),
+            ));
+        }
         let Some(pod) = idx.by_ip(*target.ip()).filter(|p| idx.is_local(p) && p.workload.meshed) else {
             return Err(self.reject(
                 StatusCode::NOT_FOUND,
@@ -407,6 +419,29 @@ impl Inbound {
             )),
         }
     }
+}
+
+/// An HBONE connection's two ends.
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    peer: SocketAddr,
+    /// The address it arrived on (this node's).
+    local: Option<std::net::IpAddr>,
+}
+
+/// The HTTP/2 server settings of HBONE: windows and frames as ztunnel's, bounded headers and
+/// streams, keep-alive pings.
+fn h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .initial_stream_window_size(4 * 1024 * 1024)
+        .initial_connection_window_size(16 * 1024 * 1024)
+        .max_frame_size(1 << 20)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    b
 }
 
 /// What a stream's checks established.

@@ -534,7 +534,7 @@ mod tests {
 
     #[tokio::test]
     async fn forwards_to_the_recorded_destination_with_half_close_both_ways() {
-        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = TcpListener::bind("127.0.0.2:0").await.unwrap();
         let up_addr = upstream.local_addr().unwrap();
         let server = tokio::spawn(async move {
             let (mut s, _) = upstream.accept().await.unwrap();
@@ -565,7 +565,7 @@ mod tests {
         assert_eq!(snap.recent[0].bytes_sent, 7);
         assert_eq!(snap.recent[0].bytes_received, 20);
         assert_eq!(snap.recent[0].source_pod.as_deref(), Some("shop/client"));
-        // 127.0.0.1 is the client pod itself: a same-node meshed destination.
+        // 127.0.0.2 is the client pod itself: a same-node meshed destination.
         assert_eq!(snap.recent[0].security, crate::proxy::conns::Security::Local);
         assert_eq!(p.metrics().opened.get(), 1);
         assert!(p.table.is_empty(), "the record is consumed");
