@@ -572,6 +572,7 @@ fn inbound_proxy(
         tcp_idle_timeout: config.tcp_idle_timeout,
         observe,
         loopback_pods: false,
+        source_slots: Default::default(),
     }))
 }
 

@@ -291,6 +291,7 @@ impl InboundProxy {
             tcp_idle_timeout: None,
             authorizations: Default::default(),
             loopback_pods: true,
+            source_slots: Default::default(),
             observe: Arc::new(Observe {
                 conns: Default::default(),
                 proxy: None,

@@ -732,3 +732,39 @@ fn strip_ansi(s: &str) -> String {
 fn _unused(_: Ipv4Addr, _: TcpStream) {
     let _ = std::io::sink().write(b"");
 }
+
+/// Issue 15, one tenant cannot take the node's mesh down: a peer (here a third node) opening
+/// hundreds of silent connections to a node's HBONE port holds at most its own share of the
+/// handshake slots, each for at most the ClientHello deadline, so another node's mTLS traffic to
+/// that node keeps flowing.
+#[test]
+fn silent_connections_from_one_address_cannot_keep_other_nodes_out() -> Result<()> {
+    if !privileged("hbone_slowloris") {
+        return Ok(());
+    }
+    let s = setup(&[], |c| {
+        c.add_node("node-c")?;
+        Ok(())
+    })?;
+    let hbone = SocketAddr::from((s.c.nodes[1].underlay.unwrap(), 15008));
+    let attacker = s.c.nodes[2].netns.clone();
+    // More than one address may hold (64), more than all slots (256).
+    let silent: Vec<TcpStream> = in_netns(&attacker, || {
+        (0..400).filter_map(|_| TcpStream::connect_timeout(&hbone, Duration::from_secs(2)).ok()).collect()
+    })?;
+    assert!(silent.len() > 300, "{}", silent.len());
+    // Meanwhile node-a's clients, new connections each, over new pooled HBONE connections.
+    let r = run(&s.client, &format!("{}:8080", s.server.ip), &["--count", "40", "--concurrency", "4"])?;
+    assert_eq!(r["ok"], 40, "{r}\n{}", s.c.nodes[1].agent_warnings());
+    let m = s.c.nodes[1].admin_text("/metrics")?;
+    assert!(
+        metric(&m, "switchyard_tls_handshake_failures_total{reason=\"source_handshake_limit\"}") >= 300.0,
+        "the address's share was capped: {m}"
+    );
+    eventually(Duration::from_secs(10), "silent connections cut at the ClientHello deadline", || {
+        let m = s.c.nodes[1].admin_text("/metrics").ok()?;
+        (metric(&m, "switchyard_tls_handshake_failures_total{reason=\"client_hello_timeout\"}") >= 60.0).then_some(())
+    })?;
+    drop(silent);
+    Ok(())
+}

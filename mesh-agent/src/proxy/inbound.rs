@@ -41,8 +41,16 @@ use crate::{
 /// unauthenticated peer must not be able to exhaust the agent, which carries the whole node's
 /// mesh traffic.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// TLS handshakes in progress at once; more are refused at once.
+/// The TLS ClientHello must arrive within this (a silent connection gives its slot back soon).
+pub const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+/// TLS handshakes in progress at once; more wait up to [`HANDSHAKE_QUEUE_WAIT`], then are
+/// refused.
 pub const MAX_HANDSHAKES: usize = 256;
+/// Handshakes in progress at once from one source address: one peer (or one tenant's pods
+/// behind one node) cannot take every slot, so other nodes still reach this one.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 64;
+/// How long a connection waits for a handshake slot before it is refused.
+pub const HANDSHAKE_QUEUE_WAIT: Duration = Duration::from_secs(2);
 /// HBONE connections open at once; more are refused at once.
 pub const MAX_CONNECTIONS: usize = 4096;
 pub use crate::config::HBONE_MAX_CONCURRENT_STREAMS as MAX_CONCURRENT_STREAMS;
@@ -68,6 +76,7 @@ impl InboundMetrics {
             "expired_certificate",
             "bad_client_identity",
             "timeout",
+            "client_hello_timeout",
         ]);
         reg.register(
             "inbound_connections",
@@ -107,6 +116,39 @@ pub struct Inbound {
     /// pods are loopback addresses. Never in the agent: the node's loopback is its own (the
     /// admin port is there).
     pub loopback_pods: bool,
+    /// Handshakes in progress per source address.
+    pub source_slots: SourceSlots,
+}
+
+/// Handshakes in progress per source address, at most [`MAX_HANDSHAKES_PER_SOURCE`] each.
+#[derive(Default)]
+pub struct SourceSlots(Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
+
+/// One source's handshake slot, given back on drop.
+pub struct SourceSlot(Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>, std::net::IpAddr);
+
+impl SourceSlots {
+    fn take(&self, ip: std::net::IpAddr) -> Option<SourceSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= MAX_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot(self.0.clone(), ip))
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
 }
 
 impl Inbound {
@@ -142,13 +184,22 @@ impl Inbound {
         let _ = tcp.set_nodelay(true);
         // The address it arrived on: the node's own, which a CONNECT may not name.
         let link = Link { peer, local: tcp.local_addr().ok().map(|a| a.ip()) };
-        let Ok(handshake_permit) = self.handshakes.clone().try_acquire_owned() else {
-            warn!(%peer, limit = MAX_HANDSHAKES, "HBONE connection refused: too many handshakes in progress");
-            self.metrics.tls_failures.inc("handshake_limit");
+        let Some(source_slot) = self.source_slots.take(peer.ip()) else {
+            warn!(%peer, limit = MAX_HANDSHAKES_PER_SOURCE, "HBONE connection refused: too many handshakes in progress from this address");
+            self.metrics.tls_failures.inc("source_handshake_limit");
             return;
         };
-        let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await;
-        drop(handshake_permit);
+        let handshake_permit =
+            match tokio::time::timeout(HANDSHAKE_QUEUE_WAIT, self.handshakes.clone().acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                _ => {
+                    warn!(%peer, limit = MAX_HANDSHAKES, "HBONE connection refused: too many handshakes in progress");
+                    self.metrics.tls_failures.inc("handshake_limit");
+                    return;
+                }
+            };
+        let accepted = self.handshake(tcp).await;
+        drop((handshake_permit, source_slot));
         let tls = match accepted {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -157,9 +208,9 @@ impl Inbound {
                 self.metrics.tls_failures.inc(reason);
                 return;
             }
-            Err(_) => {
-                warn!(%peer, "HBONE mTLS handshake timed out");
-                self.metrics.tls_failures.inc("timeout");
+            Err(reason) => {
+                warn!(%peer, reason, "HBONE mTLS handshake timed out");
+                self.metrics.tls_failures.inc(reason);
                 return;
             }
         };
@@ -232,6 +283,23 @@ impl Inbound {
             Close::Stopping => Duration::from_secs(3600),
         };
         let _ = tokio::time::timeout(grace, conn).await;
+    }
+
+    /// The TLS handshake: the ClientHello within [`CLIENT_HELLO_TIMEOUT`], all of it within
+    /// [`HANDSHAKE_TIMEOUT`]. `Err` is the timeout's reason.
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>, &'static str> {
+        let started = tokio::time::Instant::now();
+        let lazy = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+        let start = match tokio::time::timeout(CLIENT_HELLO_TIMEOUT, lazy).await {
+            Ok(Ok(start)) => start,
+            Ok(Err(e)) => return Ok(Err(e)),
+            Err(_) => return Err("client_hello_timeout"),
+        };
+        let config = self.acceptor.config().clone();
+        tokio::time::timeout_at(started + HANDSHAKE_TIMEOUT, start.into_stream(config)).await.map_err(|_| "timeout")
     }
 
     fn reject(&self, status: StatusCode, reason: &'static str, detail: String) -> Response<Empty<Bytes>> {
