@@ -232,8 +232,10 @@ fn the_signer_refuses_other_nodes_pods_bad_tokens_and_csrs_naming_another_identi
     for (reason, at_least) in [
         ("not_on_callers_node", 1.0),
         ("token_not_bound_to_pod", 1.0),
-        // Forged, expired and other-audience tokens: the API server does not authenticate them.
-        ("token_rejected", 3.0),
+        // Forged (the API server does not authenticate it) and expired (refused before asking).
+        ("token_rejected", 2.0),
+        // For another audience: refused before asking.
+        ("token_audience", 1.0),
         ("csr_san_mismatch", 1.0),
         ("not_a_node_agent", 1.0),
     ] {

@@ -191,6 +191,23 @@ pub struct LocalCa {
     issuer: Issuer<'static, KeyPair>,
     /// The CA certificate and any above it up to the root, as in `ca.crt`.
     ca_chain: Vec<CertificateDer<'static>>,
+    /// No certificate it signs outlives it.
+    ca_not_after: SystemTime,
+}
+
+/// When a certificate expires (the far future if it cannot be read: the chain check decides).
+fn expiry(cert: &CertificateDer<'_>) -> SystemTime {
+    x509_parser::parse_x509_certificate(cert)
+        .map(|(_, c)| SystemTime::UNIX_EPOCH + Duration::from_secs(c.validity().not_after.timestamp().max(0) as u64))
+        .unwrap_or(SystemTime::UNIX_EPOCH + Duration::from_secs(u32::MAX as u64))
+}
+
+/// A random positive serial number (RFC 5280: unique per CA, at most 20 bytes).
+fn serial() -> rcgen::SerialNumber {
+    let mut b: Vec<u8> = (0..16).map(|_| fastrand::u8(..)).collect();
+    b[0] &= 0x7f;
+    b[0] |= 0x01;
+    rcgen::SerialNumber::from(b)
 }
 
 impl LocalCa {
@@ -206,7 +223,8 @@ impl LocalCa {
         }
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key_pair)
             .map_err(|source| CaError::Rcgen { path: cert.into(), source })?;
-        Ok(LocalCa { issuer, ca_chain })
+        let ca_not_after = expiry(&ca_chain[0]);
+        Ok(LocalCa { issuer, ca_chain, ca_not_after })
     }
 
     /// A new CA that lives in memory only (in-process tests).
@@ -215,7 +233,8 @@ impl LocalCa {
         let (cert, key) = self_signed(trust_domain, lifetime)?;
         let ca_chain = vec![cert.der().clone()];
         let issuer = Issuer::from_ca_cert_pem(&cert.pem(), key)?;
-        Ok(LocalCa { issuer, ca_chain })
+        let ca_not_after = expiry(&ca_chain[0]);
+        Ok(LocalCa { issuer, ca_chain, ca_not_after })
     }
 
     /// The signing CA's certificate.
@@ -240,8 +259,9 @@ impl LocalCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(serial());
         params.not_before = offset(not_before);
-        params.not_after = offset(not_after);
+        params.not_after = offset(not_after.min(self.ca_not_after));
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
         Ok(std::iter::once(cert.der().clone()).chain(self.ca_chain.iter().cloned()).collect())
     }
@@ -277,9 +297,10 @@ impl LocalCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(serial());
         let now = SystemTime::now();
         params.not_before = offset(now - BACKDATE);
-        params.not_after = offset(now + lifetime);
+        params.not_after = offset((now + lifetime).min(self.ca_not_after));
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {
             chain: std::iter::once(cert.der().clone()).chain(self.ca_chain.iter().cloned()).collect(),

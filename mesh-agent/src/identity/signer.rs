@@ -71,6 +71,20 @@ pub const DEFAULT_AUDIENCE: &str = "istio-ca";
 pub const ROOT_CERT_KEY: &str = "root-cert.pem";
 /// Handshakes and requests that take longer are cut.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request (body included) must be answered within this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// A connection is closed gracefully after this long (its client opens a new one).
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
+/// Connections open at once from one address.
+const MAX_CONNECTIONS_PER_SOURCE: usize = 64;
+/// Streams per connection (an agent asks 8 at a time).
+const MAX_STREAMS: u32 = 16;
+/// A request message is a CSR and a little metadata: a few KiB.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// TokenReviews in flight at once: a flood of bad tokens cannot flood the API server.
+const MAX_REVIEWS: usize = 32;
+/// A ServiceAccount token is a JWT of about 1 KiB.
+const MAX_TOKEN_BYTES: usize = 8 * 1024;
 /// Connections served at once; more wait in the accept queue.
 const MAX_CONNECTIONS: usize = 4096;
 /// The serving certificate's lifetime; it is replaced at half of it.
@@ -164,16 +178,50 @@ pub trait Authenticator: Send + Sync + 'static {
     async fn authenticate(&self, token: &str) -> Result<Caller, AuthnError>;
 }
 
-/// Checks tokens with the Kubernetes TokenReview API.
+/// Checks tokens with the Kubernetes TokenReview API, at most [`MAX_REVIEWS`] at once, after a
+/// local look that spares the API server what cannot be a valid token.
 pub struct TokenReviewer {
     api: Api<TokenReview>,
     audiences: Vec<String>,
+    in_flight: tokio::sync::Semaphore,
 }
 
 impl TokenReviewer {
     pub fn new(client: kube::Client, audiences: Vec<String>) -> Self {
-        TokenReviewer { api: Api::all(client), audiences }
+        TokenReviewer { api: Api::all(client), audiences, in_flight: tokio::sync::Semaphore::new(MAX_REVIEWS) }
     }
+}
+
+/// What can be told of a token without its key: a JWT of sane size, not expired, for one of
+/// `audiences`. Anything else is refused without asking the API server.
+pub fn plausible_token(token: &str, audiences: &[String]) -> Result<(), AuthnError> {
+    use base64::Engine as _;
+    let bad = |why: &str| Err(AuthnError::Rejected(format!("not a usable ServiceAccount token: {why}")));
+    if token.len() > MAX_TOKEN_BYTES {
+        return bad("too long");
+    }
+    let parts: Vec<&str> = token.split('.').collect();
+    if parts.len() != 3 {
+        return bad("not a JWT");
+    }
+    let Ok(payload) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(parts[1].trim_end_matches('=')) else {
+        return bad("not a JWT");
+    };
+    let Ok(claims) = serde_json::from_slice::<serde_json::Value>(&payload) else { return bad("not a JWT") };
+    if let Some(exp) = claims["exp"].as_u64()
+        && SystemTime::UNIX_EPOCH + Duration::from_secs(exp) <= SystemTime::now()
+    {
+        return bad("expired");
+    }
+    let aud: Vec<&str> = match &claims["aud"] {
+        serde_json::Value::String(s) => vec![s.as_str()],
+        serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_str()).collect(),
+        _ => vec![],
+    };
+    if !aud.is_empty() && !audiences.iter().any(|a| aud.contains(&a.as_str())) {
+        return Err(AuthnError::Audience(audiences.join(",")));
+    }
+    Ok(())
 }
 
 /// The caller a TokenReview's answer names, if it is authenticated for one of `audiences`.
@@ -208,6 +256,8 @@ pub fn caller_from_review(review: &TokenReview, audiences: &[String]) -> Result<
 #[async_trait::async_trait]
 impl Authenticator for TokenReviewer {
     async fn authenticate(&self, token: &str) -> Result<Caller, AuthnError> {
+        plausible_token(token, &self.audiences)?;
+        let _slot = self.in_flight.acquire().await.map_err(|_| AuthnError::Unavailable("stopping".into()))?;
         let review = TokenReview {
             spec: TokenReviewSpec { token: token.to_string(), audiences: Some(self.audiences.clone()) },
             ..Default::default()
@@ -306,6 +356,11 @@ pub struct PodDirectory {
 impl PodDirectory {
     fn entry(pod: &Pod) -> Option<((String, String), PodEntry)> {
         let meta = &pod.metadata;
+        // A mirror pod (a static pod the kubelet reported) is whatever a node's root wrote
+        // into its manifests directory: it vouches for no identity.
+        if meta.annotations.as_ref().is_some_and(|a| a.contains_key("kubernetes.io/config.mirror")) {
+            return None;
+        }
         let key = (meta.namespace.clone()?, meta.name.clone()?);
         let spec = pod.spec.as_ref();
         let finished =
@@ -313,7 +368,9 @@ impl PodDirectory {
         let entry = PodEntry {
             uid: meta.uid.clone().unwrap_or_default(),
             node: spec.and_then(|s| s.node_name.clone()).filter(|_| !finished),
-            service_account: spec.and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into()),
+            // No ServiceAccount named: no identity (the API server names `default` itself when
+            // it admits an ordinary pod).
+            service_account: spec.and_then(|s| s.service_account_name.clone()).filter(|s| !s.is_empty())?,
         };
         Some((key, entry))
     }
@@ -525,6 +582,11 @@ impl Signer {
     }
 }
 
+/// A gRPC error answer without running the service.
+fn grpc_error(status: Status) -> http::Response<tonic::body::Body> {
+    status.into_http()
+}
+
 fn pem(c: &CertificateDer<'_>) -> String {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD.encode(c.as_ref());
@@ -594,7 +656,8 @@ pub async fn serve(args: SignerArgs, stop: CancellationToken) -> anyhow::Result<
         ca: ca.clone(),
         trust_domain: args.trust_domain.clone(),
         trusted_node_accounts: trusted,
-        max_lifetime: Duration::from_secs(args.max_lifetime_secs.max(60)),
+        // At most a year, and never past the CA's own expiry (see `LocalCa::certify`).
+        max_lifetime: Duration::from_secs(args.max_lifetime_secs.clamp(60, 366 * 86_400)),
         authn: Arc::new(CachedAuthenticator::new(Arc::new(TokenReviewer::new(client.clone(), args.audiences.clone())))),
         pods: pods.clone(),
         metrics: SignerMetrics::default(),
@@ -629,7 +692,10 @@ pub async fn serve(args: SignerArgs, stop: CancellationToken) -> anyhow::Result<
         .with_no_client_auth()
         .with_cert_resolver(serving);
     tls.alpn_protocols = vec![crate::tls::ALPN_H2.to_vec()];
-    serve_grpc(listener, Arc::new(tls), IstioCertificateServiceServer::new(Service(signer)), stop.clone()).await;
+    let svc = IstioCertificateServiceServer::new(Service(signer))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    serve_grpc(listener, Arc::new(tls), svc, stop.clone()).await;
     tasks.shutdown().await;
     Ok(())
 }
@@ -642,6 +708,7 @@ async fn serve_grpc(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_source = crate::proxy::inbound::SourceSlots::with_limit(MAX_CONNECTIONS_PER_SOURCE);
     loop {
         let permit = tokio::select! {
             _ = stop.cancelled() => return,
@@ -658,11 +725,15 @@ async fn serve_grpc(
                 }
             },
         };
+        let Some(slot) = per_source.take(peer.ip()) else {
+            debug!(%peer, "connection refused: too many from this address");
+            continue;
+        };
         // An answer is several writes (headers, data, trailers): no Nagle delay between them.
         let _ = tcp.set_nodelay(true);
         let (acceptor, svc, stop) = (acceptor.clone(), svc.clone(), stop.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, slot);
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
@@ -671,14 +742,26 @@ async fn serve_grpc(
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let mut svc = svc.clone();
                 async move {
-                    Ok::<_, Infallible>(
-                        tower_service::Service::call(&mut svc, req).await.unwrap_or_else(|e| match e {}),
-                    )
+                    // No bearer token: refused before the body is read.
+                    let bearer = req
+                        .headers()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v.starts_with("Bearer ") && v.len() <= MAX_TOKEN_BYTES + 7);
+                    if !bearer {
+                        return Ok::<_, Infallible>(grpc_error(Status::unauthenticated(
+                            AuthnError::NoToken.to_string(),
+                        )));
+                    }
+                    match tokio::time::timeout(REQUEST_TIMEOUT, tower_service::Service::call(&mut svc, req)).await {
+                        Ok(r) => Ok(r.unwrap_or_else(|e| match e {})),
+                        Err(_) => Ok(grpc_error(Status::deadline_exceeded("the request took too long"))),
+                    }
                 }
             });
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .max_concurrent_streams(256)
+                .max_concurrent_streams(MAX_STREAMS)
                 .keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(tls), service);
@@ -688,6 +771,10 @@ async fn serve_grpc(
                 _ = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+                _ = tokio::time::sleep(MAX_CONNECTION_AGE) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(REQUEST_TIMEOUT, conn).await;
                 }
             }
         });
@@ -780,13 +867,16 @@ async fn serve_admin(
     published: watch::Receiver<bool>,
     stop: CancellationToken,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(crate::admin::MAX_CONNECTIONS));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
         let (tcp, _) = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
         };
         let (registry, synced, published) = (registry.clone(), synced.clone(), published.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let (registry, synced, published) = (registry.clone(), synced.clone(), published.clone());
                 async move {
@@ -851,6 +941,14 @@ mod tests {
         pods.apply(&pod("switchyard", "agent-p", "uid-p", "mesh-agent", None));
         pods.apply(&pod("shop", "web-1", "w1", "web", Some("node-a")));
         pods.apply(&pod("shop", "db-1", "d1", "db", Some("node-b")));
+        // A mirror pod (written by a node's root into the kubelet's manifests) and a pod
+        // naming no ServiceAccount vouch for no identity.
+        let mut mirror = pod("kube-system", "etcd-node-a", "m1", "admin", Some("node-a"));
+        mirror.metadata.annotations = Some([("kubernetes.io/config.mirror".to_string(), "x".to_string())].into());
+        pods.apply(&mirror);
+        let mut no_sa = pod("kube-system", "static-a", "s1", "", Some("node-a"));
+        no_sa.spec.as_mut().unwrap().service_account_name = None;
+        pods.apply(&no_sa);
         let trusted = vec![("switchyard".to_string(), "mesh-agent".to_string())];
         let decide = |c: &Caller, w: &Identity| authorize(c, w, "cluster.local", &trusted, &pods);
         let reason = |r: Result<Option<String>, Denial>| r.map_err(|d| d.reason());
@@ -859,6 +957,10 @@ mod tests {
         assert_eq!(decide(&agent("agent-a", "uid-a"), &id("shop", "web")), Ok(Some("node-a".into())));
         assert_eq!(reason(decide(&agent("agent-a", "uid-a"), &id("shop", "db"))), Err("not_on_callers_node"));
         assert_eq!(decide(&agent("agent-b", "uid-b"), &id("shop", "db")), Ok(Some("node-b".into())));
+        for (ns, sa) in [("kube-system", "admin"), ("kube-system", "default"), ("kube-system", "")] {
+            let r = reason(decide(&agent("agent-a", "uid-a"), &Identity::new("cluster.local", ns, sa)));
+            assert_eq!(r, Err("not_on_callers_node"), "{ns}/{sa}");
+        }
         // The token's pod must be the pod the signer knows (a deleted and re-created pod of the
         // same name has another uid), scheduled, of the same ServiceAccount.
         assert_eq!(reason(decide(&agent("agent-a", "uid-old"), &id("shop", "web"))), Err("caller_pod_mismatch"));
@@ -915,6 +1017,31 @@ mod tests {
         let mut user = ok.clone();
         user.status.as_mut().unwrap().user.as_mut().unwrap().username = Some("alice".into());
         assert_eq!(caller_from_review(&user, &aud).map_err(|e| e.reason()), Err("not_a_service_account"));
+    }
+
+    #[test]
+    fn what_cannot_be_a_token_is_refused_without_asking_the_api_server() {
+        use base64::Engine as _;
+        let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        let jwt = |claims: String| format!("{}.{}.sig", b("{}"), b(&claims));
+        let aud = vec!["istio-ca".to_string()];
+        assert!(plausible_token(&jwt(format!(r#"{{"exp":{},"aud":["istio-ca"]}}"#, now + 60)), &aud).is_ok());
+        assert!(plausible_token(&jwt(format!(r#"{{"exp":{},"aud":"istio-ca"}}"#, now + 60)), &aud).is_ok());
+        for bad in [
+            "garbage".to_string(),
+            "a.b".to_string(),
+            "x".repeat(MAX_TOKEN_BYTES + 1),
+            jwt(format!(r#"{{"exp":{}}}"#, now - 1)),
+        ] {
+            assert!(
+                matches!(plausible_token(&bad, &aud), Err(AuthnError::Rejected(_))),
+                "{}",
+                &bad[..bad.len().min(40)]
+            );
+        }
+        let other = jwt(format!(r#"{{"exp":{},"aud":["vault"]}}"#, now + 60));
+        assert!(matches!(plausible_token(&other, &aud), Err(AuthnError::Audience(_))));
     }
 
     #[test]

@@ -120,22 +120,36 @@ pub struct Inbound {
     pub source_slots: SourceSlots,
 }
 
-/// Handshakes in progress per source address, at most [`MAX_HANDSHAKES_PER_SOURCE`] each.
-#[derive(Default)]
-pub struct SourceSlots(Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
+/// Things in progress per source address, at most a limit each ([`MAX_HANDSHAKES_PER_SOURCE`]
+/// handshakes by default).
+pub struct SourceSlots {
+    counts: Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    limit: usize,
+}
+
+impl Default for SourceSlots {
+    fn default() -> Self {
+        SourceSlots::with_limit(MAX_HANDSHAKES_PER_SOURCE)
+    }
+}
 
 /// One source's handshake slot, given back on drop.
 pub struct SourceSlot(Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>, std::net::IpAddr);
 
 impl SourceSlots {
-    fn take(&self, ip: std::net::IpAddr) -> Option<SourceSlot> {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn with_limit(limit: usize) -> Self {
+        SourceSlots { counts: Default::default(), limit }
+    }
+
+    /// A slot for `ip`, if it has fewer than the limit.
+    pub fn take(&self, ip: std::net::IpAddr) -> Option<SourceSlot> {
+        let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(ip).or_default();
-        if *n >= MAX_HANDSHAKES_PER_SOURCE {
+        if *n >= self.limit {
             return None;
         }
         *n += 1;
-        Some(SourceSlot(self.0.clone(), ip))
+        Some(SourceSlot(self.counts.clone(), ip))
     }
 }
 
