@@ -141,18 +141,9 @@ fn tempfile_dir(base: &Path) -> Result<std::path::PathBuf> {
     Ok(d)
 }
 
-/// The first URI SAN of a DER certificate, or "" (the root has none).
+/// The SPIFFE ID a DER certificate names, or "" (the root names none).
 fn first_uri(der: &[u8]) -> String {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return String::new() };
-    let Ok(Some(san)) = cert.subject_alternative_name() else { return String::new() };
-    san.value
-        .general_names
-        .iter()
-        .find_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
-            _ => None,
-        })
-        .unwrap_or_default()
+    mesh_agent::tls::peer_identity(&der.to_vec().into()).map(|id| id.to_string()).unwrap_or_default()
 }
 
 fn refused_code(r: Result<Vec<String>, IssueError>) -> String {

@@ -197,9 +197,7 @@ pub struct LocalCa {
 
 /// When a certificate expires (the far future if it cannot be read: the chain check decides).
 fn expiry(cert: &CertificateDer<'_>) -> SystemTime {
-    x509_parser::parse_x509_certificate(cert)
-        .map(|(_, c)| SystemTime::UNIX_EPOCH + Duration::from_secs(c.validity().not_after.timestamp().max(0) as u64))
-        .unwrap_or(SystemTime::UNIX_EPOCH + Duration::from_secs(u32::MAX as u64))
+    super::not_after(cert).unwrap_or(SystemTime::UNIX_EPOCH + Duration::from_secs(u32::MAX as u64))
 }
 
 /// A random positive serial number (RFC 5280: unique per CA, at most 20 bytes).

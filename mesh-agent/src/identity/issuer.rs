@@ -30,8 +30,8 @@ pub enum IssueError {
     Refused { code: &'static str, message: String },
     #[error("the CA's answer is not usable: {0}")]
     BadResponse(String),
-    #[error("the CA issued a certificate for {got:?}, not for {wanted}")]
-    WrongIdentity { wanted: String, got: Vec<String> },
+    #[error("the CA issued a certificate that is not for {wanted}: {got}")]
+    WrongIdentity { wanted: String, got: String },
     #[error("cannot read the token for the CA from {path}: {detail}")]
     Token { path: String, detail: String },
     #[error("the issued key cannot sign: {0}")]

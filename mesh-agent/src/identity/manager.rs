@@ -252,29 +252,12 @@ impl CertManager {
 /// returns: a CA that signs something else must not make the agent present it).
 fn check_leaf(chain: &[CertificateDer<'static>], id: &Identity) -> Result<(SystemTime, SystemTime), IssueError> {
     let leaf = chain.first().ok_or_else(|| IssueError::BadResponse("empty chain".into()))?;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
-        .map_err(|e| IssueError::BadResponse(format!("the leaf certificate cannot be parsed: {e}")))?;
-    let uris: Vec<String> = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    if uris != [id.to_string()] {
-        return Err(IssueError::WrongIdentity { wanted: id.to_string(), got: uris });
+    match super::peer_identity(leaf) {
+        Ok(got) if got == *id => {}
+        Ok(got) => return Err(IssueError::WrongIdentity { wanted: id.to_string(), got: got.to_string() }),
+        Err(e) => return Err(IssueError::WrongIdentity { wanted: id.to_string(), got: e.to_string() }),
     }
-    let v = cert.validity();
-    let at = |t: x509_parser::time::ASN1Time| SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64);
-    Ok((at(v.not_before), at(v.not_after)))
+    super::validity(leaf).ok_or_else(|| IssueError::BadResponse("the leaf certificate cannot be parsed".into()))
 }
 
 /// What the agent presents: the leaf and intermediates, not a self-issued root at the end.

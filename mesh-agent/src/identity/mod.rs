@@ -12,6 +12,57 @@ pub mod issuer;
 pub mod manager;
 pub mod signer;
 
+/// What a certificate says of identity: its SPIFFE ID and validity (read by the HBONE server of
+/// its peers, and by the agent of what a CA issued it).
+///
+/// Why a certificate names no usable SPIFFE ID.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerIdentityError {
+    #[error("unparsable certificate: {0}")]
+    Unparsable(String),
+    #[error("bad subjectAltName: {0}")]
+    BadSan(String),
+    #[error("certificate has no subjectAltName")]
+    NoSan,
+    #[error("certificate has no SPIFFE ID")]
+    NoUri,
+    #[error("certificate has more than one URI SAN")]
+    SeveralUris,
+    #[error("certificate URI SAN: {0}")]
+    NotSpiffe(String),
+}
+
+/// The SPIFFE ID in a certificate: its one and only URI SAN, which must be a `spiffe://` ID
+/// (per the X.509-SVID spec; a second URI of any scheme is refused, not ignored).
+pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<Identity, PeerIdentityError> {
+    use PeerIdentityError as E;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| E::Unparsable(e.to_string()))?;
+    let san = parsed.subject_alternative_name().map_err(|e| E::BadSan(e.to_string()))?.ok_or(E::NoSan)?;
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+        _ => None,
+    });
+    let first = uris.next().ok_or(E::NoUri)?;
+    if uris.next().is_some() {
+        return Err(E::SeveralUris);
+    }
+    Identity::parse(first).map_err(|e| E::NotSpiffe(e.to_string()))
+}
+
+/// A certificate's validity: (not before, not after).
+pub fn validity(cert: &CertificateDer<'_>) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(t.timestamp().max(0) as u64)
+    };
+    Some((at(parsed.validity().not_before), at(parsed.validity().not_after)))
+}
+
+/// When a certificate stops being valid.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<std::time::SystemTime> {
+    validity(cert).map(|(_, after)| after)
+}
+
 /// Istio's CA API (`proto/ca.proto`), generated.
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
@@ -19,6 +70,8 @@ pub mod pb {
 }
 
 use std::fmt;
+
+use rustls::pki_types::CertificateDer;
 
 /// Default SPIFFE trust domain, as in Kubernetes and Istio.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
