@@ -522,12 +522,7 @@ mod tests {
         let p = pki();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("root-cert.pem");
-        let pem = |c: &CertificateDer<'_>| {
-            use base64::Engine as _;
-            let b = base64::engine::general_purpose::STANDARD.encode(c.as_ref());
-            let lines: Vec<&str> = b.as_bytes().chunks(64).map(|l| std::str::from_utf8(l).unwrap()).collect();
-            format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n"))
-        };
+        let pem = |c: &CertificateDer<'_>| ca::pem("CERTIFICATE", c);
         std::fs::write(&path, pem(p.old.ca_cert()) + &pem(p.new.ca_cert())).unwrap();
         let stop = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(p.bundle.clone().watch(path.clone(), Duration::from_millis(20), stop.clone()));

@@ -116,6 +116,19 @@ fn read(path: &Path) -> Result<String, CaError> {
     std::fs::read_to_string(path).map_err(|source| CaError::Read { path: path.into(), source })
 }
 
+/// DER as PEM (RFC 7468), e.g. `label` "CERTIFICATE": 64 base64 characters a line.
+pub fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
 /// Every certificate in a PEM bundle.
 pub fn load_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
     let text = read(path)?;

@@ -167,15 +167,8 @@ mod tests {
         let at = der.windows(3).position(|w| w == b"web").unwrap();
         der[at] = b'w';
         der[at + 2] = b'x';
-        let pem = pem_of(&der);
+        let pem = crate::identity::ca::pem("CERTIFICATE REQUEST", &der);
         let e = check(&pem, &Identity::new("cluster.local", "shop", "wex")).err().unwrap();
         assert_eq!(e, CsrError::BadSignature);
-    }
-
-    fn pem_of(der: &[u8]) -> String {
-        use base64::Engine as _;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-        let lines: Vec<&str> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
-        format!("-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n", lines.join("\n"))
     }
 }

@@ -195,22 +195,15 @@ impl TokenReviewer {
 /// What can be told of a token without its key: a JWT of sane size, not expired, for one of
 /// `audiences`. Anything else is refused without asking the API server.
 pub fn plausible_token(token: &str, audiences: &[String]) -> Result<(), AuthnError> {
-    use base64::Engine as _;
     let bad = |why: &str| Err(AuthnError::Rejected(format!("not a usable ServiceAccount token: {why}")));
     if token.len() > MAX_TOKEN_BYTES {
         return bad("too long");
     }
-    let parts: Vec<&str> = token.split('.').collect();
-    if parts.len() != 3 {
+    if token.split('.').count() != 3 {
         return bad("not a JWT");
     }
-    let Ok(payload) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(parts[1].trim_end_matches('=')) else {
-        return bad("not a JWT");
-    };
-    let Ok(claims) = serde_json::from_slice::<serde_json::Value>(&payload) else { return bad("not a JWT") };
-    if let Some(exp) = claims["exp"].as_u64()
-        && SystemTime::UNIX_EPOCH + Duration::from_secs(exp) <= SystemTime::now()
-    {
+    let Some(claims) = jwt_claims(token) else { return bad("not a JWT") };
+    if jwt_expiry(token).is_some_and(|exp| exp <= SystemTime::now()) {
         return bad("expired");
     }
     let aud: Vec<&str> = match &claims["aud"] {
@@ -293,13 +286,17 @@ impl CachedAuthenticator {
     }
 }
 
-/// The `exp` claim of a JWT, unverified (the API server verified the token).
-fn jwt_expiry(token: &str) -> Option<SystemTime> {
+/// A JWT's claims, unverified (the API server verifies the token).
+fn jwt_claims(token: &str) -> Option<serde_json::Value> {
     use base64::Engine as _;
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    let exp = serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["exp"].as_u64()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(exp))
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The `exp` claim of a JWT, unverified.
+fn jwt_expiry(token: &str) -> Option<SystemTime> {
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(jwt_claims(token)?["exp"].as_u64()?))
 }
 
 #[async_trait::async_trait]
@@ -577,7 +574,7 @@ impl Signer {
             .map_err(|e| self.refuse(Status::internal(e.to_string()), "sign_failed"))?;
         self.metrics.issued.inc();
         debug!(identity = %wanted, node = node.as_deref().unwrap_or("-"), ?lifetime, "certificate signed");
-        let cert_chain = chain.iter().map(pem).collect();
+        let cert_chain = chain.iter().map(|c| ca::pem("CERTIFICATE", c)).collect();
         Ok(IstioCertificateResponse { cert_chain })
     }
 }
@@ -585,18 +582,6 @@ impl Signer {
 /// A gRPC error answer without running the service.
 fn grpc_error(status: Status) -> http::Response<tonic::body::Body> {
     status.into_http()
-}
-
-fn pem(c: &CertificateDer<'_>) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(c.as_ref());
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
 }
 
 /// The generated service trait over an `Arc<Signer>`.
