@@ -42,7 +42,6 @@ use prometheus_client::{
 };
 use rustls::{
     ServerConfig,
-    pki_types::CertificateDer,
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
