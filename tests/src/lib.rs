@@ -1218,6 +1218,17 @@ impl Drop for Cluster {
     }
 }
 
+/// A process's CPU time (user + system), seconds, from `/proc/<pid>/stat`.
+pub fn cpu_secs_of(pid: u32) -> Result<f64> {
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces): utime is 14th, stime 15th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    anyhow::ensure!(f.len() > 12, "/proc/{pid}/stat is short");
+    Ok((f[11].parse::<f64>()? + f[12].parse::<f64>()?) / tick)
+}
+
 /// A process's resident memory, KiB.
 pub fn rss_kib_of(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -17,11 +17,7 @@ struct Args {
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
-        .context("VmRSS")
+    sim::rss_kib_of(pid).context("VmRSS")
 }
 
 fn known_pods(node: &Node) -> usize {

@@ -33,15 +33,6 @@ struct Args {
     pods: usize,
 }
 
-/// utime + stime of `pid`, seconds.
-fn cpu_secs(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').context("stat")?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    Ok(ticks / 100.0)
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     if !sim::privileged("signer-bench") {
@@ -87,7 +78,7 @@ fn main() -> Result<()> {
     let csrs: Arc<Vec<(Identity, String)>> =
         Arc::new(ids.iter().map(|id| Ok((id.clone(), csr::generate(id)?.csr_pem))).collect::<Result<_>>()?);
     let (concurrency, secs) = (args.concurrency, args.secs);
-    let cpu0 = cpu_secs(pid)?;
+    let cpu0 = sim::cpu_secs_of(pid)?;
     let rss = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (rss_w, signer_rss) = (rss.clone(), move || sim::rss_kib_of(pid));
     let result = sim::in_netns(&node.netns, move || -> Result<(u64, u64, Vec<f64>, Duration)> {
@@ -136,7 +127,7 @@ fn main() -> Result<()> {
         })
     })??;
     let (ok, failed, mut lat, took) = result;
-    let cpu = cpu_secs(pid)? - cpu0;
+    let cpu = sim::cpu_secs_of(pid)? - cpu0;
     lat.sort_by(f64::total_cmp);
     let pct =
         |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0.0);

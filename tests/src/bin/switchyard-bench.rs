@@ -700,16 +700,7 @@ impl Bench {
     }
 
     fn agents_cpu_secs(&self, path: &str) -> Result<f64> {
-        let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let mut total = 0.0;
-        for pid in self.agent_pids(path) {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-            // Fields after the command name (which may contain spaces): utime is 14th, stime 15th.
-            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            total += (f[11].parse::<f64>()? + f[12].parse::<f64>()?) / tick;
-        }
-        Ok(total)
+        self.agent_pids(path).into_iter().map(sim::cpu_secs_of).sum()
     }
 
     fn agents_rss_kib(&self, path: &str) -> Result<u64> {
@@ -739,11 +730,7 @@ impl Bench {
 
 /// Resident memory of a process, KiB.
 fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    Ok(status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
-        .unwrap_or(0))
+    sim::rss_kib_of(pid).with_context(|| format!("no resident memory for process {pid}"))
 }
 
 fn steal_sample() -> Result<(u64, u64)> {
