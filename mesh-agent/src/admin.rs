@@ -94,13 +94,9 @@ impl Admin {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, surface: Surface, stop: CancellationToken) {
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
-            let permit = tokio::select! {
-                _ = stop.cancelled() => return,
-                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            };
-            let (stream, _) = tokio::select! {
-                _ = stop.cancelled() => return,
-                r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+            let Some(permit) = crate::accept::slot(&slots, &stop).await else { return };
+            let Some((stream, _)) = crate::accept::next(&stop, "admin", || listener.accept(), || ()).await else {
+                return;
             };
             let this = self.clone();
             tokio::spawn(async move {
@@ -115,9 +111,9 @@ impl Admin {
     /// port during a rolling update (SO_REUSEPORT), each pod's probes reach its own agent.
     pub async fn serve_unix(self: Arc<Self>, listener: tokio::net::UnixListener, stop: CancellationToken) {
         loop {
-            let (stream, _) = tokio::select! {
-                _ = stop.cancelled() => return,
-                r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+            let Some((stream, _)) = crate::accept::next(&stop, "admin socket", || listener.accept(), || ()).await
+            else {
+                return;
             };
             tokio::spawn(self.clone().serve_connection(stream, Surface::Admin));
         }
@@ -174,7 +170,7 @@ impl Admin {
                 // Ready once serving, and holding a certificate for every meshed pod of the node.
                 let missing = self.certs.as_ref().map_or_else(Vec::new, |c| {
                     let idx = self.pods.borrow().clone();
-                    c.missing(&crate::app::wanted_identities(&idx, &self.trust_domain))
+                    c.missing(&idx.wanted_identities(&self.trust_domain))
                 });
                 if !*self.ready.borrow() {
                     respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")

@@ -106,15 +106,6 @@ async fn first_certificates(config: &Config, m: &Mtls, mut state: watch::Receive
     }
 }
 
-/// Identities the node needs certificates for: those of its meshed pods, and only those.
-pub fn wanted_identities(idx: &PodIndex, trust_domain: &str) -> std::collections::BTreeSet<crate::identity::Identity> {
-    idx.pods
-        .iter()
-        .filter(|p| idx.is_local(p) && p.workload.meshed)
-        .map(|p| p.workload.identity(trust_domain))
-        .collect()
-}
-
 /// The datapath, shared with the heartbeat thread, the reconciler and the admin views; taken
 /// (and so detached) first at shutdown.
 type SharedDatapath = Arc<Mutex<Option<Datapath>>>;
@@ -397,7 +388,7 @@ fn start_identity(
     stop: &CancellationToken,
     background: &mut Vec<JoinHandle<()>>,
 ) -> Arc<Pool> {
-    let (wanted_tx, wanted_rx) = watch::channel(wanted_identities(&index_rx.borrow(), &config.trust_domain));
+    let (wanted_tx, wanted_rx) = watch::channel(index_rx.borrow().wanted_identities(&config.trust_domain));
     background.push(tokio::spawn(m.bundle.clone().watch(m.bundle_path.clone(), BUNDLE_POLL, stop.clone())));
     background.push(tokio::spawn(m.certs.clone().run(wanted_rx, stop.clone())));
     let mut idx_rx = index_rx.clone();
@@ -409,7 +400,7 @@ fn start_identity(
                 _ = stop_w.cancelled() => return,
                 r = idx_rx.changed() => if r.is_err() { return },
             }
-            let w = wanted_identities(&idx_rx.borrow_and_update(), &td);
+            let w = idx_rx.borrow_and_update().wanted_identities(&td);
             wanted_tx.send_if_modified(|old| {
                 let changed = *old != w;
                 *old = w;
@@ -474,7 +465,10 @@ impl Telemetry {
             counts: proxy.pod_redirects.clone(),
             pods: index_rx.clone(),
         }));
-        registry.register_collector(Box::new(metrics::ProcessCollector { certs: mtls.map(|m| m.certs.clone()) }));
+        registry.register_collector(Box::new(metrics::ProcessCollector));
+        if let Some(m) = mtls {
+            registry.register_collector(Box::new(crate::identity::manager::ExpiryCollector(m.certs.clone())));
+        }
         let http = Arc::new(crate::proxy::http::Http::default());
         http.stats.register(registry);
         let stop = CancellationToken::new();

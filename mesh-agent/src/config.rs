@@ -525,32 +525,21 @@ impl Config {
         let (ca, ca_client) = certificate_source(&mut file, args, rel)?;
         let node = NodeSettings::merge(&mut file, args, env)?;
         let (trace_sample_rate, otlp_traces_url) = tracing(&mut file, args)?;
-        let outbound_listen = args
-            .outbound_listen
-            .or(file.outbound_listen)
-            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_OUTBOUND_PORT)));
-        let admin_listen =
-            args.admin_listen.or(file.admin_listen).unwrap_or(SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT)));
-        let stats_listen =
-            args.stats_listen.or(file.stats_listen).unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_STATS_PORT)));
+        // Flag, else file, else the default address.
+        let listen = |flag: Option<SocketAddr>, file: Option<SocketAddr>, ip: [u8; 4], port: u16| {
+            flag.or(file).unwrap_or(SocketAddr::from((ip, port)))
+        };
+        let trust_domain = trust_domain(&mut file, args)?;
         let (bypass_ports, bypass_cidrs) = bypass(file.bypass, args)?;
         let workers = args.workers.or(file.workers).unwrap_or(env.cpus).max(1);
-        let trust_domain = args
-            .trust_domain
-            .clone()
-            .or(file.trust_domain.take())
-            .unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.into());
-        if !crate::identity::is_trust_domain(&trust_domain) {
-            return Err(ConfigError::TrustDomain(trust_domain));
-        }
         Config {
             node_name: node.name,
             cgroup_root: node.cgroup_root,
             pod_cgroup_root: node.pod_cgroup_root,
             redirect_address: node.redirect_address,
-            outbound_listen,
-            admin_listen,
-            stats_listen,
+            outbound_listen: listen(args.outbound_listen, file.outbound_listen, [0, 0, 0, 0], DEFAULT_OUTBOUND_PORT),
+            admin_listen: listen(args.admin_listen, file.admin_listen, [127, 0, 0, 1], DEFAULT_ADMIN_PORT),
+            stats_listen: listen(args.stats_listen, file.stats_listen, [0, 0, 0, 0], DEFAULT_STATS_PORT),
             admin_socket: args.admin_socket.clone().or(file.admin_socket),
             workload_file,
             bypass_ports,
@@ -577,10 +566,7 @@ impl Config {
                 .or(file.cert_lifetime_secs)
                 .map_or(DEFAULT_CERT_LIFETIME, Duration::from_secs)
                 .max(Duration::from_secs(1)),
-            hbone_listen: args
-                .hbone_listen
-                .or(file.hbone_listen)
-                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_HBONE_PORT))),
+            hbone_listen: listen(args.hbone_listen, file.hbone_listen, [0, 0, 0, 0], DEFAULT_HBONE_PORT),
             // Never above what our own HBONE server allows per connection.
             pool_max_streams: file
                 .pool_max_streams
@@ -682,6 +668,20 @@ impl NodeSettings {
 }
 
 /// The share of new traces sampled, and where spans go.
+/// The trust domain: the flag, else the file, else Kubernetes' default; it must be a valid
+/// SPIFFE trust domain.
+fn trust_domain(file: &mut FileConfig, args: &RunArgs) -> Result<String, ConfigError> {
+    let td = args
+        .trust_domain
+        .clone()
+        .or(file.trust_domain.take())
+        .unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.into());
+    if !crate::identity::is_trust_domain(&td) {
+        return Err(ConfigError::TrustDomain(td));
+    }
+    Ok(td)
+}
+
 fn tracing(file: &mut FileConfig, args: &RunArgs) -> Result<(f64, Option<String>), ConfigError> {
     let rate = match args.trace_sample_rate.or(file.trace_sample_rate).unwrap_or(1.0) {
         r if (0.0..=1.0).contains(&r) => r,

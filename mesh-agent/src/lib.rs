@@ -1,5 +1,6 @@
 //! Switchyard's node agent: loads the eBPF redirect programs, runs the node proxy and serves
 //! the admin API. `main.rs` only parses flags; everything else is here so tests can run it.
+pub mod accept;
 pub mod admin;
 pub mod app;
 pub mod authz;

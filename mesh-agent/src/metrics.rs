@@ -516,17 +516,9 @@ impl IstioMetrics {
     }
 }
 
-/// The agent process (CPU, memory, open files) and its workload certificates, read at scrape
-/// time.
+/// The agent process (CPU, memory, open files), read at scrape time.
 #[derive(Debug)]
-pub struct ProcessCollector {
-    pub certs: Option<Arc<crate::identity::manager::CertManager>>,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct IdentityLabels {
-    identity: String,
-}
+pub struct ProcessCollector;
 
 /// (CPU seconds, resident bytes, open descriptors) of this process, from /proc.
 pub fn process_stats() -> (f64, u64, u64) {
@@ -569,18 +561,6 @@ impl Collector for ProcessCollector {
         )?)?;
         let g = ConstGauge::new(fds as i64);
         g.encode(enc.encode_descriptor("process_open_fds", "Agent open file descriptors", None, g.metric_type())?)?;
-        if let Some(certs) = &self.certs {
-            let mut family = enc.encode_descriptor(
-                "certificate_expiry_seconds",
-                "Seconds until each local workload certificate expires (renewed at half-life)",
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
-            )?;
-            for s in certs.status() {
-                ConstGauge::new(s.expires_in_secs)
-                    .encode(family.encode_family(&IdentityLabels { identity: s.identity })?)?;
-            }
-        }
         Ok(())
     }
 }

@@ -495,6 +495,15 @@ impl PodIndex {
     pub fn is_local(&self, p: &PodStatus) -> bool {
         p.workload.node == self.node
     }
+
+    /// Identities the node needs certificates for: those of its meshed pods, and only those.
+    pub fn wanted_identities(&self, trust_domain: &str) -> std::collections::BTreeSet<crate::identity::Identity> {
+        self.pods
+            .iter()
+            .filter(|p| self.is_local(p) && p.workload.meshed)
+            .map(|p| p.workload.identity(trust_domain))
+            .collect()
+    }
 }
 
 #[cfg(test)]

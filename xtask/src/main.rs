@@ -13,10 +13,12 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM: &str = "llvm-22";
 /// llvm for bpf-linker; iproute2 and procps (sysctl) build the simulated cluster; tcpdump captures
 /// the traffic between simulated nodes in the mTLS tests; chromium (and a font for its
-/// screenshots) is the real browser the node dashboard is tested in; protoc generates the code of
-/// Istio's CA API.
+/// screenshots) is the real browser the node dashboard is tested in; protoc (with the
+/// well-known types' `.proto` files, `google/protobuf/struct.proto`, from libprotobuf-dev)
+/// generates the code of Istio's CA API.
 const APT_PACKAGES: &[&str] = &[
     "protobuf-compiler",
+    "libprotobuf-dev",
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",

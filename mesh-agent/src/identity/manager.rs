@@ -81,6 +81,33 @@ impl CertMetrics {
     }
 }
 
+/// `certificate_expiry_seconds{identity}`: seconds until each local workload certificate
+/// expires, read at scrape time.
+#[derive(Debug)]
+pub struct ExpiryCollector(pub Arc<CertManager>);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct IdentityLabels {
+    identity: String,
+}
+
+impl prometheus_client::collector::Collector for ExpiryCollector {
+    fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeMetric as _;
+        let mut family = enc.encode_descriptor(
+            "certificate_expiry_seconds",
+            "Seconds until each local workload certificate expires (renewed at half-life)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for s in self.0.status() {
+            prometheus_client::metrics::gauge::ConstGauge::new(s.expires_in_secs)
+                .encode(family.encode_family(&IdentityLabels { identity: s.identity })?)?;
+        }
+        Ok(())
+    }
+}
+
 pub struct CertManager {
     issuer: Arc<dyn CertIssuer>,
     lifetime: Duration,

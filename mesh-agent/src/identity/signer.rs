@@ -694,20 +694,9 @@ async fn serve_grpc(
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let per_source = crate::proxy::inbound::SourceSlots::with_limit(MAX_CONNECTIONS_PER_SOURCE);
     loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => return,
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-        };
-        let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some(permit) = crate::accept::slot(&limit, &stop).await else { return };
+        let Some((tcp, peer)) = crate::accept::next(&stop, "signer", || listener.accept(), || ()).await else {
+            return;
         };
         let Some(slot) = per_source.take(peer.ip()) else {
             debug!(%peer, "connection refused: too many from this address");
@@ -853,10 +842,9 @@ async fn serve_admin(
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(crate::admin::MAX_CONNECTIONS));
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
-        let (tcp, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+        let Some(permit) = crate::accept::slot(&slots, &stop).await else { return };
+        let Some((tcp, _)) = crate::accept::next(&stop, "signer admin", || listener.accept(), || ()).await else {
+            return;
         };
         let (registry, synced, published) = (registry.clone(), synced.clone(), published.clone());
         tokio::spawn(async move {

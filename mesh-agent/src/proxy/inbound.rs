@@ -169,16 +169,8 @@ impl Inbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken, tasks: TaskTracker) {
         let stops = idle::Stops::new(&stop);
         loop {
-            let (tcp, peer) = tokio::select! {
-                _ = stop.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        warn!(error = %e, "HBONE accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+            let Some((tcp, peer)) = crate::accept::next(&stop, "hbone", || listener.accept(), || ()).await else {
+                return;
             };
             let Ok(permit) = self.connections.clone().try_acquire_owned() else {
                 warn!(%peer, limit = MAX_CONNECTIONS, "HBONE connection refused: too many connections");
@@ -194,14 +186,24 @@ impl Inbound {
         }
     }
 
+    /// One HBONE connection: the TLS handshake within its slots, the peer's identity, then
+    /// its streams until it ends, idles out, its certificate expires or the agent stops.
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, stop: idle::StopHandle) {
         let _ = tcp.set_nodelay(true);
         // The address it arrived on: the node's own, which a CONNECT may not name.
         let link = Link { peer, local: tcp.local_addr().ok().map(|a| a.ip()) };
+        let Some(tls) = self.accept_tls(tcp, peer).await else { return };
+        let Some((client_id, server_id, cert_expiry)) = self.verify_peer(&tls, peer) else { return };
+        self.serve_streams(tls, link, client_id, server_id, cert_expiry, stop).await;
+    }
+
+    /// The TLS handshake, once a per-source and a global handshake slot are free; `None` when
+    /// it was refused or failed (logged and counted by reason).
+    async fn accept_tls(&self, tcp: TcpStream, peer: SocketAddr) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
         let Some(source_slot) = self.source_slots.take(peer.ip()) else {
             warn!(%peer, limit = MAX_HANDSHAKES_PER_SOURCE, "HBONE connection refused: too many handshakes in progress from this address");
             self.metrics.tls_failures.inc("source_handshake_limit");
-            return;
+            return None;
         };
         let handshake_permit =
             match tokio::time::timeout(HANDSHAKE_QUEUE_WAIT, self.handshakes.clone().acquire_owned()).await {
@@ -209,30 +211,40 @@ impl Inbound {
                 _ => {
                     warn!(%peer, limit = MAX_HANDSHAKES, "HBONE connection refused: too many handshakes in progress");
                     self.metrics.tls_failures.inc("handshake_limit");
-                    return;
+                    return None;
                 }
             };
         let accepted = self.handshake(tcp).await;
         drop((handshake_permit, source_slot));
-        let tls = match accepted {
-            Ok(Ok(s)) => s,
+        match accepted {
+            Ok(Ok(s)) => Some(s),
             Ok(Err(e)) => {
                 let reason = tls::failure_reason(&e);
                 warn!(%peer, reason, error = %tls::describe(&e), "HBONE mTLS handshake rejected");
                 self.metrics.tls_failures.inc(reason);
-                return;
+                None
             }
             Err(reason) => {
                 warn!(%peer, reason, "HBONE mTLS handshake timed out");
                 self.metrics.tls_failures.inc(reason);
-                return;
+                None
             }
-        };
+        }
+    }
+
+    /// The client's identity (in this trust domain), the identity it asked this node to
+    /// serve, and when the client's certificate expires; `None` (counted) when either is
+    /// missing or foreign.
+    fn verify_peer(
+        &self,
+        tls: &tokio_rustls::server::TlsStream<TcpStream>,
+        peer: SocketAddr,
+    ) -> Option<(Identity, Identity, Option<SystemTime>)> {
         let (_, session) = tls.get_ref();
         // Identity is checked once, at the handshake: the connection must not outlive it.
-        let cert_expiry = session.peer_certificates().and_then(|c| c.first()).and_then(|c| tls::not_after(c));
-        let client_id = session.peer_certificates().and_then(|c| c.first()).map(tls::peer_identity);
-        let client_id = match client_id {
+        let leaf = session.peer_certificates().and_then(|c| c.first());
+        let cert_expiry = leaf.and_then(|c| tls::not_after(c));
+        let client_id = match leaf.map(tls::peer_identity) {
             Some(Ok(id)) if id.trust_domain == self.trust_domain => id,
             other => {
                 let why = match other {
@@ -242,14 +254,28 @@ impl Inbound {
                 };
                 warn!(%peer, reason = %why, "HBONE client identity rejected");
                 self.metrics.tls_failures.inc("bad_client_identity");
-                return;
+                return None;
             }
         };
-        let server_id = session.server_name().and_then(|n| Identity::from_sni(n, &self.trust_domain));
-        let Some(server_id) = server_id else {
+        let Some(server_id) = session.server_name().and_then(|n| Identity::from_sni(n, &self.trust_domain)) else {
             self.metrics.tls_failures.inc("no_server_name");
-            return;
+            return None;
         };
+        Some((client_id, server_id, cert_expiry))
+    }
+
+    /// Serves a verified connection's streams until it ends, idles out, the client's
+    /// certificate expires or the agent stops; then GOAWAY within a bounded grace.
+    async fn serve_streams(
+        self: Arc<Self>,
+        tls: tokio_rustls::server::TlsStream<TcpStream>,
+        link: Link,
+        client_id: Identity,
+        server_id: Identity,
+        cert_expiry: Option<SystemTime>,
+        stop: idle::StopHandle,
+    ) {
+        let peer = link.peer;
         debug!(%peer, client = %client_id, server = %server_id, "HBONE connection accepted");
         let activity = Arc::new(Activity { streams: AtomicUsize::new(0), last: Mutex::new(Instant::now()) });
         let this = self.clone();

@@ -117,19 +117,9 @@ impl Outbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken, tasks: TaskTracker) {
         let stops = crate::proxy::idle::Stops::new(&stop);
         loop {
-            let (client, peer) = tokio::select! {
-                _ = stop.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        warn!(error = %e, "outbound accept failed");
-                        self.metrics.error("accept_failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+            let accepted =
+                crate::accept::next(&stop, "outbound", || listener.accept(), || self.metrics.error("accept_failed"));
+            let Some((client, peer)) = accepted.await else { return };
             let this = self.clone();
             let stops = stops.clone();
             tasks.spawn(async move { this.handle(client, peer, stops).await });
