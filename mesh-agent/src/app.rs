@@ -329,7 +329,9 @@ fn start_datapath(config: &Config) -> anyhow::Result<(Arc<crate::datapath::OrigD
         cgroup_root: config.cgroup_root.clone(),
         bypass_ports: config.bypass_ports.clone(),
         bypass_cidrs: config.bypass_cidrs.clone(),
-        agent_tgid: std::process::id(),
+        agent: crate::datapath::agent_id().context("cannot read this process's PID namespace")?,
+        // Its drain, and a margin.
+        previous_agent_grace: config.drain_grace + std::time::Duration::from_secs(10),
         max_redirected_sockets: config.max_redirected_sockets,
         proxy_ip4: config.redirect_address,
         accel: config.sockmap_acceleration,
@@ -372,6 +374,7 @@ fn start_reconciler(
         proxy_ip4: u32::from_ne_bytes(config.redirect_address.octets()),
         proxy_port: outbound.port().to_be(),
         flags: 0,
+        probe_ports: [0; mesh_common::MAX_PROBE_PORTS],
     };
     let mut reconciler = Reconciler::new(datapath, policy);
     let index = reconciler.apply(&state_rx.borrow()).unwrap_or_default();

@@ -65,6 +65,7 @@ pub fn run() -> Vec<Check> {
     for (name, ty) in [
         ("program type cgroup_sock_addr", ProgramType::CgroupSockAddr),
         ("program type sock_ops", ProgramType::SockOps),
+        ("program type cgroup_sock", ProgramType::CgroupSock),
     ] {
         match is_program_supported(ty) {
             Ok(true) => push(name, true, "supported".into()),

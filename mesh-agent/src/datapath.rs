@@ -15,18 +15,19 @@ use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkMsg, SockOps},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, SkMsg, SockOps},
 };
 use ipnet::Ipv4Net;
 use mesh_common::{
-    MAP_ACCEL_PATH, MAP_ACCEL_SOCKS, MAP_BYPASS_CIDRS, MAP_BYPASS_PORTS, MAP_CONFIG, MAP_MESHED_CGROUPS,
-    MAP_ORIG_BY_CLIENT, MAP_SOCK_ORIG, MAP_STATS, MESH_FLAG_ACCEL, MeshConfig, OrigDst, PodPolicy, SockKey4,
-    SockTuple4, Stat,
+    AgentId, MAP_ACCEL_PATH, MAP_ACCEL_SOCKS, MAP_AGENT_CONNS, MAP_AGENT_SOCKS, MAP_BYPASS_CIDRS, MAP_BYPASS_PORTS,
+    MAP_CONFIG, MAP_MESHED_CGROUPS, MAP_ORIG_BY_CLIENT, MAP_SOCK_ORIG, MAP_STATS, MESH_FLAG_ACCEL, MeshConfig, OrigDst,
+    PodPolicy, SockKey4, SockTuple4, Stat,
 };
 use tracing::{info, warn};
 
@@ -35,9 +36,10 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 /// Programs and the attach point each needs, in attach order. sockops goes first so that no
 /// connection is redirected before its records can be tracked.
-pub const PROGRAMS: [(&str, ProgramKind); 6] = [
+pub const PROGRAMS: [(&str, ProgramKind); 7] = [
     (mesh_common::PROG_SOCKOPS, ProgramKind::SockOps),
     (mesh_common::PROG_INGRESS, ProgramKind::SkbIngress),
+    (mesh_common::PROG_SOCK_RELEASE, ProgramKind::SockRelease),
     (mesh_common::PROG_GETPEERNAME4, ProgramKind::SockAddr),
     (mesh_common::PROG_GETPEERNAME6, ProgramKind::SockAddr),
     (mesh_common::PROG_CONNECT4, ProgramKind::SockAddr),
@@ -49,6 +51,7 @@ pub enum ProgramKind {
     SockAddr,
     SockOps,
     SkbIngress,
+    SockRelease,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +84,11 @@ pub struct DatapathConfig {
     pub cgroup_root: PathBuf,
     pub bypass_ports: Vec<u16>,
     pub bypass_cidrs: Vec<Ipv4Net>,
-    pub agent_tgid: u32,
+    /// This agent, as the connect hooks recognise it (see [`AgentId`] and [`agent_id`]).
+    pub agent: AgentId,
+    /// How long after taking the programs over from a previous agent that agent's own
+    /// connections are still recognised (its drain).
+    pub previous_agent_grace: Duration,
     /// Capacity of `SOCK_ORIG` and `ORIG_BY_CLIENT`: redirected connections open at once.
     pub max_redirected_sockets: u32,
     /// The node proxy's address (the redirect address).
@@ -95,10 +102,10 @@ pub struct DatapathConfig {
 
 /// Layout of the pinned maps: bumped whenever a map's key or value layout changes, so an agent
 /// never reuses maps it cannot read (it starts a fresh set instead).
-const PIN_LAYOUT: &str = "v1";
+const PIN_LAYOUT: &str = "v2";
 
 /// Maps shared by successive agents when pinned.
-const PINNED_MAPS: [&str; 9] = [
+const PINNED_MAPS: [&str; 11] = [
     MAP_MESHED_CGROUPS,
     MAP_SOCK_ORIG,
     MAP_ORIG_BY_CLIENT,
@@ -108,7 +115,19 @@ const PINNED_MAPS: [&str; 9] = [
     MAP_STATS,
     MAP_ACCEL_SOCKS,
     MAP_ACCEL_PATH,
+    MAP_AGENT_SOCKS,
+    MAP_AGENT_CONNS,
 ];
+
+/// This process as the connect hooks recognise it: its PID in its own PID namespace and that
+/// namespace's device and inode (`/proc/self/ns/pid`). In a container the PID the kernel's
+/// `bpf_get_current_pid_tgid` reports is the host's, not `getpid()`'s; the programs ask
+/// `bpf_get_ns_current_pid_tgid` for the caller's PID in this namespace instead.
+pub fn agent_id() -> std::io::Result<AgentId> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ns = std::fs::metadata("/proc/self/ns/pid")?;
+    Ok(AgentId { tgid: std::process::id(), _pad: 0, pidns_dev: ns.dev(), pidns_ino: ns.ino() })
+}
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
@@ -216,6 +235,9 @@ pub struct Datapath {
     _logger: Option<tokio::task::JoinHandle<()>>,
     config: Array<MapData, MeshConfig>,
     mesh_config: MeshConfig,
+    /// When the previous agent (`mesh_config.agents[1]`) stops being recognised.
+    previous_until: Option<Instant>,
+    agent_conns: HashMap<MapData, SockTuple4, u8>,
     /// Pinned mode: the pin directory, and our connect4 program's id (to tell whether a newer
     /// agent has taken the links over).
     pinned: Option<(PathBuf, u32)>,
@@ -296,11 +318,17 @@ impl Datapath {
             (None, AccelState::Off)
         };
         let mut config: Array<_, MeshConfig> = take(&mut ebpf, MAP_CONFIG)?;
+        // Pinned: a serving predecessor's connections stay recognised through its drain.
+        let previous = config
+            .get(&0, 0)
+            .ok()
+            .filter(|c| c.agents[0].tgid != 0 && mesh_common::agent_alive(c.heartbeat_ns, monotonic_ns()))
+            .map(|c| c.agents[0])
+            .filter(|a| *a != cfg.agent);
         let mesh_config = MeshConfig {
-            agent_tgid: cfg.agent_tgid,
+            agents: [cfg.agent, previous.unwrap_or_default()],
             flags: if accel_state == AccelState::On { MESH_FLAG_ACCEL } else { 0 },
             proxy_ip4: u32::from_ne_bytes(cfg.proxy_ip4.octets()),
-            _pad: 0,
             heartbeat_ns: monotonic_ns(),
         };
         config.set(0, mesh_config, 0).map_err(map_err(MAP_CONFIG))?;
@@ -309,6 +337,7 @@ impl Datapath {
         let sock_orig = take(&mut ebpf, MAP_SOCK_ORIG)?;
         let by_client = take(&mut ebpf, MAP_ORIG_BY_CLIENT)?;
         let stats = take(&mut ebpf, MAP_STATS)?;
+        let agent_conns = take(&mut ebpf, MAP_AGENT_CONNS)?;
 
         let cgroup = File::open(&cfg.cgroup_root)
             .map_err(|source| DatapathError::Cgroup { path: cfg.cgroup_root.clone(), source })?;
@@ -350,6 +379,8 @@ impl Datapath {
             _logger: logger,
             config,
             mesh_config,
+            previous_until: previous.map(|_| Instant::now() + cfg.previous_agent_grace),
+            agent_conns,
             pinned,
             _links: links,
             max_redirected: cfg.max_redirected_sockets,
@@ -367,8 +398,9 @@ impl Datapath {
     }
 
     /// Capacity of each map [`Datapath::map_usage`] counts.
-    pub fn map_capacity(&self) -> [(&'static str, u32); 5] {
+    pub fn map_capacity(&self) -> [(&'static str, u32); 6] {
         [
+            ("agent_connections", mesh_common::MAX_AGENT_CONNS),
             ("meshed_cgroups", mesh_common::MAX_MESHED_CGROUPS),
             ("sock_orig", self.max_redirected),
             ("orig_by_client", self.max_redirected),
@@ -412,6 +444,11 @@ impl Datapath {
 
     /// Writes the heartbeat (`0`: this agent stops and has no successor).
     pub fn heartbeat(&mut self, ns: u64) -> Result<(), DatapathError> {
+        if self.previous_until.is_some_and(|t| Instant::now() >= t) {
+            self.previous_until = None;
+            self.mesh_config.agents[1] = AgentId::default();
+            info!("the previous agent's drain is over: its connections are no longer recognised");
+        }
         self.config.set(0, MeshConfig { heartbeat_ns: ns, ..self.mesh_config }, 0).map_err(map_err(MAP_CONFIG))
     }
 
@@ -459,6 +496,7 @@ impl Datapath {
     /// Entries in each map that grows with traffic or pods.
     pub fn map_usage(&self) -> MapUsage {
         MapUsage {
+            agent_connections: self.agent_conns.keys().count(),
             meshed_cgroups: self.meshed.keys().count(),
             sock_orig: self.sock_orig.keys().count(),
             orig_by_client: self.orig.len(),
@@ -470,6 +508,7 @@ impl Datapath {
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct MapUsage {
+    pub agent_connections: usize,
     pub meshed_cgroups: usize,
     pub sock_orig: usize,
     pub orig_by_client: usize,
@@ -479,8 +518,9 @@ pub struct MapUsage {
 
 impl MapUsage {
     /// Entries per map, named as [`Datapath::map_capacity`] names them.
-    pub fn entries(&self) -> [(&'static str, usize); 5] {
+    pub fn entries(&self) -> [(&'static str, usize); 6] {
         [
+            ("agent_connections", self.agent_connections),
             ("meshed_cgroups", self.meshed_cgroups),
             ("sock_orig", self.sock_orig),
             ("orig_by_client", self.orig_by_client),
@@ -583,6 +623,7 @@ fn load(
             ProgramKind::SockAddr => <&mut CgroupSockAddr>::try_from(prog).map_err(perr)?.load().map_err(perr)?,
             ProgramKind::SockOps => <&mut SockOps>::try_from(prog).map_err(perr)?.load().map_err(perr)?,
             ProgramKind::SkbIngress => <&mut CgroupSkb>::try_from(prog).map_err(perr)?.load().map_err(perr)?,
+            ProgramKind::SockRelease => <&mut CgroupSock>::try_from(prog).map_err(perr)?.load().map_err(perr)?,
         }
         return Ok(Attached::New(None));
     };
@@ -603,6 +644,7 @@ fn load(
         ProgramKind::SockAddr => attach!(CgroupSockAddr, CgroupAttachMode::Single),
         ProgramKind::SockOps => attach!(SockOps, CgroupAttachMode::Single),
         ProgramKind::SkbIngress => attach!(CgroupSkb, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single),
+        ProgramKind::SockRelease => attach!(CgroupSock, CgroupAttachMode::Single),
     })
 }
 

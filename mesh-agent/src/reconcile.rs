@@ -24,23 +24,33 @@ pub const RESYNC: Duration = Duration::from_secs(1);
 pub struct Reconciler {
     pub datapath: Arc<Mutex<Option<Datapath>>>,
     pub policy: PodPolicy,
-    /// cgroup id → (pod key, flags), as applied to the map.
-    applied: BTreeMap<u64, (String, u16)>,
+    /// cgroup id → (pod key, policy), as applied to the map.
+    applied: BTreeMap<u64, (String, PodPolicy)>,
     /// Pods whose missing cgroup was already reported (avoid a log line a second).
     missing_reported: HashSet<String>,
+    /// Pods whose surplus probe ports were already reported.
+    probes_reported: HashSet<String>,
 }
 
 impl Reconciler {
     pub fn new(datapath: Arc<Mutex<Option<Datapath>>>, policy: PodPolicy) -> Self {
         // Pinned maps start with the previous agent's entries: the first pass re-applies those
         // still wanted (same id, maybe other flags) and removes the rest.
-        let inherited: BTreeMap<u64, (String, u16)> = datapath
+        // Flags no policy of ours has: re-applied whatever it holds.
+        let unknown = PodPolicy { flags: u16::MAX, ..policy };
+        let inherited: BTreeMap<u64, (String, PodPolicy)> = datapath
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .map(|dp| dp.meshed_ids().into_iter().map(|id| (id, ("(previous agent)".to_string(), u16::MAX))).collect())
+            .map(|dp| dp.meshed_ids().into_iter().map(|id| (id, ("(previous agent)".to_string(), unknown))).collect())
             .unwrap_or_default();
-        Reconciler { datapath, policy, applied: inherited, missing_reported: HashSet::new() }
+        Reconciler {
+            datapath,
+            policy,
+            applied: inherited,
+            missing_reported: HashSet::new(),
+            probes_reported: HashSet::new(),
+        }
     }
 
     /// One pass. Returns the resulting pod index; `None` once the datapath has been taken at
@@ -50,7 +60,7 @@ impl Reconciler {
         let mut guard = self.datapath.lock().unwrap_or_else(|p| p.into_inner());
         let dp = guard.as_mut()?;
         let root = dp.cgroup_root().to_path_buf();
-        let mut desired: BTreeMap<u64, (String, u16)> = BTreeMap::new();
+        let mut desired: BTreeMap<u64, (String, PodPolicy)> = BTreeMap::new();
         let mut statuses = Vec::with_capacity(state.pods.len());
         for (key, w) in &state.pods {
             let local_cgroup = w.cgroup.as_deref().filter(|_| w.node == state.node);
@@ -66,13 +76,7 @@ impl Reconciler {
                         }
                     }
                     Some(id) => {
-                        let fail = if w.fail_closed { mesh_common::POD_FLAG_FAIL_CLOSED } else { 0 };
-                        let flags = fail
-                            | match w.mtls_mode {
-                                crate::state::MtlsMode::Strict => mesh_common::POD_FLAG_STRICT,
-                                crate::state::MtlsMode::Permissive => 0,
-                            };
-                        desired.insert(id, (key.clone(), flags));
+                        desired.insert(id, (key.clone(), policy_of(self.policy, &mut self.probes_reported, key, w)));
                     }
                     None => {
                         if self.missing_reported.insert(key.clone()) {
@@ -99,11 +103,11 @@ impl Reconciler {
             if self.applied.get(id) == Some(entry) {
                 continue;
             }
-            let (key, flags) = entry;
-            match dp.mesh(*id, PodPolicy { flags: *flags, ..self.policy }) {
+            let (key, policy) = entry;
+            match dp.mesh(*id, *policy) {
                 Ok(()) => {
                     let reason = state.pods.get(key).map(|w| w.reason).unwrap_or(MeshReason::Namespace);
-                    let strict = *flags & mesh_common::POD_FLAG_STRICT != 0;
+                    let strict = policy.flags & mesh_common::POD_FLAG_STRICT != 0;
                     info!(pod = %key, cgroup_id = id, ?reason, strict, "pod meshed");
                     self.missing_reported.remove(key);
                     self.applied.insert(*id, entry.clone());
@@ -155,4 +159,23 @@ impl Reconciler {
             }
         }
     }
+}
+
+/// The kernel's policy for meshed pod `key`: strict, fail-closed, its probe ports (the
+/// first [`mesh_common::MAX_PROBE_PORTS`]; more are reported once and not admitted).
+fn policy_of(base: PodPolicy, reported: &mut HashSet<String>, key: &str, w: &crate::state::Workload) -> PodPolicy {
+    let fail = if w.fail_closed { mesh_common::POD_FLAG_FAIL_CLOSED } else { 0 };
+    let strict = match w.mtls_mode {
+        crate::state::MtlsMode::Strict => mesh_common::POD_FLAG_STRICT,
+        crate::state::MtlsMode::Permissive => 0,
+    };
+    let mut probe_ports = [0u16; mesh_common::MAX_PROBE_PORTS];
+    for (slot, port) in probe_ports.iter_mut().zip(&w.probe_ports) {
+        *slot = port.to_be();
+    }
+    if w.probe_ports.len() > mesh_common::MAX_PROBE_PORTS && reported.insert(key.to_string()) {
+        warn!(pod = %key, ports = ?w.probe_ports, kept = mesh_common::MAX_PROBE_PORTS,
+            "more probe ports than the kernel keeps per pod; a strict pod refuses probes on the others");
+    }
+    PodPolicy { flags: fail | strict, probe_ports, ..base }
 }

@@ -133,6 +133,9 @@ pub struct Workload {
     /// version).
     #[serde(skip_serializing_if = "AppLabels::is_empty")]
     pub labels: AppLabels,
+    /// The ports the kubelet probes the pod on: a strict pod admits them from the node.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub probe_ports: Vec<u16>,
 }
 
 /// The pod labels Istio derives its `*_canonical_service`, `*_canonical_revision`, `*_app`

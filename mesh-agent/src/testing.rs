@@ -72,6 +72,7 @@ pub fn pod(ns: &str, name: &str, ip: Ipv4Addr, node: &str) -> Workload {
         mtls_mode: Default::default(),
         fail_closed: false,
         labels: Default::default(),
+        probe_ports: Vec::new(),
     }
 }
 

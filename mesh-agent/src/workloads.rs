@@ -15,6 +15,7 @@
 //!     annotations: { switchyard.io/mesh: disabled }   # optional per-pod opt-out
 //!     workload: web                 # optional: its Deployment, for metric labels
 //!     labels: { app: web, version: v2 }   # optional: Istio's app/version/canonical labels
+//!     probePorts: [8081]            # optional: the kubelet's probe ports (a strict pod admits them from the node)
 //!   - name: db-0
 //!     namespace: shop
 //!     node: node-b                  # default: this node; cgroup only for this node's pods
@@ -159,6 +160,10 @@ pub struct PodSpec {
     /// `service.istio.io/canonical-name`, ...) are used.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The ports the kubelet probes the pod on (in Kubernetes, read from its containers'
+    /// probes): a strict pod admits connections to them from the node's address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probe_ports: Vec<u16>,
 }
 
 fn default_sa() -> String {
@@ -263,6 +268,7 @@ pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Resul
             mtls_mode: ns.mtls_mode,
             fail_closed: ns.fail_closed,
             labels: crate::state::AppLabels::from_labels(|k| p.labels.get(k).map(String::as_str)),
+            probe_ports: p.probe_ports,
         };
         if state.pods.insert(key.clone(), w).is_some() {
             return Err(invalid(format!("pod {key} is listed twice")));

@@ -30,6 +30,14 @@ pub const MAP_STATS: &str = "MESH_STATS";
 /// Same-node acceleration: SOCKHASH of established sockets with the node proxy at one end,
 /// keyed by [`SockTuple4`] as the socket sees itself (local first).
 pub const MAP_ACCEL_SOCKS: &str = "ACCEL_SOCKS";
+/// The agent's own TCP sockets: `u64` socket cookie → `u8` (unused). Written by connect4/6 when
+/// the agent connects, removed when the socket closes or is released.
+pub const MAP_AGENT_SOCKS: &str = "AGENT_SOCKS";
+/// The agent's own TCP connections, keyed by [`SockTuple4`] as the agent's socket sees itself
+/// (local first), registered by sockops just before the SYN leaves (`TCP_CONNECT_CB`) and
+/// removed when the socket closes. `mesh_ingress` admits a SYN to a strict pod only if it is
+/// one of these (or loopback, or a kubelet probe: see [`strict_allows`]).
+pub const MAP_AGENT_CONNS: &str = "AGENT_CONNS";
 /// Same-node acceleration: [`SockTuple4`] of a sending socket → [`ACCEL_VIA_SOCKMAP`] or
 /// [`ACCEL_VIA_STACK`], decided once at the socket's first send and kept until it closes, so one
 /// direction of a connection never mixes the two paths (which could reorder bytes).
@@ -44,6 +52,12 @@ pub const MAX_BYPASS_CIDRS: u32 = 256;
 /// Capacity of [`MAP_ACCEL_SOCKS`] and [`MAP_ACCEL_PATH`]. A full map leaves a connection on
 /// the ordinary TCP path ([`Stat::AccelFull`]).
 pub const MAX_ACCEL_SOCKETS: u32 = 65_536;
+/// Capacity of [`MAP_AGENT_SOCKS`] and [`MAP_AGENT_CONNS`]: connections the agent has open at
+/// once. Full: the connection is not registered ([`Stat::AgentConnsFull`]), so a strict pod
+/// drops it (strict stays strict).
+pub const MAX_AGENT_CONNS: u32 = 65_536;
+/// Probe ports kept per pod ([`PodPolicy::probe_ports`]).
+pub const MAX_PROBE_PORTS: usize = 4;
 
 /// How many cgroup levels below the root the programs inspect when deciding whether the calling
 /// task belongs to a meshed pod. Kubernetes nests containers two or three levels below the pod
@@ -57,6 +71,9 @@ pub const PROG_GETPEERNAME4: &str = "mesh_getpeername4";
 pub const PROG_GETPEERNAME6: &str = "mesh_getpeername6";
 pub const PROG_SOCKOPS: &str = "mesh_sockops";
 pub const PROG_INGRESS: &str = "mesh_ingress";
+/// `cgroup/sock_release`: reclaims the records of sockets freed without ever closing as a
+/// connection (a connect that failed before its SYN).
+pub const PROG_SOCK_RELEASE: &str = "mesh_sock_release";
 /// `sk_msg` program attached to [`MAP_ACCEL_SOCKS`] when same-node acceleration is on.
 pub const PROG_SK_MSG: &str = "mesh_sk_msg";
 
@@ -67,7 +84,7 @@ pub const ACCEL_VIA_STACK: u8 = 1;
 pub const ACCEL_VIA_SOCKMAP: u8 = 2;
 
 /// [`PodPolicy::flags`] bit: the pod is in a `strict` namespace; TCP connections to it are
-/// accepted only from the node proxy.
+/// accepted only from the agent (see [`strict_allows`]), whether or not an agent is running.
 pub const POD_FLAG_STRICT: u16 = 1;
 /// Pod flag: while no agent is alive, the pod's TCP connects are refused (`EPERM`) instead of
 /// going direct (namespace annotation `switchyard.io/fail-mode: closed`).
@@ -85,15 +102,18 @@ pub fn agent_alive(heartbeat_ns: u64, now_ns: u64) -> bool {
 
 /// Redirect target and options for one meshed pod (value of [`MAP_MESHED_CGROUPS`]).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PodPolicy {
     /// Proxy address the pod's connects are rewritten to, network byte order. It must be
     /// reachable from the pod's network namespace (e.g. the node side of its veth or bridge).
     pub proxy_ip4: u32,
     /// Proxy outbound port, network byte order.
     pub proxy_port: u16,
-    /// Per-pod flags: [`POD_FLAG_STRICT`].
+    /// Per-pod flags: [`POD_FLAG_STRICT`], [`POD_FLAG_FAIL_CLOSED`].
     pub flags: u16,
+    /// The ports the kubelet probes the pod on (network byte order; 0: none): a strict pod
+    /// admits SYNs to them from the node's address ([`strict_allows`]).
+    pub probe_ports: [u16; MAX_PROBE_PORTS],
 }
 
 /// Where a redirected connection was going (value of [`MAP_SOCK_ORIG`] and
@@ -133,20 +153,34 @@ impl SockKey4 {
     }
 }
 
+/// Who the agent is, as the kernel can tell from inside a connect hook: its process id in its
+/// own PID namespace, and that namespace (device and inode of `/proc/self/ns/pid`). In a
+/// container the agent's PID is not the host's; `bpf_get_ns_current_pid_tgid` asks for the
+/// calling task's id in the agent's namespace, which only the agent's own tasks can match.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentId {
+    /// The agent's PID (thread-group id) in its PID namespace; 0: no agent.
+    pub tgid: u32,
+    /// Explicit padding, zero.
+    pub _pad: u32,
+    pub pidns_dev: u64,
+    pub pidns_ino: u64,
+}
+
 /// Node-wide settings (index 0 of [`MAP_CONFIG`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MeshConfig {
-    /// Thread-group id of the agent (in the initial PID namespace): its own connects are never
-    /// redirected, whatever cgroup it runs in.
-    pub agent_tgid: u32,
+    /// The serving agent ([`MeshConfig::agents`]`[0]`) and, during a hand-over, the agent it
+    /// took over from (`[1]`, cleared once that one's drain is over): their connects are never
+    /// redirected and their connections are the ones strict pods admit.
+    pub agents: [AgentId; 2],
     /// [`MESH_FLAG_ACCEL`].
     pub flags: u32,
     /// The node proxy's address (network order): sockets with it at one end are candidates
     /// for same-node acceleration.
     pub proxy_ip4: u32,
-    /// Reserved, zero.
-    pub _pad: u32,
     /// `CLOCK_MONOTONIC` nanoseconds of the serving agent's latest heartbeat (every 250 ms);
     /// 0 once it stopped without a successor. See [`agent_alive`].
     pub heartbeat_ns: u64,
@@ -174,6 +208,14 @@ impl SockTuple4 {
             local_port: self.remote_port,
             remote_port: self.local_port,
         }
+    }
+
+    /// From the headers of a packet: source and destination addresses and ports exactly as
+    /// they are on the wire (network byte order). For a packet the local socket sent, this is
+    /// that socket's own key; for a received SYN, the key of the connecting socket.
+    #[inline(always)]
+    pub const fn from_packet(src_ip4: u32, dst_ip4: u32, src_port: u16, dst_port: u16) -> Self {
+        SockTuple4 { local_ip4: src_ip4, remote_ip4: dst_ip4, local_port: src_port, remote_port: dst_port }
     }
 
     /// From the context fields of `sockops` and `sk_msg` programs, which share one convention:
@@ -242,10 +284,21 @@ pub enum Stat {
     AgentDownDirect = 19,
     /// No agent alive: a meshed pod's connect was refused (fail-closed namespace).
     AgentDownRefused = 20,
+    /// The agent's own connections registered for strict admission ([`MAP_AGENT_CONNS`]).
+    AgentConns = 21,
+    /// [`MAP_AGENT_SOCKS`] or [`MAP_AGENT_CONNS`] was full: that agent connection is not
+    /// admitted by strict pods.
+    AgentConnsFull = 22,
+    /// Records of sockets released without a TCP close (a connect that failed before its SYN),
+    /// reclaimed by `mesh_sock_release`.
+    Reclaimed = 23,
+    /// [`MAP_SOCK_ORIG`] was full and the pod fails closed: the connect was refused rather
+    /// than sent direct.
+    MapFullRefused = 24,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 25;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::MeshedConnects,
         Stat::Redirected,
@@ -268,6 +321,10 @@ impl Stat {
         Stat::AccelMessages,
         Stat::AgentDownDirect,
         Stat::AgentDownRefused,
+        Stat::AgentConns,
+        Stat::AgentConnsFull,
+        Stat::Reclaimed,
+        Stat::MapFullRefused,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -294,6 +351,10 @@ impl Stat {
             Stat::AccelMessages => "accel_messages",
             Stat::AgentDownDirect => "agent_down_direct",
             Stat::AgentDownRefused => "agent_down_refused",
+            Stat::AgentConns => "agent_connections",
+            Stat::AgentConnsFull => "agent_connections_map_full",
+            Stat::Reclaimed => "reclaimed",
+            Stat::MapFullRefused => "map_full_refused",
         }
     }
 }
@@ -328,11 +389,31 @@ pub fn decide_v4(policy: &PodPolicy, dst_ip4: u32, dst_port: u16, bypass_port: b
     Verdict::Redirect
 }
 
-/// Strict mode: may a TCP SYN from `src_ip4` (network order) reach a pod with `policy`?
-/// Only the node proxy (which delivers mesh traffic) and the pod's own loopback may connect.
+/// Strict mode: may a TCP SYN from `src_ip4` to port `dst_port` (both network order) reach a
+/// pod with `policy`? `agent_conn`: the SYN is one of the agent's own connections
+/// ([`MAP_AGENT_CONNS`]). Admitted: the agent's connections (it delivers all mesh traffic,
+/// local or from HBONE), the pod's own loopback, and SYNs from the node's address to one of the
+/// pod's probe ports (the kubelet's probes). Every other process on the node (host-network
+/// pods, NodePort traffic rewritten to the node's address) is refused, and so is everyone
+/// while no agent runs.
 #[inline(always)]
-pub fn strict_allows(policy: &PodPolicy, src_ip4: u32) -> bool {
-    policy.flags & POD_FLAG_STRICT == 0 || src_ip4 == policy.proxy_ip4 || src_ip4.to_ne_bytes()[0] == 127
+pub fn strict_allows(policy: &PodPolicy, src_ip4: u32, dst_port: u16, agent_conn: bool) -> bool {
+    if policy.flags & POD_FLAG_STRICT == 0 || agent_conn || src_ip4.to_ne_bytes()[0] == 127 {
+        return true;
+    }
+    if src_ip4 != policy.proxy_ip4 || dst_port == 0 {
+        return false;
+    }
+    let p = &policy.probe_ports;
+    p[0] == dst_port || p[1] == dst_port || p[2] == dst_port || p[3] == dst_port
+}
+
+/// IPv6 next-header values of extension headers (hop-by-hop, routing, fragment, ESP, AH,
+/// destination options, mobility, HIP, shim6): a packet with one of these in front of TCP is
+/// not read further, and a strict pod drops it.
+#[inline(always)]
+pub fn is_ipv6_extension(next_header: u8) -> bool {
+    matches!(next_header, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140)
 }
 
 /// `::ffff:0:0/96` prefix word as it sits in `bpf_sock_addr.user_ip6[2]` (network order).
@@ -364,6 +445,7 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::SockKey4 {}
     unsafe impl aya::Pod for super::MeshConfig {}
+    unsafe impl aya::Pod for super::AgentId {}
     unsafe impl aya::Pod for super::SockTuple4 {}
 }
 
@@ -377,8 +459,12 @@ mod tests {
     fn port(p: u16) -> u16 {
         p.to_be()
     }
-    const POLICY: PodPolicy =
-        PodPolicy { proxy_ip4: u32::from_ne_bytes([10, 244, 1, 1]), proxy_port: 15001u16.to_be(), flags: 0 };
+    const POLICY: PodPolicy = PodPolicy {
+        proxy_ip4: u32::from_ne_bytes([10, 244, 1, 1]),
+        proxy_port: 15001u16.to_be(),
+        flags: 0,
+        probe_ports: [0; MAX_PROBE_PORTS],
+    };
 
     #[test]
     fn ordinary_destination_is_redirected() {
@@ -409,16 +495,43 @@ mod tests {
     }
 
     #[test]
-    fn strict_mode_admits_only_the_proxy_and_loopback() {
+    fn strict_mode_admits_the_agents_connections_loopback_and_probes_only() {
         assert!(agent_alive(10, 10 + AGENT_HEARTBEAT_TIMEOUT_NS));
         assert!(!agent_alive(10, 11 + AGENT_HEARTBEAT_TIMEOUT_NS), "stale");
         assert!(!agent_alive(0, 5), "stopped without a successor");
         assert!(agent_alive(10, 5), "a clock read before the heartbeat is not stale");
-        let strict = PodPolicy { flags: POD_FLAG_STRICT, ..POLICY };
-        assert!(strict_allows(&strict, POLICY.proxy_ip4));
-        assert!(strict_allows(&strict, ip([127, 0, 0, 1])));
-        assert!(!strict_allows(&strict, ip([10, 244, 1, 30])));
-        assert!(strict_allows(&POLICY, ip([10, 244, 1, 30])), "permissive admits everyone");
+        let strict = PodPolicy { flags: POD_FLAG_STRICT, probe_ports: [port(8081), 0, 0, 0], ..POLICY };
+        let node = POLICY.proxy_ip4;
+        let other = ip([10, 244, 1, 30]);
+        assert!(strict_allows(&strict, node, port(8080), true), "the agent's own connection");
+        assert!(strict_allows(&strict, other, port(8080), true), "the agent's own, from any address");
+        assert!(!strict_allows(&strict, node, port(8080), false), "another process on the node");
+        assert!(strict_allows(&strict, node, port(8081), false), "the kubelet's probe port, from the node");
+        assert!(!strict_allows(&strict, other, port(8081), false), "the probe port, from elsewhere");
+        assert!(!strict_allows(&strict, node, 0, false), "an unset probe slot is no port");
+        assert!(strict_allows(&strict, ip([127, 0, 0, 1]), port(8080), false));
+        assert!(!strict_allows(&strict, other, port(8080), false));
+        assert!(strict_allows(&POLICY, other, port(8080), false), "permissive admits everyone");
+    }
+
+    #[test]
+    fn ipv6_extension_headers_are_known() {
+        for h in [0u8, 43, 44, 50, 51, 60, 135, 139, 140] {
+            assert!(is_ipv6_extension(h), "{h}");
+        }
+        for h in [6u8, 17, 58, 59] {
+            assert!(!is_ipv6_extension(h), "{h}");
+        }
+    }
+
+    #[test]
+    fn a_packets_tuple_is_the_sending_sockets_key() {
+        // The agent's socket 10.244.1.1:40000 -> 10.244.1.20:8080, as sockops records it (local
+        // port in host order, remote port in the upper half of the field), and as its SYN reads.
+        let from_sockops =
+            SockTuple4::from_ctx(ip([10, 244, 1, 1]), ip([10, 244, 1, 20]), 40000, (port(8080) as u32) << 16);
+        let from_syn = SockTuple4::from_packet(ip([10, 244, 1, 1]), ip([10, 244, 1, 20]), port(40000), port(8080));
+        assert_eq!(from_sockops, from_syn);
     }
 
     #[test]
@@ -450,10 +563,11 @@ mod tests {
 
     #[test]
     fn layouts_are_fixed() {
-        assert_eq!(core::mem::size_of::<PodPolicy>(), 8);
+        assert_eq!(core::mem::size_of::<PodPolicy>(), 16);
         assert_eq!(core::mem::size_of::<OrigDst>(), 16);
         assert_eq!(core::mem::size_of::<SockKey4>(), 8);
-        assert_eq!(core::mem::size_of::<MeshConfig>(), 24);
+        assert_eq!(core::mem::size_of::<AgentId>(), 24);
+        assert_eq!(core::mem::size_of::<MeshConfig>(), 64);
         assert_eq!(core::mem::size_of::<SockTuple4>(), 12);
     }
 

@@ -10,8 +10,12 @@
 //! * `mesh_getpeername4` / `mesh_getpeername6`: `getpeername()` on a redirected socket answers with
 //!   the original destination.
 //!
-//! * `mesh_ingress` (`cgroup_skb/ingress`): in `strict` namespaces, a TCP SYN to a meshed pod
-//!   from anyone but the node proxy is dropped.
+//! * `mesh_ingress` (`cgroup_skb/ingress`): in `strict` namespaces, a TCP SYN (IPv4 or IPv6)
+//!   to a meshed pod is dropped unless it is one of the agent's own connections (registered by
+//!   sockops before their SYN leaves), from the pod's loopback, or a kubelet probe; whether or
+//!   not an agent is running.
+//! * `mesh_sock_release` (`cgroup/sock_release`): a socket freed without ever closing as a
+//!   connection (its connect failed before the SYN) has its records reclaimed.
 //! * Same-node acceleration (only when the agent turns it on): `mesh_sockops` also puts every
 //!   established socket with the node proxy at one end into `ACCEL_SOCKS`, and `mesh_sk_msg`
 //!   (`sk_msg`, attached to that map) hands each `sendmsg` straight to the receive queue of the
@@ -22,10 +26,11 @@
 //! All programs are attached once, to the node's cgroup; which pods are meshed is data
 //! (`MESHED_CGROUPS`), so pods join and leave at run time without re-attaching anything.
 //! Every path returns 1 (allow): a failure never blocks a connection, it only leaves it
-//! un-redirected and counted. The one refusal is deliberate: while no agent is alive (no
-//! heartbeat in `MESH_CONFIG` for 2 s, or the last agent stopped), a pod of a fail-closed
-//! namespace gets `EPERM` from `connect()`; every other pod connects directly, and strict mode
-//! lets direct traffic in again.
+//! un-redirected and counted. The refusals are deliberate: while no agent is alive (no
+//! heartbeat in `MESH_CONFIG` for 2 s, or the last agent stopped), or when the redirect map is
+//! full, a pod of a fail-closed namespace gets `EPERM` from `connect()` (every other pod
+//! connects directly: fail-open applies to outbound capture only); and strict pods keep
+//! dropping plaintext SYNs while no agent runs.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
@@ -35,30 +40,33 @@ mod programs {
         bindings::{
             BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
             BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
-            sk_action::SK_PASS,
+            bpf_pidns_info, sk_action::SK_PASS,
         },
         helpers::{
-            bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+            bpf_ktime_get_ns,
             generated::{
-                bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
-                bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+                bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_ns_current_pid_tgid,
+                bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
             },
         },
-        macros::{cgroup_skb, cgroup_sock_addr, map, sk_msg, sock_ops},
+        macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sk_msg, sock_ops},
         maps::{Array, HashMap, LpmTrie, PerCpuArray, SockHash, lpm_trie::Key},
-        programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
+        programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext},
     };
     use aya_log_ebpf::warn;
     use mesh_common::{
-        ACCEL_VIA_SOCKMAP, ACCEL_VIA_STACK, MAX_ACCEL_SOCKETS, MAX_BYPASS_CIDRS, MAX_BYPASS_PORTS, MAX_CGROUP_DEPTH,
-        MAX_MESHED_CGROUPS, MAX_REDIRECTED_SOCKETS, MESH_FLAG_ACCEL, MeshConfig, ORIG_FLAG_V4_MAPPED, OrigDst,
-        POD_FLAG_FAIL_CLOSED, PodPolicy, SockKey4, SockTuple4, Stat, Verdict, accel_candidate, agent_alive, decide_v4,
-        is_loopback6, mapped_from_v4, strict_allows, v4_from_mapped,
+        ACCEL_VIA_SOCKMAP, ACCEL_VIA_STACK, AgentId, MAX_ACCEL_SOCKETS, MAX_AGENT_CONNS, MAX_BYPASS_CIDRS,
+        MAX_BYPASS_PORTS, MAX_CGROUP_DEPTH, MAX_MESHED_CGROUPS, MAX_REDIRECTED_SOCKETS, MESH_FLAG_ACCEL, MeshConfig,
+        ORIG_FLAG_V4_MAPPED, OrigDst, POD_FLAG_FAIL_CLOSED, POD_FLAG_STRICT, PodPolicy, SockKey4, SockTuple4, Stat,
+        Verdict, accel_candidate, agent_alive, decide_v4, is_ipv6_extension, is_loopback6, mapped_from_v4,
+        strict_allows, v4_from_mapped,
     };
 
     const AF_INET: u32 = 2;
     const AF_INET6: u32 = 10;
     const IPPROTO_TCP: u32 = 6;
+    /// `TCP_CLOSE` in `bpf_sock.state`.
+    const TCP_STATE_CLOSE: u32 = 7;
     const ALLOW: i32 = 1;
     /// From a connect hook: the connect fails with EPERM.
     const REFUSE: i32 = 0;
@@ -83,6 +91,10 @@ mod programs {
     /// 0 = undecided (set when the socket joins `ACCEL_SOCKS`), then `ACCEL_VIA_*`.
     #[map]
     static ACCEL_PATH: HashMap<SockTuple4, u8> = HashMap::with_max_entries(MAX_ACCEL_SOCKETS, 0);
+    #[map]
+    static AGENT_SOCKS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_AGENT_CONNS, 0);
+    #[map]
+    static AGENT_CONNS: HashMap<SockTuple4, u8> = HashMap::with_max_entries(MAX_AGENT_CONNS, 0);
 
     #[inline(always)]
     fn count(stat: Stat) {
@@ -124,12 +136,43 @@ mod programs {
         None
     }
 
+    /// Whether the calling task is `agent`'s: its thread-group id in the agent's PID
+    /// namespace is the agent's (a task of another namespace gets an error, never a match).
+    #[inline(always)]
+    fn is(agent: &AgentId) -> bool {
+        if agent.tgid == 0 {
+            return false;
+        }
+        let mut info = bpf_pidns_info { pid: 0, tgid: 0 };
+        let r = unsafe {
+            bpf_get_ns_current_pid_tgid(
+                agent.pidns_dev,
+                agent.pidns_ino,
+                &mut info,
+                core::mem::size_of::<bpf_pidns_info>() as u32,
+            )
+        };
+        r == 0 && info.tgid == agent.tgid
+    }
+
+    /// Whether the calling task is the serving agent's, or (during a hand-over) the previous
+    /// agent's.
     #[inline(always)]
     fn is_agent() -> bool {
-        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         match MESH_CONFIG.get(0) {
-            Some(c) => c.agent_tgid != 0 && c.agent_tgid == tgid,
+            Some(c) => is(&c.agents[0]) || is(&c.agents[1]),
             None => false,
+        }
+    }
+
+    /// The agent's connect: never redirected; its socket is remembered (by cookie) so that
+    /// sockops registers the connection before the SYN leaves, for strict pods to admit.
+    #[inline(always)]
+    fn agent_connect(ctx: &SockAddrContext) {
+        count(Stat::SkipAgent);
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if AGENT_SOCKS.insert(&cookie, &1, BPF_ANY as u64).is_err() {
+            count(Stat::AgentConnsFull);
         }
     }
 
@@ -147,10 +190,6 @@ mod programs {
     #[inline(always)]
     fn redirect_v4(ctx: &SockAddrContext, dst_ip4: u32, dst_port: u16, flags: u16) -> Result<Option<PodPolicy>, ()> {
         let Some((pod_cgroup, policy)) = current_pod() else { return Ok(None) };
-        if is_agent() {
-            count(Stat::SkipAgent);
-            return Ok(None);
-        }
         count(Stat::MeshedConnects);
         if !agent_up() {
             if policy.flags & POD_FLAG_FAIL_CLOSED != 0 {
@@ -171,6 +210,12 @@ mod programs {
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
                 let orig = OrigDst { pod_cgroup, ip4: dst_ip4, port: dst_port, flags };
                 if SOCK_ORIG.insert(&cookie, &orig, BPF_ANY as u64).is_err() {
+                    if policy.flags & POD_FLAG_FAIL_CLOSED != 0 {
+                        // A fail-closed pod's traffic never goes direct, not even on a full map.
+                        count(Stat::MapFullRefused);
+                        warn!(ctx, "switchyard: redirect map full, connection of a fail-closed pod refused");
+                        return Err(());
+                    }
                     count(Stat::MapFull);
                     warn!(ctx, "switchyard: redirect map full, connection not redirected");
                     return Ok(None);
@@ -186,6 +231,10 @@ mod programs {
         let sa = unsafe { &mut *ctx.sock_addr };
         if sa.protocol != IPPROTO_TCP {
             return ALLOW; // UDP (DNS) and anything else: untouched
+        }
+        if is_agent() {
+            agent_connect(&ctx);
+            return ALLOW;
         }
         match redirect_v4(&ctx, sa.user_ip4, sa.user_port as u16, 0) {
             Ok(Some(p)) => {
@@ -206,6 +255,10 @@ mod programs {
         }
         let ip6 = sa.user_ip6;
         if is_loopback6(ip6) {
+            return ALLOW;
+        }
+        if is_agent() {
+            agent_connect(&ctx);
             return ALLOW;
         }
         match v4_from_mapped(ip6) {
@@ -345,10 +398,25 @@ mod programs {
             accel_track(&ctx);
         }
         let closing = op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE;
-        if closing {
-            let _ = ACCEL_PATH.remove(&sockops_tuple(&ctx));
-        }
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if closing {
+            let t = sockops_tuple(&ctx);
+            let _ = ACCEL_PATH.remove(&t);
+            if AGENT_SOCKS.remove(&cookie).is_ok() {
+                let _ = AGENT_CONNS.remove(&t);
+            }
+        }
+        if op == BPF_SOCK_OPS_TCP_CONNECT_CB && unsafe { AGENT_SOCKS.get(&cookie) }.is_some() {
+            // The agent's connection, just before its SYN: strict pods admit exactly this
+            // 4-tuple until the socket closes.
+            if AGENT_CONNS.insert(&sockops_tuple(&ctx), &1, BPF_ANY as u64).is_err() {
+                count(Stat::AgentConnsFull);
+            } else {
+                count(Stat::AgentConns);
+            }
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            return 1;
+        }
         let Some(orig) = (unsafe { SOCK_ORIG.get(&cookie) }).copied() else {
             return 1;
         };
@@ -371,6 +439,27 @@ mod programs {
             count(Stat::Closed);
         }
         1
+    }
+
+    /// A TCP socket is released (its last descriptor closed). One still connected or closing
+    /// reaches `TCP_CLOSE` later and sockops removes its records then; one already in
+    /// `TCP_CLOSE` here never connected (its connect failed before the SYN, so sockops never
+    /// asked for state callbacks on it): its records go now instead of staying for good.
+    #[cgroup_sock(sock_release)]
+    pub fn mesh_sock_release(ctx: SockContext) -> i32 {
+        let sk = ctx.sock;
+        let (protocol, state) = unsafe {
+            (core::ptr::read_volatile(&raw const (*sk).protocol), core::ptr::read_volatile(&raw const (*sk).state))
+        };
+        if protocol != IPPROTO_TCP || state != TCP_STATE_CLOSE {
+            return ALLOW;
+        }
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if SOCK_ORIG.remove(&cookie).is_ok() {
+            count(Stat::Reclaimed);
+        }
+        let _ = AGENT_SOCKS.remove(&cookie);
+        ALLOW
     }
 
     /// Same-node acceleration: runs on every `sendmsg` of a socket in `ACCEL_SOCKS`. The first
@@ -429,10 +518,25 @@ mod programs {
 
     #[inline(always)]
     fn try_ingress(ctx: &SkBuffContext) -> Result<bool, i64> {
-        // The packet starts at its IPv4 header here. Cheap checks first: only a TCP SYN
-        // (without ACK) costs a map lookup.
-        let ver_ihl: u8 = ctx.load(0)?;
-        if ver_ihl >> 4 != 4 || ctx.load::<u8>(9)? != IPPROTO_TCP as u8 {
+        // The packet starts at its IP header here. Cheap checks first: only a TCP SYN (without
+        // ACK) costs a map lookup.
+        let first: u8 = ctx.load(0)?;
+        match first >> 4 {
+            4 => ingress_v4(ctx, first),
+            6 => ingress_v6(ctx),
+            _ => Ok(true),
+        }
+    }
+
+    /// Whether the packet goes to a strict pod.
+    #[inline(always)]
+    fn to_strict_pod(ctx: &SkBuffContext) -> Option<PodPolicy> {
+        receiving_pod(ctx).filter(|p| p.flags & POD_FLAG_STRICT != 0)
+    }
+
+    #[inline(always)]
+    fn ingress_v4(ctx: &SkBuffContext, ver_ihl: u8) -> Result<bool, i64> {
+        if ctx.load::<u8>(9)? != IPPROTO_TCP as u8 {
             return Ok(true);
         }
         let ihl = ((ver_ihl & 0x0f) as usize) * 4;
@@ -443,11 +547,37 @@ mod programs {
         if flags & 0x02 == 0 || flags & 0x10 != 0 {
             return Ok(true);
         }
-        let Some(policy) = receiving_pod(ctx) else { return Ok(true) };
-        let src: u32 = ctx.load(12)?;
-        // No agent: clients connect directly, so strict mode must let them in (unless the
-        // namespace fails closed).
-        if strict_allows(&policy, src) || (!agent_up() && policy.flags & POD_FLAG_FAIL_CLOSED == 0) {
+        let Some(policy) = to_strict_pod(ctx) else { return Ok(true) };
+        let (src, dst): (u32, u32) = (ctx.load(12)?, ctx.load(16)?);
+        let (sport, dport): (u16, u16) = (ctx.load(ihl)?, ctx.load(ihl + 2)?);
+        let agent = unsafe { AGENT_CONNS.get(&SockTuple4::from_packet(src, dst, sport, dport)) }.is_some();
+        // No agent alive: nothing is registered, so strict pods admit only loopback and probes.
+        if strict_allows(&policy, src, dport, agent) {
+            return Ok(true);
+        }
+        count(Stat::StrictDropped);
+        Ok(false)
+    }
+
+    /// IPv6: the agent delivers over IPv4 only, so a strict pod admits an IPv6 SYN only from
+    /// its own loopback; a packet with extension headers in front of its transport header is
+    /// not read further and is dropped for a strict pod.
+    #[inline(always)]
+    fn ingress_v6(ctx: &SkBuffContext) -> Result<bool, i64> {
+        let next: u8 = ctx.load(6)?;
+        if next == IPPROTO_TCP as u8 {
+            let flags: u8 = ctx.load(40 + 13)?;
+            if flags & 0x02 == 0 || flags & 0x10 != 0 {
+                return Ok(true);
+            }
+        } else if !is_ipv6_extension(next) {
+            return Ok(true);
+        }
+        if to_strict_pod(ctx).is_none() {
+            return Ok(true);
+        }
+        let src: [u32; 4] = [ctx.load(8)?, ctx.load(12)?, ctx.load(16)?, ctx.load(20)?];
+        if next == IPPROTO_TCP as u8 && is_loopback6(src) {
             return Ok(true);
         }
         count(Stat::StrictDropped);

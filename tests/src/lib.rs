@@ -259,6 +259,21 @@ pub struct Pod {
     pub workload: Option<String>,
     /// Pod labels (the workload file's `labels:`).
     pub labels: Vec<(String, String)>,
+    /// The ports the kubelet would probe it on (the workload file's `probePorts:`).
+    pub probe_ports: Vec<u16>,
+}
+
+/// Runs `cmd` (a test program) within `timeout` and parses the last line it printed as JSON;
+/// `who` names where it ran, for the error.
+fn last_json_line(cmd: Command, who: &str, timeout: Duration) -> Result<serde_json::Value> {
+    let what = format!("{:?}", cmd.get_args().collect::<Vec<_>>());
+    let out = output_timeout(cmd, timeout)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .last()
+        .ok_or_else(|| anyhow!("{what} in {who} printed nothing (stderr: {})", String::from_utf8_lossy(&out.stderr)))?;
+    serde_json::from_str(line).with_context(|| format!("{what} output {line:?}"))
 }
 
 impl Pod {
@@ -300,16 +315,7 @@ impl Pod {
     pub fn tool(&self, program: &str, args: &[&str], timeout: Duration) -> Result<serde_json::Value> {
         let mut cmd = self.command(bin_path(program)?);
         cmd.args(args);
-        let out = output_timeout(cmd, timeout)?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout.lines().last().ok_or_else(|| {
-            anyhow!(
-                "sim-workload {args:?} in {} printed nothing (stderr: {})",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
-        serde_json::from_str(line).with_context(|| format!("sim-workload output {line:?}"))
+        last_json_line(cmd, &self.name, timeout)
     }
 
     /// Opens `count` connections to `to` (`sim-workload hold`) and keeps them open, for at most
@@ -618,6 +624,7 @@ impl Node {
             annotation: annotation.map(str::to_owned),
             workload: None,
             labels: Vec::new(),
+            probe_ports: Vec::new(),
         };
         self.pods.push(pod.clone());
         Ok(pod)
@@ -635,6 +642,34 @@ impl Node {
         for p in self.pods.iter_mut().filter(|p| p.name == pod) {
             p.labels.push((key.to_string(), value.to_string()));
         }
+    }
+
+    /// Declares the ports the kubelet probes pod `pod` on (a strict pod admits them from the
+    /// node).
+    pub fn set_probe_ports(&mut self, pod: &str, ports: &[u16]) {
+        for p in self.pods.iter_mut().filter(|p| p.name == pod) {
+            p.probe_ports = ports.to_vec();
+        }
+    }
+
+    /// A command that runs on the node itself, outside the agent and every pod (a host
+    /// process, a host-network pod, the kubelet): in a cgroup of its own below the node's and
+    /// in the node's network namespace.
+    pub fn host_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        let cgroup = self.cgroup.join("host");
+        std::fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
+        let mut cmd = Command::new(program);
+        enter(&mut cmd, Some(&cgroup), &self.netns);
+        Ok(cmd)
+    }
+
+    /// `sim-workload client --connect <to> <args>` from the node itself (see
+    /// [`Node::host_command`]), its report typed.
+    pub fn host_client(&self, to: &str, args: &[&str], timeout: Duration) -> Result<ClientReport> {
+        let mut cmd = self.host_command(bin_path("sim-workload")?)?;
+        cmd.args(["client", "--connect", to]).args(args);
+        let v = last_json_line(cmd, &self.name, timeout)?;
+        serde_json::from_value(v.clone()).with_context(|| format!("a client report: {v}"))
     }
 
     /// Sets whether a namespace carries `switchyard.io/mesh: enabled`.
@@ -963,6 +998,7 @@ fn workload_file(
                 workload: p.workload.clone(),
                 annotations: p.annotation.iter().map(|a| ("switchyard.io/mesh".to_string(), a.clone())).collect(),
                 labels: p.labels.iter().cloned().collect(),
+                probe_ports: p.probe_ports.clone(),
             })
             .collect(),
         authorization: authorization.to_vec(),
@@ -1382,13 +1418,14 @@ impl Drop for Capture {
 }
 
 /// Attach types of the agent's programs (from the kernel's `enum bpf_attach_type`).
-pub const ATTACH_TYPES: [(u32, &str); 6] = [
+pub const ATTACH_TYPES: [(u32, &str); 7] = [
     (0, "cgroup_skb/ingress"),
     (3, "sock_ops"),
     (10, "connect4"),
     (11, "connect6"),
     (29, "getpeername4"),
     (30, "getpeername6"),
+    (34, "sock_release"),
 ];
 
 /// `BPF_PROG_QUERY` on a cgroup for each attach type the agent uses.

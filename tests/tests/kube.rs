@@ -172,6 +172,7 @@ fn other_nodes_pods_are_known_not_meshed_here_and_late_cgroups_are_picked_up() -
         annotation: None,
         workload: None,
         labels: Vec::new(),
+        probe_ports: Vec::new(),
     };
     s.api.apply("pods", pod_json(&placeholder, &late_uid, "node", false));
     std::thread::sleep(Duration::from_millis(1500));

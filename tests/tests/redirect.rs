@@ -233,7 +233,7 @@ fn stopped_agent_leaves_no_program_attached_and_traffic_goes_direct() -> Result<
     }
     let mut s = setup()?;
     let to = server_addr(&s);
-    assert_eq!(s.node.attached_programs()?.len(), 6, "six programs attached while running");
+    assert_eq!(s.node.attached_programs()?.len(), 7, "seven programs attached while running");
     assert_eq!(client_run(&s.client, &to, &[])?.ok, 1);
 
     let clean = s.node.stop_agent(Duration::from_secs(10))?;
@@ -354,5 +354,64 @@ fn idle_proxied_connections_are_closed_after_the_idle_timeout() -> Result<()> {
     // mesh-agent's proxy::idle).
     let r = client_run(&s.client, &server_addr(&s), &["--bytes", "1000"])?;
     assert_eq!(r.ok, 1, "{r}");
+    Ok(())
+}
+
+#[test]
+fn a_full_map_refuses_a_fail_closed_pods_connect_rather_than_sending_it_direct() -> Result<()> {
+    if !privileged("full_map_fail_closed") {
+        return Ok(());
+    }
+    let mut node = Node::new("node")?;
+    node.set_namespace_meshed("shop", true);
+    node.set_namespace_meshed("vault", true);
+    node.fail_closed.push("vault".into());
+    let open = node.add_pod("open", "shop", None)?;
+    let closed = node.add_pod("closed", "vault", None)?;
+    let server = node.add_pod("server", "shop", None)?;
+    let _echo = server.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?;
+    node.start_agent(&["--max-redirected-sockets", "2"])?;
+    node.wait_meshed()?;
+    let to = format!("{}:8080", server.ip);
+    // Two held connections fill the map.
+    let _held = open.hold(&to, 2, 30)?;
+    let r = client_run(&open, &to, &[])?;
+    assert_eq!(r.ok, 1, "a fail-open pod goes direct on a full map: {r}");
+    let r = client_run(&closed, &to, &["--timeout-ms", "2000"])?;
+    assert_eq!(r.ok, 0, "a fail-closed pod never goes direct: {r}");
+    assert!(r.errors.iter().any(|e| e.contains("not permitted")), "refused by the connect hook (EPERM): {r}");
+    let ev = events(&node)?;
+    assert_eq!(ev["map_full_refused"], 1, "{ev}");
+    assert!(ev["map_full"].as_u64().unwrap_or(0) >= 1, "{ev}");
+    Ok(())
+}
+
+#[test]
+fn a_redirected_connect_that_fails_before_its_syn_leaves_no_record() -> Result<()> {
+    if !privileged("failed_connect_reclaimed") {
+        return Ok(());
+    }
+    let s = setup()?;
+    // The client pod can no longer route to the proxy address: each redirected connect fails
+    // in its route lookup, after the connect hook recorded it and before any SYN.
+    let gateway = s.node.gateway.to_string();
+    let route = |op: &str| -> Result<()> {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &s.client.netns, "route", op, "prohibit", &format!("{gateway}/32")])
+            .output()?;
+        anyhow::ensure!(out.status.success(), "ip route {op}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    route("add")?;
+    let r = client_run(&s.client, &server_addr(&s), &["--count", "5", "--timeout-ms", "1000"])?;
+    assert_eq!(r.ok, 0, "{r}");
+    let ev = eventually(Duration::from_secs(5), "the failed connects' records reclaimed", || {
+        let dp = s.node.admin_json("/debug/datapath").ok()?;
+        (dp["maps"]["sock_orig"] == 0 && dp["events"]["reclaimed"] == 5).then_some(dp["events"].clone())
+    })?;
+    assert_eq!(ev["redirected"], 5, "{ev}");
+    assert_eq!(ev["established"], 0, "{ev}");
+    route("del")?;
+    assert_eq!(client_run(&s.client, &server_addr(&s), &[])?.ok, 1);
     Ok(())
 }

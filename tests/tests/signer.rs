@@ -377,7 +377,7 @@ fn an_upgraded_agent_gets_its_certificates_before_taking_over_and_no_connection_
     assert!(r["ok"].as_u64().unwrap() > 100, "{r}");
     // In the new agent's start: certificates first, then the take-over.
     let log = s.c.nodes[0].agent_log().replace("\u{1b}[0m", "").replace("\u{1b}[2m", "").replace("\u{1b}[3m", "");
-    let took_over = log.find("taken_over_from_previous_agent=6").context("the new agent took the programs over")?;
+    let took_over = log.find("taken_over_from_previous_agent=7").context("the new agent took the programs over")?;
     let obtained = log.rfind("certificates of the node's pods obtained").context("certificates obtained")?;
     assert!(obtained < took_over, "certificates before the take-over:\n{log}");
     assert!(log[..took_over].matches("certificates of the node's pods obtained").count() >= 2, "both agents' starts");

@@ -30,6 +30,9 @@ fn an_upgrade_hands_over_without_failing_a_new_connection_and_services_stay_reac
     let mut node = Node::new("node")?;
     node.pin_programs()?;
     node.set_namespace_meshed("shop", true);
+    // Strict: web-0 admits only the agents' own connections, so the old agent's deliveries
+    // while it drains must still be recognised as an agent's after the new one took over.
+    node.mtls_modes.push(("shop".into(), "strict".into()));
     let client = node.add_pod("client", "shop", None)?;
     let web = node.add_pod("web-0", "shop", None)?;
     let _srv = web.serve_tool("sim-http", &["serve", "--listen", "0.0.0.0:8080", "--name", "web-0"])?;
@@ -45,7 +48,7 @@ fn an_upgrade_hands_over_without_failing_a_new_connection_and_services_stay_reac
     })?;
     assert_eq!(probe(&old_sock, "readyz")?, (true, "ready".to_string()), "the running agent answers its probe");
     let programs_before = node.attached_programs()?;
-    assert_eq!(programs_before.len(), 6);
+    assert_eq!(programs_before.len(), 7);
 
     let pod_url = format!("http://{}:8080/", web.ip);
     assert!(node.admin_json("/debug/datapath")?["pinned"] == true);
@@ -105,13 +108,13 @@ fn an_upgrade_hands_over_without_failing_a_new_connection_and_services_stay_reac
     assert!(failed(&pod_kept) <= 4, "{pod_kept}");
     assert!(exited >= Duration::from_secs(4), "the old agent drained its TCP connections: {exited:?}");
     // The links were switched to the new programs, not doubled.
-    assert_eq!(programs_after.len(), 6, "{programs_after:?}");
+    assert_eq!(programs_after.len(), 7, "{programs_after:?}");
     assert!(programs_after.iter().all(|p| !programs_before.contains(p)), "{programs_before:?} → {programs_after:?}");
     let dp = node.admin_json("/debug/datapath")?;
     assert_eq!((dp["pinned"].as_bool(), dp["superseded"].as_bool()), (Some(true), Some(false)), "{dp}");
-    // Both agents log to one file; ANSI colours aside, the new one says it took all six over.
+    // Both agents log to one file; ANSI colours aside, the new one says it took all seven over.
     let log = node.agent_log().replace("\u{1b}[0m", "").replace("\u{1b}[2m", "").replace("\u{1b}[3m", "");
-    assert!(log.contains("taken_over_from_previous_agent=6"), "{log}");
+    assert!(log.contains("taken_over_from_previous_agent=7"), "{log}");
     assert!(log.contains("a newer agent has taken the eBPF programs and listeners over"), "{log}");
     // The new pod's probes reach the new agent; the old pod's reach nothing once its agent
     // is gone (its socket removed), though the shared admin port still answers.
@@ -170,7 +173,7 @@ fn without_an_agent_fail_open_namespaces_connect_directly_and_fail_closed_ones_a
     both_through_the_proxy(&node)?;
 
     assert!(node.stop_agent(Duration::from_secs(10))?, "clean exit");
-    assert_eq!(node.attached_programs()?.len(), 6, "the programs stay (pinned)");
+    assert_eq!(node.attached_programs()?.len(), 7, "the programs stay (pinned)");
     let o = connect(&open, &to)?;
     let c = connect(&closed, &to)?;
     eprintln!("agent stopped: fail-open pod {o}; fail-closed pod {c}");

@@ -53,6 +53,8 @@ pub struct Pod {
     pub workload: Option<String>,
     /// The labels Istio's metrics use (all other labels are dropped).
     pub labels: crate::state::AppLabels,
+    /// The ports its containers' probes reach (see [`probe_ports`]).
+    pub probe_ports: Vec<u16>,
 }
 
 /// A node, trimmed to the address its agent is reached on.
@@ -159,6 +161,7 @@ impl Pod {
             opt_out: pod_opts_out(|k| annotation(v, k))?,
             workload: workload_of(v).filter(|w| *w != name),
             labels: crate::state::AppLabels::from_labels(|k| str_at(v, &["metadata", "labels", k])),
+            probe_ports: probe_ports(spec),
             name,
         }))
     }
@@ -166,6 +169,37 @@ impl Pod {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+}
+
+/// The ports the kubelet probes a pod on: its containers' liveness, readiness and startup
+/// probes (`httpGet`, `tcpSocket` or `grpc`), a named port resolved against the container's
+/// ports; sorted, each once. Exec probes use no port; a port that is neither a number in range
+/// nor a name of the container's is not one (the kubelet refuses such a probe too).
+pub fn probe_ports(spec: &Value) -> Vec<u16> {
+    let mut out = std::collections::BTreeSet::new();
+    for c in spec.get("containers").and_then(Value::as_array).into_iter().flatten() {
+        let named = |name: &str| {
+            c.get("ports")?
+                .as_array()?
+                .iter()
+                .find(|p| p.get("name").and_then(Value::as_str) == Some(name))?
+                .get("containerPort")?
+                .as_u64()
+        };
+        for probe in ["livenessProbe", "readinessProbe", "startupProbe"].iter().filter_map(|k| c.get(*k)) {
+            for handler in ["httpGet", "tcpSocket", "grpc"].iter().filter_map(|k| probe.get(*k)) {
+                let port = match handler.get("port") {
+                    Some(Value::Number(n)) => n.as_u64(),
+                    Some(Value::String(s)) => s.parse().ok().or_else(|| named(s)),
+                    _ => None,
+                };
+                if let Some(p) = port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) {
+                    out.insert(p);
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
 }
 
 impl Node {
@@ -355,6 +389,7 @@ pub fn node_state<'a>(
                 mtls_mode: ns.mtls_mode,
                 fail_closed: ns.fail_closed,
                 labels: p.labels.clone(),
+                probe_ports: p.probe_ports.clone(),
             },
         );
     }
@@ -404,6 +439,36 @@ mod tests {
         assert_eq!(owned("migrate-x", "Job", "migrate", None), some("migrate"));
         let bare = Pod::from_json(&pod("solo", "shop", "n1", json!({}))).unwrap().unwrap();
         assert_eq!(bare.workload, None, "a pod without a controller is its own workload");
+    }
+
+    #[test]
+    fn probe_ports_come_from_every_containers_probes_named_ports_resolved() {
+        let spec = json!({"containers": [
+            {"name": "app", "ports": [{"name": "health", "containerPort": 8081}, {"containerPort": 8080}],
+             "livenessProbe": {"httpGet": {"path": "/healthz", "port": "health"}},
+             "readinessProbe": {"tcpSocket": {"port": 8080}},
+             "startupProbe": {"exec": {"command": ["true"]}}},
+            {"name": "grpc", "readinessProbe": {"grpc": {"port": 9090}},
+             "livenessProbe": {"httpGet": {"port": "8080"}}},
+            {"name": "bad", "livenessProbe": {"httpGet": {"port": "nope"}},
+             "readinessProbe": {"tcpSocket": {"port": 70000}}}
+        ]});
+        assert_eq!(
+            probe_ports(&spec),
+            vec![8080, 8081, 9090],
+            "sorted, each once; unknown names and bad ports dropped"
+        );
+        assert!(probe_ports(&json!({})).is_empty());
+        let p = Pod::from_json(&pod(
+            "p",
+            "shop",
+            "n1",
+            json!({"spec": {"nodeName": "n1", "containers": [
+            {"name": "c", "readinessProbe": {"tcpSocket": {"port": 5432}}}]}}),
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(p.probe_ports, vec![5432]);
     }
 
     #[test]
