@@ -376,7 +376,8 @@ fn start_reconciler(
         flags: 0,
         probe_ports: [0; mesh_common::MAX_PROBE_PORTS],
     };
-    let mut reconciler = Reconciler::new(datapath, policy);
+    // Local mode has no kube-proxy: the proxy serves every Service of the workload file.
+    let mut reconciler = Reconciler::new(datapath, policy, config.workload_file.is_some());
     let index = reconciler.apply(&state_rx.borrow()).unwrap_or_default();
     let (index_tx, index_rx) = watch::channel(Arc::new(index));
     (index_rx, tokio::spawn(reconciler.run(state_rx, index_tx, stop)))

@@ -26,8 +26,8 @@ use aya::{
 use ipnet::Ipv4Net;
 use mesh_common::{
     AgentId, MAP_ACCEL_PATH, MAP_ACCEL_SOCKS, MAP_AGENT_CONNS, MAP_AGENT_SOCKS, MAP_BYPASS_CIDRS, MAP_BYPASS_PORTS,
-    MAP_CONFIG, MAP_MESHED_CGROUPS, MAP_ORIG_BY_CLIENT, MAP_SOCK_ORIG, MAP_STATS, MESH_FLAG_ACCEL, MeshConfig, OrigDst,
-    PodPolicy, SockKey4, SockTuple4, Stat,
+    MAP_CONFIG, MAP_MESH_DESTS, MAP_MESHED_CGROUPS, MAP_ORIG_BY_CLIENT, MAP_SOCK_ORIG, MAP_STATS, MESH_FLAG_ACCEL,
+    MeshConfig, MeshDest, OrigDst, PodPolicy, SockKey4, SockTuple4, Stat,
 };
 use tracing::{info, warn};
 
@@ -105,7 +105,7 @@ pub struct DatapathConfig {
 const PIN_LAYOUT: &str = "v2";
 
 /// Maps shared by successive agents when pinned.
-const PINNED_MAPS: [&str; 11] = [
+const PINNED_MAPS: [&str; 12] = [
     MAP_MESHED_CGROUPS,
     MAP_SOCK_ORIG,
     MAP_ORIG_BY_CLIENT,
@@ -117,6 +117,7 @@ const PINNED_MAPS: [&str; 11] = [
     MAP_ACCEL_PATH,
     MAP_AGENT_SOCKS,
     MAP_AGENT_CONNS,
+    MAP_MESH_DESTS,
 ];
 
 /// This process as the connect hooks recognise it: its PID in its own PID namespace and that
@@ -238,6 +239,7 @@ pub struct Datapath {
     /// When the previous agent (`mesh_config.agents[1]`) stops being recognised.
     previous_until: Option<Instant>,
     agent_conns: HashMap<MapData, SockTuple4, u8>,
+    mesh_dests: HashMap<MapData, MeshDest, u8>,
     /// Pinned mode: the pin directory, and our connect4 program's id (to tell whether a newer
     /// agent has taken the links over).
     pinned: Option<(PathBuf, u32)>,
@@ -338,6 +340,7 @@ impl Datapath {
         let by_client = take(&mut ebpf, MAP_ORIG_BY_CLIENT)?;
         let stats = take(&mut ebpf, MAP_STATS)?;
         let agent_conns = take(&mut ebpf, MAP_AGENT_CONNS)?;
+        let mesh_dests = take(&mut ebpf, MAP_MESH_DESTS)?;
 
         let cgroup = File::open(&cfg.cgroup_root)
             .map_err(|source| DatapathError::Cgroup { path: cfg.cgroup_root.clone(), source })?;
@@ -381,6 +384,7 @@ impl Datapath {
             mesh_config,
             previous_until: previous.map(|_| Instant::now() + cfg.previous_agent_grace),
             agent_conns,
+            mesh_dests,
             pinned,
             _links: links,
             max_redirected: cfg.max_redirected_sockets,
@@ -398,8 +402,9 @@ impl Datapath {
     }
 
     /// Capacity of each map [`Datapath::map_usage`] counts.
-    pub fn map_capacity(&self) -> [(&'static str, u32); 6] {
+    pub fn map_capacity(&self) -> [(&'static str, u32); 7] {
         [
+            ("mesh_destinations", mesh_common::MAX_MESH_DESTS),
             ("agent_connections", mesh_common::MAX_AGENT_CONNS),
             ("meshed_cgroups", mesh_common::MAX_MESHED_CGROUPS),
             ("sock_orig", self.max_redirected),
@@ -482,6 +487,24 @@ impl Datapath {
         }
     }
 
+    /// The destinations connect4 captures now (pinned mode: possibly the previous agent's).
+    pub fn mesh_destinations(&self) -> Vec<MeshDest> {
+        self.mesh_dests.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Captures `dest` from now on.
+    pub fn add_mesh_destination(&mut self, dest: MeshDest) -> Result<(), DatapathError> {
+        self.mesh_dests.insert(dest, 1, 0).map_err(map_err(MAP_MESH_DESTS))
+    }
+
+    /// Stops capturing `dest`.
+    pub fn remove_mesh_destination(&mut self, dest: &MeshDest) -> Result<(), DatapathError> {
+        match self.mesh_dests.remove(dest) {
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            r => r.map_err(map_err(MAP_MESH_DESTS)),
+        }
+    }
+
     /// Sum over CPUs of every kernel-side counter.
     pub fn stats(&self) -> Vec<(Stat, u64)> {
         Stat::ALL
@@ -496,6 +519,7 @@ impl Datapath {
     /// Entries in each map that grows with traffic or pods.
     pub fn map_usage(&self) -> MapUsage {
         MapUsage {
+            mesh_destinations: self.mesh_dests.keys().count(),
             agent_connections: self.agent_conns.keys().count(),
             meshed_cgroups: self.meshed.keys().count(),
             sock_orig: self.sock_orig.keys().count(),
@@ -508,6 +532,7 @@ impl Datapath {
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct MapUsage {
+    pub mesh_destinations: usize,
     pub agent_connections: usize,
     pub meshed_cgroups: usize,
     pub sock_orig: usize,
@@ -518,8 +543,9 @@ pub struct MapUsage {
 
 impl MapUsage {
     /// Entries per map, named as [`Datapath::map_capacity`] names them.
-    pub fn entries(&self) -> [(&'static str, usize); 6] {
+    pub fn entries(&self) -> [(&'static str, usize); 7] {
         [
+            ("mesh_destinations", self.mesh_destinations),
             ("agent_connections", self.agent_connections),
             ("meshed_cgroups", self.meshed_cgroups),
             ("sock_orig", self.sock_orig),

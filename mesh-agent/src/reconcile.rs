@@ -2,12 +2,12 @@
 //! id in the meshed map, and nothing else does. Runs on every state change and once a second,
 //! so a pod whose cgroup appears after it was declared is meshed as soon as the cgroup exists.
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use mesh_common::PodPolicy;
+use mesh_common::{MeshDest, PodPolicy};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -30,26 +30,39 @@ pub struct Reconciler {
     missing_reported: HashSet<String>,
     /// Pods whose surplus probe ports were already reported.
     probes_reported: HashSet<String>,
+    capture: Capture,
+}
+
+/// The kernel's capture map, as applied.
+struct Capture {
+    /// Capture every Service (local mode: no kube-proxy serves Service addresses).
+    all_services: bool,
+    /// The destinations in the map.
+    dests: BTreeSet<MeshDest>,
+    /// Destinations that did not fit in the map at the last pass (logged when it changes).
+    missing: usize,
 }
 
 impl Reconciler {
-    pub fn new(datapath: Arc<Mutex<Option<Datapath>>>, policy: PodPolicy) -> Self {
+    pub fn new(datapath: Arc<Mutex<Option<Datapath>>>, policy: PodPolicy, all_services: bool) -> Self {
         // Pinned maps start with the previous agent's entries: the first pass re-applies those
         // still wanted (same id, maybe other flags) and removes the rest.
         // Flags no policy of ours has: re-applied whatever it holds.
         let unknown = PodPolicy { flags: u16::MAX, ..policy };
-        let inherited: BTreeMap<u64, (String, PodPolicy)> = datapath
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let guard = datapath.lock().unwrap_or_else(|p| p.into_inner());
+        let inherited: BTreeMap<u64, (String, PodPolicy)> = guard
             .as_ref()
             .map(|dp| dp.meshed_ids().into_iter().map(|id| (id, ("(previous agent)".to_string(), unknown))).collect())
             .unwrap_or_default();
+        let dests = guard.as_ref().map(|dp| dp.mesh_destinations().into_iter().collect()).unwrap_or_default();
+        drop(guard);
         Reconciler {
             datapath,
             policy,
             applied: inherited,
             missing_reported: HashSet::new(),
             probes_reported: HashSet::new(),
+            capture: Capture { all_services, dests, missing: 0 },
         }
     }
 
@@ -119,7 +132,9 @@ impl Reconciler {
         for s in &mut statuses {
             s.redirected = s.cgroup_id.is_some_and(|id| self.applied.contains_key(&id));
         }
-        Some(PodIndex::new(state, statuses))
+        let index = PodIndex::new(state, statuses);
+        self.capture.sync(dp, &index);
+        Some(index)
     }
 
     pub async fn run(
@@ -165,6 +180,7 @@ impl Reconciler {
 /// first [`mesh_common::MAX_PROBE_PORTS`]; more are reported once and not admitted).
 fn policy_of(base: PodPolicy, reported: &mut HashSet<String>, key: &str, w: &crate::state::Workload) -> PodPolicy {
     let fail = if w.fail_closed { mesh_common::POD_FLAG_FAIL_CLOSED } else { 0 };
+    let capture = if w.capture_all { mesh_common::POD_FLAG_CAPTURE_ALL } else { 0 };
     let strict = match w.mtls_mode {
         crate::state::MtlsMode::Strict => mesh_common::POD_FLAG_STRICT,
         crate::state::MtlsMode::Permissive => 0,
@@ -177,5 +193,46 @@ fn policy_of(base: PodPolicy, reported: &mut HashSet<String>, key: &str, w: &cra
         warn!(pod = %key, ports = ?w.probe_ports, kept = mesh_common::MAX_PROBE_PORTS,
             "more probe ports than the kernel keeps per pod; a strict pod refuses probes on the others");
     }
-    PodPolicy { flags: fail | strict, probe_ports, ..base }
+    PodPolicy { flags: fail | strict | capture, probe_ports, ..base }
+}
+
+impl Capture {
+    /// Makes the kernel's capture map hold exactly the destinations the mesh serves: new ones
+    /// first, then the stale ones go (a destination in both states is never uncaptured).
+    fn sync(&mut self, dp: &mut Datapath, index: &PodIndex) {
+        let wanted: BTreeSet<MeshDest> = index
+            .mesh_destinations(self.all_services)
+            .into_iter()
+            .map(|(ip, port)| MeshDest::new(u32::from_ne_bytes(ip.octets()), port.to_be()))
+            .collect();
+        let mut missing = 0;
+        for d in wanted.difference(&self.dests).copied().collect::<Vec<_>>() {
+            match dp.add_mesh_destination(d) {
+                Ok(()) => {
+                    self.dests.insert(d);
+                }
+                Err(_) => missing += 1,
+            }
+        }
+        for d in self.dests.difference(&wanted).copied().collect::<Vec<_>>() {
+            match dp.remove_mesh_destination(&d) {
+                Ok(()) => {
+                    self.dests.remove(&d);
+                }
+                Err(e) => warn!(error = %e, "cannot remove a destination from the capture map; will retry"),
+            }
+        }
+        if missing != self.missing {
+            if missing > 0 {
+                warn!(
+                    missing,
+                    capacity = mesh_common::MAX_MESH_DESTS,
+                    "capture map full: connections to these mesh destinations are not captured (they go direct; strict pods drop them)"
+                );
+            } else {
+                info!("capture map: every mesh destination fits again");
+            }
+            self.missing = missing;
+        }
+    }
 }

@@ -18,6 +18,11 @@ pub const MTLS_MODE_ANNOTATION: &str = "switchyard.io/mtls-mode";
 /// `open` (default: they connect directly) or `closed` (their connects are refused). Needs
 /// the programs pinned (`bpfPinDir`), else they go with the agent and every pod is open.
 pub const FAIL_MODE_ANNOTATION: &str = "switchyard.io/fail-mode";
+/// Namespace annotation: which of its pods' TCP connections the kernel sends to the proxy:
+/// `mesh` (default: destinations the mesh serves, meshed pods and the Services it serves) or
+/// `all` (every destination; traffic to the outside world then leaves from the node, as the
+/// node, and shows in the mesh's metrics).
+pub const CAPTURE_ANNOTATION: &str = "switchyard.io/capture";
 
 /// Whether a meshed pod also accepts plaintext from outside the mesh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -39,6 +44,8 @@ pub struct NamespacePolicy {
     pub mtls_mode: MtlsMode,
     /// [`FAIL_MODE_ANNOTATION`] is `closed`.
     pub fail_closed: bool,
+    /// [`CAPTURE_ANNOTATION`] is `all`.
+    pub capture_all: bool,
 }
 
 /// One of `choices` (value, meaning), the first when absent.
@@ -79,6 +86,12 @@ impl NamespacePolicy {
                 get(FAIL_MODE_ANNOTATION),
                 &[("open", false), ("closed", true)],
                 "\"open\" or \"closed\"",
+            )?,
+            capture_all: choice(
+                CAPTURE_ANNOTATION,
+                get(CAPTURE_ANNOTATION),
+                &[("mesh", false), ("all", true)],
+                "\"mesh\" or \"all\"",
             )?,
         })
     }
@@ -129,6 +142,9 @@ pub struct Workload {
     /// [`FAIL_MODE_ANNOTATION`] is `closed` on its namespace.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub fail_closed: bool,
+    /// [`CAPTURE_ANNOTATION`] is `all` on its namespace.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub capture_all: bool,
     /// The pod labels Istio's metrics name it by (canonical service and revision, app,
     /// version).
     #[serde(skip_serializing_if = "AppLabels::is_empty")]
@@ -499,6 +515,26 @@ impl PodIndex {
         p.workload.node == self.node
     }
 
+    /// The destinations the kernel sends to the proxy (port 0: every port of the address):
+    /// meshed pods (on any node, at addresses that name one pod), and the Services the mesh
+    /// serves: those with a meshed endpoint or a policy of their own (timeouts, retries,
+    /// limits), or every Service when `all_services` (local mode, where no kube-proxy serves
+    /// Service addresses). Everything else stays on the pods' own path.
+    pub fn mesh_destinations(&self, all_services: bool) -> std::collections::BTreeSet<(Ipv4Addr, u16)> {
+        let meshed_pod = |ip: Ipv4Addr| self.by_ip(ip).is_some_and(|p| p.workload.meshed);
+        let pods = self.by_ip.iter().filter(|(ip, _)| meshed_pod(**ip)).map(|(ip, _)| (*ip, 0));
+        let services = self
+            .services
+            .iter()
+            .filter(|(_, s)| {
+                all_services
+                    || s.policy != ServicePolicy::default()
+                    || s.endpoints.iter().any(|ep| meshed_pod(*ep.ip()))
+            })
+            .map(|(vip, _)| (*vip.ip(), vip.port()));
+        pods.chain(services).collect()
+    }
+
     /// Identities the node needs certificates for: those of its meshed pods, and only those.
     pub fn wanted_identities(&self, trust_domain: &str) -> std::collections::BTreeSet<crate::identity::Identity> {
         self.pods
@@ -540,6 +576,57 @@ mod tests {
         }
         assert!(idx.is_node_address(Ipv4Addr::new(192, 168, 1, 1)));
         assert_eq!(idx.pods.len(), 6, "all still listed (the admin views show them)");
+    }
+
+    #[test]
+    fn the_mesh_serves_meshed_pods_and_services_with_a_meshed_endpoint_or_a_policy() {
+        let mut state = NodeState { node: "a".into(), ..Default::default() };
+        let status = |name: &str, ip: [u8; 4], meshed: bool| PodStatus {
+            key: format!("shop/{name}"),
+            workload: Workload { meshed, ..crate::testing::pod("shop", name, Ipv4Addr::from(ip), "a") },
+            cgroup_id: None,
+            redirected: false,
+        };
+        let svc = |ep: [u8; 4], policy: ServicePolicy| ServiceEntry {
+            service: "shop/x".into(),
+            endpoints: vec![SocketAddrV4::new(ep.into(), 8080)],
+            protocol: None,
+            policy,
+        };
+        let vip = |last: u8| SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, last), 80);
+        state.services.insert(vip(1), svc([10, 0, 0, 5], ServicePolicy::default()));
+        state.services.insert(vip(2), svc([10, 0, 0, 6], ServicePolicy::default()));
+        state.services.insert(vip(3), svc([10, 0, 0, 6], ServicePolicy { retries: 5, ..Default::default() }));
+        let pods = vec![
+            status("web", [10, 0, 0, 5], true),
+            status("legacy", [10, 0, 0, 6], false),
+            status("pending", [0, 0, 0, 0], true),
+        ];
+        let idx = PodIndex::new(&state, pods);
+        let dests = |all| idx.mesh_destinations(all).into_iter().map(|(ip, p)| format!("{ip}:{p}")).collect::<Vec<_>>();
+        assert_eq!(
+            dests(false),
+            ["10.0.0.5:0", "10.96.0.1:80", "10.96.0.3:80"],
+            "the meshed pod (every port), the Service with a meshed endpoint and the one with a policy; \
+             not the unmeshed pod, the pending one, or a plain Service of unmeshed endpoints"
+        );
+        assert_eq!(
+            dests(true),
+            ["10.0.0.5:0", "10.96.0.1:80", "10.96.0.2:80", "10.96.0.3:80"],
+            "local mode: every Service"
+        );
+    }
+
+    #[test]
+    fn capture_is_mesh_by_default_or_all_and_nothing_else() {
+        let ns = |v: Option<&'static str>| {
+            NamespacePolicy::from_annotations(|k| (k == CAPTURE_ANNOTATION).then_some(v).flatten())
+        };
+        assert!(!ns(None).unwrap().capture_all);
+        assert!(!ns(Some("mesh")).unwrap().capture_all);
+        assert!(ns(Some("all")).unwrap().capture_all);
+        let e = ns(Some("everything")).unwrap_err().to_string();
+        assert!(e.contains(CAPTURE_ANNOTATION) && e.contains("\"mesh\" or \"all\""), "{e}");
     }
 
     fn policy(pairs: &[(&str, &str)]) -> Result<ServicePolicy, AnnotationError> {

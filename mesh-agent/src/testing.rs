@@ -71,6 +71,7 @@ pub fn pod(ns: &str, name: &str, ip: Ipv4Addr, node: &str) -> Workload {
         reason: MeshReason::Namespace,
         mtls_mode: Default::default(),
         fail_closed: false,
+        capture_all: false,
         labels: Default::default(),
         probe_ports: Vec::new(),
     }

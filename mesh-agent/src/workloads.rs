@@ -267,6 +267,7 @@ pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Resul
             reason,
             mtls_mode: ns.mtls_mode,
             fail_closed: ns.fail_closed,
+            capture_all: ns.capture_all,
             labels: crate::state::AppLabels::from_labels(|k| p.labels.get(k).map(String::as_str)),
             probe_ports: p.probe_ports,
         };

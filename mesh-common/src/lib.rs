@@ -19,6 +19,11 @@ pub const MAP_SOCK_ORIG: &str = "SOCK_ORIG";
 /// Written by sockops when a redirected connection is established; the proxy removes the entry
 /// when it accepts the connection.
 pub const MAP_ORIG_BY_CLIENT: &str = "ORIG_BY_CLIENT";
+/// The destinations the mesh serves, which connect4 captures: hash of [`MeshDest`] (a meshed
+/// pod's address with port 0 for any port, or a Service's `ClusterIP:port`) → `u8` (unused).
+/// Filled by the agent's reconciler. A pod whose namespace captures everything
+/// ([`POD_FLAG_CAPTURE_ALL`]) does not look here.
+pub const MAP_MESH_DESTS: &str = "MESH_DESTS";
 /// Destination ports never redirected: `u16` port (host byte order) → `u8` (unused).
 pub const MAP_BYPASS_PORTS: &str = "BYPASS_PORTS";
 /// Destination CIDRs never redirected: LPM trie keyed by the IPv4 address bytes (network order).
@@ -56,6 +61,10 @@ pub const MAX_ACCEL_SOCKETS: u32 = 65_536;
 /// once. Full: the connection is not registered ([`Stat::AgentConnsFull`]), so a strict pod
 /// drops it (strict stays strict).
 pub const MAX_AGENT_CONNS: u32 = 65_536;
+/// Capacity of [`MAP_MESH_DESTS`]: meshed pods in the cluster plus Service ports the mesh
+/// serves. Full: the destinations that did not fit are not captured (logged and counted as the
+/// map's usage).
+pub const MAX_MESH_DESTS: u32 = 131_072;
 /// Probe ports kept per pod ([`PodPolicy::probe_ports`]).
 pub const MAX_PROBE_PORTS: usize = 4;
 
@@ -89,6 +98,9 @@ pub const POD_FLAG_STRICT: u16 = 1;
 /// Pod flag: while no agent is alive, the pod's TCP connects are refused (`EPERM`) instead of
 /// going direct (namespace annotation `switchyard.io/fail-mode: closed`).
 pub const POD_FLAG_FAIL_CLOSED: u16 = 2;
+/// Pod flag: its namespace captures every TCP destination (`switchyard.io/capture: all`), not
+/// only those in [`MAP_MESH_DESTS`].
+pub const POD_FLAG_CAPTURE_ALL: u16 = 4;
 /// No heartbeat for this long (or a heartbeat of 0, written by an agent stopping without a
 /// successor): no agent is serving the node.
 pub const AGENT_HEARTBEAT_TIMEOUT_NS: u64 = 2_000_000_000;
@@ -133,6 +145,24 @@ pub struct OrigDst {
 }
 
 pub const ORIG_FLAG_V4_MAPPED: u16 = 1;
+
+/// A destination the mesh serves (key of [`MAP_MESH_DESTS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MeshDest {
+    /// IPv4 address, network byte order.
+    pub ip4: u32,
+    /// Port, network byte order; 0: every port of the address (a meshed pod).
+    pub port: u16,
+    /// Explicit padding, always zero (hash keys compare all bytes).
+    pub _pad: u16,
+}
+
+impl MeshDest {
+    pub const fn new(ip4_be: u32, port_be: u16) -> Self {
+        Self { ip4: ip4_be, port: port_be, _pad: 0 }
+    }
+}
 
 /// A TCP endpoint as the proxy sees the client of an accepted connection (key of
 /// [`MAP_ORIG_BY_CLIENT`]).
@@ -295,10 +325,13 @@ pub enum Stat {
     /// [`MAP_SOCK_ORIG`] was full and the pod fails closed: the connect was refused rather
     /// than sent direct.
     MapFullRefused = 24,
+    /// A destination the mesh does not serve (not a meshed pod, not a Service it serves): left
+    /// on the pod's own path.
+    SkipOutsideMesh = 25,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 25;
+    pub const COUNT: u32 = 26;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::MeshedConnects,
         Stat::Redirected,
@@ -325,6 +358,7 @@ impl Stat {
         Stat::AgentConnsFull,
         Stat::Reclaimed,
         Stat::MapFullRefused,
+        Stat::SkipOutsideMesh,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -355,6 +389,7 @@ impl Stat {
             Stat::AgentConnsFull => "agent_connections_map_full",
             Stat::Reclaimed => "reclaimed",
             Stat::MapFullRefused => "map_full_refused",
+            Stat::SkipOutsideMesh => "skip_outside_mesh",
         }
     }
 }
@@ -368,9 +403,17 @@ pub enum Verdict {
 
 /// Decides whether a TCP connect from a meshed pod to `dst_ip4:dst_port` (both network byte
 /// order) is sent to the proxy. `bypass_port` and `bypass_cidr` are the results of the bypass
-/// map lookups, which only the kernel side can make.
+/// map lookups, `in_mesh` whether the destination is one the mesh serves (or the pod's
+/// namespace captures everything), which only the kernel side can find out.
 #[inline(always)]
-pub fn decide_v4(policy: &PodPolicy, dst_ip4: u32, dst_port: u16, bypass_port: bool, bypass_cidr: bool) -> Verdict {
+pub fn decide_v4(
+    policy: &PodPolicy,
+    dst_ip4: u32,
+    dst_port: u16,
+    bypass_port: bool,
+    bypass_cidr: bool,
+    in_mesh: bool,
+) -> Verdict {
     let first_octet = dst_ip4.to_ne_bytes()[0];
     // 127.0.0.0/8 never leaves the pod; 0.0.0.0 means "this host" to connect().
     if first_octet == 127 || dst_ip4 == 0 {
@@ -385,6 +428,13 @@ pub fn decide_v4(policy: &PodPolicy, dst_ip4: u32, dst_port: u16, bypass_port: b
     }
     if bypass_cidr {
         return Verdict::Skip(Stat::SkipBypassCidr);
+    }
+    // Link-local (the metadata service) is never proxied, whatever the namespace captures.
+    if first_octet == 169 && dst_ip4.to_ne_bytes()[1] == 254 {
+        return Verdict::Skip(Stat::SkipOutsideMesh);
+    }
+    if !in_mesh {
+        return Verdict::Skip(Stat::SkipOutsideMesh);
     }
     Verdict::Redirect
 }
@@ -446,6 +496,7 @@ mod user {
     unsafe impl aya::Pod for super::SockKey4 {}
     unsafe impl aya::Pod for super::MeshConfig {}
     unsafe impl aya::Pod for super::AgentId {}
+    unsafe impl aya::Pod for super::MeshDest {}
     unsafe impl aya::Pod for super::SockTuple4 {}
 }
 
@@ -468,30 +519,45 @@ mod tests {
 
     #[test]
     fn ordinary_destination_is_redirected() {
-        assert_eq!(decide_v4(&POLICY, ip([10, 244, 1, 20]), port(8080), false, false), Verdict::Redirect);
+        assert_eq!(decide_v4(&POLICY, ip([10, 244, 1, 20]), port(8080), false, false, true), Verdict::Redirect);
     }
 
     #[test]
     fn loopback_and_unspecified_are_never_redirected() {
         for a in [[127, 0, 0, 1], [127, 1, 2, 3], [0, 0, 0, 0]] {
-            assert_eq!(decide_v4(&POLICY, ip(a), port(80), false, false), Verdict::Skip(Stat::SkipLoopback), "{a:?}");
+            assert_eq!(
+                decide_v4(&POLICY, ip(a), port(80), false, false, true),
+                Verdict::Skip(Stat::SkipLoopback),
+                "{a:?}"
+            );
         }
     }
 
     #[test]
     fn proxy_itself_is_not_redirected_but_other_ports_on_node_are() {
         assert_eq!(
-            decide_v4(&POLICY, POLICY.proxy_ip4, POLICY.proxy_port, false, false),
+            decide_v4(&POLICY, POLICY.proxy_ip4, POLICY.proxy_port, false, false, true),
             Verdict::Skip(Stat::SkipProxySelf)
         );
-        assert_eq!(decide_v4(&POLICY, POLICY.proxy_ip4, port(9100), false, false), Verdict::Redirect);
+        assert_eq!(decide_v4(&POLICY, POLICY.proxy_ip4, port(9100), false, false, true), Verdict::Redirect);
     }
 
     #[test]
     fn bypass_lists_win() {
         let dst = ip([10, 96, 0, 10]);
-        assert_eq!(decide_v4(&POLICY, dst, port(53), true, false), Verdict::Skip(Stat::SkipBypassPort));
-        assert_eq!(decide_v4(&POLICY, dst, port(443), false, true), Verdict::Skip(Stat::SkipBypassCidr));
+        assert_eq!(decide_v4(&POLICY, dst, port(53), true, false, true), Verdict::Skip(Stat::SkipBypassPort));
+        assert_eq!(decide_v4(&POLICY, dst, port(443), false, true, true), Verdict::Skip(Stat::SkipBypassCidr));
+    }
+
+    #[test]
+    fn only_mesh_destinations_are_captured_and_never_link_local() {
+        let dst = ip([10, 244, 2, 7]);
+        assert_eq!(decide_v4(&POLICY, dst, port(5432), false, false, false), Verdict::Skip(Stat::SkipOutsideMesh));
+        assert_eq!(decide_v4(&POLICY, dst, port(5432), false, false, true), Verdict::Redirect);
+        let imds = ip([169, 254, 169, 254]);
+        assert_eq!(decide_v4(&POLICY, imds, port(80), false, false, true), Verdict::Skip(Stat::SkipOutsideMesh));
+        // Bypasses are counted as such before the mesh check.
+        assert_eq!(decide_v4(&POLICY, dst, port(53), true, false, false), Verdict::Skip(Stat::SkipBypassPort));
     }
 
     #[test]
@@ -569,6 +635,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<AgentId>(), 24);
         assert_eq!(core::mem::size_of::<MeshConfig>(), 64);
         assert_eq!(core::mem::size_of::<SockTuple4>(), 12);
+        assert_eq!(core::mem::size_of::<MeshDest>(), 8);
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! proxy and keep the application unaware of it.
 //!
 //! * `mesh_connect4` / `mesh_connect6` (`cgroup/connect4`, `cgroup/connect6`): a TCP connect from a
-//!   task in a meshed pod cgroup is rewritten to the pod's proxy address; the original
-//!   destination is recorded under the socket cookie.
+//!   task in a meshed pod cgroup to a destination the mesh serves (`MESH_DESTS`: meshed pods,
+//!   Services it serves; everything in a capture-all namespace) is rewritten to the pod's proxy
+//!   address; the original destination is recorded under the socket cookie. Every other
+//!   destination stays on the pod's own path.
 //! * `mesh_sockops` (`sockops`): when that connection is established, the record is copied under
 //!   the client's own address and port, which is what the proxy sees on `accept()`; when the
 //!   socket closes, both records are removed.
@@ -56,10 +58,10 @@ mod programs {
     use aya_log_ebpf::warn;
     use mesh_common::{
         ACCEL_VIA_SOCKMAP, ACCEL_VIA_STACK, AgentId, MAX_ACCEL_SOCKETS, MAX_AGENT_CONNS, MAX_BYPASS_CIDRS,
-        MAX_BYPASS_PORTS, MAX_CGROUP_DEPTH, MAX_MESHED_CGROUPS, MAX_REDIRECTED_SOCKETS, MESH_FLAG_ACCEL, MeshConfig,
-        ORIG_FLAG_V4_MAPPED, OrigDst, POD_FLAG_FAIL_CLOSED, POD_FLAG_STRICT, PodPolicy, SockKey4, SockTuple4, Stat,
-        Verdict, accel_candidate, agent_alive, decide_v4, is_ipv6_extension, is_loopback6, mapped_from_v4,
-        strict_allows, v4_from_mapped,
+        MAX_BYPASS_PORTS, MAX_CGROUP_DEPTH, MAX_MESH_DESTS, MAX_MESHED_CGROUPS, MAX_REDIRECTED_SOCKETS,
+        MESH_FLAG_ACCEL, MeshConfig, MeshDest, ORIG_FLAG_V4_MAPPED, OrigDst, POD_FLAG_CAPTURE_ALL,
+        POD_FLAG_FAIL_CLOSED, POD_FLAG_STRICT, PodPolicy, SockKey4, SockTuple4, Stat, Verdict, accel_candidate,
+        agent_alive, decide_v4, is_ipv6_extension, is_loopback6, mapped_from_v4, strict_allows, v4_from_mapped,
     };
 
     const AF_INET: u32 = 2;
@@ -91,6 +93,8 @@ mod programs {
     /// 0 = undecided (set when the socket joins `ACCEL_SOCKS`), then `ACCEL_VIA_*`.
     #[map]
     static ACCEL_PATH: HashMap<SockTuple4, u8> = HashMap::with_max_entries(MAX_ACCEL_SOCKETS, 0);
+    #[map]
+    static MESH_DESTS: HashMap<MeshDest, u8> = HashMap::with_max_entries(MAX_MESH_DESTS, 0);
     #[map]
     static AGENT_SOCKS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_AGENT_CONNS, 0);
     #[map]
@@ -185,28 +189,40 @@ mod programs {
         }
     }
 
+    /// Whether the mesh serves `ip4:port` (both network order): a meshed pod (any port) or a
+    /// Service port it serves.
+    #[inline(always)]
+    fn mesh_dest(ip4: u32, port: u16) -> bool {
+        unsafe {
+            MESH_DESTS.get(&MeshDest::new(ip4, port)).is_some() || MESH_DESTS.get(&MeshDest::new(ip4, 0)).is_some()
+        }
+    }
+
     /// Shared by connect4 and connect6 (v4-mapped): `Ok(Some)` the rewrite target, `Ok(None)`
     /// leave the connect alone, `Err` refuse it (fail-closed pod, no agent).
     #[inline(always)]
     fn redirect_v4(ctx: &SockAddrContext, dst_ip4: u32, dst_port: u16, flags: u16) -> Result<Option<PodPolicy>, ()> {
         let Some((pod_cgroup, policy)) = current_pod() else { return Ok(None) };
         count(Stat::MeshedConnects);
-        if !agent_up() {
-            if policy.flags & POD_FLAG_FAIL_CLOSED != 0 {
-                count(Stat::AgentDownRefused);
-                return Err(());
-            }
-            count(Stat::AgentDownDirect);
-            return Ok(None);
-        }
         let bypass_port = unsafe { BYPASS_PORTS.get(&u16::from_be(dst_port)) }.is_some();
         let bypass_cidr = BYPASS_CIDRS.get(&Key::new(32, dst_ip4.to_ne_bytes())).is_some();
-        Ok(match decide_v4(&policy, dst_ip4, dst_port, bypass_port, bypass_cidr) {
+        let in_mesh = policy.flags & POD_FLAG_CAPTURE_ALL != 0 || mesh_dest(dst_ip4, dst_port);
+        Ok(match decide_v4(&policy, dst_ip4, dst_port, bypass_port, bypass_cidr, in_mesh) {
             Verdict::Skip(reason) => {
                 count(reason);
                 None
             }
             Verdict::Redirect => {
+                // Mesh traffic while no agent serves: a fail-closed pod is refused, every other
+                // one connects directly.
+                if !agent_up() {
+                    if policy.flags & POD_FLAG_FAIL_CLOSED != 0 {
+                        count(Stat::AgentDownRefused);
+                        return Err(());
+                    }
+                    count(Stat::AgentDownDirect);
+                    return Ok(None);
+                }
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
                 let orig = OrigDst { pod_cgroup, ip4: dst_ip4, port: dst_port, flags };
                 if SOCK_ORIG.insert(&cookie, &orig, BPF_ANY as u64).is_err() {

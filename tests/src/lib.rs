@@ -491,6 +491,8 @@ pub struct Node {
     pub bpffs: Option<PathBuf>,
     /// Namespaces annotated `switchyard.io/fail-mode: closed` (standalone node).
     pub fail_closed: Vec<String>,
+    /// Other namespace annotations: (namespace, key, value) (standalone node).
+    pub ns_annotations: Vec<(String, String, String)>,
     /// How its agents are started (default: `mesh-agent` next to the test binaries).
     pub agent_command: AgentCommand,
 }
@@ -573,6 +575,7 @@ impl Node {
             services: Vec::new(),
             bpffs: None,
             fail_closed: vec![],
+            ns_annotations: vec![],
             agent_command: AgentCommand::default(),
         };
         std::fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
@@ -687,8 +690,17 @@ impl Node {
     pub fn write_workloads(&self) -> Result<()> {
         write_atomic(
             &self.workloads,
-            &workload_file(&[], &self.namespaces, &self.mtls_modes, &self.pods, &[], &self.services, &self.fail_closed)
-                .to_yaml(),
+            &workload_file(
+                &[],
+                &self.namespaces,
+                &self.mtls_modes,
+                &self.pods,
+                &[],
+                &self.services,
+                &self.fail_closed,
+                &self.ns_annotations,
+            )
+            .to_yaml(),
         )
     }
 
@@ -969,6 +981,7 @@ fn workload_file(
     authorization: &[RuleSpec],
     services: &[ServiceSpec],
     fail_closed: &[String],
+    ns_annotations: &[(String, String, String)],
 ) -> WorkloadFile {
     let namespace = |ns: &str, meshed: bool| {
         let mut annotations = std::collections::BTreeMap::new();
@@ -980,6 +993,9 @@ fn workload_file(
         }
         if fail_closed.iter().any(|n| n == ns) {
             annotations.insert("switchyard.io/fail-mode".into(), "closed".into());
+        }
+        for (_, k, v) in ns_annotations.iter().filter(|(n, _, _)| n == ns) {
+            annotations.insert(k.clone(), v.clone());
         }
         NamespaceSpec { name: ns.into(), annotations }
     };
@@ -1216,7 +1232,7 @@ impl Cluster {
         let pods: Vec<Pod> = self.nodes.iter().flat_map(|n| n.pods.clone()).collect();
         write_atomic(
             &self.dir.join("cluster.yaml"),
-            &workload_file(&nodes, &self.namespaces, &self.mtls_modes, &pods, &self.authz, &self.services, &[])
+            &workload_file(&nodes, &self.namespaces, &self.mtls_modes, &pods, &self.authz, &self.services, &[], &[])
                 .to_yaml(),
         )
     }

@@ -388,6 +388,7 @@ pub fn node_state<'a>(
                 reason,
                 mtls_mode: ns.mtls_mode,
                 fail_closed: ns.fail_closed,
+                capture_all: ns.capture_all,
                 labels: p.labels.clone(),
                 probe_ports: p.probe_ports.clone(),
             },
@@ -549,7 +550,12 @@ mod tests {
                 "shop".to_string(),
                 Namespace {
                     name: "shop".into(),
-                    policy: NamespacePolicy { meshed: true, mtls_mode: MtlsMode::Strict, fail_closed: true },
+                    policy: NamespacePolicy {
+                        meshed: true,
+                        mtls_mode: MtlsMode::Strict,
+                        fail_closed: true,
+                        capture_all: false,
+                    },
                 },
             ),
             ("legacy".to_string(), Namespace { name: "legacy".into(), policy: NamespacePolicy::default() }),

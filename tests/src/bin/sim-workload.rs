@@ -60,6 +60,19 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = Io::Poll)]
         io: Io,
     },
+    /// Answers each connection with the peer address it sees (one line), then closes: what a
+    /// server outside the mesh sees of its clients.
+    WhoamiServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Connects and reports what the server saw: `{"ok": 1, "seen_as": "ip:port", "local": ..}`.
+    Whoami {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
     /// UDP echo server.
     UdpServer {
         #[arg(long)]
@@ -101,6 +114,8 @@ fn main() {
             client(connect, opts)
         }
         Cmd::UdpServer { listen } => udp_server(listen),
+        Cmd::WhoamiServer { listen } => whoami_server(listen),
+        Cmd::Whoami { connect, timeout_ms } => whoami(connect, Duration::from_millis(timeout_ms)),
         Cmd::Hold { connect, count, seconds } => hold(connect, count, seconds),
         Cmd::UdpQuery { to, sendto } => udp_query(to, sendto),
     }
@@ -357,4 +372,31 @@ fn hold(addr: SocketAddr, count: usize, seconds: u64) {
     println!("{}", serde_json::json!({ "held": conns.len(), "error": error }));
     std::io::stdout().flush().unwrap();
     std::thread::sleep(Duration::from_secs(seconds));
+}
+
+fn whoami_server(listen: SocketAddr) {
+    let l = TcpListener::bind(listen).expect("bind");
+    ready(l.local_addr().unwrap());
+    for s in l.incoming().flatten() {
+        let mut s = s;
+        if let Ok(peer) = s.peer_addr() {
+            let _ = writeln!(s, "{peer}");
+        }
+    }
+}
+
+fn whoami(to: SocketAddr, timeout: Duration) {
+    let r = (|| -> std::io::Result<(String, String)> {
+        let mut s = TcpStream::connect_timeout(&to, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        let local = s.local_addr()?.to_string();
+        let mut line = String::new();
+        s.read_to_string(&mut line)?;
+        Ok((line.trim().to_string(), local))
+    })();
+    let v = match r {
+        Ok((seen, local)) => serde_json::json!({"ok": 1, "seen_as": seen, "local": local}),
+        Err(e) => serde_json::json!({"ok": 0, "error": e.to_string()}),
+    };
+    println!("{v}");
 }
