@@ -533,6 +533,7 @@ fn outbound_proxy(
         },
         balancer: telemetry.balancer.clone(),
         limits: Default::default(),
+        caps: crate::proxy::caps::ConnectionCaps::new(config.max_connections_per_pod, config.max_proxied_connections),
         authorizations: telemetry.authorizations.clone(),
         http: telemetry.http.clone(),
         detect: crate::proxy::detect::DetectConfig {
@@ -540,6 +541,7 @@ fn outbound_proxy(
             http_ports: config.http_ports.clone(),
             opaque_ports: config.opaque_ports.clone(),
             retry_body_limit: config.retry_body_limit,
+            retry_body_budget: config.retry_body_budget,
             trace_context: config.trace_context,
             trace_sample_rate: config.trace_sample_rate,
             spans: telemetry.spans.spans.clone(),

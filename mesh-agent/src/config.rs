@@ -60,6 +60,8 @@ pub const DEFAULT_OUTLIER_MAX_EJECTION_PERCENT: u32 = 50;
 /// Request bodies up to this size are kept so the request can be retried; larger ones are
 /// streamed and never retried.
 pub const DEFAULT_RETRY_BODY_LIMIT: usize = 64 * 1024;
+/// Request bodies kept for retries on the whole node at once: 1024 of the largest.
+pub const DEFAULT_RETRY_BODY_BUDGET: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -144,6 +146,14 @@ pub struct FileConfig {
     #[serde(default)]
     pub outlier_detection: OutlierFile,
     pub retry_body_limit_bytes: Option<usize>,
+    /// Bytes of request bodies kept for retries on the whole node at once (past it, requests
+    /// are streamed and not retried once sent, never refused).
+    pub retry_body_budget_bytes: Option<usize>,
+    /// Connections one pod may have open through the proxy at once (past it, new ones are
+    /// reset).
+    pub max_connections_per_pod: Option<usize>,
+    /// Connections open through the proxy on the node at once.
+    pub max_proxied_connections: Option<usize>,
     /// Pin the eBPF maps and links under this directory on a bpffs: a new agent then takes
     /// over from the running one without a gap, and namespaces can fail closed.
     pub bpf_pin_dir: Option<PathBuf>,
@@ -298,6 +308,13 @@ pub struct RunArgs {
     /// Size of the per-connection eBPF maps: redirected connections open at once, node-wide.
     #[arg(long)]
     pub max_redirected_sockets: Option<u32>,
+    /// Connections one pod may have open through the proxy at once (default 16384); past it its
+    /// new connections are reset, other pods' are not.
+    #[arg(long)]
+    pub max_connections_per_pod: Option<usize>,
+    /// Connections open through the proxy on the node at once (default 65536).
+    #[arg(long)]
+    pub max_proxied_connections: Option<usize>,
     /// SPIFFE trust domain.
     #[arg(long)]
     pub trust_domain: Option<String>,
@@ -445,6 +462,9 @@ pub struct Config {
     pub drain_grace: Duration,
     pub copy_buffer: usize,
     pub max_redirected_sockets: u32,
+    pub max_connections_per_pod: usize,
+    pub max_proxied_connections: usize,
+    pub retry_body_budget: usize,
     pub trust_domain: String,
     /// Without a CA there is no mTLS: connections to other nodes' meshed pods are refused.
     pub ca: Option<CaFiles>,
@@ -589,6 +609,17 @@ impl Config {
             opaque_ports: file.opaque_ports.unwrap_or_else(|| DEFAULT_OPAQUE_PORTS.to_vec()),
             outlier: Outlier::merge(&file.outlier_detection, args),
             retry_body_limit: file.retry_body_limit_bytes.unwrap_or(DEFAULT_RETRY_BODY_LIMIT),
+            retry_body_budget: file.retry_body_budget_bytes.unwrap_or(DEFAULT_RETRY_BODY_BUDGET),
+            max_connections_per_pod: cap(
+                args.max_connections_per_pod,
+                file.max_connections_per_pod,
+                crate::proxy::caps::DEFAULT_PER_POD,
+            ),
+            max_proxied_connections: cap(
+                args.max_proxied_connections,
+                file.max_proxied_connections,
+                crate::proxy::caps::DEFAULT_NODE,
+            ),
             bpf_pin_dir: args.bpf_pin_dir.clone().or(file.bpf_pin_dir),
             trace_context: file.trace_context.unwrap_or(true),
             trace_sample_rate,
@@ -668,6 +699,11 @@ impl NodeSettings {
 }
 
 /// The share of new traces sampled, and where spans go.
+/// A connection cap: the flag, else the file, else `default`; at least 1.
+fn cap(flag: Option<usize>, file: Option<usize>, default: usize) -> usize {
+    flag.or(file).unwrap_or(default).max(1)
+}
+
 /// The trust domain: the flag, else the file, else Kubernetes' default; it must be a valid
 /// SPIFFE trust domain.
 fn trust_domain(file: &mut FileConfig, args: &RunArgs) -> Result<String, ConfigError> {

@@ -249,6 +249,29 @@ pub struct Datapath {
     max_redirected: u32,
 }
 
+/// This agent's `MeshConfig`, and the agent it takes over from: in pinned mode, a serving
+/// predecessor (fresh heartbeat in the pinned config) whose connections stay recognised
+/// through its drain.
+fn initial_config(
+    config: &Array<MapData, MeshConfig>,
+    cfg: &DatapathConfig,
+    accel: bool,
+) -> (MeshConfig, Option<AgentId>) {
+    let previous = config
+        .get(&0, 0)
+        .ok()
+        .filter(|c| c.agents[0].tgid != 0 && mesh_common::agent_alive(c.heartbeat_ns, monotonic_ns()))
+        .map(|c| c.agents[0])
+        .filter(|a| *a != cfg.agent);
+    let mesh_config = MeshConfig {
+        agents: [cfg.agent, previous.unwrap_or_default()],
+        flags: if accel { MESH_FLAG_ACCEL } else { 0 },
+        proxy_ip4: u32::from_ne_bytes(cfg.proxy_ip4.octets()),
+        heartbeat_ns: monotonic_ns(),
+    };
+    (mesh_config, previous)
+}
+
 /// Fills the bypass maps. Pinned maps may hold the previous agent's entries: ours are added
 /// first, then the stale ones dropped (never a moment without the bypasses both agree on).
 /// Returns the maps, to be held until the programs are loaded (after that the programs'
@@ -320,19 +343,7 @@ impl Datapath {
             (None, AccelState::Off)
         };
         let mut config: Array<_, MeshConfig> = take(&mut ebpf, MAP_CONFIG)?;
-        // Pinned: a serving predecessor's connections stay recognised through its drain.
-        let previous = config
-            .get(&0, 0)
-            .ok()
-            .filter(|c| c.agents[0].tgid != 0 && mesh_common::agent_alive(c.heartbeat_ns, monotonic_ns()))
-            .map(|c| c.agents[0])
-            .filter(|a| *a != cfg.agent);
-        let mesh_config = MeshConfig {
-            agents: [cfg.agent, previous.unwrap_or_default()],
-            flags: if accel_state == AccelState::On { MESH_FLAG_ACCEL } else { 0 },
-            proxy_ip4: u32::from_ne_bytes(cfg.proxy_ip4.octets()),
-            heartbeat_ns: monotonic_ns(),
-        };
+        let (mesh_config, previous) = initial_config(&config, cfg, accel_state == AccelState::On);
         config.set(0, mesh_config, 0).map_err(map_err(MAP_CONFIG))?;
         let bypass = fill_bypass(&mut ebpf, cfg)?;
         let meshed = take(&mut ebpf, MAP_MESHED_CGROUPS)?;

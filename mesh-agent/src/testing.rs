@@ -183,11 +183,19 @@ pub struct ProxyOptions {
     pub idle_timeout: Option<Duration>,
     pub pool: Option<Arc<Pool>>,
     pub hbone_port: u16,
+    /// Connections the client pod may have open through the proxy at once.
+    pub max_connections_per_pod: usize,
 }
 
 impl Default for ProxyOptions {
     fn default() -> Self {
-        ProxyOptions { connect_timeout: Duration::from_secs(2), idle_timeout: None, pool: None, hbone_port: 15008 }
+        ProxyOptions {
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: None,
+            pool: None,
+            hbone_port: 15008,
+            max_connections_per_pod: crate::proxy::caps::DEFAULT_PER_POD,
+        }
     }
 }
 
@@ -217,6 +225,10 @@ impl OutboundProxy {
             connector: Connector { pool: opts.pool, connect_timeout: opts.connect_timeout, metrics },
             balancer: Default::default(),
             limits: Default::default(),
+            caps: crate::proxy::caps::ConnectionCaps::new(
+                opts.max_connections_per_pod,
+                crate::proxy::caps::DEFAULT_NODE,
+            ),
             authorizations: Default::default(),
             http: Default::default(),
             detect: Default::default(),

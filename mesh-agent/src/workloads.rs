@@ -227,17 +227,7 @@ pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Resul
     let mut ips = HashSet::new();
     for p in file.pods {
         let key = format!("{}/{}", p.namespace, p.name);
-        if !crate::identity::is_dns_subdomain(&p.name) || !crate::identity::is_dns_label(&p.namespace) {
-            return Err(invalid(format!(
-                "pod {key}: the name must be a DNS subdomain and the namespace a DNS label (lowercase letters, digits, '-')"
-            )));
-        }
-        if !crate::identity::is_dns_subdomain(&p.service_account) {
-            return Err(invalid(format!(
-                "pod {key}: service account {:?} is not a DNS subdomain (lowercase letters, digits, '-', '.')",
-                p.service_account
-            )));
-        }
+        check_names(&p).map_err(|msg| invalid(format!("pod {key}: {msg}")))?;
         if !ips.insert(p.ip) {
             return Err(invalid(format!("pod {key}: IP {} is used by another pod", p.ip)));
         }
@@ -276,6 +266,23 @@ pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Resul
         }
     }
     Ok(state)
+}
+
+/// A pod's name, namespace and service account as Kubernetes allows them (they become SPIFFE
+/// IDs and metric labels).
+fn check_names(p: &PodSpec) -> Result<(), String> {
+    if !crate::identity::is_dns_subdomain(&p.name) || !crate::identity::is_dns_label(&p.namespace) {
+        return Err(
+            "the name must be a DNS subdomain and the namespace a DNS label (lowercase letters, digits, '-')".into()
+        );
+    }
+    if !crate::identity::is_dns_subdomain(&p.service_account) {
+        return Err(format!(
+            "service account {:?} is not a DNS subdomain (lowercase letters, digits, '-', '.')",
+            p.service_account
+        ));
+    }
+    Ok(())
 }
 
 /// Loads the file, then keeps `tx` up to date with every valid edit until the sender's

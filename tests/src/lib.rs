@@ -690,16 +690,13 @@ impl Node {
     pub fn write_workloads(&self) -> Result<()> {
         write_atomic(
             &self.workloads,
-            &workload_file(
-                &[],
-                &self.namespaces,
-                &self.mtls_modes,
-                &self.pods,
-                &[],
-                &self.services,
-                &self.fail_closed,
-                &self.ns_annotations,
-            )
+            &workload_file(&[], &self.namespaces, &self.mtls_modes, &self.pods, &[], &self.services, &{
+                let mut a = self.ns_annotations.clone();
+                a.extend(
+                    self.fail_closed.iter().map(|ns| (ns.clone(), "switchyard.io/fail-mode".into(), "closed".into())),
+                );
+                a
+            })
             .to_yaml(),
         )
     }
@@ -980,7 +977,6 @@ fn workload_file(
     pods: &[Pod],
     authorization: &[RuleSpec],
     services: &[ServiceSpec],
-    fail_closed: &[String],
     ns_annotations: &[(String, String, String)],
 ) -> WorkloadFile {
     let namespace = |ns: &str, meshed: bool| {
@@ -990,9 +986,6 @@ fn workload_file(
         }
         if let Some((_, mode)) = mtls_modes.iter().find(|(n, _)| n == ns) {
             annotations.insert("switchyard.io/mtls-mode".into(), mode.clone());
-        }
-        if fail_closed.iter().any(|n| n == ns) {
-            annotations.insert("switchyard.io/fail-mode".into(), "closed".into());
         }
         for (_, k, v) in ns_annotations.iter().filter(|(n, _, _)| n == ns) {
             annotations.insert(k.clone(), v.clone());
@@ -1232,7 +1225,7 @@ impl Cluster {
         let pods: Vec<Pod> = self.nodes.iter().flat_map(|n| n.pods.clone()).collect();
         write_atomic(
             &self.dir.join("cluster.yaml"),
-            &workload_file(&nodes, &self.namespaces, &self.mtls_modes, &pods, &self.authz, &self.services, &[], &[])
+            &workload_file(&nodes, &self.namespaces, &self.mtls_modes, &pods, &self.authz, &self.services, &[])
                 .to_yaml(),
         )
     }

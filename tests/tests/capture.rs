@@ -56,7 +56,7 @@ fn only_mesh_destinations_are_captured_and_other_traffic_keeps_the_pods_address(
     assert_eq!(ev["skip_outside_mesh"], 1, "{ev}");
     // Not in the mesh's telemetry either.
     let m = node.admin_text("/metrics")?;
-    assert!(!m.contains(&format!("destination_workload=\"outside\"")), "no istio_tcp_* series for it");
+    assert!(!m.contains("destination_workload=\"outside\""), "no istio_tcp_* series for it");
 
     // A meshed pod and a Service: through the proxy.
     let r = whoami(&client, &format!("{}:8080", server.ip))?;

@@ -72,6 +72,12 @@ fn classify(buf: &[u8]) -> Verdict {
 
 /// Bytes looked at, at most: a request line longer than this is not worth proxying as HTTP.
 const PEEK: usize = 8 * 1024;
+/// The first look: enough for any method and most request lines. The buffer is allocated only
+/// once the client has sent something, and grows to [`PEEK`] only for a longer request line.
+const FIRST_PEEK: usize = 256;
+/// The longest wait for a client's first bytes on an HTTP-hinted port; past it the connection
+/// is opaque TCP (a silent client holds no detection state for longer).
+pub const HINTED_WAIT_MAX: Duration = Duration::from_secs(10);
 
 /// The hint, if any, for a connection to `port` (a Service port's hint first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,16 +87,28 @@ pub enum Hint {
     None,
 }
 
+/// How long detection waits on an HTTP-hinted port: the configured wait, at most
+/// [`HINTED_WAIT_MAX`].
+pub fn hinted_wait(configured: Duration) -> Duration {
+    configured.min(HINTED_WAIT_MAX)
+}
+
 /// Decides what `stream` carries. `Hint::Opaque` returns at once; `Hint::Http` waits for the
-/// first bytes up to `hinted_wait`; no hint waits up to `sniff_timeout`.
+/// first bytes up to `hinted_wait` (at most [`HINTED_WAIT_MAX`]); no hint waits up to
+/// `sniff_timeout`.
 pub async fn detect(stream: &TcpStream, hint: Hint, sniff_timeout: Duration, hinted_wait: Duration) -> Protocol {
     let wait = match hint {
         Hint::Opaque => return Protocol::Tcp,
-        Hint::Http => hinted_wait,
+        Hint::Http => self::hinted_wait(hinted_wait),
         Hint::None => sniff_timeout,
     };
     let deadline = tokio::time::Instant::now() + wait;
-    let mut buf = vec![0u8; PEEK];
+    // Nothing is allocated while the client is silent.
+    match tokio::time::timeout_at(deadline, stream.readable()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) | Err(_) => return Protocol::Tcp,
+    }
+    let mut buf = vec![0u8; FIRST_PEEK];
     let mut seen = 0;
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
@@ -103,6 +121,11 @@ pub async fn detect(stream: &TcpStream, hint: Hint, sniff_timeout: Duration, hin
         }
         if let Verdict::Is(p) = classify(&buf[..n]) {
             return p;
+        }
+        if n == buf.len() && buf.len() < PEEK {
+            // A long request line: look further, at once.
+            buf.resize(PEEK, 0);
+            continue;
         }
         // peek returns at once while data is queued: wait a little for more instead of spinning.
         if n == seen && tokio::time::Instant::now() >= deadline {
@@ -122,6 +145,9 @@ pub struct DetectConfig {
     pub http_ports: Vec<u16>,
     pub opaque_ports: Vec<u16>,
     pub retry_body_limit: usize,
+    /// Bytes of request bodies kept for retries on the whole node at once; past it, requests
+    /// are streamed (not retried once sent), never refused.
+    pub retry_body_budget: usize,
     /// Propagate W3C trace context on HTTP requests (create it when absent).
     pub trace_context: bool,
     /// Share (0..1) of the traces the proxy starts that are marked sampled.
@@ -138,6 +164,7 @@ impl Default for DetectConfig {
             http_ports: vec![],
             opaque_ports: crate::config::DEFAULT_OPAQUE_PORTS.to_vec(),
             retry_body_limit: crate::config::DEFAULT_RETRY_BODY_LIMIT,
+            retry_body_budget: crate::config::DEFAULT_RETRY_BODY_BUDGET,
             trace_context: true,
             trace_sample_rate: 1.0,
             spans: None,

@@ -7,6 +7,7 @@
 //! telemetry once into `conns` (live and recent connections), metrics and the access log.
 //! `inbound` is the HBONE server; `trace` carries W3C trace context.
 pub mod balance;
+pub mod caps;
 pub mod conns;
 pub mod detect;
 pub mod http;

@@ -63,6 +63,8 @@ pub struct Outbound {
     pub detect: DetectConfig,
     /// Same-node connections, re-checked when the authorization rules change.
     pub authorizations: Arc<crate::proxy::recheck::OpenAuthorizations>,
+    /// Connections per pod and for the node.
+    pub caps: Arc<crate::proxy::caps::ConnectionCaps>,
 }
 
 /// Connect attempts for a connection to a Service, first one included.
@@ -140,6 +142,16 @@ impl Outbound {
             Err(refusal) => return self.refuse(client, peer, orig, &snapshot, refusal),
         };
         self.metrics.pod_redirects.inc(&route.source.pod);
+        // Held until the connection ends (HTTP and TCP alike are served below).
+        let _cap = match self.caps.open(orig.pod_cgroup, &route.source.pod) {
+            Ok(slot) => slot,
+            Err(hit) => {
+                // Logged by the caps (rate-limited): a flood must not flood the log too.
+                self.metrics.error(hit.reason());
+                self.metrics.closed.inc();
+                return reset(client);
+            }
+        };
         // A Service: HTTP is served request by request.
         let hint = route.service().map(|s| self.hint(&s.entry, orig.dst.port()));
         if let Some(hint) = hint {

@@ -501,3 +501,68 @@ async fn requests_past_the_limit_get_the_proxys_own_503() {
     assert_eq!(p.outbound.http.stats.limit_hits.get(), 1);
     assert_eq!(hold.await.unwrap().unwrap(), 504, "the held request ends at its timeout");
 }
+
+#[tokio::test]
+async fn a_pod_past_its_connection_cap_is_reset_and_gets_slots_back_as_connections_close() {
+    let live = echo(SocketAddr::from((ip(40, 0, 1), 0))).await;
+    let mut cluster = Cluster::new();
+    cluster.add_pod("shop", "server", *live.ip(), "a");
+    let p = OutboundProxy::start(&cluster, ProxyOptions { max_connections_per_pod: 2, ..Default::default() }).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = p.connect(live).await.unwrap();
+        assert_eq!(roundtrip(&mut c, b"in").await, b"in");
+        held.push(c);
+    }
+    let mut over = p.connect(live).await.unwrap();
+    let mut buf = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(5), over.read(&mut buf)).await.expect("closed promptly");
+    assert!(matches!(r, Ok(0) | Err(_)), "past the cap: reset, {r:?}");
+    until("the cap hit counted", || p.errors("pod_connection_limit") == 1).await;
+    // One closes: a slot is free again.
+    drop(held.pop());
+    until("the slot given back", || p.outbound.caps.open_of(crate::testing::CLIENT_CGROUP) == 1).await;
+    let mut again = p.connect(live).await.unwrap();
+    assert_eq!(roundtrip(&mut again, b"again").await, b"again");
+}
+
+#[tokio::test]
+async fn a_silent_client_on_an_http_hinted_port_is_opaque_tcp_within_the_bound() {
+    // Hinted waits are capped: a silent client holds detection for 10 s at most.
+    assert_eq!(crate::proxy::detect::hinted_wait(Duration::from_secs(3600)), crate::proxy::detect::HINTED_WAIT_MAX);
+    assert_eq!(crate::proxy::detect::hinted_wait(Duration::from_millis(200)), Duration::from_millis(200));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let client = tokio::spawn(async move { tokio::net::TcpStream::connect(addr).await.unwrap() });
+    let (server, _) = l.accept().await.unwrap();
+    let mut client = client.await.unwrap();
+    let hint = crate::proxy::detect::Hint::Http;
+    let p = crate::proxy::detect::detect(&server, hint, Duration::from_millis(50), Duration::from_millis(200)).await;
+    assert_eq!(p, crate::proxy::detect::Protocol::Tcp, "silent past the wait: opaque");
+    // A request line longer than the first look is still read whole.
+    let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(1000));
+    client.write_all(long.as_bytes()).await.unwrap();
+    let p = crate::proxy::detect::detect(&server, hint, Duration::from_millis(50), Duration::from_secs(5)).await;
+    assert_eq!(p, crate::proxy::detect::Protocol::Http1);
+}
+
+#[tokio::test]
+async fn an_http1_request_head_past_the_limit_is_refused_and_the_endpoint_never_sees_it() {
+    let (ep, seen) = http_endpoint(SocketAddr::from((ip(41, 0, 1), 0)), Script::Ok).await;
+    let mut cluster = Cluster::new();
+    service(&mut cluster, vec![ep], ProtocolHint::Http, ServicePolicy::default());
+    let p = OutboundProxy::start(&cluster, ProxyOptions::default()).await;
+    let mut c = p.connect(VIP).await.unwrap();
+    let huge = "x".repeat(crate::proxy::http::H1_MAX_HEADER + 1024);
+    let head = format!("GET / HTTP/1.1\r\nhost: web\r\nx-huge: {huge}\r\n\r\n");
+    // The proxy may close before it has read everything: a failed write is a refusal too.
+    let _ = c.write_all(head.as_bytes()).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf)).await.expect("answered in time");
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert_eq!(seen.load(Ordering::Relaxed), 0, "never forwarded");
+    // A normal request on a new connection is served.
+    let mut c = p.connect(VIP).await.unwrap();
+    assert_eq!(http_request(&mut c, "GET", "/").await.unwrap().0, 200);
+}

@@ -77,6 +77,8 @@ pub struct HttpStats {
     pub per_try_timeouts: Counter,
     pub limit_hits: Counter,
     pub upstream_failures: Counter,
+    /// Bodies streamed instead of kept for a retry: the node's budget was spent.
+    pub body_budget_exhausted: Counter,
 }
 
 impl HttpStats {
@@ -86,6 +88,11 @@ impl HttpStats {
             "http_retries",
             "HTTP request retries (another attempt, maybe on another endpoint)",
             self.retries.clone(),
+        );
+        reg.register(
+            "http_retry_body_budget_exhausted",
+            "Request bodies not kept for a retry because the node's body budget (retryBodyBudgetBytes) was spent; sent once, not retried",
+            self.body_budget_exhausted.clone(),
         );
         reg.register(
             "http_retry_budget_exhausted",
@@ -122,12 +129,47 @@ pub struct Http {
     pub stats: HttpStats,
     /// The latest requests (bounded), for the node dashboard's per-Service latency and errors.
     recent: Mutex<std::collections::VecDeque<RequestRecord>>,
+    /// Bytes of request bodies kept for retries now, node-wide.
+    bodies_kept: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Bytes of a kept request body, given back to the node's budget when dropped.
+struct KeptBody {
+    kept: Arc<std::sync::atomic::AtomicUsize>,
+    n: usize,
+}
+
+impl Drop for KeptBody {
+    fn drop(&mut self) {
+        self.kept.fetch_sub(self.n, Ordering::Relaxed);
+    }
 }
 
 /// Requests remembered for the dashboard.
 pub const RECENT_REQUESTS: usize = 4096;
 
 impl Http {
+    /// `n` bytes of the node's body budget (`budget`), or `None` when they do not fit.
+    fn keep_body(&self, n: usize, budget: usize) -> Option<KeptBody> {
+        let kept = &self.bodies_kept;
+        let mut now = kept.load(Ordering::Relaxed);
+        loop {
+            if now.saturating_add(n) > budget {
+                self.stats.body_budget_exhausted.inc();
+                return None;
+            }
+            match kept.compare_exchange_weak(now, now + n, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some(KeptBody { kept: kept.clone(), n }),
+                Err(v) => now = v,
+            }
+        }
+    }
+
+    /// Bytes of request bodies kept for retries now.
+    pub fn bodies_kept(&self) -> usize {
+        self.bodies_kept.load(Ordering::Relaxed)
+    }
+
     fn remember(&self, r: RequestRecord) {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         if recent.len() == RECENT_REQUESTS {
@@ -193,6 +235,11 @@ pub struct Downstream<U: Upstreams> {
 /// On shutdown, how long an HTTP/1 client connection is told `Connection: close` on each
 /// response before an idle one is closed.
 const H1_DRAIN: Duration = Duration::from_secs(1);
+/// An HTTP/1 client must send a request's whole head within this (hyper's timer runs from the
+/// moment it waits for a head, so a kept-alive connection idle this long is closed too).
+pub const H1_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// An HTTP/1 request head (request line and headers) larger than this is answered 431.
+pub const H1_MAX_HEADER: usize = 64 * 1024;
 
 /// The request minus its body, kept to rebuild it for a retry.
 struct Head {
@@ -281,7 +328,12 @@ impl<U: Upstreams> Downstream<U> {
                 conn.await
             }
             _ => {
-                let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).with_upgrades();
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(H1_HEADER_READ_TIMEOUT)
+                    .max_header_size(H1_MAX_HEADER)
+                    .serve_connection(io, svc)
+                    .with_upgrades();
                 tokio::pin!(conn);
                 tokio::select! {
                     biased;
@@ -378,9 +430,15 @@ impl<U: Upstreams> Downstream<U> {
         let may_retry_sent =
             !upgrade && (policy::idempotent(&head.method) || policy.retry_non_idempotent) && policy.retries > 0;
         let limit = settings.retry_body_limit;
+        let upper = body.size_hint().upper().map(|n| n as usize).filter(|n| *n <= limit);
+        // Kept for retries within the node's budget, given back when this request is done.
+        let _kept = match upper {
+            Some(n) if may_retry_sent && !body.is_end_stream() => http.keep_body(n, settings.retry_body_budget),
+            _ => None,
+        };
         let mut body = if body.is_end_stream() {
             AttemptBody::Replay(Bytes::new(), None)
-        } else if may_retry_sent && body.size_hint().upper().is_some_and(|n| n as usize <= limit) {
+        } else if _kept.is_some() {
             match http_body_util::Limited::new(body, limit).collect().await {
                 Ok(c) => {
                     let trailers = c.trailers().cloned();
@@ -441,5 +499,23 @@ impl<U: Upstreams> Downstream<U> {
             });
         }
         resp.map(|b| b.map_err(BoxError::from).boxed_unsync())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_kept_for_retries_within_the_node_budget_and_given_back() {
+        let http = Http::default();
+        let a = http.keep_body(10, 15).expect("fits");
+        assert!(http.keep_body(10, 15).is_none(), "past the budget: streamed, not kept");
+        assert_eq!(http.stats.body_budget_exhausted.get(), 1);
+        let b = http.keep_body(5, 15).expect("what is left fits");
+        assert_eq!(http.bodies_kept(), 15);
+        drop((a, b));
+        assert_eq!(http.bodies_kept(), 0, "given back when the request is done");
+        assert!(http.keep_body(15, 15).is_some());
     }
 }
