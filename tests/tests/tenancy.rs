@@ -35,6 +35,12 @@ fn a_pod_past_its_connection_cap_and_slowloris_on_the_agents_ports_do_not_stop_o
 
     // The attacker: its whole share held open through the proxy, then more.
     let _held = attacker.hold(&to, CAP, 40)?;
+    // Connected is not yet accepted: wait until the proxy serves all of them.
+    eventually(Duration::from_secs(10), "the attacker's connections all proxied", || {
+        let conns = c.nodes[0].admin_json("/debug/connections").ok()?;
+        let active = conns["active"].as_array()?.iter().filter(|a| a["source_pod"] == "shop/attacker").count();
+        (active == CAP).then_some(())
+    })?;
     let over = attacker.client(&to, &["--count", "50", "--concurrency", "50", "--hold", "--timeout-ms", "3000"], T)?;
     assert_eq!(over.ok, 0, "past its cap every new connection of the pod is reset: {over}");
     // ... and silent connections to the agent's stats port and HBONE port (slowloris).

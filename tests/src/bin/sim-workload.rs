@@ -260,12 +260,18 @@ fn one(
     barrier: Option<&Barrier>,
     io: Io,
 ) -> Result<(String, String), String> {
-    let s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
-    let peer = s.peer_addr().map_err(|e| format!("getpeername: {e}"))?.to_string();
-    let local = s.local_addr().map_err(|e| format!("getsockname: {e}"))?.to_string();
+    let opened = (|| {
+        let s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+        let peer = s.peer_addr().map_err(|e| format!("getpeername: {e}"))?.to_string();
+        let local = s.local_addr().map_err(|e| format!("getsockname: {e}"))?.to_string();
+        Ok::<_, String>((s, peer, local))
+    })();
+    // Every holder reaches the barrier, also one whose connection already failed (a reset can
+    // arrive before getpeername): otherwise the others would wait for it for ever.
     if let Some(b) = barrier {
         b.wait();
     }
+    let (s, peer, local) = opened?;
     let mut s = Conn::new(s, io, timeout).map_err(|e| format!("socket options: {e}"))?;
     let data = pattern(conn, bytes, text);
     let writer = {
