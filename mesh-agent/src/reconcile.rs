@@ -129,6 +129,7 @@ impl Reconciler {
             }
         }
         self.missing_reported.retain(|k| state.pods.get(k).is_some_and(|w| w.meshed));
+        self.probes_reported.retain(|k| state.pods.contains_key(k));
         for s in &mut statuses {
             s.redirected = s.cgroup_id.is_some_and(|id| self.applied.contains_key(&id));
         }
