@@ -905,6 +905,11 @@ impl Node {
         Ok(serde_json::from_str(&body)?)
     }
 
+    /// The kernel-side counters (`/debug/datapath` `events`: `redirected`, `strict_dropped`, ...).
+    pub fn kernel_events(&self) -> Result<serde_json::Value> {
+        Ok(self.admin_json("/debug/datapath")?["events"].clone())
+    }
+
     pub fn admin_text(&self, path: &str) -> Result<String> {
         Ok(http_get(&self.netns, self.admin_addr(), path)?.1)
     }

@@ -16,7 +16,7 @@ fn whoami(pod: &Pod, to: &str) -> Result<Value> {
 }
 
 fn events(node: &Node) -> Result<Value> {
-    Ok(node.admin_json("/debug/datapath")?["events"].clone())
+    node.kernel_events()
 }
 
 #[test]

@@ -51,7 +51,7 @@ fn client_run(pod: &Pod, to: &str, extra: &[&str]) -> Result<ClientReport> {
 }
 
 fn events(node: &Node) -> Result<Value> {
-    Ok(node.admin_json("/debug/datapath")?["events"].clone())
+    node.kernel_events()
 }
 
 #[test]

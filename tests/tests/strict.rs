@@ -52,11 +52,11 @@ fn setup(prepare: impl FnOnce(&mut Node) -> Result<()>, agent_args: &[&str]) -> 
 }
 
 fn strict_dropped(node: &Node) -> Result<u64> {
-    Ok(node.admin_json("/debug/datapath")?["events"]["strict_dropped"].as_u64().unwrap_or(0))
+    Ok(node.kernel_events()?["strict_dropped"].as_u64().unwrap_or(0))
 }
 
 fn events(node: &Node) -> Result<Value> {
-    Ok(node.admin_json("/debug/datapath")?["events"].clone())
+    node.kernel_events()
 }
 
 fn refused(r: &ClientReport) -> bool {
