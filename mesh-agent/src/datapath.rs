@@ -249,6 +249,14 @@ pub struct Datapath {
     max_redirected: u32,
 }
 
+/// A removal from map `name` that succeeded or found nothing to remove.
+fn gone(r: Result<(), aya::maps::MapError>, name: &'static str) -> Result<(), DatapathError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        r => r.map_err(map_err(name)),
+    }
+}
+
 /// This agent's `MeshConfig`, and the agent it takes over from: in pinned mode, a serving
 /// predecessor (fresh heartbeat in the pinned config) whose connections stay recognised
 /// through its drain.
@@ -492,10 +500,7 @@ impl Datapath {
     }
 
     pub fn unmesh(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
-        match self.meshed.remove(&cgroup_id) {
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            r => r.map_err(map_err(MAP_MESHED_CGROUPS)),
-        }
+        gone(self.meshed.remove(&cgroup_id), MAP_MESHED_CGROUPS)
     }
 
     /// The destinations connect4 captures now (pinned mode: possibly the previous agent's).
@@ -510,10 +515,7 @@ impl Datapath {
 
     /// Stops capturing `dest`.
     pub fn remove_mesh_destination(&mut self, dest: &MeshDest) -> Result<(), DatapathError> {
-        match self.mesh_dests.remove(dest) {
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            r => r.map_err(map_err(MAP_MESH_DESTS)),
-        }
+        gone(self.mesh_dests.remove(dest), MAP_MESH_DESTS)
     }
 
     /// Sum over CPUs of every kernel-side counter.
