@@ -31,8 +31,16 @@ use mesh_common::{
 };
 use tracing::{info, warn};
 
-/// The eBPF object built by build.rs from mesh-ebpf.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
+/// The eBPF object built by build.rs from mesh-ebpf (empty in a build with the `fuzzing`
+/// feature, which fuzzes the parsers without building it).
+static EBPF_OBJECT_BYTES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
+
+fn ebpf_object() -> Result<&'static [u8], DatapathError> {
+    if EBPF_OBJECT_BYTES.is_empty() {
+        return Err(DatapathError::NotBuilt);
+    }
+    Ok(EBPF_OBJECT_BYTES)
+}
 
 /// Programs and the attach point each needs, in attach order. sockops goes first so that no
 /// connection is redirected before its records can be tracked.
@@ -72,6 +80,8 @@ pub enum DatapathError {
     NotBpffs(PathBuf, String),
     #[error("pinning under {path}: {source}")]
     Pin { path: PathBuf, source: std::io::Error },
+    #[error("this agent was built without its eBPF programs (the `fuzzing` feature); build it without that feature")]
+    NotBuilt,
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
@@ -329,7 +339,7 @@ impl Datapath {
                 loader.map_pin_path(name, dir.join("maps").join(name));
             }
         }
-        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let mut ebpf = loader.load(ebpf_object()?)?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(tokio::spawn(poll_kernel_logs(logger))),
             Err(e) => {
@@ -765,7 +775,7 @@ impl OrigDstLookup for OrigDstTable {
 
 /// Loads every program into the kernel without attaching it: the verifier's verdict.
 pub fn verify_programs() -> Result<(), DatapathError> {
-    let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+    let mut ebpf = EbpfLoader::new().load(ebpf_object()?)?;
     for (name, kind) in PROGRAMS {
         load(&mut ebpf, name, kind, None, None)?;
     }
@@ -775,7 +785,7 @@ pub fn verify_programs() -> Result<(), DatapathError> {
 /// Whether same-node acceleration would start here: loads the sk_msg program and attaches it
 /// to a fresh socket map (no socket is ever added).
 pub fn probe_accel() -> Result<(), DatapathError> {
-    let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+    let mut ebpf = EbpfLoader::new().load(ebpf_object()?)?;
     start_accel(&mut ebpf).map(drop)
 }
 

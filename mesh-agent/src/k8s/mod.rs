@@ -33,7 +33,7 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 const RESYNC: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Kind {
+pub(crate) enum Kind {
     Namespaces,
     LocalPods,
     RemotePods,
@@ -56,7 +56,7 @@ impl Kind {
 }
 
 #[derive(Debug, Clone)]
-enum Obj {
+pub(crate) enum Obj {
     Namespace(Namespace),
     Pod(Pod),
     Node(Node),
@@ -103,7 +103,7 @@ fn key_of(o: &DynamicObject) -> Option<String> {
 }
 
 /// Trims an object of `kind`. `Ok(None)`: valid but not kept (a finished pod).
-fn trim(kind: Kind, o: &DynamicObject) -> Result<Option<Obj>, objects::ObjectError> {
+pub(crate) fn trim(kind: Kind, o: &DynamicObject) -> Result<Option<Obj>, objects::ObjectError> {
     let v: Value = serde_json::to_value(o).map_err(|e| objects::ObjectError::Json(e.to_string()))?;
     match kind {
         Kind::Namespaces => Namespace::from_json(&v).map(|n| Some(Obj::Namespace(n))),

@@ -146,16 +146,25 @@ impl Pod {
             Some(Value::Bool(b)) => *b,
             Some(other) => return Err(invalid("spec.hostNetwork", other, "a boolean")),
         };
+        let service_account =
+            spec.get("serviceAccountName").and_then(Value::as_str).filter(|s| !s.is_empty()).unwrap_or("default");
+        // They become a SPIFFE ID (a certificate's SAN) and metric labels: as the API server
+        // validates them, never trusted to have been (found by fuzzing: `fuzz/`).
+        use crate::identity::{is_dns_label, is_dns_subdomain};
+        if !is_dns_subdomain(&name) {
+            return Err(invalid("metadata.name", format_args!("{name:?}"), "a DNS subdomain"));
+        }
+        if !is_dns_label(&namespace) {
+            return Err(invalid("metadata.namespace", format_args!("{namespace:?}"), "a DNS label"));
+        }
+        if !is_dns_subdomain(service_account) {
+            return Err(invalid("spec.serviceAccountName", format_args!("{service_account:?}"), "a DNS subdomain"));
+        }
         Ok(Some(Pod {
             uid,
             namespace,
             node: spec.get("nodeName").and_then(Value::as_str).filter(|n| !n.is_empty()).map(str::to_string),
-            service_account: spec
-                .get("serviceAccountName")
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-                .unwrap_or("default")
-                .to_string(),
+            service_account: service_account.to_string(),
             host_network,
             ip,
             opt_out: pod_opts_out(|k| annotation(v, k))?,
@@ -535,6 +544,10 @@ mod tests {
             (pod("e", "shop", "n1", json!({"status": {"podIP": "ten.one"}})), "podIP"),
             (pod("f", "shop", "n1", json!({"spec": {"hostNetwork": "yes"}})), "hostNetwork"),
             (json!({"metadata": {"name": "g", "namespace": "shop"}, "spec": {}}), "uid"),
+            // Found by fuzzing: these became SPIFFE IDs no certificate can carry.
+            (pod("h", "shop", "n1", json!({"spec": {"serviceAccountName": "w;b"}})), "serviceAccountName"),
+            (pod("i/j", "shop", "n1", json!({})), "metadata.name"),
+            (pod("k", "Shop.x", "n1", json!({})), "metadata.namespace"),
         ] {
             let e = Pod::from_json(&bad).unwrap_err().to_string();
             assert!(e.contains(why), "{e} should mention {why}");

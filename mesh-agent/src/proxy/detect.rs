@@ -36,12 +36,12 @@ const METHODS: &[&[u8]] =
 
 /// What the first bytes say so far.
 #[derive(Debug, PartialEq, Eq)]
-enum Verdict {
+pub(crate) enum Verdict {
     Is(Protocol),
     NeedMore,
 }
 
-fn classify(buf: &[u8]) -> Verdict {
+pub(crate) fn classify(buf: &[u8]) -> Verdict {
     if buf.is_empty() {
         return Verdict::NeedMore;
     }
@@ -71,7 +71,7 @@ fn classify(buf: &[u8]) -> Verdict {
 }
 
 /// Bytes looked at, at most: a request line longer than this is not worth proxying as HTTP.
-const PEEK: usize = 8 * 1024;
+pub(crate) const PEEK: usize = 8 * 1024;
 /// The first look: enough for any method and most request lines. The buffer is allocated only
 /// once the client has sent something, and grows to [`PEEK`] only for a longer request line.
 const FIRST_PEEK: usize = 256;

@@ -411,8 +411,8 @@ impl Inbound {
         Response::new(Empty::new())
     }
 
-    /// The stream's checks: a CONNECT to a meshed pod of this node, on a connection for that
-    /// pod's identity, allowed by policy. `Err` is the answer.
+    /// The stream's checks ([`check_connect`]), with their side effects: a refusal is counted,
+    /// logged and answered. `Err` is the answer.
     fn check(
         &self,
         req: &Request<Incoming>,
@@ -420,83 +420,28 @@ impl Inbound {
         client_id: &Identity,
         server_id: &Identity,
     ) -> Result<Checked, Response<Empty<Bytes>>> {
-        let peer = link.peer;
-        if req.method() != Method::CONNECT {
-            return Err(self.reject(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "not_connect",
-                format!("HBONE request from {client_id} is {} , not CONNECT", req.method()),
-            ));
-        }
-        let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok()) else {
-            return Err(self.reject(
-                StatusCode::BAD_REQUEST,
-                "bad_authority",
-                format!("HBONE CONNECT from {client_id} has no ip:port authority ({:?})", req.uri()),
-            ));
-        };
         let idx = self.pods.borrow().clone();
-        let ip = *target.ip();
-        let this_node = link.local == Some(std::net::IpAddr::V4(ip));
-        if crate::state::special_address(ip)
-            || idx.is_node_address(ip)
-            || this_node
-            || (ip.is_loopback() && !self.loopback_pods)
-        {
-            return Err(self.reject(
-                StatusCode::BAD_REQUEST,
-                "forbidden_target",
-                format!("HBONE CONNECT from {client_id} to {target}: not a pod address (unspecified, loopback, link-local or a node)"),
-            ));
-        }
-        let Some(pod) = idx.by_ip(*target.ip()).filter(|p| idx.is_local(p) && p.workload.meshed) else {
-            return Err(self.reject(
-                StatusCode::NOT_FOUND,
-                "not_on_this_node",
-                format!("HBONE CONNECT from {client_id} to {target}: no meshed pod with that address on this node"),
-            ));
+        let cx = ConnectContext {
+            idx: &idx,
+            trust_domain: &self.trust_domain,
+            loopback_pods: self.loopback_pods,
+            link,
+            client_id,
+            server_id,
         };
-        let dst_id = pod.workload.identity(&self.trust_domain);
-        if dst_id != *server_id {
-            return Err(self.reject(
-                StatusCode::MISDIRECTED_REQUEST,
-                "identity_mismatch",
-                format!("HBONE CONNECT from {client_id} to {target} ({dst_id}) on a connection for {server_id}"),
-            ));
-        }
-        let decision = authz::evaluate(&idx.authz, client_id, pod.workload.authz_destination(target.port()));
-        if decision != Decision::Allow {
-            self.metrics.denied.inc(decision.reason());
-            let rule = match &decision {
-                Decision::Denied(r) => r.clone(),
-                _ => "-".into(),
-            };
-            warn!(src = %client_id, dst = %server_id, %target, reason = decision.reason(), rule, "connection denied by authorization policy");
-            return Err(Response::builder()
-                .status(StatusCode::FORBIDDEN)
-                .header(REASON_HEADER, decision.reason())
-                .body(Empty::new())
-                .expect("static response parts are valid"));
-        }
-        // The source is known by its verified identity. Which of its pods: the one the peer
-        // names (`Forwarded: for=`), believed only if that pod has that identity (a peer can
-        // only ever name pods of its own identity) and runs on the node the connection comes
-        // from.
-        let source = forwarded_for(req.headers())
-            .and_then(|ip| idx.by_ip(ip))
-            .filter(|p| p.workload.identity(&self.trust_domain) == *client_id && p.workload.meshed)
-            .filter(|p| idx.nodes.get(&p.workload.node).is_some_and(|n| std::net::IpAddr::V4(n.address) == peer.ip()));
-        let mut istio =
-            crate::metrics::IstioLabels::unknown("destination", "tcp").destination(&pod.workload, &self.trust_domain);
-        match source {
-            Some(src) => istio = istio.source(&src.workload, &self.trust_domain),
-            None => {
-                istio.source_workload_namespace = client_id.namespace.clone();
-                istio.source_principal = client_id.to_string();
+        match check_connect(req, &cx) {
+            Ok(c) => Ok(c),
+            Err(Refused::Rejected { status, reason, detail }) => Err(self.reject(status, reason, detail)),
+            Err(Refused::Denied { reason, rule, target }) => {
+                self.metrics.denied.inc(reason);
+                warn!(src = %client_id, dst = %server_id, %target, reason, rule, "connection denied by authorization policy");
+                Err(Response::builder()
+                    .status(StatusCode::FORBIDDEN)
+                    .header(REASON_HEADER, reason)
+                    .body(Empty::new())
+                    .expect("static response parts are valid"))
             }
         }
-        istio.connection_security_policy = "mutual_tls";
-        Ok(Checked { target, dst_pod: pod.key.clone(), source_pod: source.map(|p| p.key.clone()), istio })
     }
 
     /// Connects to the pod. `Err` is the answer (503, or 504 on timeout).
@@ -531,10 +476,10 @@ impl Inbound {
 
 /// An HBONE connection's two ends.
 #[derive(Debug, Clone, Copy)]
-struct Link {
-    peer: SocketAddr,
+pub(crate) struct Link {
+    pub peer: SocketAddr,
     /// The address it arrived on (this node's).
-    local: Option<std::net::IpAddr>,
+    pub local: Option<std::net::IpAddr>,
 }
 
 /// The HTTP/2 server settings of HBONE: windows and frames as ztunnel's, bounded headers and
@@ -553,22 +498,128 @@ fn h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
 }
 
 /// What a stream's checks established.
-struct Checked {
-    target: SocketAddrV4,
-    dst_pod: String,
-    source_pod: Option<String>,
-    istio: crate::metrics::IstioLabels,
+pub(crate) struct Checked {
+    pub target: SocketAddrV4,
+    pub dst_pod: String,
+    pub source_pod: Option<String>,
+    pub istio: crate::metrics::IstioLabels,
 }
 
-/// The first `for=` IPv4 address of a `Forwarded` header (RFC 7239), as HBONE clients name
-/// the source pod.
+/// What an HBONE stream is checked against: this node's view of the pods, and the verified
+/// identities of the connection it came on.
+pub(crate) struct ConnectContext<'a> {
+    pub idx: &'a PodIndex,
+    pub trust_domain: &'a str,
+    pub loopback_pods: bool,
+    pub link: Link,
+    /// The client's identity, from its verified certificate.
+    pub client_id: &'a Identity,
+    /// The identity this node presented on the connection.
+    pub server_id: &'a Identity,
+}
+
+/// Why a stream is refused.
+#[derive(Debug)]
+pub(crate) enum Refused {
+    /// Malformed, misdirected or for no pod here: answered with `status`.
+    Rejected { status: StatusCode, reason: &'static str, detail: String },
+    /// Authorization policy said no (403).
+    Denied { reason: &'static str, rule: String, target: SocketAddrV4 },
+}
+
+fn rejected(status: StatusCode, reason: &'static str, detail: String) -> Refused {
+    Refused::Rejected { status, reason, detail }
+}
+
+/// The stream's checks, without side effects: a CONNECT to a meshed pod of this node, on a
+/// connection for that pod's identity, allowed by policy.
+pub(crate) fn check_connect<B>(req: &Request<B>, cx: &ConnectContext<'_>) -> Result<Checked, Refused> {
+    let (idx, client_id, server_id, link) = (cx.idx, cx.client_id, cx.server_id, cx.link);
+    if req.method() != Method::CONNECT {
+        return Err(rejected(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "not_connect",
+            format!("HBONE request from {client_id} is {}, not CONNECT", req.method()),
+        ));
+    }
+    let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok()) else {
+        return Err(rejected(
+            StatusCode::BAD_REQUEST,
+            "bad_authority",
+            format!("HBONE CONNECT from {client_id} has no ip:port authority ({:?})", req.uri()),
+        ));
+    };
+    let ip = *target.ip();
+    let this_node = link.local == Some(std::net::IpAddr::V4(ip));
+    if crate::state::special_address(ip)
+        || idx.is_node_address(ip)
+        || this_node
+        || (ip.is_loopback() && !cx.loopback_pods)
+    {
+        return Err(rejected(
+            StatusCode::BAD_REQUEST,
+            "forbidden_target",
+            format!(
+                "HBONE CONNECT from {client_id} to {target}: not a pod address (unspecified, loopback, link-local or a node)"
+            ),
+        ));
+    }
+    let Some(pod) = idx.by_ip(ip).filter(|p| idx.is_local(p) && p.workload.meshed) else {
+        return Err(rejected(
+            StatusCode::NOT_FOUND,
+            "not_on_this_node",
+            format!("HBONE CONNECT from {client_id} to {target}: no meshed pod with that address on this node"),
+        ));
+    };
+    let dst_id = pod.workload.identity(cx.trust_domain);
+    if dst_id != *server_id {
+        return Err(rejected(
+            StatusCode::MISDIRECTED_REQUEST,
+            "identity_mismatch",
+            format!("HBONE CONNECT from {client_id} to {target} ({dst_id}) on a connection for {server_id}"),
+        ));
+    }
+    match authz::evaluate(&idx.authz, client_id, pod.workload.authz_destination(target.port())) {
+        Decision::Allow => {}
+        Decision::Denied(rule) => return Err(Refused::Denied { reason: "deny_rule", rule, target }),
+        other => return Err(Refused::Denied { reason: other.reason(), rule: "-".into(), target }),
+    }
+    // The source is known by its verified identity. Which of its pods: the one the peer
+    // names (`Forwarded: for=`), believed only if that pod has that identity (a peer can
+    // only ever name pods of its own identity) and runs on the node the connection comes
+    // from.
+    let source = forwarded_for(req.headers())
+        .and_then(|ip| idx.by_ip(ip))
+        .filter(|p| p.workload.identity(cx.trust_domain) == *client_id && p.workload.meshed)
+        .filter(|p| idx.nodes.get(&p.workload.node).is_some_and(|n| std::net::IpAddr::V4(n.address) == link.peer.ip()));
+    let mut istio =
+        crate::metrics::IstioLabels::unknown("destination", "tcp").destination(&pod.workload, cx.trust_domain);
+    match source {
+        Some(src) => istio = istio.source(&src.workload, cx.trust_domain),
+        None => {
+            istio.source_workload_namespace = client_id.namespace.clone();
+            istio.source_principal = client_id.to_string();
+        }
+    }
+    istio.connection_security_policy = "mutual_tls";
+    Ok(Checked { target, dst_pod: pod.key.clone(), source_pod: source.map(|p| p.key.clone()), istio })
+}
+
+/// The source pod's address as an HBONE client names it: the `Forwarded` header's first
+/// element's `for=` (RFC 7239), as ztunnel writes it (`for="10.0.0.5:41234"`) or as a bare
+/// address (`for=10.0.0.5`). IPv4 only: IPv6 sources are not meshed.
 fn forwarded_for(headers: &hyper::HeaderMap) -> Option<std::net::Ipv4Addr> {
-    let v = headers.get(hyper::header::FORWARDED)?.to_str().ok()?;
-    let first = v.split(',').next()?;
-    first.split(';').find_map(|pair| {
-        let (k, val) = pair.trim().split_once('=')?;
-        k.eq_ignore_ascii_case("for").then(|| val.trim_matches('"').parse().ok()).flatten()
-    })
+    forwarded_source(headers.get(hyper::header::FORWARDED)?.to_str().ok()?)
+}
+
+pub(crate) fn forwarded_source(value: &str) -> Option<std::net::Ipv4Addr> {
+    let first = value.split(',').next()?;
+    let node = first.split(';').find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        k.trim().eq_ignore_ascii_case("for").then_some(v.trim())
+    })?;
+    let node = node.strip_prefix('"').and_then(|n| n.strip_suffix('"')).unwrap_or(node);
+    node.parse().ok().or_else(|| node.parse::<SocketAddrV4>().ok().map(|s| *s.ip()))
 }
 
 /// Why the server closes an HBONE connection.
@@ -608,7 +659,9 @@ mod tests {
     fn the_source_address_is_read_from_forwarded() {
         assert_eq!(forwarded("for=10.244.1.10"), Some([10, 244, 1, 10].into()));
         assert_eq!(forwarded("proto=http; For=\"10.0.0.7\", for=10.0.0.8"), Some([10, 0, 0, 7].into()));
+        assert_eq!(forwarded("for=\"10.0.0.9:41234\""), Some([10, 0, 0, 9].into()), "ztunnel's form");
         assert_eq!(forwarded("for=unknown"), None);
+        assert_eq!(forwarded("for=\"10.0.0.9"), None, "unbalanced quotes");
         assert_eq!(forwarded("for=\"[2001:db8::1]\""), None, "IPv6 sources are not meshed");
         assert_eq!(forwarded_for(&hyper::HeaderMap::new()), None);
     }
