@@ -573,6 +573,10 @@ fn inbound_proxy(
         observe,
         loopback_pods: false,
         source_slots: Default::default(),
+        receive_budget: crate::proxy::caps::ReceiveBudget::new(
+            config.hbone_receive_budget,
+            telemetry.inbound.receive_windows.clone(),
+        ),
     }))
 }
 

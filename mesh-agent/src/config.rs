@@ -149,6 +149,9 @@ pub struct FileConfig {
     /// Bytes of request bodies kept for retries on the whole node at once (past it, requests
     /// are streamed and not retried once sent, never refused).
     pub retry_body_budget_bytes: Option<usize>,
+    /// HTTP/2 receive windows granted to HBONE connections at once, node-wide: bounds what
+    /// the agent holds for pods that read slowly (past it, new connections get 64 KiB windows).
+    pub hbone_receive_budget_bytes: Option<u64>,
     /// Connections one pod may have open through the proxy at once (past it, new ones are
     /// reset).
     pub max_connections_per_pod: Option<usize>,
@@ -465,6 +468,7 @@ pub struct Config {
     pub max_connections_per_pod: usize,
     pub max_proxied_connections: usize,
     pub retry_body_budget: usize,
+    pub hbone_receive_budget: u64,
     pub trust_domain: String,
     /// Without a CA there is no mTLS: connections to other nodes' meshed pods are refused.
     pub ca: Option<CaFiles>,
@@ -610,6 +614,7 @@ impl Config {
             outlier: Outlier::merge(&file.outlier_detection, args),
             retry_body_limit: file.retry_body_limit_bytes.unwrap_or(DEFAULT_RETRY_BODY_LIMIT),
             retry_body_budget: file.retry_body_budget_bytes.unwrap_or(DEFAULT_RETRY_BODY_BUDGET),
+            hbone_receive_budget: file.hbone_receive_budget_bytes.unwrap_or(crate::proxy::caps::DEFAULT_RECEIVE_BUDGET),
             max_connections_per_pod: cap(
                 args.max_connections_per_pod,
                 file.max_connections_per_pod,

@@ -23,6 +23,18 @@ use crate::{
     state::{NodeState, PodIndex, PodStatus, special_address},
 };
 
+/// A fuzz target's entry point.
+pub type Target = fn(&[u8]);
+
+/// Every target, by the name of its binary in `fuzz/fuzz_targets/`.
+pub const TARGETS: &[(&str, Target)] = &[
+    ("workload_file", workload_file),
+    ("k8s_objects", k8s_objects),
+    ("detect", detect),
+    ("forwarded", forwarded),
+    ("hbone_connect", hbone_connect),
+];
+
 /// The node every target sees itself as.
 const NODE: &str = "node-a";
 
@@ -197,14 +209,7 @@ mod tests {
     #[test]
     fn the_seed_corpora_pass() {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
-        let targets: [(&str, fn(&[u8])); 5] = [
-            ("workload_file", super::workload_file),
-            ("k8s_objects", super::k8s_objects),
-            ("detect", super::detect),
-            ("forwarded", super::forwarded),
-            ("hbone_connect", super::hbone_connect),
-        ];
-        for (name, run) in targets {
+        for &(name, run) in super::TARGETS {
             let dir = root.join(name);
             let mut seeds = 0;
             for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {

@@ -281,6 +281,19 @@ impl InboundProxy {
     /// Serves HBONE for `node`'s pods of `cluster` on `address` (port chosen by the kernel),
     /// with certificates for each of them.
     pub async fn start(cluster: &Cluster, node: &str, address: Ipv4Addr, pki: &Pki, idle: Duration) -> InboundProxy {
+        let budget = crate::proxy::caps::DEFAULT_RECEIVE_BUDGET;
+        InboundProxy::start_with_budget(cluster, node, address, pki, idle, budget).await
+    }
+
+    /// [`InboundProxy::start`] with a receive budget of `budget` bytes.
+    pub async fn start_with_budget(
+        cluster: &Cluster,
+        node: &str,
+        address: Ipv4Addr,
+        pki: &Pki,
+        idle: Duration,
+        budget: u64,
+    ) -> InboundProxy {
         let ids: Vec<Identity> = cluster
             .state
             .pods
@@ -306,6 +319,7 @@ impl InboundProxy {
             authorizations: Default::default(),
             loopback_pods: true,
             source_slots: Default::default(),
+            receive_budget: crate::proxy::caps::ReceiveBudget::new(budget, Default::default()),
             observe: Arc::new(Observe {
                 conns: Default::default(),
                 proxy: None,

@@ -124,6 +124,84 @@ impl Drop for CapSlot {
     }
 }
 
+/// The HTTP/2 receive windows an HBONE connection asks for, largest first: what a peer may
+/// send before the proxy has passed it on, so what the agent may have to hold toward a slow
+/// reader. A connection gets the largest that still fits in the node's budget.
+pub const RECEIVE_WINDOWS: [u32; 4] = [16 << 20, 4 << 20, 1 << 20, 256 << 10];
+/// HTTP/2's own initial window: what a connection gets when the budget is spent (a
+/// connection window cannot start lower).
+pub const RECEIVE_WINDOW_FLOOR: u32 = 65_535;
+/// The node's budget by default: a quarter of the chart's memory limit (512 MiB).
+pub const DEFAULT_RECEIVE_BUDGET: u64 = 128 << 20;
+
+/// Receive windows granted to HBONE connections, node-wide (`hboneReceiveBudgetBytes`).
+/// HTTP/2 flow control then bounds what the agent buffers for them: the copy toward a pod
+/// stops reading while the pod does not read, so a peer can have at most its window in
+/// flight. Past the budget, new connections get the protocol's 64 KiB (slower for bulk,
+/// never refused): the total is at most the budget plus 64 KiB per connection.
+pub struct ReceiveBudget {
+    limit: u64,
+    granted: std::sync::atomic::AtomicU64,
+    /// The same, exported (`switchyard_hbone_receive_window_bytes`).
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// One connection's window, given back when it closes.
+pub struct ReceiveGrant {
+    budget: Arc<ReceiveBudget>,
+    bytes: u32,
+}
+
+impl ReceiveBudget {
+    pub fn new(limit: u64, gauge: prometheus_client::metrics::gauge::Gauge) -> Arc<Self> {
+        Arc::new(ReceiveBudget { limit, granted: Default::default(), gauge })
+    }
+
+    /// The largest window of [`RECEIVE_WINDOWS`] that fits, else the floor.
+    pub fn grant(self: &Arc<Self>) -> ReceiveGrant {
+        use std::sync::atomic::Ordering;
+        let fits = |w: u32| {
+            self.granted
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |g| {
+                    (g + u64::from(w) <= self.limit).then_some(g + u64::from(w))
+                })
+                .is_ok()
+        };
+        let bytes = RECEIVE_WINDOWS.into_iter().find(|&w| fits(w)).unwrap_or_else(|| {
+            self.granted.fetch_add(u64::from(RECEIVE_WINDOW_FLOOR), Ordering::AcqRel);
+            RECEIVE_WINDOW_FLOOR
+        });
+        self.gauge.inc_by(i64::from(bytes));
+        ReceiveGrant { budget: self.clone(), bytes }
+    }
+
+    /// Bytes of window granted to the connections open now.
+    pub fn granted(&self) -> u64 {
+        self.granted.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl ReceiveGrant {
+    /// The connection's window; each stream's is at most 4 MiB of it.
+    pub fn connection_window(&self) -> u32 {
+        self.bytes
+    }
+    pub fn stream_window(&self) -> u32 {
+        self.bytes.min(4 << 20)
+    }
+    /// Whether the budget was short (the connection got less than the largest window).
+    pub fn reduced(&self) -> bool {
+        self.bytes < RECEIVE_WINDOWS[0]
+    }
+}
+
+impl Drop for ReceiveGrant {
+    fn drop(&mut self) {
+        self.budget.granted.fetch_sub(u64::from(self.bytes), std::sync::atomic::Ordering::AcqRel);
+        self.budget.gauge.dec_by(i64::from(self.bytes));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +219,28 @@ mod tests {
         let _c1 = caps.open(3, "c").unwrap();
         assert_eq!(caps.open(3, "c").err(), Some(CapHit::Node { limit: 3 }));
         assert_eq!(CapHit::Pod { limit: 2 }.reason(), "pod_connection_limit");
+    }
+
+    #[test]
+    fn receive_windows_shrink_as_the_budget_is_spent_and_come_back_on_close() {
+        let gauge = prometheus_client::metrics::gauge::Gauge::default();
+        let budget = ReceiveBudget::new((21 << 20) + (256 << 10), gauge.clone());
+        let a = budget.grant();
+        let b = budget.grant();
+        let c = budget.grant();
+        let d = budget.grant();
+        let windows: Vec<u32> = [&a, &b, &c, &d].iter().map(|g| g.connection_window()).collect();
+        assert_eq!(windows, [16 << 20, 4 << 20, 1 << 20, 256 << 10]);
+        assert!(!a.reduced() && b.reduced());
+        assert_eq!((a.stream_window(), d.stream_window()), (4 << 20, 256 << 10));
+        // Spent: the protocol's own window, still counted.
+        let floor: Vec<ReceiveGrant> = (0..5).map(|_| budget.grant()).collect();
+        assert!(floor.iter().all(|g| g.connection_window() == RECEIVE_WINDOW_FLOOR));
+        assert_eq!(budget.granted(), (21 << 20) + (256 << 10) + 5 * u64::from(RECEIVE_WINDOW_FLOOR));
+        assert_eq!(gauge.get() as u64, budget.granted());
+        drop((a, floor));
+        assert_eq!(budget.grant().connection_window(), 16 << 20, "a closed connection's window is free again");
+        drop((b, c, d));
+        assert_eq!((budget.granted(), gauge.get()), (0, 0));
     }
 }

@@ -63,6 +63,10 @@ pub struct InboundMetrics {
     pub rejected: ByReason,
     pub denied: ByReason,
     pub accepted: Counter,
+    /// HTTP/2 receive windows granted to open HBONE connections (`ReceiveBudget`).
+    pub receive_windows: prometheus_client::metrics::gauge::Gauge,
+    /// Connections that got a smaller window because the budget was short.
+    pub receive_window_reduced: Counter,
 }
 
 impl InboundMetrics {
@@ -89,6 +93,16 @@ impl InboundMetrics {
             "Inbound mTLS handshakes rejected, by reason (not_tls, unknown_issuer, expired_certificate, ...)",
         );
         self.rejected.register(reg, "inbound_rejected", "HBONE CONNECT streams rejected, by reason");
+        reg.register(
+            "hbone_receive_window_bytes",
+            "HTTP/2 receive windows granted to open HBONE connections: what peers may send before the agent passed it on (at most hboneReceiveBudgetBytes, plus 64 KiB per connection past it)",
+            self.receive_windows.clone(),
+        );
+        reg.register(
+            "hbone_receive_window_reduced",
+            "HBONE connections given a smaller receive window than 16 MiB because the node's budget (hboneReceiveBudgetBytes) was spent",
+            self.receive_window_reduced.clone(),
+        );
         self.denied.register(reg, "authorization_denials", "Connections denied by authorization policy, by reason");
     }
 }
@@ -118,6 +132,8 @@ pub struct Inbound {
     pub loopback_pods: bool,
     /// Handshakes in progress per source address.
     pub source_slots: SourceSlots,
+    /// HTTP/2 receive windows, node-wide: what the agent may hold toward slow readers.
+    pub receive_budget: Arc<crate::proxy::caps::ReceiveBudget>,
 }
 
 /// Things in progress per source address, at most a limit each ([`MAX_HANDSHAKES_PER_SOURCE`]
@@ -286,7 +302,12 @@ impl Inbound {
             let (client_id, server_id) = (client_id.clone(), server_id.clone());
             async move { Ok::<_, Infallible>(this.stream(req, link, client_id, server_id, act).await) }
         });
-        let conn = h2_server().serve_connection(TokioIo::new(tls), svc);
+        let window = self.receive_budget.grant();
+        if window.reduced() {
+            self.metrics.receive_window_reduced.inc();
+            debug!(%peer, window = window.connection_window(), "HBONE receive budget short: smaller window");
+        }
+        let conn = h2_server(&window).serve_connection(TokioIo::new(tls), svc);
         let mut conn = std::pin::pin!(conn);
         let expires_in = cert_expiry.and_then(|t| t.duration_since(SystemTime::now()).ok()).unwrap_or(Duration::ZERO);
         let expiry = tokio::time::sleep(expires_in);
@@ -482,15 +503,16 @@ pub(crate) struct Link {
     pub local: Option<std::net::IpAddr>,
 }
 
-/// The HTTP/2 server settings of HBONE: windows and frames as ztunnel's, bounded headers and
-/// streams, keep-alive pings.
-fn h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+/// The HTTP/2 server settings of HBONE: windows and frames as ztunnel's (4 MiB per stream,
+/// 16 MiB per connection) while the node's receive budget lasts, bounded headers and streams,
+/// keep-alive pings.
+fn h2_server(window: &crate::proxy::caps::ReceiveGrant) -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
-        .initial_stream_window_size(4 * 1024 * 1024)
-        .initial_connection_window_size(16 * 1024 * 1024)
+        .initial_stream_window_size(window.stream_window())
+        .initial_connection_window_size(window.connection_window())
         .max_frame_size(1 << 20)
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));

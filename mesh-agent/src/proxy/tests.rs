@@ -566,3 +566,36 @@ async fn an_http1_request_head_past_the_limit_is_refused_and_the_endpoint_never_
     let mut c = p.connect(VIP).await.unwrap();
     assert_eq!(http_request(&mut c, "GET", "/").await.unwrap().0, 200);
 }
+
+/// The node's HTTP/2 receive windows come out of one budget (`hboneReceiveBudgetBytes`): the
+/// first HBONE connection gets ztunnel's 16 MiB, the next what is left, then the protocol's
+/// 64 KiB; every byte comes back when the connections close.
+#[tokio::test]
+async fn hbone_receive_windows_come_out_of_the_node_budget_and_go_back() {
+    use crate::proxy::caps::RECEIVE_WINDOW_FLOOR;
+    let pki = Pki::new();
+    let node_b = ip(42, 0, 1);
+    let server = echo(SocketAddr::from((ip(42, 1, 1), 0))).await;
+    let mut cluster = Cluster::new();
+    cluster.add_node("a", Ipv4Addr::LOCALHOST);
+    cluster.add_node("b", node_b);
+    cluster.add_pod("shop", "server", *server.ip(), "b");
+    let idle = Duration::from_millis(600);
+    let inb = InboundProxy::start_with_budget(&cluster, "b", node_b, &pki, idle, 20 << 20).await;
+    // One stream per pooled connection: three tunnels open three HBONE connections.
+    let (pool, _certs) = crate::testing::pool(&pki, &[id("client")], 1, Duration::from_millis(300)).await;
+    let opts = ProxyOptions { pool: Some(pool.clone()), hbone_port: inb.addr.port(), ..Default::default() };
+    let out = OutboundProxy::start(&cluster, opts).await;
+    let mut tunnels = Vec::new();
+    for _ in 0..3 {
+        let mut c = out.connect(server).await.unwrap();
+        assert_eq!(roundtrip(&mut c, b"w").await, b"w");
+        tunnels.push(c);
+    }
+    assert_eq!(pool.metrics.handshakes.get(), 3);
+    let budget = &inb.inbound.receive_budget;
+    assert_eq!(budget.granted(), (16 << 20) + (4 << 20) + u64::from(RECEIVE_WINDOW_FLOOR));
+    assert_eq!(inb.inbound.metrics.receive_window_reduced.get(), 2);
+    drop(tunnels);
+    until("the idle HBONE connections closed and gave their windows back", || budget.granted() == 0).await;
+}
