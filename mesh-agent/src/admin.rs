@@ -186,6 +186,11 @@ impl Admin {
                 let idx = self.pods.borrow().clone();
                 json(&idx.pods)
             }
+            // The policies enforced here and what became of each Istio policy read.
+            "/debug/authz" => {
+                let idx = self.pods.borrow().clone();
+                json(&serde_json::json!({"policies": idx.authz, "reports": idx.authz_reports}))
+            }
             // Service virtual addresses and the ready endpoints the proxy balances over.
             // With each endpoint's latency estimate, requests in flight and ejection.
             "/debug/services" => {
@@ -222,7 +227,7 @@ impl Admin {
                 StatusCode::OK,
                 "text/plain",
                 format!(
-                    "switchyard mesh-agent on node {}\n\n/ (dashboard)\n/metrics\n/healthz\n/readyz\n/debug/summary\n/debug/pods\n/debug/services\n/debug/connections\n/debug/datapath\n/debug/certs\n/debug/pool\n",
+                    "switchyard mesh-agent on node {}\n\n/ (dashboard)\n/metrics\n/healthz\n/readyz\n/debug/summary\n/debug/pods\n/debug/authz\n/debug/services\n/debug/connections\n/debug/datapath\n/debug/certs\n/debug/pool\n",
                     self.node_name
                 ),
             ),

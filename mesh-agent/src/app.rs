@@ -357,7 +357,15 @@ fn watch_state(
         tokio::spawn(workloads::watch(path, config.node_name.clone(), mount, state_tx));
     } else if let Some(client) = kube_client {
         info!(node = %config.node_name, pod_cgroups = %config.pod_cgroup_root.display(), "Kubernetes mode: watching the API server");
-        tokio::spawn(crate::k8s::run(client, config.node_name.clone(), config.pod_cgroup_root.clone(), state_tx, stop));
+        let root = config.istio_root_namespace.clone();
+        tokio::spawn(crate::k8s::run(
+            client,
+            config.node_name.clone(),
+            config.pod_cgroup_root.clone(),
+            root,
+            state_tx,
+            stop,
+        ));
     }
     state_rx
 }
@@ -469,6 +477,7 @@ impl Telemetry {
             counts: proxy.pod_redirects.clone(),
             pods: index_rx.clone(),
         }));
+        registry.register_collector(Box::new(metrics::AuthzPolicyCollector { pods: index_rx.clone() }));
         registry.register_collector(Box::new(metrics::ProcessCollector));
         if let Some(m) = mtls {
             registry.register_collector(Box::new(crate::identity::manager::ExpiryCollector(m.certs.clone())));

@@ -185,6 +185,47 @@ pub fn workloads(admin: SocketAddr, out: Output) -> anyhow::Result<String> {
     Ok(t)
 }
 
+/// `mesh-agent authz`: the authorization policies this node enforces, and what became of
+/// every Istio policy it read (ignored, not enforced, L4 only: with the reasons).
+pub fn authz(admin: SocketAddr, out: Output) -> anyhow::Result<String> {
+    let a = get_json(admin, "/debug/authz")?;
+    if out == Output::Json {
+        return Ok(serde_json::to_string_pretty(&a)? + "\n");
+    }
+    let empty = Vec::new();
+    let reports = a["reports"].as_array().unwrap_or(&empty);
+    let policies = a["policies"].as_array().unwrap_or(&empty);
+    let report_of = |name: &str| reports.iter().find(|r| r["policy"].as_str() == Some(name));
+    let scope = |p: &Value| match &p["scope"] {
+        Value::String(s) => s.to_lowercase(),
+        Value::Object(o) => match o.iter().next() {
+            Some((k, v)) if k == "Pod" => format!("pod {}", s(v)),
+            Some((_, v)) => format!("labels {}", v["labels"]),
+            None => "-".into(),
+        },
+        _ => "-".into(),
+    };
+    let mut t = format!("{:<40} {:<16} {:<7} {:<30} {}\n", "POLICY", "STATUS", "ACTION", "APPLIES TO", "NOTES");
+    let mut row = |name: &str, status: &str, action: &str, applies: &str, notes: &[Value]| {
+        let notes: Vec<&str> = notes.iter().filter_map(Value::as_str).collect();
+        t += &format!("{name:<40} {status:<16} {action:<7} {applies:<30} {}\n", notes.join("; "));
+    };
+    for p in policies {
+        let name = s(&p["name"]);
+        let warnings = report_of(&name).and_then(|r| r["warnings"].as_array()).unwrap_or(&empty);
+        let status = if warnings.is_empty() { "enforced" } else { "enforced (L4)" };
+        row(&name, status, &s(&p["action"]), &scope(p), warnings);
+    }
+    for r in reports.iter().filter(|r| r["status"] != "enforced") {
+        let status = if r["status"] == "ignored" { "ignored" } else { "NOT ENFORCED" };
+        row(&s(&r["policy"]), status, "-", "-", r["warnings"].as_array().unwrap_or(&empty));
+    }
+    if policies.is_empty() && reports.is_empty() {
+        t += "(no authorization policies: every connection within the mesh is allowed)\n";
+    }
+    Ok(t)
+}
+
 /// `mesh-agent connections`: open connections, then the most recent closed ones.
 pub fn connections(admin: SocketAddr, out: Output, recent: usize) -> anyhow::Result<String> {
     let c = get_json(admin, "/debug/connections")?;

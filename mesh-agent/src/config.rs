@@ -152,6 +152,9 @@ pub struct FileConfig {
     /// HTTP/2 receive windows granted to HBONE connections at once, node-wide: bounds what
     /// the agent holds for pods that read slowly (past it, new connections get 64 KiB windows).
     pub hbone_receive_budget_bytes: Option<u64>,
+    /// Istio's root namespace (Kubernetes mode): its AuthorizationPolicies and
+    /// PeerAuthentications apply to the whole mesh (default `istio-system`).
+    pub istio_root_namespace: Option<String>,
     /// Connections one pod may have open through the proxy at once (past it, new ones are
     /// reset).
     pub max_connections_per_pod: Option<usize>,
@@ -469,6 +472,7 @@ pub struct Config {
     pub max_proxied_connections: usize,
     pub retry_body_budget: usize,
     pub hbone_receive_budget: u64,
+    pub istio_root_namespace: String,
     pub trust_domain: String,
     /// Without a CA there is no mTLS: connections to other nodes' meshed pods are refused.
     pub ca: Option<CaFiles>,
@@ -615,6 +619,9 @@ impl Config {
             retry_body_limit: file.retry_body_limit_bytes.unwrap_or(DEFAULT_RETRY_BODY_LIMIT),
             retry_body_budget: file.retry_body_budget_bytes.unwrap_or(DEFAULT_RETRY_BODY_BUDGET),
             hbone_receive_budget: file.hbone_receive_budget_bytes.unwrap_or(crate::proxy::caps::DEFAULT_RECEIVE_BUDGET),
+            istio_root_namespace: file
+                .istio_root_namespace
+                .unwrap_or_else(|| crate::authz::istio::DEFAULT_ROOT_NAMESPACE.into()),
             max_connections_per_pod: cap(
                 args.max_connections_per_pod,
                 file.max_connections_per_pod,

@@ -89,6 +89,7 @@ pub fn k8s_objects(data: &[u8]) {
     };
     let (mut namespaces, mut pods, mut nodes, mut services, mut slices) =
         (HashMap::new(), Vec::new(), HashMap::new(), Vec::new(), Vec::new());
+    let (mut policies, mut peer_auths) = (Vec::new(), Vec::new());
     for item in items {
         let kind = match item.get("kind").and_then(Value::as_str) {
             Some("Namespace") => Kind::Namespaces,
@@ -96,26 +97,41 @@ pub fn k8s_objects(data: &[u8]) {
             Some("Node") => Kind::Nodes,
             Some("Service") => Kind::Services,
             Some("EndpointSlice") => Kind::EndpointSlices,
+            Some("AuthorizationPolicy") => Kind::AuthorizationPolicies,
+            Some("PeerAuthentication") => Kind::PeerAuthentications,
             _ => continue,
         };
         let Ok(o) = serde_json::from_value::<DynamicObject>(item) else { continue };
-        match k8s::trim(kind, &o) {
+        match k8s::trim(kind, &o, crate::authz::istio::DEFAULT_ROOT_NAMESPACE) {
             Ok(Some(Obj::Namespace(n))) => {
                 namespaces.insert(n.name.clone(), n);
             }
-            Ok(Some(Obj::Pod(p))) => pods.push(p),
+            Ok(Some(Obj::Pod(p))) => pods.push(*p),
             Ok(Some(Obj::Node(n))) => {
                 nodes.insert(n.name.clone(), n);
             }
             Ok(Some(Obj::Service(s))) => services.push(s),
             Ok(Some(Obj::Slice(s))) => slices.push(s),
+            Ok(Some(Obj::Policy(p))) => policies.push(*p),
+            Ok(Some(Obj::PeerAuth(p))) => peer_auths.push(p),
             Ok(None) | Err(_) => {}
         }
     }
     let mut state = k8s::objects::node_state(NODE, &namespaces, &pods, &nodes, Path::new("/nonexistent"));
     let slices: Vec<_> = slices.iter().collect();
     state.services = k8s::objects::service_table(services.iter(), &slices);
+    state.authz = policies.iter().filter_map(|t| t.rule.clone()).collect();
+    state.authz_reports = policies.iter().map(|t| t.report.clone()).collect();
+    state.apply_policies(&peer_auths, crate::authz::istio::DEFAULT_ROOT_NAMESPACE);
     check_state(&state);
+    // Every pod's connections can be decided on, from any peer.
+    let peer_id = Identity::new("cluster.local", "shop", "web");
+    for w in state.pods.values() {
+        for ip in [None, Some(Ipv4Addr::new(10, 244, 1, 7))] {
+            let peer = crate::authz::Peer { identity: &peer_id, ip };
+            let _ = crate::authz::evaluate(&state.authz, peer, w.authz_destination(8080));
+        }
+    }
 }
 
 /// Protocol detection on a connection's first bytes: HTTP/2 only after its whole preface,

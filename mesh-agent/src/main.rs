@@ -29,6 +29,9 @@ enum Command {
     Status(AdminArgs),
     /// This node's pods as the running agent sees them.
     Workloads(AdminArgs),
+    /// Authorization policies this node enforces, and what became of every Istio
+    /// AuthorizationPolicy it read (ignored, not enforced, enforced at L4 only).
+    Authz(AdminArgs),
     /// Open and recent connections through the running agent.
     Connections {
         #[command(flatten)]
@@ -134,6 +137,7 @@ fn main() -> ExitCode {
         }
         Command::Status(a) => print(mesh_agent::cli::status(a.admin, a.output)),
         Command::Workloads(a) => print(mesh_agent::cli::workloads(a.admin, a.output)),
+        Command::Authz(a) => print(mesh_agent::cli::authz(a.admin, a.output)),
         Command::Connections { admin: a, recent } => print(mesh_agent::cli::connections(a.admin, a.output, recent)),
         Command::Dashboard { node, namespace, port, run } => dashboard(&node, &namespace, port, run),
         Command::Probe { what, socket } => {

@@ -181,6 +181,50 @@ impl Collector for PodRedirectCollector {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyStatusLabels {
+    status: &'static str,
+}
+
+/// Authorization policies by what became of them: `enforced`, `enforced_l4_only` (parts
+/// that need L7 attributes left out, see `mesh-agent authz`), `ignored` (for waypoints),
+/// `not_enforced` (CUSTOM).
+#[derive(Debug)]
+pub struct AuthzPolicyCollector {
+    pub pods: tokio::sync::watch::Receiver<Arc<crate::state::PodIndex>>,
+}
+
+impl Collector for AuthzPolicyCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        use crate::authz::istio::Status;
+        let idx = self.pods.borrow().clone();
+        let mut counts: std::collections::BTreeMap<&'static str, i64> =
+            ["enforced", "enforced_l4_only", "ignored", "not_enforced"].into_iter().map(|s| (s, 0)).collect();
+        // Workload-file rules have no report: enforced as written.
+        let reported = |name: &str| idx.authz_reports.iter().any(|r| r.policy == name);
+        *counts.entry("enforced").or_default() += idx.authz.iter().filter(|r| !reported(&r.name)).count() as i64;
+        for r in &idx.authz_reports {
+            let status = match r.status {
+                Status::Enforced if r.warnings.is_empty() => "enforced",
+                Status::Enforced => "enforced_l4_only",
+                Status::Ignored => "ignored",
+                Status::NotEnforced => "not_enforced",
+            };
+            *counts.entry(status).or_default() += 1;
+        }
+        let mut family = enc.encode_descriptor(
+            "authorization_policies",
+            "Authorization policies this node read, by what became of them (enforced, enforced_l4_only, ignored: for waypoints, not_enforced: CUSTOM)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (status, n) in counts {
+            ConstGauge::new(n).encode(family.encode_family(&PolicyStatusLabels { status })?)?;
+        }
+        Ok(())
+    }
+}
+
 impl ProxyMetrics {
     pub fn register(&self, reg: &mut Registry) {
         reg.register("outbound_connections_opened", "Connections accepted by the outbound proxy", self.opened.clone());

@@ -155,6 +155,7 @@ impl Reconciler {
             index.send_if_modified(|old| {
                 let changed = old.nodes != idx.nodes
                     || old.authz != idx.authz
+                    || old.authz_reports != idx.authz_reports
                     || old.services != idx.services
                     || old.pods.len() != idx.pods.len()
                     || old.pods.iter().zip(&idx.pods).any(|(a, b)| {

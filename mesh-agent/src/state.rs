@@ -152,6 +152,9 @@ pub struct Workload {
     /// The ports the kubelet probes the pod on: a strict pod admits them from the node.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub probe_ports: Vec<u16>,
+    /// All its labels, for authorization policies' selectors (this node's pods only).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_labels: BTreeMap<String, String>,
 }
 
 /// The pod labels Istio derives its `*_canonical_service`, `*_canonical_revision`, `*_app`
@@ -192,7 +195,13 @@ impl AppLabels {
 impl Workload {
     /// This pod as the destination of a connection to `port`, for authorization.
     pub fn authz_destination(&self, port: u16) -> crate::authz::Destination<'_> {
-        crate::authz::Destination { namespace: &self.namespace, name: &self.name, port }
+        crate::authz::Destination {
+            namespace: &self.namespace,
+            name: &self.name,
+            labels: &self.pod_labels,
+            ip: self.ip,
+            port,
+        }
     }
 
     /// The `source_workload`/`destination_workload` of metrics: the owning workload's name,
@@ -239,9 +248,41 @@ pub struct NodeState {
     pub pods: BTreeMap<String, Workload>,
     pub nodes: BTreeMap<String, NodeInfo>,
     pub authz: Vec<Rule>,
+    /// What became of each Istio policy read (`mesh-agent authz`).
+    pub authz_reports: Vec<crate::authz::istio::Report>,
     /// Service virtual addresses (ClusterIP:port) → ready endpoints (pod IP:target port),
     /// balanced over by the proxy (no kube-proxy needed for meshed pods).
     pub services: BTreeMap<SocketAddrV4, ServiceEntry>,
+}
+
+impl NodeState {
+    /// What authorization asks of this node's pods: strict mTLS where PeerAuthentication says
+    /// STRICT, or where a policy can only hold if the pod is reached through the mesh (an
+    /// ALLOW policy, a DENY on identities: see [`crate::authz::needs_mesh_only`]); the stricter
+    /// of that and the namespace's annotation wins. A policy for pods outside the mesh is
+    /// reported as not enforced for them.
+    pub fn apply_policies(&mut self, peer_auths: &[crate::authz::istio::PeerAuthentication], root: &str) {
+        let mut unmeshed: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (key, w) in self.pods.iter_mut().filter(|(_, w)| w.node == self.node) {
+            let dst = w.authz_destination(0);
+            if !w.meshed {
+                for r in self.authz.iter().filter(|r| r.selects(dst)) {
+                    unmeshed.entry(r.name.as_str()).or_default().push(key.clone());
+                }
+                continue;
+            }
+            let strict = crate::authz::istio::strict(peer_auths, root, &w.namespace, &w.pod_labels)
+                || crate::authz::needs_mesh_only(&self.authz, dst);
+            if strict {
+                w.mtls_mode = MtlsMode::Strict;
+            }
+        }
+        for r in self.authz_reports.iter_mut() {
+            if let Some(pods) = unmeshed.get(r.policy.as_str()) {
+                r.warnings.push(format!("selects pods outside the mesh, NOT ENFORCED for them: {}", pods.join(", ")));
+            }
+        }
+    }
 }
 
 /// Annotation on a Service: connections open at once through the mesh to it, node-wide per
@@ -454,6 +495,7 @@ pub struct PodIndex {
     pub pods: Vec<PodStatus>,
     pub nodes: BTreeMap<String, NodeInfo>,
     pub authz: Vec<Rule>,
+    pub authz_reports: Vec<crate::authz::istio::Report>,
     /// Shared, so a connection's route holds its Service without copying it.
     pub services: BTreeMap<std::net::SocketAddrV4, Arc<ServiceEntry>>,
     by_cgroup: HashMap<u64, usize>,
@@ -498,6 +540,7 @@ impl PodIndex {
             pods,
             nodes: state.nodes.clone(),
             authz: state.authz.clone(),
+            authz_reports: state.authz_reports.clone(),
             services: state.services.iter().map(|(k, v)| (*k, Arc::new(v.clone()))).collect(),
             by_cgroup,
             by_ip,
@@ -550,6 +593,48 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// A pod an ALLOW policy (or a DENY on identities, or STRICT PeerAuthentication) is for
+    /// becomes strict; a DENY on addresses only does not; a policy for an unmeshed pod is
+    /// reported as not enforced for it.
+    #[test]
+    fn policies_that_only_the_mesh_can_hold_make_their_pods_strict() {
+        use crate::authz::istio::{self, DEFAULT_ROOT_NAMESPACE as ROOT};
+        let mut state = NodeState { node: "a".into(), ..Default::default() };
+        for (name, app, meshed) in
+            [("db", "db", true), ("web", "web", true), ("cache", "cache", true), ("old", "db", false)]
+        {
+            let mut w = crate::testing::pod("shop", name, Ipv4Addr::new(10, 0, 0, name.len() as u8), "a");
+            w.meshed = meshed;
+            w.pod_labels = [("app".to_string(), app.to_string())].into();
+            state.pods.insert(format!("shop/{name}"), w);
+        }
+        let policy = |name: &str, spec: serde_json::Value| {
+            let v = serde_json::json!({"metadata": {"name": name, "namespace": "shop"}, "spec": spec});
+            istio::authorization_policy(&v, ROOT).unwrap()
+        };
+        let translated = [
+            policy("allow-db", serde_json::json!({"selector": {"matchLabels": {"app": "db"}}, "rules": [{}]})),
+            policy(
+                "deny-ips",
+                serde_json::json!({"selector": {"matchLabels": {"app": "web"}}, "action": "DENY",
+                                   "rules": [{"from": [{"source": {"ipBlocks": ["10.9.0.0/16"]}}]}]}),
+            ),
+        ];
+        state.authz = translated.iter().filter_map(|t| t.rule.clone()).collect();
+        state.authz_reports = translated.iter().map(|t| t.report.clone()).collect();
+        let pa = istio::peer_authentication(&serde_json::json!({
+            "metadata": {"name": "cache", "namespace": "shop"},
+            "spec": {"selector": {"matchLabels": {"app": "cache"}}, "mtls": {"mode": "STRICT"}}}))
+        .unwrap();
+        state.apply_policies(&[pa], ROOT);
+        let mode = |k: &str| state.pods[k].mtls_mode;
+        assert_eq!(mode("shop/db"), MtlsMode::Strict, "ALLOW");
+        assert_eq!(mode("shop/web"), MtlsMode::Permissive, "a DENY on addresses only");
+        assert_eq!(mode("shop/cache"), MtlsMode::Strict, "PeerAuthentication");
+        assert_eq!(mode("shop/old"), MtlsMode::Permissive, "not meshed");
+        assert!(state.authz_reports[0].warnings.iter().any(|w| w.contains("NOT ENFORCED") && w.contains("shop/old")));
+    }
 
     #[test]
     fn only_addresses_that_name_one_pod_are_indexed() {

@@ -74,6 +74,7 @@ pub fn pod(ns: &str, name: &str, ip: Ipv4Addr, node: &str) -> Workload {
         capture_all: false,
         labels: Default::default(),
         probe_ports: Vec::new(),
+        pod_labels: Default::default(),
     }
 }
 

@@ -82,6 +82,13 @@ pub struct WorkloadFile {
     pub pods: Vec<PodSpec>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub authorization: Vec<authz::RuleSpec>,
+    /// Istio `AuthorizationPolicy` objects, as `kubectl apply` would take them: enforced as
+    /// in Kubernetes mode (root namespace `istio-system`).
+    #[serde(default, rename = "authorizationPolicies", skip_serializing_if = "Vec::is_empty")]
+    pub authorization_policies: Vec<serde_json::Value>,
+    /// Istio `PeerAuthentication` objects.
+    #[serde(default, rename = "peerAuthentications", skip_serializing_if = "Vec::is_empty")]
+    pub peer_authentications: Vec<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<ServiceSpec>,
 }
@@ -234,6 +241,7 @@ pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Resul
         let opt_out = pod_opts_out(|k| p.annotations.get(k).map(String::as_str))
             .map_err(|e| invalid(format!("pod {key}: {e}")))?;
         let pod_node = p.node.unwrap_or_else(|| node.to_string());
+        let local = pod_node == node;
         let cgroup = match (&p.cgroup, pod_node == node) {
             (Some(c), _) => Some(cgroup::resolve(cgroup2_mount, c).map_err(|e| invalid(format!("pod {key}: {e}")))?),
             (None, true) => return Err(invalid(format!("pod {key} runs on this node and needs a cgroup"))),
@@ -260,12 +268,34 @@ pub fn parse(text: &str, path: &Path, node: &str, cgroup2_mount: &Path) -> Resul
             capture_all: ns.capture_all,
             labels: crate::state::AppLabels::from_labels(|k| p.labels.get(k).map(String::as_str)),
             probe_ports: p.probe_ports,
+            pod_labels: if local { p.labels } else { BTreeMap::new() },
         };
         if state.pods.insert(key.clone(), w).is_some() {
             return Err(invalid(format!("pod {key} is listed twice")));
         }
     }
+    istio_policies(&file.authorization_policies, &file.peer_authentications, &mut state).map_err(invalid)?;
     Ok(state)
+}
+
+/// The file's Istio policies into `state`, then what they ask of its pods (strict mTLS).
+fn istio_policies(aps: &[serde_json::Value], pas: &[serde_json::Value], state: &mut NodeState) -> Result<(), String> {
+    let root = authz::istio::DEFAULT_ROOT_NAMESPACE;
+    for (i, v) in aps.iter().enumerate() {
+        let t = authz::istio::authorization_policy(v, root).map_err(|e| format!("authorizationPolicies[{i}]: {e}"))?;
+        for w in &t.report.warnings {
+            warn!(policy = %t.report.policy, "{w}");
+        }
+        state.authz.extend(t.rule);
+        state.authz_reports.push(t.report);
+    }
+    let peer_auths = pas
+        .iter()
+        .enumerate()
+        .map(|(i, v)| authz::istio::peer_authentication(v).map_err(|e| format!("peerAuthentications[{i}]: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    state.apply_policies(&peer_auths, root);
+    Ok(())
 }
 
 /// A pod's name, namespace and service account as Kubernetes allows them (they become SPIFFE
@@ -352,6 +382,32 @@ mod tests {
 
     fn p(text: &str) -> Result<NodeState, WorkloadFileError> {
         parse(text, Path::new("w.yaml"), "n1", Path::new(M))
+    }
+
+    #[test]
+    fn istio_policies_in_the_file_are_enforced_as_in_kubernetes() {
+        let text = r#"
+namespaces: [{name: shop, annotations: {switchyard.io/mesh: enabled}}]
+pods:
+  - {name: db, namespace: shop, ip: 10.0.0.5, cgroup: shop/db, labels: {app: db}}
+  - {name: web, namespace: shop, ip: 10.0.0.6, cgroup: shop/web, labels: {app: web}}
+authorizationPolicies:
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: db-from-web, namespace: shop}
+    spec:
+      selector: {matchLabels: {app: db}}
+      rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}], to: [{operation: {methods: [GET]}}]}]
+peerAuthentications:
+  - {metadata: {name: web, namespace: shop}, spec: {selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}}}
+"#;
+        let s = p(text).unwrap();
+        assert_eq!((s.authz.len(), s.authz[0].name.as_str()), (1, "shop/db-from-web"));
+        assert!(s.authz_reports[0].warnings[0].contains("methods"), "an L7 field reported");
+        assert_eq!(s.pods["shop/db"].mtls_mode, crate::state::MtlsMode::Strict, "an ALLOW policy is for it");
+        assert_eq!(s.pods["shop/web"].mtls_mode, crate::state::MtlsMode::Strict, "PeerAuthentication STRICT");
+        let bad = text.replace("mode: STRICT", "mode: ON");
+        assert!(p(&bad).unwrap_err().to_string().contains("peerAuthentications[0]"));
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! It also issues projected ServiceAccount tokens ([`FakeApi::token`]: JWTs signed with a key of
 //! its own) and answers TokenReviews for them as the real one does (signature, expiry,
 //! `spec.audiences`, the bound pod still existing with that uid; `status.user.extra` naming the
-//! pod), and serves get and server-side-apply patch of ConfigMaps.
+//! pod), and serves get and server-side-apply patch of ConfigMaps. Istio's AuthorizationPolicies
+//! and PeerAuthentications (`security.istio.io/v1`) are served, and discovered, only once the
+//! test installs their CRDs ([`FakeApi::install_istio_crds`]).
 //!
 //! Plain threads and hand-written HTTP: the agent's real `kube::Client` is what is under test,
 //! not this server.
@@ -26,13 +28,16 @@ use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 
 /// Resource types served: (plural, kind, API path prefix).
-const RESOURCES: [(&str, &str, &str); 5] = [
+const RESOURCES: [(&str, &str, &str); 7] = [
     ("namespaces", "Namespace", "/api/v1"),
     ("pods", "Pod", "/api/v1"),
     ("nodes", "Node", "/api/v1"),
     ("services", "Service", "/api/v1"),
     ("endpointslices", "EndpointSlice", "/apis/discovery.k8s.io/v1"),
+    ("authorizationpolicies", "AuthorizationPolicy", ISTIO_SECURITY),
+    ("peerauthentications", "PeerAuthentication", ISTIO_SECURITY),
 ];
+const ISTIO_SECURITY: &str = "/apis/security.istio.io/v1";
 
 #[derive(Default)]
 struct Store {
@@ -47,6 +52,8 @@ struct Store {
     generation: u64,
     /// Requests served, by plural and verb ("list"/"watch"): what the agent asked for.
     requests: Vec<String>,
+    /// Istio's security CRDs are installed: their resources are discovered and served.
+    istio_crds: bool,
 }
 
 struct Shared {
@@ -114,6 +121,12 @@ impl FakeApi {
             }
         }));
         Ok(())
+    }
+
+    /// Installs Istio's security CRDs: `security.istio.io/v1` is discovered and served from
+    /// now on (before, it is 404, as on a cluster without Istio's base chart).
+    pub fn install_istio_crds(&self) {
+        self.shared.store.lock().unwrap().istio_crds = true;
     }
 
     /// A kubeconfig file pointing at this server (plain HTTP, no credentials).
@@ -355,6 +368,31 @@ fn review(shared: &Shared, body: &Value) -> Value {
 
 /// TokenReviews and ConfigMaps (get, server-side apply); `None` for the list/watch paths.
 fn serve_other(shared: &Shared, req: &Request) -> Option<(u16, Value)> {
+    if req.path.starts_with("/apis/security.istio.io") {
+        let st = shared.store.lock().unwrap();
+        let not_found =
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound"});
+        if !st.istio_crds {
+            return Some((404, not_found));
+        }
+        if req.path == ISTIO_SECURITY {
+            let res = |name: &str, kind: &str| {
+                json!({"name": name, "singularName": "", "namespaced": true, "kind": kind,
+                "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]})
+            };
+            return Some((
+                200,
+                json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "security.istio.io/v1",
+                       "resources": [res("authorizationpolicies", "AuthorizationPolicy"),
+                                     res("peerauthentications", "PeerAuthentication")]}),
+            ));
+        }
+        if !RESOURCES.iter().any(|(p, _, prefix)| req.path == format!("{prefix}/{p}")) {
+            return Some((404, not_found));
+        }
+        // The resources themselves: served as the others.
+        return None;
+    }
     if req.method == "POST" && req.path == "/apis/authentication.k8s.io/v1/tokenreviews" {
         shared.store.lock().unwrap().requests.push("create tokenreviews".into());
         let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);

@@ -1017,6 +1017,7 @@ fn workload_file(
             .collect(),
         authorization: authorization.to_vec(),
         services: services.to_vec(),
+        ..Default::default()
     }
 }
 

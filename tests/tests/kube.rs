@@ -390,3 +390,90 @@ fn past_a_services_connection_limit_new_connections_fail_fast_and_bad_limits_kee
     })?;
     Ok(())
 }
+
+fn policy(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+           "metadata": {"name": name, "namespace": "shop"}, "spec": spec})
+}
+
+/// Istio's AuthorizationPolicy and PeerAuthentication, read from the API: a DENY by
+/// principal for the pods a selector picks (same node, so the source is its pod), lifted when
+/// deleted; an ALLOW that others do not match; CUSTOM reported, not enforced; STRICT
+/// PeerAuthentication drops plaintext from a pod outside the mesh in the kernel. Before the
+/// CRDs exist the agent says nothing is enforced.
+#[test]
+fn istio_authorization_policies_and_peer_authentication_are_enforced() -> Result<()> {
+    if !privileged("kube_istio_policies") {
+        return Ok(());
+    }
+    // Without Istio's CRDs: said, and nothing enforced.
+    let mut s = setup(true)?;
+    wait_meshed(&s.node, "server", true, Duration::from_secs(5))?;
+    assert!(proxied(&s)?);
+    eventually(T, "the agent says the CRDs are absent", || {
+        s.node.agent_log().contains("Istio's security CRDs").then_some(())
+    })?;
+    s.node.stop_agent(T)?;
+
+    // With them: the server pod labelled app=server, a pod outside the mesh in `legacy`.
+    s.api.install_istio_crds();
+    let mut server = pod_json(&s.server, &uid("server"), "node", false);
+    server["metadata"]["labels"] = json!({"app": "server"});
+    s.api.apply("pods", server);
+    let lu = uid("legacy");
+    let legacy = s.node.add_pod_at("legacy", "legacy", None, &format!("kubepods/besteffort/pod{lu}"))?;
+    s.api.apply("namespaces", ns_json("legacy", false));
+    s.api.apply("pods", pod_json(&legacy, &lu, "node", false));
+    let client_principal = format!("cluster.local/ns/shop/sa/{}", s.client.service_account);
+    s.api.apply(
+        "authorizationpolicies",
+        policy(
+            "no-client",
+            json!({"selector": {"matchLabels": {"app": "server"}}, "action": "DENY",
+                   "rules": [{"from": [{"source": {"principals": [client_principal]}}]}]}),
+        ),
+    );
+    s.api.apply(
+        "authorizationpolicies",
+        policy("ext", json!({"action": "CUSTOM", "provider": {"name": "opa"}, "rules": [{}]})),
+    );
+    s.node.start_agent(&[])?;
+    wait_meshed(&s.node, "server", true, Duration::from_secs(5))?;
+    let to_server = format!("{}:8080", s.server.ip);
+    let r = s.client.client(&to_server, &["--timeout-ms", "1500"], T)?;
+    assert_eq!(r.ok, 0, "denied by the DENY policy: {r:?}");
+    let authz = s.node.admin_json("/debug/authz")?;
+    let reports = authz["reports"].as_array().cloned().unwrap_or_default();
+    assert!(reports.iter().any(|r| r["policy"] == "shop/ext" && r["status"] == "not_enforced"), "{authz}");
+    let metrics = s.node.admin_text("/metrics")?;
+    assert_eq!(sim::metric(&metrics, "switchyard_authorization_policies", &[("status", "not_enforced")]), 1.0);
+    assert_eq!(sim::metric(&metrics, "switchyard_authorization_policies", &[("status", "enforced")]), 1.0);
+
+    // A DENY on principals makes the pod reachable only through the mesh.
+    let dropped = |n: &Node| n.kernel_events().map(|e| e["strict_dropped"].as_u64().unwrap_or(0));
+    let before = dropped(&s.node)?;
+    let r = legacy.client(&to_server, &["--timeout-ms", "1500"], T)?;
+    assert_eq!(r.ok, 0, "plaintext around the policy: {r:?}");
+    assert!(dropped(&s.node)? > before, "dropped in the kernel");
+
+    // Deleted: allowed again (the open decision is re-evaluated on every change).
+    s.api.delete("authorizationpolicies", "shop/no-client");
+    eventually(Duration::from_secs(5), "allowed once the policy is gone", || {
+        s.client.client(&to_server, &["--timeout-ms", "1500"], T).ok().filter(|r| r.ok == 1)
+    })?;
+    let r = legacy.client(&to_server, &["--timeout-ms", "1500"], T)?;
+    assert_eq!(r.ok, 1, "no policy, no PeerAuthentication: permissive again: {r:?}");
+
+    // PeerAuthentication STRICT for the namespace: plaintext dropped, the mesh still served.
+    s.api.apply(
+        "peerauthentications",
+        json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+               "metadata": {"name": "default", "namespace": "shop", "creationTimestamp": "2026-01-01T00:00:00Z"},
+               "spec": {"mtls": {"mode": "STRICT"}}}),
+    );
+    eventually(Duration::from_secs(5), "plaintext dropped under STRICT", || {
+        legacy.client(&to_server, &["--timeout-ms", "1500"], T).ok().filter(|r| r.ok == 0)
+    })?;
+    assert!(proxied(&s)?, "meshed clients still served");
+    Ok(())
+}

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::state::NodeState;
+use crate::{authz::istio, state::NodeState};
 use objects::{Namespace, Node, Pod};
 
 const DEBOUNCE: Duration = Duration::from_millis(50);
@@ -40,6 +40,8 @@ pub(crate) enum Kind {
     Nodes,
     Services,
     EndpointSlices,
+    AuthorizationPolicies,
+    PeerAuthentications,
 }
 
 impl Kind {
@@ -51,6 +53,8 @@ impl Kind {
             Kind::Nodes => "nodes",
             Kind::Services => "services",
             Kind::EndpointSlices => "endpointslices",
+            Kind::AuthorizationPolicies => "authorizationpolicies.security.istio.io",
+            Kind::PeerAuthentications => "peerauthentications.security.istio.io",
         }
     }
 }
@@ -58,10 +62,12 @@ impl Kind {
 #[derive(Debug, Clone)]
 pub(crate) enum Obj {
     Namespace(Namespace),
-    Pod(Pod),
+    Pod(Box<Pod>),
     Node(Node),
     Service(objects::Service),
     Slice(objects::EndpointSlice),
+    Policy(Box<istio::Translated>),
+    PeerAuth(istio::PeerAuthentication),
 }
 
 enum Change {
@@ -102,20 +108,60 @@ fn key_of(o: &DynamicObject) -> Option<String> {
     })
 }
 
-/// Trims an object of `kind`. `Ok(None)`: valid but not kept (a finished pod).
-pub(crate) fn trim(kind: Kind, o: &DynamicObject) -> Result<Option<Obj>, objects::ObjectError> {
+/// Trims an object of `kind`. `Ok(None)`: valid but not kept (a finished pod). `root` is
+/// Istio's root namespace (its policies apply mesh-wide).
+pub(crate) fn trim(kind: Kind, o: &DynamicObject, root: &str) -> Result<Option<Obj>, objects::ObjectError> {
     let v: Value = serde_json::to_value(o).map_err(|e| objects::ObjectError::Json(e.to_string()))?;
     match kind {
         Kind::Namespaces => Namespace::from_json(&v).map(|n| Some(Obj::Namespace(n))),
-        Kind::LocalPods | Kind::RemotePods => Pod::from_json(&v).map(|p| p.map(Obj::Pod)),
+        Kind::LocalPods => Pod::from_json(&v).map(|p| p.map(|p| Obj::Pod(Box::new(p)))),
+        // Other nodes' pods are never selected by this node's policies: their labels go.
+        Kind::RemotePods => {
+            Pod::from_json(&v).map(|p| p.map(|p| Obj::Pod(Box::new(Pod { all_labels: Default::default(), ..p }))))
+        }
         Kind::Nodes => Node::from_json(&v).map(|n| Some(Obj::Node(n))),
         Kind::Services => objects::Service::from_json(&v).map(|s| Some(Obj::Service(s))),
         Kind::EndpointSlices => objects::EndpointSlice::from_json(&v).map(|s| Some(Obj::Slice(s))),
+        Kind::AuthorizationPolicies => {
+            let t = istio::authorization_policy(&v, root)?;
+            announce(&t.report);
+            Ok(Some(Obj::Policy(Box::new(t))))
+        }
+        Kind::PeerAuthentications => {
+            let pa = istio::peer_authentication(&v)?;
+            if pa.port_level {
+                warn!(policy = %format_args!("{}/{}", pa.namespace, pa.name), "PeerAuthentication portLevelMtls is not supported: the workload's mode applies to every port");
+            }
+            Ok(Some(Obj::PeerAuth(pa)))
+        }
+    }
+}
+
+/// Says what became of a policy that is not simply enforced: loudly for one that is not
+/// enforced at all.
+fn announce(r: &istio::Report) {
+    match r.status {
+        istio::Status::NotEnforced => {
+            warn!(policy = %r.policy, why = %r.warnings.join("; "), "AuthorizationPolicy NOT ENFORCED")
+        }
+        istio::Status::Ignored => {
+            info!(policy = %r.policy, why = %r.warnings.join("; "), "AuthorizationPolicy not applied here")
+        }
+        istio::Status::Enforced if !r.warnings.is_empty() => {
+            warn!(policy = %r.policy, warnings = %r.warnings.join("; "), "AuthorizationPolicy enforced at L4 only")
+        }
+        istio::Status::Enforced => {}
     }
 }
 
 /// Runs one watcher until `stop`, sending trimmed changes.
-async fn watch_kind(api: Api<DynamicObject>, cfg: watcher::Config, kind: Kind, tx: mpsc::Sender<Change>) {
+async fn watch_kind(
+    api: Api<DynamicObject>,
+    cfg: watcher::Config,
+    kind: Kind,
+    root: std::sync::Arc<str>,
+    tx: mpsc::Sender<Change>,
+) {
     let mut stream = watcher(api, cfg).default_backoff().boxed();
     let mut listing: Option<HashMap<String, Obj>> = None;
     let mut malformed = HashSet::new();
@@ -140,7 +186,7 @@ async fn watch_kind(api: Api<DynamicObject>, cfg: watcher::Config, kind: Kind, t
             }
             watcher::Event::InitApply(o) => {
                 if let (Some(l), Some(k)) = (listing.as_mut(), key_of(&o)) {
-                    match trim(kind, &o) {
+                    match trim(kind, &o, &root) {
                         Ok(Some(obj)) => {
                             l.insert(k, obj);
                         }
@@ -161,7 +207,7 @@ async fn watch_kind(api: Api<DynamicObject>, cfg: watcher::Config, kind: Kind, t
             }
             watcher::Event::Apply(o) => {
                 let Some(k) = key_of(&o) else { continue };
-                match trim(kind, &o) {
+                match trim(kind, &o, &root) {
                     Ok(Some(obj)) => Change::Apply(kind, k, obj),
                     Ok(None) => Change::Delete(kind, k),
                     Err(e) => {
@@ -189,6 +235,8 @@ struct Stores {
     nodes: HashMap<String, Node>,
     services: HashMap<String, objects::Service>,
     slices: HashMap<String, objects::EndpointSlice>,
+    policies: std::collections::BTreeMap<String, istio::Translated>,
+    peer_auths: std::collections::BTreeMap<String, istio::PeerAuthentication>,
     synced: std::collections::HashSet<Kind>,
 }
 
@@ -204,6 +252,8 @@ impl Stores {
                     Kind::Nodes => self.nodes.retain(|k, _| keep(k)),
                     Kind::Services => self.services.retain(|k, _| keep(k)),
                     Kind::EndpointSlices => self.slices.retain(|k, _| keep(k)),
+                    Kind::AuthorizationPolicies => self.policies.retain(|k, _| keep(k)),
+                    Kind::PeerAuthentications => self.peer_auths.retain(|k, _| keep(k)),
                 }
                 for (k, o) in objs {
                     self.insert(kind, k, o);
@@ -217,6 +267,8 @@ impl Stores {
                     Kind::Nodes => self.nodes.remove(&k).map(drop),
                     Kind::Services => self.services.remove(&k).map(drop),
                     Kind::EndpointSlices => self.slices.remove(&k).map(drop),
+                    Kind::AuthorizationPolicies => self.policies.remove(&k).map(drop),
+                    Kind::PeerAuthentications => self.peer_auths.remove(&k).map(drop),
                 };
             }
         }
@@ -228,7 +280,7 @@ impl Stores {
                 self.namespaces.insert(k, n);
             }
             Obj::Pod(p) => {
-                self.pods_mut(kind).insert(k, p);
+                self.pods_mut(kind).insert(k, *p);
             }
             Obj::Node(n) => {
                 self.nodes.insert(k, n);
@@ -239,6 +291,12 @@ impl Stores {
             Obj::Slice(s) => {
                 self.slices.insert(k, s);
             }
+            Obj::Policy(p) => {
+                self.policies.insert(k, *p);
+            }
+            Obj::PeerAuth(p) => {
+                self.peer_auths.insert(k, p);
+            }
         }
     }
 
@@ -246,7 +304,7 @@ impl Stores {
         if kind == Kind::LocalPods { &mut self.local_pods } else { &mut self.remote_pods }
     }
 
-    fn state(&self, node: &str, pod_root: &std::path::Path) -> NodeState {
+    fn state(&self, node: &str, pod_root: &std::path::Path, root: &str) -> NodeState {
         // Local pods from the node-scoped watch win over a stale copy from the other one (they
         // come last, so they replace it). Nothing is cloned but what the state keeps.
         let pods =
@@ -254,19 +312,94 @@ impl Stores {
         let mut state = objects::node_state(node, &self.namespaces, pods, &self.nodes, pod_root);
         let slices: Vec<&objects::EndpointSlice> = self.slices.values().collect();
         state.services = objects::service_table(self.services.values(), &slices);
+        state.authz = self.policies.values().filter_map(|t| t.rule.clone()).collect();
+        state.authz_reports = self.policies.values().map(|t| t.report.clone()).collect();
+        let peer_auths: Vec<istio::PeerAuthentication> = self.peer_auths.values().cloned().collect();
+        state.apply_policies(&peer_auths, root);
         state
     }
 }
 
-/// Watches the cluster and publishes this node's view into `tx` until `stop`.
+/// Istio's security resources, at the version the API server serves (`v1` since Istio 1.22,
+/// else `v1beta1`: the same objects). `None`: their CRDs are not installed.
+async fn istio_security(client: &Client) -> Option<[ApiResource; 2]> {
+    for version in ["v1", "v1beta1"] {
+        let gv = format!("security.istio.io/{version}");
+        let Ok(list) = client.list_api_group_resources(&gv).await else { continue };
+        let served = |plural: &str| list.resources.iter().any(|r| r.name == plural);
+        if served("authorizationpolicies") && served("peerauthentications") {
+            let res = |kind: &str, plural: &str| ApiResource {
+                group: "security.istio.io".into(),
+                version: version.into(),
+                api_version: gv.clone(),
+                kind: kind.into(),
+                plural: plural.into(),
+            };
+            return Some([
+                res("AuthorizationPolicy", "authorizationpolicies"),
+                res("PeerAuthentication", "peerauthentications"),
+            ]);
+        }
+    }
+    None
+}
+
+/// How often the agent looks again for Istio's security CRDs while they are absent.
+const CRD_RECHECK: Duration = Duration::from_secs(30);
+
+/// Watches AuthorizationPolicies and PeerAuthentications once their CRDs exist: at once if
+/// they do, else after they are installed (looked for every [`CRD_RECHECK`]). Says clearly
+/// while they are absent that nothing is enforced.
+async fn watch_istio(client: Client, root: std::sync::Arc<str>, tx: mpsc::Sender<Change>, stop: CancellationToken) {
+    let mut said = false;
+    let resources = loop {
+        if let Some(r) = istio_security(&client).await {
+            break r;
+        }
+        if !said {
+            warn!(
+                "Istio's security CRDs (authorizationpolicies, peerauthentications.security.istio.io) are not installed: no AuthorizationPolicy or PeerAuthentication is enforced. Install them with Istio's base chart (see the README); the agent picks them up within {} s",
+                CRD_RECHECK.as_secs()
+            );
+            said = true;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(CRD_RECHECK) => {}
+        }
+    };
+    info!(version = %resources[0].version, "watching Istio's AuthorizationPolicies and PeerAuthentications");
+    let [ap, pa] = resources;
+    let kinds = [(ap, Kind::AuthorizationPolicies), (pa, Kind::PeerAuthentications)];
+    let tasks: Vec<_> = kinds
+        .into_iter()
+        .map(|(res, kind)| {
+            let api = Api::<DynamicObject>::all_with(client.clone(), &res);
+            tokio::spawn(watch_kind(api, watcher::Config::default().any_semantic(), kind, root.clone(), tx.clone()))
+        })
+        .collect();
+    stop.cancelled().await;
+    for t in tasks {
+        t.abort();
+    }
+}
+
+/// Watches the cluster and publishes this node's view into `tx` until `stop`. `root` is
+/// Istio's root namespace: its policies apply to the whole mesh.
 pub async fn run(
     client: Client,
     node: String,
     pod_root: PathBuf,
+    root: String,
     tx: watch::Sender<NodeState>,
     stop: CancellationToken,
 ) {
     let (ctx, mut crx) = mpsc::channel(4096);
+    let root: std::sync::Arc<str> = root.into();
+    // Before the first publication: if the CRDs exist, nothing is published before the
+    // policies are listed (a pod must not be reachable without them for a moment).
+    let istio_installed = istio_security(&client).await.is_some();
+    let istio = tokio::spawn(watch_istio(client.clone(), root.clone(), ctx.clone(), stop.child_token()));
     let ns_api = Api::<DynamicObject>::all_with(client.clone(), &resource("Namespace", "namespaces"));
     let pod_api = Api::<DynamicObject>::all_with(client.clone(), &resource("Pod", "pods"));
     let node_api = Api::<DynamicObject>::all_with(client.clone(), &resource("Node", "nodes"));
@@ -281,9 +414,9 @@ pub async fn run(
         // Only slices managed for Services (not mirrored or custom ones without a Service).
         (slice_api, watcher::Config::default().labels("kubernetes.io/service-name"), Kind::EndpointSlices),
     ];
-    let mut tasks = Vec::new();
+    let mut tasks = vec![istio];
     for (api, cfg, kind) in watches {
-        tasks.push(tokio::spawn(watch_kind(api, cfg.any_semantic(), kind, ctx.clone())));
+        tasks.push(tokio::spawn(watch_kind(api, cfg.any_semantic(), kind, root.clone(), ctx.clone())));
     }
     drop(ctx);
     let mut stores = Stores::default();
@@ -304,9 +437,10 @@ pub async fn run(
             }
             _ = tick.tick() => {}
         }
-        // Nothing is published before namespaces and this node's pods are listed: a half
-        // picture would unmesh pods.
-        if !(stores.synced.contains(&Kind::Namespaces) && stores.synced.contains(&Kind::LocalPods)) {
+        // Nothing is published before namespaces and this node's pods are listed (a half
+        // picture would unmesh pods), nor before the policies when Istio's CRDs exist.
+        let needed = [Kind::Namespaces, Kind::LocalPods, Kind::AuthorizationPolicies, Kind::PeerAuthentications];
+        if !needed.iter().take(if istio_installed { 4 } else { 2 }).all(|k| stores.synced.contains(k)) {
             continue;
         }
         if !announced {
@@ -317,7 +451,7 @@ pub async fn run(
             );
             announced = true;
         }
-        let state = stores.state(&node, &pod_root);
+        let state = stores.state(&node, &pod_root, &root);
         tx.send_if_modified(|old| {
             let changed = *old != state;
             if changed {
@@ -363,7 +497,7 @@ mod tests {
         let api = Api::<DynamicObject>::all_with(client, &resource("Pod", "pods"));
         let (tx, mut rx) = mpsc::channel(16);
         let cfg = watcher::Config::default().fields("spec.nodeName=n1").any_semantic();
-        let task = tokio::spawn(watch_kind(api, cfg, Kind::LocalPods, tx));
+        let task = tokio::spawn(watch_kind(api, cfg, Kind::LocalPods, "istio-system".into(), tx));
 
         // 1. LIST, node-scoped; one good pod and one malformed.
         let (req, send) = handle.next_request().await.expect("list");
@@ -442,7 +576,13 @@ mod tests {
         };
         let (tx, mut rx) = mpsc::channel(16);
         let api = Api::<DynamicObject>::all_with(client, &resource("Service", "services"));
-        let task = tokio::spawn(watch_kind(api, watcher::Config::default().any_semantic(), Kind::Services, tx));
+        let task = tokio::spawn(watch_kind(
+            api,
+            watcher::Config::default().any_semantic(),
+            Kind::Services,
+            "istio-system".into(),
+            tx,
+        ));
         let (req, send) = handle.next_request().await.expect("list services");
         assert!(req.uri().to_string().starts_with("/api/v1/services?"), "{}", req.uri());
         send.send_response(
@@ -483,7 +623,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let api = Api::<DynamicObject>::all_with(client, &endpointslices());
         let cfg = watcher::Config::default().labels("kubernetes.io/service-name").any_semantic();
-        let task = tokio::spawn(watch_kind(api, cfg, Kind::EndpointSlices, tx));
+        let task = tokio::spawn(watch_kind(api, cfg, Kind::EndpointSlices, "istio-system".into(), tx));
         let (req, send) = handle.next_request().await.expect("list slices");
         let uri = req.uri().to_string();
         assert!(uri.starts_with("/apis/discovery.k8s.io/v1/endpointslices?"), "{uri}");
@@ -516,19 +656,19 @@ mod tests {
         let p = |name: &str, node: &str| Pod::from_json(&pod(name, node, 1)).unwrap().unwrap();
         s.apply(Change::Reset(
             Kind::RemotePods,
-            [("shop/x".to_string(), Obj::Pod(p("x", "n1")))].into(),
+            [("shop/x".to_string(), Obj::Pod(Box::new(p("x", "n1"))))].into(),
             HashSet::new(),
         ));
         s.apply(Change::Reset(
             Kind::LocalPods,
-            [("shop/a".to_string(), Obj::Pod(p("a", "n1")))].into(),
+            [("shop/a".to_string(), Obj::Pod(Box::new(p("a", "n1"))))].into(),
             HashSet::new(),
         ));
-        let st = s.state("n1", std::path::Path::new("/nonexistent"));
+        let st = s.state("n1", std::path::Path::new("/nonexistent"), "istio-system");
         assert!(st.pods.contains_key("shop/a"));
         assert!(!st.pods.contains_key("shop/x"), "a stale copy from the other-nodes watch is ignored");
         s.apply(Change::Delete(Kind::LocalPods, "shop/a".into()));
-        assert!(s.state("n1", std::path::Path::new("/nonexistent")).pods.is_empty());
+        assert!(s.state("n1", std::path::Path::new("/nonexistent"), "istio-system").pods.is_empty());
     }
 
     /// A relist (after 410 Gone, an API restart) that brings a malformed version of an object
@@ -538,7 +678,7 @@ mod tests {
         let mut s = Stores::default();
         let p = |name: &str| Pod::from_json(&pod(name, "n1", 1)).unwrap().unwrap();
         let listing = |names: &[&str]| -> HashMap<String, Obj> {
-            names.iter().map(|n| (format!("shop/{n}"), Obj::Pod(p(n)))).collect()
+            names.iter().map(|n| (format!("shop/{n}"), Obj::Pod(Box::new(p(n))))).collect()
         };
         s.apply(Change::Reset(Kind::LocalPods, listing(&["a", "b", "c"]), HashSet::new()));
         // Relisted: a is fine, b is now malformed, c is gone.

@@ -23,6 +23,8 @@ pub enum ObjectError {
     Annotation(#[from] AnnotationError),
     #[error("not a Kubernetes object: {0}")]
     Json(String),
+    #[error(transparent)]
+    Policy(#[from] crate::authz::istio::PolicyError),
 }
 
 fn invalid(field: &'static str, value: impl std::fmt::Display, expected: &'static str) -> ObjectError {
@@ -55,6 +57,9 @@ pub struct Pod {
     pub labels: crate::state::AppLabels,
     /// The ports its containers' probes reach (see [`probe_ports`]).
     pub probe_ports: Vec<u16>,
+    /// All its labels, for authorization policies' selectors: kept for this node's pods only
+    /// (the watch of other nodes' pods drops them).
+    pub all_labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A node, trimmed to the address its agent is reached on.
@@ -171,6 +176,12 @@ impl Pod {
             workload: workload_of(v).filter(|w| *w != name),
             labels: crate::state::AppLabels::from_labels(|k| str_at(v, &["metadata", "labels", k])),
             probe_ports: probe_ports(spec),
+            all_labels: v
+                .get("metadata")
+                .and_then(|m| m.get("labels"))
+                .and_then(Value::as_object)
+                .map(|l| l.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+                .unwrap_or_default(),
             name,
         }))
     }
@@ -400,6 +411,7 @@ pub fn node_state<'a>(
                 capture_all: ns.capture_all,
                 labels: p.labels.clone(),
                 probe_ports: p.probe_ports.clone(),
+                pod_labels: if local { p.all_labels.clone() } else { Default::default() },
             },
         );
     }

@@ -412,7 +412,12 @@ impl Inbound {
         rec.istio_opened(checked.istio);
         activity.streams.fetch_add(1, Ordering::AcqRel);
         let cancel = idle::Cancel::default();
-        let authorized = Authorized { src: client_id.clone(), dst_pod: rec_dst_pod, port: checked.target.port() };
+        let authorized = Authorized {
+            src: client_id.clone(),
+            src_ip: checked.source_ip,
+            dst_pod: rec_dst_pod,
+            port: checked.target.port(),
+        };
         let open = self.authorizations.register(authorized, *checked.target.ip(), cancel.clone());
         let this = self.clone();
         tokio::spawn(async move {
@@ -524,6 +529,9 @@ pub(crate) struct Checked {
     pub target: SocketAddrV4,
     pub dst_pod: String,
     pub source_pod: Option<String>,
+    /// The source pod's address, verified (it has the client's identity and runs on the node
+    /// the connection came from).
+    pub source_ip: Option<std::net::Ipv4Addr>,
     pub istio: crate::metrics::IstioLabels,
 }
 
@@ -601,19 +609,20 @@ pub(crate) fn check_connect<B>(req: &Request<B>, cx: &ConnectContext<'_>) -> Res
             format!("HBONE CONNECT from {client_id} to {target} ({dst_id}) on a connection for {server_id}"),
         ));
     }
-    match authz::evaluate(&idx.authz, client_id, pod.workload.authz_destination(target.port())) {
-        Decision::Allow => {}
-        Decision::Denied(rule) => return Err(Refused::Denied { reason: "deny_rule", rule, target }),
-        other => return Err(Refused::Denied { reason: other.reason(), rule: "-".into(), target }),
-    }
     // The source is known by its verified identity. Which of its pods: the one the peer
     // names (`Forwarded: for=`), believed only if that pod has that identity (a peer can
     // only ever name pods of its own identity) and runs on the node the connection comes
-    // from.
+    // from. Its address is then verified, for policies on source addresses.
     let source = forwarded_for(req.headers())
         .and_then(|ip| idx.by_ip(ip))
         .filter(|p| p.workload.identity(cx.trust_domain) == *client_id && p.workload.meshed)
         .filter(|p| idx.nodes.get(&p.workload.node).is_some_and(|n| std::net::IpAddr::V4(n.address) == link.peer.ip()));
+    let peer = authz::Peer { identity: client_id, ip: source.map(|p| p.workload.ip) };
+    match authz::decide(&idx.authz, peer, pod.workload.authz_destination(target.port())) {
+        Decision::Allow => {}
+        Decision::Denied(rule) => return Err(Refused::Denied { reason: "deny_rule", rule, target }),
+        other => return Err(Refused::Denied { reason: other.reason(), rule: "-".into(), target }),
+    }
     let mut istio =
         crate::metrics::IstioLabels::unknown("destination", "tcp").destination(&pod.workload, cx.trust_domain);
     match source {
@@ -624,7 +633,13 @@ pub(crate) fn check_connect<B>(req: &Request<B>, cx: &ConnectContext<'_>) -> Res
         }
     }
     istio.connection_security_policy = "mutual_tls";
-    Ok(Checked { target, dst_pod: pod.key.clone(), source_pod: source.map(|p| p.key.clone()), istio })
+    Ok(Checked {
+        target,
+        dst_pod: pod.key.clone(),
+        source_pod: source.map(|p| p.key.clone()),
+        source_ip: source.map(|p| p.workload.ip),
+        istio,
+    })
 }
 
 /// The source pod's address as an HBONE client names it: the `Forwarded` header's first

@@ -84,6 +84,8 @@ impl Path {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Authorized {
     pub src: Identity,
+    /// The source pod's address, when verified.
+    pub src_ip: Option<Ipv4Addr>,
     /// The destination pod (`namespace/name`).
     pub dst_pod: String,
     pub port: u16,
@@ -94,7 +96,10 @@ impl Authorized {
     /// is no longer allowed.
     pub fn recheck(&self, idx: &PodIndex, dst_ip: Ipv4Addr) -> Decision {
         match idx.by_ip(dst_ip).filter(|p| p.key == self.dst_pod) {
-            Some(p) => authz::evaluate(&idx.authz, &self.src, p.workload.authz_destination(self.port)),
+            Some(p) => {
+                let peer = authz::Peer { identity: &self.src, ip: self.src_ip };
+                authz::evaluate(&idx.authz, peer, p.workload.authz_destination(self.port))
+            }
             None => Decision::NotAllowed,
         }
     }
@@ -219,10 +224,16 @@ pub fn target(idx: &PodIndex, cfg: &RouteConfig, source: &Source, ep: SocketAddr
     let Some(d) = dst.filter(|d| d.workload.meshed) else { return Ok(t) };
     let dst_id = d.workload.identity(&cfg.trust_domain);
     if idx.is_local(d) {
-        match authz::evaluate(&idx.authz, &source.identity, d.workload.authz_destination(ep.port())) {
+        // A pod of this node: its address is its own (the kernel named it by its cgroup).
+        let peer = authz::Peer { identity: &source.identity, ip: Some(source.ip) };
+        match authz::decide(&idx.authz, peer, d.workload.authz_destination(ep.port())) {
             Decision::Allow => {
-                t.authorized =
-                    Some(Authorized { src: source.identity.clone(), dst_pod: d.key.clone(), port: ep.port() })
+                t.authorized = Some(Authorized {
+                    src: source.identity.clone(),
+                    src_ip: Some(source.ip),
+                    dst_pod: d.key.clone(),
+                    port: ep.port(),
+                })
             }
             decision => {
                 return Err(Refusal::Denied(Box::new(Denial {
