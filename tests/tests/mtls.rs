@@ -408,7 +408,10 @@ fn authorization_and_strict_mode_are_enforced() -> Result<()> {
                 &["spiffe://cluster.local/ns/shop/sa/batch"],
             ),
         ];
-        vault = Some(db.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?);
+        vault = Some((
+            db.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?,
+            neighbour.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?,
+        ));
         extra = Some((batch, db, neighbour));
         Ok(())
     })?;
@@ -448,8 +451,15 @@ fn authorization_and_strict_mode_are_enforced() -> Result<()> {
     assert_eq!(r["ok"], 0, "strict mode must block a non-mesh client: {r}");
     let dp = s.c.nodes[1].admin_json("/debug/datapath")?;
     assert!(dp["events"]["strict_dropped"].as_u64().unwrap() >= 1, "{dp}");
-    // Permissive: the same non-mesh client reaches a permissive meshed pod directly.
+    // An allow list makes its pod reachable only through the mesh (a plaintext client has no
+    // identity to match it): the non-mesh client's SYN to the server is dropped too.
+    let before = s.c.nodes[1].admin_json("/debug/datapath")?["events"]["strict_dropped"].as_u64().unwrap();
     let r = run(&s.legacy, &server, &quick)?;
+    assert_eq!(r["ok"], 0, "an allow-listed pod admits no plaintext: {r}");
+    let dp = s.c.nodes[1].admin_json("/debug/datapath")?;
+    assert!(dp["events"]["strict_dropped"].as_u64().unwrap() > before, "{dp}");
+    // Permissive: the same non-mesh client reaches a permissive meshed pod without policies.
+    let r = run(&s.legacy, &format!("{}:8080", neighbour.ip), &quick)?;
     assert_eq!(r["ok"], 1, "permissive mode admits plaintext: {r}");
     drop(vault);
     Ok(())
