@@ -75,6 +75,38 @@ pub enum Surface {
     Stats,
 }
 
+/// `/debug/authz?pod=..&from=..&ip=..&port=..`: the policies that apply to a pod of this node,
+/// and with a source and port the decision.
+fn authz_query(idx: &crate::state::PodIndex, query: &str) -> Result<serde_json::Value, String> {
+    let param = |k: &str| query.split('&').find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='));
+    let pod = param("pod").ok_or("pod=<namespace/name> is required")?;
+    let p = idx.pods.iter().find(|p| p.key == pod && idx.is_local(p)).ok_or(format!("no pod {pod} on this node"))?;
+    let port: u16 = match param("port") {
+        Some(v) => v.parse().map_err(|_| format!("port={v} is not a port"))?,
+        None => 0,
+    };
+    let dst = p.workload.authz_destination(port);
+    let applies: Vec<&str> = idx.authz.iter().filter(|r| r.selects(dst)).map(|r| r.name.as_str()).collect();
+    let mut out = serde_json::json!({"pod": pod, "applies": applies});
+    if let Some(from) = param("from") {
+        let id = crate::identity::Identity::parse(from).map_err(|e| e.to_string())?;
+        let ip = match param("ip") {
+            Some(v) => Some(v.parse::<std::net::Ipv4Addr>().map_err(|_| format!("ip={v} is not an IPv4 address"))?),
+            None => None,
+        };
+        let decision = crate::authz::evaluate(&idx.authz, crate::authz::Peer { identity: &id, ip }, dst);
+        let mut d = serde_json::json!({"result": decision.reason()});
+        if let crate::authz::Decision::Denied(policy) = &decision {
+            d["policy"] = serde_json::json!(policy);
+        }
+        out["from"] = serde_json::json!(from);
+        out["ip"] = serde_json::json!(ip.map(|i| i.to_string()).unwrap_or_else(|| "not verified".into()));
+        out["port"] = serde_json::json!(port);
+        out["decision"] = d;
+    }
+    Ok(out)
+}
+
 fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp {
     Response::builder()
         .status(status)
@@ -186,10 +218,18 @@ impl Admin {
                 let idx = self.pods.borrow().clone();
                 json(&idx.pods)
             }
-            // The policies enforced here and what became of each Istio policy read.
+            // The policies enforced here and what became of each Istio policy read; with
+            // `?pod=ns/name[&from=<spiffe id>&port=<n>[&ip=<a.b.c.d>]]`, those that apply to
+            // that pod and how such a connection would be decided.
             "/debug/authz" => {
                 let idx = self.pods.borrow().clone();
-                json(&serde_json::json!({"policies": idx.authz, "reports": idx.authz_reports}))
+                match req.uri().query() {
+                    None => json(&serde_json::json!({"policies": idx.authz, "reports": idx.authz_reports})),
+                    Some(q) => match authz_query(&idx, q) {
+                        Ok(v) => json(&v),
+                        Err(e) => respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+                    },
+                }
             }
             // Service virtual addresses and the ready endpoints the proxy balances over.
             // With each endpoint's latency estimate, requests in flight and ejection.

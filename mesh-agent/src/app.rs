@@ -463,7 +463,11 @@ impl Telemetry {
         istio.register(&mut root);
         let registry = metrics::switchyard(&mut root);
         let inbound = InboundMetrics::default();
-        let proxy = ProxyMetrics { denials: inbound.denied.clone(), ..Default::default() };
+        let proxy = ProxyMetrics {
+            denials: inbound.denied.clone(),
+            by_policy: inbound.by_policy.clone(),
+            ..Default::default()
+        };
         proxy.register(registry);
         inbound.register(registry);
         if let Some(p) = pool {
@@ -477,7 +481,10 @@ impl Telemetry {
             counts: proxy.pod_redirects.clone(),
             pods: index_rx.clone(),
         }));
-        registry.register_collector(Box::new(metrics::AuthzPolicyCollector { pods: index_rx.clone() }));
+        registry.register_collector(Box::new(metrics::AuthzPolicyCollector {
+            pods: index_rx.clone(),
+            denials: proxy.by_policy.clone(),
+        }));
         registry.register_collector(Box::new(metrics::ProcessCollector));
         if let Some(m) = mtls {
             registry.register_collector(Box::new(crate::identity::manager::ExpiryCollector(m.certs.clone())));

@@ -185,26 +185,46 @@ pub fn workloads(admin: SocketAddr, out: Output) -> anyhow::Result<String> {
     Ok(t)
 }
 
-/// `mesh-agent authz`: the authorization policies this node enforces, and what became of
-/// every Istio policy it read (ignored, not enforced, L4 only: with the reasons).
-pub fn authz(admin: SocketAddr, out: Output) -> anyhow::Result<String> {
-    let a = get_json(admin, "/debug/authz")?;
+/// What `mesh-agent authz` asks about: a pod, and optionally a connection to it.
+#[derive(Debug, Default, Clone)]
+pub struct AuthzQuery {
+    /// `namespace/name`.
+    pub pod: Option<String>,
+    /// The source's SPIFFE ID.
+    pub from: Option<String>,
+    pub ip: Option<std::net::Ipv4Addr>,
+    pub port: Option<u16>,
+}
+
+/// `mesh-agent authz`: the authorization policies this node enforces and what became of every
+/// Istio policy it read (ignored, not enforced, L4 only, malformed: with the reasons); with a
+/// pod, the policies that apply to it and, with `from` and `port`, how that connection would
+/// be decided.
+pub fn authz(admin: SocketAddr, out: Output, q: &AuthzQuery) -> anyhow::Result<String> {
+    let mut path = "/debug/authz".to_string();
+    let params: Vec<String> = [
+        q.pod.as_ref().map(|p| format!("pod={p}")),
+        q.from.as_ref().map(|f| format!("from={f}")),
+        q.ip.map(|i| format!("ip={i}")),
+        q.port.map(|p| format!("port={p}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !params.is_empty() {
+        path = format!("{path}?{}", params.join("&"));
+    }
+    let a = get_json(admin, &path)?;
     if out == Output::Json {
         return Ok(serde_json::to_string_pretty(&a)? + "\n");
+    }
+    if let Some(pod) = a.get("pod") {
+        return Ok(authz_for_pod(pod, &a));
     }
     let empty = Vec::new();
     let reports = a["reports"].as_array().unwrap_or(&empty);
     let policies = a["policies"].as_array().unwrap_or(&empty);
     let report_of = |name: &str| reports.iter().find(|r| r["policy"].as_str() == Some(name));
-    let scope = |p: &Value| match &p["scope"] {
-        Value::String(s) => s.to_lowercase(),
-        Value::Object(o) => match o.iter().next() {
-            Some((k, v)) if k == "Pod" => format!("pod {}", s(v)),
-            Some((_, v)) => format!("labels {}", v["labels"]),
-            None => "-".into(),
-        },
-        _ => "-".into(),
-    };
     let mut t = format!("{:<40} {:<16} {:<7} {:<30} {}\n", "POLICY", "STATUS", "ACTION", "APPLIES TO", "NOTES");
     let mut row = |name: &str, status: &str, action: &str, applies: &str, notes: &[Value]| {
         let notes: Vec<&str> = notes.iter().filter_map(Value::as_str).collect();
@@ -212,11 +232,16 @@ pub fn authz(admin: SocketAddr, out: Output) -> anyhow::Result<String> {
     };
     for p in policies {
         let name = s(&p["name"]);
-        let warnings = report_of(&name).and_then(|r| r["warnings"].as_array()).unwrap_or(&empty);
-        let status = if warnings.is_empty() { "enforced" } else { "enforced (L4)" };
+        let report = report_of(&name);
+        let warnings = report.and_then(|r| r["warnings"].as_array()).unwrap_or(&empty);
+        let status = match report.map(|r| &r["status"]) {
+            Some(s) if s == "malformed" => "MALFORMED",
+            _ if warnings.is_empty() => "enforced",
+            _ => "enforced (L4)",
+        };
         row(&name, status, &s(&p["action"]), &scope(p), warnings);
     }
-    for r in reports.iter().filter(|r| r["status"] != "enforced") {
+    for r in reports.iter().filter(|r| r["status"] == "ignored" || r["status"] == "not_enforced") {
         let status = if r["status"] == "ignored" { "ignored" } else { "NOT ENFORCED" };
         row(&s(&r["policy"]), status, "-", "-", r["warnings"].as_array().unwrap_or(&empty));
     }
@@ -224,6 +249,39 @@ pub fn authz(admin: SocketAddr, out: Output) -> anyhow::Result<String> {
         t += "(no authorization policies: every connection within the mesh is allowed)\n";
     }
     Ok(t)
+}
+
+/// Where a policy applies, as the table says it.
+fn scope(p: &Value) -> String {
+    match &p["scope"] {
+        Value::String(s) => s.to_lowercase(),
+        Value::Object(o) => match o.iter().next() {
+            Some((k, v)) if k == "Pod" => format!("pod {}", s(v)),
+            Some((_, v)) => format!("labels {}", v["labels"]),
+            None => "-".into(),
+        },
+        _ => "-".into(),
+    }
+}
+
+fn authz_for_pod(pod: &Value, a: &Value) -> String {
+    let empty = Vec::new();
+    let names: Vec<String> = a["applies"].as_array().unwrap_or(&empty).iter().map(s).collect();
+    let mut t = format!("pod {}: {} polic{} apply\n", s(pod), names.len(), if names.len() == 1 { "y" } else { "ies" });
+    for n in &names {
+        t += &format!("  {n}\n");
+    }
+    if let Some(d) = a.get("decision") {
+        t += &format!(
+            "from {} (address {}) to port {}: {}{}\n",
+            s(&a["from"]),
+            s(&a["ip"]),
+            s(&a["port"]),
+            s(&d["result"]),
+            d.get("policy").map(|p| format!(" by {}", s(p))).unwrap_or_default()
+        );
+    }
+    t
 }
 
 /// `mesh-agent connections`: open connections, then the most recent closed ones.

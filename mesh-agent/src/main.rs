@@ -30,8 +30,24 @@ enum Command {
     /// This node's pods as the running agent sees them.
     Workloads(AdminArgs),
     /// Authorization policies this node enforces, and what became of every Istio
-    /// AuthorizationPolicy it read (ignored, not enforced, enforced at L4 only).
-    Authz(AdminArgs),
+    /// AuthorizationPolicy it read (ignored, not enforced, enforced at L4 only, malformed).
+    /// With a pod (`namespace/name`): the policies that apply to it, and with `--from` and
+    /// `--port` how such a connection would be decided.
+    Authz {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// A pod of this node, `namespace/name`.
+        pod: Option<String>,
+        /// The source's SPIFFE ID (`spiffe://<td>/ns/<ns>/sa/<sa>`).
+        #[arg(long, requires = "pod")]
+        from: Option<String>,
+        /// The source pod's address (policies on ipBlocks); unverified when absent.
+        #[arg(long, requires = "from")]
+        ip: Option<std::net::Ipv4Addr>,
+        /// The destination port.
+        #[arg(long, requires = "from")]
+        port: Option<u16>,
+    },
     /// Open and recent connections through the running agent.
     Connections {
         #[command(flatten)]
@@ -137,7 +153,10 @@ fn main() -> ExitCode {
         }
         Command::Status(a) => print(mesh_agent::cli::status(a.admin, a.output)),
         Command::Workloads(a) => print(mesh_agent::cli::workloads(a.admin, a.output)),
-        Command::Authz(a) => print(mesh_agent::cli::authz(a.admin, a.output)),
+        Command::Authz { admin: a, pod, from, ip, port } => {
+            let q = mesh_agent::cli::AuthzQuery { pod, from, ip, port };
+            print(mesh_agent::cli::authz(a.admin, a.output, &q))
+        }
         Command::Connections { admin: a, recent } => print(mesh_agent::cli::connections(a.admin, a.output, recent)),
         Command::Dashboard { node, namespace, port, run } => dashboard(&node, &namespace, port, run),
         Command::Probe { what, socket } => {

@@ -125,6 +125,31 @@ pub struct ProxyMetrics {
     pub denials: ByReason,
     /// Redirected connections per pod (exported by [`PodRedirectCollector`]).
     pub pod_redirects: Arc<PodRedirects>,
+    /// Denials by the DENY policy that decided them (shared with the inbound side).
+    pub by_policy: Arc<PolicyDenials>,
+}
+
+/// Connections denied, by the name of the DENY policy that denied them. Exported (by
+/// [`AuthzPolicyCollector`]) for the policies that exist now only, so the series stay
+/// bounded by the policies; a deleted policy's count goes with it.
+#[derive(Debug, Default)]
+pub struct PolicyDenials(Mutex<std::collections::HashMap<String, u64>>);
+
+impl PolicyDenials {
+    pub fn inc(&self, policy: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match m.get_mut(policy) {
+            Some(n) => *n += 1,
+            None => {
+                m.insert(policy.to_string(), 1);
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    policy: String,
 }
 
 /// Connections redirected to the proxy per pod of this node, counted as the proxy accepts them
@@ -192,6 +217,7 @@ struct PolicyStatusLabels {
 #[derive(Debug)]
 pub struct AuthzPolicyCollector {
     pub pods: tokio::sync::watch::Receiver<Arc<crate::state::PodIndex>>,
+    pub denials: Arc<PolicyDenials>,
 }
 
 impl Collector for AuthzPolicyCollector {
@@ -199,7 +225,7 @@ impl Collector for AuthzPolicyCollector {
         use crate::authz::istio::Status;
         let idx = self.pods.borrow().clone();
         let mut counts: std::collections::BTreeMap<&'static str, i64> =
-            ["enforced", "enforced_l4_only", "ignored", "not_enforced"].into_iter().map(|s| (s, 0)).collect();
+            ["enforced", "enforced_l4_only", "ignored", "not_enforced", "malformed"].into_iter().map(|s| (s, 0)).collect();
         // Workload-file rules have no report: enforced as written.
         let reported = |name: &str| idx.authz_reports.iter().any(|r| r.policy == name);
         *counts.entry("enforced").or_default() += idx.authz.iter().filter(|r| !reported(&r.name)).count() as i64;
@@ -209,17 +235,33 @@ impl Collector for AuthzPolicyCollector {
                 Status::Enforced => "enforced_l4_only",
                 Status::Ignored => "ignored",
                 Status::NotEnforced => "not_enforced",
+                Status::Malformed => "malformed",
             };
             *counts.entry(status).or_default() += 1;
         }
         let mut family = enc.encode_descriptor(
             "authorization_policies",
-            "Authorization policies this node read, by what became of them (enforced, enforced_l4_only, ignored: for waypoints, not_enforced: CUSTOM)",
+            "Authorization policies this node read, by what became of them (enforced, enforced_l4_only, ignored: for waypoints, not_enforced: CUSTOM, malformed: denies its workloads)",
             None,
             prometheus_client::metrics::MetricType::Gauge,
         )?;
         for (status, n) in counts {
             ConstGauge::new(n).encode(family.encode_family(&PolicyStatusLabels { status })?)?;
+        }
+        let denials = {
+            let mut m = self.denials.0.lock().unwrap_or_else(|p| p.into_inner());
+            m.retain(|name, _| idx.authz.iter().any(|r| r.name == *name));
+            m.clone()
+        };
+        let mut family = enc.encode_descriptor(
+            "authorization_policy_denials",
+            "Connections denied, by the DENY policy that denied them (policies that exist now)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for r in idx.authz.iter().filter(|r| r.action == crate::authz::Action::Deny) {
+            let n = denials.get(&r.name).copied().unwrap_or(0);
+            ConstCounter::new(n).encode(family.encode_family(&PolicyLabels { policy: r.name.clone() })?)?;
         }
         Ok(())
     }

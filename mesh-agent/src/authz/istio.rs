@@ -26,6 +26,8 @@ pub enum Status {
     Ignored,
     /// Not enforced: CUSTOM (external authorization) needs a waypoint.
     NotEnforced,
+    /// Could not be read: enforced as a DENY of everything for the pods it targets.
+    Malformed,
 }
 
 /// A policy as read, with what became of it.
@@ -251,8 +253,36 @@ fn rule(
 }
 
 /// Reads an AuthorizationPolicy (as the API serves it). `root` is Istio's root namespace.
+/// One that cannot be read denies every connection to the pods it targets (its selector's, or
+/// its whole namespace's when the selector cannot be read either), never allows: `Err` only
+/// without a name and namespace.
 pub fn authorization_policy(v: &Value, root: &str) -> Result<Translated, PolicyError> {
     let (name, ns) = (meta(v, "name")?, meta(v, "namespace")?);
+    match read_policy(v, root, name, ns) {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            let spec = v.get("spec").unwrap_or(&Value::Null);
+            let scope = match (selector(spec).ok().flatten(), ns == root) {
+                (Some(labels), mesh_wide) => Scope::Selector { labels, mesh_wide },
+                (None, true) => Scope::Mesh,
+                (None, false) => Scope::Namespace,
+            };
+            let key = format!("{ns}/{name}");
+            let rule = Rule {
+                name: key.clone(),
+                namespace: ns.to_string(),
+                scope,
+                ports: Vec::new(),
+                action: Action::Deny,
+                rules: vec![PolicyRule::default()],
+            };
+            let why = format!("malformed ({e}): denies every connection to the workloads it targets");
+            Ok(Translated { rule: Some(rule), report: Report { policy: key, status: Status::Malformed, warnings: vec![why] } })
+        }
+    }
+}
+
+fn read_policy(v: &Value, root: &str, name: &str, ns: &str) -> Result<Translated, PolicyError> {
     let key = format!("{ns}/{name}");
     let spec = v.get("spec").filter(|s| !s.is_null()).unwrap_or(&Value::Null);
     let report = |status, warnings| Report { policy: key.clone(), status, warnings };
@@ -501,7 +531,13 @@ mod tests {
         let (l, id) = (labels("db"), Identity::new("cluster.local", "shop", "web"));
         let dst = Destination { namespace: "shop", name: "db-0", labels: &l, ip: Ipv4Addr::new(10, 0, 0, 9), port: 1 };
         assert_eq!(crate::authz::audits(&r, Peer { identity: &id, ip: None }, dst).collect::<Vec<_>>(), ["shop/p"]);
-        assert!(authorization_policy(&policy("shop", "p", json!({"action": "MAYBE"})), "istio-system").is_err());
+        let bad = authorization_policy(&policy("shop", "p", json!({"action": "MAYBE", "rules": [{}]})), "istio-system").unwrap();
+        assert_eq!(bad.report.status, Status::Malformed);
+        assert!(bad.report.warnings[0].contains("spec.action"), "{:?}", bad.report);
+        assert_eq!(decide(&rules(vec![bad]), "shop", "web", None, 1), Decision::Denied("shop/p".into()), "never allows");
+        let bad_port = tr("shop", json!({"selector": {"matchLabels": {"app": "other"}}, "rules": [{"to": [{"operation": {"ports": 80}}]}]}));
+        assert_eq!(bad_port.report.status, Status::Malformed);
+        assert_eq!(decide(&rules(vec![bad_port]), "shop", "web", None, 1), Decision::Allow, "only its targets");
         assert!(authorization_policy(&json!({"metadata": {"name": "p"}}), "istio-system").is_err(), "no namespace");
     }
 

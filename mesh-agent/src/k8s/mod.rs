@@ -144,6 +144,9 @@ fn announce(r: &istio::Report) {
         istio::Status::NotEnforced => {
             warn!(policy = %r.policy, why = %r.warnings.join("; "), "AuthorizationPolicy NOT ENFORCED")
         }
+        istio::Status::Malformed => {
+            warn!(policy = %r.policy, why = %r.warnings.join("; "), "AuthorizationPolicy malformed: DENYING its workloads")
+        }
         istio::Status::Ignored => {
             info!(policy = %r.policy, why = %r.warnings.join("; "), "AuthorizationPolicy not applied here")
         }

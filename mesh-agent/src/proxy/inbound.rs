@@ -67,6 +67,8 @@ pub struct InboundMetrics {
     pub receive_windows: prometheus_client::metrics::gauge::Gauge,
     /// Connections that got a smaller window because the budget was short.
     pub receive_window_reduced: Counter,
+    /// Denials by DENY policy (shared with the outbound side's same-node denials).
+    pub by_policy: Arc<crate::metrics::PolicyDenials>,
 }
 
 impl InboundMetrics {
@@ -460,6 +462,9 @@ impl Inbound {
             Err(Refused::Rejected { status, reason, detail }) => Err(self.reject(status, reason, detail)),
             Err(Refused::Denied { reason, rule, target }) => {
                 self.metrics.denied.inc(reason);
+                if reason == "deny_rule" {
+                    self.metrics.by_policy.inc(&rule);
+                }
                 warn!(src = %client_id, dst = %server_id, %target, reason, rule, "connection denied by authorization policy");
                 Err(Response::builder()
                     .status(StatusCode::FORBIDDEN)

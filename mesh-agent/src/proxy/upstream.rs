@@ -176,6 +176,11 @@ impl Connector {
         if r.is_denial() {
             self.metrics.denials.inc(r.reason());
         }
+        if let Refusal::Denied(d) = r
+            && let crate::authz::Decision::Denied(policy) = &d.decision
+        {
+            self.metrics.by_policy.inc(policy);
+        }
     }
 }
 
