@@ -225,7 +225,10 @@ impl Collector for AuthzPolicyCollector {
         use crate::authz::istio::Status;
         let idx = self.pods.borrow().clone();
         let mut counts: std::collections::BTreeMap<&'static str, i64> =
-            ["enforced", "enforced_l4_only", "ignored", "not_enforced", "malformed"].into_iter().map(|s| (s, 0)).collect();
+            ["enforced", "enforced_l4_only", "ignored", "not_enforced", "malformed"]
+                .into_iter()
+                .map(|s| (s, 0))
+                .collect();
         // Workload-file rules have no report: enforced as written.
         let reported = |name: &str| idx.authz_reports.iter().any(|r| r.policy == name);
         *counts.entry("enforced").or_default() += idx.authz.iter().filter(|r| !reported(&r.name)).count() as i64;

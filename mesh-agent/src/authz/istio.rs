@@ -277,7 +277,10 @@ pub fn authorization_policy(v: &Value, root: &str) -> Result<Translated, PolicyE
                 rules: vec![PolicyRule::default()],
             };
             let why = format!("malformed ({e}): denies every connection to the workloads it targets");
-            Ok(Translated { rule: Some(rule), report: Report { policy: key, status: Status::Malformed, warnings: vec![why] } })
+            Ok(Translated {
+                rule: Some(rule),
+                report: Report { policy: key, status: Status::Malformed, warnings: vec![why] },
+            })
         }
     }
 }
@@ -531,11 +534,19 @@ mod tests {
         let (l, id) = (labels("db"), Identity::new("cluster.local", "shop", "web"));
         let dst = Destination { namespace: "shop", name: "db-0", labels: &l, ip: Ipv4Addr::new(10, 0, 0, 9), port: 1 };
         assert_eq!(crate::authz::audits(&r, Peer { identity: &id, ip: None }, dst).collect::<Vec<_>>(), ["shop/p"]);
-        let bad = authorization_policy(&policy("shop", "p", json!({"action": "MAYBE", "rules": [{}]})), "istio-system").unwrap();
+        let bad = authorization_policy(&policy("shop", "p", json!({"action": "MAYBE", "rules": [{}]})), "istio-system")
+            .unwrap();
         assert_eq!(bad.report.status, Status::Malformed);
         assert!(bad.report.warnings[0].contains("spec.action"), "{:?}", bad.report);
-        assert_eq!(decide(&rules(vec![bad]), "shop", "web", None, 1), Decision::Denied("shop/p".into()), "never allows");
-        let bad_port = tr("shop", json!({"selector": {"matchLabels": {"app": "other"}}, "rules": [{"to": [{"operation": {"ports": 80}}]}]}));
+        assert_eq!(
+            decide(&rules(vec![bad]), "shop", "web", None, 1),
+            Decision::Denied("shop/p".into()),
+            "never allows"
+        );
+        let bad_port = tr(
+            "shop",
+            json!({"selector": {"matchLabels": {"app": "other"}}, "rules": [{"to": [{"operation": {"ports": 80}}]}]}),
+        );
         assert_eq!(bad_port.report.status, Status::Malformed);
         assert_eq!(decide(&rules(vec![bad_port]), "shop", "web", None, 1), Decision::Allow, "only its targets");
         assert!(authorization_policy(&json!({"metadata": {"name": "p"}}), "istio-system").is_err(), "no namespace");
