@@ -1151,6 +1151,8 @@ pub struct Cluster {
     pub mtls_modes: Vec<(String, String)>,
     /// Authorization rules (see [`rule`]).
     pub authz: Vec<RuleSpec>,
+    /// Istio AuthorizationPolicy and PeerAuthentication objects, as `kubectl apply` takes them.
+    pub istio: Vec<serde_json::Value>,
     /// Services (see [`service`]).
     pub services: Vec<ServiceSpec>,
     pub dir: PathBuf,
@@ -1172,6 +1174,7 @@ impl Cluster {
             namespaces: vec![],
             mtls_modes: vec![],
             authz: Vec::new(),
+            istio: Vec::new(),
             services: Vec::new(),
             dir,
             ca_dir: ca_dir.clone(),
@@ -1229,11 +1232,12 @@ impl Cluster {
     pub fn write_workloads(&self) -> Result<()> {
         let nodes: Vec<_> = self.nodes.iter().map(|n| (n.name.clone(), n.underlay.unwrap())).collect();
         let pods: Vec<Pod> = self.nodes.iter().flat_map(|n| n.pods.clone()).collect();
-        write_atomic(
-            &self.dir.join("cluster.yaml"),
-            &workload_file(&nodes, &self.namespaces, &self.mtls_modes, &pods, &self.authz, &self.services, &[])
-                .to_yaml(),
-        )
+        let mut file =
+            workload_file(&nodes, &self.namespaces, &self.mtls_modes, &pods, &self.authz, &self.services, &[]);
+        let kind = |o: &serde_json::Value, k: &str| o["kind"] == k;
+        file.authorization_policies = self.istio.iter().filter(|o| kind(o, "AuthorizationPolicy")).cloned().collect();
+        file.peer_authentications = self.istio.iter().filter(|o| kind(o, "PeerAuthentication")).cloned().collect();
+        write_atomic(&self.dir.join("cluster.yaml"), &file.to_yaml())
     }
 
     /// Starts every node's agent with the cluster's CA; `extra` goes to each.

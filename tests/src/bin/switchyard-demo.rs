@@ -55,29 +55,32 @@ fn run(args: &Args) -> Result<()> {
     c.add_node_at("node-a", 1)?;
     c.add_node_at("node-b", 2)?;
     c.set_namespace("shop", true, None);
-    c.set_namespace("vault", true, Some("strict"));
+    c.set_namespace("vault", true, None);
     c.set_namespace("legacy", false, None);
     let frontend = c.node("node-a").add_pod("frontend", "shop", None)?;
     let legacy = c.node("node-a").add_pod("legacy", "legacy", None)?;
     let backend = c.node("node-b").add_pod("backend", "shop", None)?;
     let payments = c.node("node-b").add_pod("payments", "vault", None)?;
-    c.authz = vec![sim::rule(
-        "payments-from-frontend-only",
-        "vault",
-        None,
-        &[],
-        sim::Action::Allow,
-        &["spiffe://cluster.local/ns/shop/sa/frontend"],
-    )];
+    // Istio's own resources, as `kubectl apply` takes them (the workload file carries them in
+    // local mode; in Kubernetes the agent reads them from the API).
+    c.istio = vec![
+        serde_json::json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": "default", "namespace": "vault"}, "spec": {"mtls": {"mode": "STRICT"}}}),
+        serde_json::json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "payments-from-frontend-only", "namespace": "vault"},
+            "spec": {"action": "ALLOW", "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/frontend"]}}]}]}}),
+    ];
     for (p, what) in [
         (&frontend, "meshed (namespace shop: switchyard.io/mesh=enabled)"),
         (&legacy, "not meshed"),
         (&backend, "meshed"),
-        (&payments, "meshed, strict mTLS (namespace vault: switchyard.io/mtls-mode=strict)"),
+        (&payments, "meshed, strict mTLS (PeerAuthentication vault/default: STRICT)"),
     ] {
         println!("  {:<7} pod {:<15} {:<12} {what}", p.node, format!("{}/{}", p.namespace, p.name), p.ip.to_string());
     }
-    println!("  authorization: vault accepts only spiffe://cluster.local/ns/shop/sa/frontend");
+    println!(
+        "  authorization: AuthorizationPolicy vault/payments-from-frontend-only: ALLOW from principal cluster.local/ns/shop/sa/frontend"
+    );
     let _servers = [
         backend.serve(&["echo-server", "--listen", "0.0.0.0:8080"])?,
         backend.serve(&["udp-server", "--listen", "0.0.0.0:5353"])?,
