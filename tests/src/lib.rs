@@ -633,6 +633,13 @@ impl Node {
         Ok(pod)
     }
 
+    /// Runs pod `pod` as service account `sa` (by default a pod's is its name).
+    pub fn set_service_account(&mut self, pod: &str, sa: &str) {
+        for p in self.pods.iter_mut().filter(|p| p.name == pod) {
+            p.service_account = sa.to_string();
+        }
+    }
+
     /// Names the workload (a Deployment, say) pod `pod` belongs to, for metric labels.
     pub fn set_workload(&mut self, pod: &str, workload: &str) {
         for p in self.pods.iter_mut().filter(|p| p.name == pod) {

@@ -465,6 +465,41 @@ fn authorization_and_strict_mode_are_enforced() -> Result<()> {
     Ok(())
 }
 
+/// Istio policies on source addresses across nodes: the destination node matches `ipBlocks`
+/// and `when: source.ip` against the source pod's address that HBONE names (`Forwarded`),
+/// believed because that pod has the client's identity and runs on the node the connection
+/// comes from. Two pods of one service account on one node: only the listed address is allowed.
+#[test]
+fn ip_blocks_match_the_verified_source_pod_address_across_nodes() -> Result<()> {
+    if !privileged("authz_ip_blocks") {
+        return Ok(());
+    }
+    let mut twin = None;
+    let s = setup(&[], |c| {
+        // A second pod with the client's service account, on the client's node.
+        let t = c.node("node-a").add_pod("twin", "shop", None)?;
+        c.node("node-a").set_service_account("twin", "client");
+        let client_ip = c.node("node-a").pods.iter().find(|p| p.name == "client").unwrap().ip;
+        c.istio = vec![serde_json::json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "server-from-one-address", "namespace": "shop"},
+            "spec": {"rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/client"],
+                                                     "ipBlocks": [format!("{client_ip}/32")]}}],
+                                 "when": [{"key": "source.ip", "notValues": ["192.0.2.0/24"]}]}]}
+        })];
+        twin = Some(t);
+        Ok(())
+    })?;
+    let twin = twin.unwrap();
+    let server = format!("{}:8080", s.server.ip);
+    let quick = ["--timeout-ms", "2000"];
+    assert_eq!(run(&s.client, &server, &quick)?["ok"], 1, "the listed address, verified across nodes");
+    assert_eq!(run(&twin, &server, &quick)?["ok"], 0, "same identity, another address");
+    let mb = s.c.nodes[1].admin_text("/metrics")?;
+    assert_eq!(metric(&mb, "switchyard_authorization_denials_total{reason=\"no_allow_rule\"}"), 1.0, "{mb}");
+    Ok(())
+}
+
 /// Accepts any server certificate: the hostile client only cares how the server reacts.
 #[derive(Debug)]
 struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
