@@ -653,6 +653,81 @@ mod tests {
         task.abort();
     }
 
+    /// The policy watches: the API's v1 path, a listing of an enforced, a malformed and a
+    /// waypoint policy (each kept, with what became of it), then PeerAuthentications; the
+    /// store turns them into rules, reports and strict pods.
+    #[tokio::test]
+    async fn istio_policy_watches_list_translate_and_reach_the_state() {
+        let (client, mut handle) = mock_api();
+        let (tx, mut rx) = mpsc::channel(16);
+        let res = |kind: &str, plural: &str| ApiResource {
+            group: "security.istio.io".into(),
+            version: "v1".into(),
+            api_version: "security.istio.io/v1".into(),
+            kind: kind.into(),
+            plural: plural.into(),
+        };
+        let api = Api::<DynamicObject>::all_with(client, &res("AuthorizationPolicy", "authorizationpolicies"));
+        let cfg = watcher::Config::default().any_semantic();
+        let task =
+            tokio::spawn(watch_kind(api, cfg.clone(), Kind::AuthorizationPolicies, "istio-system".into(), tx.clone()));
+        let (req, send) = handle.next_request().await.expect("list policies");
+        let uri = req.uri().to_string();
+        assert!(uri.starts_with("/apis/security.istio.io/v1/authorizationpolicies?"), "{uri}");
+        let ap = |name: &str, spec: Value| {
+            json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                   "metadata": {"name": name, "namespace": "shop", "resourceVersion": "3"}, "spec": spec})
+        };
+        send.send_response(
+            body_of(json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicyList",
+                           "metadata": {"resourceVersion": "3"},
+                           "items": [ap("db", json!({"selector": {"matchLabels": {"app": "db"}}, "rules": [{}]})),
+                                     ap("bad", json!({"action": "SOMETIMES"})),
+                                     ap("wp", json!({"targetRefs": [{"kind": "Service", "name": "db"}]}))]}))
+            .await,
+        );
+        let mut stores = Stores::default();
+        match rx.recv().await.unwrap() {
+            c @ Change::Reset(Kind::AuthorizationPolicies, ..) => stores.apply(c),
+            _ => panic!("expected a reset"),
+        }
+        task.abort();
+        let (client, mut handle) = mock_api();
+        let api = Api::<DynamicObject>::all_with(client, &res("PeerAuthentication", "peerauthentications"));
+        let task = tokio::spawn(watch_kind(api, cfg, Kind::PeerAuthentications, "istio-system".into(), tx));
+        let (_, send) = handle.next_request().await.expect("list peer authentications");
+        send.send_response(
+            body_of(json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthenticationList",
+                           "metadata": {"resourceVersion": "4"},
+                           "items": [{"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+                                      "metadata": {"name": "default", "namespace": "istio-system", "resourceVersion": "4"},
+                                      "spec": {"mtls": {"mode": "STRICT"}}}]}))
+            .await,
+        );
+        match rx.recv().await.unwrap() {
+            c @ Change::Reset(Kind::PeerAuthentications, ..) => stores.apply(c),
+            _ => panic!("expected a reset"),
+        }
+        task.abort();
+        let mut web = Pod::from_json(&pod("web", "n1", 1)).unwrap().unwrap();
+        web.all_labels = [("app".to_string(), "web".to_string())].into();
+        stores.local_pods.insert("shop/web".into(), web);
+        stores.namespaces.insert(
+            "shop".into(),
+            Namespace::from_json(
+                &json!({"metadata": {"name": "shop", "annotations": {"switchyard.io/mesh": "enabled"}}}),
+            )
+            .unwrap(),
+        );
+        let state = stores.state("n1", std::path::Path::new("/nonexistent"), "istio-system");
+        let names: Vec<&str> = state.authz.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["shop/bad", "shop/db"], "the waypoint policy is not applied");
+        let status = |p: &str| state.authz_reports.iter().find(|r| r.policy == p).map(|r| r.status.clone());
+        assert_eq!(status("shop/bad"), Some(istio::Status::Malformed));
+        assert_eq!(status("shop/wp"), Some(istio::Status::Ignored));
+        assert_eq!(state.pods["shop/web"].mtls_mode, crate::state::MtlsMode::Strict, "mesh-wide STRICT");
+    }
+
     #[test]
     fn stores_keep_local_pods_authoritative_and_resets_replace() {
         let mut s = Stores::default();
