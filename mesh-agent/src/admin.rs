@@ -342,6 +342,8 @@ struct Summary<'a> {
     pods: Vec<PodStats<'a>>,
     /// Recent connection errors by message.
     errors: BTreeMap<String, u64>,
+    /// Connections denied, by the DENY policy that denied them (policies that exist now).
+    denials_by_policy: BTreeMap<String, u64>,
     ebpf: DatapathView<'a>,
 }
 
@@ -644,6 +646,7 @@ impl Admin {
             peers: peers(&snap, &reqs, &Workloads::of(&idx)),
             pods: self.pods(&idx, &snap, &reqs),
             errors,
+            denials_by_policy: r.by_policy.counts(|name| idx.authz.iter().any(|p| p.name == name)),
             ebpf: DatapathView::of(dp.as_ref()),
         };
         serde_json::to_vec_pretty(&summary)

@@ -136,6 +136,13 @@ pub struct ProxyMetrics {
 pub struct PolicyDenials(Mutex<std::collections::HashMap<String, u64>>);
 
 impl PolicyDenials {
+    /// Counts of the policies `exists` keeps (the others are forgotten).
+    pub fn counts(&self, exists: impl Fn(&str) -> bool) -> std::collections::BTreeMap<String, u64> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|name, _| exists(name));
+        m.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
     pub fn inc(&self, policy: &str) {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match m.get_mut(policy) {

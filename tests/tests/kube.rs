@@ -560,6 +560,8 @@ fn istio_policy_semantics_in_kubernetes_mode() -> Result<()> {
         sim::metric(&m, "switchyard_authorization_policy_denials_total", &[("policy", "shop/no-shop-to-other")]) >= 1.0,
         "{m}"
     );
+    let summary = s.node.admin_json("/debug/summary")?;
+    assert!(summary["denials_by_policy"]["shop/no-shop-to-other"].as_u64() >= Some(1), "the dashboard's: {summary}");
     s.api.delete("authorizationpolicies", "shop/no-shop-to-other");
     eventually(Duration::from_secs(5), "allowed again", || ok(&s.client, &to_other).ok().filter(|b| *b))?;
 
