@@ -646,7 +646,11 @@ impl Admin {
             peers: peers(&snap, &reqs, &Workloads::of(&idx)),
             pods: self.pods(&idx, &snap, &reqs),
             errors,
-            denials_by_policy: r.by_policy.counts(|name| idx.authz.iter().any(|p| p.name == name)),
+            denials_by_policy: r
+                .by_policy
+                .counts(|name| idx.authz.iter().any(|p| p.name == name))
+                .into_iter()
+                .collect(),
             ebpf: DatapathView::of(dp.as_ref()),
         };
         serde_json::to_vec_pretty(&summary)

@@ -129,52 +129,42 @@ pub struct ProxyMetrics {
     pub by_policy: Arc<PolicyDenials>,
 }
 
-/// Connections denied, by the name of the DENY policy that denied them. Exported (by
-/// [`AuthzPolicyCollector`]) for the policies that exist now only, so the series stay
-/// bounded by the policies; a deleted policy's count goes with it.
-#[derive(Debug, Default)]
-pub struct PolicyDenials(Mutex<std::collections::HashMap<String, u64>>);
-
-impl PolicyDenials {
-    /// Counts of the policies `exists` keeps (the others are forgotten).
-    pub fn counts(&self, exists: impl Fn(&str) -> bool) -> std::collections::BTreeMap<String, u64> {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.retain(|name, _| exists(name));
-        m.iter().map(|(k, v)| (k.clone(), *v)).collect()
-    }
-
-    pub fn inc(&self, policy: &str) {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match m.get_mut(policy) {
-            Some(n) => *n += 1,
-            None => {
-                m.insert(policy.to_string(), 1);
-            }
-        }
-    }
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PolicyLabels {
     policy: String,
 }
 
-/// Connections redirected to the proxy per pod of this node, counted as the proxy accepts them
-/// (the kernel's node-wide count is `switchyard_ebpf_events_total{event="redirected"}`).
+/// Counts by a name that comes and goes (a pod, a policy): exported only for the names that
+/// exist now, so the series stay bounded; a name's count goes with it.
 #[derive(Debug, Default)]
-pub struct PodRedirects(Mutex<std::collections::HashMap<String, u64>>);
+pub struct KeyedCounts(Mutex<std::collections::HashMap<String, u64>>);
 
-impl PodRedirects {
-    pub fn inc(&self, pod_key: &str) {
+impl KeyedCounts {
+    pub fn inc(&self, key: &str) {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match m.get_mut(pod_key) {
+        match m.get_mut(key) {
             Some(n) => *n += 1,
             None => {
-                m.insert(pod_key.to_string(), 1);
+                m.insert(key.to_string(), 1);
             }
         }
     }
+
+    /// The counts of the names `exists` keeps (the others are forgotten).
+    pub fn counts(&self, exists: impl Fn(&str) -> bool) -> std::collections::HashMap<String, u64> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|name, _| exists(name));
+        m.clone()
+    }
 }
+
+/// Connections redirected to the proxy per pod of this node, counted as the proxy accepts them
+/// (the kernel's node-wide count is `switchyard_ebpf_events_total{event="redirected"}`).
+pub type PodRedirects = KeyedCounts;
+
+/// Connections denied, by the name of the DENY policy that denied them (exported by
+/// [`AuthzPolicyCollector`] for the policies that exist now).
+pub type PolicyDenials = KeyedCounts;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PodLabels {
@@ -194,11 +184,7 @@ impl Collector for PodRedirectCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let idx = self.pods.borrow().clone();
         let local: Vec<&crate::state::PodStatus> = idx.pods.iter().filter(|p| p.redirected).collect();
-        let counts = {
-            let mut m = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
-            m.retain(|k, _| local.iter().any(|p| p.key == *k));
-            m.clone()
-        };
+        let counts = self.counts.counts(|k| local.iter().any(|p| p.key == k));
         let mut family = enc.encode_descriptor(
             "pod_redirected_connections",
             "Connections from each meshed pod of this node redirected to the node proxy",
@@ -258,11 +244,7 @@ impl Collector for AuthzPolicyCollector {
         for (status, n) in counts {
             ConstGauge::new(n).encode(family.encode_family(&PolicyStatusLabels { status })?)?;
         }
-        let denials = {
-            let mut m = self.denials.0.lock().unwrap_or_else(|p| p.into_inner());
-            m.retain(|name, _| idx.authz.iter().any(|r| r.name == *name));
-            m.clone()
-        };
+        let denials = self.denials.counts(|name| idx.authz.iter().any(|r| r.name == name));
         let mut family = enc.encode_descriptor(
             "authorization_policy_denials",
             "Connections denied, by the DENY policy that denied them (policies that exist now)",
