@@ -576,6 +576,7 @@ fn inbound_proxy(
     let server = tls::server_config(m.certs.clone(), &config.trust_domain, &m.bundle)?;
     Ok(Arc::new(Inbound {
         acceptor: tokio_rustls::TlsAcceptor::from(server),
+        certs: m.certs.clone(),
         idle_timeout: (config.pool_idle * 2).max(Duration::from_secs(1)),
         handshakes: Arc::new(tokio::sync::Semaphore::new(crate::proxy::inbound::MAX_HANDSHAKES)),
         connections: Arc::new(tokio::sync::Semaphore::new(crate::proxy::inbound::MAX_CONNECTIONS)),

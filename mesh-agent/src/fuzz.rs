@@ -171,7 +171,8 @@ pub fn forwarded(data: &[u8]) {
 /// The checks of an HBONE stream, on a node with one meshed pod of its own (`shop/web`,
 /// 10.244.0.5), one pod of another node, and a node address: the input is the request's
 /// method, target and headers, one per line. Whatever it is, only a CONNECT naming `shop/web`
-/// may pass, and a source pod is believed only from the node it runs on.
+/// may pass, and a source pod is believed only from the node it runs on or from itself; on a
+/// connection addressed to a pod (ztunnel's HBONE), only one naming that pod.
 pub fn hbone_connect(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let mut lines = text.split('\n');
@@ -191,12 +192,21 @@ pub fn hbone_connect(data: &[u8]) {
     let idx = cluster.index(NODE);
     let (client_id, server_id) =
         (Identity::new("cluster.local", "shop", "client"), Identity::new("cluster.local", "shop", "web"));
-    for peer in [Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3)] {
+    let web = Ipv4Addr::new(10, 244, 0, 5);
+    let links = [
+        // Addressed to the node, with an SNI (Switchyard's HBONE before ztunnel's), from two nodes.
+        (Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 1), None),
+        (Ipv4Addr::new(10, 0, 0, 3), Ipv4Addr::new(10, 0, 0, 1), None),
+        // Addressed to the pod (ztunnel's HBONE), from a node and from the client pod itself.
+        (Ipv4Addr::new(10, 0, 0, 2), web, Some(web)),
+        (Ipv4Addr::new(10, 244, 1, 7), web, Some(web)),
+    ];
+    for (peer, local, pod) in links {
         let cx = ConnectContext {
             idx: &idx,
             trust_domain: "cluster.local",
             loopback_pods: false,
-            link: Link { peer: SocketAddr::new(peer.into(), 40000), local: Some(Ipv4Addr::new(10, 0, 0, 1).into()) },
+            link: Link { peer: SocketAddr::new(peer.into(), 40000), local: Some(local.into()), pod },
             client_id: &client_id,
             server_id: &server_id,
         };
@@ -206,7 +216,11 @@ pub fn hbone_connect(data: &[u8]) {
                 assert_eq!(*c.target.ip(), Ipv4Addr::new(10, 244, 0, 5), "passed to {}", c.target);
                 assert_eq!(c.dst_pod, "shop/web");
                 if let Some(src) = &c.source_pod {
-                    assert_eq!((src.as_str(), peer), ("shop/client", Ipv4Addr::new(10, 0, 0, 2)));
+                    assert_eq!(src.as_str(), "shop/client");
+                    assert!(
+                        [Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 244, 1, 7)].contains(&peer),
+                        "believed from {peer}"
+                    );
                 }
             }
             Err(Refused::Rejected { status, .. }) => assert!(status.is_client_error()),

@@ -204,6 +204,21 @@ impl Workload {
         }
     }
 
+    /// W3C `baggage` naming this pod's workload, as ztunnel sends it on HBONE (a request's
+    /// source, a 200's destination): cluster, namespace, workload (a Deployment's when the pod
+    /// has an owner, else the pod), canonical service and revision.
+    pub fn baggage(&self) -> String {
+        let kind = if self.workload.is_some() { "deployment" } else { "pod" };
+        format!(
+            "k8s.cluster.name={},k8s.namespace.name={},k8s.{kind}.name={},service.name={},service.version={}",
+            crate::metrics::CLUSTER,
+            self.namespace,
+            self.workload_name(),
+            self.canonical_service(),
+            self.canonical_revision()
+        )
+    }
+
     /// The `source_workload`/`destination_workload` of metrics: the owning workload's name,
     /// else the pod's.
     pub fn workload_name(&self) -> &str {

@@ -271,7 +271,8 @@ impl Drop for OutboundProxy {
     }
 }
 
-/// A running HBONE server of node `node`, listening on `addr` (`<node address>:port`).
+/// A running HBONE server of node `node`, listening on every address at `addr`'s port
+/// (`addr` is `<node address>:port`).
 pub struct InboundProxy {
     pub addr: SocketAddr,
     pub inbound: Arc<Inbound>,
@@ -303,11 +304,12 @@ impl InboundProxy {
             .map(|w| w.identity(TRUST_DOMAIN))
             .collect();
         let certs = pki.certs(&ids).await;
-        let server = crate::tls::server_config(certs, TRUST_DOMAIN, &pki.bundle).expect("a server config");
+        let server = crate::tls::server_config(certs.clone(), TRUST_DOMAIN, &pki.bundle).expect("a server config");
         // The receiver keeps the last index after the sender is gone.
         let (_, pods) = watch::channel(cluster.index(node));
         let inbound = Arc::new(Inbound {
             acceptor: tokio_rustls::TlsAcceptor::from(server),
+            certs,
             idle_timeout: idle,
             handshakes: Arc::new(tokio::sync::Semaphore::new(crate::proxy::inbound::MAX_HANDSHAKES)),
             connections: Arc::new(tokio::sync::Semaphore::new(crate::proxy::inbound::MAX_CONNECTIONS)),
@@ -328,8 +330,11 @@ impl InboundProxy {
                 access_log: Default::default(),
             }),
         });
-        let l = TcpListener::bind(SocketAddr::from((address, 0))).await.expect("bind the HBONE listener");
-        let addr = l.local_addr().expect("bound");
+        // On every address, as the kernel's steering makes the agent's listener answer on each
+        // of its pods' addresses: clients dial `<pod ip>:port` (ztunnel's HBONE), and `addr`
+        // is the node's address for tests that dial the node.
+        let l = TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).await.expect("bind the HBONE listener");
+        let addr = SocketAddr::from((address, l.local_addr().expect("bound").port()));
         let stop = CancellationToken::new();
         tokio::spawn(inbound.clone().serve(l, stop.clone(), TaskTracker::new()));
         InboundProxy { addr, inbound, stop }

@@ -290,6 +290,8 @@ pub fn client_config(source_cert: Arc<CertifiedKey>, expected: Identity, bundle:
         .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier { bundle: bundle.clone(), expected, provider }))
         .with_client_cert_resolver(Arc::new(FixedClientCert(source_cert)));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // As ztunnel: no SNI; the server picks its certificate by the address it was reached on.
+    cfg.enable_sni = false;
     // One handshake per pooled connection; resumption would skip certificate checks on the
     // server's side of later connections.
     cfg.resumption = rustls::client::Resumption::disabled();
@@ -335,6 +337,23 @@ pub fn server_config(
 /// A client of the CA API: the CA's serving certificate verified against `roots` (the mesh
 /// roots, or the roots of whoever signs istiod's), ALPN `h2`, no client certificate (the caller
 /// proves who it is with a token).
+/// The HBONE server config for a connection that arrived on a pod's own address: that pod's
+/// certificate whatever the client's SNI (ztunnel sends none), everything else as `base`.
+pub fn server_config_for_pod(base: &ServerConfig, cert: Arc<CertifiedKey>) -> Arc<ServerConfig> {
+    let mut cfg = base.clone();
+    cfg.cert_resolver = Arc::new(FixedServerCert(cert));
+    Arc::new(cfg)
+}
+
+#[derive(Debug)]
+struct FixedServerCert(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for FixedServerCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
 pub fn ca_client_config(roots: &[CertificateDer<'static>]) -> Result<Arc<ClientConfig>, BundleError> {
     let mut store = RootCertStore::empty();
     for c in roots {
@@ -441,7 +460,9 @@ mod tests {
         let issuer = LocalCa::load(&p.new_paths.cert, &p.new_paths.key).unwrap();
         let m = Arc::new(CertManager::new(Arc::new(issuer), Duration::from_secs(600)));
         m.sync(&[server_id.clone()].into()).await;
-        let server = server_config(m, "cluster.local", &p.bundle).unwrap();
+        // As the HBONE server serves a connection addressed to a pod: that pod's certificate.
+        let cert = m.get(server_id).unwrap().key.clone();
+        let server = server_config_for_pod(&server_config(m, "cluster.local", &p.bundle).unwrap(), cert);
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let srv = tokio::spawn(async move {
@@ -453,7 +474,8 @@ mod tests {
             id
         });
         let cfg = client_config(certified(client), expected.clone(), &p.bundle);
-        let name = ServerName::try_from(server_id.sni()).unwrap();
+        // No SNI, as ztunnel: the server's certificate follows the address.
+        let name = ServerName::IpAddress(addr.ip().into());
         let tcp = TcpStream::connect(addr).await.unwrap();
         let res = match tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await {
             Ok(mut s) => s.write_all(b"ping").await.map_err(|e| e.to_string()),

@@ -1,7 +1,14 @@
-//! Inbound HBONE (port 15008): mTLS with the client workload's certificate, HTTP/2, one
-//! `CONNECT <pod ip:port>` stream per tunnelled connection. Each stream is checked (this
-//! node's meshed pod, the identity the TLS server presented, authorization) before the proxy
-//! connects to the pod and answers 200; errors map to HTTP status with a reason header.
+//! Inbound HBONE (port 15008), as Istio's ztunnel serves it: connections addressed to any of
+//! this node's meshed pods on 15008 (the kernel steers them to this listener, see
+//! `datapath::steer`) get that pod's certificate whatever the SNI; the client's must chain to
+//! the bundle and name a SPIFFE ID of this trust domain. HTTP/2, one `CONNECT <pod ip:port>`
+//! stream per tunnelled connection: its authority must be the address the connection arrived
+//! on (else 400), anything but CONNECT is 400, an authorization denial 401, a pod that cannot
+//! be reached 503, and 200 (with the destination's `baggage`) only once the pod accepted.
+//!
+//! Connections to the node's own address with an SNI naming a workload (Switchyard's HBONE
+//! before it spoke ztunnel's, during a rolling upgrade) are still served: the certificate
+//! follows the SNI and the CONNECT may name any local pod of that identity.
 use std::{
     convert::Infallible,
     net::{SocketAddr, SocketAddrV4},
@@ -110,7 +117,10 @@ impl InboundMetrics {
 }
 
 pub struct Inbound {
+    /// Connections to the node's address: the certificate the SNI names.
     pub acceptor: TlsAcceptor,
+    /// Certificates of this node's pods, for connections addressed to a pod.
+    pub certs: Arc<crate::identity::manager::CertManager>,
     /// A connection with no stream for this long is closed (also bounds a peer that never sends
     /// the HTTP/2 preface). Longer than the clients' pool idle time, so clients close first.
     pub idle_timeout: Duration,
@@ -208,16 +218,44 @@ impl Inbound {
     /// its streams until it ends, idles out, its certificate expires or the agent stops.
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, stop: idle::StopHandle) {
         let _ = tcp.set_nodelay(true);
-        // The address it arrived on: the node's own, which a CONNECT may not name.
-        let link = Link { peer, local: tcp.local_addr().ok().map(|a| a.ip()) };
-        let Some(tls) = self.accept_tls(tcp, peer).await else { return };
-        let Some((client_id, server_id, cert_expiry)) = self.verify_peer(&tls, peer) else { return };
+        let local = tcp.local_addr().ok().map(|a| a.ip());
+        // Addressed to a meshed pod of this node (ztunnel's HBONE): that pod's identity.
+        let pod = match local {
+            Some(std::net::IpAddr::V4(ip)) => {
+                let idx = self.pods.borrow();
+                idx.by_ip(ip)
+                    .filter(|p| idx.is_local(p) && p.workload.meshed)
+                    .map(|p| (ip, p.workload.identity(&self.trust_domain)))
+            }
+            _ => None,
+        };
+        let link = Link { peer, local, pod: pod.as_ref().map(|(ip, _)| *ip) };
+        let config = match &pod {
+            None => self.acceptor.config().clone(),
+            Some((ip, id)) => match self.certs.get(id) {
+                Some(cert) => tls::server_config_for_pod(self.acceptor.config(), cert.key.clone()),
+                None => {
+                    warn!(%peer, pod = %ip, identity = %id, "HBONE connection refused: no certificate for the pod yet");
+                    self.metrics.tls_failures.inc("no_server_certificate");
+                    return;
+                }
+            },
+        };
+        let Some(tls) = self.accept_tls(tcp, peer, config).await else { return };
+        let Some((client_id, server_id, cert_expiry)) = self.verify_peer(&tls, peer, pod.map(|(_, id)| id)) else {
+            return;
+        };
         self.serve_streams(tls, link, client_id, server_id, cert_expiry, stop).await;
     }
 
     /// The TLS handshake, once a per-source and a global handshake slot are free; `None` when
     /// it was refused or failed (logged and counted by reason).
-    async fn accept_tls(&self, tcp: TcpStream, peer: SocketAddr) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    async fn accept_tls(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        config: Arc<rustls::ServerConfig>,
+    ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
         let Some(source_slot) = self.source_slots.take(peer.ip()) else {
             warn!(%peer, limit = MAX_HANDSHAKES_PER_SOURCE, "HBONE connection refused: too many handshakes in progress from this address");
             self.metrics.tls_failures.inc("source_handshake_limit");
@@ -232,7 +270,7 @@ impl Inbound {
                     return None;
                 }
             };
-        let accepted = self.handshake(tcp).await;
+        let accepted = self.handshake(tcp, config).await;
         drop((handshake_permit, source_slot));
         match accepted {
             Ok(Ok(s)) => Some(s),
@@ -250,13 +288,14 @@ impl Inbound {
         }
     }
 
-    /// The client's identity (in this trust domain), the identity it asked this node to
-    /// serve, and when the client's certificate expires; `None` (counted) when either is
-    /// missing or foreign.
+    /// The client's identity (in this trust domain), the identity this node serves on the
+    /// connection (the pod's it was addressed to, else the one the SNI names), and when the
+    /// client's certificate expires; `None` (counted) when either is missing or foreign.
     fn verify_peer(
         &self,
         tls: &tokio_rustls::server::TlsStream<TcpStream>,
         peer: SocketAddr,
+        pod: Option<Identity>,
     ) -> Option<(Identity, Identity, Option<SystemTime>)> {
         let (_, session) = tls.get_ref();
         // Identity is checked once, at the handshake: the connection must not outlive it.
@@ -275,7 +314,8 @@ impl Inbound {
                 return None;
             }
         };
-        let Some(server_id) = session.server_name().and_then(|n| Identity::from_sni(n, &self.trust_domain)) else {
+        let server_id = pod.or_else(|| session.server_name().and_then(|n| Identity::from_sni(n, &self.trust_domain)));
+        let Some(server_id) = server_id else {
             self.metrics.tls_failures.inc("no_server_name");
             return None;
         };
@@ -353,6 +393,7 @@ impl Inbound {
     async fn handshake(
         &self,
         tcp: TcpStream,
+        config: Arc<rustls::ServerConfig>,
     ) -> Result<std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>, &'static str> {
         let started = tokio::time::Instant::now();
         let lazy = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
@@ -361,7 +402,6 @@ impl Inbound {
             Ok(Err(e)) => return Ok(Err(e)),
             Err(_) => return Err("client_hello_timeout"),
         };
-        let config = self.acceptor.config().clone();
         tokio::time::timeout_at(started + HANDSHAKE_TIMEOUT, start.into_stream(config)).await.map_err(|_| "timeout")
     }
 
@@ -436,7 +476,11 @@ impl Inbound {
             };
             rec.finish(sent, received, error);
         });
-        Response::new(Empty::new())
+        let mut ok = Response::new(Empty::new());
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&checked.baggage) {
+            ok.headers_mut().insert(crate::proxy::pool::BAGGAGE_HEADER, v);
+        }
+        ok
     }
 
     /// The stream's checks ([`check_connect`]), with their side effects: a refusal is counted,
@@ -466,8 +510,9 @@ impl Inbound {
                     self.metrics.by_policy.inc(&rule);
                 }
                 warn!(src = %client_id, dst = %server_id, %target, reason, rule, "connection denied by authorization policy");
+                // 401, as ztunnel answers a denial.
                 Err(Response::builder()
-                    .status(StatusCode::FORBIDDEN)
+                    .status(StatusCode::UNAUTHORIZED)
                     .header(REASON_HEADER, reason)
                     .body(Empty::new())
                     .expect("static response parts are valid"))
@@ -475,7 +520,8 @@ impl Inbound {
         }
     }
 
-    /// Connects to the pod. `Err` is the answer (503, or 504 on timeout).
+    /// Connects to the pod. `Err` is the answer: 503, as ztunnel answers any upstream failure
+    /// (the reason header says which).
     async fn connect_pod(&self, target: SocketAddrV4) -> Result<TcpStream, Response<Empty<Bytes>>> {
         match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await {
             Ok(Ok(s)) => {
@@ -497,7 +543,7 @@ impl Inbound {
                 ))
             }
             Err(_) => Err(self.reject(
-                StatusCode::GATEWAY_TIMEOUT,
+                StatusCode::SERVICE_UNAVAILABLE,
                 "pod_timeout",
                 format!("HBONE CONNECT to {target}: connecting to the pod timed out"),
             )),
@@ -509,8 +555,11 @@ impl Inbound {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Link {
     pub peer: SocketAddr,
-    /// The address it arrived on (this node's).
+    /// The address it arrived on.
     pub local: Option<std::net::IpAddr>,
+    /// That address, when it is one of this node's meshed pods (ztunnel's HBONE): every
+    /// CONNECT on the connection must name it.
+    pub pod: Option<std::net::Ipv4Addr>,
 }
 
 /// The HTTP/2 server settings of HBONE: windows and frames as ztunnel's (4 MiB per stream,
@@ -538,6 +587,8 @@ pub(crate) struct Checked {
     /// the connection came from).
     pub source_ip: Option<std::net::Ipv4Addr>,
     pub istio: crate::metrics::IstioLabels,
+    /// The destination workload, for the 200's `baggage`.
+    pub baggage: String,
 }
 
 /// What an HBONE stream is checked against: this node's view of the pods, and the verified
@@ -556,9 +607,9 @@ pub(crate) struct ConnectContext<'a> {
 /// Why a stream is refused.
 #[derive(Debug)]
 pub(crate) enum Refused {
-    /// Malformed, misdirected or for no pod here: answered with `status`.
+    /// Malformed, misdirected or for no pod here: answered with `status` (400, as ztunnel).
     Rejected { status: StatusCode, reason: &'static str, detail: String },
-    /// Authorization policy said no (403).
+    /// Authorization policy said no (401, as ztunnel).
     Denied { reason: &'static str, rule: String, target: SocketAddrV4 },
 }
 
@@ -572,7 +623,7 @@ pub(crate) fn check_connect<B>(req: &Request<B>, cx: &ConnectContext<'_>) -> Res
     let (idx, client_id, server_id, link) = (cx.idx, cx.client_id, cx.server_id, cx.link);
     if req.method() != Method::CONNECT {
         return Err(rejected(
-            StatusCode::METHOD_NOT_ALLOWED,
+            StatusCode::BAD_REQUEST,
             "not_connect",
             format!("HBONE request from {client_id} is {}, not CONNECT", req.method()),
         ));
@@ -585,7 +636,16 @@ pub(crate) fn check_connect<B>(req: &Request<B>, cx: &ConnectContext<'_>) -> Res
         ));
     };
     let ip = *target.ip();
-    let this_node = link.local == Some(std::net::IpAddr::V4(ip));
+    if let Some(arrived) = link.pod
+        && arrived != ip
+    {
+        return Err(rejected(
+            StatusCode::BAD_REQUEST,
+            "authority_mismatch",
+            format!("HBONE CONNECT from {client_id} to {target} on a connection addressed to {arrived}"),
+        ));
+    }
+    let this_node = link.pod.is_none() && link.local == Some(std::net::IpAddr::V4(ip));
     if crate::state::special_address(ip)
         || idx.is_node_address(ip)
         || this_node
@@ -601,7 +661,7 @@ pub(crate) fn check_connect<B>(req: &Request<B>, cx: &ConnectContext<'_>) -> Res
     }
     let Some(pod) = idx.by_ip(ip).filter(|p| idx.is_local(p) && p.workload.meshed) else {
         return Err(rejected(
-            StatusCode::NOT_FOUND,
+            StatusCode::BAD_REQUEST,
             "not_on_this_node",
             format!("HBONE CONNECT from {client_id} to {target}: no meshed pod with that address on this node"),
         ));
@@ -609,19 +669,24 @@ pub(crate) fn check_connect<B>(req: &Request<B>, cx: &ConnectContext<'_>) -> Res
     let dst_id = pod.workload.identity(cx.trust_domain);
     if dst_id != *server_id {
         return Err(rejected(
-            StatusCode::MISDIRECTED_REQUEST,
+            StatusCode::BAD_REQUEST,
             "identity_mismatch",
             format!("HBONE CONNECT from {client_id} to {target} ({dst_id}) on a connection for {server_id}"),
         ));
     }
     // The source is known by its verified identity. Which of its pods: the one the peer
     // names (`Forwarded: for=`), believed only if that pod has that identity (a peer can
-    // only ever name pods of its own identity) and runs on the node the connection comes
-    // from. Its address is then verified, for policies on source addresses.
+    // only ever name pods of its own identity) and the connection comes from its node (a node
+    // proxy) or from the pod itself (a ztunnel in the pod's network namespace, as in Istio's
+    // in-pod and dedicated modes). Its address is then verified, for policies on source
+    // addresses.
     let source = forwarded_for(req.headers())
         .and_then(|ip| idx.by_ip(ip))
         .filter(|p| p.workload.identity(cx.trust_domain) == *client_id && p.workload.meshed)
-        .filter(|p| idx.nodes.get(&p.workload.node).is_some_and(|n| std::net::IpAddr::V4(n.address) == link.peer.ip()));
+        .filter(|p| {
+            link.peer.ip() == std::net::IpAddr::V4(p.workload.ip)
+                || idx.nodes.get(&p.workload.node).is_some_and(|n| std::net::IpAddr::V4(n.address) == link.peer.ip())
+        });
     let peer = authz::Peer { identity: client_id, ip: source.map(|p| p.workload.ip) };
     match authz::decide(&idx.authz, peer, pod.workload.authz_destination(target.port())) {
         Decision::Allow => {}
@@ -640,6 +705,7 @@ pub(crate) fn check_connect<B>(req: &Request<B>, cx: &ConnectContext<'_>) -> Res
     istio.connection_security_policy = "mutual_tls";
     Ok(Checked {
         target,
+        baggage: pod.workload.baggage(),
         dst_pod: pod.key.clone(),
         source_pod: source.map(|p| p.key.clone()),
         source_ip: source.map(|p| p.workload.ip),

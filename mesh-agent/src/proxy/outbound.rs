@@ -137,10 +137,11 @@ impl Outbound {
         };
         // One snapshot of the pod index for the whole connection.
         let snapshot = self.pods.borrow().clone();
-        let route = match route::route(&snapshot, &self.route, orig.dst, orig.pod_cgroup) {
+        let mut route = match route::route(&snapshot, &self.route, orig.dst, orig.pod_cgroup) {
             Ok(r) => r,
             Err(refusal) => return self.refuse(client, peer, orig, &snapshot, refusal),
         };
+        route.source.port = peer.port();
         self.metrics.pod_redirects.inc(&route.source.pod);
         // Held until the connection ends (HTTP and TCP alike are served below).
         let _cap = match self.caps.open(orig.pod_cgroup, &route.source.pod) {

@@ -1,9 +1,14 @@
-//! HBONE client: pooled mTLS HTTP/2 connections to other nodes' proxies, one `CONNECT` stream
-//! per proxied TCP connection.
+//! HBONE client: pooled mTLS HTTP/2 connections to other nodes' pods, one `CONNECT` stream
+//! per proxied TCP connection, on the wire exactly as Istio's ztunnel speaks it: TCP to the
+//! destination pod's own address on port 15008 (whichever proxy serves it answers there), TLS
+//! 1.3 without SNI, ALPN `h2`, the server's certificate required to name the destination
+//! workload's SPIFFE ID exactly; `CONNECT <pod ip>:<port>` with `forwarded`, `baggage` and
+//! `traceparent`; exactly `200` opens the tunnel.
 //!
-//! Connections are pooled per (source identity, destination identity, destination node): the
-//! client certificate is the source workload's and the server must present the destination
-//! workload's, so a connection can only carry streams between that pair. A connection takes at
+//! Connections are pooled per (source identity, destination identity, destination pod address):
+//! the client certificate is the source workload's, the server presents the destination
+//! workload's, and it answers only for the address it was reached on, so a connection can only
+//! carry streams between that pair to that pod. A connection takes at
 //! most `max_streams` streams at once; beyond that another is opened. A connection made with a
 //! certificate that has since been renewed takes no new streams (its open streams finish), and
 //! one idle for `idle` is closed.
@@ -65,7 +70,7 @@ impl HboneError {
             HboneError::Tls { .. } => "hbone_tls_failed",
             HboneError::H2 { .. } | HboneError::Upgrade(_) => "hbone_h2_failed",
             HboneError::ConnectStreamTimeout { .. } => "hbone_stream_timeout",
-            HboneError::Status { status, .. } if *status == StatusCode::FORBIDDEN => "hbone_denied",
+            HboneError::Status { status, .. } if is_denial_status(*status) => "hbone_denied",
             HboneError::Status { .. } => "hbone_rejected",
             HboneError::PeerBackoff { .. } => "hbone_peer_backoff",
         }
@@ -73,7 +78,7 @@ impl HboneError {
 
     /// The peer node's authorization refused the stream.
     pub fn is_denial(&self) -> bool {
-        matches!(self, HboneError::Status { status, .. } if *status == StatusCode::FORBIDDEN)
+        matches!(self, HboneError::Status { status, .. } if is_denial_status(*status))
     }
 
     /// The peer node itself could not be reached (TCP or TLS): its other pods cannot either.
@@ -88,8 +93,16 @@ impl HboneError {
     }
 }
 
+/// An authorization denial by the server: 401, as ztunnel answers it (Switchyard before its
+/// ztunnel-compatible HBONE answered 403).
+fn is_denial_status(status: StatusCode) -> bool {
+    status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN
+}
+
 /// The header a server sets on a non-200 CONNECT answer to say why.
 pub const REASON_HEADER: &str = "x-switchyard-reason";
+/// W3C baggage: the source workload on a CONNECT, the destination workload on its 200.
+pub const BAGGAGE_HEADER: &str = "baggage";
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Key {
@@ -129,12 +142,15 @@ impl PoolMetrics {
     }
 }
 
-/// A tunnel to open: from the source pod (`src`, at `src_ip`) to `target`, a pod of identity
-/// `dst`, through the node proxy at `peer`.
+/// A tunnel to open: from the source pod (`src`, at `src_ip`, its socket's port `src_port`,
+/// its workload described by `baggage`) to `target`, a pod of identity `dst`, through whichever
+/// proxy answers at `peer` (the pod's address, port 15008).
 #[derive(Debug, Clone, Copy)]
 pub struct TunnelRequest<'a> {
     pub src: &'a Identity,
     pub src_ip: std::net::Ipv4Addr,
+    pub src_port: u16,
+    pub baggage: &'a str,
     pub dst: &'a Identity,
     pub peer: SocketAddr,
     pub target: SocketAddrV4,
@@ -220,7 +236,7 @@ impl Pool {
 
     /// The error comes with whether the connection was a reused one.
     async fn try_connect(&self, t: TunnelRequest<'_>) -> Result<Tunnel, (HboneError, bool)> {
-        let TunnelRequest { src, src_ip, dst, peer, target } = t;
+        let TunnelRequest { src, src_ip, src_port, baggage, dst, peer, target } = t;
         let key = Key { src: src.clone(), dst: dst.clone(), peer };
         let slot = self.slots.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().clone();
         let (guard, reused) = {
@@ -256,13 +272,18 @@ impl Pool {
             (StreamGuard(conn), reused)
         };
         let mut send = guard.0.send.clone();
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
-            // RFC 7239, as ztunnel sends it: the source pod's address.
-            .header(hyper::header::FORWARDED, format!("for={src_ip}"))
+            // RFC 7239, as ztunnel sends it: the source pod's address and port.
+            .header(hyper::header::FORWARDED, format!("for=\"{src_ip}:{src_port}\""))
             .body(Empty::<Bytes>::new())
             .expect("CONNECT request parts are valid");
+        if let Ok(v) = hyper::header::HeaderValue::from_str(baggage) {
+            req.headers_mut().insert(BAGGAGE_HEADER, v);
+        }
+        // A span of its own for the tunnel, as ztunnel starts one per connection.
+        crate::proxy::trace::continue_or_start(req.headers_mut(), 0.0);
         let timeout = self.connect_timeout;
         let exchange = async {
             let resp = send.send_request(req).await.map_err(|source| HboneError::H2 { peer, source })?;
@@ -322,11 +343,9 @@ impl Pool {
         };
         let _ = tcp.set_nodelay(true);
         let config = tls::client_config(cert.key.clone(), dst.clone(), &self.bundle);
-        let server_name = ServerName::try_from(dst.sni()).map_err(|e| HboneError::Tls {
-            peer,
-            reason: "bad_server_name",
-            detail: e.to_string(),
-        })?;
+        // No SNI (rustls sends none for an address): the server picks its certificate by the
+        // address it was reached on, and the verifier checks the SPIFFE ID, not a name.
+        let server_name = ServerName::IpAddress(peer.ip().into());
         let connector = tokio_rustls::TlsConnector::from(config);
         let handshake = tokio::time::timeout(self.connect_timeout, connector.connect(server_name, tcp));
         let tls = match handshake.await {
@@ -339,8 +358,9 @@ impl Pool {
         self.metrics.handshakes.inc();
         let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
+            // As ztunnel: a PING every 10 s; no answer in 20 s ends the connection.
+            .keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
             .initial_stream_window_size(4 * 1024 * 1024)
             .initial_connection_window_size(16 * 1024 * 1024)
             // As ztunnel: the peer may send DATA frames of up to 1 MiB (fewer frame headers
@@ -409,7 +429,7 @@ impl Pool {
         }
     }
 
-    /// Pooled connections per destination node, for the admin API.
+    /// Pooled connections per destination pod, for the admin API.
     pub fn snapshot(&self) -> Vec<serde_json::Value> {
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots

@@ -37,6 +37,10 @@ pub struct Source {
     pub pod: String,
     pub identity: Identity,
     pub ip: Ipv4Addr,
+    /// The client socket's port (0 until the caller sets it), for HBONE's `Forwarded`.
+    pub port: u16,
+    /// W3C `baggage` naming the source workload, as ztunnel sends it on HBONE.
+    pub baggage: String,
 }
 
 /// How bytes reach a [`Target`].
@@ -44,8 +48,8 @@ pub struct Source {
 pub enum Path {
     /// A meshed pod on this node: connect directly (authorized here).
     Local,
-    /// A meshed pod on another node: an HBONE tunnel through that node's proxy at `peer`
-    /// (authorized there).
+    /// A meshed pod on another node: an HBONE tunnel to `peer`, the pod's own address on
+    /// port 15008, as ztunnel dials it; that node's proxy answers there (authorized there).
     Hbone { peer: SocketAddr },
     /// Not a meshed pod: plain TCP from the proxy.
     Passthrough,
@@ -207,7 +211,13 @@ pub fn route(
 /// This node's pod with this cgroup.
 pub fn source(idx: &PodIndex, cfg: &RouteConfig, cgroup: u64) -> Result<Source, Refusal> {
     let pod = idx.by_cgroup(cgroup).ok_or(Refusal::UnknownSource(cgroup))?;
-    Ok(Source { pod: pod.key.clone(), identity: pod.workload.identity(&cfg.trust_domain), ip: pod.workload.ip })
+    Ok(Source {
+        pod: pod.key.clone(),
+        identity: pod.workload.identity(&cfg.trust_domain),
+        ip: pod.workload.ip,
+        port: 0,
+        baggage: pod.workload.baggage(),
+    })
 }
 
 /// Routes `source`'s connection to the workload address `ep`.
@@ -246,13 +256,13 @@ pub fn target(idx: &PodIndex, cfg: &RouteConfig, source: &Source, ep: SocketAddr
         }
         t.path = Path::Local;
     } else {
-        let Some(node) = idx.nodes.get(&d.workload.node) else {
+        if !idx.nodes.contains_key(&d.workload.node) {
             return Err(Refusal::UnknownNode { pod: d.key.clone(), node: d.workload.node.clone() });
-        };
+        }
         if !cfg.mtls {
             return Err(Refusal::MtlsUnavailable(d.key.clone()));
         }
-        t.path = Path::Hbone { peer: SocketAddr::from((node.address, cfg.hbone_port)) };
+        t.path = Path::Hbone { peer: SocketAddr::from((*ep.ip(), cfg.hbone_port)) };
     }
     t.dst = Some(dst_id);
     Ok(t)
@@ -396,7 +406,8 @@ mod tests {
     #[test]
     fn the_route_table() {
         let idx = index();
-        let peer_b: SocketAddr = "192.168.0.2:15008".parse().unwrap();
+        // The pod's own address on 15008 (ztunnel's HBONE), not its node's.
+        let peer_b: SocketAddr = "10.0.1.1:15008".parse().unwrap();
         let id = |sa: &str| Some(format!("spiffe://cluster.local/ns/shop/sa/{sa}"));
         type Want = Summary;
         let cases: Vec<(&str, SocketAddrV4, u64, bool, Want)> = vec![

@@ -30,7 +30,7 @@ fn id(sa: &str) -> Identity {
 
 /// A tunnel from a pod on 127.0.0.1 to `target` through the node proxy at `peer`.
 fn req<'a>(src: &'a Identity, dst: &'a Identity, peer: SocketAddr, target: SocketAddrV4) -> TunnelRequest<'a> {
-    TunnelRequest { src, src_ip: Ipv4Addr::LOCALHOST, dst, peer, target }
+    TunnelRequest { src, src_ip: Ipv4Addr::LOCALHOST, src_port: 40000, baggage: "", dst, peer, target }
 }
 
 fn ip(a: u8, b: u8, c: u8) -> Ipv4Addr {
@@ -162,7 +162,8 @@ async fn idle_connections_are_released_and_busy_ones_kept() {
     cluster.add_pod("shop", "server", *server.ip(), "b");
     let inb = InboundProxy::start(&cluster, "b", node_b, &pki, Duration::from_secs(60)).await;
     let (pool, _) = pool(&pki, &[id("client")], 100, Duration::from_millis(100)).await;
-    let tunnel = pool.connect(req(&id("client"), &id("server"), inb.addr, server)).await.unwrap();
+    let peer = SocketAddr::from((*server.ip(), inb.addr.port()));
+    let tunnel = pool.connect(req(&id("client"), &id("server"), peer, server)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(pool.reap().await, 0, "a connection with an open stream stays");
     drop(tunnel);

@@ -5,7 +5,7 @@
 //! (`switchyard.io/max-connections`, `max-pending-requests`) per Service.
 use std::{
     collections::HashMap,
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddrV4,
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -138,6 +138,8 @@ impl Connector {
                         .connect(TunnelRequest {
                             src: &source.identity,
                             src_ip: source.ip,
+                            src_port: source.port,
+                            baggage: &source.baggage,
                             dst,
                             peer: *peer,
                             target: t.ep,
@@ -191,7 +193,8 @@ pub struct Picker<'a> {
     route: &'a Route,
     cfg: &'a RouteConfig,
     tried: Vec<SocketAddrV4>,
-    dead_peers: Vec<SocketAddr>,
+    /// Nodes whose pods could not be reached over HBONE (TCP or TLS failed) in this attempt.
+    dead_nodes: Vec<&'a str>,
     /// When every endpoint has been tried, pick among all again (HTTP retries); otherwise
     /// give up (TCP connect retries).
     repeat: bool,
@@ -199,7 +202,14 @@ pub struct Picker<'a> {
 
 impl<'a> Picker<'a> {
     pub fn new(route: &'a Route, cfg: &'a RouteConfig, repeat: bool) -> Self {
-        Picker { route, cfg, tried: Vec::new(), dead_peers: Vec::new(), repeat }
+        Picker { route, cfg, tried: Vec::new(), dead_nodes: Vec::new(), repeat }
+    }
+
+    /// The node an HBONE target runs on.
+    fn hbone_node(&self, t: &Target) -> Option<&'a str> {
+        matches!(t.path, Path::Hbone { .. })
+            .then(|| self.route.snapshot.by_ip(*t.ep.ip()).map(|p| p.workload.node.as_str()))
+            .flatten()
     }
 
     fn endpoints(&self) -> &'a [SocketAddrV4] {
@@ -228,7 +238,7 @@ impl<'a> Picker<'a> {
             }
             let ep = ep?;
             match self.route.to_endpoint(self.cfg, ep) {
-                Ok(t) if matches!(&t.path, Path::Hbone { peer } if self.dead_peers.contains(peer)) => excluded.push(ep),
+                Ok(t) if self.hbone_node(&t).is_some_and(|n| self.dead_nodes.contains(&n)) => excluded.push(ep),
                 Ok(t) => {
                     self.tried.push(ep);
                     return Some(Ok(t));
@@ -242,14 +252,14 @@ impl<'a> Picker<'a> {
         }
     }
 
-    /// `t`'s attempt failed with `e`: its peer node is skipped from now on if the way there is
-    /// what failed.
+    /// `t`'s attempt failed with `e`: the other pods of its node are skipped from now on if
+    /// the way there is what failed (the node, or its proxy, is likely down).
     pub fn failed(&mut self, t: &Target, e: &ConnectError) {
-        if let Path::Hbone { peer } = t.path
-            && e.peer_dead()
-            && !self.dead_peers.contains(&peer)
+        if e.peer_dead()
+            && let Some(node) = self.hbone_node(t)
+            && !self.dead_nodes.contains(&node)
         {
-            self.dead_peers.push(peer);
+            self.dead_nodes.push(node);
         }
     }
 
