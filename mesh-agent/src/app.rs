@@ -163,7 +163,7 @@ pub async fn build(config: Config) -> anyhow::Result<Agent> {
         first_certificates(&config, m, state_rx.clone()).await;
     }
 
-    let (orig_table, datapath) = start_datapath(&config)?;
+    let (orig_table, datapath) = start_datapath(&config, mtls.is_some())?;
     let heartbeat = spawn_heartbeat(datapath.clone());
     let (index_rx, reconcile) = start_reconciler(&config, datapath.clone(), outbound_addr, state_rx, stop.clone());
     let mut serving = vec![reconcile];
@@ -203,7 +203,13 @@ pub async fn build(config: Config) -> anyhow::Result<Agent> {
         outbound_proxy(&config, orig_table, index_rx.clone(), &telemetry, observe(Some(telemetry.proxy.clone())), pool);
     let mut hbone = None;
     if let (Some(m), Some(listener)) = (&mtls, listeners.hbone) {
-        let inbound = inbound_proxy(&config, m, index_rx.clone(), &telemetry, observe(None))?;
+        // Delivery from the source pod's address needs the kernel to steer the pod's replies.
+        let transparent = datapath
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|d| d.steering().is_on() && config.transparent_delivery);
+        let inbound = inbound_proxy(&config, m, index_rx.clone(), &telemetry, observe(None), transparent)?;
         hbone = Some(listener.local_addr()?);
         info!(hbone = %listener.local_addr()?, "HBONE listener up");
         serving.push(tokio::spawn(inbound.serve(listener, stop.clone(), tasks.clone())));
@@ -319,12 +325,15 @@ impl Listeners {
             outbound: bind(config.outbound_listen, "outbound")?,
             admin: bind(config.admin_listen, "admin")?,
             stats: bind(config.stats_listen, "stats")?,
-            hbone: if hbone { Some(bind(config.hbone_listen, "HBONE")?) } else { None },
+            hbone: if hbone { Some(bind_hbone(config.hbone_listen)?) } else { None },
         })
     }
 }
 
-fn start_datapath(config: &Config) -> anyhow::Result<(Arc<crate::datapath::OrigDstTable>, SharedDatapath)> {
+fn start_datapath(
+    config: &Config,
+    hbone: bool,
+) -> anyhow::Result<(Arc<crate::datapath::OrigDstTable>, SharedDatapath)> {
     let datapath = Datapath::start(&DatapathConfig {
         cgroup_root: config.cgroup_root.clone(),
         bypass_ports: config.bypass_ports.clone(),
@@ -336,6 +345,7 @@ fn start_datapath(config: &Config) -> anyhow::Result<(Arc<crate::datapath::OrigD
         proxy_ip4: config.redirect_address,
         accel: config.sockmap_acceleration,
         pin_dir: config.bpf_pin_dir.clone(),
+        steer: hbone,
     })?;
     if config.bpf_pin_dir.is_some() {
         allow_accept_queue_migration();
@@ -572,6 +582,7 @@ fn inbound_proxy(
     pods: watch::Receiver<Arc<PodIndex>>,
     telemetry: &Telemetry,
     observe: Arc<Observe>,
+    transparent: bool,
 ) -> anyhow::Result<Arc<Inbound>> {
     let server = tls::server_config(m.certs.clone(), &config.trust_domain, &m.bundle)?;
     Ok(Arc::new(Inbound {
@@ -594,6 +605,7 @@ fn inbound_proxy(
             config.hbone_receive_budget,
             telemetry.inbound.receive_windows.clone(),
         ),
+        transparent,
     }))
 }
 
@@ -686,6 +698,20 @@ fn bind_admin_socket(path: &std::path::Path) -> anyhow::Result<std::os::unix::ne
 }
 
 /// A listener that another agent may share (SO_REUSEPORT) while it takes over.
+/// The HBONE listener: transparent, so that connections the kernel steers to it, addressed to
+/// this node's pods (ztunnel's HBONE), are answered from the pod's address. Without
+/// `CAP_NET_ADMIN` it still serves connections to the node's own address.
+fn bind_hbone(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let s = tokio::net::TcpSocket::new_v4().context("HBONE listener socket")?;
+    if let Err(e) = crate::steer::set_transparent(std::os::fd::AsRawFd::as_raw_fd(&s)) {
+        warn!(error = %e, "HBONE listener is not transparent (no CAP_NET_ADMIN?): HBONE addressed to this node's pods cannot be served");
+    }
+    s.set_reuseaddr(true)?;
+    s.set_reuseport(true)?;
+    s.bind(addr).with_context(|| format!("cannot listen on {addr} (HBONE)"))?;
+    Ok(s.listen(1024)?)
+}
+
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let s = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     s.set_reuseaddr(true)?;

@@ -152,6 +152,10 @@ pub struct FileConfig {
     /// HTTP/2 receive windows granted to HBONE connections at once, node-wide: bounds what
     /// the agent holds for pods that read slowly (past it, new connections get 64 KiB windows).
     pub hbone_receive_budget_bytes: Option<u64>,
+    /// Deliver HBONE connections to the destination pod from the source pod's address
+    /// (`IP_TRANSPARENT`, as ztunnel), so applications see their real peer (default true);
+    /// false: from the node's address.
+    pub transparent_delivery: Option<bool>,
     /// Istio's root namespace (Kubernetes mode): its AuthorizationPolicies and
     /// PeerAuthentications apply to the whole mesh (default `istio-system`).
     pub istio_root_namespace: Option<String>,
@@ -472,6 +476,7 @@ pub struct Config {
     pub max_proxied_connections: usize,
     pub retry_body_budget: usize,
     pub hbone_receive_budget: u64,
+    pub transparent_delivery: bool,
     pub istio_root_namespace: String,
     pub trust_domain: String,
     /// Without a CA there is no mTLS: connections to other nodes' meshed pods are refused.
@@ -619,6 +624,7 @@ impl Config {
             retry_body_limit: file.retry_body_limit_bytes.unwrap_or(DEFAULT_RETRY_BODY_LIMIT),
             retry_body_budget: file.retry_body_budget_bytes.unwrap_or(DEFAULT_RETRY_BODY_BUDGET),
             hbone_receive_budget: file.hbone_receive_budget_bytes.unwrap_or(crate::proxy::caps::DEFAULT_RECEIVE_BUDGET),
+            transparent_delivery: file.transparent_delivery.unwrap_or(true),
             istio_root_namespace: file
                 .istio_root_namespace
                 .unwrap_or_else(|| crate::authz::istio::DEFAULT_ROOT_NAMESPACE.into()),

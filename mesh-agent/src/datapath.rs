@@ -21,12 +21,15 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, SkMsg, SockOps},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, SchedClassifier, SkMsg, SockOps,
+        TcAttachType, tc::SchedClassifierLinkId,
+    },
 };
 use ipnet::Ipv4Net;
 use mesh_common::{
     AgentId, MAP_ACCEL_PATH, MAP_ACCEL_SOCKS, MAP_AGENT_CONNS, MAP_AGENT_SOCKS, MAP_BYPASS_CIDRS, MAP_BYPASS_PORTS,
-    MAP_CONFIG, MAP_MESH_DESTS, MAP_MESHED_CGROUPS, MAP_ORIG_BY_CLIENT, MAP_SOCK_ORIG, MAP_STATS, MESH_FLAG_ACCEL,
+    MAP_CONFIG, MAP_HBONE_PODS, MAP_MESH_DESTS, MAP_MESHED_CGROUPS, MAP_ORIG_BY_CLIENT, MAP_SOCK_ORIG, MAP_STATS, MESH_FLAG_ACCEL,
     MeshConfig, MeshDest, OrigDst, PodPolicy, SockKey4, SockTuple4, Stat,
 };
 use tracing::{info, warn};
@@ -108,11 +111,14 @@ pub struct DatapathConfig {
     pub accel: bool,
     /// Pin maps and links under this bpffs directory (hand-over between agents, fail modes).
     pub pin_dir: Option<PathBuf>,
+    /// Steer HBONE addressed to this node's pods (and their replies to transparent
+    /// connections) to the agent: `mesh_steer` on the node's interfaces and its routing rule.
+    pub steer: bool,
 }
 
 /// Layout of the pinned maps: bumped whenever a map's key or value layout changes, so an agent
 /// never reuses maps it cannot read (it starts a fresh set instead).
-const PIN_LAYOUT: &str = "v2";
+const PIN_LAYOUT: &str = "v3";
 
 /// Maps shared by successive agents when pinned.
 const PINNED_MAPS: [&str; 12] = [
@@ -250,6 +256,9 @@ pub struct Datapath {
     previous_until: Option<Instant>,
     agent_conns: HashMap<MapData, SockTuple4, u8>,
     mesh_dests: HashMap<MapData, MeshDest, u8>,
+    /// This node's meshed pods, for `mesh_steer`.
+    hbone_pods: HashMap<MapData, u32, u8>,
+    steering: Steering,
     /// Pinned mode: the pin directory, and our connect4 program's id (to tell whether a newer
     /// agent has taken the links over).
     pinned: Option<(PathBuf, u32)>,
@@ -370,6 +379,8 @@ impl Datapath {
         let stats = take(&mut ebpf, MAP_STATS)?;
         let agent_conns = take(&mut ebpf, MAP_AGENT_CONNS)?;
         let mesh_dests = take(&mut ebpf, MAP_MESH_DESTS)?;
+        let hbone_pods = take(&mut ebpf, MAP_HBONE_PODS)?;
+        let steering = if cfg.steer { start_steering(&mut ebpf) } else { Steering::Off };
 
         let cgroup = File::open(&cfg.cgroup_root)
             .map_err(|source| DatapathError::Cgroup { path: cfg.cgroup_root.clone(), source })?;
@@ -414,6 +425,8 @@ impl Datapath {
             previous_until: previous.map(|_| Instant::now() + cfg.previous_agent_grace),
             agent_conns,
             mesh_dests,
+            hbone_pods,
+            steering,
             pinned,
             _links: links,
             max_redirected: cfg.max_redirected_sockets,
@@ -528,6 +541,68 @@ impl Datapath {
         gone(self.mesh_dests.remove(dest), MAP_MESH_DESTS)
     }
 
+    /// HBONE steering's state.
+    pub fn steering(&self) -> &Steering {
+        &self.steering
+    }
+
+    /// Attaches `mesh_steer` to every interface of the node that does not have it yet (new
+    /// bridges, veths and tunnel devices included); forgets interfaces that are gone. Returns
+    /// how many were attached by this call.
+    pub fn steer_interfaces(&mut self) -> usize {
+        let Steering::On(attached) = &mut self.steering else { return 0 };
+        let Ok(now) = crate::steer::interfaces() else { return 0 };
+        let Some(prog) = self.ebpf.program_mut(mesh_common::PROG_STEER) else { return 0 };
+        let Ok(prog) = <&mut SchedClassifier>::try_from(prog) else { return 0 };
+        let gone: Vec<u32> = attached
+            .iter()
+            .filter(|(i, (n, _))| !now.iter().any(|(j, m)| j == *i && m == n))
+            .map(|(i, _)| *i)
+            .collect();
+        for i in gone {
+            if let Some((_, link)) = attached.remove(&i) {
+                // The interface went with its attachment; only our handle is left.
+                drop(prog.take_link(link));
+            }
+        }
+        let mut added = 0;
+        for (index, name) in now {
+            if attached.contains_key(&index) {
+                continue;
+            }
+            let link = prog.attach(&name, TcAttachType::Ingress).or_else(|_| {
+                // Kernels before tcx (6.6) attach through a clsact qdisc.
+                let _ = aya::programs::tc::qdisc_add_clsact(&name);
+                prog.attach(&name, TcAttachType::Ingress)
+            });
+            match link {
+                Ok(link) => {
+                    info!(interface = %name, "HBONE steering attached");
+                    attached.insert(index, (name, link));
+                    added += 1;
+                }
+                Err(e) => {
+                    // Interfaces come and go (a pod's veth): tried again on the next pass.
+                    tracing::debug!(interface = %name, error = %e, "cannot attach HBONE steering");
+                }
+            }
+        }
+        added
+    }
+
+    /// This node's meshed pods, as `mesh_steer` reads them.
+    pub fn hbone_pods(&self) -> Vec<Ipv4Addr> {
+        self.hbone_pods.keys().filter_map(Result::ok).map(|k| Ipv4Addr::from(k.to_ne_bytes())).collect()
+    }
+
+    pub fn add_hbone_pod(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        self.hbone_pods.insert(u32::from_ne_bytes(ip.octets()), 1, 0).map_err(map_err(MAP_HBONE_PODS))
+    }
+
+    pub fn remove_hbone_pod(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        gone(self.hbone_pods.remove(&u32::from_ne_bytes(ip.octets())), MAP_HBONE_PODS)
+    }
+
     /// Sum over CPUs of every kernel-side counter.
     pub fn stats(&self) -> Vec<(Stat, u64)> {
         Stat::ALL
@@ -577,6 +652,44 @@ impl MapUsage {
             ("accel_paths", self.accel_paths),
         ]
     }
+}
+
+/// HBONE steering (`mesh_steer`): whether it runs, and where it is attached.
+#[derive(Debug)]
+pub enum Steering {
+    /// Not wanted (no mTLS on this node).
+    Off,
+    /// The program could not be loaded or the routing rule added: connections addressed to
+    /// this node's pods on 15008 reach the pods, not the agent.
+    Unavailable(String),
+    /// Loaded; attached to these interfaces (index → name and link).
+    On(std::collections::BTreeMap<u32, (String, SchedClassifierLinkId)>),
+}
+
+impl Steering {
+    pub fn is_on(&self) -> bool {
+        matches!(self, Steering::On(_))
+    }
+}
+
+/// Loads `mesh_steer` and adds its routing rule; attaching follows the interfaces
+/// ([`Datapath::steer_interfaces`]). A failure leaves the agent running without it.
+fn start_steering(ebpf: &mut Ebpf) -> Steering {
+    let name = mesh_common::PROG_STEER;
+    let loaded = ebpf
+        .program_mut(name)
+        .ok_or(aya::programs::ProgramError::NotLoaded)
+        .and_then(|p| <&mut SchedClassifier>::try_from(p))
+        .and_then(|p| p.load());
+    if let Err(e) = loaded {
+        warn!(program = name, error = %e, "HBONE steering unavailable (no bpf_sk_assign?): ztunnel-style HBONE addressed to this node's pods will not reach the agent");
+        return Steering::Unavailable(format!("loading {name}: {e}"));
+    }
+    if let Err(e) = crate::steer::ensure_routing() {
+        warn!(error = %e, "HBONE steering unavailable: cannot add its routing rule");
+        return Steering::Unavailable(e.to_string());
+    }
+    Steering::On(Default::default())
 }
 
 /// Loads `mesh_sk_msg` and attaches it to the accelerated-socket map: the feature probe and

@@ -19,6 +19,7 @@ pub mod otlp;
 pub mod proxy;
 pub mod reconcile;
 pub mod state;
+pub mod steer;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tls;

@@ -31,6 +31,8 @@ pub struct Reconciler {
     /// Pods whose surplus probe ports were already reported.
     probes_reported: HashSet<String>,
     capture: Capture,
+    /// This node's meshed pods' addresses, as applied to `HBONE_PODS`.
+    hbone_pods: BTreeSet<std::net::Ipv4Addr>,
 }
 
 /// The kernel's capture map, as applied.
@@ -63,6 +65,7 @@ impl Reconciler {
             missing_reported: HashSet::new(),
             probes_reported: HashSet::new(),
             capture: Capture { all_services, dests, missing: 0 },
+            hbone_pods: BTreeSet::new(),
         }
     }
 
@@ -135,6 +138,7 @@ impl Reconciler {
         }
         let index = PodIndex::new(state, statuses);
         self.capture.sync(dp, &index);
+        sync_steering(&mut self.hbone_pods, dp, &index);
         Some(index)
     }
 
@@ -173,6 +177,35 @@ impl Reconciler {
                 _ = stop.cancelled() => return,
                 r = state.changed() => if r.is_err() { return },
                 _ = tick.tick() => {}
+            }
+        }
+    }
+}
+
+/// HBONE steering follows the node: its meshed pods' addresses in `HBONE_PODS` (`applied` is
+/// what the map holds), and the program on every interface (new ones included).
+fn sync_steering(applied: &mut BTreeSet<std::net::Ipv4Addr>, dp: &mut Datapath, index: &PodIndex) {
+    {
+        if !dp.steering().is_on() {
+            return;
+        }
+        dp.steer_interfaces();
+        let wanted: BTreeSet<std::net::Ipv4Addr> =
+            index.pods.iter().filter(|p| index.is_local(p) && p.workload.meshed).map(|p| p.workload.ip).collect();
+        for ip in wanted.difference(applied).copied().collect::<Vec<_>>() {
+            match dp.add_hbone_pod(ip) {
+                Ok(()) => {
+                    applied.insert(ip);
+                }
+                Err(e) => warn!(pod_ip = %ip, error = %e, "cannot steer HBONE to this pod (map full?); ztunnel-style HBONE to it will not reach the agent"),
+            }
+        }
+        for ip in applied.difference(&wanted).copied().collect::<Vec<_>>() {
+            match dp.remove_hbone_pod(ip) {
+                Ok(()) => {
+                    applied.remove(&ip);
+                }
+                Err(e) => warn!(pod_ip = %ip, error = %e, "cannot stop steering HBONE to this pod; will retry"),
             }
         }
     }

@@ -323,6 +323,7 @@ impl InboundProxy {
             loopback_pods: true,
             source_slots: Default::default(),
             receive_budget: crate::proxy::caps::ReceiveBudget::new(budget, Default::default()),
+            transparent: false,
             observe: Arc::new(Observe {
                 conns: Default::default(),
                 proxy: None,

@@ -47,6 +47,10 @@ pub const MAP_AGENT_CONNS: &str = "AGENT_CONNS";
 /// [`ACCEL_VIA_STACK`], decided once at the socket's first send and kept until it closes, so one
 /// direction of a connection never mixes the two paths (which could reorder bytes).
 pub const MAP_ACCEL_PATH: &str = "ACCEL_PATH";
+/// This node's meshed pods, for HBONE steering (`mesh_steer`): `u32` IPv4 address (network
+/// order) → `u8` (unused). Filled by the agent's reconciler; not pinned (each agent's own tc
+/// program reads its own copy).
+pub const MAP_HBONE_PODS: &str = "HBONE_PODS";
 
 /// Upper bounds on every map. A full map never fails a connection: the connection is simply not
 /// redirected (fail-open) and [`Stat::MapFull`] counts it.
@@ -83,6 +87,25 @@ pub const PROG_INGRESS: &str = "mesh_ingress";
 /// `cgroup/sock_release`: reclaims the records of sockets freed without ever closing as a
 /// connection (a connect that failed before its SYN).
 pub const PROG_SOCK_RELEASE: &str = "mesh_sock_release";
+/// `tc` ingress program on the node's interfaces: steers HBONE (TCP to a local meshed pod's
+/// address on [`HBONE_PORT`]) to the agent's listener, and replies of a local pod to the
+/// agent's transparent sockets (connections it made from a remote source pod's address) to
+/// those sockets, with `bpf_sk_assign` and [`STEER_MARK`].
+pub const PROG_STEER: &str = "mesh_steer";
+/// HBONE's port, as ztunnel has it.
+pub const HBONE_PORT: u16 = 15008;
+/// The packet mark (`skb->mark`, under [`STEER_MARK_MASK`]) `mesh_steer` sets on packets it
+/// assigned to a socket: the agent's policy-routing rule sends them to local delivery (a table
+/// whose only route is `local 0.0.0.0/0 dev lo`), without which the kernel would forward them
+/// to the pod (a packet for a non-local address is routed even with a socket assigned).
+pub const STEER_MARK: u32 = 0x1508;
+pub const STEER_MARK_MASK: u32 = 0xffff;
+/// The routing table and rule priority of that rule.
+pub const STEER_TABLE: u32 = 1508;
+pub const STEER_RULE_PRIORITY: u32 = 1508;
+/// Capacity of [`MAP_HBONE_PODS`]: one node's meshed pods.
+pub const MAX_HBONE_PODS: u32 = MAX_MESHED_CGROUPS;
+
 /// `sk_msg` program attached to [`MAP_ACCEL_SOCKS`] when same-node acceleration is on.
 pub const PROG_SK_MSG: &str = "mesh_sk_msg";
 
@@ -328,10 +351,17 @@ pub enum Stat {
     /// A destination the mesh does not serve (not a meshed pod, not a Service it serves): left
     /// on the pod's own path.
     SkipOutsideMesh = 25,
+    /// HBONE packets (to a local meshed pod on port 15008) assigned to the agent's socket.
+    SteeredHbone = 26,
+    /// A local pod's packets to one of the agent's transparent sockets, assigned to it.
+    SteeredReply = 27,
+    /// HBONE packets to a local meshed pod for which no agent socket listens (no agent up):
+    /// left to the stack (the pod answers, or resets).
+    SteerNoListener = 28,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 29;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::MeshedConnects,
         Stat::Redirected,
@@ -359,6 +389,9 @@ impl Stat {
         Stat::Reclaimed,
         Stat::MapFullRefused,
         Stat::SkipOutsideMesh,
+        Stat::SteeredHbone,
+        Stat::SteeredReply,
+        Stat::SteerNoListener,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -390,6 +423,9 @@ impl Stat {
             Stat::Reclaimed => "reclaimed",
             Stat::MapFullRefused => "map_full_refused",
             Stat::SkipOutsideMesh => "skip_outside_mesh",
+            Stat::SteeredHbone => "steered_hbone",
+            Stat::SteeredReply => "steered_reply",
+            Stat::SteerNoListener => "steer_no_listener",
         }
     }
 }

@@ -25,7 +25,15 @@
 //!   direction of a connection picks its path once, at its first send, and keeps it
 //!   (`ACCEL_PATH`), so bytes are never reordered by mixing paths.
 //!
-//! All programs are attached once, to the node's cgroup; which pods are meshed is data
+//! * `mesh_steer` (`tc` ingress, on every interface of the node's network namespace but
+//!   loopback): a TCP packet to one of this node's meshed pods on port 15008 (HBONE, addressed
+//!   to the pod as Istio's ztunnel does) is assigned to the agent's socket for it (the
+//!   listener, or the connection it belongs to) with `bpf_sk_assign`; and a packet from a local
+//!   meshed pod to a remote meshed pod that belongs to one of the agent's transparent sockets
+//!   (a connection it made to the pod from the remote source pod's address) is assigned to that
+//!   socket. Both are marked so that the agent's routing rule delivers them locally.
+//!
+//! The cgroup programs are attached once, to the node's cgroup; which pods are meshed is data
 //! (`MESHED_CGROUPS`), so pods join and leave at run time without re-attaching anything.
 //! Every path returns 1 (allow): a failure never blocks a connection, it only leaves it
 //! un-redirected and counted. The refusals are deliberate: while no agent is alive (no
@@ -41,24 +49,27 @@ mod programs {
         EbpfContext,
         bindings::{
             BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-            BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
-            bpf_pidns_info, sk_action::SK_PASS,
+            BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+            BPF_TCP_CLOSE, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_pidns_info, bpf_sock_tuple,
+            bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, sk_action::SK_PASS,
         },
         helpers::{
             bpf_ktime_get_ns,
             generated::{
                 bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_ns_current_pid_tgid,
-                bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+                bpf_get_socket_cookie, bpf_sk_assign, bpf_sk_release, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+                bpf_skb_load_bytes_relative, bpf_skc_lookup_tcp,
             },
         },
-        macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sk_msg, sock_ops},
+        macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, classifier, map, sk_msg, sock_ops},
         maps::{Array, HashMap, LpmTrie, PerCpuArray, SockHash, lpm_trie::Key},
-        programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext},
+        programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext, TcContext},
     };
     use aya_log_ebpf::warn;
     use mesh_common::{
         ACCEL_VIA_SOCKMAP, ACCEL_VIA_STACK, AgentId, MAX_ACCEL_SOCKETS, MAX_AGENT_CONNS, MAX_BYPASS_CIDRS,
-        MAX_BYPASS_PORTS, MAX_CGROUP_DEPTH, MAX_MESH_DESTS, MAX_MESHED_CGROUPS, MAX_REDIRECTED_SOCKETS,
+        HBONE_PORT, MAX_BYPASS_PORTS, MAX_CGROUP_DEPTH, MAX_HBONE_PODS, MAX_MESH_DESTS, MAX_MESHED_CGROUPS,
+        MAX_REDIRECTED_SOCKETS, STEER_MARK, STEER_MARK_MASK,
         MESH_FLAG_ACCEL, MeshConfig, MeshDest, ORIG_FLAG_V4_MAPPED, OrigDst, POD_FLAG_CAPTURE_ALL,
         POD_FLAG_FAIL_CLOSED, POD_FLAG_STRICT, PodPolicy, SockKey4, SockTuple4, Stat, Verdict, accel_candidate,
         agent_alive, decide_v4, is_ipv6_extension, is_loopback6, mapped_from_v4, strict_allows, v4_from_mapped,
@@ -99,6 +110,8 @@ mod programs {
     static AGENT_SOCKS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_AGENT_CONNS, 0);
     #[map]
     static AGENT_CONNS: HashMap<SockTuple4, u8> = HashMap::with_max_entries(MAX_AGENT_CONNS, 0);
+    #[map]
+    static HBONE_PODS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_HBONE_PODS, 0);
 
     #[inline(always)]
     fn count(stat: Stat) {
@@ -598,6 +611,94 @@ mod programs {
         }
         count(Stat::StrictDropped);
         Ok(false)
+    }
+
+    /// `tc` verdicts: leave the packet to the next program and the stack; or pass it now (it was
+    /// assigned to a socket).
+    const TC_NEXT: i32 = -1;
+    const TC_PASS: i32 = 0;
+    const ETH_P_IP_BE: u32 = (0x0800u16).to_be() as u32;
+
+    /// Reads `T` at `offset` from the network header, on Ethernet and on L3 devices alike.
+    #[inline(always)]
+    fn net_load<T>(ctx: &TcContext, offset: u32) -> Result<T, i64> {
+        let mut v = core::mem::MaybeUninit::<T>::uninit();
+        let r = unsafe {
+            bpf_skb_load_bytes_relative(
+                ctx.skb.skb as *const _,
+                offset,
+                v.as_mut_ptr() as *mut _,
+                core::mem::size_of::<T>() as u32,
+                BPF_HDR_START_NET,
+            )
+        };
+        if r < 0 { Err(r) } else { Ok(unsafe { v.assume_init() }) }
+    }
+
+    #[classifier]
+    pub fn mesh_steer(ctx: TcContext) -> i32 {
+        match try_steer(&ctx) {
+            Ok(true) => TC_PASS,
+            _ => TC_NEXT,
+        }
+    }
+
+    /// `Ok(true)`: assigned to one of the agent's sockets and marked.
+    #[inline(always)]
+    fn try_steer(ctx: &TcContext) -> Result<bool, i64> {
+        if ctx.skb.protocol() != ETH_P_IP_BE {
+            return Ok(false);
+        }
+        let ver_ihl: u8 = net_load(ctx, 0)?;
+        if ver_ihl >> 4 != 4 || net_load::<u8>(ctx, 9)? != IPPROTO_TCP as u8 {
+            return Ok(false);
+        }
+        // Fragments other than the first carry no TCP header.
+        if u16::from_be(net_load::<u16>(ctx, 6)?) & 0x1fff != 0 {
+            return Ok(false);
+        }
+        let ihl = ((ver_ihl & 0x0f) as u32) * 4;
+        if ihl < 20 {
+            return Ok(false);
+        }
+        let (src, dst): (u32, u32) = (net_load(ctx, 12)?, net_load(ctx, 16)?);
+        let (sport, dport): (u16, u16) = (net_load(ctx, ihl)?, net_load(ctx, ihl + 2)?);
+        let to_local_pod = unsafe { HBONE_PODS.get(&dst) }.is_some();
+        let hbone = to_local_pod && dport == HBONE_PORT.to_be();
+        // A local pod's reply to a remote meshed pod: maybe to one of the agent's transparent
+        // sockets. Only then is a socket looked up (every other packet costs map lookups only).
+        let reply = !to_local_pod
+            && unsafe { HBONE_PODS.get(&src) }.is_some()
+            && unsafe { MESH_DESTS.get(&MeshDest::new(dst, 0)) }.is_some();
+        if !hbone && !reply {
+            return Ok(false);
+        }
+        let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+        tuple.__bindgen_anon_1.ipv4 =
+            bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 { saddr: src, daddr: dst, sport, dport };
+        let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+        let ptr = ctx.skb.skb as *mut core::ffi::c_void;
+        // The established socket of the 4-tuple, else (HBONE) the listener on the port.
+        let sk = unsafe { bpf_skc_lookup_tcp(ptr, &mut tuple, size, BPF_F_CURRENT_NETNS as u64, 0) };
+        if sk.is_null() {
+            if hbone {
+                count(Stat::SteerNoListener);
+            }
+            return Ok(false);
+        }
+        let assigned = unsafe { bpf_sk_assign(ptr, sk as *mut _, 0) };
+        unsafe { bpf_sk_release(sk as *mut _) };
+        if assigned != 0 {
+            return Ok(false);
+        }
+        // Whole-word accesses: the verifier refuses a narrower store to `mark`, which is what
+        // the compiler would make of a masked update.
+        unsafe {
+            let mark = core::ptr::addr_of_mut!((*ctx.skb.skb).mark);
+            core::ptr::write_volatile(mark, (core::ptr::read_volatile(mark) & !STEER_MARK_MASK) | STEER_MARK);
+        }
+        count(if hbone { Stat::SteeredHbone } else { Stat::SteeredReply });
+        Ok(true)
     }
 
     #[panic_handler]

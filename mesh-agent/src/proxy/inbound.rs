@@ -146,6 +146,10 @@ pub struct Inbound {
     pub source_slots: SourceSlots,
     /// HTTP/2 receive windows, node-wide: what the agent may hold toward slow readers.
     pub receive_budget: Arc<crate::proxy::caps::ReceiveBudget>,
+    /// Connect to the pod from the (verified) source pod's address, as ztunnel does with
+    /// `IP_TRANSPARENT`, so the application sees its real peer. Only while the kernel steers
+    /// the pod's replies back to the agent (`mesh_steer`); otherwise from the node's address.
+    pub transparent: bool,
 }
 
 /// Things in progress per source address, at most a limit each ([`MAX_HANDSHAKES_PER_SOURCE`]
@@ -429,7 +433,7 @@ impl Inbound {
             Ok(c) => c,
             Err(resp) => return resp,
         };
-        let upstream = match self.connect_pod(checked.target).await {
+        let upstream = match self.connect_pod(checked.target, checked.source_ip).await {
             Ok(s) => s,
             Err(resp) => return resp,
         };
@@ -522,8 +526,24 @@ impl Inbound {
 
     /// Connects to the pod. `Err` is the answer: 503, as ztunnel answers any upstream failure
     /// (the reason header says which).
-    async fn connect_pod(&self, target: SocketAddrV4) -> Result<TcpStream, Response<Empty<Bytes>>> {
-        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await {
+    async fn connect_pod(
+        &self,
+        target: SocketAddrV4,
+        source: Option<std::net::Ipv4Addr>,
+    ) -> Result<TcpStream, Response<Empty<Bytes>>> {
+        let connect = async {
+            match source.filter(|_| self.transparent) {
+                Some(src) => match transparent_socket(src) {
+                    Ok(s) => s.connect(target.into()).await,
+                    Err(e) => {
+                        debug!(%src, error = %e, "cannot connect from the source pod's address; connecting from the node's");
+                        TcpStream::connect(target).await
+                    }
+                },
+                None => TcpStream::connect(target).await,
+            }
+        };
+        match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
                 Ok(s)
@@ -549,6 +569,18 @@ impl Inbound {
             )),
         }
     }
+}
+
+/// A socket bound to `src`, an address of another node's pod (`IP_TRANSPARENT`), its port
+/// chosen at connect time.
+fn transparent_socket(src: std::net::Ipv4Addr) -> std::io::Result<tokio::net::TcpSocket> {
+    let s = tokio::net::TcpSocket::new_v4()?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
+    crate::steer::set_transparent(fd)?;
+    crate::steer::set_bind_address_no_port(fd)?;
+    s.set_nodelay(true)?;
+    s.bind(SocketAddr::from((src, 0)))?;
+    Ok(s)
 }
 
 /// An HBONE connection's two ends.
