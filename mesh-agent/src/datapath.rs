@@ -29,8 +29,8 @@ use aya::{
 use ipnet::Ipv4Net;
 use mesh_common::{
     AgentId, MAP_ACCEL_PATH, MAP_ACCEL_SOCKS, MAP_AGENT_CONNS, MAP_AGENT_SOCKS, MAP_BYPASS_CIDRS, MAP_BYPASS_PORTS,
-    MAP_CONFIG, MAP_HBONE_PODS, MAP_MESH_DESTS, MAP_MESHED_CGROUPS, MAP_ORIG_BY_CLIENT, MAP_SOCK_ORIG, MAP_STATS, MESH_FLAG_ACCEL,
-    MeshConfig, MeshDest, OrigDst, PodPolicy, SockKey4, SockTuple4, Stat,
+    MAP_CONFIG, MAP_HBONE_PODS, MAP_MESH_DESTS, MAP_MESHED_CGROUPS, MAP_ORIG_BY_CLIENT, MAP_SOCK_ORIG, MAP_STATS,
+    MESH_FLAG_ACCEL, MeshConfig, MeshDest, OrigDst, PodPolicy, SockKey4, SockTuple4, Stat,
 };
 use tracing::{info, warn};
 

@@ -197,7 +197,9 @@ fn sync_steering(applied: &mut BTreeSet<std::net::Ipv4Addr>, dp: &mut Datapath, 
                 Ok(()) => {
                     applied.insert(ip);
                 }
-                Err(e) => warn!(pod_ip = %ip, error = %e, "cannot steer HBONE to this pod (map full?); ztunnel-style HBONE to it will not reach the agent"),
+                Err(e) => {
+                    warn!(pod_ip = %ip, error = %e, "cannot steer HBONE to this pod (map full?); ztunnel-style HBONE to it will not reach the agent")
+                }
             }
         }
         for ip in applied.difference(&wanted).copied().collect::<Vec<_>>() {

@@ -113,7 +113,12 @@ pub fn ensure_routing() -> io::Result<()> {
             (FRA_TABLE, STEER_TABLE),
         ],
     ))
-    .map_err(|e| io::Error::new(e.kind(), format!("adding the rule fwmark {STEER_MARK:#x}/{STEER_MARK_MASK:#x} lookup {STEER_TABLE}: {e}")))?;
+    .map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("adding the rule fwmark {STEER_MARK:#x}/{STEER_MARK_MASK:#x} lookup {STEER_TABLE}: {e}"),
+        )
+    })?;
     // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags (u32).
     let mut route = [0u8; 12];
     route[0] = libc::AF_INET as u8;
@@ -121,8 +126,9 @@ pub fn ensure_routing() -> io::Result<()> {
     route[6] = RT_SCOPE_HOST;
     route[7] = RTN_LOCAL;
     let lo = interface_index(c"lo").ok_or_else(|| io::Error::other("no loopback interface"))?;
-    request(&message(RTM_NEWROUTE, route, &[(RTA_TABLE, STEER_TABLE), (RTA_OIF, lo)]))
-        .map_err(|e| io::Error::new(e.kind(), format!("adding the route local 0.0.0.0/0 dev lo table {STEER_TABLE}: {e}")))
+    request(&message(RTM_NEWROUTE, route, &[(RTA_TABLE, STEER_TABLE), (RTA_OIF, lo)])).map_err(|e| {
+        io::Error::new(e.kind(), format!("adding the route local 0.0.0.0/0 dev lo table {STEER_TABLE}: {e}"))
+    })
 }
 
 fn interface_index(name: &CStr) -> Option<u32> {

@@ -48,10 +48,10 @@ mod programs {
     use aya_ebpf::{
         EbpfContext,
         bindings::{
-            BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-            BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-            BPF_TCP_CLOSE, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_pidns_info, bpf_sock_tuple,
-            bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, sk_action::SK_PASS,
+            BPF_ANY, BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+            BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+            BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_pidns_info,
+            bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, sk_action::SK_PASS,
         },
         helpers::{
             bpf_ktime_get_ns,
@@ -67,12 +67,12 @@ mod programs {
     };
     use aya_log_ebpf::warn;
     use mesh_common::{
-        ACCEL_VIA_SOCKMAP, ACCEL_VIA_STACK, AgentId, MAX_ACCEL_SOCKETS, MAX_AGENT_CONNS, MAX_BYPASS_CIDRS,
-        HBONE_PORT, MAX_BYPASS_PORTS, MAX_CGROUP_DEPTH, MAX_HBONE_PODS, MAX_MESH_DESTS, MAX_MESHED_CGROUPS,
-        MAX_REDIRECTED_SOCKETS, STEER_MARK, STEER_MARK_MASK,
+        ACCEL_VIA_SOCKMAP, ACCEL_VIA_STACK, AgentId, HBONE_PORT, MAX_ACCEL_SOCKETS, MAX_AGENT_CONNS, MAX_BYPASS_CIDRS,
+        MAX_BYPASS_PORTS, MAX_CGROUP_DEPTH, MAX_HBONE_PODS, MAX_MESH_DESTS, MAX_MESHED_CGROUPS, MAX_REDIRECTED_SOCKETS,
         MESH_FLAG_ACCEL, MeshConfig, MeshDest, ORIG_FLAG_V4_MAPPED, OrigDst, POD_FLAG_CAPTURE_ALL,
-        POD_FLAG_FAIL_CLOSED, POD_FLAG_STRICT, PodPolicy, SockKey4, SockTuple4, Stat, Verdict, accel_candidate,
-        agent_alive, decide_v4, is_ipv6_extension, is_loopback6, mapped_from_v4, strict_allows, v4_from_mapped,
+        POD_FLAG_FAIL_CLOSED, POD_FLAG_STRICT, PodPolicy, STEER_MARK, STEER_MARK_MASK, SockKey4, SockTuple4, Stat,
+        Verdict, accel_candidate, agent_alive, decide_v4, is_ipv6_extension, is_loopback6, mapped_from_v4,
+        strict_allows, v4_from_mapped,
     };
 
     const AF_INET: u32 = 2;

@@ -243,8 +243,8 @@ fn identities_are_checked_both_ways() -> Result<()> {
     if !privileged("identities_checked") {
         return Ok(());
     }
-    // A third node hosts "victim", but what answers on its HBONE port is a rogue presenting a
-    // valid certificate for another identity.
+    // A third node hosts "victim", but what answers on its HBONE address (the pod's own, port
+    // 15008) is a rogue presenting a valid certificate for another identity.
     let s = setup_nodes(&["node-a", "node-b"], &[], |c| {
         c.add_node("rogue")?;
         c.node("rogue").add_pod("victim", "shop", None)?;
@@ -254,7 +254,7 @@ fn identities_are_checked_both_ways() -> Result<()> {
     let rogue = &s.c.nodes[2];
     let victim = rogue.pods[0].clone();
     let h = rogue_server(
-        rogue.netns.clone(),
+        victim.netns.clone(),
         SocketAddr::from(([0, 0, 0, 0], 15008)),
         &ca,
         &Identity::new("cluster.local", "shop", "impostor"),
@@ -565,7 +565,8 @@ fn tls_attempt(cfg: Arc<rustls::ClientConfig>, addr: SocketAddr, sni: &str) -> S
 }
 
 /// CONNECTs over a properly authenticated HBONE connection; returns each answer's status (or
-/// the error).
+/// the error), followed by ` baggage=<value>` when the answer has one. `sni` may be an address:
+/// no SNI is sent then (ztunnel's HBONE).
 fn h2_attempts(
     cfg: Arc<rustls::ClientConfig>,
     addr: SocketAddr,
@@ -586,7 +587,10 @@ fn h2_attempts(
         for req in reqs {
             let r = tokio::time::timeout(Duration::from_secs(5), send.send_request(req)).await;
             out.push(match r {
-                Ok(Ok(resp)) => resp.status().as_u16().to_string(),
+                Ok(Ok(resp)) => match resp.headers().get("baggage").and_then(|v| v.to_str().ok()) {
+                    Some(b) => format!("{} baggage={b}", resp.status().as_u16()),
+                    None => resp.status().as_u16().to_string(),
+                },
                 Ok(Err(e)) => format!("error: {e}"),
                 Err(_) => "timeout".into(),
             });
@@ -694,18 +698,43 @@ fn hostile_peers_are_rejected_counted_and_logged_and_nothing_crashes() -> Result
             .body(http_body_util::Empty::new())
             .unwrap(),
     ];
-    let answers = in_netns(&node_a, move || h2_attempts(good, hbone, &sni, reqs))?;
-    assert_eq!(answers[0], "405", "{answers:?}");
+    let first = good.clone();
+    let answers = in_netns(&node_a, move || h2_attempts(first, hbone, &sni, reqs))?;
+    // As ztunnel answers: 400 for anything but a CONNECT to a pod it serves.
+    assert_eq!(answers[0], "400", "{answers:?}");
     assert_eq!(answers[1], "400", "{answers:?}");
-    assert_eq!(answers[2], "404", "a pod on another node: {answers:?}");
+    assert_eq!(answers[2], "400", "a pod on another node: {answers:?}");
     assert_eq!(
         &answers[3..7],
         ["400", "400", "400", "400"],
         "forbidden targets: {answers:?}\n{}",
         s.c.nodes[1].agent_warnings()
     );
-    assert_eq!(answers[7], "200", "{answers:?}");
+    assert!(answers[7].starts_with("200 baggage="), "{answers:?}");
     assert_ne!(answers[8], "200", "an oversized CONNECT must not be served: {answers:?}");
+
+    // 7. ztunnel's HBONE: a connection addressed to the server pod itself (no SNI; the kernel
+    // steers it to node-b's agent, which presents the pod's certificate). Every CONNECT on it
+    // must name that pod (400), upstream failures are 503, and a 200 names the destination.
+    let pod_hbone = SocketAddr::from((server_ip, 15008));
+    let reqs = vec![
+        hyper::Request::builder()
+            .method("GET")
+            .uri(format!("https://{server_ip}/"))
+            .body(http_body_util::Empty::new())
+            .unwrap(),
+        connect(&format!("{}:8080", s.client.ip)),
+        connect(&format!("{}:8080", s.c.nodes[1].underlay.unwrap())),
+        connect(&format!("{server_ip}:9")),
+        connect(&format!("{server_ip}:8080")),
+    ];
+    let answers = in_netns(&node_a, move || h2_attempts(good, pod_hbone, &server_ip.to_string(), reqs))?;
+    assert_eq!(&answers[..4], ["400", "400", "400", "503"], "{answers:?}");
+    assert!(answers[4].starts_with("200 baggage="), "{answers:?}");
+    assert!(
+        answers[4].contains("k8s.namespace.name=shop") && answers[4].contains("service.name=server"),
+        "{answers:?}"
+    );
 
     let m = s.c.nodes[1].admin_text("/metrics")?;
     let claimed = [("reporter", "destination"), ("source_workload", "legacy")];
@@ -717,8 +746,8 @@ fn hostile_peers_are_rejected_counted_and_logged_and_nothing_crashes() -> Result
     ];
     assert_eq!(
         sim::metric(&m, "istio_tcp_connections_opened_total", &verified),
-        1.0,
-        "known by its identity only: {m}"
+        2.0,
+        "known by its identity only (the forged claim, and the pod-addressed CONNECT that named no source): {m}"
     );
     for (reason, n) in
         [("not_tls", 1.0), ("unknown_issuer", 1.0), ("expired_certificate", 1.0), ("bad_client_identity", 1.0)]
@@ -729,9 +758,14 @@ fn hostile_peers_are_rejected_counted_and_logged_and_nothing_crashes() -> Result
             "{reason}: {m}"
         );
     }
-    for (reason, n) in
-        [("not_connect", 1.0), ("bad_authority", 1.0), ("not_on_this_node", 1.0), ("forbidden_target", 4.0)]
-    {
+    for (reason, n) in [
+        ("not_connect", 2.0),
+        ("bad_authority", 1.0),
+        ("not_on_this_node", 1.0),
+        ("forbidden_target", 4.0),
+        ("authority_mismatch", 2.0),
+        ("pod_refused", 1.0),
+    ] {
         assert_eq!(
             metric(&m, &format!("switchyard_inbound_rejected_total{{reason=\"{reason}\"}}")),
             n,

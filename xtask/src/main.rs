@@ -24,6 +24,7 @@ const APT_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
     "iproute2",
+    "iptables",
     "procps",
     "tcpdump",
     "chromium",
@@ -90,7 +91,7 @@ fn cargo_home_bin() -> PathBuf {
 
 fn setup() -> Result<()> {
     // Debian packages: the LLVM that bpf-linker links against, iproute2/procps/tcpdump for the
-    // simulated cluster.
+    // simulated cluster, iptables for the optional ztunnel interop test (its client pod).
     apt_install("Debian packages", APT_PACKAGES)?;
 
     let linker = cargo_home_bin().join("bpf-linker");
