@@ -3,7 +3,7 @@
 //! when `SWITCHYARD_ZTUNNEL` names a ztunnel binary, both directions with a real ztunnel.
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
@@ -94,7 +94,7 @@ fn hbone_is_addressed_to_the_pod_and_the_pod_sees_its_real_peer() -> Result<()> 
 /// A ztunnel (Istio's node proxy) in dedicated mode, serving one pod from inside its network
 /// namespace, as `shared/peers/ztunnel/README.md` describes.
 struct Ztunnel {
-    server: Server,
+    _process: Server,
     log: PathBuf,
 }
 
@@ -117,8 +117,7 @@ impl Ztunnel {
             .current_dir(dir)
             .stdout(std::fs::File::create(&log)?)
             .stderr(std::fs::OpenOptions::new().append(true).open(&log)?);
-        let server = Server::spawn(cmd)?;
-        let z = Ztunnel { server, log };
+        let z = Ztunnel { _process: Server::spawn(cmd)?, log };
         let ready = std::net::SocketAddr::from(([127, 0, 0, 1], 15021));
         let up = eventually(Duration::from_secs(20), "ztunnel ready", || {
             matches!(sim::http_get(&pod.netns, ready, "/healthz/ready"), Ok((200, _))).then_some(())

@@ -143,6 +143,8 @@ struct Run {
 struct Bench {
     c: Cluster,
     pin: Option<usize>,
+    /// Pods on node-b with a small HTTP server each: HBONE pools to many pods (`fan_out`).
+    fan: Vec<Pod>,
     mesh_client: Pod,
     plain_client: Pod,
     local_server: Pod,
@@ -170,7 +172,12 @@ struct Baseline {
     client: Pod,
     local_server: Pod,
     remote_server: Pod,
+    /// As [`Bench::fan`], on node-e.
+    fan: Vec<Pod>,
 }
+
+/// Destination pods of the fan-out measurement.
+const FAN: usize = 8;
 
 type Samples = BTreeMap<(String, String, String, String, bool), Vec<f64>>;
 
@@ -226,6 +233,19 @@ fn run() -> Result<()> {
     for path in paths.iter().copied().filter(|p| proxied(p) && p.ends_with("-remote")) {
         let idle_rss = b.agents_rss_kib(path)?;
         add("agent memory", "RSS idle (both proxies)", "MiB", path, true, idle_rss as f64 / 1024.0);
+    }
+
+    // HBONE pools to many pods, before any load (no pooled connection exists yet): the first
+    // request to each of FAN pods on another node. Pools per destination pod (HBONE as
+    // ztunnel speaks it) against the baseline's, whatever its sharing was.
+    if !args.only_scrape {
+        for path in paths.iter().copied().filter(|p| ["mesh-remote", "baseline-remote"].contains(p)) {
+            let (latency, handshakes, rss) = b.fan_out(path)?;
+            let w = format!("first request to each of {FAN} pods on another node");
+            add(&w, "latency (median)", "ms", path, true, latency);
+            add(&w, "HBONE handshakes", "count", path, true, handshakes);
+            add(&w, "RSS growth (both proxies)", "KiB", path, true, rss);
+        }
     }
 
     let started = Instant::now();
@@ -370,11 +390,16 @@ fn setup(
     let remote_server = c.node("node-b").add_pod("remote-server", "bench", None)?;
     let accel_client = c.node("node-c").add_pod("accel-client", "bench", None)?;
     let accel_server = c.node("node-c").add_pod("accel-server", "bench", None)?;
+    let fan: Vec<Pod> =
+        (0..FAN).map(|i| c.node("node-b").add_pod(&format!("fan-{i}"), "bench", None)).collect::<Result<_>>()?;
     let base = match baseline {
         Some(_) => Some(Baseline {
             client: c.node("node-d").add_pod("base-client", "bench", None)?,
             local_server: c.node("node-d").add_pod("base-local-server", "bench", None)?,
             remote_server: c.node("node-e").add_pod("base-remote-server", "bench", None)?,
+            fan: (0..FAN)
+                .map(|i| c.node("node-e").add_pod(&format!("base-fan-{i}"), "bench", None))
+                .collect::<Result<_>>()?,
         }),
         None => None,
     };
@@ -394,6 +419,9 @@ fn setup(
     }
     if let Some((_, zs)) = &zt_pods {
         server_pods.push(zs);
+    }
+    for p in fan.iter().chain(base.iter().flat_map(|b| &b.fan)) {
+        servers.push(p.serve_tool("sim-http", &["serve", "--listen", "0.0.0.0:8080", "--name", &p.name])?);
     }
     for s in server_pods {
         servers.push(nginx(&c, s, pin)?);
@@ -435,6 +463,7 @@ fn setup(
     Ok(Bench {
         c,
         pin,
+        fan,
         mesh_client,
         plain_client,
         local_server,
@@ -611,6 +640,33 @@ impl Bench {
             p["p99"].as_f64().unwrap_or(f64::NAN) * 1000.0,
             v["summary"]["requestsPerSec"].as_f64().unwrap_or(f64::NAN),
         ))
+    }
+
+    /// One request to each fan-out pod of `path`'s other node, each the first to that pod:
+    /// (median latency ms, HBONE handshakes the client's agent made, growth of both agents'
+    /// RSS in KiB with the pools open).
+    fn fan_out(&self, path: &str) -> Result<(f64, f64, f64)> {
+        let (client, pods, node) = match (path, &self.base) {
+            ("baseline-remote", Some(b)) => (&b.client, &b.fan, "node-d"),
+            _ => (&self.mesh_client, &self.fan, "node-a"),
+        };
+        let node = self.c.nodes.iter().find(|n| n.name == node).context("the client's node")?;
+        let handshakes = || -> Result<f64> {
+            Ok(sim::metric(&node.admin_text("/metrics")?, "switchyard_hbone_client_handshakes_total", &[]))
+        };
+        let (h0, rss0) = (handshakes()?, self.agents_rss_kib(path)?);
+        let mut latencies = Vec::new();
+        for p in pods {
+            let url = format!("http://{}:8080/", p.ip);
+            let v = self.oha_json(client, &["-n", "1", "-c", "1", "--no-tui", "--output-format", "json", &url])?;
+            if v["statusCodeDistribution"]["200"].as_f64().unwrap_or(0.0) != 1.0 {
+                bail!("no 200 from {url}: {v}");
+            }
+            latencies.push(v["latencyPercentiles"]["p50"].as_f64().unwrap_or(f64::NAN) * 1000.0);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let (h1, rss1) = (handshakes()?, self.agents_rss_kib(path)?);
+        Ok((median(&latencies), h1 - h0, rss1 as f64 - rss0 as f64))
     }
 
     /// New connections per second: one request per connection.
