@@ -679,7 +679,7 @@ fn start_steering(ebpf: &mut Ebpf) -> Steering {
     let loaded = ebpf
         .program_mut(name)
         .ok_or(aya::programs::ProgramError::NotLoaded)
-        .and_then(|p| <&mut SchedClassifier>::try_from(p))
+        .and_then(<&mut SchedClassifier>::try_from)
         .and_then(|p| p.load());
     if let Err(e) = loaded {
         warn!(program = name, error = %e, "HBONE steering unavailable (no bpf_sk_assign?): ztunnel-style HBONE addressed to this node's pods will not reach the agent");

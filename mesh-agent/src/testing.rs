@@ -287,6 +287,19 @@ impl InboundProxy {
         InboundProxy::start_with_budget(cluster, node, address, pki, idle, budget).await
     }
 
+    /// An agent from before ztunnel's addressing: it listens on its node's address only, and
+    /// answers by SNI (nothing steers the pods' addresses to it).
+    pub async fn start_older_dialect(
+        cluster: &Cluster,
+        node: &str,
+        address: Ipv4Addr,
+        pki: &Pki,
+        idle: Duration,
+    ) -> InboundProxy {
+        let budget = crate::proxy::caps::DEFAULT_RECEIVE_BUDGET;
+        InboundProxy::start_bound(cluster, node, address, pki, idle, budget, address).await
+    }
+
     /// [`InboundProxy::start`] with a receive budget of `budget` bytes.
     pub async fn start_with_budget(
         cluster: &Cluster,
@@ -295,6 +308,18 @@ impl InboundProxy {
         pki: &Pki,
         idle: Duration,
         budget: u64,
+    ) -> InboundProxy {
+        InboundProxy::start_bound(cluster, node, address, pki, idle, budget, Ipv4Addr::UNSPECIFIED).await
+    }
+
+    async fn start_bound(
+        cluster: &Cluster,
+        node: &str,
+        address: Ipv4Addr,
+        pki: &Pki,
+        idle: Duration,
+        budget: u64,
+        bind: Ipv4Addr,
     ) -> InboundProxy {
         let ids: Vec<Identity> = cluster
             .state
@@ -334,7 +359,7 @@ impl InboundProxy {
         // On every address, as the kernel's steering makes the agent's listener answer on each
         // of its pods' addresses: clients dial `<pod ip>:port` (ztunnel's HBONE), and `addr`
         // is the node's address for tests that dial the node.
-        let l = TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).await.expect("bind the HBONE listener");
+        let l = TcpListener::bind(SocketAddr::from((bind, 0))).await.expect("bind the HBONE listener");
         let addr = SocketAddr::from((address, l.local_addr().expect("bound").port()));
         let stop = CancellationToken::new();
         tokio::spawn(inbound.clone().serve(l, stop.clone(), TaskTracker::new()));

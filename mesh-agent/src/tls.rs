@@ -33,6 +33,18 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// HBONE's: ring with ztunnel's cipher suites only (TLS 1.3 AES-256-GCM and AES-128-GCM).
+fn hbone_provider() -> Arc<CryptoProvider> {
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites.retain(|s| {
+        matches!(
+            s.suite(),
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 | rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        )
+    });
+    Arc::new(p)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
     #[error("trust bundle certificate {0} is not a usable trust anchor: {1}")]
@@ -281,8 +293,15 @@ impl ResolvesClientCert for FixedClientCert {
 }
 
 /// Client config for one (source identity, expected destination identity) pair.
-pub fn client_config(source_cert: Arc<CertifiedKey>, expected: Identity, bundle: &TrustBundle) -> Arc<ClientConfig> {
-    let provider = provider();
+/// `sni`: name the expected identity in SNI (Switchyard's older dialect, addressed to a node);
+/// otherwise no SNI, as ztunnel.
+pub fn client_config(
+    source_cert: Arc<CertifiedKey>,
+    expected: Identity,
+    bundle: &TrustBundle,
+    sni: bool,
+) -> Arc<ClientConfig> {
+    let provider = hbone_provider();
     let mut cfg = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("ring supports TLS 1.3")
@@ -291,7 +310,7 @@ pub fn client_config(source_cert: Arc<CertifiedKey>, expected: Identity, bundle:
         .with_client_cert_resolver(Arc::new(FixedClientCert(source_cert)));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     // As ztunnel: no SNI; the server picks its certificate by the address it was reached on.
-    cfg.enable_sni = false;
+    cfg.enable_sni = sni;
     // One handshake per pooled connection; resumption would skip certificate checks on the
     // server's side of later connections.
     cfg.resumption = rustls::client::Resumption::disabled();
@@ -324,7 +343,7 @@ pub fn server_config(
     trust_domain: &str,
     bundle: &TrustBundle,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let mut cfg = ServerConfig::builder_with_provider(provider())
+    let mut cfg = ServerConfig::builder_with_provider(hbone_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(BundleClientVerifier(bundle.clone())))
         .with_cert_resolver(Arc::new(SniResolver { certs, trust_domain: trust_domain.into() }));
@@ -473,7 +492,7 @@ mod tests {
             tls.read_exact(&mut b).await.ok()?;
             id
         });
-        let cfg = client_config(certified(client), expected.clone(), &p.bundle);
+        let cfg = client_config(certified(client), expected.clone(), &p.bundle, false);
         // No SNI, as ztunnel: the server's certificate follows the address.
         let name = ServerName::IpAddress(addr.ip().into());
         let tcp = TcpStream::connect(addr).await.unwrap();

@@ -183,7 +183,7 @@ fn interop_with_istio_ztunnel_both_ways() -> Result<()> {
     let sy_server = c.node("node-a").add_pod("sy-server", "shop", None)?;
     let zt_server = c.node("node-b").add_pod("zt-server", "shop", None)?;
     let zt_client = c.node("node-b").add_pod("zt-client", "shop", None)?;
-    let _apps = vec![
+    let _apps = [
         sy_server.serve(&["whoami-server", "--listen", "0.0.0.0:8080"])?,
         zt_server.serve(&["whoami-server", "--listen", "0.0.0.0:8080"])?,
     ];

@@ -129,6 +129,9 @@ pub struct PoolMetrics {
     /// mTLS handshakes made by the client side (one per pooled connection).
     pub handshakes: Counter,
     pub open_connections: Gauge,
+    /// Connections opened in Switchyard's older dialect (node address, SNI) because the pod's
+    /// address refused: peers whose agent is not upgraded yet.
+    pub legacy: Counter,
 }
 
 impl PoolMetrics {
@@ -139,12 +142,18 @@ impl PoolMetrics {
             self.handshakes.clone(),
         );
         reg.register("hbone_pool_connections", "Pooled HBONE client connections open", self.open_connections.clone());
+        reg.register(
+            "hbone_legacy_connections",
+            "HBONE connections opened to a node in Switchyard's older dialect (node address, SNI) because the pod's address refused: a node whose agent is not upgraded yet",
+            self.legacy.clone(),
+        );
     }
 }
 
 /// A tunnel to open: from the source pod (`src`, at `src_ip`, its socket's port `src_port`,
 /// its workload described by `baggage`) to `target`, a pod of identity `dst`, through whichever
-/// proxy answers at `peer` (the pod's address, port 15008).
+/// proxy answers at `peer` (the pod's address, port 15008); if nothing does (refused), through
+/// `legacy`, the node's agent in Switchyard's older dialect (node address, SNI).
 #[derive(Debug, Clone, Copy)]
 pub struct TunnelRequest<'a> {
     pub src: &'a Identity,
@@ -153,6 +162,7 @@ pub struct TunnelRequest<'a> {
     pub baggage: &'a str,
     pub dst: &'a Identity,
     pub peer: SocketAddr,
+    pub legacy: Option<SocketAddr>,
     pub target: SocketAddrV4,
 }
 
@@ -236,7 +246,7 @@ impl Pool {
 
     /// The error comes with whether the connection was a reused one.
     async fn try_connect(&self, t: TunnelRequest<'_>) -> Result<Tunnel, (HboneError, bool)> {
-        let TunnelRequest { src, src_ip, src_port, baggage, dst, peer, target } = t;
+        let TunnelRequest { src, src_ip, src_port, baggage, dst, peer, legacy, target } = t;
         let key = Key { src: src.clone(), dst: dst.clone(), peer };
         let slot = self.slots.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().clone();
         let (guard, reused) = {
@@ -255,7 +265,7 @@ impl Pool {
                 Some(c) => (c.clone(), true),
                 None => {
                     self.check_backoff(peer).map_err(|e| (e, false))?;
-                    let c = match self.open(&cert, dst, peer).await {
+                    let c = match self.open_or_legacy(&cert, dst, peer, legacy).await {
                         Ok(c) => Arc::new(c),
                         Err(e) => {
                             self.note_failure(peer, &e);
@@ -330,11 +340,37 @@ impl Pool {
         f.cause = e.to_string();
     }
 
+    /// [`Pool::open`] to the pod's address; if that is refused and the node's agent is known,
+    /// to the node in Switchyard's older dialect (an agent from before ztunnel's addressing:
+    /// nothing steers the pod's address to it, so the pod itself refuses). Both are the same
+    /// mutual TLS with the destination's identity verified: a refusal cannot downgrade anything.
+    async fn open_or_legacy(
+        &self,
+        cert: &crate::identity::manager::WorkloadCert,
+        dst: &Identity,
+        peer: SocketAddr,
+        legacy: Option<SocketAddr>,
+    ) -> Result<Conn, HboneError> {
+        match (self.open(cert, dst, peer, None).await, legacy) {
+            (Err(HboneError::Connect { source, .. }), Some(node))
+                if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                debug!(%peer, %node, "the pod's address refused HBONE; trying its node's agent in the older dialect");
+                self.metrics.legacy.inc();
+                self.open(cert, dst, node, Some(dst.sni())).await
+            }
+            (r, _) => r,
+        }
+    }
+
+    /// A pooled connection to `peer`: without SNI (ztunnel's HBONE, addressed to the pod), or
+    /// with `sni` (the older dialect, addressed to the node).
     async fn open(
         &self,
         cert: &crate::identity::manager::WorkloadCert,
         dst: &Identity,
         peer: SocketAddr,
+        sni: Option<String>,
     ) -> Result<Conn, HboneError> {
         let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(peer)).await {
             Ok(Ok(s)) => s,
@@ -342,10 +378,16 @@ impl Pool {
             Err(_) => return Err(HboneError::ConnectTimeout(peer)),
         };
         let _ = tcp.set_nodelay(true);
-        let config = tls::client_config(cert.key.clone(), dst.clone(), &self.bundle);
+        let config = tls::client_config(cert.key.clone(), dst.clone(), &self.bundle, sni.is_some());
         // No SNI (rustls sends none for an address): the server picks its certificate by the
         // address it was reached on, and the verifier checks the SPIFFE ID, not a name.
-        let server_name = ServerName::IpAddress(peer.ip().into());
+        let server_name = match sni.map(ServerName::try_from) {
+            Some(Ok(name)) => name,
+            Some(Err(e)) => {
+                return Err(HboneError::Tls { peer, reason: "bad_server_name", detail: e.to_string() });
+            }
+            None => ServerName::IpAddress(peer.ip().into()),
+        };
         let connector = tokio_rustls::TlsConnector::from(config);
         let handshake = tokio::time::timeout(self.connect_timeout, connector.connect(server_name, tcp));
         let tls = match handshake.await {

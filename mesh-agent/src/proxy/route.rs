@@ -50,7 +50,10 @@ pub enum Path {
     Local,
     /// A meshed pod on another node: an HBONE tunnel to `peer`, the pod's own address on
     /// port 15008, as ztunnel dials it; that node's proxy answers there (authorized there).
-    Hbone { peer: SocketAddr },
+    /// `node` is that node's proxy in Switchyard's older dialect (its address, SNI naming the
+    /// identity): tried when the pod's address refuses, so HBONE keeps working toward nodes
+    /// whose agent is not upgraded yet.
+    Hbone { peer: SocketAddr, node: SocketAddr },
     /// Not a meshed pod: plain TCP from the proxy.
     Passthrough,
 }
@@ -256,13 +259,16 @@ pub fn target(idx: &PodIndex, cfg: &RouteConfig, source: &Source, ep: SocketAddr
         }
         t.path = Path::Local;
     } else {
-        if !idx.nodes.contains_key(&d.workload.node) {
+        let Some(node) = idx.nodes.get(&d.workload.node) else {
             return Err(Refusal::UnknownNode { pod: d.key.clone(), node: d.workload.node.clone() });
-        }
+        };
         if !cfg.mtls {
             return Err(Refusal::MtlsUnavailable(d.key.clone()));
         }
-        t.path = Path::Hbone { peer: SocketAddr::from((*ep.ip(), cfg.hbone_port)) };
+        t.path = Path::Hbone {
+            peer: SocketAddr::from((*ep.ip(), cfg.hbone_port)),
+            node: SocketAddr::from((node.address, cfg.hbone_port)),
+        };
     }
     t.dst = Some(dst_id);
     Ok(t)
@@ -406,8 +412,9 @@ mod tests {
     #[test]
     fn the_route_table() {
         let idx = index();
-        // The pod's own address on 15008 (ztunnel's HBONE), not its node's.
+        // The pod's own address on 15008 (ztunnel's HBONE), its node's for the older dialect.
         let peer_b: SocketAddr = "10.0.1.1:15008".parse().unwrap();
+        let node_b: SocketAddr = "192.168.0.2:15008".parse().unwrap();
         let id = |sa: &str| Some(format!("spiffe://cluster.local/ns/shop/sa/{sa}"));
         type Want = Summary;
         let cases: Vec<(&str, SocketAddrV4, u64, bool, Want)> = vec![
@@ -423,7 +430,7 @@ mod tests {
                 dst([10, 0, 1, 1], 80),
                 CLIENT_CG,
                 true,
-                Ok((Some(Path::Hbone { peer: peer_b }), id("remote"), Some("shop/remote".into()), false)),
+                Ok((Some(Path::Hbone { peer: peer_b, node: node_b }), id("remote"), Some("shop/remote".into()), false)),
             ),
             (
                 "outside the mesh",

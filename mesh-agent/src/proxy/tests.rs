@@ -30,7 +30,7 @@ fn id(sa: &str) -> Identity {
 
 /// A tunnel from a pod on 127.0.0.1 to `target` through the node proxy at `peer`.
 fn req<'a>(src: &'a Identity, dst: &'a Identity, peer: SocketAddr, target: SocketAddrV4) -> TunnelRequest<'a> {
-    TunnelRequest { src, src_ip: Ipv4Addr::LOCALHOST, src_port: 40000, baggage: "", dst, peer, target }
+    TunnelRequest { src, src_ip: Ipv4Addr::LOCALHOST, src_port: 40000, baggage: "", dst, peer, legacy: None, target }
 }
 
 fn ip(a: u8, b: u8, c: u8) -> Ipv4Addr {
@@ -91,6 +91,32 @@ async fn two_nodes_with(
     let opts = ProxyOptions { pool: Some(pool.clone()), hbone_port: inb.addr.port(), ..Default::default() };
     let out = OutboundProxy::start(&cluster, opts).await;
     TwoNodes { out, inb, server, pool, certs }
+}
+
+/// A node whose agent predates ztunnel's addressing answers on its own address only, by SNI:
+/// the pod's address refuses, and the pool reaches the node in the older dialect (a rolling
+/// upgrade of the agents keeps HBONE working both ways).
+#[tokio::test]
+async fn a_node_still_on_the_older_dialect_is_reached_by_its_address_and_sni() {
+    let pki = Pki::new();
+    let node_b = ip(16, 0, 1);
+    let server = echo(SocketAddr::from((ip(16, 1, 1), 0))).await;
+    let mut cluster = Cluster::new();
+    cluster.add_node("a", Ipv4Addr::LOCALHOST);
+    cluster.add_node("b", node_b);
+    cluster.add_pod("shop", "server", *server.ip(), "b");
+    let inb = InboundProxy::start_older_dialect(&cluster, "b", node_b, &pki, Duration::from_secs(60)).await;
+    let (pool, _) = pool(&pki, &[id("client")], 100, Duration::from_secs(60)).await;
+    let opts = ProxyOptions { pool: Some(pool.clone()), hbone_port: inb.addr.port(), ..Default::default() };
+    let out = OutboundProxy::start(&cluster, opts).await;
+    for _ in 0..3 {
+        let mut c = out.connect(server).await.unwrap();
+        assert_eq!(roundtrip(&mut c, b"older dialect").await, b"older dialect");
+    }
+    assert_eq!(pool.metrics.legacy.get(), 1, "one connection in the older dialect, then pooled");
+    assert_eq!(pool.metrics.handshakes.get(), 1);
+    let snap = pool.snapshot();
+    assert_eq!(snap[0]["peer"], format!("{}:{}", server.ip(), inb.addr.port()), "pooled under the pod's address");
 }
 
 #[tokio::test]

@@ -132,7 +132,7 @@ impl Connector {
     pub async fn connect(&self, t: &Target, source: &crate::proxy::route::Source) -> Result<UpstreamIo, ConnectError> {
         let attempt = async {
             match (&t.path, &self.pool) {
-                (Path::Hbone { peer }, Some(pool)) => {
+                (Path::Hbone { peer, node }, Some(pool)) => {
                     let dst = t.dst.as_ref().expect("an HBONE target is a meshed pod");
                     let tunnel = pool
                         .connect(TunnelRequest {
@@ -142,6 +142,7 @@ impl Connector {
                             baggage: &source.baggage,
                             dst,
                             peer: *peer,
+                            legacy: Some(*node),
                             target: t.ep,
                         })
                         .await
