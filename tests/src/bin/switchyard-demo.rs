@@ -89,7 +89,12 @@ fn run(args: &Args) -> Result<()> {
     println!("\nCreating a mesh CA (mesh-agent ca init) and starting one mesh-agent per node");
     c.start(&[])?;
     for n in &c.nodes {
-        println!("  {}: outbound 15001, HBONE mTLS 15008 on {}, admin {}", n.name, n.underlay.unwrap(), n.admin_addr());
+        println!(
+            "  {}: outbound 15001, HBONE mTLS on <each meshed pod's address>:15008 (steered to the agent in the kernel; node address {}), admin {}",
+            n.name,
+            n.underlay.unwrap(),
+            n.admin_addr()
+        );
     }
     if stopped() {
         return Ok(());
