@@ -363,6 +363,11 @@ pub struct RunArgs {
     /// start; if the kernel refuses it the agent runs without it.
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     pub sockmap_acceleration: Option<bool>,
+    /// HBONE delivers to a local pod from the source pod's own address (IP_TRANSPARENT; replies
+    /// steered back in the kernel), so the application sees its real peer (default on; off:
+    /// from this node's address, as before).
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub transparent_delivery: Option<bool>,
     /// Close a proxied TCP connection after this many seconds without a byte either way
     /// (default 3600, as Istio; 0: never).
     #[arg(long)]
@@ -624,7 +629,7 @@ impl Config {
             retry_body_limit: file.retry_body_limit_bytes.unwrap_or(DEFAULT_RETRY_BODY_LIMIT),
             retry_body_budget: file.retry_body_budget_bytes.unwrap_or(DEFAULT_RETRY_BODY_BUDGET),
             hbone_receive_budget: file.hbone_receive_budget_bytes.unwrap_or(crate::proxy::caps::DEFAULT_RECEIVE_BUDGET),
-            transparent_delivery: file.transparent_delivery.unwrap_or(true),
+            transparent_delivery: args.transparent_delivery.or(file.transparent_delivery).unwrap_or(true),
             istio_root_namespace: file
                 .istio_root_namespace
                 .unwrap_or_else(|| crate::authz::istio::DEFAULT_ROOT_NAMESPACE.into()),
