@@ -179,6 +179,19 @@ struct Baseline {
 /// Destination pods of the fan-out measurement.
 const FAN: usize = 8;
 
+/// The fan-out pods on `node`: `FAN` replicas of one Deployment `name`, one service account
+/// (one identity), as a Deployment's replicas are: what pools per pod address cost against
+/// pools per node shows here.
+fn replicas(node: &mut sim::Node, name: &str) -> Result<Vec<Pod>> {
+    let pods: Vec<Pod> =
+        (0..FAN).map(|i| node.add_pod(&format!("{name}-{i}"), "bench", None)).collect::<Result<_>>()?;
+    for p in &pods {
+        node.set_service_account(&p.name, name);
+        node.set_workload(&p.name, name);
+    }
+    Ok(pods)
+}
+
 type Samples = BTreeMap<(String, String, String, String, bool), Vec<f64>>;
 
 fn main() {
@@ -390,16 +403,13 @@ fn setup(
     let remote_server = c.node("node-b").add_pod("remote-server", "bench", None)?;
     let accel_client = c.node("node-c").add_pod("accel-client", "bench", None)?;
     let accel_server = c.node("node-c").add_pod("accel-server", "bench", None)?;
-    let fan: Vec<Pod> =
-        (0..FAN).map(|i| c.node("node-b").add_pod(&format!("fan-{i}"), "bench", None)).collect::<Result<_>>()?;
+    let fan = replicas(c.node("node-b"), "fan")?;
     let base = match baseline {
         Some(_) => Some(Baseline {
             client: c.node("node-d").add_pod("base-client", "bench", None)?,
             local_server: c.node("node-d").add_pod("base-local-server", "bench", None)?,
             remote_server: c.node("node-e").add_pod("base-remote-server", "bench", None)?,
-            fan: (0..FAN)
-                .map(|i| c.node("node-e").add_pod(&format!("base-fan-{i}"), "bench", None))
-                .collect::<Result<_>>()?,
+            fan: replicas(c.node("node-e"), "base-fan")?,
         }),
         None => None,
     };
