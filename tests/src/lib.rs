@@ -582,7 +582,12 @@ impl Node {
         std::fs::create_dir_all(&dir)?;
         ip(&["netns", "add", &netns])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &netns, "link", "add", "br0", "type", "bridge"])?;
+        // A MAC of its own: a bridge without one takes the lowest of its ports', so a pod added
+        // later could change the gateway's MAC under the other pods' ARP caches, and their
+        // packets would be dropped as not for this host until the entries expire.
+        let o = gateway.octets();
+        let mac = format!("02:5e:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
+        ip(&["-n", &netns, "link", "add", "br0", "address", &mac, "type", "bridge"])?;
         ip(&["-n", &netns, "addr", "add", &format!("{gateway}/24"), "dev", "br0"])?;
         ip(&["-n", &netns, "link", "set", "br0", "up"])?;
         Ok(node)
