@@ -10,7 +10,6 @@
 //! before it spoke ztunnel's, during a rolling upgrade) are still served: the certificate
 //! follows the SNI and the CONNECT may name any local pod of that identity.
 use std::{
-    convert::Infallible,
     net::{SocketAddr, SocketAddrV4},
     sync::{
         Arc, Mutex,
@@ -20,9 +19,8 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use h2::{RecvStream, server::SendResponse};
+use hyper::{Method, Request, Response, StatusCode};
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use tokio::{net::TcpListener, net::TcpStream, sync::watch};
 use tokio_rustls::TlsAcceptor;
@@ -35,6 +33,7 @@ use crate::{
     metrics::ByReason,
     proxy::{
         conns::{ConnRecord, Direction, Security},
+        h2io::{self, H2Stream},
         idle,
         observe::{Observe, Recorder},
         pool::REASON_HEADER,
@@ -340,32 +339,63 @@ impl Inbound {
         let peer = link.peer;
         debug!(%peer, client = %client_id, server = %server_id, "HBONE connection accepted");
         let activity = Arc::new(Activity { streams: AtomicUsize::new(0), last: Mutex::new(Instant::now()) });
-        let this = self.clone();
-        let act = activity.clone();
-        let svc = service_fn(move |req| {
-            let this = this.clone();
-            let act = act.clone();
-            let (client_id, server_id) = (client_id.clone(), server_id.clone());
-            async move { Ok::<_, Infallible>(this.stream(req, link, client_id, server_id, act).await) }
-        });
         let window = self.receive_budget.grant();
         if window.reduced() {
             self.metrics.receive_window_reduced.inc();
             debug!(%peer, window = window.connection_window(), "HBONE receive budget short: smaller window");
         }
-        let conn = h2_server(&window).serve_connection(TokioIo::new(tls), svc);
-        let mut conn = std::pin::pin!(conn);
+        // The client's preface within the idle time: a silent peer gives its slot back.
+        let mut conn =
+            match tokio::time::timeout(self.idle_timeout, h2_server(&window).handshake::<_, Bytes>(tls)).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "HBONE connection failed before its first stream");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "HBONE connection closed: no HTTP/2 preface");
+                    return;
+                }
+            };
+        let spawn = |req: Request<RecvStream>, respond: SendResponse<Bytes>| {
+            activity.streams.fetch_add(1, Ordering::AcqRel);
+            let active = StreamActive(activity.clone());
+            let this = self.clone();
+            let (client_id, server_id) = (client_id.clone(), server_id.clone());
+            tokio::spawn(async move {
+                this.stream(req, respond, link, client_id, server_id).await;
+                drop(active);
+            });
+        };
+        // A PING every 30 s once quiet; no answer within 10 s drops the connection.
+        let ping = conn.ping_pong();
+        let alive = async move {
+            match ping {
+                Some(p) => h2io::keepalive(p, Duration::from_secs(30), Duration::from_secs(10)).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut alive = std::pin::pin!(alive);
         let expires_in = cert_expiry.and_then(|t| t.duration_since(SystemTime::now()).ok()).unwrap_or(Duration::ZERO);
         let expiry = tokio::time::sleep(expires_in);
         let mut expiry = std::pin::pin!(expiry);
         let mut tick = tokio::time::interval((self.idle_timeout / 4).max(Duration::from_millis(100)));
         let mut stopping = std::pin::pin!(stop.cancel.cancelled());
+        // The accept loop also drives the connection: its streams move only while it runs.
         let why = loop {
             tokio::select! {
                 // The connection first: nearly every wake-up is for it.
                 biased;
-                r = conn.as_mut() => {
-                    if let Err(e) = r { debug!(%peer, error = %e, "HBONE connection error") }
+                r = conn.accept() => match r {
+                    Some(Ok((req, respond))) => spawn(req, respond),
+                    Some(Err(e)) => {
+                        debug!(%peer, error = %e, "HBONE connection error");
+                        return;
+                    }
+                    None => return,
+                },
+                Err(why) = alive.as_mut() => {
+                    debug!(%peer, why, "HBONE connection dropped: keep-alive failed");
                     return;
                 }
                 _ = stopping.as_mut() => break Close::Stopping,
@@ -379,17 +409,24 @@ impl Inbound {
                 }
             }
         };
-        // GOAWAY; open streams may finish, within a bound: hyper waits for a preface that a
-        // silent peer never sends, and an expired identity gets no more time than needed.
+        // GOAWAY; open streams may finish, within a bound: an expired identity gets no more
+        // time than needed.
         debug!(%peer, ?why, "closing HBONE connection");
-        conn.as_mut().graceful_shutdown();
+        conn.graceful_shutdown();
         let grace = match why {
             Close::Idle => Duration::from_secs(1),
             Close::CertificateExpired => Duration::from_secs(30),
             // The agent's drain grace bounds this one.
             Close::Stopping => Duration::from_secs(3600),
         };
-        let _ = tokio::time::timeout(grace, conn).await;
+        let drain = async {
+            // Streams the client opened before it saw the GOAWAY are still served.
+            while let Some(Ok((req, respond))) = conn.accept().await {
+                spawn(req, respond);
+            }
+        };
+        let _ = tokio::time::timeout(grace, drain).await;
+        drop(window);
     }
 
     /// The TLS handshake: the ClientHello within [`CLIENT_HELLO_TIMEOUT`], all of it within
@@ -409,36 +446,41 @@ impl Inbound {
         tokio::time::timeout_at(started + HANDSHAKE_TIMEOUT, start.into_stream(config)).await.map_err(|_| "timeout")
     }
 
-    fn reject(&self, status: StatusCode, reason: &'static str, detail: String) -> Response<Empty<Bytes>> {
+    fn reject(&self, status: StatusCode, reason: &'static str, detail: String) -> Response<()> {
         self.metrics.rejected.inc(reason);
         warn!(status = status.as_u16(), reason, "{detail}");
         Response::builder()
             .status(status)
             .header(REASON_HEADER, reason)
-            .body(Empty::new())
+            .body(())
             .expect("static response parts are valid")
     }
 
-    /// One HBONE stream: check it, connect to the pod, then answer 200 and copy.
+    /// One HBONE stream: check it, connect to the pod, then answer 200 and copy until both
+    /// sides are done. A refusal is answered and ends the stream.
     async fn stream(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        req: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
         link: Link,
         client_id: Identity,
         server_id: Identity,
-        activity: Arc<Activity>,
-    ) -> Response<Empty<Bytes>> {
+    ) {
         let peer = link.peer;
+        let refuse = |respond: &mut SendResponse<Bytes>, resp: Response<()>| {
+            if let Err(e) = respond.send_response(resp, true) {
+                debug!(%peer, error = %e, "could not answer a refused HBONE stream");
+            }
+        };
         let checked = match self.check(&req, link, &client_id, &server_id) {
             Ok(c) => c,
-            Err(resp) => return resp,
+            Err(resp) => return refuse(&mut respond, resp),
         };
-        let upstream = match self.connect_pod(checked.target, checked.source_ip).await {
+        let mut upstream = match self.connect_pod(checked.target, checked.source_ip).await {
             Ok(s) => s,
-            Err(resp) => return resp,
+            Err(resp) => return refuse(&mut respond, resp),
         };
         self.metrics.accepted.inc();
-        let on_upgrade = hyper::upgrade::on(&mut req);
         let rec_dst_pod = checked.dst_pod;
         let mut rec = Recorder::open(
             &self.observe,
@@ -456,7 +498,6 @@ impl Inbound {
             "tcp",
         );
         rec.istio_opened(checked.istio);
-        activity.streams.fetch_add(1, Ordering::AcqRel);
         let cancel = idle::Cancel::default();
         let authorized = Authorized {
             src: client_id.clone(),
@@ -464,38 +505,29 @@ impl Inbound {
             dst_pod: rec_dst_pod,
             port: checked.target.port(),
         };
-        let open = self.authorizations.register(authorized, *checked.target.ip(), cancel.clone());
-        let this = self.clone();
-        tokio::spawn(async move {
-            let _active = StreamActive(activity);
-            let _open = open;
-            let (sent, received, error) = match on_upgrade.await {
-                Ok(up) => {
-                    let (mut tunnel, mut upstream) = (TokioIo::new(up), upstream);
-                    let idle = this.tcp_idle_timeout;
-                    let c = idle::copy(&mut tunnel, &mut upstream, this.copy_buffer, idle, Some(&cancel)).await;
-                    (c.a_to_b, c.b_to_a, c.error.map(|e| e.to_string()))
-                }
-                Err(e) => (0, 0, Some(format!("upgrade failed: {e}"))),
-            };
-            rec.finish(sent, received, error);
-        });
-        let mut ok = Response::new(Empty::new());
+        let _open = self.authorizations.register(authorized, *checked.target.ip(), cancel.clone());
+        let mut ok = Response::new(());
         if let Ok(v) = hyper::header::HeaderValue::from_str(&checked.baggage) {
             ok.headers_mut().insert(crate::proxy::pool::BAGGAGE_HEADER, v);
         }
-        ok
+        let send = match respond.send_response(ok, false) {
+            Ok(send) => send,
+            Err(e) => return rec.finish(0, 0, Some(format!("answering the CONNECT failed: {e}"))),
+        };
+        let mut tunnel = H2Stream::new(send, req.into_body());
+        let c = idle::copy(&mut tunnel, &mut upstream, self.copy_buffer, self.tcp_idle_timeout, Some(&cancel)).await;
+        rec.finish(c.a_to_b, c.b_to_a, c.error.map(|e| e.to_string()));
     }
 
     /// The stream's checks ([`check_connect`]), with their side effects: a refusal is counted,
     /// logged and answered. `Err` is the answer.
     fn check(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<RecvStream>,
         link: Link,
         client_id: &Identity,
         server_id: &Identity,
-    ) -> Result<Checked, Response<Empty<Bytes>>> {
+    ) -> Result<Checked, Response<()>> {
         let idx = self.pods.borrow().clone();
         let cx = ConnectContext {
             idx: &idx,
@@ -518,7 +550,7 @@ impl Inbound {
                 Err(Response::builder()
                     .status(StatusCode::UNAUTHORIZED)
                     .header(REASON_HEADER, reason)
-                    .body(Empty::new())
+                    .body(())
                     .expect("static response parts are valid"))
             }
         }
@@ -530,7 +562,7 @@ impl Inbound {
         &self,
         target: SocketAddrV4,
         source: Option<std::net::Ipv4Addr>,
-    ) -> Result<TcpStream, Response<Empty<Bytes>>> {
+    ) -> Result<TcpStream, Response<()>> {
         let connect = async {
             match source.filter(|_| self.transparent) {
                 Some(src) => match transparent_socket(src) {
@@ -597,16 +629,14 @@ pub(crate) struct Link {
 /// The HTTP/2 server settings of HBONE: windows and frames as ztunnel's (4 MiB per stream,
 /// 16 MiB per connection) while the node's receive budget lasts, bounded headers and streams,
 /// keep-alive pings.
-fn h2_server(window: &crate::proxy::caps::ReceiveGrant) -> hyper::server::conn::http2::Builder<TokioExecutor> {
-    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+fn h2_server(window: &crate::proxy::caps::ReceiveGrant) -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
-        .initial_stream_window_size(window.stream_window())
+        .initial_window_size(window.stream_window())
         .initial_connection_window_size(window.connection_window())
         .max_frame_size(1 << 20)
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
+        .max_send_buffer_size(1 << 20);
     b
 }
 

@@ -5,11 +5,13 @@
 //! (direct or HBONE through `pool`, the endpoint picker, Service limits) with `balance`
 //! choosing endpoints; `idle` copies bytes both ways; `observe` writes each connection's
 //! telemetry once into `conns` (live and recent connections), metrics and the access log.
-//! `inbound` is the HBONE server; `trace` carries W3C trace context.
+//! `inbound` is the HBONE server and `h2io` HBONE's HTTP/2 streams (both ends); `trace` carries
+//! W3C trace context.
 pub mod balance;
 pub mod caps;
 pub mod conns;
 pub mod detect;
+pub mod h2io;
 pub mod http;
 pub mod idle;
 pub mod inbound;

@@ -23,9 +23,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::{Method, Request, StatusCode, client::conn::http2::SendRequest, upgrade::Upgraded};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::{Method, Request, StatusCode};
 use prometheus_client::{
     metrics::{counter::Counter, gauge::Gauge},
     registry::Registry,
@@ -36,6 +34,7 @@ use tracing::{debug, info};
 
 use crate::{
     identity::{Identity, manager::CertManager},
+    proxy::h2io::{self, H2Stream},
     tls::{self, TrustBundle},
 };
 
@@ -50,11 +49,9 @@ pub enum HboneError {
     #[error("mTLS handshake with {peer} failed ({reason}): {detail}")]
     Tls { peer: SocketAddr, reason: &'static str, detail: String },
     #[error("HTTP/2 with {peer} failed: {source}")]
-    H2 { peer: SocketAddr, source: hyper::Error },
+    H2 { peer: SocketAddr, source: h2::Error },
     #[error("peer {peer} answered CONNECT {target} with {status}{}", reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default())]
     Status { peer: SocketAddr, target: SocketAddrV4, status: StatusCode, reason: Option<String> },
-    #[error("tunnel upgrade failed: {0}")]
-    Upgrade(hyper::Error),
     #[error("HBONE peer {peer} failed {failures} time(s) in a row ({cause}); not retried for {retry_in:?}")]
     PeerBackoff { peer: SocketAddr, failures: u32, cause: String, retry_in: Duration },
     #[error("peer {peer} did not answer CONNECT {target} within {timeout:?}")]
@@ -68,7 +65,7 @@ impl HboneError {
             HboneError::Connect { .. } => "hbone_connect_failed",
             HboneError::ConnectTimeout(_) => "hbone_connect_timeout",
             HboneError::Tls { .. } => "hbone_tls_failed",
-            HboneError::H2 { .. } | HboneError::Upgrade(_) => "hbone_h2_failed",
+            HboneError::H2 { .. } => "hbone_h2_failed",
             HboneError::ConnectStreamTimeout { .. } => "hbone_stream_timeout",
             HboneError::Status { status, .. } if is_denial_status(*status) => "hbone_denied",
             HboneError::Status { .. } => "hbone_rejected",
@@ -115,7 +112,9 @@ struct Key {
 type Slot = Arc<tokio::sync::Mutex<Vec<Arc<Conn>>>>;
 
 struct Conn {
-    send: SendRequest<Empty<Bytes>>,
+    send: h2::client::SendRequest<Bytes>,
+    /// Set by the connection's task when it has ended.
+    closed: Arc<std::sync::atomic::AtomicBool>,
     /// Set when a stream on it failed at the HTTP/2 level (e.g. the peer sent GOAWAY):
     /// no new streams go to it.
     broken: std::sync::atomic::AtomicBool,
@@ -197,11 +196,17 @@ pub fn peer_backoff(failures: u32) -> Duration {
 
 /// An open tunnel. Holding it counts as a stream on its pooled connection.
 pub struct Tunnel {
-    pub io: TokioIo<Upgraded>,
+    pub io: H2Stream,
     _stream: StreamGuard,
 }
 
 struct StreamGuard(Arc<Conn>);
+
+impl Conn {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
@@ -236,7 +241,7 @@ impl Pool {
     /// once on a new connection: no byte of the client's has gone into the tunnel yet.
     pub async fn connect(&self, t: TunnelRequest<'_>) -> Result<Tunnel, HboneError> {
         match self.try_connect(t).await {
-            Err((HboneError::H2 { .. } | HboneError::Upgrade(_), reused)) => {
+            Err((HboneError::H2 { .. }, reused)) => {
                 debug!(peer = %t.peer, reused, "HBONE stream failed at the HTTP/2 level; retrying on a new connection");
                 self.try_connect(t).await.map_err(|(e, _)| e)
             }
@@ -255,11 +260,10 @@ impl Pool {
             // outlasted a renewal, and a new connection with the old certificate would be
             // refused by the peer when it expires moments later.
             let cert = self.certs.get(src).ok_or_else(|| (HboneError::NoSourceCert(src.to_string()), false))?;
-            conns.retain(|c| !c.send.is_closed() && !c.broken.load(Ordering::Acquire));
+            conns.retain(|c| !c.is_closed() && !c.broken.load(Ordering::Acquire));
             let reusable = conns.iter().find(|c| {
                 c.cert_generation == cert.generation
-                    && c.send.is_ready()
-                    && c.active.load(Ordering::Acquire) < self.max_streams
+                    && c.active.load(Ordering::Acquire) < self.max_streams.min(c.send.current_max_send_streams())
             });
             let (conn, reused) = match reusable {
                 Some(c) => (c.clone(), true),
@@ -281,13 +285,13 @@ impl Pool {
             conn.active.fetch_add(1, Ordering::AcqRel);
             (StreamGuard(conn), reused)
         };
-        let mut send = guard.0.send.clone();
+        let send = guard.0.send.clone();
         let mut req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
             // RFC 7239, as ztunnel sends it: the source pod's address and port.
             .header(hyper::header::FORWARDED, format!("for=\"{src_ip}:{src_port}\""))
-            .body(Empty::<Bytes>::new())
+            .body(())
             .expect("CONNECT request parts are valid");
         if let Ok(v) = hyper::header::HeaderValue::from_str(baggage) {
             req.headers_mut().insert(BAGGAGE_HEADER, v);
@@ -296,17 +300,21 @@ impl Pool {
         crate::proxy::trace::continue_or_start(req.headers_mut(), 0.0);
         let timeout = self.connect_timeout;
         let exchange = async {
-            let resp = send.send_request(req).await.map_err(|source| HboneError::H2 { peer, source })?;
+            let h2 = |source| HboneError::H2 { peer, source };
+            // Waits while the peer's limit on concurrent streams is reached.
+            let mut send = send.ready().await.map_err(h2)?;
+            let (resp, stream) = send.send_request(req, false).map_err(h2)?;
+            let resp = resp.await.map_err(h2)?;
             if resp.status() != StatusCode::OK {
                 let reason = resp.headers().get(REASON_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
                 return Err(HboneError::Status { peer, target, status: resp.status(), reason });
             }
-            hyper::upgrade::on(resp).await.map_err(HboneError::Upgrade)
+            Ok(H2Stream::new(stream, resp.into_body()))
         };
         match tokio::time::timeout(timeout, exchange).await {
-            Ok(Ok(upgraded)) => Ok(Tunnel { io: TokioIo::new(upgraded), _stream: guard }),
+            Ok(Ok(io)) => Ok(Tunnel { io, _stream: guard }),
             Ok(Err(e)) => {
-                if matches!(e, HboneError::H2 { .. } | HboneError::Upgrade(_)) {
+                if matches!(e, HboneError::H2 { .. }) {
                     guard.0.broken.store(true, Ordering::Release);
                 }
                 Err((e, reused))
@@ -398,30 +406,34 @@ impl Pool {
             Err(_) => return Err(HboneError::Tls { peer, reason: "timeout", detail: "handshake timed out".into() }),
         };
         self.metrics.handshakes.inc();
-        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            // As ztunnel: a PING every 10 s; no answer in 20 s ends the connection.
-            .keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .initial_stream_window_size(4 * 1024 * 1024)
-            .initial_connection_window_size(16 * 1024 * 1024)
+        // h2 itself, not hyper: its streams are written directly (see `h2io`).
+        let (send, conn) = h2::client::Builder::new()
+            .enable_push(false)
+            .initial_window_size(4 << 20)
+            .initial_connection_window_size(16 << 20)
             // As ztunnel: the peer may send DATA frames of up to 1 MiB (fewer frame headers
             // and wake-ups per MiB of bulk than at the protocol's default 16 KiB).
             .max_frame_size(1 << 20)
-            .handshake(TokioIo::new(tls))
+            .max_header_list_size(16 << 10)
+            .max_send_buffer_size(1 << 20)
+            .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| HboneError::H2 { peer, source })?;
         info!(%peer, dst = %dst, generation = cert.generation, "HBONE connection opened");
         let gauge = self.metrics.open_connections.clone();
         gauge.inc();
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ended = closed.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "HBONE connection ended with an error");
-            }
+            // As ztunnel: a PING every 10 s; no answer in 20 s ends the connection.
+            let why = h2io::drive_client(conn, Duration::from_secs(10), Duration::from_secs(20)).await;
+            ended.store(true, Ordering::Release);
+            debug!(%peer, why, "HBONE connection ended");
             gauge.dec();
         });
         Ok(Conn {
             send,
+            closed,
             broken: std::sync::atomic::AtomicBool::new(false),
             active: Arc::new(AtomicUsize::new(0)),
             cert_generation: cert.generation,
@@ -443,7 +455,7 @@ impl Pool {
                 let unused = c.active.load(Ordering::Acquire) == 0;
                 let idle = c.last_used.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= self.idle;
                 let stale = current != Some(c.cert_generation);
-                !(unused && (idle || stale || c.broken.load(Ordering::Acquire))) && !c.send.is_closed()
+                !(unused && (idle || stale || c.broken.load(Ordering::Acquire))) && !c.is_closed()
             });
             closed += before - conns.len();
         }
