@@ -105,23 +105,23 @@ impl AsyncWrite for H2Stream {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         this.send.reserve_capacity(buf.len());
-        loop {
-            match this.send.poll_capacity(cx) {
-                Poll::Ready(Some(Ok(0))) => continue,
-                Poll::Ready(Some(Ok(n))) => {
-                    let n = n.min(buf.len());
-                    return match this.send.send_data(Bytes::copy_from_slice(&buf[..n]), false) {
-                        Ok(()) => Poll::Ready(Ok(n)),
-                        Err(e) => this.write_error(cx, Some(e)).map(Err),
-                    };
+        // `poll_capacity` answers only when capacity was assigned since it last answered (at
+        // most what was reserved: all of it is used at once, so none is left unannounced).
+        match this.send.poll_capacity(cx) {
+            Poll::Ready(Some(Ok(n))) => {
+                let n = n.min(buf.len());
+                // One copy into a buffer of its own, as hyper's upgrade made too, but handed to
+                // h2 here: no channel, no task of its own per stream.
+                match this.send.send_data(Bytes::copy_from_slice(&buf[..n]), false) {
+                    Ok(()) => Poll::Ready(Ok(n)),
+                    Err(e) => this.write_error(cx, Some(e)).map(Err),
                 }
-                Poll::Ready(Some(Err(e))) => return this.write_error(cx, Some(e)).map(Err),
-                Poll::Ready(None) => {
-                    return this.write_error(cx, None).map(Err).or_broken_pipe();
-                }
-                // No window yet; a reset while we wait is the answer.
-                Poll::Pending => return this.write_error(cx, None).map(Err),
             }
+            Poll::Ready(Some(Err(e))) => this.write_error(cx, Some(e)).map(Err),
+            // The stream can no longer send.
+            Poll::Ready(None) => this.write_error(cx, None).map(Err).or_broken_pipe(),
+            // No window yet; a reset while we wait is the answer.
+            Poll::Pending => this.write_error(cx, None).map(Err),
         }
     }
 

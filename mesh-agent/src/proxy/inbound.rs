@@ -367,11 +367,11 @@ impl Inbound {
                 drop(active);
             });
         };
-        // A PING every 30 s once quiet; no answer within 10 s drops the connection.
+        // A PING every 30 s; no answer within 20 s (ztunnel's bound) drops the connection.
         let ping = conn.ping_pong();
         let alive = async move {
             match ping {
-                Some(p) => h2io::keepalive(p, Duration::from_secs(30), Duration::from_secs(10)).await,
+                Some(p) => h2io::keepalive(p, Duration::from_secs(30), Duration::from_secs(20)).await,
                 None => std::future::pending().await,
             }
         };
@@ -425,7 +425,11 @@ impl Inbound {
                 spawn(req, respond);
             }
         };
-        let _ = tokio::time::timeout(grace, drain).await;
+        // A peer that died silently during the drain does not hold it for the whole grace.
+        tokio::select! {
+            _ = tokio::time::timeout(grace, drain) => {}
+            Err(why) = alive.as_mut() => debug!(%peer, why, "HBONE connection dropped while draining: keep-alive failed"),
+        }
         drop(window);
     }
 
@@ -472,12 +476,25 @@ impl Inbound {
                 debug!(%peer, error = %e, "could not answer a refused HBONE stream");
             }
         };
-        let checked = match self.check(&req, link, &client_id, &server_id) {
-            Ok(c) => c,
-            Err(resp) => return refuse(&mut respond, resp),
+        // The checks and the pod's connect, abandoned if the client resets the stream first:
+        // h2 stops counting a reset stream against the connection's stream limit, so work on
+        // it must stop too (else HEADERS then RST_STREAM, repeated, would open pod connections
+        // without bound).
+        let prepare = async {
+            let checked = self.check(&req, link, &client_id, &server_id)?;
+            let upstream = self.connect_pod(checked.target, checked.source_ip).await?;
+            Ok::<_, Response<()>>((checked, upstream))
         };
-        let mut upstream = match self.connect_pod(checked.target, checked.source_ip).await {
-            Ok(s) => s,
+        let prepared = tokio::select! {
+            biased;
+            r = prepare => r,
+            reason = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+                debug!(%peer, ?reason, "HBONE stream reset by the client before it was answered");
+                return;
+            }
+        };
+        let (checked, mut upstream) = match prepared {
+            Ok(p) => p,
             Err(resp) => return refuse(&mut respond, resp),
         };
         self.metrics.accepted.inc();
@@ -635,8 +652,7 @@ fn h2_server(window: &crate::proxy::caps::ReceiveGrant) -> h2::server::Builder {
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .initial_window_size(window.stream_window())
         .initial_connection_window_size(window.connection_window())
-        .max_frame_size(1 << 20)
-        .max_send_buffer_size(1 << 20);
+        .max_frame_size(1 << 20);
     b
 }
 

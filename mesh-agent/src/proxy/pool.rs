@@ -301,7 +301,8 @@ impl Pool {
         let timeout = self.connect_timeout;
         let exchange = async {
             let h2 = |source| HboneError::H2 { peer, source };
-            // Waits while the peer's limit on concurrent streams is reached.
+            // A stream beyond the peer's limit on concurrent streams waits in h2 for a free
+            // one (within the timeout).
             let mut send = send.ready().await.map_err(h2)?;
             let (resp, stream) = send.send_request(req, false).map_err(h2)?;
             let resp = resp.await.map_err(h2)?;
@@ -415,7 +416,10 @@ impl Pool {
             // and wake-ups per MiB of bulk than at the protocol's default 16 KiB).
             .max_frame_size(1 << 20)
             .max_header_list_size(16 << 10)
+            // hyper's client values: 1 MiB buffered per stream; 100 streams until the peer's
+            // SETTINGS say otherwise.
             .max_send_buffer_size(1 << 20)
+            .initial_max_send_streams(100)
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| HboneError::H2 { peer, source })?;
