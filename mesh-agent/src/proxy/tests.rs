@@ -242,6 +242,48 @@ async fn callers_back_off_together_from_a_peer_that_failed() {
     assert_eq!(pool.metrics.handshakes.get(), 0);
 }
 
+/// A stream the client resets while the server is still connecting to the pod is abandoned
+/// there: h2 stops counting a reset stream against the connection's stream limit, so a peer
+/// repeating HEADERS then RST_STREAM must not open pod connections without bound.
+#[tokio::test]
+async fn a_stream_reset_before_its_answer_stops_the_servers_connect_to_the_pod() {
+    let pki = Pki::new();
+    let node_b = ip(29, 0, 1);
+    // A pod whose accept queue is full and never drained: connecting to it hangs (the kernel
+    // drops the SYNs), so the server's connect runs into its 2 s timeout unless abandoned.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::from((ip(29, 1, 1), 0))).unwrap();
+    let listener = sock.listen(0).unwrap();
+    let SocketAddr::V4(pod) = listener.local_addr().unwrap() else { unreachable!("bound on IPv4") };
+    let fillers: Vec<_> = (0..4).map(|_| tokio::spawn(tokio::net::TcpStream::connect(pod))).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut cluster = Cluster::new();
+    cluster.add_node("a", Ipv4Addr::LOCALHOST);
+    cluster.add_node("b", node_b);
+    cluster.add_pod("shop", "server", *pod.ip(), "b");
+    let inb = InboundProxy::start(&cluster, "b", node_b, &pki, Duration::from_secs(60)).await;
+    let certs = pki.certs_for(&[id("client")], Duration::from_secs(3600)).await;
+    // The client would wait longer than the server's connect.
+    let pool =
+        crate::proxy::pool::Pool::new(certs, pki.bundle.clone(), Duration::from_secs(10), 100, Duration::from_secs(60));
+    let (src, dst) = (id("client"), id("server"));
+    let peer = SocketAddr::from((*pod.ip(), inb.addr.port()));
+    let rejected = |reason| inb.inbound.metrics.rejected.get(reason);
+
+    // Control: a stream the client waits for gets the server's 503 once its connect times out.
+    let waited = pool.connect(req(&src, &dst, peer, pod)).await.err().expect("the pod never accepts");
+    assert!(matches!(waited, HboneError::Status { status, .. } if status == 503), "{waited}");
+    assert_eq!(rejected("pod_timeout"), 1, "the setup makes the server's connect hang");
+
+    // The client gives up (its future dropped: RST_STREAM) while the server is connecting.
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), pool.connect(req(&src, &dst, peer, pod))).await;
+    assert!(gave_up.is_err(), "still connecting when the client gave up");
+    // Past the server's connect timeout: the abandoned connect never timed out.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(rejected("pod_timeout"), 1, "the reset stream's connect was abandoned, not run out");
+    drop((fillers, listener));
+}
+
 #[tokio::test]
 async fn a_denial_by_the_peer_node_is_final_and_counted() {
     let t = two_nodes(17, 100, Duration::from_secs(60), |c| {
