@@ -38,8 +38,8 @@ impl H2Stream {
     }
 
     /// The error a write sees once the stream cannot take data: why the peer reset it, if it
-    /// did.
-    fn write_error(&mut self, cx: &mut Context<'_>, fallback: Option<h2::Error>) -> Poll<io::Error> {
+    /// did, else `fallback` (`None`: wait for a reset).
+    fn write_error(&mut self, cx: &mut Context<'_>, fallback: Option<io::Error>) -> Poll<io::Error> {
         match self.send.poll_reset(cx) {
             Poll::Ready(Ok(Reason::NO_ERROR | Reason::CANCEL | Reason::STREAM_CLOSED)) => {
                 Poll::Ready(io::ErrorKind::BrokenPipe.into())
@@ -48,10 +48,7 @@ impl H2Stream {
                 Poll::Ready(io::Error::new(io::ErrorKind::ConnectionReset, h2::Error::from(reason)))
             }
             Poll::Ready(Err(e)) => Poll::Ready(h2_to_io(e)),
-            Poll::Pending => match fallback {
-                Some(e) => Poll::Ready(h2_to_io(e)),
-                None => Poll::Pending,
-            },
+            Poll::Pending => fallback.map_or(Poll::Pending, Poll::Ready),
         }
     }
 }
@@ -114,12 +111,12 @@ impl AsyncWrite for H2Stream {
                 // h2 here: no channel, no task of its own per stream.
                 match this.send.send_data(Bytes::copy_from_slice(&buf[..n]), false) {
                     Ok(()) => Poll::Ready(Ok(n)),
-                    Err(e) => this.write_error(cx, Some(e)).map(Err),
+                    Err(e) => this.write_error(cx, Some(h2_to_io(e))).map(Err),
                 }
             }
-            Poll::Ready(Some(Err(e))) => this.write_error(cx, Some(e)).map(Err),
-            // The stream can no longer send.
-            Poll::Ready(None) => this.write_error(cx, None).map(Err).or_broken_pipe(),
+            Poll::Ready(Some(Err(e))) => this.write_error(cx, Some(h2_to_io(e))).map(Err),
+            // The stream can no longer send: broken pipe now, unless it was reset.
+            Poll::Ready(None) => this.write_error(cx, Some(io::ErrorKind::BrokenPipe.into())).map(Err),
             // No window yet; a reset while we wait is the answer.
             Poll::Pending => this.write_error(cx, None).map(Err),
         }
@@ -140,28 +137,16 @@ impl AsyncWrite for H2Stream {
                 this.shut = true;
                 Poll::Ready(Ok(()))
             }
-            Err(e) => this.write_error(cx, Some(e)).map(Err),
-        }
-    }
-}
-
-trait OrBrokenPipe {
-    fn or_broken_pipe(self) -> Self;
-}
-
-impl<T> OrBrokenPipe for Poll<io::Result<T>> {
-    /// A stream whose sending side is gone without a reset: broken pipe now, not a wait.
-    fn or_broken_pipe(self) -> Self {
-        match self {
-            Poll::Pending => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-            r => r,
+            Err(e) => this.write_error(cx, Some(h2_to_io(e))).map(Err),
         }
     }
 }
 
 /// Keep-alive: a PING every `every`; `Err` when one is not answered within `timeout` (the peer
-/// or the path is dead: the connection is dropped) or the connection is gone.
-pub async fn keepalive(mut ping: PingPong, every: Duration, timeout: Duration) -> Result<(), &'static str> {
+/// or the path is dead: the connection is dropped) or the connection is gone. `ping` is the
+/// connection's `ping_pong()` (`None`, already taken: never ends).
+pub async fn keepalive(ping: Option<PingPong>, every: Duration, timeout: Duration) -> Result<(), &'static str> {
+    let Some(mut ping) = ping else { return std::future::pending().await };
     loop {
         tokio::time::sleep(every).await;
         match tokio::time::timeout(timeout, ping.ping(Ping::opaque())).await {
@@ -179,13 +164,7 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     // The keep-alive holds a handle of its own; the connection is polled by this task only.
-    let ping = conn.ping_pong();
-    let alive = async move {
-        match ping {
-            Some(p) => keepalive(p, every, timeout).await,
-            None => std::future::pending().await,
-        }
-    };
+    let alive = keepalive(conn.ping_pong(), every, timeout);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         biased;

@@ -358,8 +358,7 @@ impl Inbound {
                 }
             };
         let spawn = |req: Request<RecvStream>, respond: SendResponse<Bytes>| {
-            activity.streams.fetch_add(1, Ordering::AcqRel);
-            let active = StreamActive(activity.clone());
+            let active = StreamActive::start(&activity);
             let this = self.clone();
             let (client_id, server_id) = (client_id.clone(), server_id.clone());
             tokio::spawn(async move {
@@ -368,13 +367,7 @@ impl Inbound {
             });
         };
         // A PING every 30 s; no answer within 20 s (ztunnel's bound) drops the connection.
-        let ping = conn.ping_pong();
-        let alive = async move {
-            match ping {
-                Some(p) => h2io::keepalive(p, Duration::from_secs(30), Duration::from_secs(20)).await,
-                None => std::future::pending().await,
-            }
-        };
+        let alive = h2io::keepalive(conn.ping_pong(), Duration::from_secs(30), Duration::from_secs(20));
         let mut alive = std::pin::pin!(alive);
         let expires_in = cert_expiry.and_then(|t| t.duration_since(SystemTime::now()).ok()).unwrap_or(Duration::ZERO);
         let expiry = tokio::time::sleep(expires_in);
@@ -823,6 +816,14 @@ struct Activity {
 }
 
 struct StreamActive(Arc<Activity>);
+
+impl StreamActive {
+    /// Counts a stream on the connection until dropped.
+    fn start(activity: &Arc<Activity>) -> Self {
+        activity.streams.fetch_add(1, Ordering::AcqRel);
+        StreamActive(activity.clone())
+    }
+}
 
 impl Drop for StreamActive {
     fn drop(&mut self) {

@@ -123,6 +123,12 @@ struct Conn {
     last_used: Mutex<Instant>,
 }
 
+impl Conn {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
 #[derive(Clone, Default)]
 pub struct PoolMetrics {
     /// mTLS handshakes made by the client side (one per pooled connection).
@@ -201,12 +207,6 @@ pub struct Tunnel {
 }
 
 struct StreamGuard(Arc<Conn>);
-
-impl Conn {
-    fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
