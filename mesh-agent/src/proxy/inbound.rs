@@ -357,14 +357,11 @@ impl Inbound {
                     return;
                 }
             };
+        // Shared by the connection's streams.
+        let ids = Arc::new((client_id, server_id));
         let spawn = |req: Request<RecvStream>, respond: SendResponse<Bytes>| {
             let active = StreamActive::start(&activity);
-            let this = self.clone();
-            let (client_id, server_id) = (client_id.clone(), server_id.clone());
-            tokio::spawn(async move {
-                this.stream(req, respond, link, client_id, server_id).await;
-                drop(active);
-            });
+            tokio::spawn(self.clone().stream(req, respond, link, ids.clone(), active));
         };
         // A PING every 30 s; no answer within 20 s (ztunnel's bound) drops the connection.
         let alive = h2io::keepalive(conn.ping_pong(), Duration::from_secs(30), Duration::from_secs(20));
@@ -455,14 +452,41 @@ impl Inbound {
 
     /// One HBONE stream: check it, connect to the pod, then answer 200 and copy until both
     /// sides are done. A refusal is answered and ends the stream.
-    async fn stream(
+    /// One stream: its checks and the pod's connect, then the copy. The setup runs in a
+    /// boxed future of its own, freed once the copy starts: a task's allocation is as big as
+    /// its largest state, and an open stream spends its life in the copy (so an idle stream
+    /// costs the copy's state, not the handshake's).
+    fn stream(
+        self: Arc<Self>,
+        req: Request<RecvStream>,
+        respond: SendResponse<Bytes>,
+        link: Link,
+        ids: Arc<(Identity, Identity)>,
+        active: StreamActive,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let (buffer, idle_timeout) = (self.copy_buffer, self.tcp_idle_timeout);
+        let open = Box::pin(self.open_stream(req, respond, link, ids));
+        async move {
+            let Some(mut s) = open.await else { return };
+            let c = idle::copy(&mut s.tunnel, &mut s.upstream, buffer, idle_timeout, Some(&s.cancel)).await;
+            let OpenStream { tunnel, upstream, rec, cancel: _, _open } = s;
+            rec.finish(c.a_to_b, c.b_to_a, c.error.map(|e| e.to_string()));
+            // The stream is done (its sockets closed) before the connection counts it gone.
+            drop((tunnel, upstream, _open));
+            drop(active);
+        }
+    }
+
+    /// A stream's setup: checks, the pod's connect, the record and the 200. `None`: refused
+    /// (answered), or reset by the client.
+    async fn open_stream(
         self: Arc<Self>,
         req: Request<RecvStream>,
         mut respond: SendResponse<Bytes>,
         link: Link,
-        client_id: Identity,
-        server_id: Identity,
-    ) {
+        ids: Arc<(Identity, Identity)>,
+    ) -> Option<OpenStream> {
+        let (client_id, server_id) = (&ids.0, &ids.1);
         let peer = link.peer;
         let refuse = |respond: &mut SendResponse<Bytes>, resp: Response<()>| {
             if let Err(e) = respond.send_response(resp, true) {
@@ -474,7 +498,7 @@ impl Inbound {
         // it must stop too (else HEADERS then RST_STREAM, repeated, would open pod connections
         // without bound).
         let prepare = async {
-            let checked = self.check(&req, link, &client_id, &server_id)?;
+            let checked = self.check(&req, link, client_id, server_id)?;
             let upstream = self.connect_pod(checked.target, checked.source_ip).await?;
             Ok::<_, Response<()>>((checked, upstream))
         };
@@ -483,12 +507,15 @@ impl Inbound {
             r = prepare => r,
             reason = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
                 debug!(%peer, ?reason, "HBONE stream reset by the client before it was answered");
-                return;
+                return None;
             }
         };
-        let (checked, mut upstream) = match prepared {
+        let (checked, upstream) = match prepared {
             Ok(p) => p,
-            Err(resp) => return refuse(&mut respond, resp),
+            Err(resp) => {
+                refuse(&mut respond, resp);
+                return None;
+            }
         };
         self.metrics.accepted.inc();
         let rec_dst_pod = checked.dst_pod;
@@ -515,18 +542,20 @@ impl Inbound {
             dst_pod: rec_dst_pod,
             port: checked.target.port(),
         };
-        let _open = self.authorizations.register(authorized, *checked.target.ip(), cancel.clone());
+        let open = self.authorizations.register(authorized, *checked.target.ip(), cancel.clone());
         let mut ok = Response::new(());
         if let Ok(v) = hyper::header::HeaderValue::from_str(&checked.baggage) {
             ok.headers_mut().insert(crate::proxy::pool::BAGGAGE_HEADER, v);
         }
         let send = match respond.send_response(ok, false) {
             Ok(send) => send,
-            Err(e) => return rec.finish(0, 0, Some(format!("answering the CONNECT failed: {e}"))),
+            Err(e) => {
+                rec.finish(0, 0, Some(format!("answering the CONNECT failed: {e}")));
+                return None;
+            }
         };
-        let mut tunnel = H2Stream::new(send, req.into_body());
-        let c = idle::copy(&mut tunnel, &mut upstream, self.copy_buffer, self.tcp_idle_timeout, Some(&cancel)).await;
-        rec.finish(c.a_to_b, c.b_to_a, c.error.map(|e| e.to_string()));
+        let tunnel = H2Stream::new(send, req.into_body());
+        Some(OpenStream { tunnel, upstream, rec, cancel, _open: open })
     }
 
     /// The stream's checks ([`check_connect`]), with their side effects: a refusal is counted,
@@ -813,6 +842,16 @@ enum Close {
 struct Activity {
     streams: AtomicUsize,
     last: Mutex<Instant>,
+}
+
+/// An answered stream, connected to its pod: what its copy needs.
+struct OpenStream {
+    tunnel: H2Stream,
+    upstream: TcpStream,
+    rec: Recorder,
+    cancel: idle::Cancel,
+    /// Registered for re-checks while the stream is open.
+    _open: crate::proxy::recheck::Registration,
 }
 
 struct StreamActive(Arc<Activity>);

@@ -124,33 +124,68 @@ impl Outbound {
             let Some((client, peer)) = accepted.await else { return };
             let this = self.clone();
             let stops = stops.clone();
-            tasks.spawn(async move { this.handle(client, peer, stops).await });
+            tasks.spawn(this.handle(client, peer, stops));
         }
     }
 
-    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, stops: Arc<crate::proxy::idle::Stops>) {
+    /// One connection. Its setup (lookup, routing, detection, the upstream's connect) runs in
+    /// a boxed future of its own, freed once the connection is established: a task's
+    /// allocation is as big as its largest state, and a connection spends its life copying (or
+    /// serving HTTP), so an open connection costs the copy's state, not the handshake's.
+    fn handle(
+        self: Arc<Self>,
+        client: TcpStream,
+        peer: SocketAddr,
+        stops: Arc<crate::proxy::idle::Stops>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let setup = Box::pin(self.clone().setup(client, peer, stops));
+        async move {
+            match setup.await {
+                Established::Done => {}
+                Established::Http(serve) => serve.await,
+                Established::Tcp(mut c) => {
+                    let (sent, received, error) = self.copy(&mut c.client, &mut c.io, &c.cancel).await;
+                    let TcpConn { client, io, rec, .. } = c;
+                    rec.finish(sent, received, error);
+                    drop((client, io));
+                }
+            }
+        }
+    }
+
+    async fn setup(self: Arc<Self>, client: TcpStream, peer: SocketAddr, stops: Arc<crate::proxy::idle::Stops>) -> Established {
         self.metrics.opened.inc();
         let orig = match self.lookup.take(peer) {
             Ok(Some(o)) => o,
-            Ok(None) => return self.reject(client, OutboundError::NoOriginalDst(peer)),
-            Err(e) => return self.reject(client, OutboundError::Lookup(e)),
+            Ok(None) => {
+                self.reject(client, OutboundError::NoOriginalDst(peer));
+                return Established::Done;
+            }
+            Err(e) => {
+                self.reject(client, OutboundError::Lookup(e));
+                return Established::Done;
+            }
         };
         // One snapshot of the pod index for the whole connection.
         let snapshot = self.pods.borrow().clone();
         let mut route = match route::route(&snapshot, &self.route, orig.dst, orig.pod_cgroup) {
             Ok(r) => r,
-            Err(refusal) => return self.refuse(client, peer, orig, &snapshot, refusal),
+            Err(refusal) => {
+                self.refuse(client, peer, orig, &snapshot, refusal);
+                return Established::Done;
+            }
         };
         route.source.port = peer.port();
         self.metrics.pod_redirects.inc(&route.source.pod);
         // Held until the connection ends (HTTP and TCP alike are served below).
-        let _cap = match self.caps.open(orig.pod_cgroup, &route.source.pod) {
+        let cap = match self.caps.open(orig.pod_cgroup, &route.source.pod) {
             Ok(slot) => slot,
             Err(hit) => {
                 // Logged by the caps (rate-limited): a flood must not flood the log too.
                 self.metrics.error(hit.reason());
                 self.metrics.closed.inc();
-                return reset(client);
+                reset(client);
+                return Established::Done;
             }
         };
         // A Service: HTTP is served request by request.
@@ -159,10 +194,21 @@ impl Outbound {
             let hinted_wait = self.idle_timeout.unwrap_or(Duration::from_secs(3600));
             let protocol = detect::detect(&client, hint, self.detect.sniff_timeout, hinted_wait).await;
             if protocol != Protocol::Tcp {
-                return self.handle_http(client, peer, orig, protocol, &route.source.pod, stops.handle()).await;
+                let source_pod = route.source.pod.clone();
+                let stop = stops.handle();
+                return Established::Http(Box::pin(async move {
+                    self.handle_http(client, peer, orig, protocol, &source_pod, stop).await;
+                    drop(cap);
+                }));
             }
         }
-        self.handle_tcp(client, peer, route, hint.is_some()).await
+        match self.connect_tcp(client, peer, route, hint.is_some()).await {
+            Some(mut c) => {
+                c.cap = Some(cap);
+                Established::Tcp(c)
+            }
+            None => Established::Done,
+        }
     }
 
     /// A connection refused by routing: counted, recorded (with the pods the snapshot knows at
@@ -192,14 +238,16 @@ impl Outbound {
         rec.finish(0, 0, Some(refusal.to_string()));
     }
 
-    async fn handle_tcp(&self, client: TcpStream, peer: SocketAddr, route: Route, detected: bool) {
+    /// The TCP path's upstream, connected and recorded; `None`: failed (the client was reset).
+    async fn connect_tcp(&self, client: TcpStream, peer: SocketAddr, route: Route, detected: bool) -> Option<TcpConn> {
         // The slot (for `switchyard.io/max-connections`) is held until the connection ends.
-        let _slot = match route.service() {
+        let slot = match route.service() {
             Some(s) => match self.limits.try_acquire(s.vip, &s.entry.policy) {
                 Ok(slot) => Some(slot),
                 Err(hit) => {
                     let e = OutboundError::ConnectionLimit { service: s.entry.service.clone(), vip: s.vip, hit };
-                    return self.reject(client, e);
+                    self.reject(client, e);
+                    return None;
                 }
             },
             None => None,
@@ -226,9 +274,17 @@ impl Outbound {
                 rec.connected(&route.source, &up.target);
                 rec.istio_opened(route.istio_labels(&self.route, Some(up.target.ep), Some(&up.target.path), "tcp"));
                 let t = &up.target;
-                let _open = t.authorized.clone().map(|a| self.authorizations.register(a, *t.ep.ip(), t.cancel.clone()));
-                let (sent, received, error) = self.copy(client, up.io, &up.target.cancel).await;
-                rec.finish(sent, received, error);
+                let open = t.authorized.clone().map(|a| self.authorizations.register(a, *t.ep.ip(), t.cancel.clone()));
+                Some(TcpConn {
+                    client,
+                    io: up.io,
+                    rec,
+                    cancel: up.target.cancel,
+                    _open: open,
+                    _slot: slot,
+                    _in_flight: up._in_flight,
+                    cap: None,
+                })
             }
             // Labels and route of the first pick (a retry may have gone another way).
             Err((e, first)) => {
@@ -240,6 +296,7 @@ impl Outbound {
                 rec.istio_opened(route.istio_labels(&self.route, first.as_ref().map(|f| f.ep), path, "tcp"));
                 reset(client);
                 rec.finish(0, 0, Some(e.to_string()));
+                None
             }
         }
     }
@@ -352,14 +409,15 @@ impl Outbound {
     }
 
     /// Copies until both sides finish; (sent by the client, received by it, error).
+    /// A failure resets the client when `client` is dropped.
     async fn copy<U: AsyncRead + AsyncWrite + Unpin>(
         &self,
-        mut client: TcpStream,
-        mut upstream: U,
+        client: &mut TcpStream,
+        upstream: &mut U,
         cancel: &crate::proxy::idle::Cancel,
     ) -> (u64, u64, Option<String>) {
         let _ = client.set_nodelay(true);
-        let c = super::idle::copy(&mut client, &mut upstream, self.copy_buffer, self.idle_timeout, Some(cancel)).await;
+        let c = super::idle::copy(client, upstream, self.copy_buffer, self.idle_timeout, Some(cancel)).await;
         let error = match c.error {
             None => {
                 let _ = client.shutdown().await;
@@ -376,7 +434,7 @@ impl Outbound {
                 // The client learns the connection failed (a reset, as the upstream's failure
                 // would have told it without a proxy), never a clean but empty end.
                 if reason != "idle_timeout" {
-                    reset(client);
+                    reset_on_close(client);
                 }
                 Some(match reason {
                     "idle_timeout" => format!("idle timeout: {e}"),
@@ -508,8 +566,36 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
 
 /// Closes with RST so the application sees a failed connection, not a clean empty reply.
 fn reset(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    reset_on_close(&stream);
     drop(stream);
+}
+
+/// Closing `stream` will reset it (linger 0).
+fn reset_on_close(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// What a connection's setup leaves to serve.
+enum Established {
+    /// Refused, failed or already answered.
+    Done,
+    /// An HTTP connection, served request by request.
+    Http(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>),
+    Tcp(TcpConn),
+}
+
+/// An outbound TCP connection with its upstream: what its copy needs, and what it holds until
+/// it ends (the per-pod cap, the Service's connection slot, the balancer's in-flight count, the
+/// registration for authorization re-checks).
+struct TcpConn {
+    client: TcpStream,
+    io: UpstreamIo,
+    rec: Recorder,
+    cancel: crate::proxy::idle::Cancel,
+    _open: Option<crate::proxy::recheck::Registration>,
+    _slot: Option<crate::proxy::upstream::Slot>,
+    _in_flight: Option<balance::InFlight>,
+    cap: Option<crate::proxy::caps::CapSlot>,
 }
 
 #[cfg(test)]
