@@ -450,9 +450,8 @@ impl Inbound {
             .expect("static response parts are valid")
     }
 
-    /// One HBONE stream: check it, connect to the pod, then answer 200 and copy until both
-    /// sides are done. A refusal is answered and ends the stream.
-    /// One stream: its checks and the pod's connect, then the copy. The setup runs in a
+    /// One HBONE stream: check it, connect to the pod, answer 200, then copy until both sides
+    /// are done (a refusal is answered and ends the stream). The setup runs in a
     /// boxed future of its own, freed once the copy starts: a task's allocation is as big as
     /// its largest state, and an open stream spends its life in the copy (so an idle stream
     /// costs the copy's state, not the handshake's).

@@ -153,7 +153,12 @@ impl Outbound {
         }
     }
 
-    async fn setup(self: Arc<Self>, client: TcpStream, peer: SocketAddr, stops: Arc<crate::proxy::idle::Stops>) -> Established {
+    async fn setup(
+        self: Arc<Self>,
+        client: TcpStream,
+        peer: SocketAddr,
+        stops: Arc<crate::proxy::idle::Stops>,
+    ) -> Established {
         self.metrics.opened.inc();
         let orig = match self.lookup.take(peer) {
             Ok(Some(o)) => o,
@@ -575,7 +580,9 @@ fn reset_on_close(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-/// What a connection's setup leaves to serve.
+/// What a connection's setup leaves to serve. Not boxed: the TCP connection is the common case
+/// and is moved into the task's own state, where it lives anyway.
+#[allow(clippy::large_enum_variant)]
 enum Established {
     /// Refused, failed or already answered.
     Done,
