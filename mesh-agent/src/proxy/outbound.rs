@@ -207,11 +207,8 @@ impl Outbound {
                 }));
             }
         }
-        match self.connect_tcp(client, peer, route, hint.is_some()).await {
-            Some(mut c) => {
-                c.cap = Some(cap);
-                Established::Tcp(c)
-            }
+        match self.connect_tcp(client, peer, route, hint.is_some(), cap).await {
+            Some(c) => Established::Tcp(c),
             None => Established::Done,
         }
     }
@@ -244,7 +241,14 @@ impl Outbound {
     }
 
     /// The TCP path's upstream, connected and recorded; `None`: failed (the client was reset).
-    async fn connect_tcp(&self, client: TcpStream, peer: SocketAddr, route: Route, detected: bool) -> Option<TcpConn> {
+    async fn connect_tcp(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        route: Route,
+        detected: bool,
+        cap: crate::proxy::caps::CapSlot,
+    ) -> Option<TcpConn> {
         // The slot (for `switchyard.io/max-connections`) is held until the connection ends.
         let slot = match route.service() {
             Some(s) => match self.limits.try_acquire(s.vip, &s.entry.policy) {
@@ -288,7 +292,7 @@ impl Outbound {
                     _open: open,
                     _slot: slot,
                     _in_flight: up._in_flight,
-                    cap: None,
+                    _cap: cap,
                 })
             }
             // Labels and route of the first pick (a retry may have gone another way).
@@ -602,7 +606,7 @@ struct TcpConn {
     _open: Option<crate::proxy::recheck::Registration>,
     _slot: Option<crate::proxy::upstream::Slot>,
     _in_flight: Option<balance::InFlight>,
-    cap: Option<crate::proxy::caps::CapSlot>,
+    _cap: crate::proxy::caps::CapSlot,
 }
 
 #[cfg(test)]
